@@ -1,0 +1,26 @@
+"""Every op onnxgrad knows: forward kernels, differentiable inputs, gradient rules.
+
+Importing this package registers all op families; :func:`lookup` finds the
+declaration of an op for a given domain and opset.
+"""
+
+from onnxgrad.ops.registry import (  # noqa: F401
+    REQUIRED,
+    OpDef,
+    canonical_domain,
+    is_registered,
+    lookup,
+    op,
+    registered_ops,
+)
+
+# Op families register themselves on import.
+from onnxgrad.ops import (  # noqa: F401,E402
+    activation,
+    elementwise,
+    linalg,
+    loss,
+    ml,
+    reduce,
+    shape,
+)

@@ -1,0 +1,191 @@
+"""The op registry: one declaration per op.
+
+An op is declared once, with its forward kernel, the inputs that carry a
+gradient and (optionally) its gradient rule::
+
+    @op("Mul", since=7, differentiable=("A", "B"))
+    def Mul(xp, A, B):
+        return (A * B,)
+
+    @Mul.gradient
+    def _(g, node, dY):
+        A, B = node.inputs
+        return (g.unbroadcast(g.Mul(dY, B), like=A),
+                g.unbroadcast(g.Mul(dY, A), like=B))
+
+The kernel's signature is the op's interface: positional parameters after
+``xp`` are the ONNX inputs (``*name`` for a variadic input, ``=None`` for an
+optional one), keyword-only parameters are the attributes with the spec's
+defaults (no default: the attribute is required).  A kernel that needs the run
+state (training mode, random numbers, how many outputs the node asks for)
+declares a keyword-only ``ctx``.
+
+Each input of an op has one of three outcomes for differentiation: it is in
+``differentiable`` and the rule returns its gradient; it is not in
+``differentiable`` (indices, shapes, masks) and no gradient flows through it;
+or it is differentiable but no rule is registered, and asking for its gradient
+raises :class:`UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from onnxgrad.errors import ModelError, UnsupportedOpError
+
+#: Marks an attribute that has no default: the node must carry it.
+REQUIRED = inspect.Parameter.empty
+
+#: Domains whose names mean the same thing.
+_DOMAIN_ALIASES = {"ai.onnx": ""}
+
+
+def canonical_domain(domain: str | None) -> str:
+    domain = domain or ""
+    return _DOMAIN_ALIASES.get(domain, domain)
+
+
+@dataclass
+class OpDef:
+    """Everything onnxgrad knows about one version of one op."""
+
+    name: str
+    domain: str
+    since: int
+    kernel: Callable[..., tuple]
+    inputs: tuple[str, ...]
+    optional: frozenset[str]
+    variadic: bool
+    attrs: dict[str, Any]
+    differentiable: tuple[str, ...]
+    host_inputs: tuple[str, ...]
+    wants_ctx: bool
+    rule: Callable | None = field(default=None)
+
+    # -- declaration helpers -------------------------------------------------
+    def gradient(self, fn: Callable) -> Callable:
+        """Register ``fn(g, node, *output_grads)`` as this op's gradient rule."""
+        self.rule = fn
+        return fn
+
+    def __call__(self, xp, *args, **kwargs):
+        return self.kernel(xp, *args, **kwargs)
+
+    # -- queries ---------------------------------------------------------------
+    def input_name(self, index: int) -> str:
+        if index < len(self.inputs):
+            return self.inputs[index]
+        if self.variadic:
+            return self.inputs[-1]
+        raise IndexError(index)
+
+    def is_differentiable(self, index: int) -> bool:
+        return self.input_name(index) in self.differentiable
+
+    def is_host_input(self, index: int) -> bool:
+        return self.input_name(index) in self.host_inputs
+
+    def resolve_attrs(self, attrs: dict[str, Any], node: str) -> dict[str, Any]:
+        """The node's attributes merged with the spec's defaults.
+
+        Attributes the kernel does not declare are ignored only when they are
+        documentation-like (none are); an unknown attribute is a model error.
+        """
+        out = {}
+        for key, default in self.attrs.items():
+            if key in attrs:
+                out[key] = attrs[key]
+            elif default is REQUIRED:
+                raise ModelError(f"node {node!r} ({self.name}) lacks required attribute {key!r}")
+            else:
+                out[key] = default
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise ModelError(
+                f"node {node!r} ({self.name}, opset {self.since}+) has unknown attribute(s) "
+                f"{sorted(unknown)}; expected some of {sorted(self.attrs)}"
+            )
+        return out
+
+
+_REGISTRY: dict[tuple[str, str], list[OpDef]] = {}
+
+
+def op(
+    name: str,
+    *,
+    since: int = 1,
+    domain: str = "",
+    differentiable: tuple[str, ...] = (),
+    host_inputs: tuple[str, ...] = (),
+) -> Callable[[Callable], OpDef]:
+    """Declare the kernel of op ``name`` for opsets from ``since`` on.
+
+    A later declaration of the same op with a higher ``since`` takes over from
+    that opset (e.g. Softmax's axis semantics change at opset 13).
+    """
+    domain = canonical_domain(domain)
+
+    def register(kernel: Callable) -> OpDef:
+        sig = inspect.signature(kernel)
+        params = list(sig.parameters.values())
+        if not params or params[0].name != "xp":
+            raise TypeError(f"kernel of {name} must take xp first")
+        inputs, optional, variadic, attrs, wants_ctx = [], set(), False, {}, False
+        for p in params[1:]:
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                inputs.append(p.name)
+                if p.default is not p.empty:
+                    optional.add(p.name)
+            elif p.kind is p.VAR_POSITIONAL:
+                inputs.append(p.name)
+                variadic = True
+            elif p.kind is p.KEYWORD_ONLY:
+                if p.name == "ctx":
+                    wants_ctx = True
+                else:
+                    attrs[p.name] = p.default
+        unknown = set(differentiable) - set(inputs)
+        if unknown:
+            raise TypeError(f"{name}: differentiable names unknown inputs {sorted(unknown)}")
+        definition = OpDef(
+            name=name, domain=domain, since=since, kernel=kernel, inputs=tuple(inputs),
+            optional=frozenset(optional), variadic=variadic, attrs=attrs,
+            differentiable=tuple(differentiable), host_inputs=tuple(host_inputs),
+            wants_ctx=wants_ctx,
+        )
+        versions = _REGISTRY.setdefault((domain, name), [])
+        if any(v.since == since for v in versions):
+            raise TypeError(f"{name} (domain {domain!r}) declared twice for opset {since}")
+        versions.append(definition)
+        versions.sort(key=lambda v: v.since)
+        return definition
+
+    return register
+
+
+def lookup(name: str, domain: str, opset: int, node: str = "?") -> OpDef:
+    """The declaration of ``name`` that covers ``opset``; UnsupportedOpError if none."""
+    domain = canonical_domain(domain)
+    found = None
+    for version in _REGISTRY.get((domain, name), ()):
+        if version.since <= opset:
+            found = version
+    if found is None:
+        raise UnsupportedOpError(name, domain, opset, node)
+    return found
+
+
+def is_registered(name: str, domain: str, opset: int) -> bool:
+    try:
+        lookup(name, domain, opset)
+    except UnsupportedOpError:
+        return False
+    return True
+
+
+def registered_ops() -> dict[tuple[str, str], list[OpDef]]:
+    """All declarations, keyed by (domain, op name); a copy."""
+    return {k: list(v) for k, v in _REGISTRY.items()}

@@ -1,0 +1,262 @@
+"""The gradient builder: append backward nodes to a graph.
+
+:func:`build_gradients` walks the graph from the loss back to the trainable
+parameters in reverse topological order.  For each node on a path it calls the
+op's gradient rule, which appends ONNX nodes through a :class:`GradBuilder`
+(``g``) and returns one gradient value per input.  Contributions to a value
+that feeds several nodes are summed; everything no requested gradient needs is
+pruned afterwards, so rules may emit gradients for every input without cost.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from typing import Any, Iterable
+
+import numpy as np
+
+from onnxgrad.errors import ModelError, UnsupportedOpError
+from onnxgrad.ir import Graph, Node, ValueInfo
+from onnxgrad.ops import lookup
+
+#: ai.onnx opset of the nodes that gradient rules and losses emit.
+BUILDER_OPSET = 21
+#: Domain of onnxgrad's private ops (gradient kernels, fused losses).
+PRIVATE_DOMAIN = "onnxgrad"
+PRIVATE_OPSET = 1
+
+
+def grad_name(value: str) -> str:
+    return f"{value}_grad"
+
+
+class GradBuilder:
+    """Appends nodes to ``graph``; what gradient rules receive as ``g``.
+
+    ``g.Mul(a, b)`` appends a Mul node and returns its output's name; any
+    op name that starts with a capital letter works the same way, with
+    attributes as keyword arguments.  ``g.op`` gives full control (domain,
+    several outputs).  Names of new values and nodes are prefixed with the
+    name of the node being differentiated.
+    """
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.taken = graph.all_names()
+        self.prefix = "grad"
+        self.node: Node | None = None
+        self._shape_of: dict[str, str] = {}
+        self._producer_index = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+
+    # -- emitting nodes ------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str | None, domain: str = "", num_outputs: int = 1,
+           dtype: Any = None, **attrs: Any) -> str | list[str]:
+        """Append one node; returns its output name (a list if ``num_outputs`` > 1)."""
+        base = f"{self.prefix}/{op_type}"
+        name = self.graph.unique_name(base, self.taken)
+        outs = [self.graph.unique_name(f"{name}_out{i}" if num_outputs > 1 else f"{name}_out",
+                                       self.taken) for i in range(num_outputs)]
+        opset = PRIVATE_OPSET if domain == PRIVATE_DOMAIN else BUILDER_OPSET
+        node = Node(op_type, ["" if i is None else i for i in inputs], outs, attrs, name, domain, opset)
+        self.graph.nodes.append(node)
+        first = next((i for i in inputs if i), None)
+        out_dtype = np.dtype(dtype) if dtype is not None else (self.graph.dtype(first) if first else None)
+        for o in outs:
+            self.graph.info[o] = ValueInfo(out_dtype, None)
+        return outs[0] if num_outputs == 1 else outs
+
+    def private(self, op_type: str, *inputs: str | None, **kw: Any) -> str | list[str]:
+        """Append a node of onnxgrad's private domain (e.g. ``ReluGrad``)."""
+        return self.op(op_type, *inputs, domain=PRIVATE_DOMAIN, **kw)
+
+    def __getattr__(self, op_type: str):
+        if op_type[:1].isupper():
+            return functools.partial(self.op, op_type)
+        raise AttributeError(op_type)
+
+    # -- constants -----------------------------------------------------------------
+    def const(self, value: Any, dtype: Any = None, name: str = "const") -> str:
+        """A constant tensor (an initializer that no optimizer touches)."""
+        array = np.array(value, dtype=dtype)
+        cname = self.graph.unique_name(f"{self.prefix}/{name}", self.taken)
+        self.graph.initializers[cname] = array
+        return cname
+
+    def scalar(self, value: float, like: str) -> str:
+        """A 0-d constant with the element type of value ``like``."""
+        return self.const(value, dtype=self.dtype(like))
+
+    def ints(self, values: Iterable[int]) -> str:
+        """A 1-D int64 constant (axes, shapes, starts…)."""
+        return self.const(list(values), dtype=np.int64)
+
+    # -- static information -----------------------------------------------------------
+    def dtype(self, value: str) -> np.dtype:
+        dt = self.graph.dtype(value)
+        if dt is None:
+            raise ModelError(f"element type of value {value!r} is unknown; "
+                             "run shape inference or give the model value_info")
+        return dt
+
+    def shape(self, value: str) -> tuple | None:
+        """The static shape of ``value`` (dims may be symbolic), or None."""
+        return self.graph.shape(value)
+
+    def rank(self, value: str) -> int | None:
+        shape = self.shape(value)
+        return None if shape is None else len(shape)
+
+    # -- helpers shared by many rules ----------------------------------------------------
+    def shape_of(self, value: str) -> str:
+        """A Shape node for ``value``, placed right after its producer.
+
+        Running it early lets the planner free ``value`` after the forward pass
+        when only its shape is needed in the backward pass.
+        """
+        if value not in self._shape_of:
+            out = self.graph.unique_name(f"{value}_shape", self.taken)
+            node = Node("Shape", [value], [out], {}, out, "", BUILDER_OPSET)
+            at = self._producer_index.get(value, -1) + 1
+            self.graph.nodes.insert(at, node)
+            self._producer_index = {o: i for i, n in enumerate(self.graph.nodes)
+                                    for o in n.outputs if o}
+            self.graph.info[out] = ValueInfo(np.dtype(np.int64), (self.rank(value),))
+            self._shape_of[value] = out
+        return self._shape_of[value]
+
+    def unbroadcast(self, grad: str, like: str) -> str:
+        """Sum ``grad`` down to the shape of ``like``: undoes NumPy broadcasting.
+
+        Emits nothing where the node being differentiated provably did not
+        broadcast (all its inputs and its output share one static shape).
+        """
+        if self._no_broadcast():
+            return grad
+        return self.private("SumToShape", grad, self.shape_of(like))
+
+    def _no_broadcast(self) -> bool:
+        node = self.node
+        if node is None:
+            return False
+        shapes = [self.shape(v) for v in list(node.inputs) + node.outputs[:1] if v]
+        first = shapes[0]
+        if first is None or any(d is None for d in first):
+            return False
+        return all(s == first for s in shapes)
+
+
+def requires_grad(graph: Graph, params: Iterable[str]) -> set[str]:
+    """Values that depend on ``params`` through differentiable inputs."""
+    needs = set(params)
+    for node in graph.toposort():
+        definition = _definition(node)
+        if any(x in needs and definition.is_differentiable(i) for i, x in enumerate(node.inputs)):
+            for o in node.outputs:
+                dt = graph.dtype(o)
+                if o and (dt is None or np.issubdtype(dt, np.inexact)):
+                    needs.add(o)
+    return needs
+
+
+def _definition(node: Node):
+    return lookup(node.op_type, node.domain, node.opset, node.name)
+
+
+def build_gradients(graph: Graph, loss: str, params: Iterable[str]) -> dict[str, str]:
+    """Append the backward pass of ``loss`` to ``graph`` (in place).
+
+    Returns ``{param: gradient value}`` for every parameter that reaches the
+    loss; the caller decides what to do with parameters that do not.
+    """
+    params = list(params)
+    needs = requires_grad(graph, params)
+    if loss not in needs:
+        return {}
+    order = graph.toposort()
+    # Nodes on a path from a parameter to the loss.
+    reaches_loss = {loss}
+    for node in reversed(order):
+        if any(o in reaches_loss for o in node.outputs):
+            reaches_loss.update(x for x in node.inputs if x)
+
+    g = GradBuilder(graph)
+    seed = g.const(np.ones((), dtype=g.dtype(loss)), name=grad_name(loss))
+    contributions: dict[str, list[str]] = {loss: [seed]}
+    grads: dict[str, str] = {}
+
+    for node in reversed(order):
+        if not any(o in contributions for o in node.outputs):
+            continue
+        wanted = [i for i, x in enumerate(node.inputs)
+                  if x and x in needs and x in reaches_loss]
+        definition = _definition(node)
+        wanted = [i for i in wanted if definition.is_differentiable(i)]
+        if not wanted:
+            continue
+        if definition.rule is None:
+            raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
+                                     what="gradient rule")
+        douts = [_total(g, o, contributions, grads) if o in contributions else None
+                 for o in node.outputs]
+        g.prefix = node.name or node.op_type
+        g.node = replace(node, attrs=definition.resolve_attrs(node.attrs, node.name))
+        result = definition.rule(g, g.node, *douts)
+        g.node = None
+        if len(result) != len(node.inputs):
+            raise AssertionError(f"gradient rule of {node.op_type} returned {len(result)} "
+                                 f"gradients for {len(node.inputs)} inputs")
+        for i in wanted:
+            if result[i] is None:
+                raise UnsupportedOpError(
+                    node.op_type, node.domain, node.opset, node.name,
+                    what=f"gradient for input {i} ({definition.input_name(i)!r})")
+            contributions.setdefault(node.inputs[i], []).append(result[i])
+
+    return {p: _total(g, p, contributions, grads) for p in params if p in contributions}
+
+
+def _total(g: GradBuilder, value: str, contributions: dict[str, list[str]],
+           grads: dict[str, str]) -> str:
+    """The gradient of ``value``: its single contribution, or their sum."""
+    if value not in grads:
+        parts = contributions[value]
+        g.prefix = value
+        grads[value] = parts[0] if len(parts) == 1 else g.op("Sum", *parts)
+        g.graph.info[grads[value]] = ValueInfo(g.graph.dtype(value), g.graph.shape(value))
+    return grads[value]
+
+
+def prune(graph: Graph, keep: Iterable[str]) -> None:
+    """Remove (in place) every node that no value in ``keep`` depends on."""
+    live = set(keep)
+    kept = []
+    for node in reversed(graph.toposort()):
+        if any(o in live for o in node.outputs):
+            kept.append(node)
+            live.update(x for x in node.inputs if x)
+    kept.reverse()
+    graph.nodes = kept
+    graph.initializers = {k: v for k, v in graph.initializers.items() if k in live}
+
+
+def rename_gradients(graph: Graph, grads: dict[str, str]) -> dict[str, str]:
+    """Give each parameter's gradient the name ``<param>_grad`` where possible."""
+    claimed = {}
+    for param, value in grads.items():
+        claimed.setdefault(value, []).append(param)
+    producers = graph.producers()
+    rename = {}
+    for value, owners in claimed.items():
+        target = grad_name(owners[0])
+        if len(owners) == 1 and value in producers and value not in graph.inputs \
+                and target not in graph.all_names():
+            rename[value] = target
+    for node in graph.nodes:
+        node.inputs = [rename.get(x, x) for x in node.inputs]
+        node.outputs = [rename.get(x, x) for x in node.outputs]
+    graph.outputs = [rename.get(x, x) for x in graph.outputs]
+    for old, new in rename.items():
+        if old in graph.info:
+            graph.info[new] = graph.info.pop(old)
+    return {p: rename.get(v, v) for p, v in grads.items()}
