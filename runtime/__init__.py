@@ -1,0 +1,1 @@
+"""onnxgrad: train ONNX models with backpropagation."""
