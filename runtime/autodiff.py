@@ -260,3 +260,14 @@ def rename_gradients(graph: Graph, grads: dict[str, str]) -> dict[str, str]:
         if old in graph.info:
             graph.info[new] = graph.info.pop(old)
     return {p: rename.get(v, v) for p, v in grads.items()}
+
+
+def differentiable_ancestors(graph: Graph, value: str) -> set[str]:
+    """Values from which ``value`` is reachable through differentiable inputs."""
+    reach = {value}
+    for node in reversed(graph.toposort()):
+        if any(o in reach for o in node.outputs):
+            definition = _definition(node)
+            reach.update(x for i, x in enumerate(node.inputs)
+                         if x and definition.is_differentiable(i))
+    return reach

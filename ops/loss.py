@@ -1,0 +1,140 @@
+"""Loss ops: ONNX's SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss, and
+onnxgrad's fused binary cross-entropy on logits, with their gradient kernels."""
+
+from __future__ import annotations
+
+from onnxgrad.ops.registry import op
+
+_PRIVATE = "onnxgrad"
+
+
+def _class_weights(xp, labels, weights, ignore_index, dtype):
+    """Per-element weights (None when all are 1) and labels safe to index with."""
+    mask = None if ignore_index is None else labels != ignore_index
+    safe = labels if mask is None else xp.where(mask, labels, 0)
+    w = None if weights is None else xp.take(weights, safe).astype(dtype, copy=False)
+    if mask is not None:
+        m = mask.astype(dtype)
+        w = m if w is None else w * m
+    return safe, w
+
+
+def _pick(xp, values, labels):
+    """values[n, labels[n, d…], d…] for inputs N×C×d… and labels N×d…."""
+    return xp.take_along_axis(values, xp.expand_dims(labels, 1), axis=1).squeeze(1)
+
+
+def _reduce(xp, per_element, w, reduction):
+    if reduction == "none":
+        return per_element
+    total = xp.sum(per_element)
+    if reduction == "sum":
+        return xp.asarray(total)
+    denom = per_element.size if w is None else xp.sum(w)
+    return xp.asarray(total / denom)
+
+
+def _nll(xp, log_prob, labels, weights, ignore_index, reduction):
+    safe, w = _class_weights(xp, labels, weights, ignore_index, log_prob.dtype)
+    picked = -_pick(xp, log_prob, safe)
+    if w is not None:
+        picked = picked * w
+    return _reduce(xp, picked, w, reduction)
+
+
+def _log_softmax(xp, x, axis):
+    shifted = x - xp.max(x, axis=axis, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+
+
+@op("SoftmaxCrossEntropyLoss", since=12, differentiable=("scores",))
+def SoftmaxCrossEntropyLoss(xp, scores, labels, weights=None, *, ignore_index=None,
+                            reduction="mean"):
+    log_prob = _log_softmax(xp, scores, axis=1)
+    return _nll(xp, log_prob, labels, weights, ignore_index, reduction), log_prob
+
+
+@op("NegativeLogLikelihoodLoss", since=12, differentiable=("input",))
+def NegativeLogLikelihoodLoss(xp, input, target, weight=None, *, ignore_index=None,
+                              reduction="mean"):
+    return (_nll(xp, input, target, weight, ignore_index, reduction),)
+
+
+def _coefficient(xp, dY, labels, weights, ignore_index, reduction, dtype):
+    """d loss / d (picked log-probability), per element, with its sign flipped."""
+    safe, w = _class_weights(xp, labels, weights, ignore_index, dtype)
+    if reduction == "mean":
+        denom = labels.size if w is None else xp.sum(w)
+        coef = dY / denom
+    else:  # "sum": dY is a scalar; "none": dY has the labels' shape
+        coef = dY
+    coef = xp.broadcast_to(xp.asarray(coef, dtype=dtype), labels.shape)
+    if w is not None:
+        coef = coef * w
+    return safe, coef
+
+
+def _one_hot(xp, labels, num_classes, ndim):
+    classes = xp.arange(num_classes).reshape((1, num_classes) + (1,) * (ndim - 2))
+    return classes == xp.expand_dims(labels, 1)
+
+
+@op("SoftmaxCrossEntropyLossGrad", domain=_PRIVATE)
+def SoftmaxCrossEntropyLossGrad(xp, dY, log_prob, labels, weights=None, *, ignore_index=None,
+                                reduction="mean"):
+    safe, coef = _coefficient(xp, dY, labels, weights, ignore_index, reduction, log_prob.dtype)
+    hot = _one_hot(xp, safe, log_prob.shape[1], log_prob.ndim)
+    return ((xp.exp(log_prob) - hot) * xp.expand_dims(coef, 1),)
+
+
+@op("NegativeLogLikelihoodLossGrad", domain=_PRIVATE)
+def NegativeLogLikelihoodLossGrad(xp, dY, input, target, weight=None, *, ignore_index=None,
+                                  reduction="mean"):
+    safe, coef = _coefficient(xp, dY, target, weight, ignore_index, reduction, input.dtype)
+    hot = _one_hot(xp, safe, input.shape[1], input.ndim)
+    return (-(hot * xp.expand_dims(coef, 1)),)
+
+
+@SoftmaxCrossEntropyLoss.gradient
+def _(g, node, dLoss, dLogProb=None):
+    scores, labels, *rest = node.inputs
+    weights = rest[0] if rest else None
+    attrs = dict(ignore_index=node.attrs["ignore_index"], reduction=node.attrs["reduction"])
+    log_prob = node.outputs[1] if len(node.outputs) > 1 and node.outputs[1] else \
+        g.LogSoftmax(scores, axis=1)
+    parts = []
+    if dLoss is not None:
+        parts.append(g.private("SoftmaxCrossEntropyLossGrad", dLoss, log_prob, labels, weights,
+                               **attrs))
+    if dLogProb is not None:
+        parts.append(g.private("LogSoftmaxGrad", dLogProb, log_prob, axis=1))
+    dScores = parts[0] if len(parts) == 1 else g.Add(*parts)
+    return (dScores,) + (None,) * (len(node.inputs) - 1)
+
+
+@NegativeLogLikelihoodLoss.gradient
+def _(g, node, dLoss):
+    input, target, *rest = node.inputs
+    weight = rest[0] if rest else None
+    d = g.private("NegativeLogLikelihoodLossGrad", dLoss, input, target, weight,
+                  ignore_index=node.attrs["ignore_index"], reduction=node.attrs["reduction"])
+    return (d,) + (None,) * (len(node.inputs) - 1)
+
+
+@op("BinaryCrossEntropyWithLogits", domain=_PRIVATE, differentiable=("X",))
+def BinaryCrossEntropyWithLogits(xp, X, T):
+    """mean(max(x, 0) - x·t + log(1 + exp(-|x|))): stable for any logit."""
+    per_element = xp.maximum(X, 0) - X * T + xp.log1p(xp.exp(-xp.abs(X)))
+    return (xp.asarray(xp.mean(per_element)),)
+
+
+@op("BinaryCrossEntropyWithLogitsGrad", domain=_PRIVATE)
+def BinaryCrossEntropyWithLogitsGrad(xp, dY, X, T):
+    sigmoid = 0.5 * (1 + xp.tanh(0.5 * X))  # overflow-free logistic
+    return ((sigmoid - T) * (dY / X.size),)
+
+
+@BinaryCrossEntropyWithLogits.gradient
+def _(g, node, dY):
+    X, T = node.inputs
+    return g.private("BinaryCrossEntropyWithLogitsGrad", dY, X, T), None

@@ -1,0 +1,183 @@
+"""The planner and executor: a static schedule run over an array module.
+
+A :class:`Plan` is made once per graph.  It resolves every node's kernel and
+attributes, folds nodes whose inputs are all constants, binds constants
+directly into the steps, and records after which step each value dies, so a
+run does no lookups beyond its value table and frees each intermediate after
+its last use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from onnxgrad.backend import Backend
+from onnxgrad.errors import ModelError, ShapeError
+from onnxgrad.ir import Graph, Node
+from onnxgrad.ops import lookup
+
+
+class RunState:
+    """What kernels may read about the current run (shared by a plan's steps)."""
+
+    def __init__(self, seed: int | None = None):
+        self.training = False
+        self.rng = np.random.default_rng(seed)
+        #: Outputs of the current run that a stateful kernel wants written back
+        #: (e.g. running statistics): value name -> array.
+        self.updates: dict[str, Any] = {}
+
+
+class KernelContext:
+    """The ``ctx`` a kernel receives when its signature asks for it."""
+
+    __slots__ = ("state", "num_outputs", "node")
+
+    def __init__(self, state: RunState, num_outputs: int, node: Node):
+        self.state, self.num_outputs, self.node = state, num_outputs, node
+
+    @property
+    def training(self) -> bool:
+        return self.state.training
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.state.rng
+
+
+class _Bound:
+    """A constant bound into a step at plan time."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+@dataclass
+class Step:
+    node: Node
+    kernel: Callable
+    attrs: dict
+    args: list  # value names, or _Bound constants
+    host_args: tuple[int, ...]
+    outputs: list[str]
+    free: tuple[str, ...]
+
+
+class Plan:
+    """An executable schedule for ``graph``.
+
+    ``constants`` are values that never change between runs (folded and bound
+    at plan time); every other initializer, and every graph input, is given
+    to :meth:`run` in its ``env`` argument.  ``fetch`` names the values a run
+    returns.
+    """
+
+    def __init__(self, graph: Graph, backend: Backend, *, constants: dict[str, np.ndarray],
+                 fetch: Iterable[str], state: RunState | None = None):
+        self.graph = graph
+        self.backend = backend
+        self.fetch = list(fetch)
+        self.state = state or RunState()
+        consts: dict[str, Any] = dict(constants)
+        nodes = self._live_nodes(graph, self.fetch)
+        steps: list[Step] = []
+        for node in nodes:
+            definition = lookup(node.op_type, node.domain, node.opset, node.name)
+            attrs = definition.resolve_attrs(node.attrs, node.name)
+            if definition.wants_ctx:
+                attrs["ctx"] = KernelContext(self.state, len(node.outputs), node)
+            if not definition.wants_ctx and all(not x or x in consts for x in node.inputs):
+                outs = self._call(node, definition.kernel, np,
+                                  [consts[x] if x else None for x in node.inputs], attrs)
+                for name, value in zip(node.outputs, outs):
+                    if name:
+                        consts[name] = value
+                continue
+            host = tuple(i for i in range(len(node.inputs)) if definition.is_host_input(i))
+            args: list[Any] = []
+            for i, x in enumerate(node.inputs):
+                if not x:
+                    args.append(_Bound(None))
+                elif x in consts:
+                    value = consts[x] if i in host else backend.asarray(consts[x])
+                    args.append(_Bound(value))
+                else:
+                    args.append(x)
+            steps.append(Step(node, definition.kernel, attrs, args, host, list(node.outputs), ()))
+        self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
+        self.steps = self._assign_frees(steps, set(self.fetch))
+
+    @staticmethod
+    def _live_nodes(graph: Graph, fetch: list[str]) -> list[Node]:
+        live = set(fetch)
+        order = graph.toposort()
+        kept = []
+        for node in reversed(order):
+            if any(o in live for o in node.outputs):
+                kept.append(node)
+                live.update(x for x in node.inputs if x)
+        kept.reverse()
+        return kept
+
+    @staticmethod
+    def _assign_frees(steps: list[Step], keep: set[str]) -> list[Step]:
+        last_use: dict[str, int] = {}
+        for index, step in enumerate(steps):
+            for a in step.args:
+                if isinstance(a, str):
+                    last_use[a] = index
+            for o in step.outputs:
+                last_use.setdefault(o, index)  # an output nobody reads dies at once
+        frees: list[list[str]] = [[] for _ in steps]
+        for name, index in last_use.items():
+            if name not in keep:
+                frees[index].append(name)
+        for step, free in zip(steps, frees):
+            step.free = tuple(free)
+        return steps
+
+    # -- running --------------------------------------------------------------------------
+    def run(self, env: dict[str, Any]) -> dict[str, Any]:
+        """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
+
+        ``env`` is consumed: intermediates are added to it and removed after
+        their last use.  Returns the fetched values (device arrays).
+        """
+        xp = self.backend.xp
+        to_host = self.backend.to_host
+        for step in self.steps:
+            args = [env[a] if type(a) is str else a.value for a in step.args]
+            for i in step.host_args:
+                if args[i] is not None:
+                    args[i] = to_host(args[i])
+            outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+            for name, value in zip(step.outputs, outs):
+                if name:
+                    env[name] = value
+            for name in step.free:
+                env.pop(name, None)
+        result = {}
+        for f in self.fetch:
+            if f in env:
+                result[f] = env[f]
+            elif f in self._fetch_consts:
+                result[f] = self.backend.asarray(self._fetch_consts[f])
+            else:
+                raise ModelError(f"value {f!r} is not computed by graph {self.graph.name!r}")
+        return result
+
+    @staticmethod
+    def _call(node: Node, kernel: Callable, xp: Any, args: list, attrs: dict) -> tuple:
+        try:
+            return kernel(xp, *args, **attrs)
+        except (ValueError, IndexError) as exc:
+            shapes = ", ".join(
+                "None" if a is None else f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', ()))}"
+                for a in args)
+            raise ShapeError(
+                f"node {node.name!r} ({node.op_type}) failed on inputs [{shapes}]: {exc}") from exc

@@ -1,0 +1,147 @@
+"""The Model: a loaded ONNX graph with its weights, for inference and export."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from onnxgrad.backend import Backend, get_backend
+from onnxgrad.errors import DataError, ModelError
+from onnxgrad.executor import Plan
+from onnxgrad.exporter import save_atomic, with_weights
+from onnxgrad.ir import Graph
+from onnxgrad.loader import load_model
+
+
+def is_weight(array: np.ndarray) -> bool:
+    """Floating-point initializers are weights; the others (shapes, indices) are constants."""
+    return np.issubdtype(array.dtype, np.floating)
+
+
+class Model:
+    """An ONNX model loaded by onnxgrad.
+
+    ``graph`` is the IR; its initializers hold the current weights.  The
+    original ModelProto (without its weights) is kept so that :meth:`save`
+    writes the same graph back, with nodes, names, opsets and metadata intact.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, graph: Graph, path: str | None = None):
+        self._proto = proto
+        self.graph = graph
+        self.path = path
+        self._plans: dict[tuple[str, ...], Plan] = {}
+        #: Called before weights are read, by a trainer that keeps them on a device.
+        self._pull_weights: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        where = f" from {self.path!r}" if self.path else ""
+        return (f"<onnxgrad.Model{where}: {len(self.graph.nodes)} nodes, "
+                f"inputs {self.graph.inputs}, outputs {self.graph.outputs}>")
+
+    @property
+    def where(self) -> str:
+        return self.path or "<ModelProto>"
+
+    # -- weights -------------------------------------------------------------------
+    def _weights(self) -> dict[str, np.ndarray]:
+        if self._pull_weights is not None:
+            self._pull_weights()
+        return self.graph.initializers
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Every initializer by name, as a copy."""
+        return {k: v.copy() for k, v in self._weights().items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the original graph with the current weights, atomically."""
+        save_atomic(with_weights(self._proto, self._weights()), path)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """The original ModelProto with the current weights."""
+        return with_weights(self._proto, self._weights())
+
+    # -- inference -------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, Any], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Inference: ``{input name: array}`` -> ``{output name: array}``.
+
+        ``outputs`` may name any value of the graph (default: the graph outputs).
+        Dropout is off and normalisation uses running statistics.
+        """
+        fetch = tuple(self.graph.outputs if outputs is None else outputs)
+        known = self.graph.all_names()
+        for name in fetch:
+            if name not in known:
+                raise ModelError(f"{self.where}: the graph has no value named {name!r}")
+        plan = self._plans.get(fetch)
+        if plan is None:
+            plan = self._plans[fetch] = self.make_plan(self.graph, get_backend("cpu"), fetch)
+        env = dict(self._weights())
+        env.update(prepare_feeds(self.graph, feeds, plan.backend, self.where))
+        result = plan.run(env)
+        return {name: np.asarray(result[name]) for name in fetch}
+
+    @staticmethod
+    def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None) -> Plan:
+        constants = {k: v for k, v in graph.initializers.items() if not is_weight(v)}
+        return Plan(graph, backend, constants=constants, fetch=fetch, state=state)
+
+
+def load(source: str | os.PathLike | onnx.ModelProto) -> Model:
+    """Load an ONNX model from a path or a ``ModelProto``."""
+    proto, graph, path = load_model(source)
+    return Model(proto, graph, path)
+
+
+def prepare_feeds(graph: Graph, feeds: Mapping[str, Any], backend: Backend, where: str,
+                  extra: Iterable[str] = ()) -> dict[str, Any]:
+    """Check feeds against the graph's inputs; cast within a kind; move to the device.
+
+    ``extra`` names inputs that the caller feeds itself (e.g. a loss target).
+    """
+    if not isinstance(feeds, Mapping):
+        raise DataError(f"{where}: feeds must be a dict of input name -> array, "
+                        f"got {type(feeds).__name__}")
+    expected = [n for n in graph.inputs if n not in set(extra)]
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise DataError(f"{where}: missing input(s) {missing}; the model's inputs are {expected}")
+    unknown = [k for k in feeds if k not in expected]
+    if unknown:
+        raise DataError(f"{where}: unknown input(s) {unknown}; the model's inputs are {expected}")
+    out = {}
+    for name in expected:
+        out[name] = backend.asarray(check_array(graph, name, feeds[name], where))
+    return out
+
+
+def _kind(dtype: np.dtype) -> str:
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    if np.issubdtype(dtype, np.integer):
+        return "integer"
+    return dtype.kind
+
+
+def check_array(graph: Graph, name: str, value: Any, where: str) -> Any:
+    """``value`` with the element type and a shape that fit input ``name``."""
+    if not hasattr(value, "dtype"):
+        value = np.asarray(value)
+    want = graph.dtype(name)
+    if want is not None and value.dtype != want:
+        if _kind(value.dtype) != _kind(want):
+            raise DataError(f"{where}: input {name!r} expects element type {want}, "
+                            f"got {value.dtype}")
+        value = value.astype(want)
+    shape = graph.shape(name)
+    if shape is not None:
+        got = tuple(value.shape)
+        fits = len(got) == len(shape) and all(
+            not isinstance(d, int) or d == g for d, g in zip(shape, got))
+        if not fits:
+            want_s = "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + "]"
+            raise DataError(f"{where}: input {name!r} expects shape {want_s}, got {list(got)}")
+    return value

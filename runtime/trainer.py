@@ -1,0 +1,197 @@
+"""The Trainer: forward, loss, backward and optimizer steps on a Model."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from onnxgrad.autodiff import build_gradients, differentiable_ancestors, prune, rename_gradients
+from onnxgrad.backend import get_backend
+from onnxgrad.errors import DataError, ModelError, OnnxgradError
+from onnxgrad.executor import RunState
+from onnxgrad.losses import add_loss, loss_spec
+from onnxgrad.model import Model, is_weight, prepare_feeds
+from onnxgrad.optimizers import SGD, Optimizer
+
+
+class Trainer:
+    """Trains the weights of ``model`` by backpropagation.
+
+    ``loss`` names a built-in loss (see :data:`onnxgrad.losses.LOSSES`) that
+    reads the value ``output`` (any value of the graph; default: the first
+    graph output), or is None when ``output`` already is a scalar loss.
+    ``trainable`` is None (every floating-point initializer with a gradient
+    path to the loss) or names and glob patterns.  ``device`` is ``"cpu"``
+    (NumPy) or ``"cuda"`` (CuPy).
+    """
+
+    def __init__(self, model: Model, loss: str | None = "cross_entropy", output: str | None = None,
+                 optimizer: Optimizer | None = None, trainable: str | Iterable[str] | None = None,
+                 device: str = "cpu", seed: int | None = None):
+        if not isinstance(model, Model):
+            raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
+                                f"got {type(model).__name__}")
+        if optimizer is None:
+            optimizer = SGD(lr=0.01)
+        if not isinstance(optimizer, Optimizer):
+            raise OnnxgradError(f"optimizer must be onnxgrad.SGD, Adam or AdamW, "
+                                f"got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_kind = loss
+        self.backend = get_backend(device)
+        self.device = self.backend.name
+        graph = model.graph
+        where = model.where
+        if output is None:
+            output = graph.outputs[0]
+        if output not in graph.all_names():
+            raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
+                             f"graph outputs are {graph.outputs}")
+        self.output = output
+        if loss is not None:
+            loss_spec(loss)
+
+        train = graph.copy()
+        taken = train.all_names()
+        self.loss_value, self.target_input = add_loss(train, loss, output, taken)
+        self.trainable = self._select(train, trainable, where)
+        grads = build_gradients(train, self.loss_value, self.trainable)
+        train.outputs = [self.loss_value]
+        grads = rename_gradients(train, grads)
+        fetch = [self.loss_value, output, *grads.values()]
+        prune(train, fetch)
+        self.graph = train
+        self._grad_values = grads
+        self._state = RunState(seed)
+        self._plan = Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state)
+        self._weight_names = [k for k, v in train.initializers.items()
+                              if k in graph.initializers and is_weight(v)]
+        if self.backend.name == "cpu":
+            # The model's own arrays: optimizer updates land in the model in place.
+            self._weights = {k: graph.initializers[k] for k in self._weight_names}
+        else:
+            self._weights = {k: self.backend.asarray(graph.initializers[k])
+                             for k in self._weight_names}
+            model._pull_weights = self._pull
+        self._stale = False
+
+    # -- set-up ------------------------------------------------------------------------
+    def _select(self, train, trainable, where) -> list[str]:
+        """The trainable parameters: weights with a differentiable path to the loss."""
+        weights = [k for k, v in train.initializers.items() if is_weight(v)]
+        reach = differentiable_ancestors(train, self.loss_value)
+        if trainable is None:
+            chosen = [w for w in weights if w in reach]
+        else:
+            patterns = [trainable] if isinstance(trainable, str) else list(trainable)
+            chosen = []
+            for pattern in patterns:
+                matched = [k for k in train.initializers if fnmatch.fnmatchcase(k, pattern)]
+                if not matched:
+                    raise ModelError(f"{where}: trainable pattern {pattern!r} matches no "
+                                     f"initializer; initializers are {_preview(train.initializers)}")
+                usable = [k for k in matched if is_weight(train.initializers[k]) and k in reach]
+                if not usable:
+                    raise ModelError(
+                        f"{where}: trainable pattern {pattern!r} matches {_preview(matched)}, but "
+                        f"none is a floating-point weight with a gradient path to the loss")
+                chosen.extend(k for k in usable if k not in chosen)
+        if not chosen:
+            raise ModelError(f"{where}: no weight has a gradient path from {self.output!r} "
+                             "to the loss; nothing to train")
+        return chosen
+
+    def _pull(self) -> None:
+        """Copy device weights back into the model (CUDA only)."""
+        if self._stale:
+            for name in self.trainable:
+                self.model.graph.initializers[name][...] = self.backend.to_host(self._weights[name])
+            self._stale = False
+
+    def _target(self, target: Any) -> Any:
+        where = self.model.where
+        if self.loss_kind is None:
+            if target is not None:
+                raise DataError(f"{where}: loss=None reads the loss from {self.output!r}; "
+                                "pass target=None")
+            return None
+        if target is None:
+            raise DataError(f"{where}: loss {self.loss_kind!r} needs a target")
+        if not hasattr(target, "dtype"):
+            target = np.asarray(target)
+        spec = loss_spec(self.loss_kind)
+        out_shape = self.model.graph.shape(self.output)
+        if spec.target == "class":
+            if not np.issubdtype(target.dtype, np.integer):
+                raise DataError(f"{where}: loss {self.loss_kind!r} needs integer class indices as "
+                                f"target, got element type {target.dtype}")
+            target = target.astype(np.int64, copy=False)
+            if out_shape is not None:
+                if target.ndim != len(out_shape) - 1:
+                    raise DataError(
+                        f"{where}: target of shape {list(target.shape)} does not fit "
+                        f"{self.output!r} of rank {len(out_shape)}; expected class indices of "
+                        f"rank {len(out_shape) - 1}")
+                classes = out_shape[1] if len(out_shape) > 1 else None
+                if isinstance(classes, int) and target.size:
+                    low, high = int(target.min()), int(target.max())
+                    if low < 0 or high >= classes:
+                        raise DataError(f"{where}: target class indices must lie in "
+                                        f"[0, {classes}) for {self.output!r}; got values in "
+                                        f"[{low}, {high}]")
+        else:
+            dtype = self.graph.dtype(self.output) or np.dtype(np.float32)
+            if not (np.issubdtype(target.dtype, np.floating)
+                    or np.issubdtype(target.dtype, np.integer)
+                    or target.dtype == np.bool_):
+                raise DataError(f"{where}: loss {self.loss_kind!r} needs a numeric target, "
+                                f"got element type {target.dtype}")
+            target = target.astype(dtype, copy=False)
+            if out_shape is not None:
+                fits = target.ndim == len(out_shape) and all(
+                    not isinstance(d, int) or d == t for d, t in zip(out_shape, target.shape))
+                if not fits:
+                    dims = ["?" if not isinstance(d, int) else d for d in out_shape]
+                    raise DataError(f"{where}: target of shape {list(target.shape)} does not fit "
+                                    f"{self.output!r} of shape {dims}")
+        return self.backend.asarray(target)
+
+    # -- running -----------------------------------------------------------------------
+    def _run(self, feeds: Mapping[str, Any], target: Any) -> dict[str, Any]:
+        extra = [self.target_input] if self.target_input else []
+        env = dict(self._weights)
+        env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
+        if self.target_input:
+            env[self.target_input] = self._target(target)
+        else:
+            self._target(target)
+        self._state.training = True
+        try:
+            return self._plan.run(env)
+        finally:
+            self._state.training = False
+
+    def gradients(self, feeds: Mapping[str, Any], target: Any = None) -> dict[str, np.ndarray]:
+        """The loss's gradient for each trainable parameter; changes no weight."""
+        out = self._run(feeds, target)
+        self._state.updates.clear()
+        return {p: np.array(self.backend.to_host(out[g]), copy=True)
+                for p, g in self._grad_values.items()}
+
+    def step(self, feeds: Mapping[str, Any], target: Any = None) -> float:
+        """Forward, backward and one optimizer update; returns the loss before the update."""
+        out = self._run(feeds, target)
+        loss = float(self.backend.to_host(out[self.loss_value]))
+        grads = {p: out[g] for p, g in self._grad_values.items()}
+        self.optimizer.update(self.backend.xp, self._weights, grads)
+        self._stale = self.backend.name != "cpu"
+        return loss
+
+
+def _preview(names, limit: int = 8) -> str:
+    names = list(names)
+    more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"
