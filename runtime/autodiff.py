@@ -79,7 +79,8 @@ class GradBuilder:
     def const(self, value: Any, dtype: Any = None, name: str = "const") -> str:
         """A constant tensor (an initializer that no optimizer touches)."""
         array = np.array(value, dtype=dtype)
-        cname = self.graph.unique_name(f"{self.prefix}/{name}", self.taken)
+        base = f"{self.prefix}/{name}" if self.prefix else name
+        cname = self.graph.unique_name(base, self.taken)
         self.graph.initializers[cname] = array
         return cname
 
@@ -109,11 +110,15 @@ class GradBuilder:
 
     # -- helpers shared by many rules ----------------------------------------------------
     def shape_of(self, value: str) -> str:
-        """A Shape node for ``value``, placed right after its producer.
+        """The shape of ``value`` as an int64 value: a constant where it is static,
+        else a Shape node placed right after the value's producer.
 
-        Running it early lets the planner free ``value`` after the forward pass
+        Running that node early lets the planner free ``value`` after the forward pass
         when only its shape is needed in the backward pass.
         """
+        static = self.shape(value)
+        if static is not None and all(isinstance(d, int) for d in static):
+            return self.ints(static)
         if value not in self._shape_of:
             out = self.graph.unique_name(f"{value}_shape", self.taken)
             node = Node("Shape", [value], [out], {}, out, "", BUILDER_OPSET)
@@ -181,6 +186,7 @@ def build_gradients(graph: Graph, loss: str, params: Iterable[str]) -> dict[str,
             reaches_loss.update(x for x in node.inputs if x)
 
     g = GradBuilder(graph)
+    g.prefix = ""
     seed = g.const(np.ones((), dtype=g.dtype(loss)), name=grad_name(loss))
     contributions: dict[str, list[str]] = {loss: [seed]}
     grads: dict[str, str] = {}

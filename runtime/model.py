@@ -85,8 +85,14 @@ class Model:
         return {name: np.asarray(result[name]) for name in fetch}
 
     @staticmethod
-    def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None) -> Plan:
-        constants = {k: v for k, v in graph.initializers.items() if not is_weight(v)}
+    def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None,
+                  weights: Iterable[str] | None = None) -> Plan:
+        """A plan that reads ``weights`` (default: the floating-point initializers) at run
+        time and binds every other initializer as a constant."""
+        if weights is None:
+            weights = [k for k, v in graph.initializers.items() if is_weight(v)]
+        weights = set(weights)
+        constants = {k: v for k, v in graph.initializers.items() if k not in weights}
         return Plan(graph, backend, constants=constants, fetch=fetch, state=state)
 
 

@@ -66,9 +66,10 @@ class Trainer:
         self.graph = train
         self._grad_values = grads
         self._state = RunState(seed)
-        self._plan = Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state)
         self._weight_names = [k for k, v in train.initializers.items()
                               if k in graph.initializers and is_weight(v)]
+        self._plan = Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
+                                     weights=self._weight_names)
         if self.backend.name == "cpu":
             # The model's own arrays: optimizer updates land in the model in place.
             self._weights = {k: graph.initializers[k] for k in self._weight_names}
