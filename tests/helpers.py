@@ -1,0 +1,50 @@
+"""Small builders for ONNX test models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def tensor_type(dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17, domains=()):
+    """A checked ModelProto.
+
+    ``inputs``/``outputs`` are (name, dtype, shape) triples; ``initializers`` a
+    dict name -> array.
+    """
+    graph = helper.make_graph(
+        nodes, "test",
+        [helper.make_tensor_value_info(n, tensor_type(d), s) for n, d, s in inputs],
+        [helper.make_tensor_value_info(n, tensor_type(d), s) for n, d, s in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()],
+    )
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in domains]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxgrad-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_model(sizes=(4, 5, 3), seed=0, dtype=np.float32, opset=17):
+    """Gemm/Relu layers with a dynamic batch: input "x", output "logits"."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], {}, "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        inits[f"W{i}"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(dtype)
+        inits[f"b{i}"] = (0.1 * rng.standard_normal(b)).astype(dtype)
+        out = "logits" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"b{i}"], [out if out == "logits" else f"z{i}"],
+                                      name=f"fc{i}", transB=1))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [out], name=f"relu{i}"))
+        prev = out
+    return make_model(nodes, [("x", dtype, ["N", sizes[0]])], [("logits", dtype, ["N", sizes[-1]])],
+                      inits, opset=opset)
+
+
+__all__ = ["make_model", "mlp_model", "tensor_type", "TensorProto", "helper", "numpy_helper"]
