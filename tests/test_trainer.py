@@ -1,0 +1,139 @@
+"""Trainer: losses, parameter selection, feeds and targets, and their errors."""
+
+import numpy as np
+import pytest
+
+import onnxgrad
+from helpers import helper, make_model, mlp_model
+
+X = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+Y = np.array([0, 1, 2, 0, 1, 2])
+
+
+def trainer(**kw):
+    kw.setdefault("loss", "cross_entropy")
+    return onnxgrad.Trainer(onnxgrad.load(mlp_model()), **kw)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _float64_linear(out_features=3):
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="mm")]
+    w = rng.standard_normal((4, out_features))
+    return make_model(nodes, [("x", np.float64, ["N", 4])], [("z", np.float64, ["N", out_features])],
+                      {"W": w}), w
+
+
+# Each loss: its value from an independent NumPy formula, its gradient by
+# central differences in float64.
+LOSS_CASES = {
+    "cross_entropy": (lambda z, t: -_log_softmax(z)[np.arange(len(t)), t].mean(),
+                      lambda rng: rng.integers(0, 3, 5)),
+    "nll": (lambda z, t: -z[np.arange(len(t)), t].mean(), lambda rng: rng.integers(0, 3, 5)),
+    "mse": (lambda z, t: ((z - t) ** 2).mean(), lambda rng: rng.standard_normal((5, 3))),
+    "l1": (lambda z, t: np.abs(z - t).mean(), lambda rng: rng.standard_normal((5, 3))),
+    "bce_with_logits": (
+        lambda z, t: (-(t * np.log(1 / (1 + np.exp(-z))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-z))))).mean(),
+        lambda rng: rng.uniform(0, 1, (5, 3))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LOSS_CASES))
+def test_loss_value_and_gradient(kind):
+    formula, make_target = LOSS_CASES[kind]
+    rng = np.random.default_rng(7)
+    proto, w = _float64_linear()
+    x, t = rng.standard_normal((5, 4)), make_target(rng)
+    tr = onnxgrad.Trainer(onnxgrad.load(proto), loss=kind, optimizer=onnxgrad.SGD(lr=0.0))
+    grads = tr.gradients({"x": x}, t)
+    assert tr.step({"x": x}, t) == pytest.approx(formula(x @ w, t), rel=1e-12)
+    direction = rng.standard_normal(w.shape)
+    eps = 1e-6
+    numeric = (formula(x @ (w + eps * direction), t) - formula(x @ (w - eps * direction), t)) / (2 * eps)
+    assert np.sum(grads["W"] * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def test_gradients_change_no_weight_and_step_returns_loss_before_update():
+    tr = trainer(optimizer=onnxgrad.SGD(lr=0.5))
+    before = tr.model.parameters()
+    tr.gradients({"x": X}, Y)
+    for k, v in tr.model.parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    z = tr.model.run({"x": X})["logits"]
+    expected = -_log_softmax(z.astype(np.float64))[np.arange(6), Y].mean()
+    assert tr.step({"x": X}, Y) == pytest.approx(expected, rel=1e-5)
+    assert not np.array_equal(tr.model.parameters()["W0"], before["W0"])
+
+
+def test_training_lowers_the_loss():
+    tr = trainer(optimizer=onnxgrad.Adam(lr=0.05))
+    losses = [tr.step({"x": X}, Y) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_reads_an_inner_value():
+    tr = trainer(output="z0", loss="mse")
+    h = tr.model.run({"x": X}, outputs=["z0"])["z0"]
+    assert tr.step({"x": X}, np.zeros_like(h)) == pytest.approx(float((h.astype(np.float64) ** 2).mean()), rel=1e-5)
+    assert set(tr.trainable) == {"W0", "b0"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(output="nope"), "output 'nope' is not a value of the graph"),
+    (dict(loss="hinge"), "unknown loss 'hinge'"),
+    (dict(trainable=["W9*"]), "pattern 'W9\\*' matches no initializer"),
+    (dict(loss=None), "loss=None needs 'logits' to be a scalar"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+])
+def test_configuration_errors(kw, match):
+    with pytest.raises(onnxgrad.OnnxgradError, match=match):
+        trainer(**kw)
+
+
+def test_trainable_pattern_without_gradient_path():
+    proto = mlp_model()
+    proto.graph.initializer.append(helper.make_tensor("unused", 1, [1], [1.0]))
+    with pytest.raises(onnxgrad.ModelError, match="no gradient path|none is a floating-point"):
+        onnxgrad.Trainer(onnxgrad.load(proto), trainable="unused")
+
+
+def test_trainable_globs_select_parameters():
+    assert sorted(trainer(trainable="b*").trainable) == ["b0", "b1"]
+
+
+@pytest.mark.parametrize("feeds, target, match", [
+    ({}, Y, r"missing input\(s\) \['x'\]"),
+    ({"x": X, "extra": X}, Y, r"unknown input\(s\) \['extra'\]"),
+    ({"x": X.astype(np.int64)}, Y, "input 'x' expects element type float32, got int64"),
+    ({"x": X[:, :3]}, Y, r"input 'x' expects shape \[\?, 4\], got \[6, 3\]"),
+    ({"x": X}, Y.astype(np.float32), "needs integer class indices"),
+    ({"x": X}, Y + 1, r"must lie in \[0, 3\).*\[1, 3\]"),
+    ({"x": X}, Y[:, None], "does not fit 'logits' of rank 2"),
+    ({"x": X}, None, "needs a target"),
+])
+def test_data_errors(feeds, target, match):
+    with pytest.raises(onnxgrad.DataError, match=match):
+        trainer().step(feeds, target)
+
+
+def test_float64_feeds_are_cast_to_the_model_type():
+    tr = trainer()
+    assert np.isfinite(tr.step({"x": X.astype(np.float64)}, Y))
+
+
+def test_mse_target_shape_must_match():
+    tr = trainer(loss="mse")
+    with pytest.raises(onnxgrad.DataError, match=r"target of shape \[6\] does not fit"):
+        tr.step({"x": X}, np.zeros(6, np.float32))
+
+
+def test_cuda_without_cupy_says_so():
+    from onnxgrad.backend import cuda_available
+    if cuda_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(onnxgrad.OnnxgradError, match="CuPy|CUDA"):
+        trainer(device="cuda")
