@@ -1,0 +1,258 @@
+"""Reading ``.npz`` data files and checking them against a model.
+
+Everything here raises :class:`onnxgrad.errors.DataError` with a message that
+names the file, the key and the model input involved, so that the CLI can
+print it on one line.  Inputs are cast to the model's element type where that
+loses nothing a user would care about (float64 -> float32, int -> float);
+anything else is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxgrad.errors import DataError
+
+#: Keys tried, in order, for the input of a single-input model whose own
+#: input name is not a key of the data file.
+INPUT_KEYS = ("input", "inputs", "x", "X", "data", "features")
+#: Keys tried, in order, for the targets.
+TARGET_KEYS = ("label", "labels", "y", "target", "targets")
+#: Losses whose targets are integer class indices.
+CLASSIFIER_LOSSES = ("cross_entropy", "nll")
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of a ``.npz`` file, read into memory."""
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r} is a directory, not a .npz file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise DataError(f"cannot read data file {path!r}: {err.strerror or err}") from None
+    if magic == b"\x93NUMPY":
+        raise DataError(f"data file {path!r} is a single .npy array; expected a .npz archive "
+                        f"of named arrays (numpy.savez)")
+    if not magic.startswith(b"PK"):
+        raise DataError(f"data file {path!r} is not a .npz archive (numpy.savez writes one)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot read data file {path!r} as a .npz archive: {reason}") from None
+    if isinstance(archive, np.ndarray):
+        raise DataError(f"data file {path!r} is a single .npy array; expected a .npz archive "
+                        f"of named arrays (numpy.savez)")
+    try:
+        with archive:
+            return {k: archive[k] for k in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot read data file {path!r}: {reason}") from None
+
+
+def _keys_present(arrays: dict[str, np.ndarray]) -> str:
+    return ", ".join(repr(k) for k in arrays) or "none"
+
+
+def _fmt_shape(shape) -> str:
+    if shape is None:
+        return "unknown"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+@dataclass
+class Dataset:
+    """Feeds for the model's inputs and (optionally) the targets, row-aligned."""
+
+    path: str
+    feeds: dict[str, np.ndarray]
+    keys: dict[str, str]  # model input name -> key in the file
+    target: np.ndarray | None = None
+    target_key: str | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+    def take(self, index: np.ndarray, path: str | None = None) -> "Dataset":
+        return Dataset(
+            path=path or self.path,
+            feeds={k: v[index] for k, v in self.feeds.items()},
+            keys=dict(self.keys),
+            target=None if self.target is None else self.target[index],
+            target_key=self.target_key,
+        )
+
+    def describe(self) -> str:
+        keys = ", ".join(f"{name} <- {key!r}" for name, key in self.keys.items())
+        if self.target_key is not None:
+            keys += f"; target <- {self.target_key!r}"
+        return f"{self.path} ({len(self)} samples; {keys})"
+
+
+def parse_input_keys(specs: tuple[str, ...] | list[str], model_inputs: list[str]) -> dict[str, str]:
+    """``--input-key`` values: ``KEY`` (single-input models) or ``INPUT=KEY``."""
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        if "=" in spec:
+            name, key = spec.split("=", 1)
+            if name not in model_inputs:
+                raise DataError(f"--input-key {spec!r}: the model has no input {name!r} "
+                                f"(inputs: {', '.join(map(repr, model_inputs))})")
+        elif len(model_inputs) == 1:
+            name, key = model_inputs[0], spec
+        else:
+            raise DataError(f"--input-key {spec!r}: the model has several inputs "
+                            f"({', '.join(map(repr, model_inputs))}); write --input-key INPUT=KEY")
+        if name in mapping:
+            raise DataError(f"--input-key given twice for model input {name!r}")
+        mapping[name] = key
+    return mapping
+
+
+def resolve_keys(arrays: dict[str, np.ndarray], path: str, model_inputs: list[str],
+                 input_keys: dict[str, str], target_key: str | None,
+                 need_target: bool) -> tuple[dict[str, str], str | None]:
+    """Which key of the file feeds each model input, and which holds the targets."""
+    keys: dict[str, str] = {}
+    for name in model_inputs:
+        if name in input_keys:
+            key = input_keys[name]
+            if key not in arrays:
+                raise DataError(f"data file {path!r} has no key {key!r} (for model input {name!r}); "
+                                f"keys present: {_keys_present(arrays)}")
+        elif name in arrays:
+            key = name
+        elif len(model_inputs) == 1 and any(k in arrays for k in INPUT_KEYS):
+            key = next(k for k in INPUT_KEYS if k in arrays)
+        else:
+            raise DataError(f"data file {path!r} has no key for model input {name!r} (tried "
+                            f"{', '.join(map(repr, (name,) + INPUT_KEYS))}); keys present: "
+                            f"{_keys_present(arrays)}; choose one with --input-key")
+        keys[name] = key
+    if not need_target:
+        return keys, None
+    if target_key is not None:
+        if target_key not in arrays:
+            raise DataError(f"data file {path!r} has no key {target_key!r} (for the targets); "
+                            f"keys present: {_keys_present(arrays)}")
+    else:
+        target_key = next((k for k in TARGET_KEYS if k in arrays and k not in keys.values()), None)
+        if target_key is None:
+            raise DataError(f"data file {path!r} has no target key (tried "
+                            f"{', '.join(map(repr, TARGET_KEYS))}); keys present: "
+                            f"{_keys_present(arrays)}; choose one with --target-key")
+    if target_key in keys.values():
+        raise DataError(f"key {target_key!r} of {path!r} cannot be both an input and the targets")
+    return keys, target_key
+
+
+def fit_input(arr: np.ndarray, name: str, key: str, path: str, dtype, shape) -> np.ndarray:
+    """``arr`` checked against model input ``name`` (dtype, shape) and cast to its dtype."""
+    where = f"key {key!r} of {path!r}"
+    if arr.ndim == 0:
+        raise DataError(f"{where} is a scalar; model input {name!r} expects a batch of shape "
+                        f"{_fmt_shape(shape)}")
+    if dtype is not None and arr.dtype != dtype:
+        want, got = np.dtype(dtype), arr.dtype
+        ok = (
+            (want.kind == "f" and got.kind in "fiu")
+            or (want.kind in "iu" and got.kind in "iu")
+            or (want.kind == "b" and got.kind == "b")
+        )
+        if want.kind in "iu" and got.kind in "iu" and arr.size:
+            info = np.iinfo(want)
+            ok = ok and arr.min() >= info.min and arr.max() <= info.max
+        if not ok:
+            raise DataError(f"{where} has element type {got}, which does not fit model input "
+                            f"{name!r}: expected {want}")
+        arr = arr.astype(want)
+    if shape is not None:
+        if arr.ndim != len(shape):
+            raise DataError(f"{where} has shape {tuple(arr.shape)}, which does not fit model input "
+                            f"{name!r}: expected {_fmt_shape(shape)} (rank {len(shape)}, got rank "
+                            f"{arr.ndim})")
+        for axis, (want, got) in enumerate(zip(shape[1:], arr.shape[1:]), start=1):
+            if isinstance(want, int) and want != got:
+                raise DataError(f"{where} has shape {tuple(arr.shape)}, which does not fit model "
+                                f"input {name!r}: expected {_fmt_shape(shape)} (axis {axis} must "
+                                f"be {want}, got {got})")
+    return np.ascontiguousarray(arr)
+
+
+def build_dataset(arrays: dict[str, np.ndarray], path: str, keys: dict[str, str],
+                  target_key: str | None, input_info: dict[str, tuple]) -> Dataset:
+    """Check the arrays of a file against the model inputs; targets are checked later."""
+    feeds = {}
+    for name, key in keys.items():
+        dtype, shape = input_info.get(name, (None, None))
+        feeds[name] = fit_input(arrays[key], name, key, path, dtype, shape)
+    target = None
+    if target_key is not None:
+        target = arrays[target_key]
+        if target.ndim == 0:
+            raise DataError(f"key {target_key!r} of {path!r} is a scalar; expected one target per sample")
+    lengths = {key: len(feeds[name]) for name, key in keys.items()}
+    if target is not None:
+        lengths[target_key] = len(target)
+    if len(set(lengths.values())) > 1:
+        desc = ", ".join(f"{k!r} has {n}" for k, n in lengths.items())
+        raise DataError(f"arrays of {path!r} have different numbers of samples: {desc}")
+    if not lengths or next(iter(lengths.values())) == 0:
+        raise DataError(f"data file {path!r} holds no samples")
+    return Dataset(path=path, feeds=feeds, keys=keys, target=target, target_key=target_key)
+
+
+def fit_target(ds: Dataset, loss: str, output: str, out_shape: tuple[int, ...], out_dtype) -> None:
+    """Check ``ds.target`` against the model output the loss reads; cast it in place.
+
+    ``out_shape`` is the shape of the output for a batch of the data (any
+    batch size: only axis 0 differs).
+    """
+    t = ds.target
+    where = f"targets {ds.target_key!r} of {ds.path!r}"
+    if loss in CLASSIFIER_LOSSES:
+        if len(out_shape) < 2:
+            raise DataError(f"loss {loss!r} needs an output of shape [N, C, ...] (scores per "
+                            f"class); output {output!r} has shape {list(out_shape)}")
+        if t.dtype.kind == "f":
+            if not np.all(np.isfinite(t)) or not np.all(t == np.round(t)):
+                raise DataError(f"{where} are not integer class labels (element type {t.dtype}); "
+                                f"loss {loss!r} needs integer labels")
+            t = t.astype(np.int64)
+        elif t.dtype.kind not in "iu":
+            raise DataError(f"{where} have element type {t.dtype}; loss {loss!r} needs integer "
+                            f"class labels")
+        want = (len(t),) + tuple(out_shape[2:])
+        if t.shape != want:
+            raise DataError(f"{where} have shape {tuple(t.shape)}; output {output!r} has shape "
+                            f"{['N'] + list(out_shape[1:])}, so loss {loss!r} expects labels of "
+                            f"shape {['N'] + list(out_shape[2:])}")
+        classes = out_shape[1]
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= classes:
+            raise DataError(f"{where} range from {lo} to {hi}, out of range for the {classes} "
+                            f"classes of output {output!r} (labels must be 0..{classes - 1})")
+        ds.target = t.astype(np.int64)
+        return
+    if t.dtype.kind not in "fiub":
+        raise DataError(f"{where} have element type {t.dtype}; loss {loss!r} needs numbers")
+    want = (len(t),) + tuple(out_shape[1:])
+    if t.shape != want:
+        if t.size == int(np.prod(want)) and t.ndim == 1:
+            t = t.reshape(want)  # e.g. N targets for an N x 1 output
+        else:
+            raise DataError(f"{where} have shape {tuple(t.shape)}; loss {loss!r} expects the shape "
+                            f"of output {output!r}, {['N'] + list(out_shape[1:])}")
+    t = t.astype(out_dtype if out_dtype is not None and np.dtype(out_dtype).kind == "f" else np.float32)
+    if loss == "bce_with_logits" and (t.min() < 0 or t.max() > 1):
+        raise DataError(f"{where} range from {t.min():g} to {t.max():g}; loss 'bce_with_logits' "
+                        f"needs targets in [0, 1]")
+    ds.target = np.ascontiguousarray(t)

@@ -1,0 +1,99 @@
+"""Loss and accuracy of a model on a data set, computed with NumPy.
+
+The losses are the ones ``onnxgrad.Trainer`` trains with, averaged over every
+element the way PyTorch's ``reduction="mean"`` does; evaluation runs
+``Model.run`` (inference mode) batch by batch and accumulates sums, so memory
+stays bounded by one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from onnxgrad.errors import DataError
+
+from .data import CLASSIFIER_LOSSES, Dataset
+
+#: The losses the CLI offers, with one line of help each.
+LOSSES = {
+    "cross_entropy": "softmax cross-entropy of logits [N, C, ...] against integer labels [N, ...]",
+    "nll": "negative log-likelihood of log-probabilities [N, C, ...] against integer labels",
+    "mse": "mean squared error against targets of the output's shape",
+    "l1": "mean absolute error against targets of the output's shape",
+    "bce_with_logits": "binary cross-entropy of logits against targets in [0, 1]",
+}
+
+
+def _gather_class(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``x[n, t[n, ...], ...]`` for scores ``x`` [N, C, ...] and labels ``t`` [N, ...]."""
+    return np.take_along_axis(x, np.expand_dims(t, 1), axis=1).squeeze(1)
+
+
+def loss_sum(loss: str, y: np.ndarray, t: np.ndarray) -> tuple[float, int]:
+    """Sum of the per-element losses and the number of elements averaged over."""
+    y = y.astype(np.float64)
+    if loss == "cross_entropy":
+        m = y.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(y - m).sum(axis=1)) + m.squeeze(1)
+        per = lse - _gather_class(y, t)
+    elif loss == "nll":
+        per = -_gather_class(y, t)
+    elif loss == "mse":
+        per = (y - t) ** 2
+    elif loss == "l1":
+        per = np.abs(y - t)
+    elif loss == "bce_with_logits":
+        per = np.maximum(y, 0) - y * t + np.log1p(np.exp(-np.abs(y)))
+    else:  # pragma: no cover - the CLI checks names first
+        raise DataError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    return float(per.sum()), int(per.size)
+
+
+@dataclass
+class Metrics:
+    loss: float
+    accuracy: float | None = None
+    correct: int = 0
+    count: int = 0
+
+    def format(self, prefix: str = "") -> str:
+        text = f"{prefix}loss {self.loss:.4f}"
+        if self.accuracy is not None:
+            text += f"  {prefix}acc {self.accuracy:.4f}"
+        return text
+
+
+def batches(n: int, batch_size: int, order: np.ndarray | None = None):
+    idx = np.arange(n) if order is None else order
+    for start in range(0, n, batch_size):
+        yield idx[start:start + batch_size]
+
+
+def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_size: int,
+             check_first: Callable[[np.ndarray], None] | None = None) -> Metrics:
+    """Loss (and accuracy for classifiers) of ``run(feeds) -> output`` on ``ds``.
+
+    ``check_first`` sees the output of the first batch before any loss is
+    computed (the CLI checks the targets against the output's shape there).
+    """
+    total, count, correct, labels = 0.0, 0, 0, 0
+    classify = loss in CLASSIFIER_LOSSES
+    for i, index in enumerate(batches(len(ds), batch_size)):
+        feeds = {k: v[index] if len(index) < len(v) else v for k, v in ds.feeds.items()}
+        y = np.asarray(run(feeds))
+        if i == 0 and check_first is not None:
+            check_first(y)
+        t = ds.target[index]
+        s, c = loss_sum(loss, y, t)
+        total += s
+        count += c
+        if classify:
+            correct += int((y.argmax(axis=1) == t).sum())
+            labels += t.size
+    mean = total / max(count, 1)
+    if classify:
+        return Metrics(mean, correct / max(labels, 1), correct, labels)
+    return Metrics(mean)
