@@ -62,6 +62,7 @@ class OpDef:
     differentiable: tuple[str, ...]
     host_inputs: tuple[str, ...]
     wants_ctx: bool
+    train_outputs: int = 0
     rule: Callable | None = field(default=None)
 
     # -- declaration helpers -------------------------------------------------
@@ -120,8 +121,14 @@ def op(
     domain: str = "",
     differentiable: tuple[str, ...] = (),
     host_inputs: tuple[str, ...] = (),
+    train_outputs: int = 0,
 ) -> Callable[[Callable], OpDef]:
     """Declare the kernel of op ``name`` for opsets from ``since`` on.
+
+    ``host_inputs`` are inputs the kernel reads as host NumPy arrays (shapes,
+    axes) whatever the device.  ``train_outputs`` is the number of outputs a
+    node of this op gets in a training graph, where its gradient rule needs an
+    optional output the model may omit (e.g. Dropout's mask).
 
     A later declaration of the same op with a higher ``since`` takes over from
     that opset (e.g. Softmax's axis semantics change at opset 13).
@@ -154,7 +161,7 @@ def op(
             name=name, domain=domain, since=since, kernel=kernel, inputs=tuple(inputs),
             optional=frozenset(optional), variadic=variadic, attrs=attrs,
             differentiable=tuple(differentiable), host_inputs=tuple(host_inputs),
-            wants_ctx=wants_ctx,
+            wants_ctx=wants_ctx, train_outputs=train_outputs,
         )
         versions = _REGISTRY.setdefault((domain, name), [])
         if any(v.since == since for v in versions):

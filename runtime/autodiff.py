@@ -151,6 +151,18 @@ class GradBuilder:
         return all(s == first for s in shapes)
 
 
+def add_training_outputs(graph: Graph) -> None:
+    """Give each node the optional outputs its gradient rule needs (in place)."""
+    taken = graph.all_names()
+    for node in graph.nodes:
+        want = _definition(node).train_outputs
+        outputs = list(node.outputs) + [""] * max(0, want - len(node.outputs))
+        for i in range(want):
+            if not outputs[i]:
+                outputs[i] = graph.unique_name(f"{node.name}_out{i}", taken)
+        node.outputs = outputs
+
+
 def requires_grad(graph: Graph, params: Iterable[str]) -> set[str]:
     """Values that depend on ``params`` through differentiable inputs."""
     needs = set(params)

@@ -23,11 +23,14 @@ from onnxgrad.ops import lookup
 class RunState:
     """What kernels may read about the current run (shared by a plan's steps)."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, xp: Any = np):
         self.training = False
-        self.rng = np.random.default_rng(seed)
-        #: Outputs of the current run that a stateful kernel wants written back
-        #: (e.g. running statistics): value name -> array.
+        #: Random numbers for kernels such as Dropout, on the run's device.
+        self.rng = xp.random.default_rng(seed)
+        #: New values for weights that a kernel computed in a training run
+        #: (e.g. BatchNormalization's running statistics): initializer name ->
+        #: array.  A training step writes them into the weights; other runs
+        #: discard them.
         self.updates: dict[str, Any] = {}
 
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from onnxgrad.autodiff import build_gradients, differentiable_ancestors, prune, rename_gradients
+from onnxgrad.autodiff import add_training_outputs, build_gradients, differentiable_ancestors, prune, rename_gradients
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState
@@ -55,6 +55,7 @@ class Trainer:
             loss_spec(loss)
 
         train = graph.copy()
+        add_training_outputs(train)
         taken = train.all_names()
         self.loss_value, self.target_input = add_loss(train, loss, output, taken)
         self.trainable = self._select(train, trainable, where)
@@ -65,7 +66,7 @@ class Trainer:
         prune(train, fetch)
         self.graph = train
         self._grad_values = grads
-        self._state = RunState(seed)
+        self._state = RunState(seed, self.backend.xp)
         self._weight_names = [k for k, v in train.initializers.items()
                               if k in graph.initializers and is_weight(v)]
         self._plan = Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
@@ -108,8 +109,8 @@ class Trainer:
     def _pull(self) -> None:
         """Copy device weights back into the model (CUDA only)."""
         if self._stale:
-            for name in self.trainable:
-                self.model.graph.initializers[name][...] = self.backend.to_host(self._weights[name])
+            for name, value in self._weights.items():
+                self.model.graph.initializers[name][...] = self.backend.to_host(value)
             self._stale = False
 
     def _target(self, target: Any) -> Any:
@@ -170,6 +171,7 @@ class Trainer:
         else:
             self._target(target)
         self._state.training = True
+        self._state.updates.clear()
         try:
             return self._plan.run(env)
         finally:
@@ -188,6 +190,9 @@ class Trainer:
         loss = float(self.backend.to_host(out[self.loss_value]))
         grads = {p: out[g] for p, g in self._grad_values.items()}
         self.optimizer.update(self.backend.xp, self._weights, grads)
+        for name, value in self._state.updates.items():  # e.g. running statistics
+            self._weights[name][...] = value
+        self._state.updates.clear()
         self._stale = self.backend.name != "cpu"
         return loss
 
