@@ -502,8 +502,10 @@ def eval_(model, data, input_keys, target_key, loss, output, batch_size):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("pattern", required=False)
+@click.option("--markdown", is_flag=True,
+              help="Print the ai.onnx ops grouped by family as a Markdown list (as in README.md).")
 @boundary
-def ops(pattern):
+def ops(pattern, markdown):
     """List the ops onnxgrad implements, with their gradient support.
 
     For each op (and each opset where its definition changes): the opset it
@@ -514,11 +516,31 @@ def ops(pattern):
     Examples:
       onnxgrad ops
       onnxgrad ops 'Reduce*'
+      onnxgrad ops --markdown
     """
     import fnmatch
 
     from onnxgrad.ops import registered_ops
 
+    if markdown:
+        families: dict[str, list[str]] = {}
+        domains: dict[str, list[str]] = {}
+        for (domain, name), versions in sorted(registered_ops().items()):
+            if pattern and not fnmatch.fnmatchcase(name, pattern):
+                continue
+            grad = any(v.rule is not None or not v.differentiable for v in versions)
+            entry = name if grad else f"{name} (forward only)"
+            if domain:
+                domains.setdefault(domain, []).append(entry)
+                continue
+            family = versions[0].kernel.__module__.rsplit(".", 1)[-1]
+            families.setdefault(family, []).append(entry)
+        for family, names in families.items():
+            click.echo(f"- **{family}**: {', '.join(names)}")
+        for domain, names in sorted(domains.items(), key=lambda kv: kv[0] == "onnxgrad"):
+            what = " (gradient kernels and fused losses)" if domain == "onnxgrad" else ""
+            click.echo(f"- domain `{domain}`{what}: {', '.join(names)}")
+        return
     rows = []
     for (domain, name), versions in sorted(registered_ops().items(),
                                            key=lambda kv: (kv[0][0] != "", kv[0][0], kv[0][1])):
