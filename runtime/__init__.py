@@ -16,7 +16,7 @@ from onnxgrad.errors import (
     ShapeError,
     UnsupportedOpError,
 )
-from onnxgrad.losses import LOSSES
+from onnxgrad.losses import BCEWithLogits, CrossEntropy, L1, LOSSES, MSE, NLL, Loss
 from onnxgrad.model import Model, load
 from onnxgrad.optimizers import SGD, Adam, AdamW, Optimizer
 from onnxgrad.trainer import Trainer
@@ -24,7 +24,8 @@ from onnxgrad.trainer import Trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "Trainer", "SGD", "Adam", "AdamW", "Optimizer", "LOSSES",
+    "load", "Model", "Trainer", "SGD", "Adam", "AdamW", "Optimizer",
+    "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
     "CheckpointError",
 ]

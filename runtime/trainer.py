@@ -11,7 +11,7 @@ from onnxgrad.autodiff import add_training_outputs, build_gradients, differentia
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState
-from onnxgrad.losses import add_loss, loss_spec
+from onnxgrad.losses import Loss, add_loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.optimizers import SGD, Optimizer
 
@@ -27,7 +27,7 @@ class Trainer:
     (NumPy) or ``"cuda"`` (CuPy).
     """
 
-    def __init__(self, model: Model, loss: str | None = "cross_entropy", output: str | None = None,
+    def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy", output: str | None = None,
                  optimizer: Optimizer | None = None, trainable: str | Iterable[str] | None = None,
                  device: str = "cpu", seed: int | None = None):
         if not isinstance(model, Model):
@@ -40,7 +40,7 @@ class Trainer:
                                 f"got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self.loss_kind = loss
+        self.loss = resolve_loss(loss)
         self.backend = get_backend(device)
         self.device = self.backend.name
         graph = model.graph
@@ -51,13 +51,11 @@ class Trainer:
             raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
                              f"graph outputs are {graph.outputs}")
         self.output = output
-        if loss is not None:
-            loss_spec(loss)
 
         train = graph.copy()
         add_training_outputs(train)
         taken = train.all_names()
-        self.loss_value, self.target_input = add_loss(train, loss, output, taken)
+        self.loss_value, self.target_input = add_loss(train, self.loss, output, taken)
         self.trainable = self._select(train, trainable, where)
         grads = build_gradients(train, self.loss_value, self.trainable)
         train.outputs = [self.loss_value]
@@ -115,50 +113,46 @@ class Trainer:
 
     def _target(self, target: Any) -> Any:
         where = self.model.where
-        if self.loss_kind is None:
+        loss = self.loss
+        if loss is None:
             if target is not None:
                 raise DataError(f"{where}: loss=None reads the loss from {self.output!r}; "
                                 "pass target=None")
             return None
         if target is None:
-            raise DataError(f"{where}: loss {self.loss_kind!r} needs a target")
+            raise DataError(f"{where}: loss {loss.name!r} needs a target")
         if not hasattr(target, "dtype"):
             target = np.asarray(target)
-        spec = loss_spec(self.loss_kind)
         out_shape = self.model.graph.shape(self.output)
-        if spec.target == "class":
+        if loss.target == "class":
             if not np.issubdtype(target.dtype, np.integer):
-                raise DataError(f"{where}: loss {self.loss_kind!r} needs integer class indices as "
+                raise DataError(f"{where}: loss {loss.name!r} needs integer class indices as "
                                 f"target, got element type {target.dtype}")
             target = target.astype(np.int64, copy=False)
             if out_shape is not None:
-                if target.ndim != len(out_shape) - 1:
+                axis = loss.class_axis_of(len(out_shape))
+                rest = [d for i, d in enumerate(out_shape) if i != axis]
+                if not _fits(rest, target.shape):
                     raise DataError(
                         f"{where}: target of shape {list(target.shape)} does not fit "
-                        f"{self.output!r} of rank {len(out_shape)}; expected class indices of "
-                        f"rank {len(out_shape) - 1}")
-                classes = out_shape[1] if len(out_shape) > 1 else None
-                if isinstance(classes, int) and target.size:
-                    low, high = int(target.min()), int(target.max())
+                        f"{self.output!r} of shape {_dims(out_shape)}; expected class indices of "
+                        f"shape {_dims(rest)}")
+                classes = out_shape[axis]
+                valid = target if loss.ignore_index is None else target[target != loss.ignore_index]
+                if isinstance(classes, int) and valid.size:
+                    low, high = int(valid.min()), int(valid.max())
                     if low < 0 or high >= classes:
                         raise DataError(f"{where}: target class indices must lie in "
                                         f"[0, {classes}) for {self.output!r}; got values in "
                                         f"[{low}, {high}]")
         else:
-            dtype = self.graph.dtype(self.output) or np.dtype(np.float32)
-            if not (np.issubdtype(target.dtype, np.floating)
-                    or np.issubdtype(target.dtype, np.integer)
-                    or target.dtype == np.bool_):
-                raise DataError(f"{where}: loss {self.loss_kind!r} needs a numeric target, "
+            if not (np.issubdtype(target.dtype, np.number) or target.dtype == np.bool_):
+                raise DataError(f"{where}: loss {loss.name!r} needs a numeric target, "
                                 f"got element type {target.dtype}")
-            target = target.astype(dtype, copy=False)
-            if out_shape is not None:
-                fits = target.ndim == len(out_shape) and all(
-                    not isinstance(d, int) or d == t for d, t in zip(out_shape, target.shape))
-                if not fits:
-                    dims = ["?" if not isinstance(d, int) else d for d in out_shape]
-                    raise DataError(f"{where}: target of shape {list(target.shape)} does not fit "
-                                    f"{self.output!r} of shape {dims}")
+            target = target.astype(self.graph.dtype(self.output) or np.float32, copy=False)
+            if out_shape is not None and not _fits(out_shape, target.shape):
+                raise DataError(f"{where}: target of shape {list(target.shape)} does not fit "
+                                f"{self.output!r} of shape {_dims(out_shape)}")
         return self.backend.asarray(target)
 
     # -- running -----------------------------------------------------------------------
@@ -195,6 +189,16 @@ class Trainer:
         self._state.updates.clear()
         self._stale = self.backend.name != "cpu"
         return loss
+
+
+def _fits(expected, shape) -> bool:
+    """Whether ``shape`` matches static dims ``expected`` (symbolic dims match anything)."""
+    return len(expected) == len(shape) and all(
+        not isinstance(d, int) or d == s for d, s in zip(expected, shape))
+
+
+def _dims(shape) -> list:
+    return ["?" if not isinstance(d, int) else d for d in shape]
 
 
 def _preview(names, limit: int = 8) -> str:

@@ -112,7 +112,7 @@ def test_trainable_globs_select_parameters():
     ({"x": X[:, :3]}, Y, r"input 'x' expects shape \[\?, 4\], got \[6, 3\]"),
     ({"x": X}, Y.astype(np.float32), "needs integer class indices"),
     ({"x": X}, Y + 1, r"must lie in \[0, 3\).*\[1, 3\]"),
-    ({"x": X}, Y[:, None], "does not fit 'logits' of rank 2"),
+    ({"x": X}, Y[:, None], r"does not fit .logits. of shape \[.\?., 3\]"),
     ({"x": X}, None, "needs a target"),
 ])
 def test_data_errors(feeds, target, match):
@@ -137,3 +137,62 @@ def test_cuda_without_cupy_says_so():
         pytest.skip("a CUDA device is present")
     with pytest.raises(onnxgrad.OnnxgradError, match="CuPy|CUDA"):
         trainer(device="cuda")
+
+
+def _seq_model(layout):
+    """Per-position logits from a MatMul: N×T×C ("ntc") or, transposed, N×C×T ("nct")."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="mm")]
+    out_shape = ["N", 6, 3]
+    if layout == "nct":
+        nodes.append(helper.make_node("Transpose", ["z"], ["zt"], name="t", perm=[0, 2, 1]))
+        out_shape = ["N", 3, 6]
+    proto = make_model(nodes, [("x", np.float64, ["N", 6, 4])],
+                       [("zt" if layout == "nct" else "z", np.float64, out_shape)],
+                       {"W": rng.standard_normal((4, 3))})
+    return proto
+
+
+def _weighted_ce(z_ntc, t, weight=None, ignore_index=None):
+    logp = _log_softmax(np.moveaxis(z_ntc, -1, 1))  # N×C×T
+    picked = -np.take_along_axis(logp, np.where(t == ignore_index, 0, t)[:, None], 1)[:, 0]
+    w = np.ones_like(picked) if weight is None else np.asarray(weight)[np.where(t == ignore_index, 0, t)]
+    if ignore_index is not None:
+        w = w * (t != ignore_index)
+    return (picked * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(weight=(0.2, 1.0, 3.0)), dict(ignore_index=1),
+    dict(weight=(0.5, 2.0, 1.0), ignore_index=2),
+])
+def test_cross_entropy_class_axis_weights_and_ignore_index(options):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 6, 4))
+    t = rng.integers(0, 3, (2, 6))
+    last = onnxgrad.Trainer(onnxgrad.load(_seq_model("ntc")),
+                            loss=onnxgrad.CrossEntropy(class_axis=-1, **options),
+                            optimizer=onnxgrad.SGD(lr=0.0))
+    first = onnxgrad.Trainer(onnxgrad.load(_seq_model("nct")),
+                             loss=onnxgrad.CrossEntropy(**options), optimizer=onnxgrad.SGD(lr=0.0))
+    w = last.model.parameters()["W"]
+    expected = _weighted_ce(x @ w, t, options.get("weight"), options.get("ignore_index"))
+    assert last.step({"x": x}, t) == pytest.approx(expected, rel=1e-12)
+    assert first.step({"x": x}, t) == pytest.approx(expected, rel=1e-12)
+    g_last, g_first = last.gradients({"x": x}, t)["W"], first.gradients({"x": x}, t)["W"]
+    np.testing.assert_allclose(g_last, g_first, rtol=1e-12)
+    # Central differences along a random direction, in float64.
+    d, eps = rng.standard_normal(w.shape), 1e-6
+    numeric = (_weighted_ce(x @ (w + eps * d), t, options.get("weight"), options.get("ignore_index"))
+               - _weighted_ce(x @ (w - eps * d), t, options.get("weight"), options.get("ignore_index"))) / (2 * eps)
+    assert np.sum(g_last * d) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_ignored_targets_may_lie_outside_the_classes():
+    tr = onnxgrad.Trainer(onnxgrad.load(_seq_model("ntc")),
+                          loss=onnxgrad.CrossEntropy(class_axis=-1, ignore_index=-100))
+    t = np.full((1, 6), -100)
+    t[0, :2] = [0, 2]
+    assert np.isfinite(tr.step({"x": np.ones((1, 6, 4))}, t))
+    with pytest.raises(onnxgrad.DataError, match=r"must lie in \[0, 3\)"):
+        tr.step({"x": np.ones((1, 6, 4))}, np.full((1, 6), 3))
