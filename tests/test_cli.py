@@ -236,6 +236,22 @@ def test_train_internal_output(tmp_path):
     assert "cross_entropy on 'z'" in out
 
 
+def test_fixed_batch_model(tmp_path):
+    """A model exported without a dynamic batch axis: batch size taken from it."""
+    proto = onnx.load(MODEL)
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 7
+    model = tmp_path / "fixed.onnx"
+    onnx.save(proto, model)
+    out = ok(invoke("eval", model, "--data", TEST))  # 360 = 51 * 7 + 3: a padded last batch
+    x, y = digits(TEST)
+    correct = int((ort_logits(MODEL, x).argmax(1) == y).sum())
+    assert f"({correct}/360)" in out
+    out = ok(invoke("train", model, "--data", TEST, "--epochs", 1))
+    assert "batch size 7" in out and "leaves out 3" in out
+    failed(invoke("train", model, "--data", TEST, "--batch-size", 32), "--batch-size 7")
+
+
 # -- eval ------------------------------------------------------------------------------------
 def test_eval_digits():
     out = ok(invoke("eval", MODEL, "--data", TEST, "--batch-size", 100))

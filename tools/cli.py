@@ -127,12 +127,24 @@ def check_loss(loss: str) -> str:
     return loss
 
 
-def eval_batch_size(model, batch_size: int) -> int:
-    """``batch_size``, unless an input has a fixed batch dimension."""
+def fixed_batch(model) -> int | None:
+    """The batch size the model's inputs fix (e.g. 1 for shape [1, 64]), if any."""
     for dtype, shape in input_info(model).values():
         if shape and isinstance(shape[0], int):
             return shape[0]
-    return batch_size
+    return None
+
+
+def choose_batch_size(model, batch_size: int, option_given: bool) -> int:
+    fixed = fixed_batch(model)
+    if fixed is None or fixed == batch_size:
+        return batch_size
+    if option_given:
+        raise click.ClickException(
+            f"the model's inputs have a fixed batch dimension of {fixed} "
+            f"({', '.join(f'{k!r} {fmt_shape(s)}' for k, (_, s) in input_info(model).items())}); "
+            f"pass --batch-size {fixed} or re-export the model with a dynamic batch axis")
+    return fixed
 
 
 def measure(model, output, ds: D.Dataset, loss: str, batch_size: int, checked: set) -> Metrics:
@@ -143,7 +155,14 @@ def measure(model, output, ds: D.Dataset, loss: str, batch_size: int, checked: s
             D.fit_target(ds, loss, output, y.shape, y.dtype)
             checked.add(id(ds))
 
-    return evaluate(output_runner(model, output), ds, loss, batch_size, check)
+    fixed = fixed_batch(model)
+    return evaluate(output_runner(model, output), ds, loss, fixed or batch_size, check,
+                    fixed_batch=fixed is not None)
+
+
+def _given(name: str) -> bool:
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def describe(name: str, train: Metrics, val: Metrics | None) -> str:
@@ -388,6 +407,7 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
 
     m = load_model(model)
     output = resolve_output(m, output)
+    batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
     ds = read_dataset(data, m, input_keys, target_key)
     val = None
     if val_path is not None:
@@ -414,7 +434,7 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
         "adam": lambda: onnxgrad.Adam(lr=lr, weight_decay=weight_decay),
         "adamw": lambda: onnxgrad.AdamW(lr=lr, weight_decay=weight_decay),
     }[optimizer]()
-    eval_bs = eval_batch_size(m, max(batch_size, 256))
+    eval_bs = max(batch_size, 256)
     checked: set = set()
 
     def metrics(model_):
@@ -436,15 +456,24 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
     rng = np.random.default_rng(seed)
+    drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
+    if drop_last and len(ds) < batch_size:
+        raise click.ClickException(f"the model's batch dimension is fixed to {batch_size}, "
+                                   f"but {data!r} has only {len(ds)} training samples")
+    if drop_last:
+        click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
+                   f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
     after = before
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(ds))
-        n_batches = -(-len(ds) // batch_size)
+        if drop_last:
+            order = order[:len(ds) - len(ds) % batch_size]
+        n_batches = -(-len(order) // batch_size)
         total, seen = 0.0, 0
         with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
                                hidden=quiet, show_pos=True,
                                item_show_func=lambda s: s) as bar:
-            for step, index in enumerate(batches(len(ds), batch_size, order), start=1):
+            for step, index in enumerate(batches(len(order), batch_size, order), start=1):
                 feeds = {k: v[index] for k, v in ds.feeds.items()}
                 value = float(trainer.step(feeds, ds.target[index]))
                 if not math.isfinite(value):
@@ -492,7 +521,7 @@ def eval_(model, data, input_keys, target_key, loss, output, batch_size):
     m = load_model(model)
     output = resolve_output(m, output)
     ds = read_dataset(data, m, input_keys, target_key)
-    result = measure(m, output, ds, loss, eval_batch_size(m, batch_size), set())
+    result = measure(m, output, ds, loss, batch_size, set())
     click.echo(f"model: {model}")
     click.echo(f"data: {ds.describe()}")
     click.echo(f"loss ({loss} on {output!r}): {result.loss:.4f}")

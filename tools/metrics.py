@@ -73,17 +73,26 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None):
 
 
 def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_size: int,
-             check_first: Callable[[np.ndarray], None] | None = None) -> Metrics:
+             check_first: Callable[[np.ndarray], None] | None = None,
+             fixed_batch: bool = False) -> Metrics:
     """Loss (and accuracy for classifiers) of ``run(feeds) -> output`` on ``ds``.
 
     ``check_first`` sees the output of the first batch before any loss is
     computed (the CLI checks the targets against the output's shape there).
+    With ``fixed_batch`` (a model whose batch dimension is fixed to
+    ``batch_size``) a short last batch is padded by repeating its first row,
+    and the padding rows' outputs are dropped.
     """
     total, count, correct, labels = 0.0, 0, 0, 0
     classify = loss in CLASSIFIER_LOSSES
     for i, index in enumerate(batches(len(ds), batch_size)):
-        feeds = {k: v[index] if len(index) < len(v) else v for k, v in ds.feeds.items()}
-        y = np.asarray(run(feeds))
+        n = len(index)
+        run_index = index
+        if fixed_batch and n < batch_size:
+            run_index = np.concatenate([index, np.repeat(index[:1], batch_size - n)])
+        feeds = {k: v[run_index] if len(run_index) < len(v) or fixed_batch else v
+                 for k, v in ds.feeds.items()}
+        y = np.asarray(run(feeds))[:n]
         if i == 0 and check_first is not None:
             check_first(y)
         t = ds.target[index]
