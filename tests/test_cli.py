@@ -122,6 +122,38 @@ def test_inspect_unknown_op(tmp_path):
     assert "without a forward kernel" in result.output
 
 
+def _no_grad_model(path):
+    """x @ w -> com.test.cli::Wobble (a kernel without a gradient rule) -> y."""
+    from onnxgrad.ops import is_registered, op
+
+    if not is_registered("Wobble", "com.test.cli", 1):
+        @op("Wobble", since=1, domain="com.test.cli", differentiable=("X",))
+        def Wobble(xp, X):
+            return (X * 2,)
+
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Wobble", ["h"], ["y"], domain="com.test.cli", name="wob")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.test.cli", 1)]), path)
+
+
+def test_inspect_and_train_op_without_gradient(tmp_path):
+    model = tmp_path / "wobble.onnx"
+    _no_grad_model(model)
+    out = ok(invoke("inspect", model))
+    assert re.search(r"com\.test\.cli::Wobble\s+1\s+1\s+yes\s+no", out)
+    assert "ops without a gradient rule: com.test.cli::Wobble" in out
+    assert "would fail at: wob (Wobble)" in out
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((8, 4), np.float32), y=np.zeros((8, 2), np.float32))
+    failed(invoke("train", model, "--data", data, "--loss", "mse", "--out", tmp_path / "o.onnx"),
+           "Wobble", "wob")
+
+
 def test_ops_lists_registry():
     out = ok(invoke("ops"))
     assert re.search(r"^Gemm\s+\d+\s+yes", out, re.M)
