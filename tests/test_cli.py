@@ -208,6 +208,17 @@ def test_train_default_out_and_freeze(tmp_path):
     assert not np.array_equal(src["2.weight"], dst["2.weight"])
 
 
+@pytest.mark.gpu
+def test_train_on_cuda_matches_cpu(tmp_path):
+    args = ["train", MODEL, "--data", TRAIN, "--epochs", 1, "--quiet"]
+    ok(invoke(*args, "--device", "cuda", "--out", tmp_path / "gpu.onnx"))
+    ok(invoke(*args, "--device", "cpu", "--out", tmp_path / "cpu.onnx"))
+    gpu = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "gpu.onnx").graph.initializer}
+    cpu = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "cpu.onnx").graph.initializer}
+    for name in cpu:
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-4, atol=1e-5)
+
+
 def test_train_float64_input_is_cast(tmp_path):
     x, y = digits(TEST)
     data = tmp_path / "f64.npz"
