@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 import onnxgrad
-from onnxgrad.errors import DataError, ModelError, OnnxgradError
+from onnxgrad.errors import ModelError, OnnxgradError
 
 from . import data as D
 from .metrics import LOSSES, Metrics, batches, evaluate
