@@ -19,12 +19,13 @@ from onnxgrad.errors import (
 from onnxgrad.losses import BCEWithLogits, CrossEntropy, L1, LOSSES, MSE, NLL, Loss
 from onnxgrad.model import Model, load
 from onnxgrad.optimizers import SGD, Adam, AdamW, Optimizer
+from onnxgrad.profile import Profile
 from onnxgrad.trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "Trainer", "SGD", "Adam", "AdamW", "Optimizer",
+    "load", "Model", "Trainer", "Profile", "SGD", "Adam", "AdamW", "Optimizer",
     "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
     "CheckpointError",

@@ -9,6 +9,7 @@ its last use.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -18,6 +19,7 @@ from onnxgrad.backend import Backend
 from onnxgrad.errors import ModelError, ShapeError
 from onnxgrad.ir import Graph, Node
 from onnxgrad.ops import lookup
+from onnxgrad.profile import Profile
 
 
 class RunState:
@@ -145,20 +147,30 @@ class Plan:
         return steps
 
     # -- running --------------------------------------------------------------------------
-    def run(self, env: dict[str, Any]) -> dict[str, Any]:
+    def run(self, env: dict[str, Any], profile: Profile | None = None) -> dict[str, Any]:
         """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
 
         ``env`` is consumed: intermediates are added to it and removed after
-        their last use.  Returns the fetched values (device arrays).
+        their last use.  Returns the fetched values (device arrays).  With a
+        ``profile``, each kernel is timed (on a GPU, synchronously).
         """
         xp = self.backend.xp
         to_host = self.backend.to_host
+        if profile is not None:
+            sync = self.backend.synchronize
+            sync()
         for step in self.steps:
             args = [env[a] if type(a) is str else a.value for a in step.args]
             for i in step.host_args:
                 if args[i] is not None:
                     args[i] = to_host(args[i])
-            outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+            if profile is None:
+                outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+            else:
+                start = time.perf_counter()
+                outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+                sync()
+                profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
             for name, value in zip(step.outputs, outs):
                 if name:
                     env[name] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -14,6 +15,7 @@ from onnxgrad.executor import RunState
 from onnxgrad.losses import Loss, add_loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.optimizers import SGD, Optimizer
+from onnxgrad.profile import Profile
 
 
 class Trainer:
@@ -77,6 +79,8 @@ class Trainer:
                              for k in self._weight_names}
             model._pull_weights = self._pull
         self._stale = False
+        #: A :class:`~onnxgrad.profile.Profile` that steps add their kernel times to, or None.
+        self.profile: Profile | None = None
 
     # -- set-up ------------------------------------------------------------------------
     def _select(self, train, trainable, where) -> list[str]:
@@ -167,7 +171,7 @@ class Trainer:
         self._state.training = True
         self._state.updates.clear()
         try:
-            return self._plan.run(env)
+            return self._plan.run(env, self.profile)
         finally:
             self._state.training = False
 
@@ -183,10 +187,15 @@ class Trainer:
         out = self._run(feeds, target)
         loss = float(self.backend.to_host(out[self.loss_value]))
         grads = {p: out[g] for p, g in self._grad_values.items()}
+        start = time.perf_counter() if self.profile is not None else 0.0
         self.optimizer.update(self.backend.xp, self._weights, grads)
         for name, value in self._state.updates.items():  # e.g. running statistics
             self._weights[name][...] = value
         self._state.updates.clear()
+        if self.profile is not None:
+            self.backend.synchronize()
+            self.profile.optimizer_seconds += time.perf_counter() - start
+            self.profile.steps += 1
         self._stale = self.backend.name != "cpu"
         return loss
 

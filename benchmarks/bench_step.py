@@ -1,0 +1,175 @@
+"""Training-step speed and memory: onnxgrad against PyTorch eager, in one run.
+
+For each model (see benchmarks/models.py) the same weights train in both:
+one step is forward, mean cross-entropy, backward and an SGD(momentum=0.9)
+update.  After a warm-up the two alternate step by step; the script prints the
+median step time of each and the ratio onnxgrad / PyTorch, at each thread
+count asked for.  With --memory it also measures the peak resident memory that
+a training run adds, each framework in a process of its own.
+
+    python benchmarks/bench_step.py                       # all models, 1 and 2 threads
+    python benchmarks/bench_step.py --models mlp --threads 1 --seconds 5
+    python benchmarks/bench_step.py --models resnet18 --profile
+    python benchmarks/bench_step.py --device cuda         # CuPy against PyTorch CUDA
+
+Needs the `bench` extra (torch, threadpoolctl) besides onnxgrad itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import onnxgrad  # noqa: E402
+from models import CASES, export  # noqa: E402
+
+LR, MOMENTUM = 0.01, 0.9
+
+
+def setup(name: str, device: str, onnx_path: str | None = None):
+    """Both frameworks' trainers for ``name`` with the same initial weights."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    net = case.factory()
+    gen = torch.Generator().manual_seed(1)
+    x = case.make_input(gen)
+    y = torch.randint(0, case.classes, (case.batch,), generator=gen)
+    proto = onnx.load(onnx_path) if onnx_path else onnx.load_from_string(export(net, x))
+    model = onnxgrad.load(proto)
+    trainer = onnxgrad.Trainer(model, loss="cross_entropy",
+                               optimizer=onnxgrad.SGD(lr=LR, momentum=MOMENTUM), device=device)
+    xn, yn = x.numpy(), y.numpy()
+    tdev = torch.device("cuda" if device == "cuda" else "cpu")
+    net = net.to(tdev).train()
+    xt, yt = x.to(tdev), y.to(tdev)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def onnxgrad_step():
+        return trainer.step({"input": xn}, yn)
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss.item()  # the same host synchronisation onnxgrad's step does
+
+    return trainer, onnxgrad_step, torch_step
+
+
+def time_pair(step_a, step_b, warmup: float, seconds: float) -> tuple[list[float], list[float]]:
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        step_a()
+        step_b()
+    a, b = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(a) < 5:
+        t0 = time.perf_counter()
+        step_a()
+        t1 = time.perf_counter()
+        step_b()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def child_memory(name: str, framework: str, onnx_path: str, steps: int) -> None:
+    """Peak resident memory added by ``steps`` training steps (printed as JSON)."""
+    with threadpool_limits(1):
+        torch.set_num_threads(1)
+        _, og_step, torch_step = setup(name, "cpu", onnx_path)
+        step = og_step if framework == "onnxgrad" else torch_step
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
+            f.write("5")
+        for _ in range(steps):
+            step()
+        peak = _rss_kib("VmHWM")
+    print(json.dumps({"added_mib": (peak - before) / 1024}))
+
+
+def memory(name: str, steps: int = 3) -> dict[str, float]:
+    case = CASES[name]
+    torch.manual_seed(0)
+    net = case.factory()
+    x = case.make_input(torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.onnx")
+        with open(path, "wb") as f:
+            f.write(export(net, x))
+        result = {}
+        for framework in ("onnxgrad", "torch"):
+            out = subprocess.run([sys.executable, __file__, "--child-memory", name, framework, path,
+                                  str(steps)], capture_output=True, text=True, check=True)
+            result[framework] = json.loads(out.stdout.strip().splitlines()[-1])["added_mib"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (CPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per case")
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds of timing per case")
+    parser.add_argument("--memory", action="store_true", help="also measure peak training memory (CPU)")
+    parser.add_argument("--profile", action="store_true", help="print onnxgrad's time by op type")
+    parser.add_argument("--child-memory", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        name, framework, path, steps = args.child_memory
+        child_memory(name, framework, path, int(steps))
+        return
+
+    names = [m for m in args.models.split(",") if m]
+    threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
+    print(f"onnxgrad {onnxgrad.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print(f"{'model':<12} {'threads':>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
+    for name in names:
+        for n in threads:
+            with threadpool_limits(n or None):
+                if n:
+                    torch.set_num_threads(n)
+                trainer, og_step, torch_step = setup(name, args.device)
+                a, b = time_pair(og_step, torch_step, args.warmup, args.seconds)
+                ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
+                print(f"{name:<12} {n or '-':>7} {ma:12.2f} {mb:10.2f} {ma / mb:7.2f}", flush=True)
+                if args.profile:
+                    trainer.profile = onnxgrad.Profile()
+                    for _ in range(5):
+                        og_step()
+                    print(trainer.profile.report(), flush=True)
+                    trainer.profile = None
+    if args.memory and args.device == "cpu":
+        print(f"\n{'model':<12} {'onnxgrad MiB':>13} {'torch MiB':>10} {'ratio':>7}   (peak memory a training run adds, 1 thread)")
+        for name in names:
+            m = memory(name)
+            print(f"{name:<12} {m['onnxgrad']:13.1f} {m['torch']:10.1f} {m['onnxgrad'] / m['torch']:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
