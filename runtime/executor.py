@@ -10,6 +10,7 @@ its last use.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -83,15 +84,25 @@ class Plan:
     """
 
     def __init__(self, graph: Graph, backend: Backend, *, constants: dict[str, np.ndarray],
-                 fetch: Iterable[str], state: RunState | None = None):
+                 fetch: Iterable[str], state: RunState | None = None,
+                 shapes: dict[str, np.ndarray] | None = None):
         self.graph = graph
         self.backend = backend
         self.fetch = list(fetch)
         self.state = state or RunState()
         consts: dict[str, Any] = dict(constants)
         nodes = self._live_nodes(graph, self.fetch)
+        if shapes is None:
+            #: Outputs of Shape nodes that depend on the input shapes alone; a run
+            #: records them so that a plan specialised to those shapes can fold them.
+            self.recordable = _shape_only_values(graph, nodes, consts)
+        else:
+            self.recordable = frozenset()
+            consts.update(shapes)
         steps: list[Step] = []
         for node in nodes:
+            if node.outputs and all(o in consts or not o for o in node.outputs):
+                continue  # computed at plan time (a recorded shape)
             definition = lookup(node.op_type, node.domain, node.opset, node.name)
             attrs = definition.resolve_attrs(node.attrs, node.name)
             if definition.wants_ctx:
@@ -147,12 +158,14 @@ class Plan:
         return steps
 
     # -- running --------------------------------------------------------------------------
-    def run(self, env: dict[str, Any], profile: Profile | None = None) -> dict[str, Any]:
+    def run(self, env: dict[str, Any], profile: Profile | None = None,
+            record: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
 
         ``env`` is consumed: intermediates are added to it and removed after
         their last use.  Returns the fetched values (device arrays).  With a
-        ``profile``, each kernel is timed (on a GPU, synchronously).
+        ``profile``, each kernel is timed (on a GPU, synchronously).  With
+        ``record``, the values of :attr:`recordable` are stored there.
         """
         xp = self.backend.xp
         to_host = self.backend.to_host
@@ -174,6 +187,8 @@ class Plan:
             for name, value in zip(step.outputs, outs):
                 if name:
                     env[name] = value
+                    if record is not None and name in self.recordable:
+                        record[name] = to_host(value)
             for name in step.free:
                 env.pop(name, None)
         result = {}
@@ -196,3 +211,77 @@ class Plan:
                 for a in args)
             raise ShapeError(
                 f"node {node.name!r} ({node.op_type}) failed on inputs [{shapes}]: {exc}") from exc
+
+
+class ShapeSpecializedRunner:
+    """Runs a graph through plans specialised to the shapes of its inputs.
+
+    The first run with new input shapes goes through the generic plan and
+    records the values of its shape-only subgraphs (Shape → Gather → Concat →
+    Reshape arithmetic); later runs with the same shapes use a plan in which
+    those subgraphs are folded into constants.  The ``limit`` most recently
+    used specialisations are kept.
+    """
+
+    def __init__(self, make_plan: Callable[[dict | None], "Plan"], inputs: Iterable[str],
+                 limit: int = 8):
+        self._make_plan = make_plan
+        self.generic = make_plan(None)
+        self._inputs = tuple(inputs)
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._limit = limit
+
+    @property
+    def backend(self) -> Backend:
+        return self.generic.backend
+
+    def run(self, env: dict[str, Any], profile: Profile | None = None) -> dict[str, Any]:
+        if not self.generic.recordable:
+            return self.generic.run(env, profile)
+        signature = tuple(tuple(env[name].shape) for name in self._inputs)
+        plan = self._plans.get(signature)
+        if plan is not None:
+            self._plans.move_to_end(signature)
+            return plan.run(env, profile)
+        recorded: dict[str, np.ndarray] = {}
+        result = self.generic.run(env, profile, recorded)
+        self._plans[signature] = self._make_plan(recorded)
+        if len(self._plans) > self._limit:
+            self._plans.popitem(last=False)
+        return result
+
+
+#: Ops whose output shapes depend on the values of their (non-host) inputs.
+_DATA_DEPENDENT_SHAPES = frozenset({
+    "NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan", "StringSplit",
+    "SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceInsert", "SequenceErase",
+    "ConcatFromSequence", "RegexFullMatch",
+})
+
+
+def _shape_only_values(graph: Graph, nodes: list[Node], consts: dict[str, Any]) -> frozenset[str]:
+    """Outputs of Shape/Size nodes whose values follow from the graph's input shapes.
+
+    A value's shape is fixed by the input shapes when it is an input, an
+    initializer or a constant, or when its op's output shape depends only on
+    its inputs' shapes and the *values* of its host inputs (shapes, axes), and
+    those values are themselves fixed by the input shapes.
+    """
+    shape_known = set(graph.inputs) | set(graph.initializers) | set(consts)
+    value_known = set(consts)
+    found = set()
+    for node in nodes:
+        ins = [x for x in node.inputs if x]
+        definition = lookup(node.op_type, node.domain, node.opset, node.name)
+        if node.domain == "" and node.op_type in ("Shape", "Size") and ins[0] in shape_known:
+            found.update(o for o in node.outputs if o)
+            value_known.update(node.outputs)
+            shape_known.update(node.outputs)
+        elif ins and all(x in value_known for x in ins) and not definition.wants_ctx:
+            value_known.update(node.outputs)
+            shape_known.update(node.outputs)
+        elif node.op_type not in _DATA_DEPENDENT_SHAPES and all(
+                (x in value_known) if definition.is_host_input(i) else (x in shape_known)
+                for i, x in enumerate(node.inputs) if x):
+            shape_known.update(node.outputs)
+    return frozenset(found)

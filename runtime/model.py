@@ -10,7 +10,7 @@ import onnx
 
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.errors import DataError, ModelError
-from onnxgrad.executor import Plan
+from onnxgrad.executor import Plan, ShapeSpecializedRunner
 from onnxgrad.exporter import save_atomic, with_weights
 from onnxgrad.ir import Graph
 from onnxgrad.loader import load_model
@@ -33,7 +33,7 @@ class Model:
         self._proto = proto
         self.graph = graph
         self.path = path
-        self._plans: dict[tuple[str, ...], Plan] = {}
+        self._runners: dict[tuple[str, ...], ShapeSpecializedRunner] = {}
         #: Called before weights are read, by a trainer that keeps them on a device.
         self._pull_weights: Callable[[], None] | None = None
 
@@ -76,24 +76,28 @@ class Model:
         for name in fetch:
             if name not in known:
                 raise ModelError(f"{self.where}: the graph has no value named {name!r}")
-        plan = self._plans.get(fetch)
-        if plan is None:
-            plan = self._plans[fetch] = self.make_plan(self.graph, get_backend("cpu"), fetch)
+        runner = self._runners.get(fetch)
+        if runner is None:
+            backend = get_backend("cpu")
+            runner = self._runners[fetch] = ShapeSpecializedRunner(
+                lambda shapes: self.make_plan(self.graph, backend, fetch, shapes=shapes),
+                self.graph.inputs)
         env = dict(self._weights())
-        env.update(prepare_feeds(self.graph, feeds, plan.backend, self.where))
-        result = plan.run(env)
+        env.update(prepare_feeds(self.graph, feeds, runner.backend, self.where))
+        result = runner.run(env)
         return {name: np.asarray(result[name]) for name in fetch}
 
     @staticmethod
     def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None,
-                  weights: Iterable[str] | None = None) -> Plan:
+                  weights: Iterable[str] | None = None, shapes=None) -> Plan:
         """A plan that reads ``weights`` (default: the floating-point initializers) at run
-        time and binds every other initializer as a constant."""
+        time and binds every other initializer as a constant; ``shapes`` are recorded
+        shape values of a specialisation."""
         if weights is None:
             weights = [k for k, v in graph.initializers.items() if is_weight(v)]
         weights = set(weights)
         constants = {k: v for k, v in graph.initializers.items() if k not in weights}
-        return Plan(graph, backend, constants=constants, fetch=fetch, state=state)
+        return Plan(graph, backend, constants=constants, fetch=fetch, state=state, shapes=shapes)
 
 
 def load(source: str | os.PathLike | onnx.ModelProto) -> Model:

@@ -11,7 +11,7 @@ import numpy as np
 from onnxgrad.autodiff import add_training_outputs, build_gradients, differentiable_ancestors, prune, rename_gradients
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
-from onnxgrad.executor import RunState
+from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, add_loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.optimizers import SGD, Optimizer
@@ -69,8 +69,10 @@ class Trainer:
         self._state = RunState(seed, self.backend.xp)
         self._weight_names = [k for k, v in train.initializers.items()
                               if k in graph.initializers and is_weight(v)]
-        self._plan = Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
-                                     weights=self._weight_names)
+        self._runner = ShapeSpecializedRunner(
+            lambda shapes: Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
+                                           weights=self._weight_names, shapes=shapes),
+            train.inputs)
         if self.backend.name == "cpu":
             # The model's own arrays: optimizer updates land in the model in place.
             self._weights = {k: graph.initializers[k] for k in self._weight_names}
@@ -171,7 +173,7 @@ class Trainer:
         self._state.training = True
         self._state.updates.clear()
         try:
-            return self._plan.run(env, self.profile)
+            return self._runner.run(env, self.profile)
         finally:
             self._state.training = False
 

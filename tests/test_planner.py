@@ -1,0 +1,64 @@
+"""The planner: shape subgraphs folded per input shape, liveness, constants."""
+
+import numpy as np
+
+import onnxgrad
+from helpers import helper, make_model, numpy_helper
+
+
+def _flatten_by_shape_arithmetic():
+    """y = Reshape(x, Concat(Shape(x)[0:1], [-1])) * W: what exporters write for a flatten."""
+    i64 = lambda name, v: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        i64("zero", 0), i64("minus_one", [-1]), i64("axes", [0]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+        helper.make_node("Concat", ["n1", "minus_one"], ["new_shape"], name="concat", axis=0),
+        helper.make_node("Reshape", ["x", "new_shape"], ["flat"], name="reshape"),
+        helper.make_node("MatMul", ["flat", "W"], ["y"], name="mm"),
+    ]
+    w = np.random.default_rng(0).standard_normal((6, 2)).astype(np.float32)
+    return make_model(nodes, [("x", np.float32, ["N", 2, 3])], [("y", np.float32, ["N", 2])],
+                      {"W": w}, opset=17), w
+
+
+def test_shape_arithmetic_is_folded_once_input_shapes_are_known():
+    proto, w = _flatten_by_shape_arithmetic()
+    model = onnxgrad.load(proto)
+    rng = np.random.default_rng(1)
+    for n in (4, 4, 3, 4):  # new shapes, repeats, and a return to an earlier shape
+        x = rng.standard_normal((n, 2, 3)).astype(np.float32)
+        np.testing.assert_allclose(model.run({"x": x})["y"], x.reshape(n, 6) @ w, rtol=1e-5)
+    runner = model._runners[("y",)]
+    assert runner.generic.recordable == {"s"}
+    specialised = runner._plans[(4, 2, 3)]
+    assert [s.node.op_type for s in specialised.steps] == ["Reshape", "MatMul"]
+
+
+def test_training_folds_shape_arithmetic_in_both_passes():
+    proto, w = _flatten_by_shape_arithmetic()
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss="mse", optimizer=onnxgrad.SGD(lr=0.0))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    t = rng.standard_normal((5, 2)).astype(np.float32)
+    first = trainer.gradients({"x": x}, t)["W"]
+    second = trainer.gradients({"x": x}, t)["W"]  # through the specialised plan
+    expected = x.reshape(5, 6).T @ (2 * (x.reshape(5, 6) @ w - t) / t.size)
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(first, second)
+    plan = trainer._runner._plans[((5, 2, 3), (5, 2))]
+    ops = [s.node.op_type for s in plan.steps]
+    assert "Shape" not in ops and "Gather" not in ops and "Concat" not in ops
+
+
+def test_intermediates_are_freed_after_their_last_use():
+    proto, _ = _flatten_by_shape_arithmetic()
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss="mse")
+    plan = trainer._runner.generic
+    freed = [name for step in plan.steps for name in step.free]
+    assert len(freed) == len(set(freed))
+    produced = {o for step in plan.steps for o in step.outputs if o}
+    kept = set(plan.fetch)
+    assert produced - kept <= set(freed)  # every intermediate is freed
