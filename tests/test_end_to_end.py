@@ -132,7 +132,7 @@ def test_mlp_sgd_momentum_steps_match_torch(exporter, tmp_path):
     assert all(isinstance(v, float) for v in losses)
     np.testing.assert_allclose(losses, MLP["sgd_losses"], rtol=1e-5)
     assert_params(trainer.model.parameters(), mlp_expected(exporter, "sgd"),
-                  1e-4, 1e-6, f"{exporter} after SGD steps")
+                  2e-5, 1e-7, f"{exporter} after SGD steps")
     assert_saved_runs_in_ort(trainer.model, tmp_path / "sgd.onnx", feeds,
                              mlp_path(exporter))
 
@@ -146,7 +146,7 @@ def test_mlp_adamw_steps_match_torch(exporter, tmp_path):
     losses = [trainer.step(feeds, MLP["y"]) for _ in range(MLP_META["adamw_steps"])]
     np.testing.assert_allclose(losses, MLP["adamw_losses"], rtol=1e-5)
     assert_params(trainer.model.parameters(), mlp_expected(exporter, "adamw"),
-                  1e-4, 1e-6, f"{exporter} after AdamW steps")
+                  2e-5, 1e-7, f"{exporter} after AdamW steps")
     got = assert_saved_runs_in_ort(trainer.model, tmp_path / "adamw.onnx", feeds,
                                    mlp_path(exporter))
     # the saved model really is the trained one, not the original
@@ -209,6 +209,7 @@ def test_sklearn_mlp_finetune(digits, tmp_path):
     np.testing.assert_allclose(got["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
     acc_after = float((got["label"] == test["label"]).mean())
     assert acc_after >= acc_before, (acc_before, acc_after)
+    assert acc_after >= acc_before + 0.1, (acc_before, acc_after)  # torch: 0.59 -> 0.93
 
 
 # ---------------------------------------------------------------------------
