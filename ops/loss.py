@@ -138,3 +138,15 @@ def BinaryCrossEntropyWithLogitsGrad(xp, dY, X, T):
 def _(g, node, dY):
     X, T = node.inputs
     return g.private("BinaryCrossEntropyWithLogitsGrad", dY, X, T), None
+
+
+@op("OnesLike", domain=_PRIVATE)
+def OnesLike(xp, X):
+    """Ones of X's shape and type: the seed of a non-scalar gradient."""
+    return (xp.ones_like(X),)
+
+
+@op("ZerosLike", domain=_PRIVATE)
+def ZerosLike(xp, X):
+    """Zeros of X's shape and type: the gradient of a value that does not depend on X."""
+    return (xp.zeros_like(X),)

@@ -21,11 +21,12 @@ from onnxgrad.model import Model, load
 from onnxgrad.optimizers import SGD, Adam, AdamW, Optimizer
 from onnxgrad.profile import Profile
 from onnxgrad.trainer import Trainer
+from onnxgrad.training_info import TrainingInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "Trainer", "Profile", "SGD", "Adam", "AdamW", "Optimizer",
+    "load", "Model", "Trainer", "Profile", "TrainingInfo", "SGD", "Adam", "AdamW", "Optimizer",
     "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
     "CheckpointError",

@@ -180,11 +180,13 @@ def _definition(node: Node):
     return lookup(node.op_type, node.domain, node.opset, node.name)
 
 
-def build_gradients(graph: Graph, loss: str, params: Iterable[str]) -> dict[str, str]:
+def build_gradients(graph: Graph, loss: str, params: Iterable[str],
+                    seed: str | None = None) -> dict[str, str]:
     """Append the backward pass of ``loss`` to ``graph`` (in place).
 
-    Returns ``{param: gradient value}`` for every parameter that reaches the
-    loss; the caller decides what to do with parameters that do not.
+    ``seed`` is the value that flows back from ``loss`` (default: 1 for a
+    scalar loss).  Returns ``{param: gradient value}`` for every parameter
+    that reaches the loss; the caller decides what to do with the others.
     """
     params = list(params)
     needs = requires_grad(graph, params)
@@ -199,7 +201,8 @@ def build_gradients(graph: Graph, loss: str, params: Iterable[str]) -> dict[str,
 
     g = GradBuilder(graph)
     g.prefix = ""
-    seed = g.const(np.ones((), dtype=g.dtype(loss)), name=grad_name(loss))
+    if seed is None:
+        seed = g.const(np.ones((), dtype=g.dtype(loss)), name=grad_name(loss))
     contributions: dict[str, list[str]] = {loss: [seed]}
     grads: dict[str, str] = {}
 
@@ -289,3 +292,41 @@ def differentiable_ancestors(graph: Graph, value: str) -> set[str]:
             reach.update(x for i, x in enumerate(node.inputs)
                          if x and definition.is_differentiable(i))
     return reach
+
+
+#: Domain of ONNX's training operators (Gradient, Momentum, Adagrad, Adam).
+PREVIEW_TRAINING = "ai.onnx.preview.training"
+
+
+def expand_gradient_ops(graph: Graph) -> None:
+    """Replace each ``ai.onnx.preview.training.Gradient`` node by backward nodes (in place).
+
+    ``Gradient(xs=[…], zs=[…], y=…)`` outputs dy/dx for each x in ``xs``: the
+    gradient of the sum of ``y``'s elements, built by the same rules that
+    training uses.  An x that ``y`` does not depend on gets zeros.
+    """
+    gradient_nodes = [n for n in graph.nodes
+                      if n.op_type == "Gradient" and n.domain == PREVIEW_TRAINING]
+    if not gradient_nodes:
+        return
+    graph.nodes = [n for n in graph.nodes if n not in gradient_nodes]
+    known = graph.all_names() | {o for n in gradient_nodes for o in n.outputs}
+    for node in gradient_nodes:
+        xs, y = list(node.attrs.get("xs", [])), node.attrs.get("y")
+        if not y or y not in known:
+            raise ModelError(f"Gradient node {node.name!r}: y={y!r} is not a value of the graph")
+        missing = [x for x in xs if x not in known]
+        if missing:
+            raise ModelError(f"Gradient node {node.name!r}: xs {missing} are not values of the graph")
+        g = GradBuilder(graph)
+        g.prefix = node.name
+        seed = g.private("OnesLike", y)
+        grads = build_gradients(graph, y, xs, seed=seed)
+        g.prefix = node.name
+        for x, out in zip(xs, node.outputs):
+            if not out:
+                continue
+            value = grads[x] if x in grads else g.private("ZerosLike", x)
+            graph.nodes.append(Node("Identity", [value], [out], {}, f"{node.name}/{out}", "",
+                                    BUILDER_OPSET))
+            graph.info[out] = ValueInfo(graph.dtype(x), graph.shape(x))

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxgrad.errors import ModelError
+from onnxgrad.autodiff import expand_gradient_ops
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.ops import canonical_domain
 
@@ -178,6 +179,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     except Exception:
         inferred = proto  # shape inference is a help, not a requirement
     graph = build_graph(inferred, where)
+    expand_gradient_ops(graph)
     skeleton = _strip_weights(proto)
     return skeleton, graph, path
 
