@@ -1,0 +1,204 @@
+"""Elementwise arithmetic: Add, Sub, Mul, Div, Pow, Sum and the unary maths ops.
+
+Binary ops broadcast like NumPy (ONNX multidirectional broadcasting, opset 7
+on); their gradients undo the broadcasting with ``g.unbroadcast``, which emits
+the private ``onnxgrad::SumToShape`` declared here.
+"""
+
+from __future__ import annotations
+
+from onnxgrad.ops.registry import op
+from onnxgrad.ops.shape import onnx_type
+
+
+def _arr(xp, value):
+    """An array, never a NumPy scalar (0-d operands give scalars in NumPy)."""
+    return xp.asarray(value)
+
+
+# -- binary arithmetic -------------------------------------------------------------
+
+@op("Add", since=7, differentiable=("A", "B"))
+def Add(xp, A, B):
+    return (_arr(xp, A + B),)
+
+
+@Add.gradient
+def _(g, node, dY):
+    A, B = node.inputs
+    return (g.unbroadcast(dY, like=A), g.unbroadcast(dY, like=B))
+
+
+@op("Sub", since=7, differentiable=("A", "B"))
+def Sub(xp, A, B):
+    return (_arr(xp, A - B),)
+
+
+@Sub.gradient
+def _(g, node, dY):
+    A, B = node.inputs
+    return (g.unbroadcast(dY, like=A), g.unbroadcast(g.Neg(dY), like=B))
+
+
+@op("Mul", since=7, differentiable=("A", "B"))
+def Mul(xp, A, B):
+    return (_arr(xp, A * B),)
+
+
+@Mul.gradient
+def _(g, node, dY):
+    A, B = node.inputs
+    return (g.unbroadcast(g.Mul(dY, B), like=A),
+            g.unbroadcast(g.Mul(dY, A), like=B))
+
+
+@op("Div", since=7, differentiable=("A", "B"))
+def Div(xp, A, B):
+    if A.dtype.kind in "iu":
+        # Integer division truncates toward zero, as in C (not floor as in NumPy).
+        q = xp.floor_divide(A, B)
+        r = xp.remainder(A, B)
+        adjust = (r != 0) & ((A < 0) ^ (B < 0))
+        return (_arr(xp, q + adjust.astype(q.dtype)),)
+    return (_arr(xp, A / B),)
+
+
+@Div.gradient
+def _(g, node, dY):
+    A, B = node.inputs
+    (C,) = node.outputs
+    # d(A/B)/dB = -A/B^2 = -C/B
+    return (g.unbroadcast(g.Div(dY, B), like=A),
+            g.unbroadcast(g.Neg(g.Div(g.Mul(dY, C), B)), like=B))
+
+
+@op("Pow", since=7, differentiable=("X", "Y"))
+def Pow(xp, X, Y):
+    Z = xp.power(X, Y)
+    if Z.dtype != X.dtype:  # the output has the base's type (e.g. float base, int exponent)
+        Z = Z.astype(X.dtype)
+    return (_arr(xp, Z),)
+
+
+@Pow.gradient
+def _(g, node, dZ):
+    X, Y = node.inputs
+    (Z,) = node.outputs
+    Yx = Y
+    if g.dtype(Y) != g.dtype(X):  # exponent of another type: compute in the base's type
+        Yx = g.op("Cast", Y, to=onnx_type(g.dtype(X)), dtype=g.dtype(X))
+    # dZ/dX = Y * X^(Y-1)  (exact at X == 0, unlike Y * Z / X)
+    dX = g.Mul(dZ, g.Mul(Yx, g.Pow(X, g.Sub(Yx, g.scalar(1, like=X)))))
+    # dZ/dY = Z * log(X): defined where X > 0
+    dY = g.Mul(dZ, g.Mul(Z, g.Log(X)))
+    return (g.unbroadcast(dX, like=X), g.unbroadcast(dY, like=Y))
+
+
+@op("Sum", since=8, differentiable=("data_0",))
+def Sum(xp, *data_0):
+    out = data_0[0]
+    for i, x in enumerate(data_0[1:]):
+        # The first addition makes a fresh array; later ones add in place where they can.
+        if i > 0 and out.shape == x.shape and out.dtype == x.dtype:
+            out += x
+        else:
+            out = out + x
+    return (_arr(xp, out),)
+
+
+@Sum.gradient
+def _(g, node, dY):
+    return tuple(g.unbroadcast(dY, like=x) if x else None for x in node.inputs)
+
+
+# -- unary maths -----------------------------------------------------------------------
+
+@op("Neg", since=6, differentiable=("X",))
+def Neg(xp, X):
+    return (_arr(xp, -X),)
+
+
+@Neg.gradient
+def _(g, node, dY):
+    return (g.Neg(dY),)
+
+
+@op("Abs", since=6, differentiable=("X",))
+def Abs(xp, X):
+    return (_arr(xp, xp.abs(X)),)
+
+
+@Abs.gradient
+def _(g, node, dY):
+    (X,) = node.inputs
+    return (g.Mul(dY, g.Sign(X)),)   # 0 at X == 0, as in PyTorch
+
+
+@op("Sign", since=9)  # piecewise constant: its derivative is zero wherever it exists
+def Sign(xp, input):
+    return (_arr(xp, xp.sign(input)),)
+
+
+@op("Exp", since=6, differentiable=("input",))
+def Exp(xp, input):
+    return (_arr(xp, xp.exp(input)),)
+
+
+@Exp.gradient
+def _(g, node, dY):
+    (Y,) = node.outputs
+    return (g.Mul(dY, Y),)
+
+
+@op("Log", since=6, differentiable=("input",))
+def Log(xp, input):
+    return (_arr(xp, xp.log(input)),)
+
+
+@Log.gradient
+def _(g, node, dY):
+    (X,) = node.inputs
+    return (g.Div(dY, X),)
+
+
+@op("Sqrt", since=6, differentiable=("X",))
+def Sqrt(xp, X):
+    return (_arr(xp, xp.sqrt(X)),)
+
+
+@Sqrt.gradient
+def _(g, node, dY):
+    (Y,) = node.outputs
+    return (g.Div(g.Mul(dY, g.scalar(0.5, like=Y)), Y),)
+
+
+@op("Reciprocal", since=6, differentiable=("X",))
+def Reciprocal(xp, X):
+    return (_arr(xp, 1 / X),)
+
+
+@Reciprocal.gradient
+def _(g, node, dY):
+    (Y,) = node.outputs
+    return (g.Neg(g.Mul(dY, g.Mul(Y, Y))),)
+
+
+# -- private: undo broadcasting ---------------------------------------------------------
+
+@op("SumToShape", domain="onnxgrad", host_inputs=("shape",))
+def SumToShape(xp, X, shape):
+    """Sum ``X`` down to ``shape``: the adjoint of broadcasting ``shape`` to ``X.shape``."""
+    target = tuple(int(d) for d in shape)
+    if tuple(X.shape) == target:
+        return (X,)
+    lead = X.ndim - len(target)
+    if lead < 0:
+        raise ValueError(f"cannot sum shape {tuple(X.shape)} down to {target}")
+    if lead:
+        X = X.sum(axis=tuple(range(lead)))
+    ones = tuple(i for i, d in enumerate(target) if d == 1 and X.shape[i] != 1)
+    if ones:
+        X = X.sum(axis=ones, keepdims=True)
+    if tuple(X.shape) != target:
+        raise ValueError(f"cannot sum shape {tuple(X.shape)} down to {target}")
+    return (_arr(xp, X),)

@@ -1,0 +1,198 @@
+"""Shape and layout ops: Identity, Flatten, Reshape, Transpose, Squeeze,
+Unsqueeze, Cast, Constant and Shape.
+
+Shape values (``Shape``'s output, ``Reshape``'s ``shape``, ``axes`` inputs)
+live on the host: they are small int64 vectors that the planner folds where it
+can.  This is the one op module that imports NumPy, and only for them:
+``Shape`` returns a host ``np.int64`` array whatever ``xp`` is.  Every tensor
+operation still goes through ``xp``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np  # host-side shape values only (see the module docstring)
+
+from onnxgrad.errors import ModelError
+from onnxgrad.ops.registry import op
+
+#: ONNX TensorProto element types onnxgrad computes with, by dtype name.
+ONNX_TYPES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+}
+_TYPE_OF_NAME = {name: code for code, name in ONNX_TYPES.items()}
+
+
+def onnx_type(dtype) -> int:
+    """The ONNX element type (TensorProto enum) of a dtype."""
+    name = getattr(dtype, "name", str(dtype))
+    try:
+        return _TYPE_OF_NAME[name]
+    except KeyError:
+        raise ModelError(f"element type {name} has no ONNX equivalent in onnxgrad") from None
+
+
+def _dims(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _same_shape_as(g, dY, X):
+    """``dY`` reshaped to ``X``'s (runtime) shape: the gradient of any pure reshape."""
+    return g.Reshape(dY, g.shape_of(X), allowzero=1)
+
+
+# -- copies and views -----------------------------------------------------------------
+
+@op("Identity", since=1, differentiable=("input",))
+def Identity(xp, input):
+    return (input,)
+
+
+@Identity.gradient
+def _(g, node, dY):
+    return (dY,)
+
+
+@op("Flatten", since=1, differentiable=("input",))
+def Flatten(xp, input, *, axis=1):
+    shape = tuple(input.shape)
+    axis = axis + len(shape) if axis < 0 else axis
+    if not 0 <= axis <= len(shape):
+        raise ValueError(f"Flatten axis {axis} out of range for rank {len(shape)}")
+    return (input.reshape(math.prod(shape[:axis]), math.prod(shape[axis:])),)
+
+
+@Flatten.gradient
+def _(g, node, dY):
+    return (_same_shape_as(g, dY, node.inputs[0]),)
+
+
+@op("Reshape", since=5, differentiable=("data",), host_inputs=("shape",))
+def Reshape(xp, data, shape, *, allowzero=0):
+    dims = _dims(shape)
+    if not allowzero:  # a 0 copies the input's dimension
+        for i, d in enumerate(dims):
+            if d == 0:
+                if i >= data.ndim:
+                    raise ValueError(f"Reshape: 0 at position {i} but input has rank {data.ndim}")
+                dims[i] = data.shape[i]
+    return (data.reshape(tuple(dims)),)
+
+
+@Reshape.gradient
+def _(g, node, dY):
+    return (_same_shape_as(g, dY, node.inputs[0]), None)
+
+
+@op("Transpose", since=1, differentiable=("data",))
+def Transpose(xp, data, *, perm=None):
+    perm = None if perm is None else tuple(int(p) for p in perm)
+    return (xp.transpose(data, perm),)
+
+
+@Transpose.gradient
+def _(g, node, dY):
+    perm = node.attrs["perm"]
+    if perm is None:  # reversed axes are their own inverse
+        return (g.Transpose(dY),)
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[int(p)] = i
+    return (g.Transpose(dY, perm=inverse),)
+
+
+def _unsqueezed_shape(shape: tuple, axes: list[int]) -> tuple:
+    rank = len(shape) + len(axes)
+    axes = sorted(a + rank if a < 0 else a for a in axes)
+    if len(set(axes)) != len(axes) or any(not 0 <= a < rank for a in axes):
+        raise ValueError(f"Unsqueeze: bad axes {axes} for output rank {rank}")
+    out, rest = [], iter(shape)
+    for i in range(rank):
+        out.append(1 if i in axes else next(rest))
+    return tuple(out)
+
+
+@op("Unsqueeze", since=1, differentiable=("data",))
+def Unsqueeze(xp, data, *, axes):
+    return (data.reshape(_unsqueezed_shape(tuple(data.shape), _dims(axes))),)
+
+
+@op("Unsqueeze", since=13, differentiable=("data",), host_inputs=("axes",))
+def Unsqueeze13(xp, data, axes):
+    return (data.reshape(_unsqueezed_shape(tuple(data.shape), _dims(axes))),)
+
+
+def _squeeze(data, axes):
+    if axes is None:  # an empty axes list squeezes nothing, as in the reference
+        axes = [i for i, d in enumerate(data.shape) if d == 1]
+    axes = {a + data.ndim if a < 0 else a for a in _dims(axes)}
+    for a in axes:
+        if not 0 <= a < data.ndim or data.shape[a] != 1:
+            raise ValueError(f"Squeeze: axis {a} of shape {tuple(data.shape)} is not 1")
+    return data.reshape(tuple(d for i, d in enumerate(data.shape) if i not in axes))
+
+
+@op("Squeeze", since=1, differentiable=("data",))
+def Squeeze(xp, data, *, axes=None):
+    return (_squeeze(data, axes),)
+
+
+@op("Squeeze", since=13, differentiable=("data",), host_inputs=("axes",))
+def Squeeze13(xp, data, axes=None):
+    return (_squeeze(data, axes),)
+
+
+for _definition in (Unsqueeze, Unsqueeze13, Squeeze, Squeeze13):
+    @_definition.gradient
+    def _(g, node, dY):
+        return (_same_shape_as(g, dY, node.inputs[0]),) + (None,) * (len(node.inputs) - 1)
+
+
+# -- types and constants -------------------------------------------------------------------
+
+@op("Cast", since=6, differentiable=("input",))
+def Cast(xp, input, *, to, saturate=1, round_mode="up"):
+    # saturate / round_mode only concern float8 types, which onnxgrad does not compute with.
+    try:
+        name = ONNX_TYPES[int(to)]
+    except KeyError:
+        raise ModelError(f"Cast to ONNX element type {to} is not supported") from None
+    return (input.astype(name),)
+
+
+@Cast.gradient
+def _(g, node, dY):
+    (X,) = node.inputs
+    src = g.dtype(X)
+    if src.kind != "f":
+        return (None,)  # an integer input has no gradient
+    return (g.op("Cast", dY, to=onnx_type(src), dtype=src),)
+
+
+@op("Constant", since=1)
+def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=None,
+             value_ints=None, value_string=None, value_strings=None, sparse_value=None):
+    if value is not None:
+        return (xp.asarray(value),)
+    if value_float is not None:
+        return (xp.asarray(value_float, dtype="float32"),)
+    if value_floats is not None:
+        return (xp.asarray(value_floats, dtype="float32"),)
+    if value_int is not None:
+        return (xp.asarray(value_int, dtype="int64"),)
+    if value_ints is not None:
+        return (xp.asarray(value_ints, dtype="int64"),)
+    if value_string is not None or value_strings is not None:
+        raise ModelError("Constant: string tensors are not supported by onnxgrad")
+    if sparse_value is not None:
+        raise ModelError("Constant: sparse_value is not supported by onnxgrad")
+    raise ModelError("Constant node has no value attribute")
+
+
+@op("Shape", since=1)
+def Shape(xp, data, *, start=0, end=None):
+    # Always a host array: shape subgraphs are evaluated on the CPU.
+    shape = tuple(data.shape)
+    return (np.array(shape[int(start):None if end is None else int(end)], dtype=np.int64),)
