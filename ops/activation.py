@@ -1,0 +1,143 @@
+"""Activations: Relu, LeakyRelu, Sigmoid, Tanh, Softmax, LogSoftmax.
+
+Their gradients are fused private ops of the ``onnxgrad`` domain (``ReluGrad``,
+``SoftmaxGrad``…): one pass over the data instead of three or four standard
+nodes.  The fused ops read the forward output where that is cheaper (Sigmoid,
+Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
+"""
+
+from __future__ import annotations
+
+from onnxgrad.ops.registry import op
+
+# Kernels wrap results in xp.asarray: NumPy ufuncs turn 0-d inputs into scalars.
+
+
+@op("Relu", since=6, differentiable=("X",))
+def Relu(xp, X):
+    return (xp.asarray(xp.maximum(X, 0)),)
+
+
+@Relu.gradient
+def _(g, node, dY):
+    return (g.private("ReluGrad", dY, node.inputs[0]),)
+
+
+@op("ReluGrad", domain="onnxgrad")
+def ReluGrad(xp, dY, X):
+    return (xp.asarray(dY * (X > 0).astype(dY.dtype)),)
+
+
+@op("LeakyRelu", since=6, differentiable=("X",))
+def LeakyRelu(xp, X, *, alpha=0.01):
+    return (xp.asarray(xp.where(X > 0, X, X * alpha)),)
+
+
+@LeakyRelu.gradient
+def _(g, node, dY):
+    return (g.private("LeakyReluGrad", dY, node.inputs[0], alpha=node.attrs["alpha"]),)
+
+
+@op("LeakyReluGrad", domain="onnxgrad")
+def LeakyReluGrad(xp, dY, X, *, alpha=0.01):
+    return (xp.asarray(xp.where(X > 0, dY, dY * alpha)),)
+
+
+@op("Sigmoid", since=6, differentiable=("X",))
+def Sigmoid(xp, X):
+    # exp of a non-positive number only: no overflow for large |X|.
+    e = xp.exp(-xp.abs(X))
+    return (xp.asarray(xp.where(X >= 0, 1 / (1 + e), e / (1 + e))),)
+
+
+@Sigmoid.gradient
+def _(g, node, dY):
+    return (g.private("SigmoidGrad", dY, node.outputs[0]),)
+
+
+@op("SigmoidGrad", domain="onnxgrad")
+def SigmoidGrad(xp, dY, Y):
+    return (xp.asarray(dY * Y * (1 - Y)),)
+
+
+@op("Tanh", since=6, differentiable=("input",))
+def Tanh(xp, input):
+    return (xp.asarray(xp.tanh(input)),)
+
+
+@Tanh.gradient
+def _(g, node, dY):
+    return (g.private("TanhGrad", dY, node.outputs[0]),)
+
+
+@op("TanhGrad", domain="onnxgrad")
+def TanhGrad(xp, dY, Y):
+    return (xp.asarray(dY * (1 - Y * Y)),)
+
+
+# -- Softmax and LogSoftmax ------------------------------------------------------------
+# Opsets 1-12 coerce the input to 2-D at ``axis`` (default 1): the normalisation
+# runs over all axes from ``axis`` on.  Opset 13 normalises along ``axis`` alone
+# (default -1).  The private gradient ops take the same (axis, coerce) pair.
+
+def _axes(ndim: int, axis: int, coerce: int) -> tuple[int, ...]:
+    a = axis + ndim if axis < 0 else axis
+    if not 0 <= a < max(ndim, 1):
+        raise ValueError(f"axis {axis} out of range for rank {ndim}")
+    return tuple(range(a, ndim)) if coerce else (a,)
+
+
+def _softmax(xp, X, axes):
+    e = xp.exp(X - X.max(axis=axes, keepdims=True))
+    e /= e.sum(axis=axes, keepdims=True)
+    return e
+
+
+def _log_softmax(xp, X, axes):
+    s = X - X.max(axis=axes, keepdims=True)
+    s -= xp.log(xp.exp(s).sum(axis=axes, keepdims=True))
+    return s
+
+
+@op("Softmax", since=1, differentiable=("input",))
+def Softmax(xp, input, *, axis=1):
+    return (xp.asarray(_softmax(xp, input, _axes(input.ndim, axis, 1))),)
+
+
+@op("Softmax", since=13, differentiable=("input",))
+def Softmax13(xp, input, *, axis=-1):
+    return (xp.asarray(_softmax(xp, input, _axes(input.ndim, axis, 0))),)
+
+
+@op("LogSoftmax", since=1, differentiable=("input",))
+def LogSoftmax(xp, input, *, axis=1):
+    return (xp.asarray(_log_softmax(xp, input, _axes(input.ndim, axis, 1))),)
+
+
+@op("LogSoftmax", since=13, differentiable=("input",))
+def LogSoftmax13(xp, input, *, axis=-1):
+    return (xp.asarray(_log_softmax(xp, input, _axes(input.ndim, axis, 0))),)
+
+
+def _softmax_rule(private: str, coerce: int):
+    def rule(g, node, dY):
+        return (g.private(private, dY, node.outputs[0], axis=node.attrs["axis"], coerce=coerce),)
+    return rule
+
+
+Softmax.gradient(_softmax_rule("SoftmaxGrad", 1))
+Softmax13.gradient(_softmax_rule("SoftmaxGrad", 0))
+LogSoftmax.gradient(_softmax_rule("LogSoftmaxGrad", 1))
+LogSoftmax13.gradient(_softmax_rule("LogSoftmaxGrad", 0))
+
+
+@op("SoftmaxGrad", domain="onnxgrad")
+def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
+    axes = _axes(Y.ndim, axis, coerce)
+    return (xp.asarray(Y * (dY - (dY * Y).sum(axis=axes, keepdims=True))),)
+
+
+@op("LogSoftmaxGrad", domain="onnxgrad")
+def LogSoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
+    axes = _axes(Y.ndim, axis, coerce)
+    return (xp.asarray(dY - xp.exp(Y) * dY.sum(axis=axes, keepdims=True)),)
