@@ -1,0 +1,108 @@
+"""Matrix products: Gemm and MatMul."""
+
+from __future__ import annotations
+
+from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops.registry import op
+
+
+@op("Gemm", since=7, differentiable=("A", "B", "C"))
+def Gemm(xp, A, B, C=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+    # One declaration covers opsets 7-13: they differ only in types and in C
+    # becoming optional (11); C broadcasts to (M, N) in all of them.
+    Y = xp.matmul(A.T if transA else A, B.T if transB else B)
+    if alpha != 1.0:
+        Y = Y * alpha
+    if C is not None:
+        Y = Y + (C * beta if beta != 1.0 else C)
+    if Y.dtype != A.dtype:  # integer Gemm with a float alpha or beta
+        Y = Y.astype(A.dtype)
+    return (xp.asarray(Y),)
+
+
+@Gemm.gradient
+def _(g, node, dY):
+    A, B = node.inputs[:2]
+    C = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    alpha, beta = node.attrs["alpha"], node.attrs["beta"]
+    tA, tB = int(node.attrs["transA"]), int(node.attrs["transB"])
+    # Y = alpha * op(A) @ op(B) + beta * C; each gradient is itself one Gemm.
+    if tA:
+        dA = g.Gemm(B, dY, alpha=alpha, transA=tB, transB=1)       # alpha * op(B) @ dY^T
+    else:
+        dA = g.Gemm(dY, B, alpha=alpha, transB=1 - tB)             # alpha * dY @ op(B)^T
+    if tB:
+        dB = g.Gemm(dY, A, alpha=alpha, transA=1, transB=tA)       # alpha * dY^T @ op(A)
+    else:
+        dB = g.Gemm(A, dY, alpha=alpha, transA=1 - tA)             # alpha * op(A)^T @ dY
+    dC = None
+    if C is not None:
+        dC = dY if beta == 1.0 else g.Mul(dY, g.scalar(beta, like=C))
+        dC = g.unbroadcast(dC, like=C)
+    return (dA, dB, dC)[:len(node.inputs)]
+
+
+@op("MatMul", since=1, differentiable=("A", "B"))
+def MatMul(xp, A, B):
+    return (xp.asarray(xp.matmul(A, B)),)
+
+
+@MatMul.gradient
+def _(g, node, dY):
+    A, B = node.inputs
+    ra, rb = g.rank(A), g.rank(B)
+    if ra is None or rb is None:  # ranks known only at run time
+        return (g.private("MatMulGrad", dY, A, B, wrt=0),
+                g.private("MatMulGrad", dY, A, B, wrt=1))
+    if ra == 1 and rb == 1:  # a dot product: Y is a scalar
+        return (g.Mul(dY, B), g.Mul(dY, A))
+
+    def swap_last(x, rank):  # x^T on the last two axes
+        return g.Transpose(x, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+    # NumPy promotes a 1-D operand to a matrix (A: 1 x K, B: K x 1) and drops the
+    # added axis from Y; put it back in dY, and work with 2-D (or more) operands.
+    if ra == 1:                                   # Y = A @ B: (..., N), A is (K,)
+        dY2 = g.Unsqueeze(dY, g.ints([-2]))       # (..., 1, N)
+        A2 = g.Unsqueeze(A, g.ints([0]))          # (1, K)
+        dA = g.MatMul(dY2, swap_last(B, rb))      # (..., 1, K)
+        dA = g.private("SumToShape", g.Squeeze(dA, g.ints([-2])), g.shape_of(A))
+        dB = g.MatMul(swap_last(A2, 2), dY2)      # (K, 1) @ (..., 1, N)
+        return (dA, g.unbroadcast(dB, like=B))
+    if rb == 1:                                   # Y: (..., M), B is (K,)
+        dY2 = g.Unsqueeze(dY, g.ints([-1]))       # (..., M, 1)
+        B2 = g.Unsqueeze(B, g.ints([0]))          # (1, K)
+        dA = g.MatMul(dY2, B2)                    # (..., M, K)
+        dB = g.MatMul(swap_last(A, ra), dY2)      # (..., K, 1)
+        dB = g.private("SumToShape", g.Squeeze(dB, g.ints([-1])), g.shape_of(B))
+        return (g.unbroadcast(dA, like=A), dB)
+    dA = g.MatMul(dY, swap_last(B, rb))
+    dB = g.MatMul(swap_last(A, ra), dY)
+    return (g.unbroadcast(dA, like=A), g.unbroadcast(dB, like=B))
+
+
+@op("MatMulGrad", domain="onnxgrad")
+def MatMulGrad(xp, dY, A, B, *, wrt=0):
+    """The gradient of MatMul for input ``wrt`` (0: A, 1: B), whatever the ranks.
+
+    Used where the ranks are unknown when the backward graph is built; it does
+    at run time what the standard-op decomposition does statically.
+    """
+    a = A.reshape(1, -1) if A.ndim == 1 else A           # (..., M, K)
+    b = B.reshape(-1, 1) if B.ndim == 1 else B           # (..., K, N)
+    d = dY                                               # put back the axes NumPy dropped:
+    if A.ndim == 1 and B.ndim == 1:
+        d = d.reshape(1, 1)
+    elif A.ndim == 1:
+        d = xp.expand_dims(d, -2)
+    elif B.ndim == 1:
+        d = xp.expand_dims(d, -1)                        # (..., M, N)
+    if wrt == 0:
+        grad = xp.matmul(d, xp.swapaxes(b, -1, -2))      # (..., M, K)
+        if A.ndim == 1:
+            grad = grad[..., 0, :]
+        return SumToShape(xp, grad, A.shape)
+    grad = xp.matmul(xp.swapaxes(a, -1, -2), d)          # (..., K, N)
+    if B.ndim == 1:
+        grad = grad[..., 0]
+    return SumToShape(xp, grad, B.shape)
