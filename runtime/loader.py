@@ -118,8 +118,6 @@ def build_graph(proto: onnx.ModelProto, where: str) -> Graph:
     opsets = {}
     for imp in proto.opset_import:
         opsets[canonical_domain(imp.domain)] = imp.version
-    if "" not in opsets:
-        raise ModelError(f"{where}: the model imports no ai.onnx opset")
 
     initializers: dict[str, np.ndarray] = {}
     for t in gp.initializer:

@@ -61,9 +61,6 @@ EXCLUDED = {
     r"(BFLOAT16|FLOAT8\w*|FLOAT4E2M1|U?INT4|U?INT2)(_expanded)?":
         "Cast to bfloat16, float8, float4, int4 or int2: types with no NumPy/CuPy dtype; "
         "onnxgrad raises ModelError (casts *from* them work, through ml_dtypes inputs)",
-    r"test_ai_onnx_ml_array_feature_extractor":
-        "the model imports only the ai.onnx.ml domain and onnxgrad's loader requires an "
-        "ai.onnx opset import (ModelError); the kernel itself is checked in op_db",
 }
 
 
