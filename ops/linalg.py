@@ -11,6 +11,12 @@ def Gemm(xp, A, B, C=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
     # One declaration covers opsets 7-13: they differ only in types and in C
     # becoming optional (11); C broadcasts to (M, N) in all of them.
     Y = xp.matmul(A.T if transA else A, B.T if transB else B)
+    if Y.dtype.kind == "f":  # Y is a fresh array: scale and add in place
+        if alpha != 1.0:
+            Y *= alpha
+        if C is not None:
+            Y += C * beta if beta != 1.0 else C
+        return (Y,)
     if alpha != 1.0:
         Y = Y * alpha
     if C is not None:

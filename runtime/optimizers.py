@@ -71,7 +71,7 @@ class SGD(Optimizer):
                 buf = state["momentum_buffer"] = xp.array(d_p, copy=True)
             else:
                 buf *= self.momentum
-                buf += (1 - self.dampening) * d_p
+                buf += (1 - self.dampening) * d_p if self.dampening else d_p
             d_p = d_p + self.momentum * buf if self.nesterov else buf
         param -= self.lr * d_p
 
