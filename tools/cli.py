@@ -346,9 +346,19 @@ def _op_name(row) -> str:
                    "added, next to it. The input model is overwritten only if --out names it.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bar and no per-epoch lines; only the before/after summary.")
+@click.option("--profile", is_flag=True,
+              help="Time every kernel and print where the training steps spent their time.")
+@click.option("--training-info", "training_info", is_flag=True,
+              help="Run the training algorithm the model carries (ONNX TrainingInfoProto) instead "
+                   "of a built-in loss and optimizer: its initialization once, then its algorithm "
+                   "once per batch, applying its update bindings. Data keys must be named like "
+                   "the algorithm's inputs.")
+@click.option("--steps", type=int, default=None,
+              help="With --training-info: stop after this many algorithm steps.")
 @boundary
 def train(model, data, input_keys, target_key, loss, output, optimizer, lr, momentum, weight_decay,
-          epochs, batch_size, seed, trainable, freeze, val_path, val_split, device, out_path, quiet):
+          epochs, batch_size, seed, trainable, freeze, val_path, val_split, device, out_path, quiet,
+          profile, training_info, steps):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -406,6 +416,9 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
         raise click.ClickException(f"cannot write {out_path!r}: it is a directory")
 
     m = load_model(model)
+    if training_info:
+        run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet)
+        return
     output = resolve_output(m, output)
     batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
     ds = read_dataset(data, m, input_keys, target_key)
@@ -445,6 +458,8 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
     before = metrics(m)  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
                                device=device, seed=seed)
+    if profile:
+        trainer.profile = onnxgrad.Profile()
     params = m.parameters()
     n_values = sum(int(params[k].size) for k in trainer.trainable)
     n_float = sum(1 for v in params.values() if is_float(v))
@@ -491,7 +506,48 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
         echo(line)
 
     click.echo(describe("after", *after))
+    if trainer.profile is not None:
+        click.echo(trainer.profile.report())
     trainer.model.save(out_path)
+    click.echo(f"saved {out_path}")
+
+
+def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet):
+    """``train --training-info``: the model's own algorithm, one step per batch."""
+    info = onnxgrad.TrainingInfo(m)
+    arrays = D.load_npz(data)
+    missing = [name for name in info.inputs if name not in arrays]
+    if missing:
+        raise click.ClickException(
+            f"{data!r} lacks key(s) {missing} for the training algorithm's inputs {info.inputs}; "
+            f"keys present: {sorted(arrays)}")
+    feeds = {name: arrays[name] for name in info.inputs}
+    lengths = {len(v) for v in feeds.values() if v.ndim}
+    if len(lengths) > 1:
+        raise click.ClickException(f"the arrays of {data!r} for {info.inputs} have different "
+                                   "numbers of samples")
+    n = lengths.pop() if lengths else 1
+    if steps is not None and steps < 1:
+        raise click.ClickException(f"--steps must be at least 1 (got {steps})")
+    info.initialize()
+    total = steps if steps is not None else epochs * -(-n // batch_size)
+    click.echo(f"running training_info[0] of {m.where}: {total} step(s) over {data!r} "
+               f"({n} samples, batch size {batch_size}); inputs {info.inputs}, updates "
+               f"{sorted(info.update_binding)}")
+    rng = np.random.default_rng(seed)
+    done, last = 0, {}
+    with click.progressbar(length=total, label="steps", file=sys.stderr, hidden=quiet) as bar:
+        while done < total:
+            for index in batches(n, batch_size, rng.permutation(n)):
+                if done == total:
+                    break
+                last = info.step({k: (v[index] if v.ndim else v) for k, v in feeds.items()})
+                done += 1
+                bar.update(1)
+    scalars = {k: float(v) for k, v in last.items() if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number)}
+    if scalars:
+        click.echo("last step: " + "  ".join(f"{k} {v:.6g}" for k, v in scalars.items()))
+    m.save(out_path)
     click.echo(f"saved {out_path}")
 
 
