@@ -23,4 +23,5 @@ from onnxgrad.ops import (  # noqa: F401,E402
     ml,
     reduce,
     shape,
+    castlike, preview_training,  # conformance: casts, ai.onnx.preview.training
 )
