@@ -23,5 +23,6 @@ from onnxgrad.ops import (  # noqa: F401,E402
     ml,
     reduce,
     shape,
+    indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
     castlike, preview_training,  # conformance: casts, ai.onnx.preview.training
 )

@@ -1,0 +1,378 @@
+"""Indexing: Gather, GatherElements, GatherND, ScatterElements, ScatterND,
+Where, OneHot, TopK, NonZero, Trilu, CumSum and ArgMin.
+
+Gradients of the gathers scatter and *add* into the positions read, so an
+index that repeats (a token that occurs twice in a batch) collects every
+contribution.  The private ``onnxgrad::*Grad`` kernels here do that with
+``xp.bincount`` over flat positions, which NumPy and CuPy both provide.
+
+Index inputs may be negative (counted from the end, opset 11 on); the kernels
+normalise them.  Shape-arithmetic operands that live on the host stay there
+(see :func:`onnxgrad.ops.tensor.on`).
+"""
+
+from __future__ import annotations
+
+from onnxgrad.ops.registry import op
+from onnxgrad.ops.tensor import ints, norm_axis, on, zeros_like_value
+
+
+def _wrap(mod, indices, dim):
+    """``indices`` as int64 with negative entries counted from the end of ``dim``."""
+    idx = indices.astype("int64", copy=False)
+    return mod.where(idx < 0, idx + dim, idx)
+
+
+def _scatter_add(xp, size: int, positions, values, dtype):
+    """A flat array of ``size`` zeros plus ``values`` added at ``positions`` (repeats add up)."""
+    flat = xp.bincount(positions.reshape(-1), weights=values.reshape(-1), minlength=size)
+    return flat.astype(dtype, copy=False)
+
+
+def _grids(xp, shape, axis=None, replace=None):
+    """Open index grids over ``shape`` (one per axis), optionally replacing that of ``axis``."""
+    rank = len(shape)
+    grids = []
+    for d, n in enumerate(shape):
+        if d == axis:
+            grids.append(replace)
+        else:
+            grids.append(xp.arange(n, dtype="int64").reshape([n if i == d else 1 for i in range(rank)]))
+    return grids
+
+
+def _flat_position(grids, shape):
+    """Row-major flat position of the multi-index ``grids`` into an array of ``shape``."""
+    position, stride = 0, 1
+    for g, n in zip(reversed(grids), reversed(shape)):
+        position = position + g * stride
+        stride *= n
+    return position
+
+
+# -- Gather -------------------------------------------------------------------------
+
+@op("Gather", since=1, differentiable=("data",))
+def Gather(xp, data, indices, *, axis=0):
+    mod, (data, indices) = on(xp, data, indices)
+    axis = norm_axis(axis, data.ndim)
+    idx = _wrap(mod, indices, data.shape[axis])
+    return (mod.asarray(mod.take(data, idx, axis=axis)),)
+
+
+@Gather.gradient
+def _(g, node, dY):
+    data, indices = node.inputs
+    return (g.private("GatherGrad", dY, indices, g.shape_of(data), axis=node.attrs["axis"]), None)
+
+
+@op("GatherGrad", domain="onnxgrad", host_inputs=("shape",))
+def GatherGrad(xp, dY, indices, shape, *, axis=0):
+    """The gradient of Gather: ``dY`` added into zeros of ``shape`` at ``indices`` on ``axis``."""
+    shape = tuple(ints(shape))
+    axis = norm_axis(axis, len(shape))
+    idx = _wrap(xp, xp.asarray(indices), shape[axis]).reshape(1, -1, 1)
+    outer = 1
+    for d in shape[:axis]:
+        outer *= d
+    inner = 1
+    for d in shape[axis + 1:]:
+        inner *= d
+    n = shape[axis]
+    positions = (xp.arange(outer, dtype="int64").reshape(-1, 1, 1) * n + idx) * inner \
+        + xp.arange(inner, dtype="int64").reshape(1, 1, -1)
+    size = outer * n * inner
+    return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
+
+
+# -- GatherElements --------------------------------------------------------------------------
+
+@op("GatherElements", since=11, differentiable=("data",))
+def GatherElements(xp, data, indices, *, axis=0):
+    mod, (data, indices) = on(xp, data, indices)
+    axis = norm_axis(axis, data.ndim)
+    idx = _wrap(mod, indices, data.shape[axis])
+    return (mod.take_along_axis(data, idx, axis=axis),)
+
+
+@GatherElements.gradient
+def _(g, node, dY):
+    data, indices = node.inputs
+    return (g.private("GatherElementsGrad", dY, indices, g.shape_of(data),
+                      axis=node.attrs["axis"]), None)
+
+
+def _elements_positions(xp, indices, shape, axis):
+    idx = _wrap(xp, xp.asarray(indices), shape[axis])
+    return _flat_position(_grids(xp, idx.shape, axis, idx), shape)
+
+
+@op("GatherElementsGrad", domain="onnxgrad", host_inputs=("shape",))
+def GatherElementsGrad(xp, dY, indices, shape, *, axis=0):
+    """The gradient of GatherElements (and of TopK's values): a scatter-add along ``axis``."""
+    shape = tuple(ints(shape))
+    axis = norm_axis(axis, len(shape))
+    positions = _elements_positions(xp, indices, shape, axis)
+    size = 1
+    for d in shape:
+        size *= d
+    return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
+
+
+# -- GatherND ---------------------------------------------------------------------------------
+
+def _nd_rows(mod, data_shape, indices, batch_dims):
+    """(batch count, row count, inner size, rows) of a GatherND/ScatterND: ``rows`` are the
+    flat positions (per batch) of the slices that ``indices`` address, shaped
+    ``indices.shape[:-1]`` flattened to (batch, -1)."""
+    b = int(batch_dims)
+    k = int(indices.shape[-1])
+    if b + k > len(data_shape):
+        raise ValueError(f"GatherND/ScatterND: index depth {k} with {b} batch dims exceeds "
+                         f"data rank {len(data_shape)}")
+    nb = 1
+    for d in data_shape[:b]:
+        nb *= d
+    idx = indices.astype("int64", copy=False).reshape(nb, -1, k)
+    rows, stride = 0, 1
+    for j in range(k - 1, -1, -1):
+        dim = data_shape[b + j]
+        rows = rows + _wrap(mod, idx[:, :, j], dim) * stride
+        stride *= dim
+    if k == 0:
+        rows = mod.zeros(idx.shape[:2], dtype="int64")
+    inner = 1
+    for d in data_shape[b + k:]:
+        inner *= d
+    return nb, stride, inner, rows
+
+
+@op("GatherND", since=11, differentiable=("data",))
+def GatherND(xp, data, indices, *, batch_dims=0):
+    mod, (data, indices) = on(xp, data, indices)
+    nb, nrows, inner, rows = _nd_rows(mod, data.shape, indices, batch_dims)
+    k = int(indices.shape[-1])
+    flat = data.reshape(nb, nrows, inner)
+    out = flat[mod.arange(nb).reshape(-1, 1), rows]
+    shape = tuple(indices.shape[:-1]) + tuple(data.shape[int(batch_dims) + k:])
+    return (out.reshape(shape),)
+
+
+@GatherND.gradient
+def _(g, node, dY):
+    data, indices = node.inputs
+    return (g.private("GatherNDGrad", dY, indices, g.shape_of(data),
+                      batch_dims=node.attrs["batch_dims"]), None)
+
+
+def _nd_positions(xp, shape, indices, batch_dims):
+    nb, nrows, inner, rows = _nd_rows(xp, shape, xp.asarray(indices), batch_dims)
+    base = (xp.arange(nb, dtype="int64").reshape(-1, 1) * nrows + rows)[..., None]
+    return base * inner + xp.arange(inner, dtype="int64"), nb * nrows * inner
+
+
+@op("GatherNDGrad", domain="onnxgrad", host_inputs=("shape",))
+def GatherNDGrad(xp, dY, indices, shape, *, batch_dims=0):
+    """The gradient of GatherND: ``dY`` added into zeros of ``shape`` at the addressed slices."""
+    shape = tuple(ints(shape))
+    positions, size = _nd_positions(xp, shape, indices, batch_dims)
+    return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
+
+
+# -- ScatterElements and ScatterND --------------------------------------------------------------
+
+def _apply_at(mod, flat, positions, updates, reduction):
+    positions = positions.reshape(-1)
+    updates = updates.reshape(-1)
+    if reduction == "none":
+        flat[positions] = updates
+    elif reduction == "add":
+        flat += _scatter_add(mod, flat.size, positions, updates, flat.dtype)
+    else:
+        ufunc = {"mul": mod.multiply, "max": mod.maximum, "min": mod.minimum}.get(reduction)
+        if ufunc is None:
+            raise ValueError(f"unknown reduction {reduction!r}")
+        at = getattr(ufunc, "at", None)
+        if at is None:
+            raise ValueError(f"reduction {reduction!r} needs ufunc.at, which this array "
+                             "module lacks")
+        at(flat, positions, updates)
+    return flat
+
+
+@op("ScatterElements", since=11, differentiable=("data", "updates"))
+def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
+    mod, (data, indices, updates) = on(xp, data, indices, updates)
+    axis = norm_axis(axis, data.ndim)
+    positions = _elements_positions(mod, indices, data.shape, axis)
+    positions = mod.broadcast_to(positions, indices.shape)
+    flat = data.reshape(-1).copy()
+    return (_apply_at(mod, flat, positions, updates, reduction).reshape(data.shape),)
+
+
+@ScatterElements.gradient
+def _(g, node, dY):
+    data, indices, updates = node.inputs
+    reduction, axis = node.attrs["reduction"], node.attrs["axis"]
+    if reduction not in ("none", "add"):
+        return (None, None, None)  # mul/max/min: no gradient rule (UnsupportedOpError)
+    dupdates = g.GatherElements(dY, indices, axis=axis)
+    ddata = dY if reduction == "add" else g.ScatterElements(
+        dY, indices, zeros_like_value(g, updates), axis=axis)
+    return (ddata, None, dupdates)
+
+
+@op("ScatterND", since=11, differentiable=("data", "updates"))
+def ScatterND(xp, data, indices, updates, *, reduction="none"):
+    mod, (data, indices, updates) = on(xp, data, indices, updates)
+    positions, _ = _nd_positions(mod, data.shape, indices, 0)
+    flat = data.reshape(-1).copy()
+    return (_apply_at(mod, flat, positions, updates, reduction).reshape(data.shape),)
+
+
+@ScatterND.gradient
+def _(g, node, dY):
+    data, indices, updates = node.inputs
+    reduction = node.attrs["reduction"]
+    if reduction not in ("none", "add"):
+        return (None, None, None)
+    dupdates = g.GatherND(dY, indices)
+    ddata = dY if reduction == "add" else g.ScatterND(dY, indices, zeros_like_value(g, updates))
+    return (ddata, None, dupdates)
+
+
+# -- Where --------------------------------------------------------------------------------------
+
+@op("Where", since=9, differentiable=("X", "Y"))
+def Where(xp, condition, X, Y):
+    mod, (condition, X, Y) = on(xp, condition, X, Y)
+    return (mod.asarray(mod.where(condition, X, Y)),)
+
+
+@Where.gradient
+def _(g, node, dY):
+    condition, X, Y = node.inputs
+    zero = g.scalar(0, like=dY)
+    dtype = g.dtype(dY)
+    dX = g.private("SumToShape", g.Where(condition, dY, zero, dtype=dtype), g.shape_of(X))
+    dY_ = g.private("SumToShape", g.Where(condition, zero, dY, dtype=dtype), g.shape_of(Y))
+    return (None, dX, dY_)
+
+
+# -- OneHot, TopK, NonZero ------------------------------------------------------------------------
+
+@op("OneHot", since=9, host_inputs=("depth",))
+def OneHot(xp, indices, depth, values, *, axis=-1):
+    mod, (indices, values) = on(xp, indices, values)
+    depth = ints(depth)[0]
+    rank = indices.ndim + 1
+    axis = norm_axis(axis, rank)
+    idx = indices.astype("int64")
+    idx = mod.where(idx < 0, idx + depth, idx)
+    shape = [1] * rank
+    shape[axis] = depth
+    classes = mod.arange(depth, dtype="int64").reshape(shape)
+    hot = mod.expand_dims(idx, axis) == classes
+    return (mod.where(hot, values[1], values[0]).astype(values.dtype),)
+
+
+def _topk(xp, X, k, axis, largest, sorted_):
+    axis = norm_axis(axis, X.ndim)
+    k = int(k)
+    if not 0 <= k <= X.shape[axis]:
+        raise ValueError(f"TopK: k={k} for a dimension of {X.shape[axis]}")
+    key = X.astype("int64") if X.dtype.kind == "u" else X
+    # A stable sort of -X keeps equal values in index order (lower index first).
+    order = xp.argsort(-key if largest else key, axis=axis, kind="stable")
+    index = [slice(None)] * X.ndim
+    index[axis] = slice(0, k)
+    Indices = order[tuple(index)].astype("int64")
+    return (xp.take_along_axis(X, Indices, axis=axis), Indices)
+
+
+@op("TopK", since=1, differentiable=("X",))
+def TopK1(xp, X, *, k, axis=-1):
+    return _topk(xp, X, k, axis, 1, 1)
+
+
+@op("TopK", since=10, differentiable=("X",), host_inputs=("K",))
+def TopK10(xp, X, K, *, axis=-1):
+    return _topk(xp, X, ints(K)[0], axis, 1, 1)
+
+
+@op("TopK", since=11, differentiable=("X",), host_inputs=("K",))
+def TopK(xp, X, K, *, axis=-1, largest=1, sorted=1):
+    return _topk(xp, X, ints(K)[0], axis, largest, sorted)
+
+
+@TopK1.gradient
+@TopK10.gradient
+@TopK.gradient
+def _(g, node, dValues, dIndices=None):
+    X = node.inputs[0]
+    dX = g.private("GatherElementsGrad", dValues, node.outputs[1], g.shape_of(X),
+                   axis=node.attrs["axis"])
+    return (dX,) + (None,) * (len(node.inputs) - 1)
+
+
+@op("NonZero", since=9)
+def NonZero(xp, X):
+    mod, (X,) = on(xp, X)
+    if X.ndim == 0:
+        return (mod.zeros((0, int(bool(X))), dtype="int64"),)
+    return (mod.stack(mod.nonzero(X)).astype("int64").reshape(X.ndim, -1),)
+
+
+# -- Trilu, CumSum, ArgMin ---------------------------------------------------------------------------
+
+@op("Trilu", since=14, differentiable=("input",), host_inputs=("k",))
+def Trilu(xp, input, k=None, *, upper=1):
+    k = 0 if k is None else ints(k)[0]
+    mod, (x,) = on(xp, input)
+    return (mod.triu(x, k) if upper else mod.tril(x, k),)
+
+
+@Trilu.gradient
+def _(g, node, dY):
+    extra = node.inputs[1:]
+    return (g.Trilu(dY, *extra, upper=node.attrs["upper"]),) + (None,) * len(extra)
+
+
+@op("CumSum", since=11, differentiable=("x",), host_inputs=("axis",))
+def CumSum(xp, x, axis, *, exclusive=0, reverse=0):
+    mod, (x,) = on(xp, x)
+    axis = norm_axis(ints(axis)[0], x.ndim)
+    y = mod.flip(x, axis) if reverse else x
+    y = mod.cumsum(y, axis=axis, dtype=x.dtype)
+    if exclusive:
+        shifted = mod.zeros_like(y)
+        src = [slice(None)] * x.ndim
+        dst = [slice(None)] * x.ndim
+        src[axis], dst[axis] = slice(0, -1), slice(1, None)
+        shifted[tuple(dst)] = y[tuple(src)]
+        y = shifted
+    if reverse:
+        y = mod.flip(y, axis)
+    return (mod.ascontiguousarray(y),)
+
+
+@CumSum.gradient
+def _(g, node, dY):
+    x, axis = node.inputs
+    a = node.attrs
+    # The adjoint of a running sum is the running sum in the other direction.
+    return (g.CumSum(dY, axis, exclusive=a["exclusive"], reverse=1 - int(a["reverse"])), None)
+
+
+@op("ArgMin", since=1)  # integer output: nothing to differentiate
+def ArgMin(xp, data, *, axis=0, keepdims=1, select_last_index=0):
+    mod, (data,) = on(xp, data)
+    axis = norm_axis(axis, data.ndim)
+    if select_last_index:
+        index = data.shape[axis] - 1 - mod.argmin(mod.flip(data, axis=axis), axis=axis)
+    else:
+        index = mod.argmin(data, axis=axis)
+    index = mod.asarray(index).astype("int64")
+    if keepdims:
+        index = mod.expand_dims(index, axis)
+    return (index,)
