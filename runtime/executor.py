@@ -277,7 +277,7 @@ def _shape_only_values(graph: Graph, nodes: list[Node], consts: dict[str, Any]) 
             found.update(o for o in node.outputs if o)
             value_known.update(node.outputs)
             shape_known.update(node.outputs)
-        elif ins and all(x in value_known for x in ins) and not definition.wants_ctx:
+        elif all(x in value_known for x in ins) and not definition.wants_ctx:  # also Constant
             value_known.update(node.outputs)
             shape_known.update(node.outputs)
         elif node.op_type not in _DATA_DEPENDENT_SHAPES and all(

@@ -33,7 +33,7 @@ def test_shape_arithmetic_is_folded_once_input_shapes_are_known():
         np.testing.assert_allclose(model.run({"x": x})["y"], x.reshape(n, 6) @ w, rtol=1e-5)
     runner = model._runners[("y",)]
     assert runner.generic.recordable == {"s"}
-    specialised = runner._plans[(4, 2, 3)]
+    specialised = runner._plans[((4, 2, 3),)]
     assert [s.node.op_type for s in specialised.steps] == ["Reshape", "MatMul"]
 
 
