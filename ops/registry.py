@@ -83,9 +83,14 @@ class OpDef:
         raise IndexError(index)
 
     def is_differentiable(self, index: int) -> bool:
+        """Whether input ``index`` carries a gradient (False past the declared inputs)."""
+        if index >= len(self.inputs) and not self.variadic:
+            return False
         return self.input_name(index) in self.differentiable
 
     def is_host_input(self, index: int) -> bool:
+        if index >= len(self.inputs) and not self.variadic:
+            return False
         return self.input_name(index) in self.host_inputs
 
     def resolve_attrs(self, attrs: dict[str, Any], node: str) -> dict[str, Any]:

@@ -283,14 +283,25 @@ def rename_gradients(graph: Graph, grads: dict[str, str]) -> dict[str, str]:
     return {p: rename.get(v, v) for p, v in grads.items()}
 
 
-def differentiable_ancestors(graph: Graph, value: str) -> set[str]:
-    """Values from which ``value`` is reachable through differentiable inputs."""
+def differentiable_ancestors(graph: Graph, value: str, strict: bool = True) -> set[str]:
+    """Values from which ``value`` is reachable through differentiable inputs.
+
+    With ``strict=False`` an op onnxgrad does not implement counts as
+    differentiable in every input (for reports on models it cannot train yet);
+    otherwise it raises UnsupportedOpError.
+    """
     reach = {value}
     for node in reversed(graph.toposort()):
-        if any(o in reach for o in node.outputs):
+        if not any(o in reach for o in node.outputs):
+            continue
+        try:
             definition = _definition(node)
-            reach.update(x for i, x in enumerate(node.inputs)
-                         if x and definition.is_differentiable(i))
+        except UnsupportedOpError:
+            if strict:
+                raise
+            definition = None
+        reach.update(x for i, x in enumerate(node.inputs)
+                     if x and (definition is None or definition.is_differentiable(i)))
     return reach
 
 

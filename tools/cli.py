@@ -16,13 +16,13 @@ import click
 import numpy as np
 
 import onnxgrad
+from onnxgrad.autodiff import differentiable_ancestors
 from onnxgrad.errors import ModelError, OnnxgradError
 
 from . import data as D
 from .metrics import LOSSES, Metrics, batches, evaluate
 from .report import (
     blocking_nodes,
-    differentiable_ancestors,
     feed_inputs,
     fmt_bytes,
     fmt_dtype,
@@ -279,7 +279,7 @@ def inspect(model, trainable, freeze, output, list_params):
     if consts:
         echo(f"other initializers (not trainable): {len(consts)} tensors, "
              f"{fmt_bytes(sum(int(v.nbytes) for v in consts.values()))}")
-    reach = differentiable_ancestors(graph, lookup, out)
+    reach = differentiable_ancestors(graph, out, strict=False)
     chosen = select_trainable(params, trainable, freeze, reach)
     if trainable or freeze or list_params:
         width = max((len(k) for k in floats), default=0)
@@ -433,11 +433,10 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
                                        f"{'no' if n_val == 0 else 'all'} samples for validation")
         val = ds.take(np.sort(order[:n_val]), path=f"{data} [val-split {val_split}]")
         ds = ds.take(np.sort(order[n_val:]))
-    from onnxgrad.ops import lookup
 
     names = None  # the Trainer's default: every weight with a gradient path to the loss
     if trainable or freeze:
-        reach = differentiable_ancestors(m.graph, lookup, output)
+        reach = differentiable_ancestors(m.graph, output, strict=False)
         names = select_trainable(m.parameters(), trainable, freeze, reach)
         if not names:
             raise click.ClickException("no parameters left to train (check --trainable/--freeze)")

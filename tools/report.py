@@ -37,32 +37,6 @@ def feed_inputs(graph) -> list[str]:
     return [name for name in graph.inputs if name not in graph.initializers]
 
 
-def differentiable_ancestors(graph, lookup, value: str) -> set[str]:
-    """Values from which ``value`` is reachable through differentiable inputs.
-
-    The same walk the Trainer makes to choose its default parameters; an op
-    onnxgrad does not know counts as differentiable in every input.
-    """
-    reach = {value}
-    for node in reversed(graph.toposort()):
-        if not any(o in reach for o in node.outputs):
-            continue
-        try:
-            definition = lookup(node.op_type, node.domain or "", _opset(graph, node))
-        except UnsupportedOpError:
-            definition = None
-        for index, x in enumerate(node.inputs):
-            if not x:
-                continue
-            try:
-                ok = definition is None or definition.is_differentiable(index)
-            except IndexError:
-                ok = False
-            if ok:
-                reach.add(x)
-    return reach
-
-
 def select_trainable(params: dict[str, np.ndarray], trainable=(), freeze=(),
                      reach: set[str] | None = None) -> list[str]:
     """Names of the parameters to train: those matching ``trainable`` (names or
@@ -167,11 +141,7 @@ def blocking_nodes(graph, lookup, trainable: list[str], output: str) -> list:
         if definition.rule is not None:
             continue
         for index, value in enumerate(node.inputs):
-            try:
-                differentiable = definition.is_differentiable(index)
-            except IndexError:
-                differentiable = False
-            if value and value in depends and differentiable:
+            if value and value in depends and definition.is_differentiable(index):
                 blocked.append(node)
                 break
     return blocked
