@@ -24,5 +24,5 @@ from onnxgrad.ops import (  # noqa: F401,E402
     reduce,
     shape,
     indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
-    castlike, control, preview_training, sequence,  # conformance: casts, control flow, ONNX training ops
+    castlike, control, misc, preview_training, quantize, sequence,  # conformance
 )
