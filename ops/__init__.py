@@ -23,6 +23,7 @@ from onnxgrad.ops import (  # noqa: F401,E402
     ml,
     reduce,
     shape,
+    conv, dropout, nonlinear, normalization, pool, resize,  # CNN ops
     indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
-    castlike, control, misc, preview_training, quantize, sequence,  # conformance
+    castlike, control, grid, misc, preview_training, quantize, sequence, signal,  # conformance
 )

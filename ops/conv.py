@@ -1,0 +1,330 @@
+"""Convolutions: Conv and ConvTranspose, 1-D to 3-D, with their gradient kernels.
+
+Both are written with three array helpers shared with pooling (``ops/pool.py``):
+
+* :func:`pad_spatial` pads (or crops, for negative amounts) the spatial axes;
+* :func:`windows` is a strided view ``(N, C, *out, *kernel)`` of a padded input
+  (``xp.lib.stride_tricks.as_strided``, in NumPy and CuPy alike): im2col without
+  index arrays;
+* :func:`col2im` scatters ``(C, *kernel, N, *out)`` columns back onto an image,
+  one strided slice per kernel offset (a loop over ``prod(kernel)`` offsets,
+  never over pixels or batch items).
+
+Products are batched BLAS matmuls over groups.  ConvTranspose's forward pass is
+Conv's input gradient, and its gradients are a Conv and a Conv weight gradient,
+so the same three products serve all six computations.  Gradient kernels are
+private ops of the ``onnxgrad`` domain (``ConvGradX``, ``ConvGradW``,
+``ConvTransposeGradX``, ``ConvTransposeGradW``, ``BiasGrad``), one per input so
+that the planner prunes the ones a training step does not need (e.g. the input
+gradient of the first layer).  They take the forward node's attributes and
+recompute padding from the input's shape, so every ``auto_pad`` mode works.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from onnxgrad.ops.registry import op
+
+# -- geometry (host-side integers) ---------------------------------------------------------
+
+
+def _ints(values, n, default):
+    return [int(v) for v in values] if values else [default] * n
+
+
+def conv_pads(auto_pad, pads, in_shape, kernel, strides, dilations):
+    """Begin and end pads of a convolution or pooling window (lists of ints)."""
+    n = len(in_shape)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(n):
+            out = -(-in_shape[i] // strides[i])
+            need = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_shape[i])
+            head = need // 2 if auto_pad == "SAME_UPPER" else need - need // 2
+            begin.append(head)
+            end.append(need - head)
+        return begin, end
+    if auto_pad == "VALID":
+        return [0] * n, [0] * n
+    if auto_pad not in ("NOTSET", "", None):
+        raise ValueError(f"unknown auto_pad {auto_pad!r}")
+    p = _ints(pads, 2 * n, 0)
+    return p[:n], p[n:]
+
+
+def out_size(size, begin, end, k, stride, dilation):
+    return (size + begin + end - (k - 1) * dilation - 1) // stride + 1
+
+
+# -- array helpers -------------------------------------------------------------------------
+
+
+def pad_spatial(xp, X, begin, end, value=0):
+    """``X`` with its spatial axes (2…) padded by ``begin``/``end`` (negative: cropped)."""
+    if not any(begin) and not any(end):
+        return X
+    crop = tuple(slice(max(-b, 0), X.shape[2 + i] - max(-e, 0))
+                 for i, (b, e) in enumerate(zip(begin, end)))
+    X = X[(slice(None), slice(None)) + crop]
+    if all(b <= 0 for b in begin) and all(e <= 0 for e in end):
+        return X
+    shape = tuple(X.shape[:2]) + tuple(X.shape[2 + i] + max(b, 0) + max(e, 0)
+                                       for i, (b, e) in enumerate(zip(begin, end)))
+    out = xp.full(shape, value, dtype=X.dtype)
+    place = tuple(slice(max(b, 0), max(b, 0) + X.shape[2 + i]) for i, b in enumerate(begin))
+    out[(slice(None), slice(None)) + place] = X
+    return out
+
+
+def windows(xp, Xp, kernel, strides, dilations, out):
+    """A read-only view ``(N, C, *out, *kernel)`` of the windows of ``Xp``."""
+    s = Xp.strides
+    nd = len(kernel)
+    shape = tuple(Xp.shape[:2]) + tuple(out) + tuple(kernel)
+    steps = (s[:2] + tuple(s[2 + i] * strides[i] for i in range(nd))
+             + tuple(s[2 + i] * dilations[i] for i in range(nd)))
+    return xp.lib.stride_tricks.as_strided(Xp, shape=shape, strides=steps)
+
+
+def offset_slices(offset, strides, dilations, out):
+    """The spatial slices that kernel ``offset`` reads for every output position."""
+    return tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
+                 for o, s, d, n in zip(offset, strides, dilations, out))
+
+
+def col2im(xp, cols, full, strides, dilations):
+    """Sum columns ``(C, *kernel, N, *out)`` onto an image ``(C, N, *full)``."""
+    nd = len(full)
+    kernel = cols.shape[1:1 + nd]
+    out = cols.shape[2 + nd:]
+    img = xp.zeros(tuple(cols.shape[:1]) + tuple(cols.shape[1 + nd:2 + nd]) + tuple(full),
+                   dtype=cols.dtype)
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        img[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += \
+            cols[(slice(None),) + offset]
+    return img
+
+
+def _im2col(xp, Xp, kernel, strides, dilations, out, group):
+    """Columns ``(group, C/group * prod(kernel), N * prod(out))`` of a padded input."""
+    N, C = Xp.shape[:2]
+    nd = len(kernel)
+    win = windows(xp, Xp, kernel, strides, dilations, out)
+    perm = (1,) + tuple(range(2 + nd, 2 + 2 * nd)) + (0,) + tuple(range(2, 2 + nd))
+    cols = xp.ascontiguousarray(win.transpose(perm))  # (C, *kernel, N, *out)
+    return cols.reshape(group, (C // group) * math.prod(kernel), N * math.prod(out))
+
+
+def conv_forward(xp, Xp, W, strides, dilations, group, out):
+    """Conv of an already padded input: ``(N, M, *out)``."""
+    N = Xp.shape[0]
+    M = W.shape[0]
+    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group)
+    Y = xp.matmul(W.reshape(group, M // group, -1), cols)          # (g, M/g, N*P)
+    Y = Y.reshape((M, N) + tuple(out))
+    return xp.ascontiguousarray(xp.moveaxis(Y, 0, 1))
+
+
+def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
+    """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
+    N, M = dY.shape[:2]
+    out = dY.shape[2:]
+    cols = _im2col(xp, Xp, kernel, strides, dilations, out, group)
+    d = xp.moveaxis(dY, 1, 0).reshape(group, M // group, -1)       # (g, M/g, N*P)
+    dW = xp.matmul(d, cols.transpose(0, 2, 1))                     # (g, M/g, C/g*K)
+    return dW.reshape((M, Xp.shape[1] // group) + tuple(kernel))
+
+
+def conv_input_grad(xp, dY, W, full, strides, dilations, group):
+    """The gradient of Conv's padded input ``(N, C, *full)`` given ``dY``."""
+    N, M = dY.shape[:2]
+    out = tuple(dY.shape[2:])
+    kernel = tuple(W.shape[2:])
+    cg = W.shape[1]
+    d = xp.moveaxis(dY, 1, 0).reshape(group, M // group, -1)       # (g, M/g, N*P)
+    cols = xp.matmul(W.reshape(group, M // group, -1).transpose(0, 2, 1), d)  # (g, C/g*K, N*P)
+    cols = cols.reshape((group * cg,) + kernel + (N,) + out)
+    img = col2im(xp, cols, full, strides, dilations)               # (C, N, *full)
+    return xp.moveaxis(img, 0, 1)
+
+
+def _bias_shape(B, ndim):
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+# -- Conv ----------------------------------------------------------------------------------
+
+
+def _conv_geometry(x_shape, w_shape, auto_pad, dilations, pads, strides):
+    sp = tuple(int(d) for d in x_shape[2:])
+    n = len(sp)
+    kernel = tuple(int(d) for d in w_shape[2:])
+    strides = _ints(strides, n, 1)
+    dilations = _ints(dilations, n, 1)
+    begin, end = conv_pads(auto_pad, pads, sp, kernel, strides, dilations)
+    out = tuple(out_size(sp[i], begin[i], end[i], kernel[i], strides[i], dilations[i])
+                for i in range(n))
+    if any(o <= 0 for o in out):
+        raise ValueError(f"Conv output would be empty: input {sp}, kernel {kernel}, "
+                         f"pads {begin + end}, strides {strides}, dilations {dilations}")
+    return sp, kernel, strides, dilations, begin, end, out
+
+
+@op("Conv", since=1, differentiable=("X", "W", "B"))
+def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+         pads=None, strides=None):
+    if X.shape[1] != W.shape[1] * group or W.shape[0] % group:
+        raise ValueError(f"Conv: input channels {X.shape[1]} and weight {tuple(W.shape)} "
+                         f"do not fit group={group}")
+    sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
+        X.shape, W.shape, auto_pad, dilations, pads, strides)
+    Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
+    if B is not None:
+        Y += B.reshape(_bias_shape(B, Y.ndim))
+    return (Y,)
+
+
+def _attrs(node, *names):
+    return {k: node.attrs[k] for k in names if node.attrs.get(k) is not None}
+
+
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "pads", "strides")
+
+
+@Conv.gradient
+def _(g, node, dY):
+    X, W = node.inputs[:2]
+    attrs = _attrs(node, *_CONV_ATTRS)
+    dX = g.private("ConvGradX", dY, W, g.shape_of(X), **attrs)
+    dW = g.private("ConvGradW", dY, X, g.shape_of(W), **attrs)
+    grads = [dX, dW]
+    if len(node.inputs) > 2 and node.inputs[2]:
+        grads.append(g.private("BiasGrad", dY))
+    return tuple(grads) + (None,) * (len(node.inputs) - len(grads))
+
+
+@op("ConvGradX", domain="onnxgrad", host_inputs=("x_shape",))
+def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1, pads=None,
+              strides=None):
+    sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
+        x_shape, W.shape, auto_pad, dilations, pads, strides)
+    full = tuple(sp[i] + begin[i] + end[i] for i in range(len(sp)))
+    dXp = conv_input_grad(xp, dY, W, full, strides, dilations, group)
+    return (xp.ascontiguousarray(pad_spatial(xp, dXp, [-b for b in begin], [-e for e in end])),)
+
+
+@op("ConvGradW", domain="onnxgrad", host_inputs=("w_shape",))
+def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1, pads=None,
+              strides=None):
+    sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
+        X.shape, w_shape, auto_pad, dilations, pads, strides)
+    Xp = pad_spatial(xp, X, begin, end)
+    return (conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group),)
+
+
+@op("BiasGrad", domain="onnxgrad")
+def BiasGrad(xp, dY):
+    """The gradient of a per-channel bias: ``dY`` summed over every axis but 1."""
+    axes = (0,) + tuple(range(2, dY.ndim))
+    return (xp.asarray(dY.sum(axis=axes, dtype=dY.dtype)),)
+
+
+# -- ConvTranspose -------------------------------------------------------------------------
+
+
+def _convt_geometry(x_shape, w_shape, auto_pad, dilations, output_padding, output_shape, pads,
+                    strides):
+    """Spatial input, kernel, strides, dilations, the full (uncropped) output size, the
+    begin offset of the output within it, and the output size."""
+    sp = tuple(int(d) for d in x_shape[2:])
+    n = len(sp)
+    kernel = tuple(int(d) for d in w_shape[2:])
+    strides = _ints(strides, n, 1)
+    dilations = _ints(dilations, n, 1)
+    opad = _ints(output_padding, n, 0)[:n]
+    full = [strides[i] * (sp[i] - 1) + (kernel[i] - 1) * dilations[i] + 1 for i in range(n)]
+    if output_shape:
+        out = [int(v) for v in output_shape][-n:]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = [sp[i] * strides[i] for i in range(n)]
+    else:
+        out = None
+    if out is not None and (auto_pad in ("SAME_UPPER", "SAME_LOWER") or not pads):
+        # The spec: total = full + output_padding - out, split as auto_pad says
+        # (the begin pad takes the smaller half for SAME_UPPER, the larger otherwise).
+        begin = []
+        for i in range(n):
+            total = full[i] + opad[i] - out[i]
+            begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+    else:
+        if auto_pad == "VALID" or not pads:
+            p = [0] * (2 * n)
+        else:
+            p = [int(v) for v in pads]
+        begin = p[:n]
+        if out is None:
+            out = [full[i] + opad[i] - p[i] - p[n + i] for i in range(n)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"ConvTranspose output would be empty: {out}")
+    return sp, kernel, strides, dilations, full, begin, out
+
+
+_CONVT_ATTRS = ("auto_pad", "dilations", "group", "output_padding", "output_shape", "pads",
+                "strides")
+
+
+@op("ConvTranspose", since=1, differentiable=("X", "W", "B"))
+def ConvTranspose(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1,
+                  kernel_shape=None, output_padding=None, output_shape=None, pads=None,
+                  strides=None):
+    if X.shape[1] != W.shape[0] or W.shape[0] % group:
+        raise ValueError(f"ConvTranspose: input channels {X.shape[1]} and weight "
+                         f"{tuple(W.shape)} do not fit group={group}")
+    sp, kernel, strides, dilations, full, begin, out = _convt_geometry(
+        X.shape, W.shape, auto_pad, dilations, output_padding, output_shape, pads, strides)
+    # The forward pass of ConvTranspose is the input gradient of a Conv from M to C
+    # channels whose weight is W: scatter X through W onto the full output.
+    img = conv_input_grad(xp, X, W, full, strides, dilations, group)   # (N, M, *full)
+    end = [out[i] - full[i] + begin[i] for i in range(len(sp))]
+    Y = xp.ascontiguousarray(pad_spatial(xp, img, [-b for b in begin], end))
+    if B is not None:
+        Y += B.reshape(_bias_shape(B, Y.ndim))
+    return (Y,)
+
+
+@ConvTranspose.gradient
+def _(g, node, dY):
+    X, W = node.inputs[:2]
+    attrs = _attrs(node, *_CONVT_ATTRS)
+    dX = g.private("ConvTransposeGradX", dY, W, g.shape_of(X), **attrs)
+    dW = g.private("ConvTransposeGradW", dY, X, g.shape_of(W), **attrs)
+    grads = [dX, dW]
+    if len(node.inputs) > 2 and node.inputs[2]:
+        grads.append(g.private("BiasGrad", dY))
+    return tuple(grads) + (None,) * (len(node.inputs) - len(grads))
+
+
+def _full_grad(xp, dY, full, begin, out):
+    """dY placed back on ConvTranspose's full output (the adjoint of its crop)."""
+    return pad_spatial(xp, dY, begin, [full[i] - begin[i] - out[i] for i in range(len(full))])
+
+
+@op("ConvTransposeGradX", domain="onnxgrad", host_inputs=("x_shape",))
+def ConvTransposeGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1,
+                       output_padding=None, output_shape=None, pads=None, strides=None):
+    sp, kernel, strides, dilations, full, begin, out = _convt_geometry(
+        x_shape, W.shape, auto_pad, dilations, output_padding, output_shape, pads, strides)
+    dfull = _full_grad(xp, dY, full, begin, out)
+    return (conv_forward(xp, dfull, W, strides, dilations, group, sp),)
+
+
+@op("ConvTransposeGradW", domain="onnxgrad", host_inputs=("w_shape",))
+def ConvTransposeGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
+                       output_padding=None, output_shape=None, pads=None, strides=None):
+    sp, kernel, strides, dilations, full, begin, out = _convt_geometry(
+        X.shape, w_shape, auto_pad, dilations, output_padding, output_shape, pads, strides)
+    dfull = _full_grad(xp, dY, full, begin, out)
+    # W (C, M/g, *k) plays the weight of a Conv from dfull (M channels) to X (C channels).
+    return (conv_weight_grad(xp, X, dfull, kernel, strides, dilations, group),)

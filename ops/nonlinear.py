@@ -1,0 +1,302 @@
+"""More activations: Clip, PRelu, HardSigmoid, HardSwish, Elu, Selu, Celu,
+Softplus, Softsign, Mish, Gelu and Erf.
+
+Each gradient is one fused private op of the ``onnxgrad`` domain
+(``EluGrad``…) that reads the forward input.  Where the derivative has a kink,
+the choice follows PyTorch (Clip passes the gradient at its bounds, HardSwish
+uses ``x/3 + 1/2`` on ``[-3, 3]``).
+
+NumPy has no ``erf``; :func:`erf` evaluates it with array operations only: a
+positive-term series below 2.5 and a continued fraction for ``erfc`` above,
+accurate to about 1 ulp in float64 and float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops.registry import op
+
+_SQRT_PI = math.sqrt(math.pi)
+
+
+def _a(xp, value, like):
+    """``value`` as an array of ``like``'s element type (NumPy promotes some narrow
+    types, e.g. bfloat16, to float32 in ufuncs)."""
+    return xp.asarray(value).astype(like.dtype, copy=False)
+
+
+def _rule(private, *attrs):
+    """A rule that emits ``private(dY, X, **attrs)`` for the node's first input."""
+    def rule(g, node, dY):
+        kw = {k: node.attrs[k] for k in attrs}
+        return (g.private(private, dY, node.inputs[0], **kw),)
+    return rule
+
+
+# -- Erf -----------------------------------------------------------------------------------
+
+
+def erf(xp, x):
+    """The error function of a floating-point array, with array operations only."""
+    wide = x.dtype.itemsize >= 8
+    terms, depth, cut = (60, 70, 2.5) if wide else (28, 30, 2.5)
+    a = xp.abs(x)
+    small = xp.minimum(a, cut)
+    # erf(z) = 2/sqrt(pi) exp(-z^2) sum_n (2z^2)^n z / (1*3*...*(2n+1))
+    z2 = 2 * small * small
+    term = small
+    total = small
+    for n in range(1, terms):
+        term = term * z2 / (2 * n + 1)
+        total = total + term
+    below = total * xp.exp(-small * small) * (2 / _SQRT_PI)
+    # erfc(z) = exp(-z^2)/sqrt(pi) / (z + (1/2)/(z + 1/(z + (3/2)/(z + ...))))
+    big = xp.maximum(a, cut)
+    f = big
+    for k in range(depth, 0, -1):
+        f = big + (k / 2) / f
+    above = 1 - xp.exp(-big * big) / (_SQRT_PI * f)
+    return _a(xp, xp.where(x < 0, -1, 1).astype(x.dtype) * xp.where(a < cut, below, above), x)
+
+
+@op("Erf", since=9, differentiable=("input",))
+def Erf(xp, input):
+    return (erf(xp, input),)
+
+
+Erf.gradient(_rule("ErfGrad"))
+
+
+@op("ErfGrad", domain="onnxgrad")
+def ErfGrad(xp, dY, X):
+    return (_a(xp, dY * (xp.exp(-X * X) * (2 / _SQRT_PI)), dY),)
+
+
+# -- Gelu ----------------------------------------------------------------------------------
+
+_TANH_C = math.sqrt(2 / math.pi)
+
+
+@op("Gelu", since=20, differentiable=("X",))
+def Gelu(xp, X, *, approximate="none"):
+    if approximate == "tanh":
+        return (_a(xp, 0.5 * X * (1 + xp.tanh(_TANH_C * (X + 0.044715 * X * X * X))), X),)
+    if approximate != "none":
+        raise ValueError(f"Gelu: unknown approximate={approximate!r}")
+    return (_a(xp, 0.5 * X * (1 + erf(xp, X * (1 / math.sqrt(2)))), X),)
+
+
+Gelu.gradient(_rule("GeluGrad", "approximate"))
+
+
+@op("GeluGrad", domain="onnxgrad")
+def GeluGrad(xp, dY, X, *, approximate="none"):
+    if approximate == "tanh":
+        t = xp.tanh(_TANH_C * (X + 0.044715 * X * X * X))
+        d = 0.5 * (1 + t) + 0.5 * X * (1 - t * t) * _TANH_C * (1 + 3 * 0.044715 * X * X)
+    else:
+        d = 0.5 * (1 + erf(xp, X * (1 / math.sqrt(2)))) \
+            + X * xp.exp(-0.5 * X * X) * (1 / math.sqrt(2 * math.pi))
+    return (_a(xp, dY * d, dY),)
+
+
+# -- Clip ----------------------------------------------------------------------------------
+
+
+def _clip(xp, X, lo, hi):
+    Y = X
+    if lo is not None:
+        Y = xp.maximum(Y, lo)
+    if hi is not None:
+        Y = xp.minimum(Y, hi)
+    return _a(xp, Y.astype(X.dtype, copy=False), X)
+
+
+@op("Clip", since=6, differentiable=("input",))
+def Clip6(xp, input, *, max=3.4028234663852886e38, min=-3.4028234663852886e38):
+    return (_clip(xp, input, min, max),)
+
+
+@Clip6.gradient
+def _(g, node, dY):
+    X = node.inputs[0]
+    return (g.private("ClipGrad", dY, X, g.scalar(node.attrs["min"], like=X),
+                      g.scalar(node.attrs["max"], like=X)),)
+
+
+@op("Clip", since=11, differentiable=("input",))
+def Clip(xp, input, min=None, max=None):
+    # min and max are not differentiable: exporters store ReLU6's bounds as float
+    # initializers, which must not be trained as weights.
+    return (_clip(xp, input, min, max),)
+
+
+@Clip.gradient
+def _(g, node, dY):
+    ins = list(node.inputs) + ["", ""]
+    grad = g.private("ClipGrad", dY, ins[0], ins[1] or None, ins[2] or None)
+    return (grad,) + (None,) * (len(node.inputs) - 1)
+
+
+@op("ClipGrad", domain="onnxgrad")
+def ClipGrad(xp, dY, X, min=None, max=None):
+    inside = xp.ones(X.shape, dtype=bool)
+    if min is not None:
+        inside &= X >= min
+    if max is not None:
+        inside &= X <= max
+    return (_a(xp, xp.where(inside, dY, xp.zeros((), dtype=dY.dtype)), dY),)
+
+
+# -- PRelu ---------------------------------------------------------------------------------
+
+
+@op("PRelu", since=6, differentiable=("X", "slope"))
+def PRelu(xp, X, slope):
+    return (_a(xp, xp.where(X > 0, X, X * slope), X),)
+
+
+@PRelu.gradient
+def _(g, node, dY):
+    X, slope = node.inputs
+    dX, dslope = g.private("PReluGrad", dY, X, slope, num_outputs=2)
+    return (dX, dslope)
+
+
+@op("PReluGrad", domain="onnxgrad")
+def PReluGrad(xp, dY, X, slope):
+    zero = xp.zeros((), dtype=dY.dtype)
+    pos = X > 0
+    dX = xp.where(pos, dY, dY * slope)
+    (dslope,) = SumToShape(xp, xp.where(pos, zero, dY * X), slope.shape)
+    return _a(xp, dX, dY), dslope
+
+
+# -- piecewise activations -----------------------------------------------------------------
+
+
+@op("HardSigmoid", since=6, differentiable=("X",))
+def HardSigmoid(xp, X, *, alpha=0.2, beta=0.5):
+    return (_a(xp, xp.clip(X * alpha + beta, 0, 1).astype(X.dtype, copy=False), X),)
+
+
+HardSigmoid.gradient(_rule("HardSigmoidGrad", "alpha", "beta"))
+
+
+@op("HardSigmoidGrad", domain="onnxgrad")
+def HardSigmoidGrad(xp, dY, X, *, alpha=0.2, beta=0.5):
+    z = X * alpha + beta
+    return (_a(xp, xp.where((z > 0) & (z < 1), dY * alpha, xp.zeros((), dtype=dY.dtype)), dY),)
+
+
+@op("HardSwish", since=14, differentiable=("X",))
+def HardSwish(xp, X):
+    return (_a(xp, X * xp.clip(X * (1 / 6) + 0.5, 0, 1).astype(X.dtype, copy=False), X),)
+
+
+HardSwish.gradient(_rule("HardSwishGrad"))
+
+
+@op("HardSwishGrad", domain="onnxgrad")
+def HardSwishGrad(xp, dY, X):
+    d = xp.where(X < -3, 0.0, xp.where(X <= 3, X * (1 / 3) + 0.5, 1.0)).astype(dY.dtype)
+    return (_a(xp, dY * d, dY),)
+
+
+@op("Elu", since=6, differentiable=("X",))
+def Elu(xp, X, *, alpha=1.0):
+    return (_a(xp, xp.where(X > 0, X, alpha * xp.expm1(xp.minimum(X, 0))), X),)
+
+
+Elu.gradient(_rule("EluGrad", "alpha"))
+
+
+@op("EluGrad", domain="onnxgrad")
+def EluGrad(xp, dY, X, *, alpha=1.0):
+    return (_a(xp, xp.where(X > 0, dY, dY * (alpha * xp.exp(xp.minimum(X, 0)))), dY),)
+
+
+_SELU_ALPHA = 1.67326319217681884765625
+_SELU_GAMMA = 1.05070102214813232421875
+
+
+@op("Selu", since=6, differentiable=("X",))
+def Selu(xp, X, *, alpha=_SELU_ALPHA, gamma=_SELU_GAMMA):
+    return (_a(xp, gamma * xp.where(X > 0, X, alpha * xp.expm1(xp.minimum(X, 0))), X),)
+
+
+Selu.gradient(_rule("SeluGrad", "alpha", "gamma"))
+
+
+@op("SeluGrad", domain="onnxgrad")
+def SeluGrad(xp, dY, X, *, alpha=_SELU_ALPHA, gamma=_SELU_GAMMA):
+    d = xp.where(X > 0, gamma, (gamma * alpha) * xp.exp(xp.minimum(X, 0)))
+    return (_a(xp, dY * d.astype(dY.dtype, copy=False), dY),)
+
+
+@op("Celu", since=12, differentiable=("X",))
+def Celu(xp, X, *, alpha=1.0):
+    return (_a(xp, xp.maximum(X, 0) + xp.minimum(0, alpha * xp.expm1(xp.minimum(X, 0) / alpha)), X),)
+
+
+Celu.gradient(_rule("CeluGrad", "alpha"))
+
+
+@op("CeluGrad", domain="onnxgrad")
+def CeluGrad(xp, dY, X, *, alpha=1.0):
+    return (_a(xp, xp.where(X > 0, dY, dY * xp.exp(xp.minimum(X, 0) / alpha)), dY),)
+
+
+# -- smooth activations --------------------------------------------------------------------
+
+
+def _softplus(xp, X):
+    return xp.maximum(X, 0) + xp.log1p(xp.exp(-xp.abs(X)))
+
+
+def _sigmoid(xp, X):
+    e = xp.exp(-xp.abs(X))
+    return xp.where(X >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@op("Softplus", since=1, differentiable=("X",))
+def Softplus(xp, X):
+    return (_a(xp, _softplus(xp, X), X),)
+
+
+Softplus.gradient(_rule("SoftplusGrad"))
+
+
+@op("SoftplusGrad", domain="onnxgrad")
+def SoftplusGrad(xp, dY, X):
+    return (_a(xp, dY * _sigmoid(xp, X), dY),)
+
+
+@op("Softsign", since=1, differentiable=("input",))
+def Softsign(xp, input):
+    return (_a(xp, input / (1 + xp.abs(input)), input),)
+
+
+Softsign.gradient(_rule("SoftsignGrad"))
+
+
+@op("SoftsignGrad", domain="onnxgrad")
+def SoftsignGrad(xp, dY, X):
+    d = 1 + xp.abs(X)
+    return (_a(xp, dY / (d * d), dY),)
+
+
+@op("Mish", since=18, differentiable=("X",))
+def Mish(xp, X):
+    return (_a(xp, X * xp.tanh(_softplus(xp, X)), X),)
+
+
+Mish.gradient(_rule("MishGrad"))
+
+
+@op("MishGrad", domain="onnxgrad")
+def MishGrad(xp, dY, X):
+    t = xp.tanh(_softplus(xp, X))
+    return (_a(xp, dY * (t + X * (1 - t * t) * _sigmoid(xp, X)), dY),)

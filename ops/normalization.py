@@ -1,0 +1,331 @@
+"""Normalization: BatchNormalization, InstanceNormalization, GroupNormalization,
+LayerNormalization, RMSNormalization and LpNormalization.
+
+BatchNormalization follows PyTorch in a training run (``ctx.training``): it
+normalises with the batch's mean and biased variance and records new running
+statistics ``momentum * running + (1 - momentum) * batch`` (the unbiased
+variance for the running variance, as ``torch.nn.BatchNorm`` does) in
+``ctx.state.updates``, keyed by the names of its ``mean``/``var`` inputs; the
+Trainer writes them into the weights after a step.  That holds for nodes
+exported in eval mode too.  Outside training runs it uses the running
+statistics, unless the node says ``training_mode=1`` (opset 14+), whose
+outputs then follow the ONNX spec.  ``is_test`` (opset 6) is ignored.
+
+``stash_type`` asks for float32 statistics; inputs narrower than float32 are
+computed in float32, wider ones (float64) in their own precision.
+
+Gradients are private fused ops of the ``onnxgrad`` domain that recompute the
+statistics from ``X``.
+"""
+
+from __future__ import annotations
+
+from onnxgrad.errors import UnsupportedOpError
+from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops.registry import op
+
+
+def _compute_dtype(X):
+    return "float32" if X.dtype.itemsize < 4 else X.dtype
+
+
+def _standardize(xp, X, axes, epsilon):
+    """(X - mean) * invstd over ``axes``, with mean, biased variance and invstd (keepdims)."""
+    Xc = X.astype(_compute_dtype(X), copy=False)
+    mean = Xc.mean(axis=axes, keepdims=True)
+    d = Xc - mean
+    var = (d * d).mean(axis=axes, keepdims=True)
+    inv = 1 / xp.sqrt(var + epsilon)
+    return d * inv, mean, var, inv
+
+
+def _standardize_grad(xp, dxhat, xhat, inv, axes):
+    """The gradient of X given the gradient of ``xhat = standardize(X)``."""
+    m1 = dxhat.mean(axis=axes, keepdims=True)
+    m2 = (dxhat * xhat).mean(axis=axes, keepdims=True)
+    return inv * (dxhat - m1 - xhat * m2)
+
+
+def _a(xp, value, dtype=None):
+    value = xp.asarray(value)
+    return value if dtype is None else value.astype(dtype, copy=False)
+
+
+def _no_grad_for_extra_outputs(node, extra):
+    if any(d is not None for d in extra):
+        raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
+                                 what="gradient through its statistics outputs")
+
+
+# -- BatchNormalization --------------------------------------------------------------------
+
+
+def _bn_layout(X, spatial):
+    """Reduction axes and the shape per-channel parameters broadcast to."""
+    if spatial:
+        return (0,) + tuple(range(2, X.ndim)), (1, X.shape[1]) + (1,) * (X.ndim - 2)
+    return (0,), (1,) + tuple(X.shape[1:])
+
+
+def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
+    """Y, and (new running mean, new running var, batch mean, batch var) in batch mode."""
+    axes, shape = _bn_layout(X, spatial)
+    if not batch:
+        inv = 1 / xp.sqrt(var + epsilon)
+        Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
+        return _a(xp, Y, X.dtype), None
+    xhat, bmean, bvar, _ = _standardize(xp, X, axes, epsilon)
+    Y = _a(xp, xhat * scale.reshape(shape) + B.reshape(shape), X.dtype)
+    bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
+    bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
+    new_mean = mean * momentum + bmean * (1 - momentum)
+    if ctx.training:
+        count = X.size // max(bmean.size, 1)
+        unbiased = bvar * (count / (count - 1)) if count > 1 else bvar
+        names = ctx.node.inputs
+        if len(names) > 4 and names[3] and names[4]:
+            ctx.state.updates[names[3]] = new_mean
+            ctx.state.updates[names[4]] = var * momentum + unbiased * (1 - momentum)
+    return Y, (new_mean, var * momentum + bvar * (1 - momentum), bmean, bvar)
+
+
+@op("BatchNormalization", since=1, differentiable=("X", "scale", "B"))
+def BatchNormalization(xp, X, scale, B, mean, var, *, consumed_inputs=None, epsilon=1e-5,
+                       is_test=0, momentum=0.9, spatial=1, ctx):
+    # Opsets 1-9: outputs Y, mean, var, saved_mean, saved_var (the last four in training).
+    Y, stats = _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial,
+                           ctx.training, ctx)
+    if stats is None:
+        return Y, mean, var, mean, var
+    return (Y,) + stats
+
+
+@op("BatchNormalization", since=14, differentiable=("X", "scale", "B"))
+def BatchNormalization14(xp, X, scale, B, input_mean, input_var, *, epsilon=1e-5,
+                         momentum=0.9, training_mode=0, ctx):
+    batch = bool(training_mode) or ctx.training
+    Y, stats = _batch_norm(xp, X, scale, B, input_mean, input_var, epsilon, momentum, 1,
+                           batch, ctx)
+    if stats is None:
+        return Y, input_mean, input_var
+    return Y, stats[0], stats[1]
+
+
+def _bn_rule(g, node, dY, *extra):
+    _no_grad_for_extra_outputs(node, extra)
+    X, scale = node.inputs[:2]
+    dX, dscale, dB = g.private("BatchNormalizationGrad", dY, X, scale, num_outputs=3,
+                               epsilon=node.attrs["epsilon"],
+                               spatial=node.attrs.get("spatial", 1))
+    return (dX, dscale, dB, None, None)
+
+
+BatchNormalization.gradient(_bn_rule)
+BatchNormalization14.gradient(_bn_rule)
+
+
+@op("BatchNormalizationGrad", domain="onnxgrad")
+def BatchNormalizationGrad(xp, dY, X, scale, *, epsilon=1e-5, spatial=1):
+    """dX, dscale, dB of a batch-statistics BatchNormalization."""
+    axes, shape = _bn_layout(X, spatial)
+    xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    d = dY.astype(xhat.dtype, copy=False)
+    dB = d.sum(axis=axes, keepdims=True)
+    dscale = (d * xhat).sum(axis=axes, keepdims=True)
+    n = X.size // dB.size
+    dX = (scale.reshape(shape) * inv) * (d - dB / n - xhat * (dscale / n))
+    return (_a(xp, dX, X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
+            _a(xp, dB.reshape(scale.shape), scale.dtype))
+
+
+# -- Instance and group normalization ------------------------------------------------------
+
+
+@op("InstanceNormalization", since=1, differentiable=("input", "scale", "B"))
+def InstanceNormalization(xp, input, scale, B, *, consumed_inputs=None, epsilon=1e-5):
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    xhat, _, _, _ = _standardize(xp, input, tuple(range(2, input.ndim)), epsilon)
+    return (_a(xp, xhat * scale.reshape(shape) + B.reshape(shape), input.dtype),)
+
+
+@InstanceNormalization.gradient
+def _(g, node, dY):
+    X, scale = node.inputs[:2]
+    # Instance normalization is group normalization with one channel per group.
+    dX, dscale, dB = g.private("GroupNormalizationGrad", dY, X, scale, num_outputs=3,
+                               epsilon=node.attrs["epsilon"], num_groups=0, per_group=0)
+    return (dX, dscale, dB)
+
+
+def _grouped(X, num_groups):
+    N, C = X.shape[:2]
+    G = C if num_groups == 0 else num_groups  # 0: one group per channel
+    if C % G:
+        raise ValueError(f"GroupNormalization: {C} channels do not split into {G} groups")
+    return X.reshape(N, G, -1), G
+
+
+def _channel_params(xp, p, C, G, per_group, ndim):
+    """Per-channel parameters shaped (1, C, 1…): group parameters repeated per channel."""
+    if per_group:
+        p = xp.repeat(p, C // G)
+    return p.reshape((1, C) + (1,) * (ndim - 2))
+
+
+def _group_norm(xp, X, scale, bias, epsilon, num_groups, per_group):
+    Xg, G = _grouped(X, num_groups)
+    xhat, _, _, _ = _standardize(xp, Xg, (2,), epsilon)
+    xhat = xhat.reshape(X.shape)
+    C = X.shape[1]
+    Y = xhat * _channel_params(xp, scale, C, G, per_group, X.ndim) \
+        + _channel_params(xp, bias, C, G, per_group, X.ndim)
+    return _a(xp, Y, X.dtype)
+
+
+@op("GroupNormalization", since=18, differentiable=("X", "scale", "bias"))
+def GroupNormalization18(xp, X, scale, bias, *, epsilon=1e-5, num_groups):
+    # Opset 18: scale and bias hold one value per group.
+    return (_group_norm(xp, X, scale, bias, epsilon, num_groups, per_group=1),)
+
+
+@op("GroupNormalization", since=21, differentiable=("X", "scale", "bias"))
+def GroupNormalization(xp, X, scale, bias, *, epsilon=1e-5, num_groups, stash_type=1):
+    # Opset 21: scale and bias hold one value per channel.
+    return (_group_norm(xp, X, scale, bias, epsilon, num_groups, per_group=0),)
+
+
+def _group_rule(per_group):
+    def rule(g, node, dY):
+        X, scale = node.inputs[:2]
+        dX, dscale, dB = g.private("GroupNormalizationGrad", dY, X, scale, num_outputs=3,
+                                   epsilon=node.attrs["epsilon"],
+                                   num_groups=node.attrs["num_groups"], per_group=per_group)
+        return (dX, dscale, dB)
+    return rule
+
+
+GroupNormalization18.gradient(_group_rule(1))
+GroupNormalization.gradient(_group_rule(0))
+
+
+@op("GroupNormalizationGrad", domain="onnxgrad")
+def GroupNormalizationGrad(xp, dY, X, scale, *, epsilon=1e-5, num_groups=0, per_group=0):
+    """dX, dscale, dbias of group normalization (``num_groups=0``: instance normalization)."""
+    Xg, G = _grouped(X, num_groups)
+    N, C = X.shape[:2]
+    xhat, _, _, inv = _standardize(xp, Xg, (2,), epsilon)
+    d = dY.astype(xhat.dtype, copy=False)
+    axes = (0,) + tuple(range(2, X.ndim))
+    dbias = d.sum(axis=axes)
+    dscale = (d * xhat.reshape(X.shape)).sum(axis=axes)
+    if per_group:
+        dbias = dbias.reshape(G, -1).sum(axis=1)
+        dscale = dscale.reshape(G, -1).sum(axis=1)
+    dxhat = (d * _channel_params(xp, scale, C, G, per_group, X.ndim)).reshape(Xg.shape)
+    dX = _standardize_grad(xp, dxhat, xhat, inv, (2,)).reshape(X.shape)
+    return (_a(xp, dX, X.dtype), _a(xp, dscale, scale.dtype), _a(xp, dbias, scale.dtype))
+
+
+# -- Layer and RMS normalization -----------------------------------------------------------
+
+
+def _trailing(X, axis):
+    axis = axis + X.ndim if axis < 0 else axis
+    if not 0 <= axis < X.ndim:
+        raise ValueError(f"normalization axis {axis} out of range for rank {X.ndim}")
+    return tuple(range(axis, X.ndim))
+
+
+@op("LayerNormalization", since=17, differentiable=("X", "Scale", "B"))
+def LayerNormalization(xp, X, Scale, B=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+    xhat, mean, _, inv = _standardize(xp, X, _trailing(X, axis), epsilon)
+    Y = xhat * Scale
+    if B is not None:
+        Y = Y + B
+    return _a(xp, Y, X.dtype), mean, inv
+
+
+@LayerNormalization.gradient
+def _(g, node, dY, *extra):
+    _no_grad_for_extra_outputs(node, extra)
+    X, Scale = node.inputs[:2]
+    dX, dScale = g.private("LayerNormalizationGrad", dY, X, Scale, num_outputs=2,
+                           axis=node.attrs["axis"], epsilon=node.attrs["epsilon"])
+    if len(node.inputs) > 2 and node.inputs[2]:
+        return (dX, dScale, g.private("SumToShape", dY, g.shape_of(node.inputs[2])))
+    return (dX, dScale) + (None,) * (len(node.inputs) - 2)
+
+
+@op("LayerNormalizationGrad", domain="onnxgrad")
+def LayerNormalizationGrad(xp, dY, X, Scale, *, axis=-1, epsilon=1e-5):
+    axes = _trailing(X, axis)
+    xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    d = dY.astype(xhat.dtype, copy=False)
+    dX = _standardize_grad(xp, d * Scale, xhat, inv, axes)
+    (dScale,) = SumToShape(xp, d * xhat, Scale.shape)
+    return _a(xp, dX, X.dtype), _a(xp, dScale, Scale.dtype)
+
+
+def _rms(xp, X, axes, epsilon):
+    Xc = X.astype(_compute_dtype(X), copy=False)
+    inv = 1 / xp.sqrt((Xc * Xc).mean(axis=axes, keepdims=True) + epsilon)
+    return Xc * inv, inv
+
+
+@op("RMSNormalization", since=23, differentiable=("X", "scale"))
+def RMSNormalization(xp, X, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
+    xhat, _ = _rms(xp, X, _trailing(X, axis), epsilon)
+    return (_a(xp, xhat * scale, X.dtype),)
+
+
+@RMSNormalization.gradient
+def _(g, node, dY):
+    X, scale = node.inputs
+    dX, dscale = g.private("RMSNormalizationGrad", dY, X, scale, num_outputs=2,
+                           axis=node.attrs["axis"], epsilon=node.attrs["epsilon"])
+    return (dX, dscale)
+
+
+@op("RMSNormalizationGrad", domain="onnxgrad")
+def RMSNormalizationGrad(xp, dY, X, scale, *, axis=-1, epsilon=1e-5):
+    axes = _trailing(X, axis)
+    xhat, inv = _rms(xp, X, axes, epsilon)
+    d = dY.astype(xhat.dtype, copy=False)
+    dxhat = d * scale
+    dX = inv * (dxhat - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+    (dscale,) = SumToShape(xp, d * xhat, scale.shape)
+    return _a(xp, dX, X.dtype), _a(xp, dscale, scale.dtype)
+
+
+# -- LpNormalization -----------------------------------------------------------------------
+
+
+def _lp_norm(xp, X, axis, p):
+    if p == 1:
+        return xp.abs(X).sum(axis=axis, keepdims=True)
+    if p == 2:
+        return xp.sqrt((X * X).sum(axis=axis, keepdims=True))
+    raise ValueError(f"LpNormalization: p must be 1 or 2, got {p}")
+
+
+@op("LpNormalization", since=1, differentiable=("input",))
+def LpNormalization(xp, input, *, axis=-1, p=2):
+    norm = _lp_norm(xp, input, axis, p)
+    safe = xp.where(norm == 0, 1, norm).astype(input.dtype, copy=False)
+    return (_a(xp, input / safe),)
+
+
+@LpNormalization.gradient
+def _(g, node, dY):
+    return (g.private("LpNormalizationGrad", dY, node.inputs[0], axis=node.attrs["axis"],
+                      p=node.attrs["p"]),)
+
+
+@op("LpNormalizationGrad", domain="onnxgrad")
+def LpNormalizationGrad(xp, dY, X, *, axis=-1, p=2):
+    norm = _lp_norm(xp, X, axis, p)
+    safe = xp.where(norm == 0, 1, norm).astype(X.dtype, copy=False)
+    Y = X / safe
+    s = (dY * Y).sum(axis=axis, keepdims=True)
+    direction = Y if p == 2 else xp.sign(X)
+    return (_a(xp, (dY - direction * s) / safe),)

@@ -1,0 +1,232 @@
+"""Pooling: MaxPool (with Indices), AveragePool, GlobalAveragePool, GlobalMaxPool.
+
+Windows are strided slices of the padded input, one per kernel offset (see
+``ops/conv.py``): a loop over ``prod(kernel)`` offsets of whole-array
+operations.  MaxPool keeps the first maximum of each window (in row-major
+kernel order, as PyTorch does); its gradient routes ``dY`` to it.  Gradient
+kernels are private ops of the ``onnxgrad`` domain that take the forward
+node's attributes and recompute the geometry from the input's shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np  # host-side window geometry and divisor tables only
+
+from onnxgrad.ops.conv import _ints, conv_pads, offset_slices, pad_spatial
+from onnxgrad.ops.registry import op
+
+
+def _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides):
+    """Spatial input, kernel, strides, dilations, begin pads, explicit end pads, the end
+    pads the windows need (more than the explicit ones in ceil mode) and the output size."""
+    sp = tuple(int(d) for d in x_shape[2:])
+    n = len(sp)
+    if not kernel_shape or len(kernel_shape) != n:
+        raise ValueError(f"pooling needs kernel_shape of length {n}, got {kernel_shape}")
+    kernel = tuple(int(k) for k in kernel_shape)
+    strides = _ints(strides, n, 1)
+    dilations = _ints(dilations, n, 1)
+    begin, end = conv_pads(auto_pad, pads, sp, kernel, strides, dilations)
+    out, need = [], []
+    for i in range(n):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        room = sp[i] + begin[i] + end[i] - span
+        if ceil_mode and auto_pad in ("NOTSET", "", None):
+            o = -(-room // strides[i]) + 1
+            if (o - 1) * strides[i] >= sp[i] + begin[i]:  # the last window starts in the padding
+                o -= 1
+        else:
+            o = room // strides[i] + 1
+        if o <= 0:
+            raise ValueError(f"pooling output would be empty: input {sp}, kernel {kernel}")
+        out.append(o)
+        need.append(max(end[i], (o - 1) * strides[i] + span - sp[i] - begin[i]))
+    return sp, kernel, strides, dilations, begin, end, need, tuple(out)
+
+
+def _offsets(kernel):
+    return itertools.product(*(range(k) for k in kernel))
+
+
+def _lowest(xp, dtype):
+    return -xp.inf if dtype.kind == "f" else xp.iinfo(dtype).min
+
+
+def _argmax_windows(xp, X, geo):
+    """The maximum of each window and the index (row-major in the kernel) of its first
+    occurrence."""
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    Xp = pad_spatial(xp, X, begin, need, _lowest(xp, X.dtype))
+    best = arg = None
+    for k, offset in enumerate(_offsets(kernel)):
+        v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
+        if best is None:
+            best = xp.array(v, copy=True)
+            arg = xp.zeros(best.shape, dtype=xp.int64)
+        else:
+            better = v > best
+            best = xp.where(better, v, best)
+            arg = xp.where(better, k, arg)
+    return best, arg
+
+
+def _pool_attrs(node, *names):
+    return {k: node.attrs[k] for k in names if node.attrs.get(k) is not None}
+
+
+# -- MaxPool -------------------------------------------------------------------------------
+
+
+@op("MaxPool", since=1, differentiable=("X",))
+def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None,
+            pads=None, storage_order=0, strides=None, ctx):
+    geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    Y, arg = _argmax_windows(xp, X, geo)
+    if ctx.num_outputs < 2:
+        return (Y,)
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    # Flat index of each maximum in X (padding not counted), row-major over N, C and
+    # the spatial axes; storage_order=1 orders the spatial axes column-major.
+    N, C = X.shape[:2]
+    nc = xp.arange(N * C, dtype=xp.int64).reshape((N, C) + (1,) * len(sp))
+    index = nc * math.prod(sp)
+    rem = arg
+    scale = 1
+    positions = []
+    for i in reversed(range(len(sp))):
+        k = rem % kernel[i]
+        rem = rem // kernel[i]
+        o = xp.arange(out[i], dtype=xp.int64).reshape((out[i],) + (1,) * (len(sp) - 1 - i))
+        positions.append(o * strides[i] - begin[i] + k * dilations[i])
+    positions.reverse()
+    order = range(len(sp)) if storage_order else reversed(range(len(sp)))
+    for i in order:
+        index = index + positions[i] * scale
+        scale *= sp[i]
+    return Y, xp.ascontiguousarray(index)
+
+
+_MAXPOOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")
+
+
+@MaxPool.gradient
+def _(g, node, dY, dIndices=None):
+    return (g.private("MaxPoolGrad", dY, node.inputs[0], **_pool_attrs(node, *_MAXPOOL_ATTRS)),)
+
+
+def _scatter(xp, parts, x_shape, geo, dtype):
+    """Sum per-offset window gradients back onto X: ``parts(k)`` is offset k's share."""
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    full = tuple(sp[i] + begin[i] + need[i] for i in range(len(sp)))
+    dXp = xp.zeros(tuple(x_shape[:2]) + full, dtype=dtype)
+    for k, offset in enumerate(_offsets(kernel)):
+        dXp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += parts(k)
+    return xp.ascontiguousarray(pad_spatial(xp, dXp, [-b for b in begin], [-e for e in need]))
+
+
+@op("MaxPoolGrad", domain="onnxgrad")
+def MaxPoolGrad(xp, dY, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None,
+                kernel_shape=None, pads=None, strides=None):
+    geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    _, arg = _argmax_windows(xp, X, geo)
+    zero = xp.zeros((), dtype=dY.dtype)
+    return (_scatter(xp, lambda k: xp.where(arg == k, dY, zero), X.shape, geo, dY.dtype),)
+
+
+# -- AveragePool ---------------------------------------------------------------------------
+
+
+def _divisor(geo, count_include_pad):
+    """How many elements each window averages (host array of the output's spatial shape)."""
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    counts = []
+    for i in range(len(sp)):
+        lo, hi = (-begin[i], sp[i] + end[i]) if count_include_pad else (0, sp[i])
+        start = np.arange(out[i]) * strides[i] - begin[i]
+        pos = start[:, None] + np.arange(kernel[i])[None, :] * dilations[i]
+        counts.append(((pos >= lo) & (pos < hi)).sum(axis=1))
+    total = counts[0]
+    for c in counts[1:]:
+        total = np.multiply.outer(total, c)
+    return np.maximum(total, 1)
+
+
+@op("AveragePool", since=1, differentiable=("X",))
+def AveragePool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
+                kernel_shape=None, pads=None, strides=None):
+    geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    Xp = pad_spatial(xp, X, begin, need)
+    Y = None
+    for offset in _offsets(kernel):
+        v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
+        Y = xp.array(v, copy=True) if Y is None else Y + v
+    Y /= xp.asarray(_divisor(geo, count_include_pad).astype(X.dtype))
+    return (Y,)
+
+
+_AVGPOOL_ATTRS = _MAXPOOL_ATTRS + ("count_include_pad",)
+
+
+@AveragePool.gradient
+def _(g, node, dY):
+    X = node.inputs[0]
+    return (g.private("AveragePoolGrad", dY, g.shape_of(X), **_pool_attrs(node, *_AVGPOOL_ATTRS)),)
+
+
+@op("AveragePoolGrad", domain="onnxgrad", host_inputs=("x_shape",))
+def AveragePoolGrad(xp, dY, x_shape, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0,
+                    dilations=None, kernel_shape=None, pads=None, strides=None):
+    x_shape = tuple(int(d) for d in x_shape)
+    geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    share = dY / xp.asarray(_divisor(geo, count_include_pad).astype(dY.dtype))
+    return (_scatter(xp, lambda k: share, x_shape, geo, dY.dtype),)
+
+
+# -- global pooling ------------------------------------------------------------------------
+
+
+def _spatial_axes(X):
+    return tuple(range(2, X.ndim))
+
+
+@op("GlobalAveragePool", since=1, differentiable=("X",))
+def GlobalAveragePool(xp, X):
+    return (xp.asarray(X.mean(axis=_spatial_axes(X), keepdims=True, dtype=X.dtype)),)
+
+
+@GlobalAveragePool.gradient
+def _(g, node, dY):
+    return (g.private("GlobalAveragePoolGrad", dY, g.shape_of(node.inputs[0])),)
+
+
+@op("GlobalAveragePoolGrad", domain="onnxgrad", host_inputs=("x_shape",))
+def GlobalAveragePoolGrad(xp, dY, x_shape):
+    shape = tuple(int(d) for d in x_shape)
+    out = xp.empty(shape, dtype=dY.dtype)
+    out[...] = dY / math.prod(shape[2:])
+    return (out,)
+
+
+@op("GlobalMaxPool", since=1, differentiable=("X",))
+def GlobalMaxPool(xp, X):
+    return (xp.asarray(X.max(axis=_spatial_axes(X), keepdims=True)),)
+
+
+@GlobalMaxPool.gradient
+def _(g, node, dY):
+    return (g.private("GlobalMaxPoolGrad", dY, node.inputs[0]),)
+
+
+@op("GlobalMaxPoolGrad", domain="onnxgrad")
+def GlobalMaxPoolGrad(xp, dY, X):
+    """``dY`` routed to the first maximum of each (n, c) plane."""
+    N, C = X.shape[:2]
+    flat = X.reshape(N, C, -1)
+    first = xp.argmax(flat, axis=2)[..., None]
+    hit = xp.arange(flat.shape[2])[None, None, :] == first
+    dX = xp.where(hit, dY.reshape(N, C, 1), xp.zeros((), dtype=dY.dtype))
+    return (xp.ascontiguousarray(dX.reshape(X.shape)),)
