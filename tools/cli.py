@@ -644,5 +644,34 @@ def ops(pattern, markdown):
     click.echo(f"{n_ops} ops")
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--op", "pattern", default=None, metavar="PATTERN",
+              help="Only the cases of ops matching this shell glob (e.g. 'Reduce*'), or of cases "
+                   "whose names match it when it starts with 'test_'.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="One line per case, with the reason of each failure.")
+@boundary
+def conformance(pattern, verbose):
+    """Run the ONNX backend node test suite through onnxgrad.
+
+    Every node case that onnx builds (onnx.backend.test.loader) is loaded with
+    onnxgrad.load and run with Model.run; outputs must match the suite's
+    expected values (rtol 1e-3, atol 1e-7, exact dtypes and shapes). Prints
+    pass / fail / unsupported / error counts per op and the total pass rate.
+
+    \b
+    Examples:
+      onnxgrad conformance
+      onnxgrad conformance --op 'Reduce*' --verbose
+      onnxgrad conformance --op 'test_gridsample*' -v
+    """
+    from .conformance import load_cases, run_suite
+
+    cases = load_cases(pattern)
+    if not cases:
+        raise click.ClickException(f"no case of the node suite matches {pattern!r}")
+    click.echo(run_suite(cases=cases).format(verbose=verbose))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

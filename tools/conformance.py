@@ -35,11 +35,65 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+def _names(template: str, *choices: Iterable[str]) -> list[str]:
+    """``template`` filled with every combination of ``choices`` (in order)."""
+    out = [template]
+    for options in choices:
+        out = [t.replace("{}", o, 1) for t in out for o in options]
+    return out
+
+
+_RNG = ("random stream: the expected values come from NumPy's legacy np.random draws, which no "
+        "runtime reproduces (shapes, types and statistics are tested in tests/test_extra_ops.py)")
+_CAST = ("Cast (ops/shape.py) does not convert to bfloat16, float8, float4 or 4-/2-bit integer "
+         "types yet; CastLike (ops/castlike.py) does, through cast_array")
+_CAPTURE = ("a subgraph reads outer-scope values: the loader (runtime/loader.py) must pass them "
+            "to the node as extra inputs (onnxgrad.ops.control.add_captured_inputs)")
+_SEQUENCE = ("sequence or optional values at the graph's inputs/outputs: Model.run "
+             "(runtime/model.py) turns Python lists into arrays and None into an object array")
+
+_NARROW = ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+_TINY = ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2")
+
 #: Cases whose ops onnxgrad registers but that are not expected to pass: case name -> reason.
-EXCLUSIONS: dict[str, str] = {}
+#: Entries whose reason names another file are pending fixes there; remove them once fixed
+#: (the conformance test warns about excluded cases that pass).
+EXCLUSIONS: dict[str, str] = {
+    **{n: _RNG for n in _names("test_training_dropout{}", ("", "_default", "_mask",
+                                                             "_default_mask"))},
+    **{n: _RNG for n in _names("test_bernoulli{}{}", ("", "_double", "_seed"), ("", "_expanded"))},
+    **{n: _CAST for n in ["test_cast_FLOAT_to_BFLOAT16", "test_castlike_FLOAT_to_BFLOAT16_expanded",
+                          "test_cast_e8m0_FLOAT_to_FLOAT8E8M0", "test_cast_e8m0_FLOAT16_to_FLOAT8E8M0"]
+       + _names("test_cast{}_{}_to_{}", ("", "_no_saturate"), ("FLOAT", "FLOAT16"), _NARROW)
+       + _names("test_cast_{}_to_{}", ("FLOAT", "FLOAT16"), _TINY)
+       + _names("test_castlike{}_{}_to_{}_expanded", ("", "_no_saturate"), ("FLOAT", "FLOAT16"),
+                _NARROW)
+       + _names("test_castlike_{}_to_{}_expanded", ("FLOAT", "FLOAT16"), _TINY)
+       + _names("test_attention_{}_bf16_expanded", (
+           "4d_causal", "4d_padded_kv", "4d_causal_padded_kv", "4d_attn_mask_causal", "3d_causal"))},
+    **{n: _CAPTURE for n in
+       _names("test_affine_grid_{}{}_expanded", ("2d", "3d"), ("", "_align_corners"))
+       + _names("test_range_{}_expanded", ("float_type_positive_delta", "int32_type_negative_delta",
+                                           "float16_type_positive_delta",
+                                           "bfloat16_type_positive_delta"))
+       + _names("test_linear_attention_{}_expanded", (
+           "linear", "gated", "gated_per_head_decay", "delta", "gated_delta",
+           "gated_delta_beta_scalar", "gated_delta_gqa", "gated_delta_mqa", "decode_step",
+           "prefill_with_past", "no_past_explicit_zeros", "explicit_scale", "fp16",
+           "linear_t1_no_past"))},
+    **{n: _SEQUENCE for n in
+       ["test_identity_sequence", "test_identity_opt", "test_if_seq", "test_if_opt",
+        "test_loop13_seq", "test_loop16_seq_none", "test_optional_get_element_optional_sequence",
+        "test_optional_get_element_sequence", "test_optional_has_element_empty_optional_input",
+        "test_sequence_insert_at_back", "test_sequence_insert_at_front", "test_split_to_sequence_1",
+        "test_split_to_sequence_2", "test_split_to_sequence_nokeepdims"]
+       + _names("test_sequence_map_{}{}", (
+           "identity_1_sequence", "identity_2_sequences", "identity_1_sequence_1_tensor",
+           "add_2_sequences", "add_1_sequence_1_tensor", "extract_shapes"), ("", "_expanded"))},
+}
 
 #: The pass rate over all node cases (unsupported ones included) that the test holds onnxgrad to.
-PASS_RATE_FLOOR = 0.0
+PASS_RATE_FLOOR = 0.80
 
 STATUSES = ("pass", "fail", "unsupported", "error")
 
