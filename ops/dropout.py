@@ -33,7 +33,7 @@ def _dropout(xp, data, ratio, active, ctx, bool_mask):
         mask = xp.zeros(data.shape, dtype=bool)
         out = xp.zeros_like(data)
     else:
-        dtype = "float32" if data.dtype.itemsize <= 4 else "float64"
+        dtype = xp.float32 if data.dtype.itemsize <= 4 else xp.float64
         mask = ctx.rng.random(data.shape, dtype=dtype) >= ratio
         out = data * mask.astype(data.dtype) * data.dtype.type(1 / (1 - ratio))
     return xp.asarray(out), (mask if bool_mask else mask.astype(data.dtype))

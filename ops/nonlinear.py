@@ -58,7 +58,8 @@ def erf(xp, x):
     for k in range(depth, 0, -1):
         f = big + (k / 2) / f
     above = 1 - xp.exp(-big * big) / (_SQRT_PI * f)
-    return _a(xp, xp.where(x < 0, -1, 1).astype(x.dtype) * xp.where(a < cut, below, above), x)
+    value = xp.where(a < cut, below, above)
+    return _a(xp, xp.where(x < 0, -value, value), x)
 
 
 @op("Erf", since=9, differentiable=("input",))

@@ -52,7 +52,7 @@ def _offsets(kernel):
 
 
 def _lowest(xp, dtype):
-    return -xp.inf if dtype.kind == "f" else xp.iinfo(dtype).min
+    return -float("inf") if dtype.kind == "f" else int(np.iinfo(dtype).min)
 
 
 def _argmax_windows(xp, X, geo):
@@ -80,7 +80,7 @@ def _pool_attrs(node, *names):
 # -- MaxPool -------------------------------------------------------------------------------
 
 
-@op("MaxPool", since=1, differentiable=("X",))
+@op("MaxPool", since=1, differentiable=("X",), train_outputs=2)
 def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None,
             pads=None, storage_order=0, strides=None, ctx):
     geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
@@ -114,7 +114,35 @@ _MAXPOOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", 
 
 @MaxPool.gradient
 def _(g, node, dY, dIndices=None):
-    return (g.private("MaxPoolGrad", dY, node.inputs[0], **_pool_attrs(node, *_MAXPOOL_ATTRS)),)
+    X = node.inputs[0]
+    attrs = _pool_attrs(node, *_MAXPOOL_ATTRS)
+    if node.attrs.get("storage_order") or len(node.outputs) < 2:
+        return (g.private("MaxPoolGrad", dY, X, **attrs),)        # recompute the argmax
+    # Training graphs carry Indices (train_outputs=2): scatter dY to them.
+    overlap = any(s < (k - 1) * d + 1 for s, k, d in _strides_and_spans(node))
+    return (g.private("MaxPoolIndicesGrad", dY, node.outputs[1], g.shape_of(X),
+                      overlapping=int(overlap)),)
+
+
+def _strides_and_spans(node):
+    kernel = node.attrs["kernel_shape"] or []
+    n = len(kernel)
+    strides = _ints(node.attrs.get("strides"), n, 1)
+    dilations = _ints(node.attrs.get("dilations"), n, 1)
+    return zip(strides, kernel, dilations)
+
+
+@op("MaxPoolIndicesGrad", domain="onnxgrad", host_inputs=("x_shape",))
+def MaxPoolIndicesGrad(xp, dY, indices, x_shape, *, overlapping=1):
+    """``dY`` summed into X at MaxPool's (row-major) Indices."""
+    shape = tuple(int(d) for d in x_shape)
+    size = math.prod(shape)
+    if overlapping:       # an element may be the maximum of several windows
+        dX = xp.bincount(indices.reshape(-1), weights=dY.reshape(-1), minlength=size)
+        return (dX.astype(dY.dtype, copy=False).reshape(shape),)
+    dX = xp.zeros(size, dtype=dY.dtype)
+    dX[indices.reshape(-1)] = dY.reshape(-1)
+    return (dX.reshape(shape),)
 
 
 def _scatter(xp, parts, x_shape, geo, dtype):

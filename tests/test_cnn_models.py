@@ -96,3 +96,20 @@ def test_reference_files_are_small():
                                                   "GlobalAveragePool"}
     assert set(META["nets"]["encdec"]["ops"]) >= {"ConvTranspose", "Concat", "LeakyRelu",
                                                   "Sigmoid"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("net", NETS)
+def test_cuda_steps_match_cpu(net):
+    """The same SGD steps on CuPy: losses, weights and running statistics as on the CPU."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = onnxgrad.load(_path(net))
+        trainer = onnxgrad.Trainer(model, loss="cross_entropy",
+                                   optimizer=onnxgrad.SGD(**META["sgd"]), device=device)
+        losses = [trainer.step(_feeds(net), DATA[f"{net}/y"]) for _ in range(META["sgd_steps"])]
+        results[device] = (losses, model.parameters())
+    np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], rtol=1e-5)
+    _assert_close(results["cuda"][1], results["cpu"][1], 1e-4, 1e-6, f"{net} on cuda")
+    names = META["nets"][net]["params"] + META["nets"][net]["buffers"]
+    _assert_close(results["cuda"][1], _expected(net, "sgd", names), 1e-4, 1e-6, f"{net} vs torch")

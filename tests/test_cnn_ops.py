@@ -407,3 +407,45 @@ def test_first_layer_input_gradient_is_pruned():
     loss = trainer.step({"x": rng.standard_normal((3, 2, 6, 6)).astype(np.float32)},
                         np.array([0, 1, 3]))
     assert np.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_dropout_on_cuda_is_seeded_and_scaled():
+    ratio = 0.25
+    proto, inits = _dropout_model(13, ratio)
+    u = np.random.default_rng(1).standard_normal(inits["w"].shape).astype(np.float32)
+
+    def grads(seed):
+        trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                                   optimizer=onnxgrad.SGD(lr=0.0), trainable=["w"], seed=seed,
+                                   device="cuda")
+        return trainer.gradients({"u": u})["w"]
+
+    g = grads(3)
+    kept = g != 0
+    np.testing.assert_allclose(g[kept], u[kept] / (1 - ratio), rtol=1e-6)
+    assert abs((1 - kept.mean()) - ratio) < 4 * np.sqrt(ratio * (1 - ratio) / g.size)
+    np.testing.assert_array_equal(grads(3), g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,attrs", [
+    ((2, 2, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ((1, 2, 4, 5, 4), {"kernel_shape": [2, 3, 2], "storage_order": 1}),
+])
+def test_maxpool_indices_on_cuda(shape, attrs):
+    from onnxgrad.backend import get_backend
+    from onnxgrad.model import Model
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    dims = [f"d{k}" for k in range(len(shape))]
+    proto = make_model([helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)],
+                       [("x", np.float32, shape)],
+                       [("y", np.float32, dims), ("i", np.int64, dims)], opset=12)
+    model = onnxgrad.load(proto)
+    backend = get_backend("cuda")
+    plan = Model.make_plan(model.graph, backend, ["y", "i"])
+    got = {k: backend.to_host(v) for k, v in plan.run({"x": backend.asarray(x)}).items()}
+    want = model.run({"x": x})
+    np.testing.assert_array_equal(got["i"], want["i"])
+    np.testing.assert_array_equal(got["y"], want["y"])
