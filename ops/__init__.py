@@ -25,6 +25,6 @@ from onnxgrad.ops import (  # noqa: F401,E402
     shape,
     conv, dropout, nonlinear, normalization, pool, resize,  # CNN ops
     indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
-    castlike, control, detection, grid, misc, preview_training, quantize, random, sequence,
-    signal,  # conformance
+    castlike, control, detection, grid, misc, ml_extra, preview_training, quantize, random,
+    sequence, signal, text,  # conformance
 )
