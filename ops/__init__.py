@@ -26,5 +26,5 @@ from onnxgrad.ops import (  # noqa: F401,E402
     conv, dropout, nonlinear, normalization, pool, resize,  # CNN ops
     indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
     castlike, control, detection, grid, misc, ml_extra, preview_training, quantize, random,
-    sequence, signal, text,  # conformance
+    rnn, sequence, signal, text,  # conformance
 )

@@ -225,3 +225,44 @@ def test_castlike_gradient_casts_back():
     x = np.random.default_rng(3).standard_normal((2, 3))
     node = helper.make_node("CastLike", ["x", "like"], ["y"])
     _check_gradient(node, x, extra_values={"like": np.zeros(1, np.float64)})
+
+
+# -- recurrent layers against onnxruntime ----------------------------------------------------------
+@pytest.mark.parametrize("op_type, gates, attrs", [
+    ("LSTM", 4, {"direction": "bidirectional"}),
+    ("LSTM", 4, {"direction": "reverse", "input_forget": 1, "clip": 0.8}),
+    ("GRU", 3, {"direction": "bidirectional", "linear_before_reset": 1}),
+    ("GRU", 3, {"direction": "reverse"}),
+    ("RNN", 1, {"direction": "bidirectional", "activations": ["Relu", "Tanh"]}),
+])
+def test_recurrent_layers_with_sequence_lengths_match_onnxruntime(op_type, gates, attrs):
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(4)
+    steps, batch, size, hidden = 4, 3, 5, 6
+    dirs = 2 if attrs["direction"] == "bidirectional" else 1
+    arrays = {
+        "X": rng.standard_normal((steps, batch, size)).astype(np.float32),
+        "W": (0.4 * rng.standard_normal((dirs, gates * hidden, size))).astype(np.float32),
+        "R": (0.4 * rng.standard_normal((dirs, gates * hidden, hidden))).astype(np.float32),
+        "B": (0.2 * rng.standard_normal((dirs, 2 * gates * hidden))).astype(np.float32),
+        "lens": np.array([4, 1, 3], np.int32),
+        "h0": rng.standard_normal((dirs, batch, hidden)).astype(np.float32),
+    }
+    ins = ["X", "W", "R", "B", "lens", "h0"]
+    outs = ["Y", "Y_h"]
+    if op_type == "LSTM":
+        arrays["c0"] = rng.standard_normal((dirs, batch, hidden)).astype(np.float32)
+        arrays["P"] = (0.3 * rng.standard_normal((dirs, 3 * hidden))).astype(np.float32)
+        ins += ["c0", "P"]
+        outs.append("Y_c")
+    node = helper.make_node(op_type, ins, outs, hidden_size=hidden, **attrs)
+    proto = model_of([node], [vi(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                              for n, a in arrays.items()],
+                     [vi(n, F, ["d0", "d1", "d2", "d3"][:4 if n == "Y" else 3]) for n in outs],
+                     opset=14)
+    proto.ir_version = 8
+    want = ort.InferenceSession(proto.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, arrays)
+    got = onnxgrad.load(proto).run(arrays)
+    for name, w in zip(outs, want):
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-5, err_msg=name)
