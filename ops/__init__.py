@@ -24,7 +24,7 @@ from onnxgrad.ops import (  # noqa: F401,E402
     reduce,
     shape,
     conv, dropout, nonlinear, normalization, pool, resize,  # CNN ops
-    indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
+    attention, indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
     castlike, control, detection, grid, misc, ml_extra, preview_training, quantize, random,
     rnn, sequence, signal, text,  # conformance
 )

@@ -344,3 +344,31 @@ SAMPLES += [
 
 #: Ops that must appear in the database.
 OPS = sorted({s.op for s in SAMPLES})
+
+# -- attention (opset 23 on) --------------------------------------------------------------------------------
+_Q4, _K4 = ("real", (2, 2, 3, 4)), ("real", (2, 2, 5, 4))
+_MASK_B = [[True, True, False, True, True], [True, False, True, True, True], [False, True, True, True, True]]
+SAMPLES += [
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4)], {}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", ("real", (2, 2, 5, 3)))], {"is_causal": 1}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4), ("attn_mask", ("real", (3, 5)))], {}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4), ("attn_mask", ("real", (2, 1, 3, 4)))],
+      {"scale": 0.3}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4), ("attn_mask", ("bool", _MASK_B))],
+      {"softcap": 2.0}, 23),
+    S("Attention", [("Q", ("real", (2, 4, 3, 4))), ("K", _K4), ("V", _K4)], {"is_causal": 1}, 23),
+    S("Attention", [("Q", _Q4), ("K", ("real", (2, 2, 2, 4))), ("V", ("real", (2, 2, 2, 4))),
+                    (None, None), ("past_key", ("real", (2, 2, 3, 4))),
+                    ("past_value", ("real", (2, 2, 3, 4)))], {"is_causal": 1}, 23, outputs=3),
+    S("Attention", [("Q", ("real", (2, 3, 8))), ("K", ("real", (2, 5, 4))), ("V", ("real", (2, 5, 6)))],
+      {"q_num_heads": 4, "kv_num_heads": 2}, 23),
+    S("Attention", [("Q", ("real", (2, 3, 8))), ("K", ("real", (2, 5, 8))), ("V", ("real", (2, 5, 8))),
+                    ("attn_mask", ("real", (1, 2, 3, 5)))],
+      {"q_num_heads": 2, "kv_num_heads": 2, "is_causal": 1}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4), ("attn_mask", ("real", (3, 5)))],
+      {"qk_matmul_output_mode": 2}, 23),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4), (None, None), (None, None), (None, None),
+                    ("nonpad_kv_seqlen", ("int64", [4, 5]))], {"is_causal": 1}, 24),
+    S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4)], {"left_window_size": 1, "is_causal": 1}, 25),
+]
+OPS = sorted({s.op for s in SAMPLES})

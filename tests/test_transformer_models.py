@@ -258,3 +258,34 @@ def test_tiny_lm_fine_tuning_lowers_held_out_perplexity(tmp_path):
     model.save(out)
     np.testing.assert_allclose(ort_run(out, {"tokens": val["tokens"][:2]})["logits"],
                                model.run({"tokens": val["tokens"][:2]})["logits"], rtol=1e-4, atol=1e-5)
+
+
+# -- CuPy (skipped without a CUDA device) ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_gradients_and_adamw_steps_on_cuda_match_torch(exporter):
+    trainer = onnxgrad.Trainer(onnxgrad.load(path_of(exporter)), loss="cross_entropy",
+                               optimizer=onnxgrad.AdamW(**META["adamw"]),
+                               trainable=names_of(exporter), device="cuda")
+    feeds = {"tokens": DATA["tokens"]}
+    grads = trainer.gradients(feeds, DATA["label"])
+    assert_params(grads, expected(exporter, "grad"), 2e-3, 1e-6, f"{exporter} cuda gradients")
+    losses = [trainer.step(feeds, DATA["label"]) for _ in range(META["adamw_steps"])]
+    np.testing.assert_allclose(losses, DATA["adamw_losses"], rtol=1e-4, atol=1e-5)
+    got, want = trainer.model.parameters(), expected(exporter, "adamw")
+    bias = META["mapping"][exporter]["layer.self_attn.in_proj_bias"]["initializer"]
+    got[bias][16:32] = want[bias][16:32]  # zero gradient in exact arithmetic (see above)
+    assert_params(got, want, 1e-4, 2e-5, f"{exporter} cuda AdamW")
+
+
+@pytest.mark.gpu
+def test_tiny_lm_steps_on_cuda_match_cpu():
+    train = np.load(MODELS / "tiny_lm_corpus.npz")
+    losses = {}
+    for device in ("cpu", "cuda"):
+        trainer = onnxgrad.Trainer(onnxgrad.load(LM), loss=onnxgrad.CrossEntropy(class_axis=-1),
+                                   optimizer=onnxgrad.AdamW(lr=3e-3), device=device)
+        losses[device] = [trainer.step({"tokens": train["tokens"][i:i + 16]},
+                                       train["label"][i:i + 16]) for i in range(0, 80, 16)]
+    np.testing.assert_allclose(losses["cuda"], losses["cpu"], rtol=1e-4)
