@@ -10,14 +10,17 @@ It writes into ``models/``:
   positions (d_model 32), two ``nn.TransformerEncoderLayer`` blocks (4 heads,
   feed-forward 64, GELU, dropout 0) under a causal mask computed in the graph
   (Trilu), a final LayerNorm and a linear head over the vocabulary.  Input
-  ``tokens`` (int64 N x 32), output ``logits`` (float32 N x 32 x V): the classes are on the *last* axis, so train it with
-  ``onnxgrad.CrossEntropy(class_axis=-1)`` (``--class-axis -1`` on the
-  command line).  Exported by the TorchScript exporter, opset 17, dynamic
-  batch axis (the tracer fixes the sequence length inside the attention's
-  reshapes), without constant folding, so the mask's ConstantOfShape/Trilu/
-  Where arithmetic stays in the graph.  The vocabulary (characters, in token order) is
-  in the model's metadata under ``vocab`` (a JSON list).  It is
-  pretrained only briefly, so fine-tuning visibly lowers the perplexity.
+  ``tokens`` (int64 N x 32), output ``logits`` (float32 N x 32 x V).  The
+  classes are on the *last* axis: train it with
+  ``onnxgrad.CrossEntropy(class_axis=-1)``; the perplexity is
+  exp(mean cross-entropy).  Exported by the TorchScript exporter, opset 17,
+  dynamic batch axis (the tracer fixes the sequence length inside the
+  attention's reshapes), without constant folding, so the mask's
+  ConstantOfShape/Trilu/Where arithmetic stays in the graph.  The
+  vocabulary (characters, in token order) is in the model's metadata under
+  ``vocab`` (a JSON list).  It is pretrained only briefly (40 AdamW steps),
+  so fine-tuning visibly lowers the held-out perplexity (about 13.4 to 11.7
+  after 40 steps of AdamW(lr=3e-3), batch 32).
 * ``tiny_lm_corpus.npz`` -- training windows of the first 90 % of the text:
   ``tokens`` int64 (N, 32) and ``label`` int64 (N, 32), the next character
   of each position.
