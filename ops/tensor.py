@@ -96,12 +96,7 @@ def _dim_value(g, value: str, axis: int) -> str:
 @Concat1.gradient
 @Concat.gradient
 def _(g, node, dY):
-    axis = int(node.attrs["axis"])
-    if axis < 0:
-        rank = g.rank(node.inputs[0])
-        if rank is None:
-            raise ValueError(f"Concat {node.name!r}: a negative axis needs the input rank")
-        axis += rank
+    axis = int(node.attrs["axis"])  # may be negative: Gather and Split take that too
     sizes = g.Concat(*[_dim_value(g, x, axis) for x in node.inputs], axis=0, dtype=np.int64)
     n = len(node.inputs)
     parts = g.op("Split", dY, sizes, axis=axis, num_outputs=n)
