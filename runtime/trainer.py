@@ -192,7 +192,8 @@ class Trainer:
         start = time.perf_counter() if self.profile is not None else 0.0
         self.optimizer.update(self.backend.xp, self._weights, grads)
         for name, value in self._state.updates.items():  # e.g. running statistics
-            self._weights[name][...] = value
+            if name in self._weights:  # a statistic fed by a Constant node stays constant
+                self._weights[name][...] = value
         self._state.updates.clear()
         if self.profile is not None:
             self.backend.synchronize()

@@ -93,13 +93,15 @@ def test_external_data_through_a_symlink_out_of_the_folder_is_refused(tmp_path):
 
 
 def test_unsupported_op_names_op_opset_and_node():
-    proto = make_model([helper.make_node("Hardmax", ["x"], ["y"], name="the_node")],
-                       [("x", np.float32, [2, 3])], [("y", np.float32, [2, 3])], opset=13)
+    proto = make_model([helper.make_node("Frobnicate", ["x"], ["y"], name="the_node",
+                                         domain="com.example")],
+                       [("x", np.float32, [2, 3])], [("y", np.float32, [2, 3])],
+                       domains=[("com.example", 3)])
     model = onnxgrad.load(proto)  # loading works; running needs the kernel
     with pytest.raises(onnxgrad.UnsupportedOpError) as err:
         model.run({"x": np.zeros((2, 3), np.float32)})
     msg = str(err.value)
-    assert "Hardmax" in msg and "opset 13" in msg and "the_node" in msg
+    assert "Frobnicate" in msg and "com.example" in msg and "opset 3" in msg and "the_node" in msg
 
 
 def test_constant_nodes_and_unnamed_nodes_load():
