@@ -7,7 +7,9 @@ body reads from enclosing scopes ("captured" values) reach the kernel as extra
 inputs after the op's own: :func:`add_captured_inputs` appends their names to
 the nodes of a graph, and the kernel feeds them to the body by name.
 
-These ops run forward only: none of their inputs is differentiable.
+These ops run forward only: their data inputs (captured values included) are
+declared differentiable without a rule, so asking for a gradient through them
+raises UnsupportedOpError rather than giving zero.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _stack(xp, parts: list, dtype) -> Any:
 
 
 # -- If -------------------------------------------------------------------------------------
-@op("If", since=1)
+@op("If", since=1, differentiable=("captured",))
 def If(xp, cond, *captured, ctx, then_branch, else_branch):
     names = list(ctx.node.inputs[1:])
     outer = dict(zip(names, captured))
@@ -185,7 +187,7 @@ def If(xp, cond, *captured, ctx, then_branch, else_branch):
 
 
 # -- Loop -----------------------------------------------------------------------------------
-@op("Loop", since=1)
+@op("Loop", since=1, differentiable=("v_initial",))
 def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
     n_carried = len(body.input) - 2
     if n_carried < 0:
@@ -252,7 +254,7 @@ def _axes(values, n: int, rank_of=None) -> list[int]:
     return values
 
 
-@op("Scan", since=9)
+@op("Scan", since=9, differentiable=("initial_state_and_scan_inputs",))
 def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
          scan_input_axes=None, scan_input_directions=None, scan_output_axes=None,
          scan_output_directions=None):
@@ -272,7 +274,7 @@ def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
     return tuple(final) + tuple(stacked)
 
 
-@op("Scan", since=8)
+@op("Scan", since=8, differentiable=("initial_state_and_scan_inputs",))
 def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
           directions=None):
     """Opset 8: every input has a batch axis first; the scan axis is the next one."""
@@ -298,7 +300,7 @@ def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num
 
 
 # -- SequenceMap ----------------------------------------------------------------------------
-@op("SequenceMap", since=17)
+@op("SequenceMap", since=17, differentiable=("input_sequence", "additional_inputs"))
 def SequenceMap(xp, input_sequence, *additional_inputs, ctx, body):
     own, names, outer = _split_captured(ctx, additional_inputs, len(body.input) - 1)
     compiled = body_of(xp, ctx, "body", body, names)

@@ -1,4 +1,5 @@
-"""Object-detection ops: NonMaxSuppression and RoiAlign.  Forward only.
+"""Object-detection ops: NonMaxSuppression and RoiAlign.  Forward only (RoiAlign's
+X and rois are declared differentiable without a rule).
 
 NonMaxSuppression computes each class's IoU matrix at once and keeps the
 greedy selection (highest score first, ties to the lower box index) on the
@@ -72,14 +73,14 @@ def NonMaxSuppression(xp, boxes, scores, max_output_boxes_per_class=None, iou_th
     return (xp.asarray(selected, dtype=xp.int64).reshape(-1, 3),)
 
 
-@op("RoiAlign", since=16)
+@op("RoiAlign", since=16, differentiable=("X", "rois"))
 def RoiAlign(xp, X, rois, batch_indices, *, coordinate_transformation_mode="half_pixel",
              mode="avg", output_height=1, output_width=1, sampling_ratio=0, spatial_scale=1.0):
     return _roi_align(xp, X, rois, batch_indices, coordinate_transformation_mode == "half_pixel",
                       mode, output_height, output_width, sampling_ratio, spatial_scale)
 
 
-@op("RoiAlign", since=10)
+@op("RoiAlign", since=10, differentiable=("X", "rois"))
 def RoiAlign10(xp, X, rois, batch_indices, *, mode="avg", output_height=1, output_width=1,
                sampling_ratio=0, spatial_scale=1.0):
     return _roi_align(xp, X, rois, batch_indices, False, mode, output_height, output_width,

@@ -7,7 +7,8 @@ the outer edges (0) of the corner pixels, and ``padding_mode`` decides what
 lies outside: zeros, the border pixel, or the image reflected at its edges.
 Interpolation is nearest (round half to even), linear or cubic (Keys,
 a = -0.75).  The kernel is vectorized: one gather per corner of the
-interpolation stencil.  Forward only.
+interpolation stencil.  Forward only: X, grid and theta are declared
+differentiable without a rule.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _cubic(xp, t):
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
-@op("GridSample", since=16)
+@op("GridSample", since=16, differentiable=("X", "grid"))
 def GridSample(xp, X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
     if mode not in ("nearest", "linear", "cubic"):
@@ -122,7 +123,7 @@ def _fix_index(xp, idx, size, low, high, padding_mode):
     return xp.clip(xp.trunc(folded).astype(xp.int64), 0, size - 1), None
 
 
-@op("AffineGrid", since=20, host_inputs=("size",))
+@op("AffineGrid", since=20, differentiable=("theta",), host_inputs=("size",))
 def AffineGrid(xp, theta, size, *, align_corners=0):
     size = [int(s) for s in size]
     spatial = size[2:]

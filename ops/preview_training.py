@@ -9,8 +9,8 @@ Momentum scales the first gradient by 1 instead of ``beta``; Adam's ``epsilon``
 is added after the square root and its bias correction goes into the learning
 rate; Adagrad decays its learning rate as ``R / (1 + T * decay_factor)``.
 
-These ops update weights; they are not differentiated (the ``Gradient`` op of
-the same domain lives with the gradient builder).
+These ops update weights; a gradient through them raises UnsupportedOpError
+(the ``Gradient`` op of the same domain lives with the gradient builder).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _scalar(x) -> float:
     return float(x.reshape(()) if hasattr(x, "reshape") else x)
 
 
-@op("Momentum", since=1, domain=DOMAIN)
+@op("Momentum", since=1, domain=DOMAIN, differentiable=("inputs",))
 def Momentum(xp, R, T, *inputs, alpha, beta, mode, norm_coefficient):
     if mode not in ("standard", "nesterov"):
         raise ModelError(f"Momentum: mode must be 'standard' or 'nesterov', got {mode!r}")
@@ -51,7 +51,7 @@ def Momentum(xp, R, T, *inputs, alpha, beta, mode, norm_coefficient):
     return tuple(xs + vs)
 
 
-@op("Adagrad", since=1, domain=DOMAIN)
+@op("Adagrad", since=1, domain=DOMAIN, differentiable=("inputs",))
 def Adagrad(xp, R, T, *inputs, decay_factor=0.0, epsilon=1e-6, norm_coefficient=0.0):
     r = _scalar(R) / (1 + _scalar(T) * decay_factor)
     xs, hs = [], []
@@ -64,7 +64,7 @@ def Adagrad(xp, R, T, *inputs, decay_factor=0.0, epsilon=1e-6, norm_coefficient=
     return tuple(xs + hs)
 
 
-@op("Adam", since=1, domain=DOMAIN)
+@op("Adam", since=1, domain=DOMAIN, differentiable=("inputs",))
 def Adam(xp, R, T, *inputs, alpha=0.9, beta=0.999, epsilon=1e-6, norm_coefficient=0.0,
          norm_coefficient_post=0.0):
     r, t = _scalar(R), _scalar(T)

@@ -4,7 +4,9 @@ integer products QLinearMatMul, MatMulInteger, ConvInteger and QLinearConv.
 Scales and zero points are per tensor (scalars), per axis (1-D along
 ``axis``) or, from opset 21, per block (``block_size`` elements along
 ``axis``).  Integer targets round half to even and saturate; float8 targets
-saturate unless ``saturate=0``.  Forward only.
+saturate unless ``saturate=0``.  Forward only: the real-valued inputs of
+QuantizeLinear, DequantizeLinear and DynamicQuantizeLinear are declared
+differentiable without a rule (no straight-through estimator is assumed).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _broadcastable(xp, value, shape, axis: int, block_size: int):
     return value
 
 
-@op("QuantizeLinear", since=10)
+@op("QuantizeLinear", since=10, differentiable=("x", "y_scale"))
 def QuantizeLinear(xp, x, y_scale, y_zero_point=None, *, axis=1, saturate=1, block_size=0,
                    output_dtype=0, precision=0):
     if y_zero_point is not None:
@@ -80,7 +82,7 @@ def QuantizeLinear(xp, x, y_scale, y_zero_point=None, *, axis=1, saturate=1, blo
     raise ModelError(f"QuantizeLinear: {name} is not a quantized type")
 
 
-@op("DequantizeLinear", since=10)
+@op("DequantizeLinear", since=10, differentiable=("x_scale",))
 def DequantizeLinear(xp, x, x_scale, x_zero_point=None, *, axis=1, block_size=0, output_dtype=0):
     dx = x.astype(xp.float32)
     if x_zero_point is not None and not x.dtype.name.startswith(("float8", "float4")):
@@ -89,7 +91,7 @@ def DequantizeLinear(xp, x, x_scale, x_zero_point=None, *, axis=1, block_size=0,
     return (y.astype(_np_dtype(output_dtype) if output_dtype else x_scale.dtype),)
 
 
-@op("DynamicQuantizeLinear", since=11)
+@op("DynamicQuantizeLinear", since=11, differentiable=("x",))
 def DynamicQuantizeLinear(xp, x):
     high = max(0.0, float(xp.max(x))) if x.size else 0.0
     low = min(0.0, float(xp.min(x))) if x.size else 0.0

@@ -2,7 +2,8 @@
 
 A sequence value is a Python list of arrays; an optional value is its content,
 or ``None`` when empty.  The ops copy lists rather than change them, since a
-value may feed several nodes.  Forward only: no input is differentiable.
+value may feed several nodes.  Forward only: tensor inputs are declared
+differentiable without a rule, so a gradient through them raises UnsupportedOpError.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def SequenceEmpty(xp, *, dtype=None):
     return ([],)
 
 
-@op("SequenceConstruct", since=11)
+@op("SequenceConstruct", since=11, differentiable=("inputs",))
 def SequenceConstruct(xp, *inputs):
     return (list(inputs),)
 
@@ -41,13 +42,14 @@ def SequenceLength(xp, input_sequence):
     return (xp.asarray(len(_sequence(input_sequence, "SequenceLength")), dtype=xp.int64),)
 
 
-@op("SequenceAt", since=11, host_inputs=("position",))
+@op("SequenceAt", since=11, differentiable=("input_sequence",), host_inputs=("position",))
 def SequenceAt(xp, input_sequence, position):
     seq = _sequence(input_sequence, "SequenceAt")
     return (seq[_position(position, len(seq), "SequenceAt")],)
 
 
-@op("SequenceInsert", since=11, host_inputs=("position",))
+@op("SequenceInsert", since=11, differentiable=("input_sequence", "tensor"),
+    host_inputs=("position",))
 def SequenceInsert(xp, input_sequence, tensor, position=None):
     seq = _sequence(input_sequence, "SequenceInsert")
     if position is None:
@@ -57,7 +59,7 @@ def SequenceInsert(xp, input_sequence, tensor, position=None):
     return (seq,)
 
 
-@op("SequenceErase", since=11, host_inputs=("position",))
+@op("SequenceErase", since=11, differentiable=("input_sequence",), host_inputs=("position",))
 def SequenceErase(xp, input_sequence, position=None):
     seq = _sequence(input_sequence, "SequenceErase")
     if not seq:
@@ -66,7 +68,7 @@ def SequenceErase(xp, input_sequence, position=None):
     return (seq,)
 
 
-@op("ConcatFromSequence", since=11)
+@op("ConcatFromSequence", since=11, differentiable=("input_sequence",))
 def ConcatFromSequence(xp, input_sequence, *, axis, new_axis=0):
     seq = _sequence(input_sequence, "ConcatFromSequence")
     if not seq:
@@ -76,7 +78,7 @@ def ConcatFromSequence(xp, input_sequence, *, axis, new_axis=0):
     return (xp.concatenate(seq, axis=axis),)
 
 
-@op("SplitToSequence", since=11, host_inputs=("split",))
+@op("SplitToSequence", since=11, differentiable=("input",), host_inputs=("split",))
 def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1):
     axis = axis % input.ndim
     n = input.shape[axis]
@@ -104,7 +106,7 @@ def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1):
 
 
 # -- optionals ------------------------------------------------------------------------------
-@op("Optional", since=15)
+@op("Optional", since=15, differentiable=("input",))
 def Optional(xp, input=None, *, type=None):
     return (input,)
 
@@ -114,7 +116,7 @@ def OptionalHasElement(xp, input=None):
     return (xp.asarray(input is not None),)
 
 
-@op("OptionalGetElement", since=15)
+@op("OptionalGetElement", since=15, differentiable=("input",))
 def OptionalGetElement(xp, input):
     if input is None:
         raise ModelError("OptionalGetElement: the optional is empty")

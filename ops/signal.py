@@ -1,8 +1,9 @@
 """Signal processing: DFT, STFT, the Hann/Hamming/Blackman windows and MelWeightMatrix.
 
 Complex tensors are real tensors with a last axis of 2 (real, imaginary); a
-last axis of 1 holds a real signal.  Transforms use ``xp.fft`` in the
-input's precision (float32 stays single) and return the input's type.  Forward only.
+last axis of 1 holds a real signal.  Transforms use ``xp.fft`` in the input's
+precision (float32 stays single) and return the input's type.  Forward only
+(DFT's and STFT's inputs are declared differentiable without a rule).
 """
 
 from __future__ import annotations
@@ -57,18 +58,19 @@ def _dft(xp, input, dft_length, axis, inverse, onesided):
     return (_pair(xp, out, input.dtype),)
 
 
-@op("DFT", since=20, host_inputs=("dft_length", "axis"))
+@op("DFT", since=20, differentiable=("input",), host_inputs=("dft_length", "axis"))
 def DFT(xp, input, dft_length=None, axis=None, *, inverse=0, onesided=0):
     a = -2 if axis is None else _scalar_int(axis)
     return _dft(xp, input, dft_length, a, inverse, onesided)
 
 
-@op("DFT", since=17, host_inputs=("dft_length",))
+@op("DFT", since=17, differentiable=("input",), host_inputs=("dft_length",))
 def DFT17(xp, input, dft_length=None, *, axis=1, inverse=0, onesided=0):
     return _dft(xp, input, dft_length, axis, inverse, onesided)
 
 
-@op("STFT", since=17, host_inputs=("frame_step", "frame_length"))
+@op("STFT", since=17, differentiable=("signal", "window"),
+    host_inputs=("frame_step", "frame_length"))
 def STFT(xp, signal, frame_step, window=None, frame_length=None, *, onesided=1):
     step = _scalar_int(frame_step)
     if frame_length is not None:

@@ -93,7 +93,7 @@ EXCLUSIONS: dict[str, str] = {
 }
 
 #: The pass rate over all node cases (unsupported ones included) that the test holds onnxgrad to.
-PASS_RATE_FLOOR = 0.80
+PASS_RATE_FLOOR = 0.88
 
 STATUSES = ("pass", "fail", "unsupported", "error")
 
