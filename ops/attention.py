@@ -54,7 +54,7 @@ def _forward(xp, Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, a):
     past = 0 if past_key is None else past_key.shape[2]
     Kp = K4 if past_key is None else xp.concatenate([past_key, K4], axis=2)
     Vp = V4 if past_value is None else xp.concatenate([past_value, V4], axis=2)
-    B, Hq, Lq = Q4.shape[0], Q4.shape[1], Q4.shape[2]
+    Hq, Lq = Q4.shape[1], Q4.shape[2]
     Hk, Lk = Kp.shape[1], Kp.shape[2]
     if Hq % Hk or Vp.shape[1] != Hk:
         raise ValueError(f"Attention: {Hq} query heads cannot share {Hk} key/value heads")

@@ -8,8 +8,6 @@ them, as ``torch.maximum`` does for two.
 
 from __future__ import annotations
 
-import numpy as np  # host-side parsing of einsum equations only
-
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import Einsum, on
