@@ -21,6 +21,16 @@ def is_weight(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating)
 
 
+def trained_by_default(array: np.ndarray) -> bool:
+    """Whether a weight is trained when no ``trainable`` names are given.
+
+    Single-element weights are not: exporters store scales, epsilons and the
+    constants of GELU (0.5, √2) as one-element initializers, which PyTorch
+    never trains.  Name such a weight in ``trainable`` to train it.
+    """
+    return is_weight(array) and array.size > 1
+
+
 class Model:
     """An ONNX model loaded by onnxgrad.
 

@@ -13,7 +13,7 @@ from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, add_loss, resolve_loss
-from onnxgrad.model import Model, is_weight, prepare_feeds
+from onnxgrad.model import Model, is_weight, prepare_feeds, trained_by_default
 from onnxgrad.optimizers import SGD, Optimizer
 from onnxgrad.profile import Profile
 
@@ -24,8 +24,9 @@ class Trainer:
     ``loss`` names a built-in loss (see :data:`onnxgrad.losses.LOSSES`) that
     reads the value ``output`` (any value of the graph; default: the first
     graph output), or is None when ``output`` already is a scalar loss.
-    ``trainable`` is None (every floating-point initializer with a gradient
-    path to the loss) or names and glob patterns.  ``device`` is ``"cpu"``
+    ``trainable`` is None (every floating-point initializer of more than one
+    element with a gradient path to the loss: one-element initializers are
+    the scales and epsilons exporters write) or names and glob patterns.  ``device`` is ``"cpu"``
     (NumPy) or ``"cuda"`` (CuPy).
     """
 
@@ -90,7 +91,8 @@ class Trainer:
         weights = [k for k, v in train.initializers.items() if is_weight(v)]
         reach = differentiable_ancestors(train, self.loss_value)
         if trainable is None:
-            chosen = [w for w in weights if w in reach]
+            chosen = [w for w in weights
+                      if w in reach and trained_by_default(train.initializers[w])]
         else:
             patterns = [trainable] if isinstance(trainable, str) else list(trainable)
             chosen = []

@@ -196,3 +196,13 @@ def test_ignored_targets_may_lie_outside_the_classes():
     assert np.isfinite(tr.step({"x": np.ones((1, 6, 4))}, t))
     with pytest.raises(onnxgrad.DataError, match=r"must lie in \[0, 3\)"):
         tr.step({"x": np.ones((1, 6, 4))}, np.full((1, 6), 3))
+
+
+def test_one_element_initializers_are_constants_unless_named():
+    # y = (x @ W) * scale, with scale a one-element initializer as exporters write it.
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="mm"),
+             helper.make_node("Mul", ["z", "scale"], ["y"], name="scale_mul")]
+    proto = make_model(nodes, [("x", np.float32, ["N", 4])], [("y", np.float32, ["N", 3])],
+                       {"W": np.ones((4, 3), np.float32), "scale": np.array([0.5], np.float32)})
+    assert onnxgrad.Trainer(onnxgrad.load(proto)).trainable == ["W"]
+    assert onnxgrad.Trainer(onnxgrad.load(proto), trainable=["W", "scale"]).trainable == ["W", "scale"]

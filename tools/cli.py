@@ -332,7 +332,8 @@ def _op_name(row) -> str:
               help="Seed of the shuffling (and of --val-split).")
 @click.option("--trainable", multiple=True, metavar="PATTERN",
               help="Train only parameters with these names or shell globs (repeatable). "
-                   "Default: every floating-point initializer.")
+                   "Default: every floating-point initializer of more than one element with a "
+                   "gradient path to the loss (one-element ones are exporters' constants).")
 @click.option("--freeze", multiple=True, metavar="PATTERN",
               help="Do not train parameters with these names or globs (repeatable).")
 @click.option("--val", "val_path", default=None, metavar="FILE.npz",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxgrad.errors import DataError, UnsupportedOpError
+from onnxgrad.model import trained_by_default
 
 
 def fmt_shape(shape) -> str:
@@ -40,8 +41,9 @@ def feed_inputs(graph) -> list[str]:
 def select_trainable(params: dict[str, np.ndarray], trainable=(), freeze=(),
                      reach: set[str] | None = None) -> list[str]:
     """Names of the parameters to train: those matching ``trainable`` (names or
-    shell globs such as ``fc1.*``; default: every floating-point initializer
-    with a gradient path to the loss, ``reach``) minus those matching
+    shell globs such as ``fc1.*``; default: what the Trainer trains by default,
+    weights of more than one element with a gradient path to the loss, ``reach``)
+    minus those matching
     ``freeze``.  A pattern that matches nothing usable is an error."""
     floats = [k for k, v in params.items() if is_float(v)]
     usable = [k for k in floats if reach is None or k in reach]
@@ -70,7 +72,7 @@ def select_trainable(params: dict[str, np.ndarray], trainable=(), freeze=(),
         for p in trainable:
             chosen.update(matches(p, "--trainable"))
     else:
-        chosen = set(usable)
+        chosen = {k for k in usable if trained_by_default(params[k])}
     for p in freeze:
         chosen.difference_update(matches(p, "--freeze"))
     return [k for k in usable if k in chosen]
