@@ -70,6 +70,7 @@ class Step:
     attrs: dict
     args: list  # value names, or _Bound constants
     host_args: tuple[int, ...]
+    device_args: tuple[int, ...]
     outputs: list[str]
     free: tuple[str, ...]
 
@@ -124,7 +125,9 @@ class Plan:
                     args.append(_Bound(value))
                 else:
                     args.append(x)
-            steps.append(Step(node, definition.kernel, attrs, args, host, list(node.outputs), ()))
+            device = tuple(i for i, a in enumerate(args) if isinstance(a, str) and i not in host)
+            steps.append(Step(node, definition.kernel, attrs, args, host, device,
+                              list(node.outputs), ()))
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
         self.steps = self._assign_frees(steps, set(self.fetch))
 
@@ -169,6 +172,7 @@ class Plan:
         """
         xp = self.backend.xp
         to_host = self.backend.to_host
+        on_device = xp is not np
         if profile is not None:
             sync = self.backend.synchronize
             sync()
@@ -177,6 +181,10 @@ class Plan:
             for i in step.host_args:
                 if args[i] is not None:
                     args[i] = to_host(args[i])
+            if on_device:  # shape values computed on the host, read as tensors
+                for i in step.device_args:
+                    if isinstance(args[i], np.ndarray):
+                        args[i] = self.backend.asarray(args[i])
             if profile is None:
                 outs = self._call(step.node, step.kernel, xp, args, step.attrs)
             else:
