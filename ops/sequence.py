@@ -2,8 +2,11 @@
 
 A sequence value is a Python list of arrays; an optional value is its content,
 or ``None`` when empty.  The ops copy lists rather than change them, since a
-value may feed several nodes.  Forward only: tensor inputs are declared
-differentiable without a rule, so a gradient through them raises UnsupportedOpError.
+value may feed several nodes.  Kernels that make a sequence or an optional
+take ``ctx`` (unused) so that the planner never folds such a value into a
+constant: constants are bound into plans as arrays.  Forward only: tensor
+inputs are declared differentiable without a rule, so a gradient through them
+raises UnsupportedOpError.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ def _sequence(value, op_name: str) -> list:
 
 
 @op("SequenceEmpty", since=11)
-def SequenceEmpty(xp, *, dtype=None):
+def SequenceEmpty(xp, *, dtype=None, ctx):
     return ([],)
 
 
 @op("SequenceConstruct", since=11, differentiable=("inputs",))
-def SequenceConstruct(xp, *inputs):
+def SequenceConstruct(xp, *inputs, ctx):
     return (list(inputs),)
 
 
@@ -50,7 +53,7 @@ def SequenceAt(xp, input_sequence, position):
 
 @op("SequenceInsert", since=11, differentiable=("input_sequence", "tensor"),
     host_inputs=("position",))
-def SequenceInsert(xp, input_sequence, tensor, position=None):
+def SequenceInsert(xp, input_sequence, tensor, position=None, *, ctx):
     seq = _sequence(input_sequence, "SequenceInsert")
     if position is None:
         seq.append(tensor)
@@ -60,7 +63,7 @@ def SequenceInsert(xp, input_sequence, tensor, position=None):
 
 
 @op("SequenceErase", since=11, differentiable=("input_sequence",), host_inputs=("position",))
-def SequenceErase(xp, input_sequence, position=None):
+def SequenceErase(xp, input_sequence, position=None, *, ctx):
     seq = _sequence(input_sequence, "SequenceErase")
     if not seq:
         raise ModelError("SequenceErase: the sequence is empty")
@@ -79,7 +82,7 @@ def ConcatFromSequence(xp, input_sequence, *, axis, new_axis=0):
 
 
 @op("SplitToSequence", since=11, differentiable=("input",), host_inputs=("split",))
-def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1):
+def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1, ctx):
     axis = axis % input.ndim
     n = input.shape[axis]
     if split is None:
@@ -107,7 +110,7 @@ def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1):
 
 # -- optionals ------------------------------------------------------------------------------
 @op("Optional", since=15, differentiable=("input",))
-def Optional(xp, input=None, *, type=None):
+def Optional(xp, input=None, *, type=None, ctx):
     return (input,)
 
 
@@ -117,7 +120,7 @@ def OptionalHasElement(xp, input=None):
 
 
 @op("OptionalGetElement", since=15, differentiable=("input",))
-def OptionalGetElement(xp, input):
+def OptionalGetElement(xp, input, *, ctx):
     if input is None:
         raise ModelError("OptionalGetElement: the optional is empty")
     return (input,)
