@@ -42,3 +42,42 @@ def test_training_info_data_key_missing(tmp_path):
                                        "--training-info"])
     assert result.exit_code != 0
     assert "lacks key(s) ['t']" in result.output and "Traceback" not in result.output
+
+
+def test_language_model_fine_tunes_with_class_axis_and_prints_perplexity(tmp_path):
+    out = tmp_path / "lm.onnx"
+    result = CliRunner().invoke(main, [
+        "train", "models/tiny_lm.onnx", "--data", "models/tiny_lm_corpus.npz",
+        "--val", "models/tiny_lm_val.npz", "--class-axis", "-1", "--epochs", "2", "--quiet",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    before = [ln for ln in result.output.splitlines() if ln.startswith("before:")][0]
+    after = [ln for ln in result.output.splitlines() if ln.startswith("after:")][0]
+    ppl = lambda line: float(line.split("val_ppl ")[1].split()[0])  # noqa: E731
+    assert ppl(after) < ppl(before)
+    evaluated = CliRunner().invoke(main, ["eval", str(out), "--data", "models/tiny_lm_val.npz",
+                                          "--class-axis", "-1"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"perplexity: {ppl(after):.3f}" in evaluated.output
+
+
+def test_ignored_labels_do_not_count(tmp_path):
+    data = np.load("models/tiny_lm_val.npz")
+    label = data["label"].copy()
+    label[:, :16] = -100  # the first half of each window is padding
+    path = tmp_path / "padded.npz"
+    np.savez(path, tokens=data["tokens"], label=label)
+    args = ["eval", "models/tiny_lm.onnx", "--class-axis", "-1"]
+    full = CliRunner().invoke(main, args + ["--data", "models/tiny_lm_val.npz"])
+    half = CliRunner().invoke(main, args + ["--data", str(path), "--ignore-index", "-100"])
+    assert half.exit_code == 0, half.output
+    counted = lambda text: int(text.split("/")[-1].split(")")[0])  # noqa: E731
+    assert counted(half.output) * 2 == counted(full.output)
+    bad = CliRunner().invoke(main, args + ["--data", str(path)])
+    assert bad.exit_code != 0 and "-100" in bad.output and "Traceback" not in bad.output
+
+
+def test_class_options_need_a_class_loss():
+    result = CliRunner().invoke(main, ["eval", "models/digits_mlp.onnx", "--data",
+                                       "models/digits_test.npz", "--loss", "mse", "--class-axis", "1"])
+    assert result.exit_code != 0 and "apply to class losses" in result.output

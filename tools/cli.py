@@ -121,10 +121,17 @@ def read_dataset(path: str, model, input_keys, target_key, need_target=True) -> 
     return D.build_dataset(arrays, path, keys, tkey, input_info(model))
 
 
-def check_loss(loss: str) -> str:
+def check_loss(loss: str, class_axis: int | None = None, ignore_index: int | None = None):
+    """The onnxgrad.Loss for --loss, --class-axis and --ignore-index."""
     if loss not in LOSSES:
         raise click.ClickException(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return loss
+    kind = onnxgrad.LOSSES[loss]
+    if issubclass(kind, onnxgrad.CrossEntropy):
+        return kind(class_axis=1 if class_axis is None else class_axis, ignore_index=ignore_index)
+    if class_axis is not None or ignore_index is not None:
+        raise click.ClickException(f"--class-axis and --ignore-index apply to class losses "
+                                   f"(cross_entropy, nll), not to {loss}")
+    return kind()
 
 
 def fixed_batch(model) -> int | None:
@@ -147,7 +154,7 @@ def choose_batch_size(model, batch_size: int, option_given: bool) -> int:
     return fixed
 
 
-def measure(model, output, ds: D.Dataset, loss: str, batch_size: int, checked: set) -> Metrics:
+def measure(model, output, ds: D.Dataset, loss, batch_size: int, checked: set) -> Metrics:
     """Metrics of ``model`` on ``ds``; the targets are checked on the first call."""
 
     def check(y):
@@ -211,6 +218,12 @@ _key_options = [
     click.option("--output", default=None, metavar="VALUE",
                  help="The value the loss reads: a graph output or any value name in the graph "
                       "(e.g. the input of a final Softmax). Default: the first graph output."),
+    click.option("--class-axis", type=int, default=None, metavar="AXIS",
+                 help="Axis of the output that holds the classes, for cross_entropy and nll: "
+                      "1 (default) for [N, C, ...], -1 for a language model's [N, T, C]."),
+    click.option("--ignore-index", type=int, default=None, metavar="LABEL",
+                 help="Targets equal to LABEL count for nothing (padding), for cross_entropy "
+                      "and nll."),
 ]
 
 
@@ -357,7 +370,8 @@ def _op_name(row) -> str:
 @click.option("--steps", type=int, default=None,
               help="With --training-info: stop after this many algorithm steps.")
 @boundary
-def train(model, data, input_keys, target_key, loss, output, optimizer, lr, momentum, weight_decay,
+def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
+          lr, momentum, weight_decay,
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device, out_path, quiet,
           profile, training_info, steps):
     """Train MODEL on a .npz data file and save the trained model.
@@ -384,7 +398,7 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
           --target-key price --loss mse --optimizer sgd --lr 0.001
     """
     echo = (lambda *a, **k: None) if quiet else click.echo
-    loss = check_loss(loss)
+    loss = check_loss(loss, class_axis, ignore_index)
     optimizer = optimizer.lower()
     if optimizer not in OPTIMIZERS:
         raise click.ClickException(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -467,7 +481,7 @@ def train(model, data, input_keys, target_key, loss, output, optimizer, lr, mome
     if val is not None:
         click.echo(f"validation: {val.describe()}")
     click.echo(f"training {len(trainer.trainable)} of {n_float} parameter tensors ({n_values:,} "
-               f"values) with {optimizer} lr={lr:g}, loss {loss} on {output!r}, {epochs} epoch(s) "
+               f"values) with {optimizer} lr={lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
     rng = np.random.default_rng(seed)
@@ -558,7 +572,7 @@ def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet)
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Samples per Model.run call.")
 @boundary
-def eval_(model, data, input_keys, target_key, loss, output, batch_size):
+def eval_(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, batch_size):
     """Evaluate MODEL's loss and accuracy on a .npz data file.
 
     The model runs in inference mode (Dropout off, BatchNormalization with
@@ -571,7 +585,7 @@ def eval_(model, data, input_keys, target_key, loss, output, batch_size):
       onnxgrad eval digits_trained.onnx --data models/digits_test.npz --batch-size 1024
       onnxgrad eval regressor.onnx --data houses.npz --target-key price --loss mse
     """
-    loss = check_loss(loss)
+    loss = check_loss(loss, class_axis, ignore_index)
     if batch_size < 1:
         raise click.ClickException(f"--batch-size must be at least 1 (got {batch_size})")
     m = load_model(model)
@@ -580,7 +594,9 @@ def eval_(model, data, input_keys, target_key, loss, output, batch_size):
     result = measure(m, output, ds, loss, batch_size, set())
     click.echo(f"model: {model}")
     click.echo(f"data: {ds.describe()}")
-    click.echo(f"loss ({loss} on {output!r}): {result.loss:.4f}")
+    click.echo(f"loss ({loss.name} on {output!r}): {result.loss:.4f}")
+    if result.perplexity is not None:
+        click.echo(f"perplexity: {result.perplexity:.3f}")
     if result.accuracy is not None:
         click.echo(f"accuracy: {result.accuracy:.4f} ({result.correct}/{result.count})")
 

@@ -210,49 +210,52 @@ def build_dataset(arrays: dict[str, np.ndarray], path: str, keys: dict[str, str]
     return Dataset(path=path, feeds=feeds, keys=keys, target=target, target_key=target_key)
 
 
-def fit_target(ds: Dataset, loss: str, output: str, out_shape: tuple[int, ...], out_dtype) -> None:
-    """Check ``ds.target`` against the model output the loss reads; cast it in place.
+def fit_target(ds: Dataset, loss, output: str, out_shape: tuple[int, ...], out_dtype) -> None:
+    """Check ``ds.target`` against the model output ``loss`` (an onnxgrad.Loss) reads;
+    cast it in place.
 
     ``out_shape`` is the shape of the output for a batch of the data (any
-    batch size: only axis 0 differs).
+    batch size: only axis 0 differs), with the classes on axis 1.
     """
+    name = loss.name
     t = ds.target
     where = f"targets {ds.target_key!r} of {ds.path!r}"
-    if loss in CLASSIFIER_LOSSES:
+    if loss.target == "class":
         if len(out_shape) < 2:
-            raise DataError(f"loss {loss!r} needs an output of shape [N, C, ...] (scores per "
+            raise DataError(f"loss {name!r} needs an output of shape [N, C, ...] (scores per "
                             f"class); output {output!r} has shape {list(out_shape)}")
         if t.dtype.kind == "f":
             if not np.all(np.isfinite(t)) or not np.all(t == np.round(t)):
                 raise DataError(f"{where} are not integer class labels (element type {t.dtype}); "
-                                f"loss {loss!r} needs integer labels")
+                                f"loss {name!r} needs integer labels")
             t = t.astype(np.int64)
         elif t.dtype.kind not in "iu":
-            raise DataError(f"{where} have element type {t.dtype}; loss {loss!r} needs integer "
+            raise DataError(f"{where} have element type {t.dtype}; loss {name!r} needs integer "
                             f"class labels")
         want = (len(t),) + tuple(out_shape[2:])
         if t.shape != want:
             raise DataError(f"{where} have shape {tuple(t.shape)}; output {output!r} has shape "
-                            f"{['N'] + list(out_shape[1:])}, so loss {loss!r} expects labels of "
+                            f"{['N'] + list(out_shape[1:])}, so loss {name!r} expects labels of "
                             f"shape {['N'] + list(out_shape[2:])}")
         classes = out_shape[1]
-        lo, hi = int(t.min()), int(t.max())
+        valid = t if loss.ignore_index is None else t[t != loss.ignore_index]
+        lo, hi = (int(valid.min()), int(valid.max())) if valid.size else (0, 0)
         if lo < 0 or hi >= classes:
             raise DataError(f"{where} range from {lo} to {hi}, out of range for the {classes} "
                             f"classes of output {output!r} (labels must be 0..{classes - 1})")
         ds.target = t.astype(np.int64)
         return
     if t.dtype.kind not in "fiub":
-        raise DataError(f"{where} have element type {t.dtype}; loss {loss!r} needs numbers")
+        raise DataError(f"{where} have element type {t.dtype}; loss {name!r} needs numbers")
     want = (len(t),) + tuple(out_shape[1:])
     if t.shape != want:
         if t.size == int(np.prod(want)) and t.ndim == 1:
             t = t.reshape(want)  # e.g. N targets for an N x 1 output
         else:
-            raise DataError(f"{where} have shape {tuple(t.shape)}; loss {loss!r} expects the shape "
+            raise DataError(f"{where} have shape {tuple(t.shape)}; loss {name!r} expects the shape "
                             f"of output {output!r}, {['N'] + list(out_shape[1:])}")
     t = t.astype(out_dtype if out_dtype is not None and np.dtype(out_dtype).kind == "f" else np.float32)
-    if loss == "bce_with_logits" and (t.min() < 0 or t.max() > 1):
+    if name == "bce_with_logits" and (t.min() < 0 or t.max() > 1):
         raise DataError(f"{where} range from {t.min():g} to {t.max():g}; loss 'bce_with_logits' "
                         f"needs targets in [0, 1]")
     ds.target = np.ascontiguousarray(t)

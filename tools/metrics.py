@@ -15,7 +15,9 @@ import numpy as np
 
 from onnxgrad.errors import DataError
 
-from .data import CLASSIFIER_LOSSES, Dataset
+from onnxgrad.losses import Loss
+
+from .data import Dataset
 
 #: The losses the CLI offers, with one line of help each.
 LOSSES = {
@@ -32,23 +34,33 @@ def _gather_class(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, np.expand_dims(t, 1), axis=1).squeeze(1)
 
 
-def loss_sum(loss: str, y: np.ndarray, t: np.ndarray) -> tuple[float, int]:
-    """Sum of the per-element losses and the number of elements averaged over."""
+def loss_sum(loss: Loss, y: np.ndarray, t: np.ndarray) -> tuple[float, int]:
+    """Sum of the per-element losses and the number of elements averaged over.
+
+    For class losses ``y`` has its classes on axis 1; targets equal to the
+    loss's ``ignore_index`` count for nothing.
+    """
     y = y.astype(np.float64)
-    if loss == "cross_entropy":
+    keep = None
+    if loss.target == "class" and loss.ignore_index is not None:
+        keep = t != loss.ignore_index
+        t = np.where(keep, t, 0)
+    if loss.name == "cross_entropy":
         m = y.max(axis=1, keepdims=True)
         lse = np.log(np.exp(y - m).sum(axis=1)) + m.squeeze(1)
         per = lse - _gather_class(y, t)
-    elif loss == "nll":
+    elif loss.name == "nll":
         per = -_gather_class(y, t)
-    elif loss == "mse":
+    elif loss.name == "mse":
         per = (y - t) ** 2
-    elif loss == "l1":
+    elif loss.name == "l1":
         per = np.abs(y - t)
-    elif loss == "bce_with_logits":
+    elif loss.name == "bce_with_logits":
         per = np.maximum(y, 0) - y * t + np.log1p(np.exp(-np.abs(y)))
     else:  # pragma: no cover - the CLI checks names first
-        raise DataError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        raise DataError(f"unknown loss {loss.name!r}; choose one of {', '.join(LOSSES)}")
+    if keep is not None:
+        per = per[keep]
     return float(per.sum()), int(per.size)
 
 
@@ -58,9 +70,13 @@ class Metrics:
     accuracy: float | None = None
     correct: int = 0
     count: int = 0
+    #: exp(loss), shown for per-position class targets (language models, segmentation)
+    perplexity: float | None = None
 
     def format(self, prefix: str = "") -> str:
         text = f"{prefix}loss {self.loss:.4f}"
+        if self.perplexity is not None:
+            text += f"  {prefix}ppl {self.perplexity:.3f}"
         if self.accuracy is not None:
             text += f"  {prefix}acc {self.accuracy:.4f}"
         return text
@@ -72,7 +88,7 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None):
         yield idx[start:start + batch_size]
 
 
-def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_size: int,
+def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: Loss, batch_size: int,
              check_first: Callable[[np.ndarray], None] | None = None,
              fixed_batch: bool = False) -> Metrics:
     """Loss (and accuracy for classifiers) of ``run(feeds) -> output`` on ``ds``.
@@ -84,7 +100,7 @@ def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_si
     and the padding rows' outputs are dropped.
     """
     total, count, correct, labels = 0.0, 0, 0, 0
-    classify = loss in CLASSIFIER_LOSSES
+    classify = loss.target == "class"
     for i, index in enumerate(batches(len(ds), batch_size)):
         n = len(index)
         run_index = index
@@ -93,6 +109,8 @@ def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_si
         feeds = {k: v[run_index] if len(run_index) < len(v) or fixed_batch else v
                  for k, v in ds.feeds.items()}
         y = np.asarray(run(feeds))[:n]
+        if classify and loss.class_axis_of(y.ndim) != 1:  # classes on axis 1 from here on
+            y = np.moveaxis(y, loss.class_axis_of(y.ndim), 1)
         if i == 0 and check_first is not None:
             check_first(y)
         t = ds.target[index]
@@ -100,9 +118,17 @@ def evaluate(run: Callable[[dict], np.ndarray], ds: Dataset, loss: str, batch_si
         total += s
         count += c
         if classify:
-            correct += int((y.argmax(axis=1) == t).sum())
-            labels += t.size
+            hit = y.argmax(axis=1) == t
+            if loss.ignore_index is not None:
+                counted = t != loss.ignore_index
+                hit &= counted
+                labels += int(counted.sum())
+            else:
+                labels += t.size
+            correct += int(hit.sum())
     mean = total / max(count, 1)
     if classify:
-        return Metrics(mean, correct / max(labels, 1), correct, labels)
+        per_position = ds.target is not None and ds.target.ndim >= 2
+        return Metrics(mean, correct / max(labels, 1), correct, labels,
+                       perplexity=float(np.exp(min(mean, 700.0))) if per_position else None)
     return Metrics(mean)
