@@ -291,3 +291,24 @@ def test_gradients_through_forward_only_ops_raise():
     with pytest.raises(onnxgrad.UnsupportedOpError, match="ConcatFromSequence"):
         onnxgrad.Trainer(onnxgrad.load(seq), loss=None, output="loss",
                          trainable=["w"]).gradients({}, None)
+
+
+def test_tree_ensemble_with_more_leaves_than_nodes_and_average():
+    """Two stumps: x0 <= 0.5 (leaves 0/1) and x1 > 2 (leaves 2/3); AVERAGE over two targets."""
+    ml = "ai.onnx.ml"
+    node = helper.make_node(
+        "TreeEnsemble", ["X"], ["Y"], domain=ml, n_targets=2, aggregate_function=0,
+        tree_roots=[0, 1], nodes_featureids=[0, 1],
+        nodes_modes=numpy_helper.from_array(np.array([0, 3], np.uint8)),
+        nodes_splits=numpy_helper.from_array(np.array([0.5, 2.0], np.float32)),
+        nodes_truenodeids=[0, 2], nodes_falsenodeids=[1, 3], nodes_trueleafs=[1, 1],
+        nodes_falseleafs=[1, 1], leaf_targetids=[0, 1, 1, 0],
+        leaf_weights=numpy_helper.from_array(np.array([1.0, 2.0, 4.0, 8.0], np.float32)))
+    graph = helper.make_graph([node], "g", [vi("X", F, [3, 2])], [vi("Y", F, [3, 2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ml, 5)])
+    X = np.array([[0.0, 3.0], [1.0, 1.0], [np.nan, 5.0]], np.float32)
+    y = onnxgrad.load(proto).run({"X": X})["Y"]
+    # row 0: leaf 0 (t0 += 1), leaf 2 (t1 += 4); row 1: leaf 1 (t1 += 2), leaf 3 (t0 += 8);
+    # row 2: NaN goes false -> leaf 1 (t1 += 2), leaf 2 (t1 += 4).
+    np.testing.assert_allclose(y, np.array([[1, 4], [8, 2], [0, 6]]) / 2)
