@@ -34,7 +34,8 @@ def cast_array(xp, x, dtype, *, saturate=1, round_mode="up"):
 
         big = float(ml_dtypes.finfo(dtype).max)
         x = xp.clip(x.astype(xp.float32), -big, big)  # NaN stays NaN, ±inf become ±max
-    if x.dtype.name not in ("float32", "float64") and _is_ml_dtype(dtype) and x.dtype.kind not in "iub":
+    if x.dtype.name not in ("float32", "float64") and _is_ml_dtype(dtype) \
+            and x.dtype.kind not in "iub":
         x = x.astype(xp.float32)  # ml_dtypes converts reliably through float32
     return x.astype(dtype)
 

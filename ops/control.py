@@ -156,7 +156,8 @@ def body_of(xp, ctx, attr: str, proto: onnx.GraphProto, captured: list[str]) -> 
 
 def _split_captured(ctx, args: tuple, n_own: int) -> tuple[list, list[str], dict[str, Any]]:
     """The op's own variadic inputs, and the captured names with their values."""
-    names = list(ctx.node.inputs[len(ctx.node.inputs) - (len(args) - n_own):]) if len(args) > n_own else []
+    extra = len(args) - n_own
+    names = list(ctx.node.inputs[len(ctx.node.inputs) - extra:]) if extra > 0 else []
     return list(args[:n_own]), names, dict(zip(names, args[n_own:]))
 
 
@@ -177,7 +178,10 @@ def _stack(xp, parts: list, dtype) -> Any:
 def If(xp, cond, *captured, ctx, then_branch, else_branch):
     names = list(ctx.node.inputs[1:])
     outer = dict(zip(names, captured))
-    chosen, attr = (then_branch, "then_branch") if _truth(xp, cond) else (else_branch, "else_branch")
+    if _truth(xp, cond):
+        chosen, attr = then_branch, "then_branch"
+    else:
+        chosen, attr = else_branch, "else_branch"
     body = body_of(xp, ctx, attr, chosen, names)
     outs = body.run([], {n: outer[n] for n in body.captured})
     if len(outs) != ctx.num_outputs:

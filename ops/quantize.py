@@ -47,7 +47,8 @@ def _broadcastable(xp, value, shape, axis: int, block_size: int):
         value = xp.take(value, xp.arange(shape[axis]), axis=axis)
     if tuple(value.shape) != tuple(shape):
         raise ModelError(f"a blocked scale/zero point of shape {list(value.shape)} (after "
-                         f"repeating {block_size} times) does not fit an input of shape {list(shape)}")
+                         f"repeating {block_size} times) does not fit an input of shape "
+                         f"{list(shape)}")
     return value
 
 
@@ -95,7 +96,8 @@ def DequantizeLinear(xp, x, x_scale, x_zero_point=None, *, axis=1, block_size=0,
 def DynamicQuantizeLinear(xp, x):
     high = max(0.0, float(xp.max(x))) if x.size else 0.0
     low = min(0.0, float(xp.min(x))) if x.size else 0.0
-    scale = xp.float32(1.0 if high == low else (xp.float32(high) - xp.float32(low)) / xp.float32(255))
+    span = xp.float32(high) - xp.float32(low)
+    scale = xp.float32(1.0) if high == low else xp.float32(span / xp.float32(255))
     zero = xp.rint(xp.clip(xp.float32(0) - xp.float32(low) / scale, 0, 255))
     y = xp.clip(xp.rint(x / scale) + zero, 0, 255).astype(xp.uint8)
     return y, xp.asarray(scale, dtype=x.dtype), xp.asarray(zero).astype(xp.uint8)

@@ -32,7 +32,8 @@ def _random_model(seed=None):
         helper.make_node("RandomUniformLike", ["x"], ["u"], low=-1.0, high=3.0,
                          dtype=TensorProto.DOUBLE, **extra),
         helper.make_node("RandomNormalLike", ["x"], ["nl"], **extra),
-        helper.make_node("RandomUniform", [], ["uu"], shape=[7], dtype=TensorProto.FLOAT16, **extra),
+        helper.make_node("RandomUniform", [], ["uu"], shape=[7], dtype=TensorProto.FLOAT16,
+                         **extra),
         helper.make_node("Bernoulli", ["p"], ["b"], **extra),
         helper.make_node("Multinomial", ["logits"], ["m"], sample_size=20000, **extra),
     ]

@@ -68,14 +68,16 @@ EXCLUSIONS: dict[str, str] = {
                                                              "_default_mask"))},
     **{n: _RNG for n in _names("test_bernoulli{}{}", ("", "_double", "_seed"), ("", "_expanded"))},
     **{n: _CAST for n in ["test_cast_FLOAT_to_BFLOAT16", "test_castlike_FLOAT_to_BFLOAT16_expanded",
-                          "test_cast_e8m0_FLOAT_to_FLOAT8E8M0", "test_cast_e8m0_FLOAT16_to_FLOAT8E8M0"]
+                          "test_cast_e8m0_FLOAT_to_FLOAT8E8M0",
+                          "test_cast_e8m0_FLOAT16_to_FLOAT8E8M0"]
        + _names("test_cast{}_{}_to_{}", ("", "_no_saturate"), ("FLOAT", "FLOAT16"), _NARROW)
        + _names("test_cast_{}_to_{}", ("FLOAT", "FLOAT16"), _TINY)
        + _names("test_castlike{}_{}_to_{}_expanded", ("", "_no_saturate"), ("FLOAT", "FLOAT16"),
                 _NARROW)
        + _names("test_castlike_{}_to_{}_expanded", ("FLOAT", "FLOAT16"), _TINY)
        + _names("test_attention_{}_bf16_expanded", (
-           "4d_causal", "4d_padded_kv", "4d_causal_padded_kv", "4d_attn_mask_causal", "3d_causal"))},
+           "4d_causal", "4d_padded_kv", "4d_causal_padded_kv", "4d_attn_mask_causal",
+           "3d_causal"))},
     **{n: _CAPTURE_RANGE for n in
        _names("test_affine_grid_{}{}_expanded", ("2d", "3d"), ("", "_align_corners"))},
     "test_range_bfloat16_type_positive_delta_expanded": _CAPTURE_CAST,
@@ -157,7 +159,8 @@ class Report:
         t = self.totals()
         n = len(self.results)
         lines.append("")
-        lines.append(f"{n} cases: {t['pass']} pass, {t['fail']} fail, {t['unsupported']} unsupported, "
+        lines.append(f"{n} cases: {t['pass']} pass, {t['fail']} fail, "
+                     f"{t['unsupported']} unsupported, "
                      f"{t['error']} error; pass rate {100 * self.pass_rate:.1f}% "
                      f"({self.seconds:.1f} s)")
         bad = [r for r in self.results if r.status in ("fail", "error") and not r.excluded]
@@ -263,7 +266,8 @@ def compare(expected: Any, got: Any, rtol: float, atol: float, where: str) -> st
     """Why ``got`` differs from ``expected`` (as the suite judges it), or None."""
     if isinstance(expected, list):
         if not isinstance(got, (list, tuple)):
-            return f"{where}: expected a sequence of {len(expected)} tensors, got {type(got).__name__}"
+            return (f"{where}: expected a sequence of {len(expected)} tensors, "
+                    f"got {type(got).__name__}")
         if len(got) != len(expected):
             return f"{where}: expected a sequence of {len(expected)} tensors, got {len(got)}"
         for j, (e, g) in enumerate(zip(expected, got)):
@@ -292,7 +296,8 @@ def compare(expected: Any, got: Any, rtol: float, atol: float, where: str) -> st
     try:
         np.testing.assert_allclose(g, e, rtol=rtol, atol=atol)
     except AssertionError as exc:
-        detail = [ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith(("Mismatched", "Max abs"))]
+        detail = [ln.strip() for ln in str(exc).splitlines()
+                  if ln.strip().startswith(("Mismatched", "Max abs"))]
         return f"{where}: values differ ({'; '.join(detail)})"
     return None
 
