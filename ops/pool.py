@@ -65,11 +65,11 @@ def _argmax_windows(xp, X, geo):
         v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
         if best is None:
             best = xp.array(v, copy=True)
-            arg = xp.zeros(best.shape, dtype=xp.int64)
-        else:
+            arg = xp.zeros(best.shape, dtype=xp.int32)
+        else:  # in place; a strict > keeps the first maximum's offset
             better = v > best
-            best = xp.where(better, v, best)
-            arg = xp.where(better, k, arg)
+            xp.maximum(best, v, out=best)
+            arg[better] = k
     return best, arg
 
 
@@ -89,24 +89,23 @@ def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         return (Y,)
     sp, kernel, strides, dilations, begin, end, need, out = geo
     # Flat index of each maximum in X (padding not counted), row-major over N, C and
-    # the spatial axes; storage_order=1 orders the spatial axes column-major.
+    # the spatial axes; storage_order=1 orders the spatial axes column-major.  The
+    # index is a sum of small host tables: one entry per kernel offset (looked up
+    # through the argmax), one per output position, one per (n, c).
+    nd = len(sp)
+    scales, step = [0] * nd, 1
+    for i in (range(nd) if storage_order else reversed(range(nd))):
+        scales[i], step = step, step * sp[i]
+    per_offset = np.array([sum(o * dilations[i] * scales[i] for i, o in enumerate(offset))
+                           for offset in _offsets(kernel)], dtype=np.int64)
+    per_position = sum(((np.arange(out[i]) * strides[i] - begin[i]) * scales[i]).reshape(
+        (out[i],) + (1,) * (nd - 1 - i)) for i in range(nd))
     N, C = X.shape[:2]
-    nc = xp.arange(N * C, dtype=xp.int64).reshape((N, C) + (1,) * len(sp))
-    index = nc * math.prod(sp)
-    rem = arg
-    scale = 1
-    positions = []
-    for i in reversed(range(len(sp))):
-        k = rem % kernel[i]
-        rem = rem // kernel[i]
-        o = xp.arange(out[i], dtype=xp.int64).reshape((out[i],) + (1,) * (len(sp) - 1 - i))
-        positions.append(o * strides[i] - begin[i] + k * dilations[i])
-    positions.reverse()
-    order = range(len(sp)) if storage_order else reversed(range(len(sp)))
-    for i in order:
-        index = index + positions[i] * scale
-        scale *= sp[i]
-    return Y, xp.ascontiguousarray(index)
+    per_plane = np.arange(N * C, dtype=np.int64).reshape((N, C) + (1,) * nd) * math.prod(sp)
+    index = xp.take(xp.asarray(per_offset), arg)
+    index += xp.asarray(per_position)
+    index += xp.asarray(per_plane)
+    return Y, index
 
 
 _MAXPOOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")
