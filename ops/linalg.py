@@ -50,6 +50,9 @@ def _(g, node, dY):
 
 @op("MatMul", since=1, differentiable=("A", "B"))
 def MatMul(xp, A, B):
+    if A.ndim > 2 and B.ndim == 2:  # one large product instead of a batch of small ones
+        Y = xp.matmul(A.reshape(-1, A.shape[-1]), B)
+        return (Y.reshape(A.shape[:-1] + (B.shape[-1],)),)
     return (xp.asarray(xp.matmul(A, B)),)
 
 
@@ -83,6 +86,13 @@ def _(g, node, dY):
         dB = g.private("SumToShape", g.Squeeze(dB, g.ints([-1])), g.shape_of(B))
         return (g.unbroadcast(dA, like=A), dB)
     dA = g.MatMul(dY, swap_last(B, rb))
+    shape_b = g.shape(B)
+    if rb == 2 and ra > 2 and shape_b is not None and all(isinstance(d, int) for d in shape_b):
+        # A linear layer over a batch of sequences: dB = A^T dY over every row at
+        # once, one product with no batch of partial sums to add up.
+        K, N = shape_b
+        dB = g.Gemm(g.Reshape(A, g.ints([-1, K])), g.Reshape(dY, g.ints([-1, N])), transA=1)
+        return (g.unbroadcast(dA, like=A), dB)
     dB = g.MatMul(swap_last(A, ra), dY)
     return (g.unbroadcast(dA, like=A), g.unbroadcast(dB, like=B))
 
