@@ -6,7 +6,7 @@ Both are written with three array helpers shared with pooling (``ops/pool.py``):
 * :func:`windows` is a strided view ``(N, C, *out, *kernel)`` of a padded input
   (``xp.lib.stride_tricks.as_strided``, in NumPy and CuPy alike): im2col without
   index arrays;
-* :func:`col2im` scatters ``(C, *kernel, N, *out)`` columns back onto an image,
+* :func:`col2im` scatters ``(N, C, *kernel, *out)`` columns back onto an image,
   one strided slice per kernel offset (a loop over ``prod(kernel)`` offsets,
   never over pixels or batch items).
 
@@ -95,26 +95,29 @@ def offset_slices(offset, strides, dilations, out):
 
 
 def col2im(xp, cols, full, strides, dilations):
-    """Sum columns ``(C, *kernel, N, *out)`` onto an image ``(C, N, *full)``."""
+    """Sum columns ``(N, C, *kernel, *out)`` onto an image ``(N, C, *full)``."""
     nd = len(full)
-    kernel = cols.shape[1:1 + nd]
+    kernel = cols.shape[2:2 + nd]
     out = cols.shape[2 + nd:]
-    img = xp.zeros(tuple(cols.shape[:1]) + tuple(cols.shape[1 + nd:2 + nd]) + tuple(full),
-                   dtype=cols.dtype)
+    img = xp.zeros(tuple(cols.shape[:2]) + tuple(full), dtype=cols.dtype)
     for offset in itertools.product(*(range(k) for k in kernel)):
         img[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += \
-            cols[(slice(None),) + offset]
+            cols[(slice(None), slice(None)) + offset]
     return img
 
 
 def _im2col(xp, Xp, kernel, strides, dilations, out, group):
-    """Columns ``(group, C/group * prod(kernel), N * prod(out))`` of a padded input."""
+    """Columns ``(N, group, C/group * prod(kernel), prod(out))`` of a padded input.
+
+    Batch-major, so that the copy runs along the output's rows and each batch
+    item's product writes its output in place: no transposes of the result.
+    """
     N, C = Xp.shape[:2]
     nd = len(kernel)
-    win = windows(xp, Xp, kernel, strides, dilations, out)
-    perm = (1,) + tuple(range(2 + nd, 2 + 2 * nd)) + (0,) + tuple(range(2, 2 + nd))
-    cols = xp.ascontiguousarray(win.transpose(perm))  # (C, *kernel, N, *out)
-    return cols.reshape(group, (C // group) * math.prod(kernel), N * math.prod(out))
+    win = windows(xp, Xp, kernel, strides, dilations, out)        # (N, C, *out, *kernel)
+    perm = (0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd))
+    cols = xp.ascontiguousarray(win.transpose(perm))               # (N, C, *kernel, *out)
+    return cols.reshape(N, group, (C // group) * math.prod(kernel), math.prod(out))
 
 
 def conv_forward(xp, Xp, W, strides, dilations, group, out):
@@ -122,9 +125,8 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
     N = Xp.shape[0]
     M = W.shape[0]
     cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group)
-    Y = xp.matmul(W.reshape(group, M // group, -1), cols)          # (g, M/g, N*P)
-    Y = Y.reshape((M, N) + tuple(out))
-    return xp.ascontiguousarray(xp.moveaxis(Y, 0, 1))
+    Y = xp.matmul(W.reshape(group, M // group, -1), cols)          # (N, g, M/g, P)
+    return Y.reshape((N, M) + tuple(out))
 
 
 def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
@@ -132,8 +134,8 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     N, M = dY.shape[:2]
     out = dY.shape[2:]
     cols = _im2col(xp, Xp, kernel, strides, dilations, out, group)
-    d = xp.moveaxis(dY, 1, 0).reshape(group, M // group, -1)       # (g, M/g, N*P)
-    dW = xp.matmul(d, cols.transpose(0, 2, 1))                     # (g, M/g, C/g*K)
+    d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
+    dW = xp.matmul(d, xp.swapaxes(cols, -1, -2)).sum(axis=0)       # (g, M/g, C/g*K)
     return dW.reshape((M, Xp.shape[1] // group) + tuple(kernel))
 
 
@@ -143,11 +145,10 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     out = tuple(dY.shape[2:])
     kernel = tuple(W.shape[2:])
     cg = W.shape[1]
-    d = xp.moveaxis(dY, 1, 0).reshape(group, M // group, -1)       # (g, M/g, N*P)
-    cols = xp.matmul(W.reshape(group, M // group, -1).transpose(0, 2, 1), d)  # (g, C/g*K, N*P)
-    cols = cols.reshape((group * cg,) + kernel + (N,) + out)
-    img = col2im(xp, cols, full, strides, dilations)               # (C, N, *full)
-    return xp.moveaxis(img, 0, 1)
+    d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
+    cols = xp.matmul(xp.swapaxes(W.reshape(group, M // group, -1), -1, -2), d)  # (N, g, C/g*K, P)
+    cols = cols.reshape((N, group * cg) + kernel + out)
+    return col2im(xp, cols, full, strides, dilations)              # (N, C, *full)
 
 
 def _bias_shape(B, ndim):
