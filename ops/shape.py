@@ -35,7 +35,8 @@ def onnx_type(dtype) -> int:
 
 
 def _dims(values) -> list[int]:
-    return [int(v) for v in values]
+    """A list attribute or a host int tensor (a 0-d one counts as one element) as ints."""
+    return [int(v) for v in np.asarray(values).reshape(-1)]
 
 
 def _same_shape_as(g, dY, X):

@@ -265,9 +265,20 @@ def TileGrad(xp, dY, shape):
 
 # -- constants and sizes ----------------------------------------------------------------------
 
+def _scalar(value, name: str):
+    """A one-element host tensor as a 0-d array of its own element type."""
+    a = np.asarray(_to_host(value))
+    if a.size != 1:
+        raise ValueError(f"Range: {name} must be a scalar, got shape {list(a.shape)}")
+    return a.reshape(())
+
+
 @op("Range", since=11, host_inputs=("start", "limit", "delta"))
 def Range(xp, start, limit, delta):
-    start, limit, delta = (np.asarray(_to_host(v)) for v in (start, limit, delta))
+    # Scalars by the spec; exporters also feed one-element 1-D tensors (which int()
+    # rejects from NumPy 2.4 on), so read the single element explicitly.
+    start, limit, delta = (_scalar(v, name) for v, name in
+                           ((start, "start"), (limit, "limit"), (delta, "delta")))
     dtype = start.dtype
     if dtype.kind in "iu":
         out = np.arange(int(start), int(limit), int(delta), dtype=dtype)

@@ -4,6 +4,11 @@
 onnx's checker, runs shape inference, resolves external data (only inside the
 model's folder), inlines model-local functions, and returns the original proto
 (weights stripped: they live in the graph) beside the :class:`~onnxgrad.ir.Graph`.
+
+A node with a body (If, Loop, Scan, SequenceMap) receives the outer-scope values
+its body reads as extra inputs after its own
+(:func:`onnxgrad.ops.control.add_captured_inputs`), so the planner schedules it
+after their producers and keeps them alive until it ran.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from onnxgrad.errors import ModelError
 from onnxgrad.autodiff import expand_gradient_ops
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.ops import canonical_domain
+from onnxgrad.ops.control import add_captured_inputs
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -113,7 +119,11 @@ def _value_info(vi: onnx.ValueInfoProto) -> ValueInfo | None:
 
 
 def build_graph(proto: onnx.ModelProto, where: str) -> Graph:
-    """The IR of a checked, shape-inferred ModelProto."""
+    """The IR of a checked, shape-inferred ModelProto.
+
+    Nodes with bodies get the outer-scope values those bodies read as extra
+    inputs (see the module docstring).
+    """
     gp = proto.graph
     opsets = {}
     for imp in proto.opset_import:
@@ -154,8 +164,10 @@ def build_graph(proto: onnx.ModelProto, where: str) -> Graph:
     # Old models list their initializers among the graph inputs too.
     inputs = [vi.name for vi in gp.input if vi.name not in initializers]
     outputs = [vi.name for vi in gp.output]
-    return Graph(nodes=nodes, inputs=inputs, outputs=outputs, initializers=initializers,
-                 info=info, opsets=opsets, name=gp.name or "graph")
+    graph = Graph(nodes=nodes, inputs=inputs, outputs=outputs, initializers=initializers,
+                  info=info, opsets=opsets, name=gp.name or "graph")
+    add_captured_inputs(graph)
+    return graph
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Graph, str | None]:
