@@ -6,7 +6,8 @@ Both are written with three array helpers shared with pooling (``ops/pool.py``):
 * :func:`windows` is a strided view ``(N, C, *out, *kernel)`` of a padded input
   (``xp.lib.stride_tricks.as_strided``, in NumPy and CuPy alike): im2col without
   index arrays;
-* :func:`col2im` scatters ``(N, C, *kernel, *out)`` columns back onto an image,
+* :func:`col2im` scatters ``(A, B, *kernel, *out)`` columns back onto an image
+  ``(A, B, *full)`` (batch and channel axes in either order),
   one strided slice per kernel offset (a loop over ``prod(kernel)`` offsets,
   never over pixels or batch items).
 
@@ -95,7 +96,7 @@ def offset_slices(offset, strides, dilations, out):
 
 
 def col2im(xp, cols, full, strides, dilations):
-    """Sum columns ``(N, C, *kernel, *out)`` onto an image ``(N, C, *full)``."""
+    """Sum columns ``(A, B, *kernel, *out)`` onto an image ``(A, B, *full)``."""
     nd = len(full)
     kernel = cols.shape[2:2 + nd]
     out = cols.shape[2 + nd:]
@@ -106,36 +107,59 @@ def col2im(xp, cols, full, strides, dilations):
     return img
 
 
-def _im2col(xp, Xp, kernel, strides, dilations, out, group):
-    """Columns ``(N, group, C/group * prod(kernel), prod(out))`` of a padded input.
+def _batch_major(positions, channels):
+    """The column layout for a product: batch-major ``(N, g, C/g·K, P)`` when each
+    item has at least as many output positions as output channels (early layers:
+    no transposes of results), else one matrix ``(g, C/g·K, N·P)`` (deep layers,
+    where per-item products would be skinny)."""
+    return positions >= channels
 
-    Batch-major, so that the copy runs along the output's rows and each batch
-    item's product writes its output in place: no transposes of the result.
-    """
+
+def _im2col(xp, Xp, kernel, strides, dilations, out, group, batch_major):
+    """Columns of a padded input in the layout :func:`_batch_major` chose."""
     N, C = Xp.shape[:2]
     nd = len(kernel)
     win = windows(xp, Xp, kernel, strides, dilations, out)        # (N, C, *out, *kernel)
-    perm = (0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd))
-    cols = xp.ascontiguousarray(win.transpose(perm))               # (N, C, *kernel, *out)
-    return cols.reshape(N, group, (C // group) * math.prod(kernel), math.prod(out))
+    rows = (C // group) * math.prod(kernel)
+    kernel_axes = tuple(range(2 + nd, 2 + 2 * nd))
+    out_axes = tuple(range(2, 2 + nd))
+    if batch_major:                                                # (N, C, *kernel, *out)
+        cols = xp.ascontiguousarray(win.transpose((0, 1) + kernel_axes + out_axes))
+        return cols.reshape(N, group, rows, math.prod(out))
+    cols = xp.ascontiguousarray(win.transpose((1,) + kernel_axes + (0,) + out_axes))
+    return cols.reshape(group, rows, N * math.prod(out))          # (C, *kernel, N, *out)
+
+
+def _rows(xp, d):
+    """``(N, g, M/g, P)`` output gradients as one matrix per group ``(g, M/g, N·P)``."""
+    N, group, m, _ = d.shape
+    return xp.ascontiguousarray(d.transpose(1, 2, 0, 3)).reshape(group, m, -1)
 
 
 def conv_forward(xp, Xp, W, strides, dilations, group, out):
     """Conv of an already padded input: ``(N, M, *out)``."""
     N = Xp.shape[0]
     M = W.shape[0]
-    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group)
-    Y = xp.matmul(W.reshape(group, M // group, -1), cols)          # (N, g, M/g, P)
-    return Y.reshape((N, M) + tuple(out))
+    batch_major = _batch_major(math.prod(out), M // group)
+    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group, batch_major)
+    Y = xp.matmul(W.reshape(group, M // group, -1), cols)
+    if batch_major:                                                # (N, g, M/g, P)
+        return Y.reshape((N, M) + tuple(out))
+    Y = Y.reshape((M, N) + tuple(out))                             # (g, M/g, N·P)
+    return xp.ascontiguousarray(xp.moveaxis(Y, 0, 1))
 
 
 def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
     N, M = dY.shape[:2]
     out = dY.shape[2:]
-    cols = _im2col(xp, Xp, kernel, strides, dilations, out, group)
+    batch_major = _batch_major(math.prod(out), M // group)
+    cols = _im2col(xp, Xp, kernel, strides, dilations, out, group, batch_major)
     d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
-    dW = xp.matmul(d, xp.swapaxes(cols, -1, -2)).sum(axis=0)       # (g, M/g, C/g*K)
+    if batch_major:
+        dW = xp.matmul(d, xp.swapaxes(cols, -1, -2)).sum(axis=0)   # (g, M/g, C/g·K)
+    else:
+        dW = xp.matmul(_rows(xp, d), xp.swapaxes(cols, -1, -2))
     return dW.reshape((M, Xp.shape[1] // group) + tuple(kernel))
 
 
@@ -144,11 +168,16 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     N, M = dY.shape[:2]
     out = tuple(dY.shape[2:])
     kernel = tuple(W.shape[2:])
-    cg = W.shape[1]
+    C = W.shape[1] * group
+    Wt = xp.swapaxes(W.reshape(group, M // group, -1), -1, -2)     # (g, C/g·K, M/g)
     d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
-    cols = xp.matmul(xp.swapaxes(W.reshape(group, M // group, -1), -1, -2), d)  # (N, g, C/g*K, P)
-    cols = cols.reshape((N, group * cg) + kernel + out)
-    return col2im(xp, cols, full, strides, dilations)              # (N, C, *full)
+    if _batch_major(math.prod(out), M // group):
+        cols = xp.matmul(Wt, d).reshape((N, C) + kernel + out)     # (N, C, *kernel, *out)
+        return col2im(xp, cols, full, strides, dilations)
+    cols = xp.matmul(Wt, _rows(xp, d)).reshape((C,) + kernel + (N,) + out)
+    cols = xp.moveaxis(cols, 1 + len(kernel), 1)                   # (C, N, *kernel, *out), a view
+    img = col2im(xp, cols, full, strides, dilations)               # (C, N, *full)
+    return xp.ascontiguousarray(xp.moveaxis(img, 0, 1))
 
 
 def _bias_shape(B, ndim):
