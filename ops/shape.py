@@ -15,6 +15,7 @@ import math
 import numpy as np  # host-side shape values only (see the module docstring)
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops.castlike import cast_array
 from onnxgrad.ops.registry import op
 
 #: ONNX TensorProto element types onnxgrad computes with, by dtype name.
@@ -22,7 +23,33 @@ ONNX_TYPES = {
     1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
     9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
 }
-_TYPE_OF_NAME = {name: code for code, name in ONNX_TYPES.items()}
+#: Element types that exist on the host only (strings, and the types ml_dtypes adds to
+#: NumPy); Cast converts to them through :func:`onnxgrad.ops.castlike.cast_array`.
+HOST_TYPES = {
+    8: "object", 16: "bfloat16", 17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2",
+    20: "float8_e5m2fnuz", 21: "uint4", 22: "int4", 23: "float4_e2m1fn", 24: "float8_e8m0fnu",
+    25: "uint2", 26: "int2",
+}
+_TYPE_OF_NAME = {name: code for code, name in {**ONNX_TYPES, **HOST_TYPES}.items()}
+#: The floating-point types among HOST_TYPES (their NumPy dtype kind is "V", not "f").
+_HOST_FLOATS = frozenset(n for n in HOST_TYPES.values() if n.startswith(("bfloat", "float")))
+
+
+def is_float(dtype) -> bool:
+    """Whether ``dtype`` is a floating-point type, bfloat16 and float8/float4 included."""
+    return dtype is not None and (dtype.kind == "f" or dtype.name in _HOST_FLOATS)
+
+
+def element_dtype(code: int):
+    """The NumPy dtype of ONNX element type ``code`` (ml_dtypes' for the narrow types)."""
+    code = int(code)
+    if code in ONNX_TYPES:
+        return np.dtype(ONNX_TYPES[code])
+    if code in HOST_TYPES:
+        from onnx.helper import tensor_dtype_to_np_dtype  # noqa: PLC0415 - ml_dtypes' dtypes
+
+        return np.dtype(tensor_dtype_to_np_dtype(code))
+    raise ModelError(f"ONNX element type {code} is not supported")
 
 
 def onnx_type(dtype) -> int:
@@ -155,20 +182,24 @@ for _definition in (Unsqueeze, Unsqueeze13, Squeeze, Squeeze13):
 
 @op("Cast", since=6, differentiable=("input",))
 def Cast(xp, input, *, to, saturate=1, round_mode="up"):
-    # saturate / round_mode only concern float8 types, which onnxgrad does not compute with.
+    # saturate applies to float8 targets, round_mode to float8e8m0; strings and the
+    # narrow types (bfloat16, float8, float4, 4- and 2-bit integers) live on the host.
     try:
-        name = ONNX_TYPES[int(to)]
-    except KeyError:
+        dtype = element_dtype(to)
+    except ModelError:
         raise ModelError(f"Cast to ONNX element type {to} is not supported") from None
-    return (input.astype(name),)
+    try:
+        return (cast_array(xp, input, dtype, saturate=saturate, round_mode=round_mode),)
+    except TypeError as exc:
+        raise ModelError(f"Cast from {input.dtype} to {dtype}: {exc}") from exc
 
 
 @Cast.gradient
 def _(g, node, dY):
     (X,) = node.inputs
     src = g.dtype(X)
-    if src.kind != "f":
-        return (None,)  # an integer input has no gradient
+    if not is_float(src) or not is_float(element_dtype(node.attrs["to"])):
+        return (None,)  # integer, boolean or string values carry no gradient
     return (g.op("Cast", dY, to=onnx_type(src), dtype=src),)
 
 
