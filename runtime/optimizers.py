@@ -73,7 +73,11 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += (1 - self.dampening) * d_p if self.dampening else d_p
             d_p = d_p + self.momentum * buf if self.nesterov else buf
-        param -= self.lr * d_p
+        step = state.get("scratch")
+        if step is None or step.shape != param.shape:
+            step = state["scratch"] = xp.empty_like(param)
+        xp.multiply(d_p, self.lr, out=step)  # lr * d_p without a new array each step
+        param -= step
 
 
 class Adam(Optimizer):
