@@ -8,7 +8,13 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from onnxgrad.autodiff import add_training_outputs, build_gradients, differentiable_ancestors, prune, rename_gradients
+from onnxgrad.autodiff import (
+    add_training_outputs,
+    build_gradients,
+    differentiable_ancestors,
+    prune,
+    rename_gradients,
+)
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
@@ -26,13 +32,15 @@ class Trainer:
     graph output), or is None when ``output`` already is a scalar loss.
     ``trainable`` is None (every floating-point initializer of more than one
     element with a gradient path to the loss: one-element initializers are
-    the scales and epsilons exporters write) or names and glob patterns.  ``device`` is ``"cpu"``
-    (NumPy) or ``"cuda"`` (CuPy).
+    the scales and epsilons exporters write) or names and glob patterns.
+    ``device`` is ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).  ``seed`` seeds the
+    random numbers of training steps (Dropout).
     """
 
-    def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy", output: str | None = None,
-                 optimizer: Optimizer | None = None, trainable: str | Iterable[str] | None = None,
-                 device: str = "cpu", seed: int | None = None):
+    def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
+                 output: str | None = None, optimizer: Optimizer | None = None,
+                 trainable: str | Iterable[str] | None = None, device: str = "cpu",
+                 seed: int | None = None):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -63,7 +71,7 @@ class Trainer:
         grads = build_gradients(train, self.loss_value, self.trainable)
         train.outputs = [self.loss_value]
         grads = rename_gradients(train, grads)
-        fetch = [self.loss_value, output, *grads.values()]
+        fetch = [self.loss_value, *grads.values()]
         prune(train, fetch)
         self.graph = train
         self._grad_values = grads
