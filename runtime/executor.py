@@ -246,7 +246,7 @@ class ShapeSpecializedRunner:
     def run(self, env: dict[str, Any], profile: Profile | None = None) -> dict[str, Any]:
         if not self.generic.recordable:
             return self.generic.run(env, profile)
-        signature = tuple(tuple(env[name].shape) for name in self._inputs)
+        signature = tuple(_shape_key(env[name]) for name in self._inputs)
         plan = self._plans.get(signature)
         if plan is not None:
             self._plans.move_to_end(signature)
@@ -257,6 +257,16 @@ class ShapeSpecializedRunner:
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)
         return result
+
+
+def _shape_key(value: Any) -> Any:
+    """An input's part of a specialisation's key: its shape; for a sequence (a list), its
+    elements' shapes; None for an empty optional."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ("sequence",) + tuple(_shape_key(v) for v in value)
+    return tuple(value.shape)
 
 
 #: Ops whose output shapes depend on the values of their (non-host) inputs.

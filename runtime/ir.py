@@ -24,11 +24,16 @@ class ValueInfo:
     """What is known statically about a value: element type and shape.
 
     ``shape`` is ``None`` when unknown; a dimension is an ``int``, a symbolic
-    name (``"N"``) or ``None``.
+    name (``"N"``) or ``None``.  ``kind`` is ``"tensor"``, ``"sequence"`` or
+    ``"optional"``; a sequence or an optional has no dtype or shape of its own
+    (both ``None``, as for a tensor of unknown type), and ``element`` describes
+    what it holds, where known.
     """
 
     dtype: np.dtype | None = None
     shape: tuple[int | str | None, ...] | None = None
+    kind: str = "tensor"
+    element: "ValueInfo | None" = None
 
     @property
     def fully_static(self) -> bool:

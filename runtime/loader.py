@@ -106,9 +106,18 @@ def _np_dtype(elem_type: int) -> np.dtype | None:
 
 
 def _value_info(vi: onnx.ValueInfoProto) -> ValueInfo | None:
-    t = vi.type
-    if not t.HasField("tensor_type"):
-        return None
+    return _type_info(vi.type)
+
+
+def _type_info(t: onnx.TypeProto) -> ValueInfo | None:
+    """A tensor's type and shape; a sequence's or an optional's kind and element; else None."""
+    which = t.WhichOneof("value")
+    if which == "sequence_type":
+        return ValueInfo(kind="sequence", element=_type_info(t.sequence_type.elem_type))
+    if which == "optional_type":
+        return ValueInfo(kind="optional", element=_type_info(t.optional_type.elem_type))
+    if which != "tensor_type":
+        return None  # maps and sparse tensors
     tt = t.tensor_type
     dtype = _np_dtype(tt.elem_type) if tt.elem_type else None
     shape = None

@@ -12,7 +12,7 @@ from onnxgrad.backend import Backend, get_backend
 from onnxgrad.errors import DataError, ModelError
 from onnxgrad.executor import Plan, ShapeSpecializedRunner
 from onnxgrad.exporter import save_atomic, with_weights
-from onnxgrad.ir import Graph
+from onnxgrad.ir import Graph, ValueInfo
 from onnxgrad.loader import load_model
 
 
@@ -79,7 +79,9 @@ class Model:
         """Inference: ``{input name: array}`` -> ``{output name: array}``.
 
         ``outputs`` may name any value of the graph (default: the graph outputs).
-        Dropout is off and normalisation uses running statistics.
+        Dropout is off and normalisation uses running statistics.  A sequence
+        value (fed or returned) is a Python list of arrays; an empty optional is
+        ``None``.
         """
         fetch = tuple(self.graph.outputs if outputs is None else outputs)
         known = self.graph.all_names()
@@ -95,7 +97,7 @@ class Model:
         env = dict(self._weights())
         env.update(prepare_feeds(self.graph, feeds, runner.backend, self.where))
         result = runner.run(env)
-        return {name: np.asarray(result[name]) for name in fetch}
+        return {name: host_value(result[name]) for name in fetch}
 
     @staticmethod
     def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None,
@@ -121,6 +123,8 @@ def prepare_feeds(graph: Graph, feeds: Mapping[str, Any], backend: Backend, wher
     """Check feeds against the graph's inputs; cast within a kind; move to the device.
 
     ``extra`` names inputs that the caller feeds itself (e.g. a loss target).
+    A sequence input takes a list (or tuple) of arrays, an optional input
+    ``None`` when empty.
     """
     if not isinstance(feeds, Mapping):
         raise DataError(f"{where}: feeds must be a dict of input name -> array, "
@@ -134,8 +138,40 @@ def prepare_feeds(graph: Graph, feeds: Mapping[str, Any], backend: Backend, wher
         raise DataError(f"{where}: unknown input(s) {unknown}; the model's inputs are {expected}")
     out = {}
     for name in expected:
-        out[name] = backend.asarray(check_array(graph, name, feeds[name], where))
+        info = graph.info.get(name)
+        if info is None or info.kind == "tensor":
+            out[name] = backend.asarray(check_array(graph, name, feeds[name], where))
+        else:
+            out[name] = _feed_value(info, name, feeds[name], backend, where)
     return out
+
+
+def _feed_value(info: ValueInfo | None, label: str, value: Any, backend: Backend,
+                where: str) -> Any:
+    """A sequence or optional feed (or an element of one), checked against ``info``."""
+    kind = "tensor" if info is None else info.kind
+    if kind == "optional":
+        return None if value is None else _feed_value(info.element, label, value, backend, where)
+    if kind == "sequence":
+        if not isinstance(value, (list, tuple)):
+            raise DataError(f"{where}: input {label!r} is a sequence: expected a list of arrays, "
+                            f"got {type(value).__name__}")
+        return [_feed_value(info.element, f"{label}[{i}]", v, backend, where)
+                for i, v in enumerate(value)]
+    if value is None:
+        raise DataError(f"{where}: input {label!r} expects a tensor, got None")
+    dtype, shape = (None, None) if info is None else (info.dtype, info.shape)
+    return backend.asarray(_check_tensor(label, value, dtype, shape, where))
+
+
+def host_value(value: Any) -> Any:
+    """A result of a CPU run as the API returns it: a NumPy array, a list of them for a
+    sequence, None for an empty optional."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [host_value(v) for v in value]
+    return np.asarray(value)
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -148,15 +184,18 @@ def _kind(dtype: np.dtype) -> str:
 
 def check_array(graph: Graph, name: str, value: Any, where: str) -> Any:
     """``value`` with the element type and a shape that fit input ``name``."""
+    return _check_tensor(name, value, graph.dtype(name), graph.shape(name), where)
+
+
+def _check_tensor(name: str, value: Any, want: np.dtype | None, shape: tuple | None,
+                  where: str) -> Any:
     if not hasattr(value, "dtype"):
         value = np.asarray(value)
-    want = graph.dtype(name)
     if want is not None and value.dtype != want:
         if _kind(value.dtype) != _kind(want):
             raise DataError(f"{where}: input {name!r} expects element type {want}, "
                             f"got {value.dtype}")
         value = value.astype(want)
-    shape = graph.shape(name)
     if shape is not None:
         got = tuple(value.shape)
         fits = len(got) == len(shape) and all(

@@ -129,3 +129,57 @@ def test_cast_to_an_integer_carries_no_gradient():
     trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
                                optimizer=onnxgrad.SGD(lr=0.0), trainable=["w"])
     np.testing.assert_array_equal(trainer.gradients({}, None)["w"], np.trunc(w))
+
+
+# -- sequences and optionals through Model.run ----------------------------------------------------
+def _seq_type(elem, shape=None):
+    return helper.make_sequence_type_proto(helper.make_tensor_type_proto(elem, shape))
+
+
+def _sequence_model():
+    """seq (a sequence) and maybe (an optional tensor) in; the sequence with x appended,
+    the shape of seq's first element, whether ``maybe`` holds a tensor and x's shape, out."""
+    nodes = [helper.make_node("SequenceInsert", ["seq", "x"], ["longer"]),
+             helper.make_node("SequenceAt", ["seq", "zero"], ["first"]),
+             helper.make_node("Shape", ["first"], ["first_shape"]),
+             helper.make_node("OptionalHasElement", ["maybe"], ["has"]),
+             helper.make_node("Shape", ["x"], ["x_shape"])]  # recorded: plans specialise
+    opt = helper.make_optional_type_proto(helper.make_tensor_type_proto(F, ["n"]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_value_info("seq", _seq_type(F)), vi("x", F, ["n"]),
+         helper.make_value_info("maybe", opt)],
+        [helper.make_value_info("longer", _seq_type(F)), vi("first_shape", I64, [None]),
+         vi("has", B, []), vi("x_shape", I64, [1])],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_sequences_and_optionals_are_fed_and_returned_as_lists_and_none():
+    model = onnxgrad.load(_sequence_model())
+    assert model.graph.info["seq"].kind == "sequence"
+    assert model.graph.info["seq"].element.dtype == np.float32
+    assert model.graph.info["maybe"].kind == "optional"
+    assert model.graph.dtype("seq") is None and model.graph.shape("seq") is None
+    a, b = np.ones((2, 3), np.float32), np.zeros(4, np.float32)
+    out = model.run({"seq": [a, b], "x": np.arange(2.0), "maybe": None})
+    assert isinstance(out["longer"], list) and len(out["longer"]) == 3
+    assert out["longer"][2].dtype == np.float32  # float64 fed, cast within its kind
+    np.testing.assert_array_equal(out["longer"][2], [0.0, 1.0])
+    assert out["first_shape"].tolist() == [2, 3] and not out["has"]
+    # Same input shapes but other element shapes: no specialisation mixes them up.
+    out = model.run({"seq": (b, a), "x": np.arange(2.0), "maybe": np.ones(1, np.float32)})
+    assert out["first_shape"].tolist() == [4] and out["has"]
+    out = model.run({"seq": [a, b], "x": np.arange(2.0), "maybe": None})
+    assert out["first_shape"].tolist() == [2, 3]
+
+
+def test_wrong_sequence_feeds_are_data_errors():
+    model = onnxgrad.load(_sequence_model())
+    good = {"seq": [np.ones(2, np.float32)], "x": np.ones(1, np.float32), "maybe": None}
+    with pytest.raises(onnxgrad.DataError, match="'seq' is a sequence"):
+        model.run({**good, "seq": np.ones(2, np.float32)})
+    with pytest.raises(onnxgrad.DataError, match=r"'seq\[0\]' expects element type float32"):
+        model.run({**good, "seq": [np.array(["a"])]})
+    with pytest.raises(onnxgrad.DataError, match="'x' expects"):
+        model.run({**good, "x": None})
