@@ -249,16 +249,11 @@ def _total(g: GradBuilder, value: str, contributions: dict[str, list[str]],
 
 
 def prune(graph: Graph, keep: Iterable[str]) -> None:
-    """Remove (in place) every node that no value in ``keep`` depends on."""
-    live = set(keep)
-    kept = []
-    for node in reversed(graph.toposort()):
-        if any(o in live for o in node.outputs):
-            kept.append(node)
-            live.update(x for x in node.inputs if x)
-    kept.reverse()
-    graph.nodes = kept
-    graph.initializers = {k: v for k, v in graph.initializers.items() if k in live}
+    """Remove (in place) every node and initializer that no value in ``keep`` depends on."""
+    keep = list(keep)
+    graph.nodes = graph.live_nodes(keep)
+    used = set(keep) | {x for n in graph.nodes for x in n.inputs}
+    graph.initializers = {k: v for k, v in graph.initializers.items() if k in used}
 
 
 def rename_gradients(graph: Graph, grads: dict[str, str]) -> dict[str, str]:

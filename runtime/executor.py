@@ -92,7 +92,7 @@ class Plan:
         self.fetch = list(fetch)
         self.state = state or RunState()
         consts: dict[str, Any] = dict(constants)
-        nodes = self._live_nodes(graph, self.fetch)
+        nodes = graph.live_nodes(self.fetch)
         if shapes is None:
             #: Outputs of Shape nodes that depend on the input shapes alone; a run
             #: records them so that a plan specialised to those shapes can fold them.
@@ -130,18 +130,6 @@ class Plan:
                               list(node.outputs), ()))
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
         self.steps = self._assign_frees(steps, set(self.fetch))
-
-    @staticmethod
-    def _live_nodes(graph: Graph, fetch: list[str]) -> list[Node]:
-        live = set(fetch)
-        order = graph.toposort()
-        kept = []
-        for node in reversed(order):
-            if any(o in live for o in node.outputs):
-                kept.append(node)
-                live.update(x for x in node.inputs if x)
-        kept.reverse()
-        return kept
 
     @staticmethod
     def _assign_frees(steps: list[Step], keep: set[str]) -> list[Step]:

@@ -132,6 +132,17 @@ class Graph:
             name=self.name,
         )
 
+    def live_nodes(self, keep: Iterable[str]) -> list[Node]:
+        """The nodes that values ``keep`` depend on, in topological order."""
+        live = set(keep)
+        kept = []
+        for node in reversed(self.toposort()):
+            if any(o in live for o in node.outputs):
+                kept.append(node)
+                live.update(x for x in node.inputs if x)
+        kept.reverse()
+        return kept
+
     def toposort(self, nodes: Iterable[Node] | None = None) -> list[Node]:
         """The nodes in an order where each runs after the producers of its inputs."""
         nodes = list(self.nodes if nodes is None else nodes)
