@@ -27,5 +27,6 @@ from onnxgrad.ops import (  # noqa: F401,E402
     attention, indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
     castlike, control, detection, grid, misc, ml_extra, preview_training, quantize, random,
     rnn, sequence, signal, text,  # conformance
-    cumprod, deform_conv, gated, pool_extra, rotary, scatter_extra,  # conformance follow-ups
+    cumprod, deform_conv, flex_attention, gated, linear_attention, pool_extra, rotary,
+    scatter_extra,  # conformance follow-ups
 )

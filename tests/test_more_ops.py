@@ -5,6 +5,7 @@ suite (with their gradient rules checked in float64 against central differences)
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -194,11 +195,16 @@ from onnxgrad.errors import UnsupportedOpError  # noqa: E402
 from onnxgrad.ops import registered_ops  # noqa: E402
 
 MODULES = {f"onnxgrad.ops.{m}" for m in
-           ("cumprod", "deform_conv", "gated", "pool_extra", "rotary", "scatter_extra")}
+           ("cumprod", "deform_conv", "flex_attention", "gated", "linear_attention", "pool_extra",
+            "rotary", "scatter_extra")}
+PREVIEW = "ai.onnx.preview"
 
 
 def _i64(values):
     return ("int64", values)
+
+
+OMIT = (None, ("real", ()))  # an optional input left out
 
 
 SAMPLES = [
@@ -252,6 +258,42 @@ SAMPLES = [
                         ("write_indices", _i64([2, 0]))], {"mode": "circular", "axis": 1}, 24),
     S("TensorScatter", [("past_cache", ("real", (1, 2, 4))), ("update", ("real", (1, 2, 1)))],
       {"axis": -1}, 24),
+    # LinearAttention (forward only): the four update rules, GQA/MQA, decay per head or per
+    # key feature, beta per head or shared, a past state, an explicit scale
+    S("LinearAttention", [("query", ("real", (2, 3, 8))), ("key", ("real", (2, 3, 8))),
+                          ("value", ("real", (2, 3, 6)))],
+      {"q_num_heads": 2, "kv_num_heads": 2, "update_rule": "linear"}, 27),
+    S("LinearAttention", [("query", ("real", (1, 4, 8))), ("key", ("real", (1, 4, 8))),
+                          ("value", ("real", (1, 4, 4))), ("past_state", ("real", (1, 2, 4, 2))),
+                          ("decay", ("real", (1, 4, 2)))],
+      {"q_num_heads": 2, "kv_num_heads": 2, "update_rule": "gated", "scale": 0.3}, 27),
+    S("LinearAttention", [("query", ("real", (2, 3, 8))), ("key", ("real", (2, 3, 4))),
+                          ("value", ("real", (2, 3, 2))), ("past_state", ("real", (2, 1, 4, 2))),
+                          OMIT, ("beta", ("pos", (2, 3, 1)))],
+      {"q_num_heads": 2, "kv_num_heads": 1, "update_rule": "delta"}, 27),
+    S("LinearAttention", [("query", ("real", (1, 5, 12))), ("key", ("real", (1, 5, 6))),
+                          ("value", ("real", (1, 5, 4))), OMIT,
+                          ("decay", ("real", (1, 5, 6))), ("beta", ("pos", (1, 5, 2)))],
+      {"q_num_heads": 4, "kv_num_heads": 2}, 27),
+    # CausalConvWithState: bias, past state, SiLU, kernel size 1
+    S("CausalConvWithState", [("input", ("real", (2, 3, 5))), ("weight", ("real", (3, 1, 3))),
+                              ("bias", ("real", (3,))), ("past_state", ("real", (2, 3, 2)))],
+      {}, 27),
+    S("CausalConvWithState", [("input", ("real", (1, 2, 4))), ("weight", ("real", (2, 1, 4)))],
+      {"activation": "silu"}, 27),
+    S("CausalConvWithState", [("input", ("real", (2, 2, 3))), ("weight", ("real", (2, 1, 2))),
+                              OMIT, ("past_state", ("real", (2, 2, 1)))],
+      {"activation": "swish"}, 27),
+    S("CausalConvWithState", [("input", ("real", (1, 3, 4))), ("weight", ("real", (3, 1, 1))),
+                              ("bias", ("real", (3,)))], {}, 27),
+    # FlexAttention (forward only; the subgraphs are tested below)
+    S("FlexAttention", [("Q", ("real", (1, 2, 3, 4))), ("K", ("real", (1, 2, 5, 4))),
+                        ("V", ("real", (1, 2, 5, 3)))], {}, 26, domain=PREVIEW),
+    S("FlexAttention", [("Q", ("real", (2, 4, 3, 4))), ("K", ("real", (2, 2, 3, 4))),
+                        ("V", ("real", (2, 2, 3, 4)))], {"scale": 0.7}, 26, domain=PREVIEW),
+    S("FlexAttention", [("Q", ("real", (1, 1, 2, 4))), ("K", ("real", (1, 1, 3, 4))),
+                        ("V", ("real", (1, 1, 3, 2)))], {"softmax_precision": 11}, 26,
+      domain=PREVIEW),
     # DeformConv (forward only)
     S("DeformConv", [("X", ("real", (1, 2, 4, 5))), ("W", ("real", (3, 2, 2, 2))),
                      ("offset", ("real", (1, 8, 3, 4)))], {"kernel_shape": [2, 2]}, 22),
@@ -264,32 +306,121 @@ SAMPLES = [
 
 #: Differentiable inputs that have no rule: a gradient request raises UnsupportedOpError.
 NO_RULE = {("RotaryEmbedding", "cos_cache"), ("RotaryEmbedding", "sin_cache"),
-           *(("DeformConv", n) for n in ("X", "W", "offset", "B", "mask"))}
+           *(("DeformConv", n) for n in ("X", "W", "offset", "B", "mask")),
+           *(("LinearAttention", n) for n in ("query", "key", "value", "past_state", "decay",
+                                              "beta")),
+           *(("FlexAttention", n) for n in "QKV")}
 
 GRAD_CASES = [(s, n) for s in SAMPLES for n in gc.differentiable_inputs(s)]
+
+
+#: Ops whose second output (a carried state) ONNX requires: their models keep every output.
+TWO_OUTPUTS = {"LinearAttention", "CausalConvWithState"}
+
+
+def _outputs(sample):
+    return [gc.OUT, "state"] if sample.op in TWO_OUTPUTS else [gc.OUT]
+
+
+def _full_model(sample, arrays, as_inputs, us=None):
+    """The sample's node with all its outputs; names in ``as_inputs`` are graph inputs, the
+    other arrays initializers.  With ``us`` (one array per output) the graph computes
+    ``loss = Σ_k ⟨Y_k, U_k⟩`` (U_k fed as "U0", "U1"…) and outputs only that."""
+    outs = _outputs(sample)
+    node = gc.make_node(sample)
+    del node.output[:]
+    node.output.extend(outs)
+
+    def info(name, a):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                             a.shape)
+
+    probe = helper.make_model(
+        helper.make_graph([node], "probe", [info(n, a) for n, a in arrays.items()],
+                          [helper.make_value_info(o, onnx.TypeProto()) for o in outs]),
+        opset_imports=gc.opset_imports(sample), ir_version=gc.ir_version(sample.opset))
+    ys = ReferenceEvaluator(probe).run(None, arrays)
+    nodes, outputs, extra = [node], [info(o, y) for o, y in zip(outs, ys)], []
+    if us is not None:
+        parts = []
+        for k, (o, u) in enumerate(zip(outs, us)):
+            extra.append(info(f"U{k}", u.reshape(-1, 1)))
+            nodes += [helper.make_node("Flatten", [o], [f"{o}_row"], axis=0),
+                      helper.make_node("MatMul", [f"{o}_row", f"U{k}"], [f"{o}_u"])]
+            parts.append(f"{o}_u")
+        nodes += [helper.make_node("Sum", parts, ["total"]),
+                  helper.make_node("ReduceSum", ["total"], ["loss"], keepdims=0)]
+        outputs = [helper.make_tensor_value_info("loss", helper.np_dtype_to_tensor_dtype(
+            us[0].dtype), [])]
+    graph = helper.make_graph(
+        nodes, "full", [info(n, a) for n, a in arrays.items() if n in as_inputs] + extra,
+        outputs, [numpy_helper.from_array(a, n) for n, a in arrays.items() if n not in as_inputs])
+    return helper.make_model(graph, opset_imports=gc.opset_imports(sample),
+                             ir_version=gc.ir_version(sample.opset)), ys
+
+
+def _check_gradient_all_outputs(sample, name):
+    """gradcheck.check_gradient with every output of the node in the loss."""
+    arrays = gc.materialize(sample, np.float64)
+    _, ys = _full_model(sample, arrays, set(arrays))
+    rng = np.random.default_rng(7)
+    us = [rng.standard_normal(y.shape) for y in ys]
+    feeds = {f"U{k}": u.reshape(-1, 1) for k, u in enumerate(us)}
+    model, _ = _full_model(sample, arrays, set(), us)
+    trainer = onnxgrad.Trainer(onnxgrad.load(model), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=[name])
+    grad = trainer.gradients(feeds, None)[name]
+    x = arrays[name]
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    runner = onnxgrad.load(_full_model(sample, arrays, set(arrays), us)[0])
+    v = rng.standard_normal(x.shape)
+
+    def f(shift):
+        return float(runner.run({**arrays, **feeds, name: x + shift * v})["loss"])
+
+    eps = 1e-6
+    numeric = (f(eps) - f(-eps)) / (2 * eps)
+    analytic = float(np.sum(grad * v))
+    assert abs(analytic - numeric) <= 1e-8 + 1e-5 * (float(np.sum(np.abs(grad * v))) + abs(numeric))
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.id for s in SAMPLES])
 def test_forward_matches_the_reference(sample):
     arrays = gc.materialize(sample, np.float32)
-    model, got = gc.run_forward(sample, arrays)
-    if sample.op == "Scatter":  # the reference knows it by its new name only
-        model = gc.build_model(sample._replace(op="ScatterElements", opset=11), arrays,
-                               set(arrays))
-    (want,) = ReferenceEvaluator(model).run(None, arrays)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if sample.op in TWO_OUTPUTS:
+        model, wants = _full_model(sample, arrays, set(arrays))
+        gots = [onnxgrad.load(model).run(arrays)[o] for o in _outputs(sample)]
+    else:
+        model, got = gc.run_forward(sample, arrays)
+        if sample.op == "Scatter":  # the reference knows it by its new name only
+            model = gc.build_model(sample._replace(op="ScatterElements", opset=11), arrays,
+                                   set(arrays))
+        gots, wants = [got], ReferenceEvaluator(model).run(None, arrays)
+    for got, want in zip(gots, wants):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sample,name", GRAD_CASES, ids=[f"{s.id}-d{n}" for s, n in GRAD_CASES])
 def test_gradient(sample, name):
     if (sample.op, name) in NO_RULE:
         arrays = gc.materialize(sample)
+        if sample.op in TWO_OUTPUTS:
+            _, ys = _full_model(sample, arrays, set(arrays))
+            model, _ = _full_model(sample, arrays, set(), [np.ones(y.shape) for y in ys])
+            with pytest.raises(UnsupportedOpError, match=sample.op):
+                onnxgrad.Trainer(onnxgrad.load(model), loss=None, output="loss",
+                                 trainable=[name]).gradients(
+                    {f"U{k}": np.ones((y.size, 1)) for k, y in enumerate(ys)}, None)
+            return
         _, y = gc.run_forward(sample, arrays)
         with pytest.raises(UnsupportedOpError, match=sample.op):
             gc.analytic_gradients(sample, arrays, [name], gc.projection_u(sample, y))
         return
-    gc.check_gradient(sample, name)
+    if sample.op in TWO_OUTPUTS:
+        _check_gradient_all_outputs(sample, name)
+    else:
+        gc.check_gradient(sample, name)
 
 
 def test_every_new_op_and_input_is_covered():
@@ -327,3 +458,33 @@ def test_cumprod_gradient_with_zeros():
                 lo = model.run({**arrays, "x": x - e})[gc.OUT]
                 jac[(...,) + idx] = (hi - lo) / 2
             np.testing.assert_allclose(grad, np.einsum("ij,ijkl->kl", u, jac), atol=1e-12)
+
+
+def test_flex_attention_runs_its_subgraphs_with_captured_values():
+    """score_mod adds a bias from the outer graph (a captured value), prob_mod doubles."""
+    T4 = helper.make_tensor_type_proto(F, ["b", "h", "l", "s"])
+    score = helper.make_graph([helper.make_node("Add", ["scores", "bias"], ["out"])], "score_mod",
+                              [helper.make_value_info("scores", T4)],
+                              [helper.make_value_info("out", T4)])
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    prob = helper.make_graph([helper.make_node("Mul", ["probs", "two"], ["out"])], "prob_mod",
+                             [helper.make_value_info("probs", T4)],
+                             [helper.make_value_info("out", T4)], [two])
+    nodes = [helper.make_node("Neg", ["b0"], ["bias"]),
+             helper.make_node("FlexAttention", ["Q", "K", "V"], ["Y"], domain=PREVIEW,
+                              score_mod=score, prob_mod=prob, scale=0.5)]
+    shapes = {"Q": (1, 4, 3, 2), "K": (1, 2, 5, 2), "V": (1, 2, 5, 3), "b0": (3, 5)}
+    graph = helper.make_graph(nodes, "g", [vi(n, F, list(s)) for n, s in shapes.items()],
+                              [vi("Y", F, [1, 4, 3, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26),
+                                                    helper.make_opsetid(PREVIEW, 1)])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    model = onnxgrad.load(proto)
+    assert model.graph.nodes[1].inputs == ["Q", "K", "V", "bias"]
+    y = model.run(feeds)["Y"]
+    K, V = (np.repeat(feeds[n], 2, axis=1) for n in "KV")
+    S = feeds["Q"] @ np.swapaxes(K, -1, -2) * 0.5 - feeds["b0"]
+    P = np.exp(S - S.max(-1, keepdims=True))
+    P = 2 * P / P.sum(-1, keepdims=True)
+    np.testing.assert_allclose(y, P @ V, rtol=1e-5, atol=1e-6)
