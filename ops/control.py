@@ -4,8 +4,10 @@ A body (an ``onnx.GraphProto`` attribute) is turned into an onnxgrad graph
 with :func:`onnxgrad.loader.build_graph` and run by its own
 :class:`onnxgrad.executor.Plan`, made once per node and run state.  Values the
 body reads from enclosing scopes ("captured" values) reach the kernel as extra
-inputs after the op's own: :func:`add_captured_inputs` appends their names to
-the nodes of a graph, and the kernel feeds them to the body by name.
+inputs after the op's own: :func:`add_captured_inputs` (which the loader calls
+on every graph it builds) appends their names to the nodes, and the kernel
+feeds the body every outer value it reads by name, the node's own inputs
+included (a body may read, say, the Loop's trip count or the If's condition).
 
 These ops run forward only: their data inputs (captured values included) are
 declared differentiable without a rule, so asking for a gradient through them
@@ -103,15 +105,15 @@ class Body:
             # The body's node of another domain: the newest version onnxgrad declares.
             model.opset_import.add(domain=domain, version=node.opset if domain == node.domain
                                    else 1000)
-        graph = build_graph(model, where)
-        add_captured_inputs(graph)
-        missing = [n for n in free_names(proto) if n not in captured]
+        graph = build_graph(model, where)  # nested bodies get their captured inputs there
+        free = free_names(proto)
+        missing = [n for n in free if n not in captured]
         if missing:
             raise ModelError(f"{where} reads outer-scope value(s) {missing} that the node does "
                              "not receive (the loader passes them as extra inputs)")
         self.inputs = [vi.name for vi in proto.input]
         self.outputs = [vi.name for vi in proto.output]
-        self.captured = list(captured)
+        self.captured = [n for n in captured if n in free]
         graph.inputs = [n for n in self.inputs if n not in graph.initializers] + \
             [n for n in captured if n not in graph.initializers]
         self.output_dtypes = [graph.dtype(n) for n in self.outputs]
@@ -123,7 +125,7 @@ class Body:
     def run(self, values: list, outer: dict[str, Any]) -> list:
         if len(values) != len(self.inputs):
             raise ModelError(f"body of node expects {len(self.inputs)} inputs, got {len(values)}")
-        env = dict(outer)
+        env = {n: outer[n] for n in self.captured}
         env.update(zip(self.inputs, values))
         result = self.plan.run(env)
         return [result[n] for n in self.outputs]
@@ -154,11 +156,10 @@ def body_of(xp, ctx, attr: str, proto: onnx.GraphProto, captured: list[str]) -> 
     return body
 
 
-def _split_captured(ctx, args: tuple, n_own: int) -> tuple[list, list[str], dict[str, Any]]:
-    """The op's own variadic inputs, and the captured names with their values."""
-    extra = len(args) - n_own
-    names = list(ctx.node.inputs[len(ctx.node.inputs) - extra:]) if extra > 0 else []
-    return list(args[:n_own]), names, dict(zip(names, args[n_own:]))
+def scope(ctx, args: tuple) -> dict[str, Any]:
+    """Every input of the node by name (``args``: all of them, in order), captured values
+    included: what its bodies may read from the enclosing scope."""
+    return {name: value for name, value in zip(ctx.node.inputs, args) if name}
 
 
 def _truth(xp, cond) -> bool:
@@ -176,14 +177,13 @@ def _stack(xp, parts: list, dtype) -> Any:
 # -- If -------------------------------------------------------------------------------------
 @op("If", since=1, differentiable=("captured",))
 def If(xp, cond, *captured, ctx, then_branch, else_branch):
-    names = list(ctx.node.inputs[1:])
-    outer = dict(zip(names, captured))
+    outer = scope(ctx, (cond,) + captured)
     if _truth(xp, cond):
         chosen, attr = then_branch, "then_branch"
     else:
         chosen, attr = else_branch, "else_branch"
-    body = body_of(xp, ctx, attr, chosen, names)
-    outs = body.run([], {n: outer[n] for n in body.captured})
+    body = body_of(xp, ctx, attr, chosen, list(outer))
+    outs = body.run([], outer)
     if len(outs) != ctx.num_outputs:
         raise ModelError(f"If node {ctx.node.name!r}: {attr} gives {len(outs)} outputs, the node "
                          f"has {ctx.num_outputs}")
@@ -197,8 +197,9 @@ def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
     if n_carried < 0:
         raise ModelError(f"Loop node {ctx.node.name!r}: its body must take the iteration number "
                          "and the condition first")
-    carried, names, outer = _split_captured(ctx, v_initial, n_carried)
-    compiled = body_of(xp, ctx, "body", body, names)
+    carried = list(v_initial[:n_carried])
+    outer = scope(ctx, (M, cond) + v_initial)
+    compiled = body_of(xp, ctx, "body", body, list(outer))
     limit = None if M is None else int(xp.asarray(M).reshape(-1)[0])
     go = _truth(xp, cond)
     n_scan = len(compiled.outputs) - 1 - n_carried
@@ -219,8 +220,8 @@ def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
 
 
 # -- Scan -----------------------------------------------------------------------------------
-def _scan(xp, ctx, body, states, scans, outer, names, in_axes, in_dirs, out_axes, out_dirs):
-    compiled = body_of(xp, ctx, "body", body, names)
+def _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes, out_dirs):
+    compiled = body_of(xp, ctx, "body", body, list(outer))
     n_states = len(states)
     length = None
     for x, axis in zip(scans, in_axes):
@@ -263,7 +264,8 @@ def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
          scan_input_axes=None, scan_input_directions=None, scan_output_axes=None,
          scan_output_directions=None):
     n_own = len(body.input)  # states, then scan inputs
-    own, names, outer = _split_captured(ctx, initial_state_and_scan_inputs, n_own)
+    own = list(initial_state_and_scan_inputs[:n_own])
+    outer = scope(ctx, initial_state_and_scan_inputs)
     n_states = n_own - num_scan_inputs
     states, scans = own[:n_states], own[n_states:]
     n_out = len(body.output) - n_states
@@ -273,8 +275,8 @@ def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
     out_axes = [a % (len(body.output[n_states + k].type.tensor_type.shape.dim) + 1) if a < 0 else a
                 for k, a in enumerate(out_axes)]
     out_dirs = _axes(scan_output_directions, n_out)
-    final, stacked = _scan(xp, ctx, body, states, scans, outer, names, in_axes, in_dirs,
-                           out_axes, out_dirs)
+    final, stacked = _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes,
+                           out_dirs)
     return tuple(final) + tuple(stacked)
 
 
@@ -283,7 +285,8 @@ def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num
           directions=None):
     """Opset 8: every input has a batch axis first; the scan axis is the next one."""
     n_own = len(body.input)
-    own, names, outer = _split_captured(ctx, initial_state_and_scan_inputs, n_own)
+    own = list(initial_state_and_scan_inputs[:n_own])
+    outer = scope(ctx, (sequence_lens,) + initial_state_and_scan_inputs)
     n_states = n_own - num_scan_inputs
     states, scans = own[:n_states], own[n_states:]
     batch = (states + scans)[0].shape[0]
@@ -294,7 +297,7 @@ def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num
     for b in range(batch):
         n = None if sequence_lens is None else int(sequence_lens[b])
         sl = [x[b] if n is None else x[b][:n] for x in scans]
-        final, stacked = _scan(xp, ctx, body, [s[b] for s in states], sl, outer, names,
+        final, stacked = _scan(xp, ctx, body, [s[b] for s in states], sl, outer,
                                [0] * num_scan_inputs, dirs, [0] * n_out, [0] * n_out)
         for k, v in enumerate(final):
             finals[k].append(v)
@@ -306,8 +309,9 @@ def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num
 # -- SequenceMap ----------------------------------------------------------------------------
 @op("SequenceMap", since=17, differentiable=("input_sequence", "additional_inputs"))
 def SequenceMap(xp, input_sequence, *additional_inputs, ctx, body):
-    own, names, outer = _split_captured(ctx, additional_inputs, len(body.input) - 1)
-    compiled = body_of(xp, ctx, "body", body, names)
+    own = list(additional_inputs[:len(body.input) - 1])
+    outer = scope(ctx, (input_sequence,) + additional_inputs)
+    compiled = body_of(xp, ctx, "body", body, list(outer))
     results: list[list] = [[] for _ in compiled.outputs]
     for i, item in enumerate(input_sequence):
         extra = []

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import math
 
-from onnxgrad.ops.control import _split_captured, body_of
+from onnxgrad.ops.control import body_of, scope
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.shape import element_dtype
 
 
-def _modify(xp, ctx, attr, graph, names, outer, x):
+def _modify(xp, ctx, attr, graph, outer, x):
     if graph is None:
         return x
     if len(graph.input) != 1 or len(graph.output) != 1:
         raise ValueError(f"FlexAttention: {attr} must take and give one tensor")
-    (y,) = body_of(xp, ctx, attr, graph, names).run([x], outer)
+    (y,) = body_of(xp, ctx, attr, graph, list(outer)).run([x], outer)
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"FlexAttention: {attr} changed the shape {tuple(x.shape)} to "
                          f"{tuple(y.shape)}")
@@ -35,7 +35,7 @@ def _modify(xp, ctx, attr, graph, names, outer, x):
 @op("FlexAttention", since=1, domain="ai.onnx.preview", differentiable=("Q", "K", "V"))
 def FlexAttention(xp, Q, K, V, *captured, ctx, prob_mod=None, scale=None, score_mod=None,
                   softmax_precision=None):
-    _, names, outer = _split_captured(ctx, captured, 0)
+    outer = scope(ctx, (Q, K, V) + captured)
     if Q.ndim != 4 or K.ndim != 4 or V.ndim != 4:
         raise ValueError(f"FlexAttention: Q {tuple(Q.shape)}, K {tuple(K.shape)} and V "
                          f"{tuple(V.shape)} must be rank 4")
@@ -54,9 +54,9 @@ def FlexAttention(xp, Q, K, V, *captured, ctx, prob_mod=None, scale=None, score_
     s = 1.0 / math.sqrt(Q.shape[3]) if scale is None else float(scale)
     root = xp.asarray(math.sqrt(s), dtype="float32").astype(Q.dtype)  # as the reference rounds
     S = xp.matmul(Q * root, xp.swapaxes(K * root, -1, -2)).astype(work)
-    S = _modify(xp, ctx, "score_mod", score_mod, names, outer, S)
+    S = _modify(xp, ctx, "score_mod", score_mod, outer, S)
     S = S - S.max(axis=-1, keepdims=True)
     P = xp.exp(S)
     P = P / P.sum(axis=-1, keepdims=True)
-    P = _modify(xp, ctx, "prob_mod", prob_mod, names, outer, P)
+    P = _modify(xp, ctx, "prob_mod", prob_mod, outer, P)
     return (xp.ascontiguousarray(xp.matmul(P, V.astype(work)).astype(V.dtype)),)

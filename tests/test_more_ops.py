@@ -39,6 +39,30 @@ def test_loaded_body_nodes_receive_their_captured_values():
     np.testing.assert_allclose(model.run({"c": np.array(False), "a": a, "b": b})["y"], a - b * b)
 
 
+def test_bodies_may_read_the_nodes_own_inputs():
+    """An If branch reading the condition, a Loop body reading its trip count."""
+    then = helper.make_graph([helper.make_node("Cast", ["c"], ["t"], to=F)], "then", [],
+                             [vi("t", F, [])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [vi("e", F, [])])
+    model = onnxgrad.load(model_of(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        [vi("c", B, []), vi("x", F, [])], [vi("y", F, [])]))
+    assert model.graph.nodes[0].inputs == ["c", "x"]
+    x = np.array(3.0, np.float32)
+    assert model.run({"c": np.array(True), "x": x})["y"] == 1.0
+    assert model.run({"c": np.array(False), "x": x})["y"] == -3.0
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Cast", ["M"], ["m"], to=F),
+         helper.make_node("Add", ["acc", "m"], ["acc_out"])], "body",
+        [vi("i", I64, []), vi("cond_in", B, []), vi("acc", F, [])],
+        [vi("cond_out", B, []), vi("acc_out", F, [])])
+    model = onnxgrad.load(model_of([helper.make_node("Loop", ["M", "", "a0"], ["a"], body=body)],
+                                   [vi("M", I64, []), vi("a0", F, [])], [vi("a", F, [])]))
+    assert model.run({"M": np.array(3), "a0": np.array(1.0, np.float32)})["a"] == 10.0
+
+
 @pytest.mark.parametrize("shape", [(), (1,)])
 def test_range_takes_scalars_and_one_element_vectors(shape):
     nodes = [helper.make_node("Range", ["s", "l", "d"], ["y"])]
