@@ -64,10 +64,10 @@ def CastLike(xp, input, target_type, *, saturate=1, round_mode="up"):
 
 @CastLike.gradient
 def _(g, node, dY):
-    from onnxgrad.ops.shape import onnx_type  # noqa: PLC0415
+    from onnxgrad.ops.shape import is_float, onnx_type  # noqa: PLC0415 - shape imports this module
 
     X = node.inputs[0]
     src = g.dtype(X)
-    if src is None or src.kind != "f":
+    if not is_float(src):
         return (None, None)  # an integer input has no gradient
     return (g.op("Cast", dY, to=onnx_type(src), dtype=src), None)

@@ -51,9 +51,12 @@ def _(g, node, dY):
 @op("MatMul", since=1, differentiable=("A", "B"))
 def MatMul(xp, A, B):
     if A.ndim > 2 and B.ndim == 2:  # one large product instead of a batch of small ones
-        Y = xp.matmul(A.reshape(-1, A.shape[-1]), B)
-        return (Y.reshape(A.shape[:-1] + (B.shape[-1],)),)
-    return (xp.asarray(xp.matmul(A, B)),)
+        Y = xp.matmul(A.reshape(-1, A.shape[-1]), B).reshape(A.shape[:-1] + (B.shape[-1],))
+    else:
+        Y = xp.asarray(xp.matmul(A, B))
+    if Y.dtype != A.dtype and A.dtype == B.dtype:  # ml_dtypes' bfloat16 multiplies in float32
+        Y = Y.astype(A.dtype)
+    return (Y,)
 
 
 @MatMul.gradient

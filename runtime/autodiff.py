@@ -19,6 +19,7 @@ import numpy as np
 from onnxgrad.errors import ModelError, UnsupportedOpError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.ops import lookup
+from onnxgrad.ops.shape import is_float
 
 #: ai.onnx opset of the nodes that gradient rules and losses emit.
 BUILDER_OPSET = 21
@@ -171,7 +172,7 @@ def requires_grad(graph: Graph, params: Iterable[str]) -> set[str]:
         if any(x in needs and definition.is_differentiable(i) for i, x in enumerate(node.inputs)):
             for o in node.outputs:
                 dt = graph.dtype(o)
-                if o and (dt is None or np.issubdtype(dt, np.inexact)):
+                if o and (dt is None or is_float(dt) or np.issubdtype(dt, np.complexfloating)):
                     needs.add(o)
     return needs
 

@@ -118,13 +118,7 @@ def test_cast_to_and_from_strings():
     np.testing.assert_array_equal(out["y"], [1.5, -2.0, np.inf])
 
 
-_BF16_PATH = pytest.mark.xfail(
-    strict=True, reason="autodiff.requires_grad follows only np.inexact values, and bfloat16 "
-    "is not one: no gradient path through a bfloat16 value (runtime/autodiff.py)")
-
-
-@pytest.mark.parametrize("to", [pytest.param(TensorProto.BFLOAT16, marks=_BF16_PATH),
-                                TensorProto.FLOAT16, TensorProto.FLOAT])
+@pytest.mark.parametrize("to", [TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT])
 def test_cast_gradient_through_narrow_floats_is_straight_through(to):
     """d/dw sum(Cast(Cast(w, to), double) * U) = U rounded to ``to`` and back."""
     from onnxgrad.ops.shape import element_dtype
