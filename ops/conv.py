@@ -95,12 +95,14 @@ def offset_slices(offset, strides, dilations, out):
                  for o, s, d, n in zip(offset, strides, dilations, out))
 
 
-def col2im(xp, cols, full, strides, dilations):
-    """Sum columns ``(A, B, *kernel, *out)`` onto an image ``(A, B, *full)``."""
+def col2im(xp, cols, full, strides, dilations, img=None):
+    """Sum columns ``(A, B, *kernel, *out)`` onto an image ``(A, B, *full)`` (``img``,
+    zeros when not given)."""
     nd = len(full)
     kernel = cols.shape[2:2 + nd]
     out = cols.shape[2 + nd:]
-    img = xp.zeros(tuple(cols.shape[:2]) + tuple(full), dtype=cols.dtype)
+    if img is None:
+        img = xp.zeros(tuple(cols.shape[:2]) + tuple(full), dtype=cols.dtype)
     for offset in itertools.product(*(range(k) for k in kernel)):
         img[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += \
             cols[(slice(None), slice(None)) + offset]
@@ -113,6 +115,18 @@ def _batch_major(positions, channels):
     no transposes of results), else one matrix ``(g, C/g·K, N·P)`` (deep layers,
     where per-item products would be skinny)."""
     return positions >= channels
+
+
+#: Batch-major columns are made for this many elements at most at a time
+#: (32 MiB of float32): the batch is taken in chunks, which bounds the memory
+#: a convolution adds on top of its input and output.
+COLUMN_BUDGET = 1 << 23
+
+
+def _chunks(batch, per_item):
+    """Slices of the batch whose columns fit :data:`COLUMN_BUDGET`."""
+    step = max(1, COLUMN_BUDGET // max(per_item, 1))
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
 def _im2col(xp, Xp, kernel, strides, dilations, out, group, batch_major):
@@ -140,12 +154,15 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
     """Conv of an already padded input: ``(N, M, *out)``."""
     N = Xp.shape[0]
     M = W.shape[0]
-    batch_major = _batch_major(math.prod(out), M // group)
-    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group, batch_major)
-    Y = xp.matmul(W.reshape(group, M // group, -1), cols)
-    if batch_major:                                                # (N, g, M/g, P)
+    W3 = W.reshape(group, M // group, -1)
+    if _batch_major(math.prod(out), M // group):
+        Y = xp.empty((N, group, M // group, math.prod(out)), dtype=Xp.dtype)
+        for part in _chunks(N, W3.shape[2] * group * math.prod(out)):
+            cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group, True)
+            Y[part] = xp.matmul(W3, cols)                          # (n, g, M/g, P)
         return Y.reshape((N, M) + tuple(out))
-    Y = Y.reshape((M, N) + tuple(out))                             # (g, M/g, N·P)
+    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group, False)
+    Y = xp.matmul(W3, cols).reshape((M, N) + tuple(out))           # (g, M/g, N·P)
     return xp.ascontiguousarray(xp.moveaxis(Y, 0, 1))
 
 
@@ -153,12 +170,14 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
     N, M = dY.shape[:2]
     out = dY.shape[2:]
-    batch_major = _batch_major(math.prod(out), M // group)
-    cols = _im2col(xp, Xp, kernel, strides, dilations, out, group, batch_major)
     d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
-    if batch_major:
-        dW = xp.matmul(d, xp.swapaxes(cols, -1, -2)).sum(axis=0)   # (g, M/g, C/g·K)
+    if _batch_major(math.prod(out), M // group):
+        dW = 0
+        for part in _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)):
+            cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group, True)
+            dW = dW + xp.matmul(d[part], xp.swapaxes(cols, -1, -2)).sum(axis=0)  # (g, M/g, C/g·K)
     else:
+        cols = _im2col(xp, Xp, kernel, strides, dilations, out, group, False)
         dW = xp.matmul(_rows(xp, d), xp.swapaxes(cols, -1, -2))
     return dW.reshape((M, Xp.shape[1] // group) + tuple(kernel))
 
@@ -172,8 +191,12 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     Wt = xp.swapaxes(W.reshape(group, M // group, -1), -1, -2)     # (g, C/g·K, M/g)
     d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
     if _batch_major(math.prod(out), M // group):
-        cols = xp.matmul(Wt, d).reshape((N, C) + kernel + out)     # (N, C, *kernel, *out)
-        return col2im(xp, cols, full, strides, dilations)
+        img = xp.zeros((N, C) + tuple(full), dtype=dY.dtype)
+        for part in _chunks(N, Wt.shape[1] * group * math.prod(out)):
+            cols = xp.matmul(Wt, d[part])                          # (n, g, C/g·K, P)
+            cols = cols.reshape((cols.shape[0], C) + kernel + out)
+            col2im(xp, cols, full, strides, dilations, img[part])
+        return img
     cols = xp.matmul(Wt, _rows(xp, d)).reshape((C,) + kernel + (N,) + out)
     cols = xp.moveaxis(cols, 1 + len(kernel), 1)                   # (C, N, *kernel, *out), a view
     img = col2im(xp, cols, full, strides, dilations)               # (C, N, *full)
