@@ -8,6 +8,7 @@ CIFAR ResNet-18 at 32, a 2-layer transformer (d 128, seq 64) at 16.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -121,11 +122,18 @@ CASES = {
 
 
 def export(model: nn.Module, example: torch.Tensor) -> bytes:
-    """ONNX bytes from torch.onnx's TorchScript exporter, dynamic batch."""
+    """ONNX bytes from torch.onnx's TorchScript exporter, dynamic batch.
+
+    BatchNormalization stays a node of its own (TrainingMode.PRESERVE of an
+    eval-mode model), not folded into the convolutions, so that onnxgrad's
+    training steps use batch statistics as PyTorch's train() mode does.
+    """
     buffer = io.BytesIO()
     model.eval()
-    torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17,
-                      dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=17, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE)
     model.train()
     return buffer.getvalue()
