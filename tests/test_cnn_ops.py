@@ -1,11 +1,11 @@
 """Convolutional-network ops (conv, pool, normalization, dropout, resize, nonlinear):
-forward kernels against the ONNX reference evaluator or onnxruntime and against
-the ONNX backend node suite, gradients against central differences, MaxPool's
-Indices, BatchNormalization's running statistics and Dropout in training runs."""
+forward kernels against the ONNX reference evaluator or onnxruntime, gradients
+against central differences, MaxPool's Indices, BatchNormalization's running
+statistics and Dropout in training runs.  The ONNX backend node suite runs in
+test_conformance.py."""
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import numpy as np
@@ -17,13 +17,11 @@ from onnx.reference import ReferenceEvaluator
 import gradcheck as gc
 import onnxgrad
 from helpers import make_model
-from onnxgrad.ops import canonical_domain, is_registered, lookup, registered_ops
+from onnxgrad.ops import registered_ops
 from op_db_cnn import FORWARD_ONLY, SAMPLES
 
 FAMILIES = {f"onnxgrad.ops.{m}" for m in
             ("conv", "pool", "normalization", "dropout", "resize", "nonlinear")}
-CORE = {f"onnxgrad.ops.{m}" for m in
-        ("elementwise", "activation", "linalg", "shape", "reduce", "ml")}
 
 
 def _assert_same(got, want, rtol, atol, what=""):
@@ -122,69 +120,6 @@ def test_every_op_and_input_is_covered():
             assert d.rule is not None or not d.differentiable, f"{name}-{d.since} has no rule"
             for inp in d.differentiable:
                 assert (name, inp) in checked, f"{name}: input {inp!r} is never checked"
-
-
-# -- the ONNX backend node suite -----------------------------------------------------------
-
-EXCLUDED = {
-    r"test_training_dropout(_default)?(_mask)?":
-        "random masks: the expected outputs come from NumPy's legacy RandomState stream; "
-        "onnxgrad draws from the run's Generator (test_dropout_* check the statistics)",
-}
-
-
-def _node_cases():
-    """Backend cases that test these families: every node registered, of these or the
-    core families, at least one of these."""
-    from onnx.backend.test.loader import load_model_tests
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cases = load_model_tests(kind="node")
-    selected = []
-    for case in cases:
-        opsets = {canonical_domain(o.domain): o.version for o in case.model.opset_import}
-        modules = set()
-        for node in case.model.graph.node:
-            domain = canonical_domain(node.domain)
-            if domain not in opsets or not is_registered(node.op_type, domain, opsets[domain]):
-                modules = None
-                break
-            modules.add(lookup(node.op_type, domain, opsets[domain]).kernel.__module__)
-        if modules and modules & FAMILIES and modules <= FAMILIES | CORE:
-            selected.append(case)
-    return selected
-
-
-NODE_CASES = _node_cases()
-
-
-def _array(value):
-    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
-
-
-@pytest.mark.parametrize("case", NODE_CASES, ids=[c.name for c in NODE_CASES])
-def test_backend_node(case):
-    why = next((w for p, w in EXCLUDED.items() if re.fullmatch(p, case.name)), None)
-    if why:
-        pytest.skip(why)
-    model = onnxgrad.load(case.model)
-    names = [i.name for i in case.model.graph.input
-             if i.name not in {t.name for t in case.model.graph.initializer}]
-    outputs = [o.name for o in case.model.graph.output]
-    for inputs, expected in case.data_sets:
-        got = model.run(dict(zip(names, [_array(x) for x in inputs])))
-        for name, want in zip(outputs, expected):
-            _assert_same(np.asarray(got[name]), np.asarray(_array(want)), case.rtol, case.atol,
-                         what=f"{case.name}:{name}")
-
-
-def test_backend_cases_cover_the_families():
-    ops = {n.op_type for c in NODE_CASES for n in c.model.graph.node}
-    assert {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization", "Resize",
-            "Pad", "LayerNormalization", "Gelu", "Dropout"} <= ops
-    for pattern in EXCLUDED:
-        assert any(re.fullmatch(pattern, c.name) for c in NODE_CASES), pattern
 
 
 # -- MaxPool: Indices and ties -------------------------------------------------------------
