@@ -13,6 +13,7 @@ normalise them.  Shape-arithmetic operands that live on the host stay there
 
 from __future__ import annotations
 
+from onnxgrad.ops.reduce import arg_extreme
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import ints, norm_axis, on, zeros_like_value
 
@@ -367,12 +368,5 @@ def _(g, node, dY):
 @op("ArgMin", since=1)  # integer output: nothing to differentiate
 def ArgMin(xp, data, *, axis=0, keepdims=1, select_last_index=0):
     mod, (data,) = on(xp, data)
-    axis = norm_axis(axis, data.ndim)
-    if select_last_index:
-        index = data.shape[axis] - 1 - mod.argmin(mod.flip(data, axis=axis), axis=axis)
-    else:
-        index = mod.argmin(data, axis=axis)
-    index = mod.asarray(index).astype("int64")
-    if keepdims:
-        index = mod.expand_dims(index, axis)
-    return (index,)
+    norm_axis(axis, data.ndim)  # a clear error for an axis out of range
+    return (arg_extreme(mod, mod.argmin, data, axis, keepdims, select_last_index),)

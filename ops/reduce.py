@@ -108,15 +108,20 @@ def ReduceMeanGrad(xp, dY, shape):
 
 # -- ArgMax -------------------------------------------------------------------------------
 
-@op("ArgMax", since=1)  # integer output: nothing to differentiate
-def ArgMax(xp, data, *, axis=0, keepdims=1, select_last_index=0):
+def arg_extreme(xp, pick, data, axis, keepdims, select_last_index):
+    """ArgMax/ArgMin's int64 index of ``pick`` (xp.argmax or xp.argmin) along ``axis``;
+    the last occurrence with ``select_last_index``."""
     axis = axis + data.ndim if axis < 0 else axis
     if select_last_index:
-        flipped = xp.flip(data, axis=axis)
-        index = data.shape[axis] - 1 - xp.argmax(flipped, axis=axis)
+        index = data.shape[axis] - 1 - pick(xp.flip(data, axis=axis), axis=axis)
     else:
-        index = xp.argmax(data, axis=axis)
+        index = pick(data, axis=axis)
     index = xp.asarray(index).astype("int64")
     if keepdims:
         index = xp.expand_dims(index, axis)
-    return (index,)
+    return index
+
+
+@op("ArgMax", since=1)  # integer output: nothing to differentiate
+def ArgMax(xp, data, *, axis=0, keepdims=1, select_last_index=0):
+    return (arg_extreme(xp, xp.argmax, data, axis, keepdims, select_last_index),)
