@@ -35,6 +35,8 @@ class RunState:
         #: array.  A training step writes them into the weights; other runs
         #: discard them.
         self.updates: dict[str, Any] = {}
+        #: Names of nodes that run as in inference even in training runs.
+        self.inference_nodes: frozenset[str] = frozenset()
 
 
 class KernelContext:
@@ -47,7 +49,7 @@ class KernelContext:
 
     @property
     def training(self) -> bool:
-        return self.state.training
+        return self.state.training and self.node.name not in self.state.inference_nodes
 
     @property
     def rng(self) -> np.random.Generator:

@@ -14,6 +14,7 @@ from onnxgrad.autodiff import (
     differentiable_ancestors,
     prune,
     rename_gradients,
+    requires_grad,
 )
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
@@ -35,12 +36,19 @@ class Trainer:
     the scales and epsilons exporters write) or names and glob patterns.
     ``device`` is ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).  ``seed`` seeds the
     random numbers of training steps (Dropout).
+
+    In training steps BatchNormalization uses batch statistics and updates its
+    running statistics, as PyTorch's ``train()`` mode does.  With
+    ``frozen_batchnorm="eval"``, a BatchNormalization whose scale and bias are
+    not trained and that no trained weight feeds (a frozen backbone) uses and
+    keeps its running statistics instead, as a frozen backbone in ``eval()``
+    mode does in PyTorch.
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
                  output: str | None = None, optimizer: Optimizer | None = None,
                  trainable: str | Iterable[str] | None = None, device: str = "cpu",
-                 seed: int | None = None):
+                 seed: int | None = None, frozen_batchnorm: str = "train"):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -76,6 +84,11 @@ class Trainer:
         self.graph = train
         self._grad_values = grads
         self._state = RunState(seed, self.backend.xp)
+        if frozen_batchnorm not in ("train", "eval"):
+            raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', "
+                                f"got {frozen_batchnorm!r}")
+        if frozen_batchnorm == "eval":
+            self._state.inference_nodes = frozen_batchnorms(train, self.trainable)
         self._weight_names = [k for k, v in train.initializers.items()
                               if k in graph.initializers and is_weight(v)]
         self._runner = ShapeSpecializedRunner(
@@ -211,6 +224,15 @@ class Trainer:
             self.profile.steps += 1
         self._stale = self.backend.name != "cpu"
         return loss
+
+
+def frozen_batchnorms(graph, trainable) -> frozenset[str]:
+    """BatchNormalization nodes with untrained scale and bias that no trained weight feeds."""
+    fed = requires_grad(graph, trainable)
+    return frozenset(
+        n.name for n in graph.nodes
+        if n.op_type == "BatchNormalization" and n.domain == ""
+        and not any(x in fed for x in n.inputs[:3] if x))
 
 
 def _fits(expected, shape) -> bool:

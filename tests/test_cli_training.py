@@ -81,3 +81,18 @@ def test_class_options_need_a_class_loss():
     result = CliRunner().invoke(main, ["eval", "models/digits_mlp.onnx", "--data",
                                        "models/digits_test.npz", "--loss", "mse", "--class-axis", "1"])
     assert result.exit_code != 0 and "apply to class losses" in result.output
+
+
+def test_frozen_backbone_batchnorm_in_eval_mode(tmp_path):
+    out = tmp_path / "cnn.onnx"
+    result = CliRunner().invoke(main, [
+        "train", "models/digits_cnn.onnx", "--data", "models/digits_train.npz",
+        "--freeze", "features.*", "--frozen-batchnorm", "eval", "--epochs", "1", "--quiet",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    before = onnxgrad.load("models/digits_cnn.onnx").parameters()
+    after = onnxgrad.load(out).parameters()
+    for name in before:
+        if name.startswith("features."):  # weights and running statistics alike
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert not np.array_equal(after["head.weight"], before["head.weight"])

@@ -206,3 +206,30 @@ def test_one_element_initializers_are_constants_unless_named():
                        {"W": np.ones((4, 3), np.float32), "scale": np.array([0.5], np.float32)})
     assert onnxgrad.Trainer(onnxgrad.load(proto)).trainable == ["W"]
     assert onnxgrad.Trainer(onnxgrad.load(proto), trainable=["W", "scale"]).trainable == ["W", "scale"]
+
+
+def test_frozen_batchnorm_eval_keeps_running_statistics():
+    """A frozen backbone with frozen_batchnorm="eval" behaves as in inference."""
+    data = np.load("models/digits_train.npz")
+    x, y = data["input"][:64], data["label"][:64]
+    model = onnxgrad.load("models/digits_cnn.onnx")
+    stats = {k: v for k, v in model.parameters().items() if "running" in k}
+    trainer = onnxgrad.Trainer(model, trainable="head.*", frozen_batchnorm="eval",
+                               optimizer=onnxgrad.SGD(lr=0.1))
+    logits = model.run({"input": x})["logits"].astype(np.float64)
+    expected = -_log_softmax(logits)[np.arange(len(y)), y].mean()
+    assert trainer.step({"input": x}, y) == pytest.approx(expected, rel=1e-5)
+    for name, value in stats.items():
+        np.testing.assert_array_equal(model.parameters()[name], value)
+    # The default follows PyTorch's train(): batch statistics, running statistics move.
+    model = onnxgrad.load("models/digits_cnn.onnx")
+    onnxgrad.Trainer(model, trainable="head.*").step({"input": x}, y)
+    assert any(not np.array_equal(model.parameters()[k], v) for k, v in stats.items())
+
+
+def test_frozen_batchnorm_eval_leaves_trained_batchnorm_alone():
+    model = onnxgrad.load("models/digits_cnn.onnx")
+    trainer = onnxgrad.Trainer(model, frozen_batchnorm="eval")  # everything trains
+    assert trainer._state.inference_nodes == frozenset()
+    with pytest.raises(onnxgrad.OnnxgradError, match="frozen_batchnorm"):
+        onnxgrad.Trainer(model, frozen_batchnorm="sometimes")

@@ -355,6 +355,12 @@ def _op_name(row) -> str:
               help="Hold out this fraction of --data (chosen at random with --seed) for validation.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda",
               help="Where training runs; cuda needs CuPy (pip install 'onnxgrad[gpu]').")
+@click.option("--frozen-batchnorm", type=click.Choice(["train", "eval"]), default="train",
+              show_default=True,
+              help="BatchNormalization in a frozen part of the model (scale and bias not "
+                   "trained, no trained weight before it): 'train' normalises with batch "
+                   "statistics and updates the running ones (PyTorch's train()); 'eval' keeps "
+                   "and uses the running statistics (a frozen backbone in eval()).")
 @click.option("--out", "out_path", default=None, metavar="PATH",
               help="Where to write the trained model. Default: MODEL's name with '_trained' "
                    "added, next to it. The input model is overwritten only if --out names it.")
@@ -372,8 +378,8 @@ def _op_name(row) -> str:
 @boundary
 def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
           lr, momentum, weight_decay,
-          epochs, batch_size, seed, trainable, freeze, val_path, val_split, device, out_path, quiet,
-          profile, training_info, steps):
+          epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
+          frozen_batchnorm, out_path, quiet, profile, training_info, steps):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -471,7 +477,7 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
 
     before = metrics(m)  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
-                               device=device, seed=seed)
+                               device=device, seed=seed, frozen_batchnorm=frozen_batchnorm)
     if profile:
         trainer.profile = onnxgrad.Profile()
     params = m.parameters()
