@@ -30,13 +30,20 @@ def _compute_dtype(X):
 
 
 def _standardize(xp, X, axes, epsilon):
-    """(X - mean) * invstd over ``axes``, with mean, biased variance and invstd (keepdims)."""
+    """(X - mean) * invstd over ``axes``, with mean, biased variance and invstd (keepdims).
+
+    Works in place on one temporary: large fresh arrays cost page faults as
+    well as passes over memory.
+    """
     Xc = X.astype(_compute_dtype(X), copy=False)
     mean = Xc.mean(axis=axes, keepdims=True)
     d = Xc - mean
-    var = (d * d).mean(axis=axes, keepdims=True)
+    square = d * d
+    var = square.mean(axis=axes, keepdims=True)
+    del square
     inv = 1 / xp.sqrt(var + epsilon)
-    return d * inv, mean, var, inv
+    d *= inv
+    return d, mean, var, inv
 
 
 def _standardize_grad(xp, dxhat, xhat, inv, axes):
@@ -74,8 +81,10 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
         inv = 1 / xp.sqrt(var + epsilon)
         Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
         return _a(xp, Y, X.dtype), None
-    xhat, bmean, bvar, _ = _standardize(xp, X, axes, epsilon)
-    Y = _a(xp, xhat * scale.reshape(shape) + B.reshape(shape), X.dtype)
+    Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon)
+    Y *= scale.reshape(shape)  # in place: Y is the standardized input, a fresh array
+    Y += B.reshape(shape)
+    Y = _a(xp, Y, X.dtype)
     bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
     bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
     new_mean = mean * momentum + bmean * (1 - momentum)
@@ -133,7 +142,12 @@ def BatchNormalizationGrad(xp, dY, X, scale, *, epsilon=1e-5, spatial=1):
     dB = d.sum(axis=axes, keepdims=True)
     dscale = (d * xhat).sum(axis=axes, keepdims=True)
     n = X.size // dB.size
-    dX = (scale.reshape(shape) * inv) * (d - dB / n - xhat * (dscale / n))
+    # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
+    dX = xhat
+    dX *= -(dscale / n)
+    dX += d
+    dX -= dB / n
+    dX *= scale.reshape(shape) * inv
     return (_a(xp, dX, X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
             _a(xp, dB.reshape(scale.shape), scale.dtype))
 
