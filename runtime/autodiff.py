@@ -111,15 +111,15 @@ class GradBuilder:
 
     # -- helpers shared by many rules ----------------------------------------------------
     def shape_of(self, value: str) -> str:
-        """The shape of ``value`` as an int64 value: a constant where it is static,
-        else a Shape node placed right after the value's producer.
+        """The shape of ``value`` as an int64 value: a constant for an initializer,
+        else a Shape node placed right after the value's producer (which a plan
+        specialised to the input shapes folds into a constant).
 
         Running that node early lets the planner free ``value`` after the forward pass
         when only its shape is needed in the backward pass.
         """
-        static = self.shape(value)
-        if static is not None and all(isinstance(d, int) for d in static):
-            return self.ints(static)
+        if value in self.graph.initializers:  # known exactly; inferred shapes are not trusted
+            return self.ints(self.graph.initializers[value].shape)
         if value not in self._shape_of:
             out = self.graph.unique_name(f"{value}_shape", self.taken)
             node = Node("Shape", [value], [out], {}, out, "", BUILDER_OPSET)

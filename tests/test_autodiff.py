@@ -109,3 +109,21 @@ def test_float32_stays_float32():
     trainer = onnxgrad.Trainer(onnxgrad.load(mlp_model()), loss="cross_entropy")
     grads = trainer.gradients({"x": np.ones((2, 4), np.float32)}, np.array([0, 1]))
     assert all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_gradients_do_not_trust_inferred_shapes_of_values():
+    # The file declares a wrong shape for an intermediate value (as an older
+    # shape inference can for ceil-mode pooling); gradients use run-time shapes.
+    nodes = [helper.make_node("Mul", ["x", "V"], ["y"], name="scale"),
+             helper.make_node("Add", ["y", "W"], ["z"], name="add")]
+    v, w = np.array([1.5, -0.5, 2.0]), np.array([0.5, -1.0, 2.0])
+    proto = make_model(nodes, [("x", np.float64, [2, 3])], [("z", np.float64, [2, 3])],
+                       {"V": v, "W": w})
+    proto.graph.value_info.append(helper.make_tensor_value_info("y", 11, [2, 5]))
+    model = onnxgrad.load(proto)
+    assert model.graph.shape("y") == (2, 5)  # the wrong declaration survived loading
+    x = np.array([[1.0, -2.0, 3.0], [0.5, 0.25, -1.0]])
+    grads = onnxgrad.Trainer(model, loss="mse").gradients({"x": x}, np.zeros((2, 3)))
+    dz = 2 * (x * v + w) / x.size
+    np.testing.assert_allclose(grads["W"], dz.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(grads["V"], (dz * x).sum(axis=0), rtol=1e-12)
