@@ -13,9 +13,11 @@ normalise them.  Shape-arithmetic operands that live on the host stay there
 
 from __future__ import annotations
 
+import numpy as np  # the host fallback of scatter reductions CuPy lacks (see _apply_at)
+
 from onnxgrad.ops.reduce import arg_extreme
 from onnxgrad.ops.registry import op
-from onnxgrad.ops.tensor import ints, norm_axis, on, zeros_like_value
+from onnxgrad.ops.tensor import to_host, ints, norm_axis, on, zeros_like_value
 
 
 def _wrap(mod, indices, dim):
@@ -193,11 +195,13 @@ def _apply_at(mod, flat, positions, updates, reduction):
         ufunc = {"mul": mod.multiply, "max": mod.maximum, "min": mod.minimum}.get(reduction)
         if ufunc is None:
             raise ValueError(f"unknown reduction {reduction!r}")
-        at = getattr(ufunc, "at", None)
-        if at is None:
-            raise ValueError(f"reduction {reduction!r} needs ufunc.at, which this array "
-                             "module lacks")
-        at(flat, positions, updates)
+        try:
+            ufunc.at(flat, positions, updates)
+        except (AttributeError, NotImplementedError):
+            # CuPy has no multiply.at: this rare reduction runs on the host.
+            host = to_host(flat)
+            getattr(np, ufunc.__name__).at(host, to_host(positions), to_host(updates))
+            flat[...] = mod.asarray(host)
     return flat
 
 

@@ -26,7 +26,7 @@ def _is_host(a) -> bool:
     return isinstance(a, (np.ndarray, np.generic))
 
 
-def _to_host(a):
+def to_host(a):
     if hasattr(a, "get") and not isinstance(a, (np.ndarray, np.generic, dict)):
         return a.get()  # a device (CuPy) array
     return np.asarray(a)
@@ -45,13 +45,13 @@ def on(xp, *arrays):
     host = any(_is_host(a) for a in present) and all(
         a.dtype.kind in "biu" and a.size <= HOST_LIMIT for a in present)
     if host:
-        return np, [None if a is None else _to_host(a) for a in arrays]
+        return np, [None if a is None else to_host(a) for a in arrays]
     return xp, [None if a is None else xp.asarray(a) for a in arrays]
 
 
 def ints(values) -> list[int]:
     """A host integer vector (or scalar) as a list of Python ints."""
-    return [int(v) for v in np.asarray(_to_host(values)).reshape(-1)]
+    return [int(v) for v in np.asarray(to_host(values)).reshape(-1)]
 
 
 def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
@@ -267,7 +267,7 @@ def TileGrad(xp, dY, shape):
 
 def _scalar(value, name: str):
     """A one-element host tensor as a 0-d array of its own element type."""
-    a = np.asarray(_to_host(value))
+    a = np.asarray(to_host(value))
     if a.size != 1:
         raise ValueError(f"Range: {name} must be a scalar, got shape {list(a.shape)}")
     return a.reshape(())
