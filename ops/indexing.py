@@ -200,7 +200,8 @@ def _apply_at(mod, flat, positions, updates, reduction):
         except (AttributeError, NotImplementedError):
             # CuPy has no multiply.at: this rare reduction runs on the host.
             host = to_host(flat)
-            getattr(np, ufunc.__name__).at(host, to_host(positions), to_host(updates))
+            host_ufunc = {"mul": np.multiply, "max": np.maximum, "min": np.minimum}[reduction]
+            host_ufunc.at(host, to_host(positions), to_host(updates))
             flat[...] = mod.asarray(host)
     return flat
 
