@@ -1,0 +1,185 @@
+"""Pieces the ``onnxgrad`` commands share: the error boundary, loading and
+checking models and data, metrics, and the data-key options."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+
+import onnxgrad
+from onnxgrad.errors import ModelError, OnnxgradError
+
+from . import data as D
+from .metrics import LOSSES, Metrics, evaluate
+from .report import feed_inputs, fmt_shape
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# -- error boundary ---------------------------------------------------------------
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def boundary(fn):
+    """Run a command; onnxgrad errors become ``Error: <message>`` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxgradError as err:
+            raise click.ClickException(_one_line(err) or type(err).__name__) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except MemoryError:
+            raise click.ClickException("out of memory; try a smaller --batch-size") from None
+        except Exception as err:  # an onnxgrad bug: short message unless debugging
+            if os.environ.get("ONNXGRAD_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"internal error: {type(err).__name__}: {_one_line(err)} "
+                f"(set ONNXGRAD_DEBUG=1 to see the traceback)"
+            ) from None
+
+    return wrapper
+
+
+# -- shared pieces ----------------------------------------------------------------------
+def load_model(path: str):
+    if not os.path.exists(path):
+        raise ModelError(f"model file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ModelError(f"model file {path!r} is a directory")
+    try:
+        return onnxgrad.load(path)
+    except OnnxgradError:
+        raise
+    except Exception as err:  # the loader should raise ModelError itself
+        raise ModelError(f"cannot load model {path!r}: {type(err).__name__}: {_one_line(err)}") from None
+
+
+def resolve_output(model, output: str | None) -> str:
+    graph = model.graph
+    if output is None:
+        if not graph.outputs:
+            raise ModelError("the model has no outputs")
+        return graph.outputs[0]
+    if output in graph.outputs:
+        return output
+    known = set(graph.info) | {o for n in graph.nodes for o in n.outputs if o}
+    if output not in known:
+        raise ModelError(f"the model has no value named {output!r} for --output (graph outputs: "
+                         f"{', '.join(map(repr, graph.outputs))})")
+    return output
+
+
+def output_runner(model, output: str):
+    """A function ``feeds -> value of output`` running ``model`` in inference mode."""
+    return lambda feeds: model.run(feeds, outputs=[output])[output]
+
+
+def input_info(model) -> dict[str, tuple]:
+    graph = model.graph
+    out = {}
+    for name in feed_inputs(graph):
+        vi = graph.info.get(name)
+        out[name] = (vi.dtype if vi else None, vi.shape if vi else None)
+    return out
+
+
+def read_dataset(path: str, model, input_keys, target_key, need_target=True) -> D.Dataset:
+    names = feed_inputs(model.graph)
+    mapping = D.parse_input_keys(input_keys, names)
+    arrays = D.load_npz(path)
+    keys, tkey = D.resolve_keys(arrays, path, names, mapping, target_key, need_target)
+    return D.build_dataset(arrays, path, keys, tkey, input_info(model))
+
+
+def check_loss(loss: str, class_axis: int | None = None, ignore_index: int | None = None):
+    """The onnxgrad.Loss for --loss, --class-axis and --ignore-index."""
+    if loss not in LOSSES:
+        raise click.ClickException(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    kind = onnxgrad.LOSSES[loss]
+    if issubclass(kind, onnxgrad.CrossEntropy):
+        return kind(class_axis=1 if class_axis is None else class_axis, ignore_index=ignore_index)
+    if class_axis is not None or ignore_index is not None:
+        raise click.ClickException(f"--class-axis and --ignore-index apply to class losses "
+                                   f"(cross_entropy, nll), not to {loss}")
+    return kind()
+
+
+def fixed_batch(model) -> int | None:
+    """The batch size the model's inputs fix (e.g. 1 for shape [1, 64]), if any."""
+    for dtype, shape in input_info(model).values():
+        if shape and isinstance(shape[0], int):
+            return shape[0]
+    return None
+
+
+def choose_batch_size(model, batch_size: int, option_given: bool) -> int:
+    fixed = fixed_batch(model)
+    if fixed is None or fixed == batch_size:
+        return batch_size
+    if option_given:
+        raise click.ClickException(
+            f"the model's inputs have a fixed batch dimension of {fixed} "
+            f"({', '.join(f'{k!r} {fmt_shape(s)}' for k, (_, s) in input_info(model).items())}); "
+            f"pass --batch-size {fixed} or re-export the model with a dynamic batch axis")
+    return fixed
+
+
+def measure(model, output, ds: D.Dataset, loss, batch_size: int, checked: set) -> Metrics:
+    """Metrics of ``model`` on ``ds``; the targets are checked on the first call."""
+
+    def check(y):
+        if id(ds) not in checked:
+            D.fit_target(ds, loss, output, y.shape, y.dtype)
+            checked.add(id(ds))
+
+    fixed = fixed_batch(model)
+    return evaluate(output_runner(model, output), ds, loss, fixed or batch_size, check,
+                    fixed_batch=fixed is not None)
+
+
+def _given(name: str) -> bool:
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def describe(name: str, train: Metrics, val: Metrics | None) -> str:
+    text = f"{name}: {train.format('train_')}"
+    if val is not None:
+        text += f"  |  {val.format('val_')}"
+    return text
+
+
+_key_options = [
+    click.option("--input-key", "input_keys", multiple=True, metavar="[INPUT=]KEY",
+                 help="Key of the data file that feeds a model input. Default: the key named like "
+                      "the input; for a single-input model also 'input', 'inputs', 'x', 'X', "
+                      "'data' or 'features', whichever is present first. Write INPUT=KEY for a "
+                      "model with several inputs (repeat the option)."),
+    click.option("--target-key", default=None, metavar="KEY",
+                 help="Key of the targets. Default: the first of 'label', 'labels', 'y', "
+                      "'target', 'targets' present in the file."),
+    click.option("--loss", default="cross_entropy", show_default=True, metavar="NAME",
+                 help="Loss: " + "; ".join(f"{k}: {v}" for k, v in LOSSES.items()) + "."),
+    click.option("--output", default=None, metavar="VALUE",
+                 help="The value the loss reads: a graph output or any value name in the graph "
+                      "(e.g. the input of a final Softmax). Default: the first graph output."),
+    click.option("--class-axis", type=int, default=None, metavar="AXIS",
+                 help="Axis of the output that holds the classes, for cross_entropy and nll: "
+                      "1 (default) for [N, C, ...], -1 for a language model's [N, T, C]."),
+    click.option("--ignore-index", type=int, default=None, metavar="LABEL",
+                 help="Targets equal to LABEL count for nothing (padding), for cross_entropy "
+                      "and nll."),
+]
+
+
+def key_options(fn):
+    for option in reversed(_key_options):
+        fn = option(fn)
+    return fn

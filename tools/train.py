@@ -1,0 +1,281 @@
+"""``onnxgrad train``: fine-tune a model on a .npz data file, or run the training
+algorithm it carries (TrainingInfoProto)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import click
+import numpy as np
+
+import onnxgrad
+from onnxgrad.autodiff import differentiable_ancestors
+
+from . import data as D
+from .common import (
+    CONTEXT,
+    boundary,
+    check_loss,
+    choose_batch_size,
+    describe,
+    fixed_batch,
+    key_options,
+    load_model,
+    measure,
+    read_dataset,
+    resolve_output,
+    _given,
+)
+from .metrics import batches
+from .report import is_float, select_trainable
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Default learning rate per optimizer (PyTorch's defaults for Adam/AdamW).
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+#: Default weight decay per optimizer (PyTorch's defaults).
+DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, metavar="FILE.npz", help="Training data (numpy.savez archive).")
+@key_options
+@click.option("--optimizer", default="adam", show_default=True, metavar="sgd|adam|adamw",
+              help="Optimizer; matches torch.optim numerically.")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate. Default: 0.01 for sgd, 0.001 for adam and adamw.")
+@click.option("--momentum", type=float, default=None, help="SGD momentum (sgd only). Default: 0.")
+@click.option("--weight-decay", type=float, default=None,
+              help="Weight decay. Default: 0 for sgd and adam, 0.01 for adamw (as in torch.optim).")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the shuffling (and of --val-split).")
+@click.option("--trainable", multiple=True, metavar="PATTERN",
+              help="Train only parameters with these names or shell globs (repeatable). "
+                   "Default: every floating-point initializer of more than one element with a "
+                   "gradient path to the loss (one-element ones are exporters' constants).")
+@click.option("--freeze", multiple=True, metavar="PATTERN",
+              help="Do not train parameters with these names or globs (repeatable).")
+@click.option("--val", "val_path", default=None, metavar="FILE.npz",
+              help="Validation data, same keys as --data.")
+@click.option("--val-split", type=float, default=None, metavar="FRACTION",
+              help="Hold out this fraction of --data (chosen at random with --seed) for validation.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda",
+              help="Where training runs; cuda needs CuPy (pip install 'onnxgrad[gpu]').")
+@click.option("--frozen-batchnorm", type=click.Choice(["train", "eval"]), default="train",
+              show_default=True,
+              help="BatchNormalization in a frozen part of the model (scale and bias not "
+                   "trained, no trained weight before it): 'train' normalises with batch "
+                   "statistics and updates the running ones (PyTorch's train()); 'eval' keeps "
+                   "and uses the running statistics (a frozen backbone in eval()).")
+@click.option("--out", "out_path", default=None, metavar="PATH",
+              help="Where to write the trained model. Default: MODEL's name with '_trained' "
+                   "added, next to it. The input model is overwritten only if --out names it.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar and no per-epoch lines; only the before/after summary.")
+@click.option("--profile", is_flag=True,
+              help="Time every kernel and print where the training steps spent their time.")
+@click.option("--training-info", "training_info", is_flag=True,
+              help="Run the training algorithm the model carries (ONNX TrainingInfoProto) instead "
+                   "of a built-in loss and optimizer: its initialization once, then its algorithm "
+                   "once per batch, applying its update bindings. Data keys must be named like "
+                   "the algorithm's inputs.")
+@click.option("--steps", type=int, default=None,
+              help="With --training-info: stop after this many algorithm steps.")
+@boundary
+def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
+          lr, momentum, weight_decay,
+          epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
+          frozen_batchnorm, out_path, quiet, profile, training_info, steps):
+    """Train MODEL on a .npz data file and save the trained model.
+
+    Each epoch shuffles the data and takes one optimizer step per batch. A
+    progress bar runs on stderr. After each epoch a line gives step_loss,
+    the mean of the losses of the epoch's steps (each measured before its
+    update), then train_loss and, for classifiers (--loss cross_entropy or
+    nll), train_acc: loss and accuracy of the weights at the end of the
+    epoch on the whole training data, in inference mode; then val_loss and
+    val_acc when --val or --val-split is given. The same metrics are printed
+    before and after training. The trained model keeps the original graph
+    and runs in any ONNX runtime.
+
+    \b
+    Examples:
+      onnxgrad train models/digits_mlp.onnx --data models/digits_train.npz \\
+          --val models/digits_test.npz --epochs 5 --out digits_trained.onnx
+      onnxgrad train models/digits_mlp.onnx --data models/digits_train.npz \\
+          --optimizer sgd --lr 0.05 --momentum 0.9 --val-split 0.2
+      onnxgrad train models/digits_mlp.onnx --data models/digits_train.npz \\
+          --freeze '*0.weight' --freeze '*0.bias'        # fine-tune the last layer
+      onnxgrad train regressor.onnx --data houses.npz --input-key features \\
+          --target-key price --loss mse --optimizer sgd --lr 0.001
+    """
+    echo = (lambda *a, **k: None) if quiet else click.echo
+    loss = check_loss(loss, class_axis, ignore_index)
+    optimizer = optimizer.lower()
+    if optimizer not in OPTIMIZERS:
+        raise click.ClickException(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if momentum is not None and optimizer != "sgd":
+        raise click.ClickException(f"--momentum applies to --optimizer sgd only (got {optimizer})")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    weight_decay = DEFAULT_WD[optimizer] if weight_decay is None else weight_decay
+    if not (lr > 0 and math.isfinite(lr)):
+        raise click.ClickException(f"--lr must be a positive number (got {lr})")
+    if weight_decay < 0 or (momentum is not None and momentum < 0):
+        raise click.ClickException("--weight-decay and --momentum must not be negative")
+    if epochs < 1:
+        raise click.ClickException(f"--epochs must be at least 1 (got {epochs})")
+    if batch_size < 1:
+        raise click.ClickException(f"--batch-size must be at least 1 (got {batch_size})")
+    if val_path is not None and val_split is not None:
+        raise click.ClickException("give either --val or --val-split, not both")
+    if val_split is not None and not 0 < val_split < 1:
+        raise click.ClickException(f"--val-split must lie between 0 and 1 (got {val_split})")
+    if device not in ("cpu", "cuda"):
+        raise click.ClickException(f"unknown device {device!r}; choose cpu or cuda")
+
+    if out_path is None:
+        stem, _ = os.path.splitext(model)
+        out_path = stem + "_trained.onnx"
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} does not exist")
+    if os.path.isdir(out_path):
+        raise click.ClickException(f"cannot write {out_path!r}: it is a directory")
+
+    m = load_model(model)
+    if training_info:
+        run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet)
+        return
+    output = resolve_output(m, output)
+    batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
+    ds = read_dataset(data, m, input_keys, target_key)
+    val = None
+    if val_path is not None:
+        val = read_dataset(val_path, m, input_keys, target_key)
+    elif val_split is not None:
+        order = np.random.default_rng(seed).permutation(len(ds))
+        n_val = int(round(len(ds) * val_split))
+        if n_val == 0 or n_val == len(ds):
+            raise click.ClickException(f"--val-split {val_split} of {len(ds)} samples leaves "
+                                       f"{'no' if n_val == 0 else 'all'} samples for validation")
+        val = ds.take(np.sort(order[:n_val]), path=f"{data} [val-split {val_split}]")
+        ds = ds.take(np.sort(order[n_val:]))
+
+    names = None  # the Trainer's default: every weight with a gradient path to the loss
+    if trainable or freeze:
+        reach = differentiable_ancestors(m.graph, output, strict=False)
+        names = select_trainable(m.parameters(), trainable, freeze, reach)
+        if not names:
+            raise click.ClickException("no parameters left to train (check --trainable/--freeze)")
+
+    opt = {
+        "sgd": lambda: onnxgrad.SGD(lr=lr, momentum=momentum or 0.0, weight_decay=weight_decay),
+        "adam": lambda: onnxgrad.Adam(lr=lr, weight_decay=weight_decay),
+        "adamw": lambda: onnxgrad.AdamW(lr=lr, weight_decay=weight_decay),
+    }[optimizer]()
+    eval_bs = max(batch_size, 256)
+    checked: set = set()
+
+    def metrics(model_):
+        train_m = measure(model_, output, ds, loss, eval_bs, checked)
+        val_m = measure(model_, output, val, loss, eval_bs, checked) if val is not None else None
+        return train_m, val_m
+
+    before = metrics(m)  # also checks the targets against the output
+    trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
+                               device=device, seed=seed, frozen_batchnorm=frozen_batchnorm)
+    if profile:
+        trainer.profile = onnxgrad.Profile()
+    params = m.parameters()
+    n_values = sum(int(params[k].size) for k in trainer.trainable)
+    n_float = sum(1 for v in params.values() if is_float(v))
+    click.echo(f"data: {ds.describe()}")
+    if val is not None:
+        click.echo(f"validation: {val.describe()}")
+    click.echo(f"training {len(trainer.trainable)} of {n_float} parameter tensors ({n_values:,} "
+               f"values) with {optimizer} lr={lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
+               f"of batch size {batch_size}, on {device}")
+    click.echo(describe("before", *before))
+    rng = np.random.default_rng(seed)
+    drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
+    if drop_last and len(ds) < batch_size:
+        raise click.ClickException(f"the model's batch dimension is fixed to {batch_size}, "
+                                   f"but {data!r} has only {len(ds)} training samples")
+    if drop_last:
+        click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
+                   f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
+    after = before
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(ds))
+        if drop_last:
+            order = order[:len(ds) - len(ds) % batch_size]
+        n_batches = -(-len(order) // batch_size)
+        total, seen = 0.0, 0
+        with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
+                               hidden=quiet, show_pos=True,
+                               item_show_func=lambda s: s) as bar:
+            for step, index in enumerate(batches(len(order), batch_size, order), start=1):
+                feeds = {k: v[index] for k, v in ds.feeds.items()}
+                value = float(trainer.step(feeds, ds.target[index]))
+                if not math.isfinite(value):
+                    raise click.ClickException(
+                        f"training diverged: loss is {value} at epoch {epoch}, step {step}; "
+                        f"try a smaller --lr (the model was not saved)")
+                total += value * len(index)
+                seen += len(index)
+                bar.update(1, f"loss {total / seen:.4f}")
+        after = metrics(trainer.model)
+        train_m, val_m = after
+        line = f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  {train_m.format('train_')}"
+        if val_m is not None:
+            line += f"  |  {val_m.format('val_')}"
+        echo(line)
+
+    click.echo(describe("after", *after))
+    if trainer.profile is not None:
+        click.echo(trainer.profile.report())
+    trainer.model.save(out_path)
+    click.echo(f"saved {out_path}")
+
+
+def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet):
+    """``train --training-info``: the model's own algorithm, one step per batch."""
+    info = onnxgrad.TrainingInfo(m)
+    arrays = D.load_npz(data)
+    missing = [name for name in info.inputs if name not in arrays]
+    if missing:
+        raise click.ClickException(
+            f"{data!r} lacks key(s) {missing} for the training algorithm's inputs {info.inputs}; "
+            f"keys present: {sorted(arrays)}")
+    feeds = {name: arrays[name] for name in info.inputs}
+    lengths = {len(v) for v in feeds.values() if v.ndim}
+    if len(lengths) > 1:
+        raise click.ClickException(f"the arrays of {data!r} for {info.inputs} have different "
+                                   "numbers of samples")
+    n = lengths.pop() if lengths else 1
+    if steps is not None and steps < 1:
+        raise click.ClickException(f"--steps must be at least 1 (got {steps})")
+    info.initialize()
+    total = steps if steps is not None else epochs * -(-n // batch_size)
+    click.echo(f"running training_info[0] of {m.where}: {total} step(s) over {data!r} "
+               f"({n} samples, batch size {batch_size}); inputs {info.inputs}, updates "
+               f"{sorted(info.update_binding)}")
+    rng = np.random.default_rng(seed)
+    done, last = 0, {}
+    with click.progressbar(length=total, label="steps", file=sys.stderr, hidden=quiet) as bar:
+        while done < total:
+            for index in batches(n, batch_size, rng.permutation(n)):
+                if done == total:
+                    break
+                last = info.step({k: (v[index] if v.ndim else v) for k, v in feeds.items()})
+                done += 1
+                bar.update(1)
+    scalars = {k: float(v) for k, v in last.items() if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number)}
+    if scalars:
+        click.echo("last step: " + "  ".join(f"{k} {v:.6g}" for k, v in scalars.items()))
+    m.save(out_path)
+    click.echo(f"saved {out_path}")
