@@ -246,16 +246,22 @@ def _attrs(node, *names):
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "pads", "strides")
 
 
-@Conv.gradient
-def _(g, node, dY):
-    X, W = node.inputs[:2]
-    attrs = _attrs(node, *_CONV_ATTRS)
-    dX = g.private("ConvGradX", dY, W, g.shape_of(X), **attrs)
-    dW = g.private("ConvGradW", dY, X, g.shape_of(W), **attrs)
-    grads = [dX, dW]
-    if len(node.inputs) > 2 and node.inputs[2]:
-        grads.append(g.private("BiasGrad", dY))
-    return tuple(grads) + (None,) * (len(node.inputs) - len(grads))
+def _conv_rule(grad_x, grad_w, attr_names):
+    """The gradient rule of a convolution-like op: one private op per input."""
+
+    def rule(g, node, dY):
+        X, W = node.inputs[:2]
+        attrs = _attrs(node, *attr_names)
+        grads = [g.private(grad_x, dY, W, g.shape_of(X), **attrs),
+                 g.private(grad_w, dY, X, g.shape_of(W), **attrs)]
+        if len(node.inputs) > 2 and node.inputs[2]:
+            grads.append(g.private("BiasGrad", dY))
+        return tuple(grads) + (None,) * (len(node.inputs) - len(grads))
+
+    return rule
+
+
+Conv.gradient(_conv_rule("ConvGradX", "ConvGradW", _CONV_ATTRS))
 
 
 @op("ConvGradX", domain="onnxgrad", host_inputs=("x_shape",))
@@ -347,16 +353,7 @@ def ConvTranspose(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=
     return (Y,)
 
 
-@ConvTranspose.gradient
-def _(g, node, dY):
-    X, W = node.inputs[:2]
-    attrs = _attrs(node, *_CONVT_ATTRS)
-    dX = g.private("ConvTransposeGradX", dY, W, g.shape_of(X), **attrs)
-    dW = g.private("ConvTransposeGradW", dY, X, g.shape_of(W), **attrs)
-    grads = [dX, dW]
-    if len(node.inputs) > 2 and node.inputs[2]:
-        grads.append(g.private("BiasGrad", dY))
-    return tuple(grads) + (None,) * (len(node.inputs) - len(grads))
+ConvTranspose.gradient(_conv_rule("ConvTransposeGradX", "ConvTransposeGradW", _CONVT_ATTRS))
 
 
 def _full_grad(xp, dY, full, begin, out):
