@@ -183,3 +183,17 @@ def check_gradient(sample, name: str) -> None:
     magnitude = float(np.sum(np.abs(grad * v))) + abs(numeric)
     assert abs(analytic - numeric) <= tol["atol"] + tol["rtol"] * magnitude, \
         f"{sample.id} d/d{name}: analytic {analytic!r} vs numeric {numeric!r}"
+
+
+def check_float32_gradients(sample, rtol: float, atol: float) -> None:
+    """float32 inputs give float32 gradients (no float64 upcast) close to float64's."""
+    names = differentiable_inputs(sample)
+    a64 = materialize(sample, np.float64)
+    _, y64 = run_forward(sample, a64)
+    u64 = projection_u(sample, y64)
+    g64 = analytic_gradients(sample, a64, names, u64)
+    a32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in a64.items()}
+    g32 = analytic_gradients(sample, a32, names, u64.astype(np.float32))
+    for name in names:
+        assert g32[name].dtype == np.float32, f"{name}: {g32[name].dtype}"
+        np.testing.assert_allclose(g32[name], g64[name], rtol=rtol, atol=atol, err_msg=name)

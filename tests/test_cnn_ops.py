@@ -94,15 +94,7 @@ F32_CASES = [s for s in SAMPLES if s.id not in FORWARD_ONLY and gc.differentiabl
 @pytest.mark.parametrize("sample", F32_CASES, ids=[s.id for s in F32_CASES])
 def test_gradient_float32(sample):
     """float32 in, float32 gradients out, equal to float64's."""
-    names = gc.differentiable_inputs(sample)
-    a64 = gc.materialize(sample, np.float64)
-    _, y64 = gc.run_forward(sample, a64)
-    u64 = gc.projection_u(sample, y64)
-    g64 = gc.analytic_gradients(sample, a64, names, u64)
-    g32 = gc.analytic_gradients(sample, _f32(a64), names, u64.astype(np.float32))
-    for name in names:
-        assert g32[name].dtype == np.float32, f"{name}: {g32[name].dtype}"
-        np.testing.assert_allclose(g32[name], g64[name], rtol=2e-4, atol=2e-4, err_msg=name)
+    gc.check_float32_gradients(sample, rtol=2e-4, atol=2e-4)
 
 
 def test_every_op_and_input_is_covered():
