@@ -14,32 +14,13 @@ flips the axis around that; ``exclusive`` shifts ``dy`` by one position
 from __future__ import annotations
 
 from onnxgrad.ops.registry import op
-from onnxgrad.ops.tensor import ints, norm_axis, on
-
-
-def _shift(mod, y, axis, fill):
-    """``y`` moved one step forward along ``axis``, ``fill`` at the start (exclusive scans)."""
-    out = mod.empty_like(y)
-    head = [slice(None)] * y.ndim
-    src, dst = list(head), list(head)
-    head[axis] = slice(0, 1)
-    src[axis], dst[axis] = slice(0, -1), slice(1, None)
-    out[tuple(head)] = fill
-    out[tuple(dst)] = y[tuple(src)]
-    return out
+from onnxgrad.ops.indexing import running_scan, shift_along
+from onnxgrad.ops.tensor import ints, norm_axis
 
 
 @op("CumProd", since=26, differentiable=("x",), host_inputs=("axis",))
 def CumProd(xp, x, axis, *, exclusive=0, reverse=0):
-    mod, (x,) = on(xp, x)
-    axis = norm_axis(ints(axis)[0], x.ndim)
-    y = mod.flip(x, axis) if reverse else x
-    y = mod.cumprod(y, axis=axis, dtype=x.dtype)
-    if exclusive and x.shape[axis]:
-        y = _shift(mod, y, axis, 1)
-    if reverse:
-        y = mod.flip(y, axis)
-    return (mod.ascontiguousarray(y),)
+    return (running_scan(xp, "cumprod", 1, x, axis, exclusive, reverse),)
 
 
 @CumProd.gradient
@@ -63,7 +44,7 @@ def CumProdGrad(xp, dY, x, axis, *, exclusive=0, reverse=0):
         return (xp.zeros_like(dY),)
     if exclusive:  # y_i depends on x_0..x_{i-1}: the inclusive case with dy moved back by one
         d = xp.concatenate([d[1:], xp.zeros_like(d[:1])])
-    before = _shift(xp, xp.cumprod(x, axis=0, dtype=x.dtype), 0, 1)  # E_k
+    before = shift_along(xp, xp.cumprod(x, axis=0, dtype=x.dtype), 0, 1)  # E_k
     S = xp.empty_like(d)
     S[n - 1] = d[n - 1]
     for k in range(n - 2, -1, -1):

@@ -346,20 +346,33 @@ def _(g, node, dY):
 
 @op("CumSum", since=11, differentiable=("x",), host_inputs=("axis",))
 def CumSum(xp, x, axis, *, exclusive=0, reverse=0):
+    return (running_scan(xp, "cumsum", 0, x, axis, exclusive, reverse),)
+
+
+def running_scan(xp, scan, identity, x, axis, exclusive, reverse):
+    """CumSum/CumProd: ``mod.<scan>`` along ``axis``; ``exclusive`` shifts the result one
+    step (``identity`` first), ``reverse`` runs from the end."""
     mod, (x,) = on(xp, x)
     axis = norm_axis(ints(axis)[0], x.ndim)
     y = mod.flip(x, axis) if reverse else x
-    y = mod.cumsum(y, axis=axis, dtype=x.dtype)
-    if exclusive:
-        shifted = mod.zeros_like(y)
-        src = [slice(None)] * x.ndim
-        dst = [slice(None)] * x.ndim
-        src[axis], dst[axis] = slice(0, -1), slice(1, None)
-        shifted[tuple(dst)] = y[tuple(src)]
-        y = shifted
+    y = getattr(mod, scan)(y, axis=axis, dtype=x.dtype)
+    if exclusive and x.shape[axis]:
+        y = shift_along(mod, y, axis, identity)
     if reverse:
         y = mod.flip(y, axis)
-    return (mod.ascontiguousarray(y),)
+    return mod.ascontiguousarray(y)
+
+
+def shift_along(mod, y, axis, fill):
+    """``y`` moved one step forward along ``axis``, ``fill`` at the start (exclusive scans)."""
+    out = mod.empty_like(y)
+    head = [slice(None)] * y.ndim
+    src, dst = list(head), list(head)
+    head[axis] = slice(0, 1)
+    src[axis], dst[axis] = slice(0, -1), slice(1, None)
+    out[tuple(head)] = fill
+    out[tuple(dst)] = y[tuple(src)]
+    return out
 
 
 @CumSum.gradient
