@@ -133,8 +133,9 @@ def resolve_keys(arrays: dict[str, np.ndarray], path: str, model_inputs: list[st
         elif len(model_inputs) == 1 and any(k in arrays for k in INPUT_KEYS):
             key = next(k for k in INPUT_KEYS if k in arrays)
         else:
+            tried = dict.fromkeys((name,) + (INPUT_KEYS if len(model_inputs) == 1 else ()))
             raise DataError(f"data file {path!r} has no key for model input {name!r} (tried "
-                            f"{', '.join(map(repr, (name,) + INPUT_KEYS))}); keys present: "
+                            f"{', '.join(map(repr, tried))}); keys present: "
                             f"{_keys_present(arrays)}; choose one with --input-key")
         keys[name] = key
     if not need_target:
