@@ -118,9 +118,11 @@ def _batch_major(positions, channels):
 
 
 #: Batch-major columns are made for this many elements at most at a time
-#: (32 MiB of float32): the batch is taken in chunks, which bounds the memory
-#: a convolution adds on top of its input and output.
-COLUMN_BUDGET = 1 << 23
+#: (4 MiB of float32): the batch is taken in chunks, which bounds the memory a
+#: convolution adds on top of its input and output and keeps each chunk's
+#: columns in cache between the copy that makes them and the product that
+#: reads them.
+COLUMN_BUDGET = 1 << 20
 
 
 def _chunks(batch, per_item):
@@ -159,7 +161,7 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
         Y = xp.empty((N, group, M // group, math.prod(out)), dtype=Xp.dtype)
         for part in _chunks(N, W3.shape[2] * group * math.prod(out)):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group, True)
-            Y[part] = xp.matmul(W3, cols)                          # (n, g, M/g, P)
+            xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
         return Y.reshape((N, M) + tuple(out))
     cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group, False)
     Y = xp.matmul(W3, cols).reshape((M, N) + tuple(out))           # (g, M/g, N·P)
