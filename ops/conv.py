@@ -266,11 +266,37 @@ def _conv_rule(grad_x, grad_w, attr_names):
 Conv.gradient(_conv_rule("ConvGradX", "ConvGradW", _CONV_ATTRS))
 
 
+#: Input channels per group from which a stride-1 input gradient is computed as
+#: a convolution with the flipped kernel (:func:`flipped_input_grad`); with
+#: fewer, that convolution's product has too few rows to run at BLAS speed and
+#: the scatter of :func:`conv_input_grad` is cheaper.
+FLIPPED_MIN_CHANNELS = 32
+
+
+def flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group):
+    """The input gradient ``(N, C, *sp)`` of a stride-1 Conv, as a Conv of ``dY``
+    (padded by the kernel's extent less the forward pads) with ``W`` flipped in
+    space and with its channel axes swapped within each group: one im2col copy
+    in place of the column scatter of :func:`conv_input_grad`."""
+    nd = len(sp)
+    kernel = tuple(W.shape[2:])
+    M, cg = W.shape[:2]
+    Wf = xp.swapaxes(W.reshape((group, M // group, cg) + kernel), 1, 2)
+    Wf = Wf[(slice(None),) * 3 + (slice(None, None, -1),) * nd]
+    Wf = xp.ascontiguousarray(Wf).reshape((cg * group, M // group) + kernel)
+    reach = [(kernel[i] - 1) * dilations[i] for i in range(nd)]
+    dYp = pad_spatial(xp, dY, [reach[i] - begin[i] for i in range(nd)],
+                      [reach[i] - end[i] for i in range(nd)])
+    return conv_forward(xp, dYp, Wf, [1] * nd, dilations, group, sp)
+
+
 @op("ConvGradX", domain="onnxgrad", host_inputs=("x_shape",))
 def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1, pads=None,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         x_shape, W.shape, auto_pad, dilations, pads, strides)
+    if all(s == 1 for s in strides) and W.shape[1] >= FLIPPED_MIN_CHANNELS:
+        return (flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group),)
     full = tuple(sp[i] + begin[i] + end[i] for i in range(len(sp)))
     dXp = conv_input_grad(xp, dY, W, full, strides, dilations, group)
     return (xp.ascontiguousarray(pad_spatial(xp, dXp, [-b for b in begin], [-e for e in end])),)

@@ -49,6 +49,11 @@ for _x, _w, _attrs in [
     # 3-D
     ((1, 2, 4, 5, 4), (3, 2, 2, 3, 2), {"pads": [1, 0, 1, 0, 1, 1], "strides": [2, 1, 2]}),
     ((1, 4, 3, 4, 3), (2, 2, 2, 2, 2), {"group": 2, "dilations": [1, 2, 1]}),
+    # 32 input channels per group or more: stride-1 input gradients by flipped kernels
+    ((2, 32, 7), (3, 32, 3), {"pads": [1, 2]}),
+    ((1, 32, 6, 5), (2, 32, 3, 2), {"pads": [4, 0, 1, 3], "dilations": [2, 1]}),
+    ((1, 64, 4, 4), (4, 32, 3, 3), {"group": 2, "auto_pad": "SAME_LOWER"}),
+    ((1, 32, 3, 4, 3), (2, 32, 2, 3, 2), {"pads": [1, 0, 1, 0, 1, 1]}),
 ]:
     _m = _w[0]
     SAMPLES.append(S("Conv", [("X", ("real", _x)), ("W", ("real", _w))], _attrs, 11))

@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 import gradcheck as gc
 import onnxgrad
 from helpers import make_model
-from onnxgrad.ops import registered_ops
+from onnxgrad.ops import conv, registered_ops
 from op_db_cnn import FORWARD_ONLY, SAMPLES
 
 FAMILIES = {f"onnxgrad.ops.{m}" for m in
@@ -313,6 +313,29 @@ def test_dropout_training_mode_input_in_inference():
     out = onnxgrad.load(model).run({"x": x})
     assert 0.2 < 1 - out["m"].mean() < 0.6
     np.testing.assert_allclose(out["y"], x * out["m"] / 0.6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((2, 3, 7), (4, 3, 3), {"pads": [1, 2]}),
+    ((2, 6, 8, 7), (4, 3, 3, 2), {"group": 2, "pads": [3, 0, 1, 2], "dilations": [2, 1]}),
+    ((1, 2, 5, 4, 5), (3, 2, 2, 3, 3), {"auto_pad": "SAME_UPPER", "dilations": [1, 1, 2]}),
+    ((2, 4, 6, 6), (4, 4, 5, 5), {"pads": [4, 4, 4, 4]}),
+])
+def test_flipped_kernel_input_gradient_equals_the_column_scatter(x_shape, w_shape, attrs):
+    """Both ways of computing a stride-1 Conv's input gradient agree, whichever
+    :data:`FLIPPED_MIN_CHANNELS` picks for a shape (float64)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    dy = rng.standard_normal(conv.Conv(np, x, w, **attrs)[0].shape)
+    geometry = conv._conv_geometry(x_shape, w_shape, attrs.get("auto_pad", "NOTSET"),
+                                   attrs.get("dilations"), attrs.get("pads"), None)
+    sp, _, strides, dilations, begin, end, _ = geometry
+    full = tuple(s + b + e for s, b, e in zip(sp, begin, end))
+    scattered = conv.conv_input_grad(np, dy, w, full, strides, dilations, attrs.get("group", 1))
+    scattered = conv.pad_spatial(np, scattered, [-b for b in begin], [-e for e in end])
+    flipped = conv.flipped_input_grad(np, dy, w, sp, begin, end, dilations, attrs.get("group", 1))
+    np.testing.assert_allclose(flipped, scattered, rtol=1e-12, atol=1e-12)
 
 
 # -- gradient graphs -------------------------------------------------------------------------
