@@ -95,26 +95,43 @@ def offset_slices(offset, strides, dilations, out):
                  for o, s, d, n in zip(offset, strides, dilations, out))
 
 
-def col2im(xp, cols, full, strides, dilations, img=None):
-    """Sum columns ``(A, B, *kernel, *out)`` onto an image ``(A, B, *full)`` (``img``,
-    zeros when not given)."""
+def col2im(xp, cols, full, strides, dilations, img=None, lead=2):
+    """Sum columns ``(*lead, *kernel, *out, *trail)`` onto an image
+    ``(*lead, *full, *trail)`` (``img``, zeros when not given); ``lead`` counts the
+    leading axes (batch and channel in either order, or channel alone)."""
     nd = len(full)
-    kernel = cols.shape[2:2 + nd]
-    out = cols.shape[2 + nd:]
+    kernel = cols.shape[lead:lead + nd]
+    out = cols.shape[lead + nd:lead + 2 * nd]
+    head = (slice(None),) * lead
+    tail = (slice(None),) * (cols.ndim - lead - 2 * nd)
     if img is None:
-        img = xp.zeros(tuple(cols.shape[:2]) + tuple(full), dtype=cols.dtype)
+        img = xp.zeros(tuple(cols.shape[:lead]) + tuple(full) + tuple(cols.shape[lead + 2 * nd:]),
+                       dtype=cols.dtype)
     for offset in itertools.product(*(range(k) for k in kernel)):
-        img[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += \
-            cols[(slice(None), slice(None)) + offset]
+        img[head + offset_slices(offset, strides, dilations, out) + tail] += cols[head + offset]
     return img
 
 
-def _batch_major(positions, channels):
-    """The column layout for a product: batch-major ``(N, g, C/g·K, P)`` when each
-    item has at least as many output positions as output channels (early layers:
-    no transposes of results), else one matrix ``(g, C/g·K, N·P)`` (deep layers,
-    where per-item products would be skinny)."""
-    return positions >= channels
+# -- column layouts ------------------------------------------------------------------------
+#
+# A product runs in one of two layouts, chosen per layer by :func:`_batch_major`:
+#
+# * batch-major: per batch item, columns ``(g, C/g·K, P)`` and one product per item
+#   and group, the batch taken in chunks of :data:`COLUMN_BUDGET` elements.  Early
+#   layers: many positions per item, and results that need no transposing.
+# * batch-inner: the input moved to ``(C, *spatial, N)`` and one product over every
+#   position of every item, columns ``(g, C/g·K, P·N)``.  Deep and small layers:
+#   per-item products would be skinny, and with the batch innermost, the copies
+#   that make and scatter columns move runs of ``N`` (or ``out·N``) elements.
+
+
+def _batch_major(positions, channels, kernel):
+    """Whether a product with ``positions`` output positions per item, ``channels``
+    output channels per group and a ``kernel`` of that shape runs batch-major: when
+    per-item products are wide enough to run at BLAS speed (measured on OpenBLAS:
+    256 positions, and no fewer than the channels), or when the kernel is a single
+    point, whose columns are the input itself and so need no copies to speed up."""
+    return positions >= max(channels, 256) or math.prod(kernel) == 1
 
 
 #: Batch-major columns are made for this many elements at most at a time
@@ -131,25 +148,42 @@ def _chunks(batch, per_item):
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
-def _im2col(xp, Xp, kernel, strides, dilations, out, group, batch_major):
-    """Columns of a padded input in the layout :func:`_batch_major` chose."""
+def _im2col(xp, Xp, kernel, strides, dilations, out, group):
+    """Batch-major columns ``(N, g, C/g·K, P)`` of a padded input."""
     N, C = Xp.shape[:2]
     nd = len(kernel)
     win = windows(xp, Xp, kernel, strides, dilations, out)        # (N, C, *out, *kernel)
-    rows = (C // group) * math.prod(kernel)
     kernel_axes = tuple(range(2 + nd, 2 + 2 * nd))
     out_axes = tuple(range(2, 2 + nd))
-    if batch_major:                                                # (N, C, *kernel, *out)
-        cols = xp.ascontiguousarray(win.transpose((0, 1) + kernel_axes + out_axes))
-        return cols.reshape(N, group, rows, math.prod(out))
-    cols = xp.ascontiguousarray(win.transpose((1,) + kernel_axes + (0,) + out_axes))
-    return cols.reshape(group, rows, N * math.prod(out))          # (C, *kernel, N, *out)
+    cols = xp.ascontiguousarray(win.transpose((0, 1) + kernel_axes + out_axes))
+    return cols.reshape(N, group, (C // group) * math.prod(kernel), math.prod(out))
 
 
-def _rows(xp, d):
-    """``(N, g, M/g, P)`` output gradients as one matrix per group ``(g, M/g, N·P)``."""
-    N, group, m, _ = d.shape
-    return xp.ascontiguousarray(d.transpose(1, 2, 0, 3)).reshape(group, m, -1)
+def _batch_last(xp, A):
+    """``(N, C, *spatial)`` as a contiguous ``(C, *spatial, N)``."""
+    return xp.ascontiguousarray(xp.moveaxis(A, 0, -1))
+
+
+def _batch_first(xp, A):
+    """``(C, *spatial, N)`` as a contiguous ``(N, C, *spatial)``."""
+    return xp.ascontiguousarray(xp.moveaxis(A, -1, 0))
+
+
+def _im2col_inner(xp, Xt, kernel, strides, dilations, out, group):
+    """Batch-inner columns ``(g, C/g·K, P·N)`` of a padded input ``(C, *full, N)``."""
+    C, N = Xt.shape[0], Xt.shape[-1]
+    nd = len(kernel)
+    s = Xt.strides
+    shape = (C,) + tuple(kernel) + tuple(out) + (N,)
+    steps = ((s[0],) + tuple(s[1 + i] * dilations[i] for i in range(nd))
+             + tuple(s[1 + i] * strides[i] for i in range(nd)) + (s[-1],))
+    cols = xp.ascontiguousarray(xp.lib.stride_tricks.as_strided(Xt, shape=shape, strides=steps))
+    return cols.reshape(group, (C // group) * math.prod(kernel), -1)
+
+
+def _rows_inner(xp, dY, group):
+    """Output gradients ``(N, M, *out)`` as batch-inner rows ``(g, M/g, P·N)``."""
+    return _batch_last(xp, dY).reshape(group, dY.shape[1] // group, -1)
 
 
 def conv_forward(xp, Xp, W, strides, dilations, group, out):
@@ -157,34 +191,34 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
     N = Xp.shape[0]
     M = W.shape[0]
     W3 = W.reshape(group, M // group, -1)
-    if _batch_major(math.prod(out), M // group):
+    if _batch_major(math.prod(out), M // group, W.shape[2:]):
         Y = xp.empty((N, group, M // group, math.prod(out)), dtype=Xp.dtype)
         for part in _chunks(N, W3.shape[2] * group * math.prod(out)):
-            cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group, True)
+            cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
         return Y.reshape((N, M) + tuple(out))
-    cols = _im2col(xp, Xp, W.shape[2:], strides, dilations, out, group, False)
-    Y = xp.matmul(W3, cols).reshape((M, N) + tuple(out))           # (g, M/g, N·P)
-    return xp.ascontiguousarray(xp.moveaxis(Y, 0, 1))
+    cols = _im2col_inner(xp, _batch_last(xp, Xp), W.shape[2:], strides, dilations, out, group)
+    Y = xp.matmul(W3, cols).reshape((M,) + tuple(out) + (N,))     # (g, M/g, P·N)
+    return _batch_first(xp, Y)
 
 
 def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
     N, M = dY.shape[:2]
     out = dY.shape[2:]
-    d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
-    if _batch_major(math.prod(out), M // group):
+    if _batch_major(math.prod(out), M // group, kernel):
         # Per item, columns @ dY^T (dW transposed) runs faster in BLAS than
         # dY @ columns^T: M/g is small beside the item's positions here.
+        d = dY.reshape(N, group, M // group, -1)                   # (N, g, M/g, P)
         dWt = None
         for part in _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)):
-            cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group, True)
+            cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group)
             partial = xp.matmul(cols, xp.swapaxes(d[part], -1, -2)).sum(axis=0)
             dWt = partial if dWt is None else xp.add(dWt, partial, out=dWt)
         dW = xp.ascontiguousarray(xp.swapaxes(dWt, -1, -2))       # (g, M/g, C/g·K)
     else:
-        cols = _im2col(xp, Xp, kernel, strides, dilations, out, group, False)
-        dW = xp.matmul(_rows(xp, d), xp.swapaxes(cols, -1, -2))
+        cols = _im2col_inner(xp, _batch_last(xp, Xp), kernel, strides, dilations, out, group)
+        dW = xp.matmul(_rows_inner(xp, dY, group), xp.swapaxes(cols, -1, -2))
     return dW.reshape((M, Xp.shape[1] // group) + tuple(kernel))
 
 
@@ -195,18 +229,17 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     kernel = tuple(W.shape[2:])
     C = W.shape[1] * group
     Wt = xp.swapaxes(W.reshape(group, M // group, -1), -1, -2)     # (g, C/g·K, M/g)
-    d = dY.reshape(N, group, M // group, -1)                       # (N, g, M/g, P)
-    if _batch_major(math.prod(out), M // group):
+    if _batch_major(math.prod(out), M // group, kernel):
+        d = dY.reshape(N, group, M // group, -1)                   # (N, g, M/g, P)
         img = xp.zeros((N, C) + tuple(full), dtype=dY.dtype)
         for part in _chunks(N, Wt.shape[1] * group * math.prod(out)):
             cols = xp.matmul(Wt, d[part])                          # (n, g, C/g·K, P)
             cols = cols.reshape((cols.shape[0], C) + kernel + out)
             col2im(xp, cols, full, strides, dilations, img[part])
         return img
-    cols = xp.matmul(Wt, _rows(xp, d)).reshape((C,) + kernel + (N,) + out)
-    cols = xp.moveaxis(cols, 1 + len(kernel), 1)                   # (C, N, *kernel, *out), a view
-    img = col2im(xp, cols, full, strides, dilations)               # (C, N, *full)
-    return xp.ascontiguousarray(xp.moveaxis(img, 0, 1))
+    cols = xp.matmul(Wt, _rows_inner(xp, dY, group))               # (g, C/g·K, P·N)
+    img = col2im(xp, cols.reshape((C,) + kernel + out + (N,)), full, strides, dilations, lead=1)
+    return _batch_first(xp, img)                                   # from (C, *full, N)
 
 
 def _bias_shape(B, ndim):

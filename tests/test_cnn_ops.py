@@ -315,6 +315,19 @@ def test_dropout_training_mode_input_in_inference():
     np.testing.assert_allclose(out["y"], x * out["m"] / 0.6, rtol=1e-6)
 
 
+CONV_CASES = [(s, name) for s, name in GRAD_CASES if s.op in ("Conv", "ConvTranspose")]
+
+
+@pytest.mark.parametrize("batch_major", [True, False], ids=["batch_major", "batch_inner"])
+@pytest.mark.parametrize("sample,name", CONV_CASES, ids=[f"{s.id}-d{n}" for s, n in CONV_CASES])
+def test_conv_gradient_in_each_column_layout(sample, name, batch_major, monkeypatch):
+    """Both column layouts, whichever one a sample's shapes would choose: forward
+    against the reference and every gradient, in float64."""
+    monkeypatch.setattr(conv, "_batch_major", lambda positions, channels, kernel: batch_major)
+    test_forward_matches_reference(sample, np.float64)
+    gc.check_gradient(sample, name)
+
+
 @pytest.mark.parametrize("x_shape,w_shape,attrs", [
     ((2, 3, 7), (4, 3, 3), {"pads": [1, 2]}),
     ((2, 6, 8, 7), (4, 3, 3, 2), {"group": 2, "pads": [3, 0, 1, 2], "dilations": [2, 1]}),
