@@ -60,16 +60,19 @@ def _argmax_windows(xp, X, geo):
     occurrence."""
     sp, kernel, strides, dilations, begin, end, need, out = geo
     Xp = pad_spatial(xp, X, begin, need, _lowest(xp, X.dtype))
+    index_type = np.int8 if math.prod(kernel) <= 127 else np.int32
     best = arg = None
     for k, offset in enumerate(_offsets(kernel)):
         v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
         if best is None:
             best = xp.array(v, copy=True)
-            arg = xp.zeros(best.shape, dtype=xp.int32)
+            arg = xp.zeros(best.shape, dtype=index_type)
         else:  # in place; a strict > keeps the first maximum's offset
             better = v > best
             xp.maximum(best, v, out=best)
-            arg[better] = k
+            # arg < k until now, so this sets arg = k where better: arithmetic, not a
+            # masked store (a data-dependent branch per element on the CPU)
+            xp.maximum(arg, xp.multiply(better, index_type(k)), out=arg)
     return best, arg
 
 
@@ -102,7 +105,7 @@ def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         (out[i],) + (1,) * (nd - 1 - i)) for i in range(nd))
     N, C = X.shape[:2]
     per_plane = np.arange(N * C, dtype=np.int64).reshape((N, C) + (1,) * nd) * math.prod(sp)
-    index = xp.take(xp.asarray(per_offset), arg)
+    index = xp.asarray(per_offset)[arg]
     index += xp.asarray(per_position)
     index += xp.asarray(per_plane)
     return Y, index
@@ -190,7 +193,10 @@ def AveragePool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, d
     Y = None
     for offset in _offsets(kernel):
         v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
-        Y = xp.array(v, copy=True) if Y is None else Y + v
+        if Y is None:
+            Y = xp.array(v, copy=True)
+        else:
+            Y += v
     Y /= xp.asarray(_divisor(geo, count_include_pad).astype(X.dtype))
     return (Y,)
 
