@@ -20,12 +20,16 @@ def Relu(xp, X):
 
 @Relu.gradient
 def _(g, node, dY):
-    return (g.private("ReluGrad", dY, node.inputs[0]),)
+    # Y > 0 exactly where X > 0: reading the output lets the input be freed after
+    # the forward pass (the output is usually kept anyway, for the next layer's
+    # weight gradient).
+    return (g.private("ReluGrad", dY, node.outputs[0]),)
 
 
 @op("ReluGrad", domain="onnxgrad")
-def ReluGrad(xp, dY, X):
-    return (xp.asarray(dY * (X > 0).astype(dY.dtype)),)
+def ReluGrad(xp, dY, Y):
+    """dY where Relu's output ``Y`` is positive, else 0."""
+    return (xp.asarray(dY * (Y > 0).astype(dY.dtype)),)
 
 
 @op("LeakyRelu", since=6, differentiable=("X",))
