@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np  # the host array module, for blockwise evaluation on the CPU
+
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
 
@@ -59,7 +61,7 @@ def _horner(z2, coefficients):
 
 def _erf_float32(xp, x):
     """erf for float32 (and narrower) inputs, computed in float32 in place."""
-    z = xp.clip(x.astype(xp.float32), -4.0, 4.0)
+    z = xp.clip(x.astype(xp.float32, copy=False), -4.0, 4.0)
     z2 = z * z
     p, q = _horner(z2, _ERF_P), _horner(z2, _ERF_Q)
     p *= z
@@ -67,10 +69,33 @@ def _erf_float32(xp, x):
     return p.astype(x.dtype, copy=False)
 
 
+#: Elements per block when NumPy evaluates erf: the polynomial's temporaries
+#: (a few arrays of the block's size) stay in cache and in memory the allocator
+#: already holds, instead of being fresh pages for every call on a large array.
+ERF_BLOCK = 1 << 15
+
+
+def _blockwise(xp, fn, x):
+    """``fn`` applied to ``x`` in blocks of :data:`ERF_BLOCK` elements (NumPy), or
+    at once (CuPy, where each block would be another kernel launch)."""
+    if xp is not np or x.size <= ERF_BLOCK:
+        return fn(xp, x)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.shape, dtype=x.dtype)
+    for start in range(0, flat.size, ERF_BLOCK):
+        out[start:start + ERF_BLOCK] = fn(xp, flat[start:start + ERF_BLOCK])
+    return out.reshape(x.shape)
+
+
 def erf(xp, x):
     """The error function of a floating-point array, with array operations only."""
     if x.dtype.itemsize <= 4:
-        return _erf_float32(xp, x)
+        return _blockwise(xp, _erf_float32, x)
+    return _blockwise(xp, _erf_series, x)
+
+
+def _erf_series(xp, x):
+    """erf for float64 and wider: a series below 2.5, a continued fraction above."""
     wide = x.dtype.itemsize >= 8
     terms, depth, cut = (60, 70, 2.5) if wide else (28, 30, 2.5)
     a = xp.abs(x)

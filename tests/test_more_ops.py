@@ -501,3 +501,19 @@ def test_flex_attention_runs_its_subgraphs_with_captured_values():
     P = np.exp(S - S.max(-1, keepdims=True))
     P = 2 * P / P.sum(-1, keepdims=True)
     np.testing.assert_allclose(y, P @ V, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 5e-7), (np.float64, 2e-15)])
+def test_erf_of_arrays_larger_than_a_block(dtype, tol):
+    """NumPy evaluates erf blockwise; every block, the last partial one and a
+    non-contiguous input included, equals math.erf."""
+    import math
+
+    from onnxgrad.ops import nonlinear
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3, nonlinear.ERF_BLOCK + 77)) * 2).astype(dtype)[:, ::2]
+    want = np.vectorize(math.erf)(x.astype(np.float64))
+    got = nonlinear.erf(np, x)
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
