@@ -6,12 +6,15 @@ Both are written with three array helpers shared with pooling (``ops/pool.py``):
 * :func:`windows` is a strided view ``(N, C, *out, *kernel)`` of a padded input
   (``xp.lib.stride_tricks.as_strided``, in NumPy and CuPy alike): im2col without
   index arrays;
-* :func:`col2im` scatters ``(A, B, *kernel, *out)`` columns back onto an image
-  ``(A, B, *full)`` (batch and channel axes in either order),
-  one strided slice per kernel offset (a loop over ``prod(kernel)`` offsets,
-  never over pixels or batch items).
+* :func:`col2im` scatters columns ``(*lead, *kernel, *out, *trail)`` back onto an
+  image ``(*lead, *full, *trail)``, one strided slice per kernel offset (a loop
+  over ``prod(kernel)`` offsets, never over pixels or batch items).
 
-Products are batched BLAS matmuls over groups.  ConvTranspose's forward pass is
+Products are BLAS matmuls over groups, in one of two column layouts chosen per
+layer (batch-major per item, or batch-inner over the whole batch; see
+:func:`_batch_major`).  A stride-1 input gradient with enough channels is a
+Conv with the flipped kernel (:func:`flipped_input_grad`), which copies columns
+instead of scattering them.  ConvTranspose's forward pass is
 Conv's input gradient, and its gradients are a Conv and a Conv weight gradient,
 so the same three products serve all six computations.  Gradient kernels are
 private ops of the ``onnxgrad`` domain (``ConvGradX``, ``ConvGradW``,
