@@ -88,7 +88,8 @@ class Plan:
 
     def __init__(self, graph: Graph, backend: Backend, *, constants: dict[str, np.ndarray],
                  fetch: Iterable[str], state: RunState | None = None,
-                 shapes: dict[str, np.ndarray] | None = None):
+                 shapes: dict[str, np.ndarray] | None = None,
+                 handoff: dict[str, str] | None = None):
         self.graph = graph
         self.backend = backend
         self.fetch = list(fetch)
@@ -132,6 +133,30 @@ class Plan:
                               list(node.outputs), ()))
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
         self.steps = self._assign_frees(steps, set(self.fetch))
+        self._schedule_handoff(handoff or {})
+
+    def _schedule_handoff(self, handoff: dict[str, str]) -> None:
+        """Where each fetched value of ``handoff`` (value → the weight it belongs to,
+        e.g. a gradient) can be handed over in a run with ``on_ready``: after the
+        step that computes it, and after the last step that reads its weight, so
+        that the receiver may change the weight in place."""
+        self.handoff = dict(handoff)
+        self._handoff_at: list[list[tuple[str, str]]] = [[] for _ in self.steps]
+        self._handoff_end: list[tuple[str, str]] = []
+        made: dict[str, int] = {}
+        last_read: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            for o in step.outputs:
+                made[o] = index
+            for a in step.args:
+                if type(a) is str:
+                    last_read[a] = index
+        for value, weight in self.handoff.items():
+            if value not in made:  # folded to a constant: handed over after the run
+                self._handoff_end.append((value, weight))
+                continue
+            index = max(made[value], last_read.get(weight, -1), last_read.get(value, -1))
+            self._handoff_at[index].append((value, weight))
 
     @staticmethod
     def _assign_frees(steps: list[Step], keep: set[str]) -> list[Step]:
@@ -152,21 +177,28 @@ class Plan:
 
     # -- running --------------------------------------------------------------------------
     def run(self, env: dict[str, Any], profile: Profile | None = None,
-            record: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+            record: dict[str, np.ndarray] | None = None,
+            on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
 
         ``env`` is consumed: intermediates are added to it and removed after
         their last use.  Returns the fetched values (device arrays).  With a
         ``profile``, each kernel is timed (on a GPU, synchronously).  With
-        ``record``, the values of :attr:`recordable` are stored there.
+        ``record``, the values of :attr:`recordable` are stored there.  With
+        ``on_ready``, each value of :attr:`handoff` is instead passed to
+        ``on_ready(weight, value)`` as soon as no later step reads its weight
+        (see :meth:`_schedule_handoff`), and left out of the result.
         """
+        deferred: list[tuple[str, Any]] = []
+        if on_ready is not None:  # liveness drops weights from env; keep them for _viewed
+            weights = {w: env.get(w) for w in self.handoff.values()}
         xp = self.backend.xp
         to_host = self.backend.to_host
         on_device = xp is not np
         if profile is not None:
             sync = self.backend.synchronize
             sync()
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             args = [env[a] if type(a) is str else a.value for a in step.args]
             for i in step.host_args:
                 if args[i] is not None:
@@ -189,8 +221,21 @@ class Plan:
                         record[name] = to_host(value)
             for name in step.free:
                 env.pop(name, None)
+            if on_ready is not None and self._handoff_at[index]:
+                for value, weight in self._handoff_at[index]:
+                    if _viewed(env, weights[weight]):  # a live view still reads the weight
+                        deferred.append((weight, env.pop(value)))
+                    else:
+                        on_ready(weight, env.pop(value))
+        if on_ready is not None:
+            for weight, value in deferred:
+                on_ready(weight, value)
+            for value, weight in self._handoff_end:
+                on_ready(weight, self.backend.asarray(self._fetch_consts[value]))
         result = {}
         for f in self.fetch:
+            if on_ready is not None and f in self.handoff:
+                continue
             if f in env:
                 result[f] = env[f]
             elif f in self._fetch_consts:
@@ -233,20 +278,43 @@ class ShapeSpecializedRunner:
     def backend(self) -> Backend:
         return self.generic.backend
 
-    def run(self, env: dict[str, Any], profile: Profile | None = None) -> dict[str, Any]:
+    def run(self, env: dict[str, Any], profile: Profile | None = None,
+            on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         if not self.generic.recordable:
-            return self.generic.run(env, profile)
+            return self.generic.run(env, profile, on_ready=on_ready)
         signature = tuple(_shape_key(env[name]) for name in self._inputs)
         plan = self._plans.get(signature)
         if plan is not None:
             self._plans.move_to_end(signature)
-            return plan.run(env, profile)
+            return plan.run(env, profile, on_ready=on_ready)
         recorded: dict[str, np.ndarray] = {}
-        result = self.generic.run(env, profile, recorded)
+        result = self.generic.run(env, profile, recorded, on_ready)
         self._plans[signature] = self._make_plan(recorded)
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)
         return result
+
+
+def _owner(array: Any) -> Any:
+    """The array that owns ``array``'s memory (itself unless it is a view)."""
+    while True:
+        base = getattr(array, "base", None)
+        if base is None or not hasattr(base, "shape"):
+            return array
+        array = base
+
+
+def _viewed(env: dict[str, Any], weight: Any) -> bool:
+    """Whether a value in ``env`` (or in a sequence there) is ``weight`` or a view
+    of it (e.g. Identity's output, or a Transpose of it)."""
+    if weight is None:
+        return False
+    owner = _owner(weight)
+    for value in env.values():
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if _owner(item) is owner:
+                return True
+    return False
 
 
 def _shape_key(value: Any) -> Any:

@@ -101,15 +101,17 @@ class Model:
 
     @staticmethod
     def make_plan(graph: Graph, backend: Backend, fetch: Iterable[str], state=None,
-                  weights: Iterable[str] | None = None, shapes=None) -> Plan:
+                  weights: Iterable[str] | None = None, shapes=None, handoff=None) -> Plan:
         """A plan that reads ``weights`` (default: the floating-point initializers) at run
         time and binds every other initializer as a constant; ``shapes`` are recorded
-        shape values of a specialisation."""
+        shape values of a specialisation, ``handoff`` maps fetched values to the
+        weights they update (see :class:`~onnxgrad.executor.Plan`)."""
         if weights is None:
             weights = [k for k, v in graph.initializers.items() if is_weight(v)]
         weights = set(weights)
         constants = {k: v for k, v in graph.initializers.items() if k not in weights}
-        return Plan(graph, backend, constants=constants, fetch=fetch, state=state, shapes=shapes)
+        return Plan(graph, backend, constants=constants, fetch=fetch, state=state, shapes=shapes,
+                    handoff=handoff)
 
 
 def load(source: str | os.PathLike | onnx.ModelProto) -> Model:

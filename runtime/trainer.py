@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -93,7 +93,8 @@ class Trainer:
                               if k in graph.initializers and is_weight(v)]
         self._runner = ShapeSpecializedRunner(
             lambda shapes: Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
-                                           weights=self._weight_names, shapes=shapes),
+                                           weights=self._weight_names, shapes=shapes,
+                                           handoff={g: p for p, g in grads.items()}),
             train.inputs)
         if self.backend.name == "cpu":
             # The model's own arrays: optimizer updates land in the model in place.
@@ -185,7 +186,8 @@ class Trainer:
         return self.backend.asarray(target)
 
     # -- running -----------------------------------------------------------------------
-    def _run(self, feeds: Mapping[str, Any], target: Any) -> dict[str, Any]:
+    def _run(self, feeds: Mapping[str, Any], target: Any,
+             on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         extra = [self.target_input] if self.target_input else []
         env = dict(self._weights)
         env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
@@ -196,7 +198,7 @@ class Trainer:
         self._state.training = True
         self._state.updates.clear()
         try:
-            return self._runner.run(env, self.profile)
+            return self._runner.run(env, self.profile, on_ready)
         finally:
             self._state.training = False
 
@@ -208,12 +210,24 @@ class Trainer:
                 for p, g in self._grad_values.items()}
 
     def step(self, feeds: Mapping[str, Any], target: Any = None) -> float:
-        """Forward, backward and one optimizer update; returns the loss before the update."""
-        out = self._run(feeds, target)
+        """Forward, backward and one optimizer update; returns the loss before the update.
+
+        Each parameter is updated as soon as the backward pass no longer reads it
+        and its gradient is complete, while that gradient is still in cache; the
+        gradient's memory is released then, not at the end of the step.
+        """
+        xp, weights, profile = self.backend.xp, self._weights, self.profile
+
+        def update(name: str, grad: Any) -> None:
+            start = time.perf_counter() if profile is not None else 0.0
+            self.optimizer.update(xp, {name: weights[name]}, {name: grad})
+            if profile is not None:
+                self.backend.synchronize()
+                profile.optimizer_seconds += time.perf_counter() - start
+
+        out = self._run(feeds, target, update)
         loss = float(self.backend.to_host(out[self.loss_value]))
-        grads = {p: out[g] for p, g in self._grad_values.items()}
         start = time.perf_counter() if self.profile is not None else 0.0
-        self.optimizer.update(self.backend.xp, self._weights, grads)
         for name, value in self._state.updates.items():  # e.g. running statistics
             if name in self._weights:  # a statistic fed by a Constant node stays constant
                 self._weights[name][...] = value

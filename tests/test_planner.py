@@ -1,8 +1,10 @@
 """The planner: shape subgraphs folded per input shape, liveness, constants."""
 
 import numpy as np
+import pytest
 
 import onnxgrad
+from onnxgrad.backend import get_backend
 from helpers import helper, make_model, numpy_helper
 
 
@@ -62,3 +64,41 @@ def test_intermediates_are_freed_after_their_last_use():
     produced = {o for step in plan.steps for o in step.outputs if o}
     kept = set(plan.fetch)
     assert produced - kept <= set(freed)  # every intermediate is freed
+
+
+def _handoff_plan(alias, shape):
+    """w's only direct reader is ``alias``; g (handed over for w) is ready before
+    y reads the alias."""
+    nodes = [helper.make_node(alias, ["w"], ["v"]),
+             helper.make_node("Neg", ["x"], ["g"]),
+             helper.make_node("Add", ["v", "x"], ["y"])]
+    proto = make_model(nodes, [("x", np.float32, shape), ("w", np.float32, shape)],
+                       [("y", np.float32, shape), ("g", np.float32, shape)])
+    graph = onnxgrad.load(proto).graph
+    return onnxgrad.Model.make_plan(graph, get_backend("cpu"), ["y", "g"], weights=["w"],
+                                    handoff={"g": "w"})
+
+
+@pytest.mark.parametrize("alias", ["Identity", "Transpose", "Relu"])
+def test_handoff_waits_for_the_weight_and_its_aliases(alias):
+    """A handed-over value reaches ``on_ready`` after the last read of its weight
+    and of any live alias of it (Identity returns the weight itself, Transpose a
+    view; Relu's output is a new array), so that the receiver may change the
+    weight in place; it is left out of the result."""
+    x = np.arange(9, dtype=np.float32).reshape(3, 3)
+    w = np.ones((3, 3), np.float32)
+    w[0, 1] = 2  # so that w and its transpose differ
+    v = {"Identity": w, "Transpose": w.T, "Relu": w}[alias].copy()
+    plan = _handoff_plan(alias, [3, 3])
+    seen = []
+
+    def on_ready(weight, value):
+        seen.append((weight, value.copy()))
+        w[...] += 100  # an optimizer's in-place update
+
+    result = plan.run({"x": x, "w": w}, on_ready=on_ready)
+    assert [name for name, _ in seen] == ["w"]
+    np.testing.assert_array_equal(seen[0][1], -x)
+    np.testing.assert_array_equal(result["y"], v + x)  # read w before its update
+    assert set(result) == {"y"}
+    assert w[0, 1] == 102

@@ -233,3 +233,33 @@ def test_frozen_batchnorm_eval_leaves_trained_batchnorm_alone():
     assert trainer._state.inference_nodes == frozenset()
     with pytest.raises(onnxgrad.OnnxgradError, match="frozen_batchnorm"):
         onnxgrad.Trainer(model, frozen_batchnorm="sometimes")
+
+
+@pytest.mark.parametrize("alias", ["Identity", "Transpose"])
+@pytest.mark.parametrize("left", [True, False], ids=["alias_left", "alias_right"])
+def test_early_updates_wait_for_aliases_of_the_weight(left, alias):
+    """A step, which updates each weight as soon as the backward pass no longer
+    reads it, equals SGD applied by hand to :meth:`Trainer.gradients`, also when
+    the backward pass reads an alias of the weight (Identity's output is the
+    weight itself, Transpose's a view of it).  The planner-level test of the
+    same rule is in test_planner.py."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 5)).astype(np.float32)
+    w2 = rng.standard_normal((4, 3 if left else 5)).astype(np.float32)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    matmul = (["v", "a"] if left else ["a", "v"])
+    nodes = [helper.make_node("MatMul", ["x", "w2"], ["z"]),
+             helper.make_node("Tanh", ["z"], ["a"]),
+             helper.make_node(alias, ["w"], ["v"]),
+             helper.make_node("MatMul", matmul, ["y"])]
+    out_shape = [5, 3] if left else [5, 5]
+    model = make_model(nodes, [("x", np.float32, [5, 4])], [("y", np.float32, out_shape)],
+                       {"w": w, "w2": w2})
+    target = rng.standard_normal(out_shape).astype(np.float32)
+    grads = onnxgrad.Trainer(onnxgrad.load(model), loss="mse").gradients({"x": x}, target)
+    trained = onnxgrad.load(model)
+    onnxgrad.Trainer(trained, loss="mse", optimizer=onnxgrad.SGD(lr=0.5)).step({"x": x}, target)
+    params = trained.parameters()
+    np.testing.assert_allclose(params["w"], w - np.float32(0.5) * grads["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(params["w2"], w2 - np.float32(0.5) * grads["w2"], rtol=1e-6,
+                               atol=1e-7)
