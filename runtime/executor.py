@@ -311,8 +311,11 @@ def _viewed(env: dict[str, Any], weight: Any) -> bool:
         return False
     owner = _owner(weight)
     for value in env.values():
-        for item in (value if isinstance(value, (list, tuple)) else (value,)):
-            if _owner(item) is owner:
+        for item in (value if type(value) in (list, tuple) else (value,)):
+            if item is weight or item is owner:
+                return True
+            base = getattr(item, "base", None)  # None for arrays that own their memory
+            if base is not None and _owner(base) is owner:
                 return True
     return False
 
