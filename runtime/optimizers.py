@@ -73,11 +73,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += (1 - self.dampening) * d_p if self.dampening else d_p
             d_p = d_p + self.momentum * buf if self.nesterov else buf
-        step = state.get("scratch")
-        if step is None or step.shape != param.shape:
-            step = state["scratch"] = xp.empty_like(param)
-        xp.multiply(d_p, self.lr, out=step)  # lr * d_p without a new array each step
-        param -= step
+        param -= d_p * self.lr
 
 
 class Adam(Optimizer):
