@@ -8,14 +8,14 @@ Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
 
 from __future__ import annotations
 
-from onnxgrad.ops.registry import op
+from onnxgrad.ops.registry import op, reusable
 
 # Kernels wrap results in xp.asarray: NumPy ufuncs turn 0-d inputs into scalars.
 
 
-@op("Relu", since=6, differentiable=("X",))
-def Relu(xp, X):
-    return (xp.asarray(xp.maximum(X, 0)),)
+@op("Relu", since=6, differentiable=("X",), reuse=("X",))
+def Relu(xp, X, *, out=None):
+    return (xp.asarray(xp.maximum(X, 0, out=reusable(out, X.shape, X.dtype))),)
 
 
 @Relu.gradient
@@ -26,10 +26,11 @@ def _(g, node, dY):
     return (g.private("ReluGrad", dY, node.outputs[0]),)
 
 
-@op("ReluGrad", domain="onnxgrad")
-def ReluGrad(xp, dY, Y):
+@op("ReluGrad", domain="onnxgrad", reuse=("dY",))
+def ReluGrad(xp, dY, Y, *, out=None):
     """dY where Relu's output ``Y`` is positive, else 0."""
-    return (xp.asarray(dY * (Y > 0).astype(dY.dtype)),)
+    mask = (Y > 0).astype(dY.dtype)
+    return (xp.asarray(xp.multiply(dY, mask, out=reusable(out, dY.shape, dY.dtype))),)
 
 
 @op("LeakyRelu", since=6, differentiable=("X",))

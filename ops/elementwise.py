@@ -7,7 +7,9 @@ the private ``onnxgrad::SumToShape`` declared here.
 
 from __future__ import annotations
 
-from onnxgrad.ops.registry import op
+import numpy as np  # host-side shape arithmetic only
+
+from onnxgrad.ops.registry import op, reusable
 from onnxgrad.ops.shape import onnx_type
 
 
@@ -16,11 +18,21 @@ def _arr(xp, value):
     return xp.asarray(value)
 
 
+def _into(out, *operands):
+    """``out`` (a donated operand) when it can hold the elementwise result of
+    ``operands`` of one type, else None."""
+    if out is None or any(x.dtype != operands[0].dtype for x in operands[1:]):
+        return None
+    shapes = {tuple(x.shape) for x in operands}
+    shape = shapes.pop() if len(shapes) == 1 else np.broadcast_shapes(*shapes)
+    return reusable(out, shape, operands[0].dtype)
+
+
 # -- binary arithmetic -------------------------------------------------------------
 
-@op("Add", since=7, differentiable=("A", "B"))
-def Add(xp, A, B):
-    return (_arr(xp, A + B),)
+@op("Add", since=7, differentiable=("A", "B"), reuse=("A", "B"))
+def Add(xp, A, B, *, out=None):
+    return (_arr(xp, xp.add(A, B, out=_into(out, A, B))),)
 
 
 @Add.gradient
@@ -29,9 +41,9 @@ def _(g, node, dY):
     return (g.unbroadcast(dY, like=A), g.unbroadcast(dY, like=B))
 
 
-@op("Sub", since=7, differentiable=("A", "B"))
-def Sub(xp, A, B):
-    return (_arr(xp, A - B),)
+@op("Sub", since=7, differentiable=("A", "B"), reuse=("A", "B"))
+def Sub(xp, A, B, *, out=None):
+    return (_arr(xp, xp.subtract(A, B, out=_into(out, A, B))),)
 
 
 @Sub.gradient
@@ -40,9 +52,9 @@ def _(g, node, dY):
     return (g.unbroadcast(dY, like=A), g.unbroadcast(g.Neg(dY), like=B))
 
 
-@op("Mul", since=7, differentiable=("A", "B"))
-def Mul(xp, A, B):
-    return (_arr(xp, A * B),)
+@op("Mul", since=7, differentiable=("A", "B"), reuse=("A", "B"))
+def Mul(xp, A, B, *, out=None):
+    return (_arr(xp, xp.multiply(A, B, out=_into(out, A, B))),)
 
 
 @Mul.gradient
@@ -52,15 +64,15 @@ def _(g, node, dY):
             g.unbroadcast(g.Mul(dY, A), like=B))
 
 
-@op("Div", since=7, differentiable=("A", "B"))
-def Div(xp, A, B):
+@op("Div", since=7, differentiable=("A", "B"), reuse=("A", "B"))
+def Div(xp, A, B, *, out=None):
     if A.dtype.kind in "iu":
         # Integer division truncates toward zero, as in C (not floor as in NumPy).
         q = xp.floor_divide(A, B)
         r = xp.remainder(A, B)
         adjust = (r != 0) & ((A < 0) ^ (B < 0))
         return (_arr(xp, q + adjust.astype(q.dtype)),)
-    return (_arr(xp, A / B),)
+    return (_arr(xp, xp.true_divide(A, B, out=_into(out, A, B))),)
 
 
 @Div.gradient
@@ -94,16 +106,22 @@ def _(g, node, dZ):
     return (g.unbroadcast(dX, like=X), g.unbroadcast(dY, like=Y))
 
 
-@op("Sum", since=8, differentiable=("data_0",))
-def Sum(xp, *data_0):
-    out = data_0[0]
+@op("Sum", since=8, differentiable=("data_0",), reuse=("data_0",))
+def Sum(xp, *data_0, out=None):
+    total = _into(out, *data_0) if len(data_0) > 1 else None
+    if total is not None:  # a donated operand: add the others into it
+        for x in data_0:
+            if x is not total:
+                total += x
+        return (total,)
+    total = data_0[0]
     for i, x in enumerate(data_0[1:]):
         # The first addition makes a fresh array; later ones add in place where they can.
-        if i > 0 and out.shape == x.shape and out.dtype == x.dtype:
-            out += x
+        if i > 0 and total.shape == x.shape and total.dtype == x.dtype:
+            total += x
         else:
-            out = out + x
-    return (_arr(xp, out),)
+            total = total + x
+    return (_arr(xp, total),)
 
 
 @Sum.gradient
@@ -113,9 +131,9 @@ def _(g, node, dY):
 
 # -- unary maths -----------------------------------------------------------------------
 
-@op("Neg", since=6, differentiable=("X",))
-def Neg(xp, X):
-    return (_arr(xp, -X),)
+@op("Neg", since=6, differentiable=("X",), reuse=("X",))
+def Neg(xp, X, *, out=None):
+    return (_arr(xp, xp.negative(X, out=reusable(out, X.shape, X.dtype))),)
 
 
 @Neg.gradient

@@ -18,7 +18,11 @@ The kernel's signature is the op's interface: positional parameters after
 optional one), keyword-only parameters are the attributes with the spec's
 defaults (no default: the attribute is required).  A kernel that needs the run
 state (training mode, random numbers, how many outputs the node asks for)
-declares a keyword-only ``ctx``.
+declares a keyword-only ``ctx``.  A kernel that can write its first output
+into the storage of an input the graph no longer needs declares those inputs
+in ``reuse`` and a keyword-only ``out``: the planner passes such an input as
+``out`` when nothing else holds it, and the kernel uses it only when it has
+the output's shape and type (see :func:`reusable`).
 
 Each input of an op has one of three outcomes for differentiation: it is in
 ``differentiable`` and the rule returns its gradient; it is not in
@@ -63,6 +67,7 @@ class OpDef:
     host_inputs: tuple[str, ...]
     wants_ctx: bool
     train_outputs: int = 0
+    reuse: tuple[str, ...] = ()
     rule: Callable | None = field(default=None)
 
     # -- declaration helpers -------------------------------------------------
@@ -87,6 +92,12 @@ class OpDef:
         if index >= len(self.inputs) and not self.variadic:
             return False
         return self.input_name(index) in self.differentiable
+
+    def is_reusable(self, index: int) -> bool:
+        """Whether the kernel may write its output into input ``index``'s storage."""
+        if index >= len(self.inputs) and not self.variadic:
+            return False
+        return self.input_name(index) in self.reuse
 
     def is_host_input(self, index: int) -> bool:
         if index >= len(self.inputs) and not self.variadic:
@@ -127,13 +138,15 @@ def op(
     differentiable: tuple[str, ...] = (),
     host_inputs: tuple[str, ...] = (),
     train_outputs: int = 0,
+    reuse: tuple[str, ...] = (),
 ) -> Callable[[Callable], OpDef]:
     """Declare the kernel of op ``name`` for opsets from ``since`` on.
 
     ``host_inputs`` are inputs the kernel reads as host NumPy arrays (shapes,
     axes) whatever the device.  ``train_outputs`` is the number of outputs a
     node of this op gets in a training graph, where its gradient rule needs an
-    optional output the model may omit (e.g. Dropout's mask).
+    optional output the model may omit (e.g. Dropout's mask).  ``reuse`` names
+    inputs whose storage the kernel's ``out`` parameter may receive.
 
     A later declaration of the same op with a higher ``since`` takes over from
     that opset (e.g. Softmax's axis semantics change at opset 13).
@@ -145,7 +158,7 @@ def op(
         params = list(sig.parameters.values())
         if not params or params[0].name != "xp":
             raise TypeError(f"kernel of {name} must take xp first")
-        inputs, optional, variadic, attrs, wants_ctx = [], set(), False, {}, False
+        inputs, optional, variadic, attrs, wants_ctx, wants_out = [], set(), False, {}, False, False
         for p in params[1:]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 inputs.append(p.name)
@@ -157,16 +170,20 @@ def op(
             elif p.kind is p.KEYWORD_ONLY:
                 if p.name == "ctx":
                     wants_ctx = True
+                elif p.name == "out":
+                    wants_out = True
                 else:
                     attrs[p.name] = p.default
         unknown = set(differentiable) - set(inputs)
         if unknown:
             raise TypeError(f"{name}: differentiable names unknown inputs {sorted(unknown)}")
+        if set(reuse) - set(inputs) or bool(reuse) != wants_out:
+            raise TypeError(f"{name}: reuse must name inputs, and comes with a keyword-only out")
         definition = OpDef(
             name=name, domain=domain, since=since, kernel=kernel, inputs=tuple(inputs),
             optional=frozenset(optional), variadic=variadic, attrs=attrs,
             differentiable=tuple(differentiable), host_inputs=tuple(host_inputs),
-            wants_ctx=wants_ctx, train_outputs=train_outputs,
+            wants_ctx=wants_ctx, train_outputs=train_outputs, reuse=tuple(reuse),
         )
         versions = _REGISTRY.setdefault((domain, name), [])
         if any(v.since == since for v in versions):
@@ -176,6 +193,14 @@ def op(
         return definition
 
     return register
+
+
+def reusable(out, shape, dtype):
+    """``out`` when it is an array of ``shape`` and ``dtype`` a kernel may write its
+    result into, else None (the kernel allocates)."""
+    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype:
+        return out
+    return None
 
 
 def lookup(name: str, domain: str, opset: int, node: str = "?") -> OpDef:

@@ -9,6 +9,7 @@ its last use.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class Step:
     device_args: tuple[int, ...]
     outputs: list[str]
     free: tuple[str, ...]
+    #: Inputs whose storage the kernel may take for its output (see :meth:`Plan._donated`).
+    donors: tuple[int, ...] = ()
 
 
 class Plan:
@@ -104,6 +107,7 @@ class Plan:
             self.recordable = frozenset()
             consts.update(shapes)
         steps: list[Step] = []
+        definitions = []
         for node in nodes:
             if node.outputs and all(o in consts or not o for o in node.outputs):
                 continue  # computed at plan time (a recorded shape)
@@ -131,9 +135,26 @@ class Plan:
             device = tuple(i for i, a in enumerate(args) if isinstance(a, str) and i not in host)
             steps.append(Step(node, definition.kernel, attrs, args, host, device,
                               list(node.outputs), ()))
+            definitions.append(definition)
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
         self.steps = self._assign_frees(steps, set(self.fetch))
+        self._assign_donors(definitions)
         self._schedule_handoff(handoff or {})
+
+    def _assign_donors(self, definitions: list) -> None:
+        """Mark the inputs each step's kernel may write its output into: inputs it
+        declares reusable, computed by an earlier step (never a graph input or a
+        weight), read once by the step and dying there."""
+        made: set[str] = set()
+        for step, definition in zip(self.steps, definitions):
+            if definition.reuse:
+                names = [a for a in step.args if type(a) is str]
+                step.donors = tuple(
+                    i for i, a in enumerate(step.args)
+                    if type(a) is str and a in made and a in step.free
+                    and names.count(a) == 1 and i not in step.host_args
+                    and definition.is_reusable(i))
+            made.update(o for o in step.outputs if o)
 
     def _schedule_handoff(self, handoff: dict[str, str]) -> None:
         """Where each fetched value of ``handoff`` (value → the weight it belongs to,
@@ -207,11 +228,17 @@ class Plan:
                 for i in step.device_args:
                     if isinstance(args[i], np.ndarray):
                         args[i] = self.backend.asarray(args[i])
+            attrs = step.attrs
+            if step.donors:
+                out = _donated(args, step.donors)
+                if out is not None:
+                    attrs = {**attrs, "out": out}
+                out = None
             if profile is None:
-                outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+                outs = self._call(step.node, step.kernel, xp, args, attrs)
             else:
                 start = time.perf_counter()
-                outs = self._call(step.node, step.kernel, xp, args, step.attrs)
+                outs = self._call(step.node, step.kernel, xp, args, attrs)
                 sync()
                 profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
             for name, value in zip(step.outputs, outs):
@@ -219,6 +246,8 @@ class Plan:
                     env[name] = value
                     if record is not None and name in self.recordable:
                         record[name] = to_host(value)
+            # Hold no array past its step: env's references are the ones _donated counts.
+            args = attrs = outs = value = None
             for name in step.free:
                 env.pop(name, None)
             if on_ready is not None and self._handoff_at[index]:
@@ -293,6 +322,29 @@ class ShapeSpecializedRunner:
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)
         return result
+
+
+#: References to a value in a run that nothing else holds: its ``env`` entry, the
+#: step's argument list, the local name in :func:`_donated`, and getrefcount's own.
+_UNSHARED_REFS = 4
+
+
+def _donated(args: list, donors: tuple[int, ...]) -> Any:
+    """The first donor argument whose storage nothing else can see, or None.
+
+    A donor dies at this step, but the same array may live on under another
+    name (Identity returns its input), as the base of a live view, or in the
+    caller's hands (a feed, a weight): each of those holds a reference, so an
+    array is given to the kernel only when the run's own references are all
+    there are."""
+    for i in donors:
+        value = args[i]
+        if sys.getrefcount(value) > _UNSHARED_REFS:
+            continue
+        flags = getattr(value, "flags", None)  # (which itself refers to the array)
+        if flags is not None and flags.owndata and getattr(flags, "writeable", True):
+            return value
+    return None
 
 
 def _owner(array: Any) -> Any:

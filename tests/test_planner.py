@@ -102,3 +102,70 @@ def test_handoff_waits_for_the_weight_and_its_aliases(alias):
     np.testing.assert_array_equal(result["y"], v + x)  # read w before its update
     assert set(result) == {"y"}
     assert w[0, 1] == 102
+
+
+def _spy_on_out(plan, op_type):
+    """Record the ``out`` argument that the steps of ``op_type`` receive."""
+    received = []
+    for step in plan.steps:
+        if step.node.op_type == op_type:
+            kernel = step.kernel
+
+            def spy(xp, *args, _kernel=kernel, **kw):
+                received.append(kw.get("out"))
+                return _kernel(xp, *args, **kw)
+
+            step.kernel = spy
+    return received
+
+
+def _plan(nodes, fetch, shape=(2, 3)):
+    proto = make_model(nodes, [("x", np.float32, list(shape))],
+                       [(f, np.float32, list(shape)) for f in fetch])
+    graph = onnxgrad.load(proto).graph
+    return onnxgrad.Model.make_plan(graph, get_backend("cpu"), fetch)
+
+
+def test_a_dying_intermediate_is_reused_for_the_output():
+    plan = _plan([helper.make_node("Neg", ["x"], ["a"]),
+                  helper.make_node("Relu", ["a"], ["b"])], ["b"])
+    relu = next(s for s in plan.steps if s.node.op_type == "Relu")
+    neg = next(s for s in plan.steps if s.node.op_type == "Neg")
+    assert relu.donors == (0,) and neg.donors == ()  # a graph input is never a donor
+    received = _spy_on_out(plan, "Relu")
+    x = np.array([[1, -2, 3], [-4, 5, -6]], np.float32)
+    result = plan.run({"x": x})
+    assert received[0] is not None and result["b"] is received[0]
+    np.testing.assert_array_equal(result["b"], np.maximum(-x, 0))
+    np.testing.assert_array_equal(x, [[1, -2, 3], [-4, 5, -6]])  # the feed is untouched
+
+
+@pytest.mark.parametrize("alias", ["Identity", "Transpose"])
+def test_an_aliased_intermediate_is_not_reused(alias):
+    """``a`` dies at Relu, but Identity's output is ``a`` itself and Transpose's
+    a view of it; both are read after Relu, so Relu must not overwrite ``a``."""
+    plan = _plan([helper.make_node("Neg", ["x"], ["a"]),
+                  helper.make_node(alias, ["a"], ["c"]),
+                  helper.make_node("Relu", ["a"], ["b"]),
+                  helper.make_node("Neg", ["c"], ["d"])], ["b", "d"], shape=(3, 3))
+    received = _spy_on_out(plan, "Relu")
+    x = np.arange(-4, 5, dtype=np.float32).reshape(3, 3)
+    result = plan.run({"x": x})
+    assert received == [None]
+    want_c = -x if alias == "Identity" else (-x).T
+    np.testing.assert_array_equal(result["d"], -want_c)
+    np.testing.assert_array_equal(result["b"], np.maximum(-x, 0))
+
+
+def test_a_value_read_twice_by_a_step_or_fetched_is_not_a_donor():
+    plan = _plan([helper.make_node("Neg", ["x"], ["a"]),
+                  helper.make_node("Mul", ["a", "a"], ["b"]),
+                  helper.make_node("Neg", ["x"], ["e"]),
+                  helper.make_node("Add", ["e", "b"], ["f"])], ["f", "e"])
+    assert all(s.donors == () for s in plan.steps if s.node.op_type == "Mul")
+    add = next(s for s in plan.steps if s.node.op_type == "Add")
+    assert add.donors == (1,)  # e is fetched: only b may be reused
+    x = np.array([[1, -2, 3], [-4, 5, -6]], np.float32)
+    result = plan.run({"x": x})
+    np.testing.assert_array_equal(result["f"], -x + x * x)
+    np.testing.assert_array_equal(result["e"], -x)
