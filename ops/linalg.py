@@ -37,15 +37,30 @@ def _(g, node, dY):
         dA = g.Gemm(B, dY, alpha=alpha, transA=tB, transB=1)       # alpha * op(B) @ dY^T
     else:
         dA = g.Gemm(dY, B, alpha=alpha, transB=1 - tB)             # alpha * dY @ op(B)^T
-    if tB:
-        dB = g.Gemm(dY, A, alpha=alpha, transA=1, transB=tA)       # alpha * dY^T @ op(A)
-    else:
-        dB = g.Gemm(A, dY, alpha=alpha, transA=1 - tA)             # alpha * op(A)^T @ dY
+    dB = g.private("GemmGradB", dY, A, B, alpha=alpha, transA=tA, transB=tB)
     dC = None
     if C is not None:
         dC = dY if beta == 1.0 else g.Mul(dY, g.scalar(beta, like=C))
         dC = g.unbroadcast(dC, like=C)
     return (dA, dB, dC)[:len(node.inputs)]
+
+
+@op("GemmGradB", domain="onnxgrad")
+def GemmGradB(xp, dY, A, B, *, alpha=1.0, transA=0, transB=0):
+    """Gemm's gradient for B, in B's memory order: a weight that a trainer keeps
+    column-major (see ``Trainer``) gets a column-major gradient, so that its
+    optimizer update runs over both in step.  ``B`` is read for its layout only."""
+    opA = A.T if transA else A
+    # dB = alpha * dY^T @ op(A) (transB) or alpha * op(A)^T @ dY; its transpose is the
+    # product of the same operands in the other order.
+    first, second = (dY.T, opA) if transB else (opA.T, dY)
+    if B.flags.f_contiguous and not B.flags.c_contiguous:
+        dB = xp.matmul(second.T, first.T).T
+    else:
+        dB = xp.matmul(first, second)
+    if alpha != 1.0:
+        dB *= alpha
+    return (dB,)
 
 
 @op("MatMul", since=1, differentiable=("A", "B"))

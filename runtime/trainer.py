@@ -96,12 +96,22 @@ class Trainer:
                                            weights=self._weight_names, shapes=shapes,
                                            handoff={g: p for p, g in grads.items()}),
             train.inputs)
-        if self.backend.name == "cpu":
-            # The model's own arrays: optimizer updates land in the model in place.
-            self._weights = {k: graph.initializers[k] for k in self._weight_names}
-        else:
-            self._weights = {k: self.backend.asarray(graph.initializers[k])
-                             for k in self._weight_names}
+        # Weights that only Gemm nodes read as a transposed B are kept column-major:
+        # the product then runs without a transpose in BLAS, and GemmGradB gives
+        # their gradients the same layout.  Those (and, on a GPU, all weights) are
+        # the trainer's own arrays, copied back into the model when it reads them;
+        # the others are the model's arrays, updated in place.
+        fortran = set(column_major_weights(train, self._weight_names))
+        self._copied = fortran if self.backend.name == "cpu" else set(self._weight_names)
+        self._weights = {}
+        for k in self._weight_names:
+            value = graph.initializers[k]
+            if k in self._copied:
+                value = self.backend.asarray(value)
+                if k in fortran:
+                    value = self.backend.xp.asfortranarray(value)
+            self._weights[k] = value
+        if self._copied:
             model._pull_weights = self._pull
         self._stale = False
         #: A :class:`~onnxgrad.profile.Profile` that steps add their kernel times to, or None.
@@ -135,10 +145,10 @@ class Trainer:
         return chosen
 
     def _pull(self) -> None:
-        """Copy device weights back into the model (CUDA only)."""
+        """Copy the trainer's own weight arrays back into the model."""
         if self._stale:
-            for name, value in self._weights.items():
-                self.model.graph.initializers[name][...] = self.backend.to_host(value)
+            for name in self._copied:
+                self.model.graph.initializers[name][...] = self.backend.to_host(self._weights[name])
             self._stale = False
 
     def _target(self, target: Any) -> Any:
@@ -236,8 +246,30 @@ class Trainer:
             self.backend.synchronize()
             self.profile.optimizer_seconds += time.perf_counter() - start
             self.profile.steps += 1
-        self._stale = self.backend.name != "cpu"
+        self._stale = bool(self._copied)
         return loss
+
+
+def column_major_weights(graph, weights) -> list[str]:
+    """The 2-D ``weights`` whose every reader is a Gemm taking it as a transposed B
+    (``transB=1``), or the layout-only input of GemmGradB: stored column-major, such
+    a weight makes the Gemm a plain product for BLAS.  A weight that a backward
+    Gemm also reads untransposed (for its input's gradient) stays row-major."""
+    readers: dict[str, list] = {w: [] for w in weights}
+    for node in graph.nodes:
+        for i, name in enumerate(node.inputs):
+            if name in readers:
+                readers[name].append((node, i))
+    chosen = []
+    for w, uses in readers.items():
+        value = graph.initializers.get(w)
+        if value is None or value.ndim != 2 or not uses:
+            continue
+        if all((n.op_type == "Gemm" and n.domain == "" and i == 1 and n.attrs.get("transB"))
+               or (n.op_type == "GemmGradB" and n.domain == "onnxgrad" and i == 2)
+               for n, i in uses):
+            chosen.append(w)
+    return chosen
 
 
 def frozen_batchnorms(graph, trainable) -> frozenset[str]:

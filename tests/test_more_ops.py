@@ -517,3 +517,21 @@ def test_erf_of_arrays_larger_than_a_block(dtype, tol):
     got = nonlinear.erf(np, x)
     assert got.dtype == dtype and got.shape == x.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("transA", [0, 1])
+@pytest.mark.parametrize("transB", [0, 1])
+def test_gemm_weight_gradient_follows_the_weights_memory_order(transA, transB):
+    """GemmGradB gives the same values for a row- or column-major B, in B's order."""
+    from onnxgrad.ops.linalg import GemmGradB
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((4, 3) if transA else (3, 4))
+    B = rng.standard_normal((5, 4) if transB else (4, 5))
+    dY = rng.standard_normal((3, 5))
+    opA = A.T if transA else A
+    want = 0.5 * (dY.T @ opA if transB else opA.T @ dY)
+    for layout in (np.ascontiguousarray, np.asfortranarray):
+        (got,) = GemmGradB(np, dY, A, layout(B), alpha=0.5, transA=transA, transB=transB)
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+        assert got.flags.f_contiguous == (layout is np.asfortranarray)

@@ -263,3 +263,25 @@ def test_early_updates_wait_for_aliases_of_the_weight(left, alias):
     np.testing.assert_allclose(params["w"], w - np.float32(0.5) * grads["w"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(params["w2"], w2 - np.float32(0.5) * grads["w2"], rtol=1e-6,
                                atol=1e-7)
+
+
+def test_first_layer_weight_kept_column_major_trains_like_the_others():
+    """The first Gemm's weight (no input gradient reads it) is the trainer's own
+    column-major array; a step equals SGD applied by hand to the gradients, and
+    the model (parameters, run, save) sees the trained values."""
+    from onnxgrad.trainer import column_major_weights
+
+    model = onnxgrad.load(mlp_model((4, 6, 5, 3)))
+    tr = onnxgrad.Trainer(model, loss="cross_entropy", optimizer=onnxgrad.SGD(lr=0.5))
+    assert column_major_weights(tr.graph, ["W0", "W1", "W2"]) == ["W0"]
+    grads = tr.gradients({"x": X}, Y)
+    before = model.parameters()
+    tr.step({"x": X}, Y)
+    after = model.parameters()
+    for k in before:
+        np.testing.assert_allclose(after[k], before[k] - np.float32(0.5) * grads[k],
+                                   rtol=1e-6, atol=1e-7)
+    fresh = onnxgrad.load(mlp_model((4, 6, 5, 3)))
+    for k, v in after.items():
+        fresh.graph.initializers[k][...] = v
+    np.testing.assert_array_equal(model.run({"x": X})["logits"], fresh.run({"x": X})["logits"])
