@@ -250,12 +250,14 @@ def _trailing(X, axis):
     return tuple(range(axis, X.ndim))
 
 
-@op("LayerNormalization", since=17, differentiable=("X", "Scale", "B"))
+# Training graphs carry Mean and InvStdDev (train_outputs=3): the gradient reads
+# them instead of computing the statistics again.
+@op("LayerNormalization", since=17, differentiable=("X", "Scale", "B"), train_outputs=3)
 def LayerNormalization(xp, X, Scale, B=None, *, axis=-1, epsilon=1e-5, stash_type=1):
-    xhat, mean, _, inv = _standardize(xp, X, _trailing(X, axis), epsilon)
-    Y = xhat * Scale
+    Y, mean, _, inv = _standardize(xp, X, _trailing(X, axis), epsilon)
+    Y *= Scale  # in place: Y is the standardized input, a fresh array
     if B is not None:
-        Y = Y + B
+        Y += B
     return _a(xp, Y, X.dtype), mean, inv
 
 
@@ -263,7 +265,9 @@ def LayerNormalization(xp, X, Scale, B=None, *, axis=-1, epsilon=1e-5, stash_typ
 def _(g, node, dY, *extra):
     _no_grad_for_extra_outputs(node, extra)
     X, Scale = node.inputs[:2]
-    dX, dScale = g.private("LayerNormalizationGrad", dY, X, Scale, num_outputs=2,
+    stats = [o for o in node.outputs[1:3] if o]
+    dX, dScale = g.private("LayerNormalizationGrad", dY, X, Scale,
+                           *(stats if len(stats) == 2 else ()), num_outputs=2,
                            axis=node.attrs["axis"], epsilon=node.attrs["epsilon"])
     if len(node.inputs) > 2 and node.inputs[2]:
         return (dX, dScale, g.private("SumToShape", dY, g.shape_of(node.inputs[2])))
@@ -271,13 +275,32 @@ def _(g, node, dY, *extra):
 
 
 @op("LayerNormalizationGrad", domain="onnxgrad")
-def LayerNormalizationGrad(xp, dY, X, Scale, *, axis=-1, epsilon=1e-5):
+def LayerNormalizationGrad(xp, dY, X, Scale, mean=None, inv_std=None, *, axis=-1,
+                           epsilon=1e-5):
+    """dX and dScale of LayerNormalization, from the forward pass's statistics when
+    given (else computed again), in place on two temporaries."""
     axes = _trailing(X, axis)
-    xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    if mean is None or inv_std is None:
+        xhat, _, _, inv_std = _standardize(xp, X, axes, epsilon)
+    else:
+        xhat = X.astype(inv_std.dtype, copy=False) - mean
+        xhat *= inv_std
     d = dY.astype(xhat.dtype, copy=False)
-    dX = _standardize_grad(xp, d * Scale, xhat, inv, axes)
-    (dScale,) = SumToShape(xp, d * xhat, Scale.shape)
-    return _a(xp, dX, X.dtype), _a(xp, dScale, Scale.dtype)
+    dxhat = d * Scale
+    m1 = dxhat.mean(axis=axes, keepdims=True)
+    t = d * xhat
+    (dScale,) = SumToShape(xp, t, Scale.shape)
+    if dScale is t:  # nothing to sum: t itself, which is reused below
+        dScale = t.copy()
+    t *= Scale                                   # dxhat * xhat
+    m2 = t.mean(axis=axes, keepdims=True)
+    del t
+    # dX = inv_std · (dxhat - mean(dxhat) - xhat · mean(dxhat · xhat))
+    xhat *= m2
+    dxhat -= xhat
+    dxhat -= m1
+    dxhat *= inv_std
+    return _a(xp, dxhat, X.dtype), _a(xp, dScale, Scale.dtype)
 
 
 def _rms(xp, X, axes, epsilon):

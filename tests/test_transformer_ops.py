@@ -336,3 +336,20 @@ def test_gradient_on_cuda_matches_cpu(sample, name):
     cpu = _analytic(sample, arrays, name, us, "cpu")
     gpu = _analytic(sample, arrays, name, us, "cuda")
     np.testing.assert_allclose(gpu, cpu, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 5), -1), ((2, 3, 5), 1), ((4,), 0)])
+def test_layer_norm_gradient_reads_the_forward_statistics(shape, axis):
+    """LayerNormalizationGrad gives the same dX and dScale from the forward pass's
+    Mean and InvStdDev (as in training graphs) as when it computes them again."""
+    from onnxgrad.ops.normalization import LayerNormalization, LayerNormalizationGrad
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    scale = rng.standard_normal(shape[axis:] if axis >= 0 else shape[axis:])
+    dy = rng.standard_normal(shape)
+    _, mean, inv = LayerNormalization(np, x, scale, axis=axis)
+    with_stats = LayerNormalizationGrad(np, dy, x, scale, mean, inv, axis=axis)
+    again = LayerNormalizationGrad(np, dy, x, scale, axis=axis)
+    for a, b in zip(with_stats, again):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
