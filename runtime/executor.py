@@ -251,16 +251,16 @@ class Plan:
             for name in step.free:
                 env.pop(name, None)
             if on_ready is not None and self._handoff_at[index]:
-                for value, weight in self._handoff_at[index]:
+                for name, weight in self._handoff_at[index]:
                     if _viewed(env, weights[weight]):  # a live view still reads the weight
-                        deferred.append((weight, env.pop(value)))
+                        deferred.append((weight, env.pop(name)))
                     else:
-                        on_ready(weight, env.pop(value))
+                        on_ready(weight, env.pop(name))
         if on_ready is not None:
             for weight, value in deferred:
                 on_ready(weight, value)
-            for value, weight in self._handoff_end:
-                on_ready(weight, self.backend.asarray(self._fetch_consts[value]))
+            for name, weight in self._handoff_end:
+                on_ready(weight, self.backend.asarray(self._fetch_consts[name]))
         result = {}
         for f in self.fetch:
             if on_ready is not None and f in self.handoff:
