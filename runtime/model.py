@@ -131,7 +131,8 @@ def prepare_feeds(graph: Graph, feeds: Mapping[str, Any], backend: Backend, wher
     if not isinstance(feeds, Mapping):
         raise DataError(f"{where}: feeds must be a dict of input name -> array, "
                         f"got {type(feeds).__name__}")
-    expected = [n for n in graph.inputs if n not in set(extra)]
+    extra = set(extra)
+    expected = [n for n in graph.inputs if n not in extra]
     missing = [n for n in expected if n not in feeds]
     if missing:
         raise DataError(f"{where}: missing input(s) {missing}; the model's inputs are {expected}")

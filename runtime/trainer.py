@@ -114,6 +114,8 @@ class Trainer:
         if self._copied:
             model._pull_weights = self._pull
         self._stale = False
+        self._target_signature: tuple | None = None  # the last target type and shape checked
+        self._classes: int | None = None
         #: A :class:`~onnxgrad.profile.Profile` that steps add their kernel times to, or None.
         self.profile: Profile | None = None
 
@@ -152,6 +154,8 @@ class Trainer:
             self._stale = False
 
     def _target(self, target: Any) -> Any:
+        """The target as the loss reads it, on the device; checked against the output
+        (its type and shape once per type and shape, class indices every time)."""
         where = self.model.where
         loss = self.loss
         if loss is None:
@@ -163,37 +167,52 @@ class Trainer:
             raise DataError(f"{where}: loss {loss.name!r} needs a target")
         if not hasattr(target, "dtype"):
             target = np.asarray(target)
+        signature = (target.dtype, tuple(target.shape))
+        if signature != self._target_signature:
+            self._classes = self._check_target(target)
+            self._target_signature = signature
+        if loss.target == "class":
+            target = target.astype(np.int64, copy=False)
+            classes = self._classes
+            valid = target if loss.ignore_index is None else target[target != loss.ignore_index]
+            if classes is not None and valid.size:
+                low, high = int(valid.min()), int(valid.max())
+                if low < 0 or high >= classes:
+                    raise DataError(f"{where}: target class indices must lie in "
+                                    f"[0, {classes}) for {self.output!r}; got values in "
+                                    f"[{low}, {high}]")
+        else:
+            target = target.astype(self.graph.dtype(self.output) or np.float32, copy=False)
+        return self.backend.asarray(target)
+
+    def _check_target(self, target: Any) -> int | None:
+        """Check the target's element type and shape against the loss and the output;
+        return the number of classes when the output's shape gives it."""
+        where = self.model.where
+        loss = self.loss
         out_shape = self.model.graph.shape(self.output)
         if loss.target == "class":
             if not np.issubdtype(target.dtype, np.integer):
                 raise DataError(f"{where}: loss {loss.name!r} needs integer class indices as "
                                 f"target, got element type {target.dtype}")
-            target = target.astype(np.int64, copy=False)
-            if out_shape is not None:
-                axis = loss.class_axis_of(len(out_shape))
-                rest = [d for i, d in enumerate(out_shape) if i != axis]
-                if not _fits(rest, target.shape):
-                    raise DataError(
-                        f"{where}: target of shape {list(target.shape)} does not fit "
-                        f"{self.output!r} of shape {_dims(out_shape)}; expected class indices of "
-                        f"shape {_dims(rest)}")
-                classes = out_shape[axis]
-                valid = target if loss.ignore_index is None else target[target != loss.ignore_index]
-                if isinstance(classes, int) and valid.size:
-                    low, high = int(valid.min()), int(valid.max())
-                    if low < 0 or high >= classes:
-                        raise DataError(f"{where}: target class indices must lie in "
-                                        f"[0, {classes}) for {self.output!r}; got values in "
-                                        f"[{low}, {high}]")
-        else:
-            if not (np.issubdtype(target.dtype, np.number) or target.dtype == np.bool_):
-                raise DataError(f"{where}: loss {loss.name!r} needs a numeric target, "
-                                f"got element type {target.dtype}")
-            target = target.astype(self.graph.dtype(self.output) or np.float32, copy=False)
-            if out_shape is not None and not _fits(out_shape, target.shape):
-                raise DataError(f"{where}: target of shape {list(target.shape)} does not fit "
-                                f"{self.output!r} of shape {_dims(out_shape)}")
-        return self.backend.asarray(target)
+            if out_shape is None:
+                return None
+            axis = loss.class_axis_of(len(out_shape))
+            rest = [d for i, d in enumerate(out_shape) if i != axis]
+            if not _fits(rest, target.shape):
+                raise DataError(
+                    f"{where}: target of shape {list(target.shape)} does not fit "
+                    f"{self.output!r} of shape {_dims(out_shape)}; expected class indices of "
+                    f"shape {_dims(rest)}")
+            classes = out_shape[axis]
+            return classes if isinstance(classes, int) else None
+        if not (np.issubdtype(target.dtype, np.number) or target.dtype == np.bool_):
+            raise DataError(f"{where}: loss {loss.name!r} needs a numeric target, "
+                            f"got element type {target.dtype}")
+        if out_shape is not None and not _fits(out_shape, target.shape):
+            raise DataError(f"{where}: target of shape {list(target.shape)} does not fit "
+                            f"{self.output!r} of shape {_dims(out_shape)}")
+        return None
 
     # -- running -----------------------------------------------------------------------
     def _run(self, feeds: Mapping[str, Any], target: Any,

@@ -120,6 +120,20 @@ def test_data_errors(feeds, target, match):
         trainer().step(feeds, target)
 
 
+@pytest.mark.parametrize("feeds, target, match", [
+    ({"x": X}, Y + 1, r"must lie in \[0, 3\).*\[1, 3\]"),
+    ({"x": X}, Y[:, None], r"does not fit .logits. of shape \[.\?., 3\]"),
+    ({"x": X}, Y.astype(np.float32), "needs integer class indices"),
+])
+def test_data_errors_after_a_good_step(feeds, target, match):
+    """A trainer checks a target's type and shape once per type and shape, and its
+    class indices every step: errors still come after good steps."""
+    tr = trainer()
+    tr.step({"x": X}, Y)
+    with pytest.raises(onnxgrad.DataError, match=match):
+        tr.step(feeds, target)
+
+
 def test_float64_feeds_are_cast_to_the_model_type():
     tr = trainer()
     assert np.isfinite(tr.step({"x": X.astype(np.float64)}, Y))
