@@ -43,6 +43,12 @@ class Trainer:
     not trained and that no trained weight feeds (a frozen backbone) uses and
     keeps its running statistics instead, as a frozen backbone in ``eval()``
     mode does in PyTorch.
+
+    A step updates each weight as soon as the backward pass is done with it.
+    The model always sees the trained values (``parameters``, ``run``,
+    ``save``); the trainer may keep its own copy of a weight (every weight on a
+    GPU; on the CPU, weights it stores column-major for a faster product) and
+    copies it back when the model is read.
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
