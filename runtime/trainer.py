@@ -63,6 +63,7 @@ class Trainer:
         if not isinstance(optimizer, Optimizer):
             raise OnnxgradError(f"optimizer must be onnxgrad.SGD, Adam or AdamW, "
                                 f"got {type(optimizer).__name__}")
+        model._weights()  # values an earlier trainer still holds come back into the model
         self.model = model
         self.optimizer = optimizer
         self.loss = resolve_loss(loss)

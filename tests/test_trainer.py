@@ -299,3 +299,15 @@ def test_first_layer_weight_kept_column_major_trains_like_the_others():
     for k, v in after.items():
         fresh.graph.initializers[k][...] = v
     np.testing.assert_array_equal(model.run({"x": X})["logits"], fresh.run({"x": X})["logits"])
+
+
+def test_a_second_trainer_starts_from_the_first_ones_weights():
+    """A trainer that keeps its own copy of a weight (W0, column-major) hands the
+    trained values on to the next trainer of the same model."""
+    model = onnxgrad.load(mlp_model())
+    first = onnxgrad.Trainer(model, loss="cross_entropy", optimizer=onnxgrad.SGD(lr=0.5))
+    first.step({"x": X}, Y)
+    trained = {k: v.copy() for k, v in first._weights.items()}
+    second = onnxgrad.Trainer(model, loss="cross_entropy", optimizer=onnxgrad.SGD(lr=0.5))
+    for k, v in second._weights.items():
+        np.testing.assert_array_equal(v, trained[k])
