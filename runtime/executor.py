@@ -324,9 +324,31 @@ class ShapeSpecializedRunner:
         return result
 
 
-#: References to a value in a run that nothing else holds: its ``env`` entry, the
-#: step's argument list, the local name in :func:`_donated`, and getrefcount's own.
-_UNSHARED_REFS = 4
+def _references(args: list, i: int) -> int:
+    """sys.getrefcount of ``args[i]``, as :func:`_donated` sees it."""
+    value = args[i]
+    return sys.getrefcount(value)
+
+
+def _unshared_references() -> int | None:
+    """What :func:`_references` counts for an array that only a run holds (its
+    ``env`` entry and the step's argument list), measured rather than assumed:
+    interpreters differ in which references they count.  None where the count
+    cannot tell (then no storage is reused)."""
+    probe = np.empty(1)
+    env, args = {"probe": probe}, [probe]
+    del probe
+    alone = _references(args, 0)
+    view = env["probe"][:]  # one more holder must show
+    shared = _references(args, 0)
+    del view
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return None  # free-threaded CPython: reference counts are not exact
+    return alone if shared > alone >= 2 else None
+
+
+#: See :func:`_unshared_references`.
+_UNSHARED_REFS = _unshared_references()
 
 
 def _donated(args: list, donors: tuple[int, ...]) -> Any:
@@ -337,11 +359,13 @@ def _donated(args: list, donors: tuple[int, ...]) -> Any:
     caller's hands (a feed, a weight): each of those holds a reference, so an
     array is given to the kernel only when the run's own references are all
     there are."""
+    if _UNSHARED_REFS is None:
+        return None
     for i in donors:
-        value = args[i]
-        if sys.getrefcount(value) > _UNSHARED_REFS:
+        if _references(args, i) > _UNSHARED_REFS:
             continue
-        flags = getattr(value, "flags", None)  # (which itself refers to the array)
+        value = args[i]
+        flags = getattr(value, "flags", None)
         if flags is not None and flags.owndata and getattr(flags, "writeable", True):
             return value
     return None

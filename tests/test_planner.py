@@ -169,3 +169,16 @@ def test_a_value_read_twice_by_a_step_or_fetched_is_not_a_donor():
     result = plan.run({"x": x})
     np.testing.assert_array_equal(result["f"], -x + x * x)
     np.testing.assert_array_equal(result["e"], -x)
+
+
+def test_reuse_is_off_where_reference_counts_cannot_tell(monkeypatch):
+    from onnxgrad import executor
+
+    assert executor._unshared_references() is not None  # this interpreter counts exactly
+    monkeypatch.setattr(executor, "_UNSHARED_REFS", None)
+    plan = _plan([helper.make_node("Neg", ["x"], ["a"]),
+                  helper.make_node("Relu", ["a"], ["b"])], ["b"])
+    received = _spy_on_out(plan, "Relu")
+    x = np.array([[1, -2, 3], [-4, 5, -6]], np.float32)
+    np.testing.assert_array_equal(plan.run({"x": x})["b"], np.maximum(-x, 0))
+    assert received == [None]
