@@ -46,9 +46,9 @@ class Trainer:
 
     A step updates each weight as soon as the backward pass is done with it.
     The model always sees the trained values (``parameters``, ``run``,
-    ``save``); the trainer may keep its own copy of a weight (every weight on a
-    GPU; on the CPU, weights it stores column-major for a faster product) and
-    copies it back when the model is read.
+    ``save``): on the CPU the trainer updates the model's arrays in place
+    (storing some column-major, for a faster product); on a GPU it keeps
+    device copies and copies them back when the model is read.
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
@@ -105,18 +105,20 @@ class Trainer:
             train.inputs)
         # Weights that only Gemm nodes read as a transposed B are kept column-major:
         # the product then runs without a transpose in BLAS, and GemmGradB gives
-        # their gradients the same layout.  Those (and, on a GPU, all weights) are
-        # the trainer's own arrays, copied back into the model when it reads them;
-        # the others are the model's arrays, updated in place.
+        # their gradients the same layout.  On the CPU the trainer updates the
+        # model's own arrays in place (a column-major weight replaces the model's
+        # array once); on a GPU it keeps device copies and copies them back into
+        # the model when the model is read.
         fortran = set(column_major_weights(train, self._weight_names))
-        self._copied = fortran if self.backend.name == "cpu" else set(self._weight_names)
+        on_cpu = self.backend.name == "cpu"
+        self._copied = set() if on_cpu else set(self._weight_names)
         self._weights = {}
         for k in self._weight_names:
-            value = graph.initializers[k]
-            if k in self._copied:
-                value = self.backend.asarray(value)
-                if k in fortran:
-                    value = self.backend.xp.asfortranarray(value)
+            value = graph.initializers[k] if on_cpu else self.backend.asarray(graph.initializers[k])
+            if k in fortran:
+                value = self.backend.xp.asfortranarray(value)
+                if on_cpu:
+                    graph.initializers[k] = value
             self._weights[k] = value
         if self._copied:
             model._pull_weights = self._pull

@@ -12,18 +12,18 @@ def numeric_gradients(proto, feeds, target, loss, output=None, eps=1e-6):
     model = onnxgrad.load(proto)
     names = list(model.parameters())
     result = {}
+    weights = model.graph.initializers  # a trainer may replace an array (its layout)
     for name in names:
-        base = model.graph.initializers[name]
-        grad = np.zeros_like(base)
-        for idx in np.ndindex(base.shape):
-            old = base[idx]
+        grad = np.zeros_like(weights[name])
+        for idx in np.ndindex(grad.shape):
+            old = weights[name][idx]
             values = []
             for delta in (eps, -eps):
-                base[idx] = old + delta
+                weights[name][idx] = old + delta
                 trainer = onnxgrad.Trainer(model, loss=loss, output=output,
                                            optimizer=onnxgrad.SGD(lr=0.0))
                 values.append(trainer.step(feeds, target))
-            base[idx] = old
+            weights[name][idx] = old
             grad[idx] = (values[0] - values[1]) / (2 * eps)
         result[name] = grad
     return result
