@@ -29,8 +29,9 @@ def _compute_dtype(X):
     return "float32" if X.dtype.itemsize < 4 else X.dtype
 
 
-def _standardize(xp, X, axes, epsilon):
-    """(X - mean) * invstd over ``axes``, with mean, biased variance and invstd (keepdims).
+def _standardize(xp, X, axes, epsilon, gain=None):
+    """(X - mean) * invstd over ``axes`` (times ``gain``, which broadcasts like the
+    statistics, when given), with mean, biased variance and invstd (keepdims).
 
     Works in place on one temporary: large fresh arrays cost page faults as
     well as passes over memory.
@@ -42,7 +43,7 @@ def _standardize(xp, X, axes, epsilon):
     var = square.mean(axis=axes, keepdims=True)
     del square
     inv = 1 / xp.sqrt(var + epsilon)
-    d *= inv
+    d *= inv if gain is None else inv * gain
     return d, mean, var, inv
 
 
@@ -81,9 +82,8 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
         inv = 1 / xp.sqrt(var + epsilon)
         Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
         return _a(xp, Y, X.dtype), None
-    Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon)
-    Y *= scale.reshape(shape)  # in place: Y is the standardized input, a fresh array
-    Y += B.reshape(shape)
+    Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon, gain=scale.reshape(shape))
+    Y += B.reshape(shape)  # in place: Y is the scaled standardized input, a fresh array
     Y = _a(xp, Y, X.dtype)
     bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
     bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
@@ -98,7 +98,11 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
     return Y, (new_mean, var * momentum + bvar * (1 - momentum), bmean, bvar)
 
 
-@op("BatchNormalization", since=1, differentiable=("X", "scale", "B"))
+# Training graphs give every BatchNormalization five outputs (train_outputs=5):
+# the last two are the batch mean and variance, which the gradient reads instead
+# of computing them again.  Opsets 1-9 define them (saved_mean, saved_var); for
+# opset 14 on they are onnxgrad's own, present in training graphs only.
+@op("BatchNormalization", since=1, differentiable=("X", "scale", "B"), train_outputs=5)
 def BatchNormalization(xp, X, scale, B, mean, var, *, consumed_inputs=None, epsilon=1e-5,
                        is_test=0, momentum=0.9, spatial=1, ctx):
     # Opsets 1-9: outputs Y, mean, var, saved_mean, saved_var (the last four in training).
@@ -109,22 +113,24 @@ def BatchNormalization(xp, X, scale, B, mean, var, *, consumed_inputs=None, epsi
     return (Y,) + stats
 
 
-@op("BatchNormalization", since=14, differentiable=("X", "scale", "B"))
+@op("BatchNormalization", since=14, differentiable=("X", "scale", "B"), train_outputs=5)
 def BatchNormalization14(xp, X, scale, B, input_mean, input_var, *, epsilon=1e-5,
                          momentum=0.9, training_mode=0, ctx):
     batch = bool(training_mode) or ctx.training
     Y, stats = _batch_norm(xp, X, scale, B, input_mean, input_var, epsilon, momentum, 1,
                            batch, ctx)
     if stats is None:
-        return Y, input_mean, input_var
-    return Y, stats[0], stats[1]
+        stats = (input_mean, input_var, input_mean, input_var)
+    return ((Y,) + stats)[:max(ctx.num_outputs, 1)]
 
 
 def _bn_rule(g, node, dY, *extra):
     _no_grad_for_extra_outputs(node, extra)
     X, scale = node.inputs[:2]
-    dX, dscale, dB = g.private("BatchNormalizationGrad", dY, X, scale, num_outputs=3,
-                               epsilon=node.attrs["epsilon"],
+    saved = node.outputs[3:5]
+    dX, dscale, dB = g.private("BatchNormalizationGrad", dY, X, scale,
+                               *(saved if len(saved) == 2 and all(saved) else ()),
+                               num_outputs=3, epsilon=node.attrs["epsilon"],
                                spatial=node.attrs.get("spatial", 1))
     return (dX, dscale, dB, None, None)
 
@@ -134,10 +140,18 @@ BatchNormalization14.gradient(_bn_rule)
 
 
 @op("BatchNormalizationGrad", domain="onnxgrad")
-def BatchNormalizationGrad(xp, dY, X, scale, *, epsilon=1e-5, spatial=1):
-    """dX, dscale, dB of a batch-statistics BatchNormalization."""
+def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *, epsilon=1e-5,
+                           spatial=1):
+    """dX, dscale, dB of a batch-statistics BatchNormalization, from the forward
+    pass's batch mean and variance when given (else computed again)."""
     axes, shape = _bn_layout(X, spatial)
-    xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    if batch_mean is None or batch_var is None:
+        xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    else:
+        dtype = _compute_dtype(X)
+        inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(shape) + epsilon)
+        xhat = X.astype(dtype, copy=False) - batch_mean.astype(dtype, copy=False).reshape(shape)
+        xhat *= inv
     d = dY.astype(xhat.dtype, copy=False)
     dB = d.sum(axis=axes, keepdims=True)
     dscale = (d * xhat).sum(axis=axes, keepdims=True)

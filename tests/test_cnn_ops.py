@@ -412,3 +412,29 @@ def test_maxpool_indices_on_cuda(shape, attrs):
     want = model.run({"x": x})
     np.testing.assert_array_equal(got["i"], want["i"])
     np.testing.assert_array_equal(got["y"], want["y"])
+
+
+@pytest.mark.parametrize("shape,spatial", [((4, 3, 5, 2), 1), ((6, 3), 1), ((4, 3, 5), 0)])
+def test_batchnorm_gradient_reads_the_forward_batch_statistics(shape, spatial):
+    """BatchNormalizationGrad gives the same gradients from the forward pass's batch
+    mean and variance (as in training graphs) as when it computes them again."""
+    from onnxgrad.ops.normalization import BatchNormalizationGrad, _batch_norm, _bn_layout
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    _, channel_shape = _bn_layout(x, spatial)
+    params = channel_shape[1:] if not spatial else (shape[1],)
+    scale, bias = rng.standard_normal(params), rng.standard_normal(params)
+    mean, var = np.zeros(params), np.ones(params)
+
+    class Ctx:
+        training = False
+
+    _, (_, _, batch_mean, batch_var) = _batch_norm(np, x, scale, bias, mean, var, 1e-5, 0.9,
+                                                   spatial, True, Ctx)
+    dy = rng.standard_normal(shape)
+    with_stats = BatchNormalizationGrad(np, dy, x, scale, batch_mean, batch_var,
+                                        spatial=spatial)
+    again = BatchNormalizationGrad(np, dy, x, scale, spatial=spatial)
+    for a, b in zip(with_stats, again):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
