@@ -76,7 +76,7 @@ class Step:
     device_args: tuple[int, ...]
     outputs: list[str]
     free: tuple[str, ...]
-    #: Inputs whose storage the kernel may take for its output (see :meth:`Plan._donated`).
+    #: Inputs whose storage the kernel may take for its output (see :func:`_donated`).
     donors: tuple[int, ...] = ()
 
 
