@@ -47,4 +47,17 @@ def mlp_model(sizes=(4, 5, 3), seed=0, dtype=np.float32, opset=17):
                       inits, opset=opset)
 
 
-__all__ = ["make_model", "mlp_model", "tensor_type", "TensorProto", "helper", "numpy_helper"]
+def vi(name, elem, shape):
+    """A value info of ONNX element type ``elem`` (a TensorProto constant)."""
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def model_of(nodes, inputs, outputs, inits=(), opset=21):
+    """An unchecked ModelProto from value infos (for graphs the checker refuses,
+    or that carry sequences and optionals)."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+__all__ = ["make_model", "mlp_model", "model_of", "tensor_type", "vi", "TensorProto", "helper",
+           "numpy_helper"]

@@ -10,18 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxgrad
+from helpers import model_of, vi
 from onnxgrad.ops.control import add_captured_inputs, free_names
 
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-
-
-def vi(name, elem, shape):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def model_of(nodes, inputs, outputs, inits=(), opset=21):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 # -- random numbers -----------------------------------------------------------------------------

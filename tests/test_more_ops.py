@@ -12,20 +12,12 @@ from onnx.reference import ReferenceEvaluator
 
 import gradcheck as gc
 import onnxgrad
+from helpers import model_of, vi
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops import registered_ops
 from op_db import Sample as S
 
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-
-
-def vi(name, elem, shape):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def model_of(nodes, inputs, outputs, inits=(), opset=21):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 # -- the loader passes captured values; scalar and axes inputs -----------------------------------
