@@ -336,6 +336,11 @@ _RESIZE_ATTRS = ("antialias", "axes", "coordinate_transformation_mode", "cubic_c
                  "nearest_mode")
 
 
+def _resize_options(kernel_locals):
+    """The attributes of Resize (and ResizeGrad) from a kernel's keyword parameters."""
+    return {k: kernel_locals[k] for k in _RESIZE_ATTRS}
+
+
 def _legacy(mode):
     """Resize-10 and Upsample: asymmetric coordinates, floor-style nearest."""
     return {"mode": "linear" if mode in ("linear", "bilinear") else mode, "antialias": 0,
@@ -349,12 +354,7 @@ def Resize(xp, X, roi=None, scales=None, sizes=None, *, antialias=0, axes=None,
            coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.75, exclude_outside=0,
            extrapolation_value=0.0, keep_aspect_ratio_policy="stretch", mode="nearest",
            nearest_mode="round_prefer_floor"):
-    attrs = dict(antialias=antialias, axes=axes,
-                 coordinate_transformation_mode=coordinate_transformation_mode,
-                 cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
-                 extrapolation_value=extrapolation_value,
-                 keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode,
-                 nearest_mode=nearest_mode)
+    attrs = _resize_options(locals())
     return (resize(xp, X, roi, scales, sizes, attrs),)
 
 
@@ -372,12 +372,7 @@ def ResizeGrad(xp, dY, x_shape, roi=None, scales=None, sizes=None, *, antialias=
                coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.75,
                exclude_outside=0, extrapolation_value=0.0, keep_aspect_ratio_policy="stretch",
                mode="nearest", nearest_mode="round_prefer_floor"):
-    attrs = dict(antialias=antialias, axes=axes,
-                 coordinate_transformation_mode=coordinate_transformation_mode,
-                 cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
-                 extrapolation_value=extrapolation_value,
-                 keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode,
-                 nearest_mode=nearest_mode)
+    attrs = _resize_options(locals())
     return (resize_grad(xp, dY, x_shape, roi, scales, sizes, attrs),)
 
 
