@@ -128,13 +128,18 @@ def col2im(xp, cols, full, strides, dilations, img=None, lead=2):
 #   that make and scatter columns move runs of ``N`` (or ``out·N``) elements.
 
 
+#: Output positions per item from which a layer runs batch-major (see below).
+BATCH_MAJOR_MIN_POSITIONS = 256
+
+
 def _batch_major(positions, channels, kernel):
     """Whether a product with ``positions`` output positions per item, ``channels``
     output channels per group and a ``kernel`` of that shape runs batch-major: when
     per-item products are wide enough to run at BLAS speed (measured on OpenBLAS:
-    256 positions, and no fewer than the channels), or when the kernel is a single
-    point, whose columns are the input itself and so need no copies to speed up."""
-    return positions >= max(channels, 256) or math.prod(kernel) == 1
+    :data:`BATCH_MAJOR_MIN_POSITIONS`, and no fewer than the channels), or when the
+    kernel is a single point, whose columns are the input itself and so need no
+    copies to speed up."""
+    return positions >= max(channels, BATCH_MAJOR_MIN_POSITIONS) or math.prod(kernel) == 1
 
 
 #: Batch-major columns are made for this many elements at most at a time
@@ -205,13 +210,18 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
     return _batch_first(xp, Y)
 
 
+#: Output channels per group below which a weight gradient is computed
+#: transposed, as columns @ dY^T.
+GRADW_TRANSPOSED_BELOW = 256
+
+
 def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
     N, M = dY.shape[:2]
     out = dY.shape[2:]
     # With few output channels, columns @ dY^T (dW transposed) runs faster in
-    # BLAS than dY @ columns^T (measured on OpenBLAS; the same below 256).
-    transposed = M // group < 256
+    # BLAS than dY @ columns^T (measured on OpenBLAS).
+    transposed = M // group < GRADW_TRANSPOSED_BELOW
 
     def product(d, cols):                                          # (…, g, M/g or C/g·K, …)
         if transposed:

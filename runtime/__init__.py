@@ -21,6 +21,7 @@ from onnxgrad.model import Model, load
 from onnxgrad.optimizers import SGD, Adam, AdamW, Optimizer
 from onnxgrad.profile import Profile
 from onnxgrad.trainer import Trainer
+from onnxgrad.threads import get_num_threads, set_num_threads
 from onnxgrad.training_info import TrainingInfo
 
 __version__ = "0.1.0"
@@ -29,5 +30,5 @@ __all__ = [
     "load", "Model", "Trainer", "Profile", "TrainingInfo", "SGD", "Adam", "AdamW", "Optimizer",
     "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
-    "CheckpointError",
+    "CheckpointError", "set_num_threads", "get_num_threads",
 ]
