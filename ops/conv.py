@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 
+from onnxgrad.ops import winograd
 from onnxgrad.ops.registry import op
 
 # -- geometry (host-side integers) ---------------------------------------------------------
@@ -196,6 +197,8 @@ def _rows_inner(xp, dY, group):
 
 def conv_forward(xp, Xp, W, strides, dilations, group, out):
     """Conv of an already padded input: ``(N, M, *out)``."""
+    if winograd.applies(Xp, W.shape, strides, dilations, group, out):
+        return winograd.conv3x3(xp, Xp, W, out)
     N = Xp.shape[0]
     M = W.shape[0]
     W3 = W.reshape(group, M // group, -1)
@@ -219,6 +222,9 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
     """dW ``(M, C/group, *kernel)`` of Conv(Xp) given its output gradient ``dY``."""
     N, M = dY.shape[:2]
     out = dY.shape[2:]
+    if (winograd.applies(Xp, (M, Xp.shape[1]) + tuple(kernel), strides, dilations, group, out)
+            and math.prod(out) <= winograd.WEIGHT_GRAD_MAX_POSITIONS):
+        return winograd.weight_grad3x3(xp, dY, Xp)
     # With few output channels, columns @ dY^T (dW transposed) runs faster in
     # BLAS than dY @ columns^T (measured on OpenBLAS).
     transposed = M // group < GRADW_TRANSPOSED_BELOW
