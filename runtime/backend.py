@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
+from onnxgrad.threads import get_num_threads
 
 
 class Backend:
@@ -55,6 +56,7 @@ _CPU = Backend()
 def get_backend(device: str) -> Backend:
     """The backend for ``device``: ``"cpu"`` or ``"cuda"``."""
     if device == "cpu":
+        get_num_threads()  # the thread count (ONNXGRAD_NUM_THREADS) is checked and set here first
         return _CPU
     if device in ("cuda", "gpu"):
         try:

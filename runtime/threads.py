@@ -89,13 +89,17 @@ def _set_blas_threads(count: int) -> None:
         controller.set_num_threads(count)
 
 
-def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
+def parallel(tasks: Sequence[Callable[[], Any]], blas: bool = False) -> list:
     """Run ``tasks`` (independent callables) and return their results in order.
 
     The calling thread and the pool's threads take tasks in turn when there is
     more than one task and more than one thread; otherwise, and inside a task
     (nested calls never wait on the pool), they run in the calling thread.  An
     exception in a task is raised here, after every task has finished.
+
+    ``blas=True`` says that the tasks run BLAS products: the BLAS then runs
+    single-threaded in each task while they run (switching costs a fraction
+    of a millisecond, so only chunks of products worth more than that ask).
     """
     count = get_num_threads()
     if count == 1 or len(tasks) < 2 or getattr(_local, "inside", False):
@@ -125,14 +129,16 @@ def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
         finally:
             _local.inside = False
 
-    _set_blas_threads(1)
+    if blas:
+        _set_blas_threads(1)
     try:
         helpers = [pool.submit(work) for _ in range(min(count, len(tasks)) - 1)]
         work()
         for helper in helpers:
             helper.result()
     finally:
-        _set_blas_threads(count)
+        if blas:
+            _set_blas_threads(count)
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
     return results

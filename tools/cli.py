@@ -20,6 +20,7 @@ from .common import (
     measure,
     read_dataset,
     resolve_output,
+    threads_option,
 )
 from .report import (
     blocking_nodes,
@@ -163,6 +164,7 @@ main.add_command(train)
 @key_options
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Samples per Model.run call.")
+@threads_option
 @boundary
 def eval_(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, batch_size):
     """Evaluate MODEL's loss and accuracy on a .npz data file.

@@ -183,3 +183,20 @@ def key_options(fn):
     for option in reversed(_key_options):
         fn = option(fn)
     return fn
+
+
+def _set_threads(ctx, param, value):
+    if value is not None:
+        if value < 1:
+            raise click.BadParameter(f"expected 1 or more threads, got {value}", ctx, param)
+        onnxgrad.set_num_threads(value)
+    return value
+
+
+#: ``--threads N``: the thread count of every costly kernel (an eager option,
+#: so that it takes effect before the command runs).
+threads_option = click.option(
+    "--threads", type=int, default=None, metavar="N", expose_value=False, is_eager=True,
+    callback=_set_threads,
+    help="Threads for every costly kernel, BLAS included. Default: ONNXGRAD_NUM_THREADS, "
+         "else the cores available.")

@@ -26,6 +26,7 @@ from .common import (
     measure,
     read_dataset,
     resolve_output,
+    threads_option,
     _given,
 )
 from .metrics import batches
@@ -85,6 +86,7 @@ DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
                    "the algorithm's inputs.")
 @click.option("--steps", type=int, default=None,
               help="With --training-info: stop after this many algorithm steps.")
+@threads_option
 @boundary
 def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
           lr, momentum, weight_decay,
