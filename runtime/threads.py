@@ -85,6 +85,8 @@ def _blas_controllers() -> list:
 
 
 def _set_blas_threads(count: int) -> None:
+    # More BLAS threads than cores only make its threads wait on each other.
+    count = min(count, available_cores())
     for controller in _blas_controllers():
         controller.set_num_threads(count)
 

@@ -1,0 +1,303 @@
+"""The thread pool (``runtime/threads.py``) and its contract: a result does not
+change with the number of threads beyond float rounding.
+
+* ``set_num_threads`` / ``get_num_threads`` and their validation, the BLAS's
+  count following them, and ``ONNXGRAD_NUM_THREADS`` read in a fresh process;
+* ``parallel``: results in order, exceptions raised after every task is done,
+  nested calls, the caller's thread with one thread; ``split``;
+* a few SGD-momentum training steps of a small CNN (Conv, BatchNormalization,
+  Relu, MaxPool, depthwise Conv, Gemm) and of a small transformer block
+  (MatMul attention, Softmax, LayerNormalization, Erf GELU) give the same
+  losses and weights at 1 thread and at 4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxgrad
+from helpers import make_model
+from onnxgrad.threads import parallel, split
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """Each test leaves the process's thread count as it found it."""
+    before = onnxgrad.get_num_threads()
+    yield
+    onnxgrad.set_num_threads(before)
+
+
+# -- the count -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_set_num_threads_rejects_what_is_not_a_positive_int(bad):
+    """Non-integers, bools and counts below 1 raise OnnxgradError and change nothing."""
+    onnxgrad.set_num_threads(3)
+    with pytest.raises(onnxgrad.OnnxgradError, match="set_num_threads"):
+        onnxgrad.set_num_threads(bad)
+    assert onnxgrad.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_get_num_threads_returns_what_was_set(count):
+    onnxgrad.set_num_threads(count)
+    assert onnxgrad.get_num_threads() == count
+
+
+def test_set_num_threads_sets_the_blas_count():
+    """The BLAS that NumPy loaded runs with the same count, at most one thread per
+    core (threadpoolctl's view)."""
+    from threadpoolctl import threadpool_info
+    from onnxgrad.threads import available_cores
+
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("threadpoolctl finds no BLAS in this process")
+    for count in (3, 1):
+        onnxgrad.set_num_threads(count)
+        assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] \
+            == [min(count, available_cores())] * len(blas)
+
+
+def _python(code: str, value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ONNXGRAD_NUM_THREADS=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_environment_variable_sets_the_count():
+    """A fresh process with ONNXGRAD_NUM_THREADS=3 uses 3 threads, and so does its BLAS
+    (at most one per core)."""
+    r = _python("import numpy, onnxgrad, threadpoolctl\n"
+                "print(onnxgrad.get_num_threads())\n"
+                "print(onnxgrad.threads.available_cores())\n"
+                "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()"
+                " if i['user_api'] == 'blas'}))", " 3 ")
+    assert r.returncode == 0, r.stderr
+    count, cores, blas = r.stdout.split("\n")[:3]
+    assert count == "3"
+    assert blas in (f"[{min(3, int(cores))}]", "[]")
+
+
+@pytest.mark.parametrize("bad", ["0", "two"])
+def test_bad_environment_variable_is_a_clear_error(bad):
+    """A value that is not a count of 1 or more fails with an OnnxgradError naming the
+    variable and the value, when the count is first needed."""
+    r = _python("import onnxgrad\nonnxgrad.get_num_threads()", bad)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "OnnxgradError" in last and f"ONNXGRAD_NUM_THREADS={bad!r}" in last, r.stderr
+
+
+# -- parallel and split --------------------------------------------------------------------
+
+
+def test_parallel_returns_results_in_task_order():
+    """Tasks finishing in reverse order still give their results in task order, and
+    with 4 threads more than one thread runs them."""
+    onnxgrad.set_num_threads(4)
+    ran_on = set()
+
+    def task(i):
+        time.sleep(0.01 * (8 - i))
+        ran_on.add(threading.get_ident())
+        return i * i
+
+    assert parallel([lambda i=i: task(i) for i in range(8)]) == [i * i for i in range(8)]
+    assert len(ran_on) > 1
+
+
+@pytest.mark.parametrize("where", ["caller", "pool"])
+def test_parallel_raises_after_every_task_finished(where):
+    """The first task to run on the calling thread (or on a pool thread) fails: its
+    exception reaches the caller only once every other task is done."""
+    onnxgrad.set_num_threads(4)
+    caller = threading.get_ident()
+    failed, done = [], []
+    lock = threading.Lock()
+
+    def task(i):
+        with lock:
+            fail = not failed and (threading.get_ident() == caller) == (where == "caller")
+            if fail:
+                failed.append(i)
+        if fail:
+            raise ValueError(f"task {i} failed")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="task . failed"):
+        parallel([lambda i=i: task(i) for i in range(8)])
+    assert len(failed) == 1 and sorted(done + failed) == list(range(8))
+
+
+def _nested_parallel():
+    """8 tasks on 4 threads, each calling parallel on 4 tasks of its own."""
+    onnxgrad.set_num_threads(4)
+
+    def outer(i):
+        me = threading.get_ident()
+        return parallel([lambda j=j: (i, j, threading.get_ident() == me) for j in range(4)])
+
+    assert parallel([lambda i=i: outer(i) for i in range(8)]) == \
+        [[(i, j, True) for j in range(4)] for i in range(8)]
+    print("nested ok")
+
+
+def test_nested_parallel_does_not_deadlock():
+    """Tasks that call parallel themselves (more of them than threads) finish, each
+    inner call in its task's own thread, with every result in order.  In a fresh
+    process: a deadlocked pool would hang this one at its next thread count change."""
+    code = "import test_threads; test_threads._nested_parallel()"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__),
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("nested parallel calls deadlocked")
+    assert r.returncode == 0 and r.stdout.strip() == "nested ok", r.stderr
+
+
+def test_one_thread_runs_every_task_in_the_caller():
+    onnxgrad.set_num_threads(1)
+    caller = threading.get_ident()
+    assert parallel([threading.get_ident for _ in range(5)]) == [caller] * 5
+
+
+@pytest.mark.parametrize("total,parts", [(10, 3), (7, 7), (2, 5), (5, 0), (1000, 16)])
+def test_split_covers_the_range_in_near_equal_contiguous_slices(total, parts):
+    slices = split(total, parts)
+    assert len(slices) == max(1, min(parts, total))
+    assert slices[0].start == 0 and slices[-1].stop == total
+    assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+    sizes = [s.stop - s.start for s in slices]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+# -- the same training at 1 and 4 threads ---------------------------------------------------
+
+
+def _cnn(seed=0):
+    """Conv 3->32 (32x32) + BN + Relu + MaxPool, Conv 32->32 (16x16) + BN + Relu,
+    depthwise Conv stride 2 + Relu, Gemm to 10 classes."""
+    rng = np.random.default_rng(seed)
+
+    def he(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+
+    def bn(c, name):
+        return {f"{name}_scale": (1 + 0.1 * rng.standard_normal(c)).astype(np.float32),
+                f"{name}_bias": (0.1 * rng.standard_normal(c)).astype(np.float32),
+                f"{name}_mean": np.zeros(c, np.float32), f"{name}_var": np.ones(c, np.float32)}
+
+    inits = {"w1": he(32, 3, 3, 3), "b1": np.zeros(32, np.float32), **bn(32, "bn1"),
+             "w2": he(32, 32, 3, 3), **bn(32, "bn2"), "wd": he(32, 1, 3, 3),
+             "bd": np.zeros(32, np.float32), "wf": he(10, 32 * 8 * 8),
+             "bf": np.zeros(10, np.float32)}
+    pad = [1, 1, 1, 1]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w1", "b1"], ["c1"], pads=pad),
+        n("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"]),
+        n("Relu", ["n1"], ["r1"]),
+        n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("Conv", ["p1", "w2"], ["c2"], pads=pad),
+        n("BatchNormalization", ["c2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["n2"]),
+        n("Relu", ["n2"], ["r2"]),
+        n("Conv", ["r2", "wd", "bd"], ["c3"], pads=pad, group=32, strides=[2, 2]),
+        n("Relu", ["c3"], ["r3"]),
+        n("Flatten", ["r3"], ["f"]),
+        n("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    model = make_model(nodes, [("x", np.float32, ["N", 3, 32, 32])],
+                       [("logits", np.float32, ["N", 10])], inits)
+    batches = [(rng.standard_normal((8, 3, 32, 32)).astype(np.float32),
+                rng.integers(0, 10, 8)) for _ in range(3)]
+    return model, batches
+
+
+def _transformer(seed=0):
+    """One post-norm encoder block on (8, 16, 32): single-head attention (MatMul,
+    Softmax), LayerNormalization, a GELU (Erf) feed-forward 32->64->32, mean over
+    the sequence, Gemm to 10 classes."""
+    rng = np.random.default_rng(seed)
+    d, h = 32, 64
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    inits = {"wq": w(d, d), "wk": w(d, d), "wv": w(d, d), "wo": w(d, d),
+             "ln1_g": np.ones(d, np.float32), "ln1_b": np.zeros(d, np.float32),
+             "w1": w(d, h), "b1": np.zeros(h, np.float32), "w2": w(h, d),
+             "b2": np.zeros(d, np.float32),
+             "ln2_g": np.ones(d, np.float32), "ln2_b": np.zeros(d, np.float32),
+             "wh": w(10, d), "bh": np.zeros(10, np.float32),
+             "scale": np.array(1 / math.sqrt(d), np.float32),
+             "inv_sqrt2": np.array(1 / math.sqrt(2), np.float32),
+             "one": np.array(1, np.float32), "half": np.array(0.5, np.float32)}
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q"]), n("MatMul", ["x", "wk"], ["k"]),
+        n("MatMul", ["x", "wv"], ["v"]),
+        n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        n("MatMul", ["q", "kt"], ["s0"]), n("Mul", ["s0", "scale"], ["s"]),
+        n("Softmax", ["s"], ["a"], axis=-1),
+        n("MatMul", ["a", "v"], ["av"]), n("MatMul", ["av", "wo"], ["o"]),
+        n("Add", ["x", "o"], ["res1"]),
+        n("LayerNormalization", ["res1", "ln1_g", "ln1_b"], ["y1"], axis=-1),
+        n("MatMul", ["y1", "w1"], ["h0"]), n("Add", ["h0", "b1"], ["h1"]),
+        n("Mul", ["h1", "inv_sqrt2"], ["hs"]), n("Erf", ["hs"], ["he"]),
+        n("Add", ["he", "one"], ["he1"]), n("Mul", ["h1", "he1"], ["hg"]),
+        n("Mul", ["hg", "half"], ["gelu"]),
+        n("MatMul", ["gelu", "w2"], ["f0"]), n("Add", ["f0", "b2"], ["f1"]),
+        n("Add", ["y1", "f1"], ["res2"]),
+        n("LayerNormalization", ["res2", "ln2_g", "ln2_b"], ["y2"], axis=-1),
+        n("ReduceMean", ["y2"], ["pooled"], axes=[1], keepdims=0),
+        n("Gemm", ["pooled", "wh", "bh"], ["logits"], transB=1),
+    ]
+    model = make_model(nodes, [("x", np.float32, ["N", 16, d])],
+                       [("logits", np.float32, ["N", 10])], inits)
+    batches = [(rng.standard_normal((8, 16, d)).astype(np.float32), rng.integers(0, 10, 8))
+               for _ in range(3)]
+    return model, batches
+
+
+def _train(make, threads):
+    """Losses of 3 SGD-momentum steps at ``threads`` threads, and the weights after."""
+    onnxgrad.set_num_threads(threads)
+    proto, batches = make()
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss="cross_entropy",
+                               optimizer=onnxgrad.SGD(lr=0.01, momentum=0.9))
+    losses = [trainer.step({"x": x}, y) for x, y in batches]
+    return losses, trainer.model.parameters()
+
+
+def _pool_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("onnxgrad")]
+
+
+@pytest.mark.parametrize("make", [_cnn, _transformer], ids=["cnn", "transformer"])
+def test_training_at_4_threads_equals_1_thread(make):
+    """Losses and every initializer after 3 steps (weights, momentum-updated, and
+    BatchNormalization's running statistics) agree within float32 rounding."""
+    losses1, params1 = _train(make, 1)
+    assert not _pool_threads()
+    losses4, params4 = _train(make, 4)
+    if make is _cnn:  # its Winograd and BatchNormalization chunks run on the pool
+        assert _pool_threads(), "no task ran on the pool at 4 threads"
+    assert all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
+    np.testing.assert_allclose(losses4, losses1, rtol=1e-5, atol=1e-6)
+    assert set(params4) == set(params1)
+    for name in params1:
+        np.testing.assert_allclose(params4[name], params1[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
