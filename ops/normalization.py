@@ -20,29 +20,25 @@ statistics from ``X``.
 
 from __future__ import annotations
 
-import math
-
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
-from onnxgrad.threads import parallel
 
 
 def _compute_dtype(X):
     return "float32" if X.dtype.itemsize < 4 else X.dtype
 
 
-def _standardize(xp, X, axes, epsilon, gain=None, out=None):
+def _standardize(xp, X, axes, epsilon, gain=None):
     """(X - mean) * invstd over ``axes`` (times ``gain``, which broadcasts like the
     statistics, when given), with mean, biased variance and invstd (keepdims).
-    The result is written into ``out`` when given.
 
     Works in place on one temporary: large fresh arrays cost page faults as
     well as passes over memory.
     """
     Xc = X.astype(_compute_dtype(X), copy=False)
     mean = Xc.mean(axis=axes, keepdims=True)
-    d = xp.subtract(Xc, mean, out=out)
+    d = Xc - mean
     square = d * d
     var = square.mean(axis=axes, keepdims=True)
     del square
@@ -79,43 +75,6 @@ def _bn_layout(X, spatial):
     return (0,), (1,) + tuple(X.shape[1:])
 
 
-#: Elements of a channel chunk in BatchNormalization and its gradient (256 KiB
-#: of float32): each pass over a chunk reads what the previous one left in cache.
-BN_CHUNK = 1 << 16
-
-
-def _by_channels(xp, X, work):
-    """Run ``work(index)`` for chunks of whole channels, ``index`` selecting a
-    chunk of axis 1 of ``X``; the chunks, sized by :data:`BN_CHUNK` from the
-    shape, run on the thread pool.  On a GPU, one chunk: the whole tensor."""
-    C = X.shape[1] if X.ndim > 1 else 1
-    if xp.__name__ != "numpy" or X.ndim < 2:
-        work((slice(None),))
-        return
-    step = max(1, BN_CHUNK // max(X.size // max(C, 1), 1))
-    parallel([lambda c=c: work((slice(None), slice(c, min(c + step, C))))
-              for c in range(0, C, step)])
-
-
-def _batch_standardize(xp, X, scale, B, axes, shape, epsilon):
-    """Y = (X - mean) * invstd * scale + B over ``axes``, with the batch mean and
-    biased variance (shaped like ``shape``), chunk by chunk of channels."""
-    dtype = _compute_dtype(X)
-    Y = xp.empty(X.shape, dtype=dtype)
-    bmean = xp.empty(shape, dtype=dtype)
-    bvar = xp.empty(shape, dtype=dtype)
-    gain, bias = scale.reshape(shape), B.reshape(shape)
-
-    def work(index):
-        y, m, v, _ = _standardize(xp, X[index], axes, epsilon, gain=gain[index], out=Y[index])
-        y += bias[index]
-        bmean[index] = m
-        bvar[index] = v
-
-    _by_channels(xp, X, work)
-    return Y, bmean, bvar
-
-
 def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
     """Y, and (new running mean, new running var, batch mean, batch var) in batch mode."""
     axes, shape = _bn_layout(X, spatial)
@@ -123,7 +82,8 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
         inv = 1 / xp.sqrt(var + epsilon)
         Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
         return _a(xp, Y, X.dtype), None
-    Y, bmean, bvar = _batch_standardize(xp, X, scale, B, axes, shape, epsilon)
+    Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon, gain=scale.reshape(shape))
+    Y += B.reshape(shape)  # in place: Y is the scaled standardized input, a fresh array
     Y = _a(xp, Y, X.dtype)
     bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
     bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
@@ -185,36 +145,23 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
     """dX, dscale, dB of a batch-statistics BatchNormalization, from the forward
     pass's batch mean and variance when given (else computed again)."""
     axes, shape = _bn_layout(X, spatial)
-    dtype = _compute_dtype(X)
-    dX = xp.empty(X.shape, dtype=dtype)
-    dscale = xp.empty(shape, dtype=dtype)
-    dB = xp.empty(shape, dtype=dtype)
-    gain = scale.reshape(shape)
-    if batch_mean is not None and batch_var is not None:
-        mean = batch_mean.astype(dtype, copy=False).reshape(shape)
+    if batch_mean is None or batch_var is None:
+        xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
+    else:
+        dtype = _compute_dtype(X)
         inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(shape) + epsilon)
-    n = X.size // max(math.prod(shape), 1)
-
-    def work(index):
-        x = X[index].astype(dtype, copy=False)
-        if batch_mean is None or batch_var is None:
-            xhat, _, _, inv_c = _standardize(xp, x, axes, epsilon, out=dX[index])
-        else:
-            inv_c = inv[index]
-            xhat = xp.subtract(x, mean[index], out=dX[index])
-            xhat *= inv_c
-        d = dY[index].astype(dtype, copy=False)
-        db = d.sum(axis=axes, keepdims=True)
-        ds = (d * xhat).sum(axis=axes, keepdims=True)
-        # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
-        xhat *= -(ds / n)
-        xhat += d
-        xhat -= db / n
-        xhat *= gain[index] * inv_c
-        dB[index] = db
-        dscale[index] = ds
-
-    _by_channels(xp, X, work)
+        xhat = X.astype(dtype, copy=False) - batch_mean.astype(dtype, copy=False).reshape(shape)
+        xhat *= inv
+    d = dY.astype(xhat.dtype, copy=False)
+    dB = d.sum(axis=axes, keepdims=True)
+    dscale = (d * xhat).sum(axis=axes, keepdims=True)
+    n = X.size // dB.size
+    # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
+    dX = xhat
+    dX *= -(dscale / n)
+    dX += d
+    dX -= dB / n
+    dX *= scale.reshape(shape) * inv
     return (_a(xp, dX, X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
             _a(xp, dB.reshape(scale.shape), scale.dtype))
 
