@@ -4,15 +4,23 @@ For each model (see benchmarks/models.py) the same weights train in both:
 one step is forward, mean cross-entropy, backward and an SGD(momentum=0.9)
 update.  After a warm-up the two alternate step by step; the script prints the
 median step time of each and the ratio onnxgrad / PyTorch, at each thread
-count asked for.  With --memory it also measures the peak resident memory that
-a training run adds, each framework in a process of its own.
+count asked for (onnxgrad's kernel pool, the BLAS and PyTorch all get that
+many threads).  With --memory it also measures, at each thread count, the peak
+resident memory that a training run adds, each framework in a process of its
+own.  The header names the BLAS, the kernel it runs on this CPU and the cores.
 
     python benchmarks/bench_step.py                       # all models, 1 and 2 threads
     python benchmarks/bench_step.py --models mlp --threads 1 --seconds 5
     python benchmarks/bench_step.py --models resnet18 --profile
     python benchmarks/bench_step.py --device cuda         # CuPy against PyTorch CUDA
 
-Needs the `bench` extra (torch, threadpoolctl) besides onnxgrad itself.
+On machines where OPENBLAS_CORETYPE forces an older kernel (e.g. Haswell on a
+CPU that has AVX-512), take timings with it unset, so that OpenBLAS picks the
+kernel a user's NumPy picks on that CPU:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_step.py
+
+Needs the `bench` extra (torch) besides onnxgrad itself.
 """
 
 from __future__ import annotations
@@ -29,13 +37,28 @@ import time
 import numpy as np
 import onnx
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import onnxgrad  # noqa: E402
 from models import CASES, export  # noqa: E402
+from onnxgrad.threads import available_cores  # noqa: E402
 
 LR, MOMENTUM = 0.01, 0.9
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for PyTorch and for onnxgrad's kernel pool and BLAS (0: leave them)."""
+    if n:
+        torch.set_num_threads(n)
+        onnxgrad.set_num_threads(n)
+
+
+def blas_name() -> str:
+    """The BLAS libraries NumPy loaded and the kernel each runs, e.g. "openblas SkylakeX"."""
+    libs = [f"{i['internal_api']} {i.get('architecture', '?')}" for i in threadpool_info()
+            if i["user_api"] == "blas"]
+    return ", ".join(libs) or "no BLAS found"
 
 
 def setup(name: str, device: str, onnx_path: str | None = None):
@@ -96,10 +119,10 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def child_memory(name: str, framework: str, onnx_path: str, steps: int) -> None:
+def child_memory(name: str, framework: str, onnx_path: str, steps: int, threads: int) -> None:
     """Peak resident memory added by ``steps`` training steps (printed as JSON)."""
-    with threadpool_limits(1):
-        torch.set_num_threads(1)
+    with threadpool_limits(threads):
+        set_threads(threads)
         _, og_step, torch_step = setup(name, "cpu", onnx_path)
         step = og_step if framework == "onnxgrad" else torch_step
         before = _rss_kib("VmRSS")
@@ -111,7 +134,8 @@ def child_memory(name: str, framework: str, onnx_path: str, steps: int) -> None:
     print(json.dumps({"added_mib": (peak - before) / 1024}))
 
 
-def memory(name: str, steps: int = 3) -> dict[str, float]:
+def memory(name: str, threads: list[int], steps: int = 3) -> dict[int, dict[str, float]]:
+    """Peak memory added by a training run, by thread count, then by framework."""
     case = CASES[name]
     torch.manual_seed(0)
     net = case.factory()
@@ -120,12 +144,14 @@ def memory(name: str, steps: int = 3) -> dict[str, float]:
         path = os.path.join(tmp, f"{name}.onnx")
         with open(path, "wb") as f:
             f.write(export(net, x))
-        result = {}
-        for framework in ("onnxgrad", "torch"):
-            out = subprocess.run([sys.executable, __file__, "--child-memory", name, framework, path,
-                                  str(steps)], capture_output=True, text=True, check=True)
-            result[framework] = json.loads(out.stdout.strip().splitlines()[-1])["added_mib"]
-    return result
+        return {n: {framework: child_run(name, framework, path, steps, n)
+                    for framework in ("onnxgrad", "torch")} for n in threads}
+
+
+def child_run(name: str, framework: str, path: str, steps: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child-memory", name, framework, path,
+                          str(steps), str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["added_mib"]
 
 
 def main() -> None:
@@ -137,23 +163,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of timing per case")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (CPU)")
     parser.add_argument("--profile", action="store_true", help="print onnxgrad's time by op type")
-    parser.add_argument("--child-memory", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
-        name, framework, path, steps = args.child_memory
-        child_memory(name, framework, path, int(steps))
+        name, framework, path, steps, threads = args.child_memory
+        child_memory(name, framework, path, int(steps), int(threads))
         return
 
     names = [m for m in args.models.split(",") if m]
     threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
     print(f"onnxgrad {onnxgrad.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
-          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + f", BLAS {blas_name()}, {available_cores()} cores")
     print(f"{'model':<12} {'threads':>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
     for name in names:
         for n in threads:
             with threadpool_limits(n or None):
-                if n:
-                    torch.set_num_threads(n)
+                set_threads(n)
                 trainer, og_step, torch_step = setup(name, args.device)
                 a, b = time_pair(og_step, torch_step, args.warmup, args.seconds)
                 ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
@@ -165,10 +191,12 @@ def main() -> None:
                     print(trainer.profile.report(), flush=True)
                     trainer.profile = None
     if args.memory and args.device == "cpu":
-        print(f"\n{'model':<12} {'onnxgrad MiB':>13} {'torch MiB':>10} {'ratio':>7}   (peak memory a training run adds, 1 thread)")
+        print(f"\n{'model':<12} {'threads':>7} {'onnxgrad MiB':>13} {'torch MiB':>10} {'ratio':>7}"
+              f"   (peak memory a training run adds)")
         for name in names:
-            m = memory(name)
-            print(f"{name:<12} {m['onnxgrad']:13.1f} {m['torch']:10.1f} {m['onnxgrad'] / m['torch']:7.2f}", flush=True)
+            for n, m in memory(name, threads).items():
+                print(f"{name:<12} {n:>7} {m['onnxgrad']:13.1f} {m['torch']:10.1f} "
+                      f"{m['onnxgrad'] / m['torch']:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

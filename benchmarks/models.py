@@ -2,7 +2,8 @@
 
 Each entry gives a model factory, an input batch and class targets.  Sizes
 follow the speed issue: an MLP 784-512-512-10 at batch 128, LeNet-5 at 64, a
-CIFAR ResNet-18 at 32, a 2-layer transformer (d 128, seq 64) at 16.
+CIFAR ResNet-18 at 32, a 2-layer transformer (d 128, seq 64) at 16, and a
+scaled-down MobileNetV2 (3×64×64) at 32.
 """
 
 from __future__ import annotations
@@ -103,6 +104,51 @@ class Transformer(nn.Module):
         return self.head(self.ln(x).mean(dim=1))
 
 
+def conv_bn(cin, cout, kernel=1, stride=1, groups=1, act=True):
+    """Conv (no bias), BatchNorm and, unless ``act`` is false, ReLU6."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 linear project; residual add
+    when the stride is 1 and the channels match."""
+
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        expansion = [conv_bn(cin, hidden)] if expand != 1 else []
+        self.body = nn.Sequential(*expansion, conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                  conv_bn(hidden, cout, act=False))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) scaled down for 3×64×64 inputs: the first five stages
+    of the paper's table (64×64 → 4×4) and a 1×1 conv to 320 channels, not 1280,
+    before the pooled head."""
+
+    STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1)]  # t, c, n, s
+
+    def __init__(self, classes=10, last=320):
+        super().__init__()
+        layers, cin = [conv_bn(3, 32, 3, 2)], 32
+        for t, c, n, s in self.STAGES:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(conv_bn(cin, last))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(last, classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
 @dataclass
 class Case:
     name: str
@@ -118,6 +164,7 @@ CASES = {
     "resnet18": Case("resnet18", ResNet18, lambda g: torch.rand(32, 3, 32, 32, generator=g), 32),
     "transformer": Case("transformer", Transformer,
                         lambda g: torch.randint(0, 1000, (16, 64), generator=g), 16),
+    "mobilenetv2": Case("mobilenetv2", MobileNetV2, lambda g: torch.rand(32, 3, 64, 64, generator=g), 32),
 }
 
 

@@ -13,9 +13,34 @@ from onnxgrad.ops.registry import op, reusable
 # Kernels wrap results in xp.asarray: NumPy ufuncs turn 0-d inputs into scalars.
 
 
+#: Relu compares rows of at least this many elements with a row of zeros (see below).
+ZERO_ROW_MIN = 1024
+
+
 @op("Relu", since=6, differentiable=("X",), reuse=("X",))
 def Relu(xp, X, *, out=None):
-    return (xp.asarray(xp.maximum(X, 0, out=reusable(out, X.shape, X.dtype))),)
+    out = reusable(out, X.shape, X.dtype)
+    # NumPy's maximum runs its vector loop only when both operands advance: against
+    # a row of zeros broadcast over rows of X it is 2-3x faster than against the
+    # scalar 0, with the same results (NaN and signed zeros included).
+    row = _row_length(X.shape, ZERO_ROW_MIN)
+    if (X.ndim == 0 or row == X.size or not X.flags.c_contiguous
+            or (out is not None and not out.flags.c_contiguous)):
+        return (xp.asarray(xp.maximum(X, 0, out=out)),)
+    Y = out if out is not None else xp.empty_like(X)
+    xp.maximum(X.reshape(-1, row), xp.zeros(row, dtype=X.dtype), out=Y.reshape(-1, row))
+    return (Y,)
+
+
+def _row_length(shape, least):
+    """The product of the fewest trailing dimensions of ``shape`` that reaches ``least``
+    (or of all of them)."""
+    row = 1
+    for d in reversed(shape):
+        row *= int(d)
+        if row >= least:
+            break
+    return row
 
 
 @Relu.gradient
@@ -29,8 +54,11 @@ def _(g, node, dY):
 @op("ReluGrad", domain="onnxgrad", reuse=("dY",))
 def ReluGrad(xp, dY, Y, *, out=None):
     """dY where Relu's output ``Y`` is positive, else 0."""
-    mask = (Y > 0).astype(dY.dtype)
-    return (xp.asarray(xp.multiply(dY, mask, out=reusable(out, dY.shape, dY.dtype))),)
+    mask = xp.asarray(Y > 0).astype(dY.dtype)
+    out = reusable(out, dY.shape, dY.dtype)
+    if out is None:  # the mask is a fresh array: the product may go there
+        out = reusable(mask, dY.shape, dY.dtype)
+    return (xp.asarray(xp.multiply(dY, mask, out=out)),)
 
 
 @op("LeakyRelu", since=6, differentiable=("X",))

@@ -199,12 +199,17 @@ def _(g, node, dY):
 
 @op("ClipGrad", domain="onnxgrad")
 def ClipGrad(xp, dY, X, min=None, max=None):
-    inside = xp.ones(X.shape, dtype=bool)
+    """dY where ``min <= X <= max``, else 0: a product with the mask, which runs
+    several times faster than a select on an irregular mask (as ReluGrad)."""
+    inside = None
     if min is not None:
-        inside &= X >= min
+        inside = X >= min
     if max is not None:
-        inside &= X <= max
-    return (_a(xp, xp.where(inside, dY, xp.zeros((), dtype=dY.dtype)), dY),)
+        inside = X <= max if inside is None else xp.logical_and(inside, X <= max, out=inside)
+    if inside is None:
+        return (_a(xp, xp.array(dY, copy=True), dY),)
+    mask = xp.asarray(inside).astype(dY.dtype)
+    return (_a(xp, xp.multiply(dY, mask, out=mask), dY),)
 
 
 # -- PRelu ---------------------------------------------------------------------------------

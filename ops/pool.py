@@ -68,6 +68,8 @@ def _argmax_windows(xp, X, geo):
             best = xp.array(v, copy=True)
             arg = xp.zeros(best.shape, dtype=index_type)
         else:  # in place; a strict > keeps the first maximum's offset
+            if v.strides[-1] != v.itemsize:  # strided: one copy, then two contiguous reads
+                v = xp.ascontiguousarray(v)
             better = v > best
             xp.maximum(best, v, out=best)
             # arg < k until now, so this sets arg = k where better: arithmetic, not a
@@ -105,7 +107,7 @@ def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         (out[i],) + (1,) * (nd - 1 - i)) for i in range(nd))
     N, C = X.shape[:2]
     per_plane = np.arange(N * C, dtype=np.int64).reshape((N, C) + (1,) * nd) * math.prod(sp)
-    index = xp.asarray(per_offset)[arg]
+    index = xp.take(xp.asarray(per_offset), arg)  # take: twice as fast as indexing
     index += xp.asarray(per_position)
     index += xp.asarray(per_plane)
     return Y, index
@@ -148,12 +150,25 @@ def MaxPoolIndicesGrad(xp, dY, indices, x_shape, *, overlapping=1):
 
 
 def _scatter(xp, parts, x_shape, geo, dtype):
-    """Sum per-offset window gradients back onto X: ``parts(k)`` is offset k's share."""
+    """Sum per-offset window gradients back onto X: ``parts(k)`` is offset k's share.
+
+    Windows that do not overlap (stride at least the window's span) receive their
+    shares by assignment; windows that also tile the padded input leave no element
+    to zero first."""
     sp, kernel, strides, dilations, begin, end, need, out = geo
-    full = tuple(sp[i] + begin[i] + need[i] for i in range(len(sp)))
-    dXp = xp.zeros(tuple(x_shape[:2]) + full, dtype=dtype)
+    nd = len(sp)
+    full = tuple(sp[i] + begin[i] + need[i] for i in range(nd))
+    spans = [(kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    disjoint = all(strides[i] >= spans[i] for i in range(nd))
+    tiled = disjoint and all(dilations[i] == 1 and strides[i] == kernel[i]
+                             and out[i] * strides[i] == full[i] for i in range(nd))
+    dXp = (xp.empty if tiled else xp.zeros)(tuple(x_shape[:2]) + full, dtype=dtype)
     for k, offset in enumerate(_offsets(kernel)):
-        dXp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)] += parts(k)
+        where = (slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)
+        if disjoint:
+            dXp[where] = parts(k)
+        else:
+            dXp[where] += parts(k)
     return xp.ascontiguousarray(pad_spatial(xp, dXp, [-b for b in begin], [-e for e in need]))
 
 
@@ -170,8 +185,11 @@ def MaxPoolGrad(xp, dY, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None,
 
 
 def _divisor(geo, count_include_pad):
-    """How many elements each window averages (host array of the output's spatial shape)."""
+    """How many elements each window averages: an int when every window counts all of
+    its ``prod(kernel)`` elements, else a host array of the output's spatial shape."""
     sp, kernel, strides, dilations, begin, end, need, out = geo
+    if (not any(begin) and not any(need)) or (count_include_pad and list(need) == list(end)):
+        return math.prod(kernel)  # no window reaches into padding that is not counted
     counts = []
     for i in range(len(sp)):
         lo, hi = (-begin[i], sp[i] + end[i]) if count_include_pad else (0, sp[i])
@@ -184,20 +202,25 @@ def _divisor(geo, count_include_pad):
     return np.maximum(total, 1)
 
 
+def _device_divisor(xp, geo, count_include_pad, dtype):
+    """:func:`_divisor` as an int, or as an array of ``dtype`` on the device: dividing
+    by the int rounds as dividing by an array of it does."""
+    divisor = _divisor(geo, count_include_pad)
+    return divisor if isinstance(divisor, int) else xp.asarray(divisor.astype(dtype))
+
+
 @op("AveragePool", since=1, differentiable=("X",))
 def AveragePool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
                 kernel_shape=None, pads=None, strides=None):
     geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
     sp, kernel, strides, dilations, begin, end, need, out = geo
     Xp = pad_spatial(xp, X, begin, need)
-    Y = None
-    for offset in _offsets(kernel):
-        v = Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
-        if Y is None:
-            Y = xp.array(v, copy=True)
-        else:
-            Y += v
-    Y /= xp.asarray(_divisor(geo, count_include_pad).astype(X.dtype))
+    views = [Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
+             for offset in _offsets(kernel)]
+    Y = xp.add(views[0], views[1]) if len(views) > 1 else xp.array(views[0], copy=True)
+    for v in views[2:]:
+        Y += v
+    Y /= _device_divisor(xp, geo, count_include_pad, X.dtype)
     return (Y,)
 
 
@@ -215,7 +238,7 @@ def AveragePoolGrad(xp, dY, x_shape, *, auto_pad="NOTSET", ceil_mode=0, count_in
                     dilations=None, kernel_shape=None, pads=None, strides=None):
     x_shape = tuple(int(d) for d in x_shape)
     geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
-    share = dY / xp.asarray(_divisor(geo, count_include_pad).astype(dY.dtype))
+    share = dY / _device_divisor(xp, geo, count_include_pad, dY.dtype)
     return (_scatter(xp, lambda k: share, x_shape, geo, dY.dtype),)
 
 
