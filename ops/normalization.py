@@ -75,6 +75,31 @@ def _bn_layout(X, spatial):
     return (0,), (1,) + tuple(X.shape[1:])
 
 
+def _channel_sum(xp, A3):
+    """Sums over axes 0 and 2 of ``A3`` (N, C, P), kept as (1, C, 1): products with
+    a vector of ones, several times faster than a strided reduction."""
+    ones = xp.ones((A3.shape[2], 1), dtype=A3.dtype)
+    return xp.matmul(A3, ones).sum(axis=0, keepdims=True)
+
+
+def _channel_dot(xp, A3, B3):
+    """Sums of ``A3 * B3`` over axes 0 and 2, kept as (1, C, 1), with no temporary."""
+    return xp.einsum("ncp,ncp->c", A3, B3).reshape(1, -1, 1)
+
+
+def _bn_standardize(xp, X, gain, B, epsilon):
+    """Batch-statistics BatchNormalization over every axis but 1: Y, mean, biased
+    variance (the statistics as (1, C, 1)), on one fresh array."""
+    X3 = X.astype(_compute_dtype(X), copy=False).reshape(X.shape[0], X.shape[1], -1)
+    n = max(X3.shape[0] * X3.shape[2], 1)
+    mean = _channel_sum(xp, X3) / n
+    Y = X3 - mean
+    var = _channel_dot(xp, Y, Y) / n
+    Y *= gain.reshape(1, -1, 1) / xp.sqrt(var + epsilon)
+    Y += B.reshape(1, -1, 1)
+    return Y.reshape(X.shape), mean, var
+
+
 def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
     """Y, and (new running mean, new running var, batch mean, batch var) in batch mode."""
     axes, shape = _bn_layout(X, spatial)
@@ -82,8 +107,11 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
         inv = 1 / xp.sqrt(var + epsilon)
         Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
         return _a(xp, Y, X.dtype), None
-    Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon, gain=scale.reshape(shape))
-    Y += B.reshape(shape)  # in place: Y is the scaled standardized input, a fresh array
+    if spatial or X.ndim == 2:
+        Y, bmean, bvar = _bn_standardize(xp, X, scale, B, epsilon)
+    else:
+        Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon, gain=scale.reshape(shape))
+        Y += B.reshape(shape)  # in place: Y is the scaled standardized input, a fresh array
     Y = _a(xp, Y, X.dtype)
     bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
     bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
@@ -145,6 +173,35 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
     """dX, dscale, dB of a batch-statistics BatchNormalization, from the forward
     pass's batch mean and variance when given (else computed again)."""
     axes, shape = _bn_layout(X, spatial)
+    if not spatial and X.ndim > 2:  # per-element statistics (opsets before 9)
+        return _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape)
+    dtype = _compute_dtype(X)
+    X3 = X.astype(dtype, copy=False).reshape(X.shape[0], X.shape[1], -1)
+    if batch_mean is None or batch_var is None:
+        xhat, _, var = _bn_standardize(xp, X, xp.ones(X.shape[1], dtype=dtype),
+                                       xp.zeros(X.shape[1], dtype=dtype), epsilon)
+        xhat = xhat.reshape(X3.shape)
+        inv = 1 / xp.sqrt(var + epsilon)
+    else:
+        inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(1, -1, 1) + epsilon)
+        xhat = X3 - batch_mean.astype(dtype, copy=False).reshape(1, -1, 1)
+        xhat *= inv
+    d = dY.astype(dtype, copy=False).reshape(X3.shape)
+    dB = _channel_sum(xp, d)
+    dscale = _channel_dot(xp, d, xhat)
+    n = X.size // max(dB.size, 1)
+    # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
+    dX = xhat
+    dX *= -(dscale / n)
+    dX += d
+    dX -= dB / n
+    dX *= scale.reshape(1, -1, 1) * inv
+    return (_a(xp, dX.reshape(X.shape), X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
+            _a(xp, dB.reshape(scale.shape), scale.dtype))
+
+
+def _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape):
+    """BatchNormalizationGrad with statistics per element of ``X.shape[1:]``."""
     if batch_mean is None or batch_var is None:
         xhat, _, _, inv = _standardize(xp, X, axes, epsilon)
     else:
