@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from onnxgrad.ops import winograd
+from onnxgrad.ops import depthwise, winograd
 from onnxgrad.ops.registry import op
 
 # -- geometry (host-side integers) ---------------------------------------------------------
@@ -299,7 +299,10 @@ def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
                          f"do not fit group={group}")
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, W.shape, auto_pad, dilations, pads, strides)
-    Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
+    if depthwise.applies(W.shape, group, begin, end):
+        Y = depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out)
+    else:
+        Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
     if B is not None:
         Y += B.reshape(_bias_shape(B, Y.ndim))
     return (Y,)
@@ -359,6 +362,8 @@ def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         x_shape, W.shape, auto_pad, dilations, pads, strides)
+    if depthwise.applies(W.shape, group, begin, end):
+        return (depthwise.input_grad(xp, dY, W, group, sp, strides, dilations, begin, end),)
     if all(s == 1 for s in strides) and W.shape[1] >= FLIPPED_MIN_CHANNELS:
         return (flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group),)
     full = tuple(sp[i] + begin[i] + end[i] for i in range(len(sp)))
@@ -371,6 +376,8 @@ def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, w_shape, auto_pad, dilations, pads, strides)
+    if depthwise.applies(w_shape, group, begin, end):
+        return (depthwise.weight_grad(xp, dY, X, group, kernel, strides, dilations, begin, end),)
     Xp = pad_spatial(xp, X, begin, end)
     return (conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group),)
 

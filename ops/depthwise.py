@@ -1,0 +1,517 @@
+"""Direct kernels for depthwise and small-group convolutions, of any spatial rank.
+
+A convolution whose groups hold few channels (depthwise: one input channel per group,
+and ``m = M / group`` outputs) gives the column products of ``ops/conv.py`` too little
+work per product, while its columns copy the input once per kernel tap.  Two methods
+replace them, chosen per layer by size (:func:`applies`, :func:`_dense`):
+
+* **Taps** (planes of many positions).  The padded input is split by stride phase into
+  *phase planes*, channel-major ``(phase, channel, N·prod(Q))``, ``Q = ceil(padded /
+  stride)`` per axis: every kernel tap reads one phase plane at one flat offset for all
+  output positions of all batch items.  The output is laid out the same way (an
+  *extended* output, whose positions past the output size on some axis are computed
+  and never read), so that it is the sum over taps of shifted flat views of the planes
+  times per-channel weights: no columns, one strided view per tap.  The shifts along
+  the last axis are also materialised as a few shifted copies of each channel's planes,
+  next to each other, so that per group and per tap of the other axes one BLAS product
+  ``(m × c·copies) @ (c·copies × positions)`` sums the last axis's taps over the whole
+  plane (faster than ``einsum`` or a multiply-add per tap, measured); the products of
+  the other axes' taps are added up.  The input gradient is the adjoint: the output
+  gradient laid out as planes behind a margin of zeros, with copies shifted the other
+  way, read at negative offsets into each phase plane of the input gradient, which is
+  then put back in place phase by phase.  The weight gradient is, per tap, one BLAS
+  product per group of the output gradient's planes with the tap's view of the phase
+  planes (a dot product per channel pair over all positions).
+* **Dense** (planes of few positions, e.g. 4×4 or 8×8).  Per group the convolution is a
+  matrix ``T`` (``c·positions_in × m·positions_out``) made from the weights and a 0/1
+  map ``S`` of the input position each tap reads for each output position
+  (``T = W @ S``), and the computations are BLAS products: ``Y = X @ T``,
+  ``dX = dY @ Tᵀ``, ``dW = (Xᵀ @ dY) @ Sᵀ`` (the last product as a gather of the
+  entries each tap reads).  ``T`` holds about ``positions_in / taps`` products per
+  useful one, which BLAS repays on small planes only.
+
+Work runs in tiles of groups sized to stay in cache.  Tiles share their buffers: a
+buffer's padding positions are zeroed once and stay zero, since every tile writes the
+same positions.  With NumPy and enough work, tiles run as tasks on the thread pool
+(:func:`onnxgrad.threads.parallel`); tiles depend on the shapes only and no sum
+crosses a tile, so results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+
+from onnxgrad.threads import parallel, split
+
+#: Channels per group, input and output (the channel multiplier), up to which Conv and
+#: its gradients run here (measured at batch 32 on 4×4 to 32×32 planes: up to 4 and 4
+#: gain, 8 breaks even on large planes; a multiplier of 4 on one input channel loses
+#: 20% on 32×32 planes and gains 2× on 8×8 ones).
+DIRECT_MAX_CHANNELS_PER_GROUP = 4
+DIRECT_MAX_OUTPUTS_PER_GROUP = 4
+#: A layer runs by the dense method when the matrix of a group has at most this many
+#: (input channel and position, output channel and position) pairs and the planes at
+#: most :data:`DENSE_MAX_OUTPUTS_PER_TAP` output positions per kernel tap (the matrix
+#: holds about ``positions_in / taps`` products per useful one), by the taps method
+#: otherwise.
+DENSE_MAX_PAIRS = 1 << 14
+DENSE_MAX_OUTPUTS_PER_TAP = 10
+#: Buffer elements per tile of the taps method and of the dense method's matrices.
+TAPS_TILE = 1 << 20
+DENSE_TILE = 1 << 16
+#: Multiply-adds (outputs × taps) from which NumPy runs tiles as parallel tasks, and
+#: the most tasks one call makes.
+PARALLEL_MIN_WORK = 1 << 22
+MAX_TASKS = 16
+
+
+def applies(w_shape, group, begin, end):
+    """Whether a Conv of weight shape ``w_shape`` with these pads runs here: few
+    channels per group and non-negative pads."""
+    return (w_shape[1] <= DIRECT_MAX_CHANNELS_PER_GROUP
+            and w_shape[0] // group <= DIRECT_MAX_OUTPUTS_PER_GROUP
+            and min(begin) >= 0 and min(end) >= 0)
+
+
+def _dense(sp, out, w_shape, group):
+    """Whether the dense method runs a layer (see :data:`DENSE_MAX_PAIRS`)."""
+    per_group = w_shape[0] // group * w_shape[1]
+    return (per_group * math.prod(sp) * math.prod(out) <= DENSE_MAX_PAIRS
+            and math.prod(out) <= DENSE_MAX_OUTPUTS_PER_TAP * math.prod(w_shape[2:]))
+
+
+def _run(xp, groups, tile, work, buffers, task):
+    """``task(groups_slice, bufs)`` for each tile of ``tile`` groups, ``buffers(tile)``
+    making the buffers of a tile.  NumPy with enough ``work`` runs the tiles as up to
+    :data:`MAX_TASKS` parallel tasks of whole tiles; tasks that run one after another
+    take over each other's buffers (padding positions stay zero: every tile writes the
+    same positions)."""
+    if xp.__name__ != "numpy":
+        task(slice(0, groups), buffers(groups))
+        return
+    tiles = [slice(i, min(i + tile, groups)) for i in range(0, groups, tile)]
+    parts = min(len(tiles), MAX_TASKS) if work >= PARALLEL_MIN_WORK else 1
+    free, lock = [], threading.Lock()
+
+    def run(part):
+        with lock:
+            bufs = free.pop() if free else None
+        bufs = buffers(tile) if bufs is None else bufs
+        for gs in tiles[part]:
+            task(gs, bufs)
+        with lock:
+            free.append(bufs)
+
+    parallel([functools.partial(run, part) for part in split(len(tiles), parts)])
+
+
+def _matmul(xp, a, b, out):
+    """``a @ b`` into ``out`` (NumPy writes in place; CuPy's product is copied in)."""
+    if xp.__name__ == "numpy":
+        xp.matmul(a, b, out=out)
+    else:
+        out[...] = xp.matmul(a, b)
+
+
+def _einsum(xp, subscripts, a, b, out):
+    """``einsum(subscripts, a, b)`` into ``out``, as :func:`_matmul`."""
+    if xp.__name__ == "numpy":
+        xp.einsum(subscripts, a, b, out=out)
+    else:
+        out[...] = xp.einsum(subscripts, a, b)
+
+
+# -- taps method: phase planes ---------------------------------------------------------------
+
+
+def _axis_taps(k, stride, dilation, phase):
+    """The taps of one axis that read ``phase``: (first tap, tap step, count, first
+    offset in the phase plane, offset step)."""
+    first = next((t for t in range(k) if t * dilation % stride == phase), None)
+    if first is None:
+        return 0, 1, 0, 0, 0
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return first, step, len(range(first, k, step)), first * dilation // stride, dilation // g
+
+
+class _Planes:
+    """The phase planes of one convolution: extents ``q``, flat strides, and per phase
+    the taps that read it."""
+
+    def __init__(self, batch, sp, kernel, strides, dilations, begin, end, out):
+        nd = len(sp)
+        self.sp, self.strides, self.dilations = sp, strides, dilations
+        self.begin, self.out = begin, out
+        self.q = tuple(-(-(sp[i] + begin[i] + end[i]) // strides[i]) for i in range(nd))
+        self.flat = [math.prod(self.q[i + 1:]) for i in range(nd)]
+        self.size = batch * math.prod(self.q)                       # P: one channel's planes
+        self.length = self.size - math.prod(self.q) + 1 + sum(     # L: extended output
+            (out[i] - 1) * self.flat[i] for i in range(nd))
+        self.phases = list(itertools.product(*(range(s) for s in strides)))
+        self.taps = [tuple(_axis_taps(kernel[i], strides[i], dilations[i], p[i])
+                           for i in range(nd)) for p in self.phases]
+        # Shifted copies of the planes for the last axis's taps (their count and shift),
+        # and the largest flat offset of a tap.
+        self.shifts = max(1, max(t[-1][2] for t in self.taps))
+        self.shift_step = max(t[-1][4] for t in self.taps)
+        self.margin = sum((kernel[i] - 1) * dilations[i] // strides[i] * self.flat[i]
+                          for i in range(nd))
+
+    def base(self, taps):
+        """The flat offset of a phase's first tap."""
+        return sum(t[3] * f for t, f in zip(taps, self.flat))
+
+    def tap_strides(self, taps, item, sign=1):
+        """Byte strides of a phase's tap axes but the last (negated for the adjoint)."""
+        return tuple(sign * t[4] * f * item for t, f in zip(taps[:-1], self.flat[:-1]))
+
+    def regions(self):
+        """(phase index, input slices, plane slices): where each phase of the input lies."""
+        for index, phase in enumerate(self.phases):
+            xs, qs = [], []
+            for i, p in enumerate(phase):
+                s, b = self.strides[i], self.begin[i]
+                lo = max(0, -(-(b - p) // s))
+                hi = min(self.q[i], (self.sp[i] - 1 + b - p) // s + 1)
+                if hi <= lo:
+                    break
+                x = s * lo + p - b
+                xs.append(slice(x, x + s * (hi - lo - 1) + 1, s))
+                qs.append(slice(lo, hi))
+            else:
+                yield index, tuple(xs), tuple(qs)
+
+    def view(self, rows, n, batch):
+        """Rows ``(n, P)`` of a buffer as ``(n, N, *q)``."""
+        return rows[:n].reshape((n, batch) + self.q)
+
+    def valid(self):
+        """The positions of the extended output that are output positions."""
+        return (slice(None), slice(None)) + tuple(slice(0, o) for o in self.out)
+
+
+def _weight_taps(W5, taps):
+    """The weights ``(g, m, c, *kernel)`` of one phase's taps."""
+    return W5[(Ellipsis,) + tuple(slice(t[0], t[0] + t[1] * (t[2] - 1) + 1, t[1]) for t in taps)]
+
+
+def _phase_matrices(xp, W5, pl, transposed):
+    """Per phase with taps: (phase index, taps, weights ``(g, *lead, m, c·shifts)``, or
+    ``(g, *lead, c, m·shifts)`` when ``transposed``), where ``lead`` are the tap counts
+    of every axis but the last; a shifted copy that no tap of the phase reads gets
+    weight 0."""
+    out = []
+    for index, taps in enumerate(pl.taps):
+        if not all(t[2] for t in taps):
+            continue
+        w = _weight_taps(W5, taps)                                  # (g, m, c, *lead, last)
+        if w.shape[-1] < pl.shifts:
+            w = xp.concatenate([w, xp.zeros(w.shape[:-1] + (pl.shifts - w.shape[-1],),
+                                            dtype=w.dtype)], axis=-1)
+        lead = tuple(range(3, w.ndim - 1))
+        w = w.transpose((0,) + lead + ((2, 1) if transposed else (1, 2)) + (w.ndim - 1,))
+        out.append((index, taps, xp.ascontiguousarray(w).reshape(w.shape[:-2] + (-1,))))
+    return out
+
+
+def _lead(taps):
+    """A phase's tap counts on every axis but the last."""
+    return tuple(t[2] for t in taps[:-1])
+
+
+def _product(xp, w, view, out, parts, first):
+    """``w @ view`` over the lead tap axes, summed into ``out`` ``(g, rows, L)`` (set
+    when ``first``, else added), through ``parts`` when there are lead taps."""
+    g = out.shape[0]
+    lead = view.shape[1:-2]
+    count = math.prod(lead)
+    if count == 1 and first:
+        _matmul(xp, w.reshape(out.shape[:2] + w.shape[-1:]),
+                view.reshape((g,) + view.shape[-2:]), out)
+        return
+    p = parts[:g, :count]
+    _matmul(xp, w, view, p.reshape((g,) + lead + out.shape[1:]))
+    rest = range(count)
+    if first:
+        xp.add(p[:, 0], p[:, 1], out=out)
+        rest = range(2, count)
+    for i in rest:
+        xp.add(out, p[:, i], out=out)
+
+
+def _gather(xp, X, chans, pl, buf):
+    """The phase planes of input channels ``chans`` into ``buf`` ``(S, n, P)``."""
+    n, N = chans.stop - chans.start, X.shape[0]
+    for index, xs, qs in pl.regions():
+        pl.view(buf[index], n, N)[(slice(None), slice(None)) + qs] = \
+            xp.swapaxes(X[(slice(None), chans) + xs], 0, 1)
+
+
+def _place(xp, dY, chans, pl, rows):
+    """Output gradients of channels ``chans`` laid out as planes into ``rows`` ``(n, P)``."""
+    n = chans.stop - chans.start
+    pl.view(rows, n, dY.shape[0])[pl.valid()] = xp.swapaxes(dY[:, chans], 0, 1)
+
+
+def _taps_forward(xp, X, W, group, pl, Y):
+    N, (M, cg) = X.shape[0], W.shape[:2]
+    mg = M // group
+    phases = _phase_matrices(xp, W.reshape((group, mg, cg) + tuple(W.shape[2:])), pl, False)
+    lead = max([math.prod(_lead(taps)) for _, taps, _ in phases] + [1])
+    L, P, item, shifts = pl.length, pl.size, X.itemsize, pl.shifts
+
+    def buffers(tile):
+        return (xp.zeros((len(pl.phases), tile * cg, shifts, P), dtype=X.dtype),
+                xp.empty((tile * mg, P), dtype=X.dtype),
+                xp.empty((tile, lead, mg, L), dtype=X.dtype))
+
+    def task(gs, bufs):
+        xs, yext, parts = bufs
+        gb = gs.stop - gs.start
+        n = gb * cg
+        _gather(xp, X, slice(gs.start * cg, gs.stop * cg), pl, xs[:, :, 0])
+        for v in range(1, shifts):
+            shift = v * pl.shift_step
+            xs[:, :n, v, :P - shift] = xs[:, :n, 0, shift:]
+        out = yext[:gb * mg, :L].reshape(gb, mg, L)
+        for i, (index, taps, w) in enumerate(phases):
+            shape = (gb,) + _lead(taps) + (cg * shifts, L)
+            steps = (cg * xs.strides[1],) + pl.tap_strides(taps, item) + (xs.strides[2], item)
+            view = xp.lib.stride_tricks.as_strided(xs[index, 0, 0, pl.base(taps):], shape=shape,
+                                                   strides=steps)
+            _product(xp, w[gs], view, out, parts, i == 0)
+        if not phases:                                         # no tap reads the input
+            out[...] = 0
+        Y[:, gs.start * mg:gs.stop * mg] = xp.swapaxes(
+            pl.view(yext, gb * mg, N)[pl.valid()], 0, 1)
+
+    per_group = (len(pl.phases) * cg * shifts + mg + lead * mg) * P
+    _run(xp, group, max(1, TAPS_TILE // per_group), Y.size * math.prod(W.shape[2:]) * cg,
+         buffers, task)
+
+
+def _taps_input_grad(xp, dY, W, group, pl, dX):
+    N, (M, cg) = dY.shape[0], W.shape[:2]
+    mg = M // group
+    phases = _phase_matrices(xp, W.reshape((group, mg, cg) + tuple(W.shape[2:])), pl, True)
+    lead = max([math.prod(_lead(taps)) for _, taps, _ in phases] + [1])
+    P, item, margin, shifts = pl.size, dY.itemsize, pl.margin, pl.shifts
+
+    def buffers(tile):
+        return (xp.zeros((tile * mg, shifts, margin + P), dtype=dY.dtype),
+                xp.zeros((len(pl.phases), tile * cg, P), dtype=dY.dtype),
+                xp.empty((tile, lead, cg, P), dtype=dY.dtype))
+
+    def task(gs, bufs):
+        dys, dxp, parts = bufs
+        gb = gs.stop - gs.start
+        n = gb * mg
+        _place(xp, dY, slice(gs.start * mg, gs.stop * mg), pl, dys[:, 0, margin:])
+        for v in range(1, shifts):
+            shift = v * pl.shift_step
+            dys[:n, v, shift:] = dys[:n, 0, :margin + P - shift]
+        for index, taps, w in phases:                          # phases no tap reads stay 0
+            shape = (gb,) + _lead(taps) + (mg * shifts, P)
+            steps = (mg * dys.strides[0],) + pl.tap_strides(taps, item, -1) + (dys.strides[1],
+                                                                               item)
+            view = xp.lib.stride_tricks.as_strided(dys[0, 0, margin - pl.base(taps):],
+                                                   shape=shape, strides=steps)
+            _product(xp, w[gs], view, dxp[index, :gb * cg].reshape(gb, cg, P), parts, True)
+        chans = slice(gs.start * cg, gs.stop * cg)
+        for index, xs, qs in pl.regions():
+            dX[(slice(None), chans) + xs] = xp.swapaxes(
+                pl.view(dxp[index], gb * cg, N)[(slice(None), slice(None)) + qs], 0, 1)
+
+    per_group = (mg * shifts + len(pl.phases) * cg + lead * cg) * (margin + P)
+    _run(xp, group, max(1, TAPS_TILE // per_group), dY.size * math.prod(W.shape[2:]) * cg,
+         buffers, task)
+
+
+def _taps_weight_grad(xp, dY, X, group, pl, dW):
+    cg, mg = X.shape[1] // group, dY.shape[1] // group
+    kernel = tuple(dW.shape[2:])
+    dW4 = dW.reshape(group, mg, cg, math.prod(kernel))
+    L, P = pl.length, pl.size
+    reads = []                                 # per tap: phase index and flat offset
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        reach = [tap[i] * d for i, d in enumerate(pl.dilations)]
+        phase = tuple(r % s for r, s in zip(reach, pl.strides))
+        reads.append((pl.phases.index(phase),
+                      sum(r // s * f for r, s, f in zip(reach, pl.strides, pl.flat))))
+
+    def buffers(tile):
+        return (xp.zeros((len(pl.phases), tile * cg, P), dtype=X.dtype),
+                xp.zeros((tile * mg, P), dtype=X.dtype))
+
+    def task(gs, bufs):
+        xph, dye = bufs
+        gb = gs.stop - gs.start
+        _gather(xp, X, slice(gs.start * cg, gs.stop * cg), pl, xph)
+        _place(xp, dY, slice(gs.start * mg, gs.stop * mg), pl, dye)
+        d = dye[:gb * mg, :L].reshape(gb, mg, L)
+        for t, (index, offset) in enumerate(reads):
+            view = xph[index, :gb * cg, offset:offset + L].reshape(gb, cg, L)
+            _matmul(xp, d, xp.swapaxes(view, -1, -2), dW4[gs, :, :, t])
+
+    _run(xp, group, max(1, TAPS_TILE // ((len(pl.phases) * cg + mg) * P)),
+         dY.size * math.prod(kernel) * cg, buffers, task)
+
+
+# -- dense method ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_reads(xp, sp, kernel, strides, dilations, begin, out):
+    """Per kernel tap and output position, the input position read (flat, 0 where the
+    tap reads padding) and whether it lies in the input: two ``(taps, Pout)`` arrays."""
+    grids = xp.meshgrid(*(xp.arange(n) for n in out), indexing="ij")
+    reads, inside = [], []
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        flat, ok = 0, True
+        for i, grid in enumerate(grids):
+            x = grid * strides[i] + tap[i] * dilations[i] - begin[i]
+            flat = flat * sp[i] + x
+            ok = ok & (x >= 0) & (x < sp[i])
+        reads.append(xp.where(ok, flat, 0).reshape(-1))
+        inside.append(ok.reshape(-1))
+    return xp.stack(reads), xp.stack(inside)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_map(xp, dtype, sp, kernel, strides, dilations, begin, out, transposed):
+    """``S`` ``(taps, Pin·Pout)``: 1 where an output position reads an input position
+    through a tap (input-major, or output-major when ``transposed``)."""
+    reads, inside = _tap_reads(xp, sp, kernel, strides, dilations, begin, out)
+    taps, p_out = reads.shape
+    S = xp.zeros((taps, p_out, math.prod(sp)) if transposed else
+                 (taps, math.prod(sp), p_out), dtype=dtype)
+    t, o = xp.nonzero(inside)
+    if transposed:
+        S[t, o, reads[t, o]] = 1
+    else:
+        S[t, reads[t, o], o] = 1
+    return S.reshape(taps, -1)
+
+
+def _dense_setup(xp, W, group, sp, out, geometry, transposed):
+    M, cg = W.shape[:2]
+    S = _tap_map(xp, W.dtype, tuple(sp), tuple(W.shape[2:]), *geometry, tuple(out), transposed)
+    tile = max(1, DENSE_TILE // (M // group * cg * math.prod(sp) * math.prod(out)))
+    return M // group, cg, W.reshape(group, -1, S.shape[0]), S, tile
+
+
+def _matrices(xp, W3, gs, S, buf):
+    """``W @ S`` for the groups ``gs``, as one product into ``buf``: ``(g·m·c, Pin·Pout)``."""
+    rows = (gs.stop - gs.start) * W3.shape[1]
+    _matmul(xp, W3[gs].reshape(rows, -1), S, buf[:rows])
+    return buf[:rows]
+
+
+def _dense_forward(xp, X, W, group, geometry, Y):
+    N, sp, out = X.shape[0], X.shape[2:], Y.shape[2:]
+    mg, cg, W3, S, tile = _dense_setup(xp, W, group, sp, out, geometry, False)
+    p_in, p_out = math.prod(sp), math.prod(out)
+    Xv = X.reshape(N, group, 1, cg * p_in)
+    Yv = Y.reshape(N, group, mg, p_out)
+
+    def buffers(tile):
+        return xp.empty((tile * mg * cg, p_in * p_out), dtype=X.dtype)
+
+    def task(gs, buf):
+        T = _matrices(xp, W3, gs, S, buf).reshape(-1, mg, cg * p_in, p_out)
+        _matmul(xp, Xv[:, gs].transpose(1, 2, 0, 3), T, Yv[:, gs].transpose(1, 2, 0, 3))
+
+    _run(xp, group, tile, Y.size * W3.shape[2] * cg, buffers, task)
+
+
+def _dense_input_grad(xp, dY, W, group, geometry, dX):
+    N, sp, out = dY.shape[0], dX.shape[2:], dY.shape[2:]
+    mg, cg, W3, S, tile = _dense_setup(xp, W, group, sp, out, geometry, True)
+    p_in, p_out = math.prod(sp), math.prod(out)
+    dYv = dY.reshape(N, group, mg * p_out)
+    dXv = dX.reshape(N, group, cg * p_in)
+
+    def buffers(tile):
+        return xp.empty((tile * mg * cg, p_in * p_out), dtype=dY.dtype)
+
+    def task(gs, buf):
+        T = _matrices(xp, W3, gs, S, buf).reshape(-1, mg, cg, p_out, p_in)
+        if cg > 1:                             # rows (m, Pout), columns (c, Pin)
+            T = xp.ascontiguousarray(xp.swapaxes(T, 2, 3))
+        T = T.reshape(-1, mg * p_out, cg * p_in)
+        _matmul(xp, dYv[:, gs].transpose(1, 0, 2), T, dXv[:, gs].transpose(1, 0, 2))
+
+    _run(xp, group, tile, dY.size * W3.shape[2] * cg, buffers, task)
+
+
+def _dense_weight_grad(xp, dY, X, group, geometry, dW):
+    N, sp, out = X.shape[0], X.shape[2:], dY.shape[2:]
+    mg, cg = dY.shape[1] // group, X.shape[1] // group
+    p_in, p_out = math.prod(sp), math.prod(out)
+    reads, inside = _tap_reads(xp, tuple(sp), tuple(dW.shape[2:]), *geometry, tuple(out))
+    cols = reads * p_out + xp.arange(p_out)                  # entries of (Pin, Pout) per tap
+    inside = inside.astype(dW.dtype)
+    Xv = X.reshape(N, group, 1, cg * p_in)
+    dYv = dY.reshape(N, group, mg, p_out)
+    dW2 = dW.reshape(group * mg * cg, reads.shape[0])
+
+    def buffers(tile):
+        return xp.empty((tile, mg, cg * p_in, p_out), dtype=dY.dtype)
+
+    def task(gs, buf):
+        # dT = Xᵀ @ dY per group, then per tap the sum of its entries: (dT @ Sᵀ) as a
+        # gather, which runs no BLAS product too small to thread well.
+        D = buf[:gs.stop - gs.start]
+        _matmul(xp, Xv[:, gs].transpose(1, 2, 3, 0), dYv[:, gs].transpose(1, 2, 0, 3), D)
+        entries = xp.take(D.reshape(-1, p_in * p_out), cols, axis=1)    # (g·m·c, taps, Pout)
+        _einsum(xp, "rtp,tp->rt", entries, inside, dW2[gs.start * mg * cg:gs.stop * mg * cg])
+
+    tile = max(1, DENSE_TILE // (mg * cg * p_in * p_out))
+    _run(xp, group, tile, dY.size * reads.shape[0] * cg, buffers, task)
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def conv(xp, X, W, group, strides, dilations, begin, end, out):
+    """Conv of ``X`` ``(N, C, *sp)`` with ``W`` ``(M, C/group, *kernel)``: ``(N, M, *out)``."""
+    Y = xp.empty((X.shape[0], W.shape[0]) + tuple(out), dtype=X.dtype)
+    if Y.size == 0:
+        return Y
+    if _dense(X.shape[2:], out, W.shape, group):
+        _dense_forward(xp, X, W, group, (tuple(strides), tuple(dilations), tuple(begin)), Y)
+    else:
+        pl = _Planes(X.shape[0], X.shape[2:], W.shape[2:], strides, dilations, begin, end, out)
+        _taps_forward(xp, X, W, group, pl, Y)
+    return Y
+
+
+def input_grad(xp, dY, W, group, sp, strides, dilations, begin, end):
+    """The gradient ``(N, C, *sp)`` of Conv's input given its output gradient ``dY``."""
+    dX = xp.empty((dY.shape[0], W.shape[1] * group) + tuple(sp), dtype=dY.dtype)
+    if dX.size == 0:
+        return dX
+    if _dense(sp, dY.shape[2:], W.shape, group):
+        _dense_input_grad(xp, dY, W, group, (tuple(strides), tuple(dilations), tuple(begin)), dX)
+    else:
+        pl = _Planes(dY.shape[0], sp, W.shape[2:], strides, dilations, begin, end, dY.shape[2:])
+        _taps_input_grad(xp, dY, W, group, pl, dX)
+    return dX
+
+
+def weight_grad(xp, dY, X, group, kernel, strides, dilations, begin, end):
+    """The gradient ``(M, C/group, *kernel)`` of Conv's weight given ``dY``."""
+    dW = xp.empty((dY.shape[1], X.shape[1] // group) + tuple(kernel), dtype=dY.dtype)
+    if dY.size == 0:
+        dW[...] = 0
+        return dW
+    if _dense(X.shape[2:], dY.shape[2:], dW.shape, group):
+        _dense_weight_grad(xp, dY, X, group, (tuple(strides), tuple(dilations), tuple(begin)), dW)
+    else:
+        pl = _Planes(X.shape[0], X.shape[2:], kernel, strides, dilations, begin, end, dY.shape[2:])
+        _taps_weight_grad(xp, dY, X, group, pl, dW)
+    return dW

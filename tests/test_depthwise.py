@@ -1,0 +1,261 @@
+"""Direct kernels of depthwise and small-group convolutions (``ops/depthwise.py``).
+
+* Each method (taps, dense) against the column products of ``ops/conv.py`` in
+  float64: Conv, ConvGradX and ConvGradW over 1-D, 2-D and 3-D shapes, strides,
+  dilations, asymmetric pads, ``auto_pad``, channel multipliers 1, 2 and 4, two and
+  four channels per group, and realistic layers; the path is forced with monkeypatch.
+* Central differences (``tests/gradcheck.py``) of X, W and B through the public API
+  on each method.
+* The float32 forward against onnxruntime at realistic sizes, on each method.
+* Tiles run as tasks on the thread pool, at 1 and 2 threads, equal one task bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradcheck as gc
+import onnxgrad
+from onnxgrad import threads
+from onnxgrad.ops import conv, depthwise
+from op_db import Sample
+
+METHODS = ["taps", "dense"]
+
+#: (x shape, w shape, attributes): shapes the kernels must get right.
+SHAPES = [
+    # 1-D
+    ((2, 4, 11), (4, 1, 3), {"group": 4, "pads": [1, 1]}),
+    ((2, 4, 12), (8, 1, 3), {"group": 4, "strides": [2], "dilations": [2], "pads": [2, 1]}),
+    ((2, 6, 9), (6, 2, 5), {"group": 3, "pads": [2, 3]}),
+    # 2-D
+    ((2, 3, 9, 8), (3, 1, 3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
+    ((2, 3, 9, 8), (6, 1, 3, 3), {"group": 3, "strides": [2, 2], "pads": [1, 0, 2, 1]}),
+    ((2, 4, 9, 10), (4, 1, 3, 2), {"group": 4, "dilations": [2, 1], "strides": [1, 2],
+                                   "pads": [2, 0, 1, 1]}),
+    ((2, 4, 8, 7), (4, 1, 3, 3), {"group": 4, "auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    ((2, 4, 7, 8), (8, 1, 3, 3), {"group": 4, "auto_pad": "SAME_UPPER"}),
+    ((2, 6, 8, 8), (6, 2, 3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
+    ((2, 4, 7, 7), (4, 2, 5, 5), {"group": 2, "pads": [2, 1, 0, 2], "strides": [2, 1]}),
+    ((2, 3, 10, 9), (3, 1, 4, 4), {"group": 3, "strides": [3, 2], "pads": [1, 1, 2, 0]}),
+    ((1, 3, 6, 6), (3, 1, 1, 1), {"group": 3, "strides": [2, 2]}),
+    ((2, 8, 9, 9), (8, 4, 3, 3), {"group": 2, "pads": [1, 1, 1, 1], "strides": [1, 2]}),
+    ((2, 2, 8, 8), (8, 1, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+    # 3-D
+    ((2, 2, 5, 6, 5), (2, 1, 3, 3, 3), {"group": 2, "pads": [1] * 6}),
+    ((1, 2, 6, 5, 7), (4, 1, 2, 3, 3), {"group": 2, "strides": [2, 1, 2], "dilations": [1, 2, 1],
+                                        "pads": [1, 0, 1, 0, 1, 1]}),
+    # realistic
+    ((8, 32, 32, 32), (32, 1, 3, 3), {"group": 32, "pads": [1, 1, 1, 1]}),
+    ((8, 32, 32, 32), (64, 1, 3, 3), {"group": 32, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ((8, 64, 8, 8), (64, 1, 3, 3), {"group": 64, "pads": [1, 1, 1, 1]}),
+    ((8, 64, 4, 4), (64, 2, 3, 3), {"group": 32, "pads": [1, 1, 1, 1]}),
+]
+
+#: The dense method's matrices grow as (input positions × output positions): forced
+#: only on planes up to this many pairs.
+DENSE_TESTED_PAIRS = 1 << 16
+
+
+def _id(shape):
+    x, w, attrs = shape
+    return f"x{list(x)}-w{list(w)}-" + ",".join(f"{k}={v}" for k, v in sorted(attrs.items()))
+
+
+def _cases(shapes):
+    return [pytest.param(m, s, id=f"{m}-{_id(s)}") for s in shapes for m in METHODS
+            if m == "taps" or _pairs(s) <= DENSE_TESTED_PAIRS]
+
+
+def _pairs(shape):
+    x, w, attrs = shape
+    out = conv._conv_geometry(x, w, attrs.get("auto_pad", "NOTSET"), attrs.get("dilations"),
+                              attrs.get("pads"), attrs.get("strides"))[-1]
+    return math.prod(x[2:]) * math.prod(out)
+
+
+def _force(monkeypatch, method):
+    """The direct kernels for every Conv, by ``method`` ("taps", "dense"), or none (None)."""
+    monkeypatch.setattr(depthwise, "applies", lambda *args: method is not None)
+    monkeypatch.setattr(depthwise, "_dense", lambda *args: method == "dense")
+
+
+def _spy(monkeypatch):
+    """Counts calls of the kernels of each method."""
+    counts = {}
+    for name in ("_taps_forward", "_taps_input_grad", "_taps_weight_grad",
+                 "_dense_forward", "_dense_input_grad", "_dense_weight_grad"):
+        counts[name] = 0
+
+        def spy(*args, _real=getattr(depthwise, name), _name=name):
+            counts[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(depthwise, name, spy)
+    return counts
+
+
+def _three(x, w, dy, attrs):
+    """Conv, ConvGradX and ConvGradW of ``conv.py``'s op functions."""
+    return {"Y": conv.Conv(np, x, w, **attrs)[0],
+            "dX": conv.ConvGradX(np, dy, w, x.shape, **attrs)[0],
+            "dW": conv.ConvGradW(np, dy, x, w.shape, **attrs)[0]}
+
+
+def _arrays(x_shape, w_shape, attrs, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    y_shape = conv.Conv(np, x, w, **attrs)[0].shape
+    return x, w, rng.standard_normal(y_shape).astype(dtype)
+
+
+# -- against the column products -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,shape", _cases(SHAPES))
+def test_direct_kernels_equal_column_products(method, shape, monkeypatch):
+    """Forward, input and weight gradients of the method equal the im2col path (float64)."""
+    x_shape, w_shape, attrs = shape
+    x, w, dy = _arrays(x_shape, w_shape, attrs)
+    _force(monkeypatch, None)
+    want = _three(x, w, dy, attrs)
+    _force(monkeypatch, method)
+    counts = _spy(monkeypatch)
+    got = _three(x, w, dy, attrs)
+    assert {k for k, v in counts.items() if v} == {f"_{method}_forward", f"_{method}_input_grad",
+                                                   f"_{method}_weight_grad"}
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10, err_msg=key)
+
+
+def test_depthwise_layers_take_the_direct_kernels():
+    """The default thresholds send depthwise layers here and dense grouped layers not."""
+    assert depthwise.applies((32, 1, 3, 3), 32, [1, 1], [1, 1])
+    assert depthwise.applies((64, 1, 3, 3), 32, [0, 0], [1, 1])
+    assert not depthwise.applies((64, 16, 3, 3), 4, [1, 1], [1, 1])
+    assert not depthwise.applies((32, 1, 3, 3), 32, [-1, 0], [1, 1])
+
+
+# -- central differences ---------------------------------------------------------------------
+
+GRAD_SAMPLES = [
+    Sample("Conv", [("X", ("real", (2, 3, 7))), ("W", ("real", (6, 1, 3))),
+                    ("B", ("real", (6,)))], {"group": 3, "pads": [2, 1], "strides": [2]}, 11),
+    Sample("Conv", [("X", ("real", (2, 3, 6, 5))), ("W", ("real", (3, 1, 3, 3)))],
+           {"group": 3, "pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2]}, 11),
+    Sample("Conv", [("X", ("real", (2, 4, 6, 6))), ("W", ("real", (4, 2, 3, 3))),
+                    ("B", ("real", (4,)))], {"group": 2, "auto_pad": "SAME_UPPER"}, 11),
+    Sample("Conv", [("X", ("real", (1, 2, 4, 5, 4))), ("W", ("real", (4, 1, 3, 2, 3)))],
+           {"group": 2, "pads": [1, 0, 1, 1, 1, 0], "strides": [1, 2, 1]}, 11),
+]
+GRAD_CASES = [pytest.param(m, s, n, id=f"{m}-{s.id}-d{n}") for s in GRAD_SAMPLES
+              for n in gc.differentiable_inputs(s) for m in METHODS]
+
+
+@pytest.mark.parametrize("method,sample,name", GRAD_CASES)
+def test_gradient_by_central_differences(method, sample, name, monkeypatch):
+    _force(monkeypatch, method)
+    counts = _spy(monkeypatch)
+    gc.check_gradient(sample, name)
+    kernel = {"X": "input_grad", "W": "weight_grad", "B": "forward"}[name]
+    assert counts[f"_{method}_forward"] and counts[f"_{method}_{kernel}"]
+
+
+# -- onnxruntime -----------------------------------------------------------------------------
+
+ORT_CASES = [
+    pytest.param("taps", (8, 32, 32, 32), (32, 1, 3, 3), {"group": 32, "pads": [1, 1, 1, 1]},
+                 id="taps-depthwise32x32"),
+    pytest.param("taps", (8, 32, 32, 32), (64, 1, 3, 3),
+                 {"group": 32, "strides": [2, 2], "pads": [0, 1, 1, 0]}, id="taps-x2-stride2"),
+    pytest.param("dense", (8, 64, 8, 8), (64, 1, 3, 3), {"group": 64, "pads": [1, 1, 1, 1]},
+                 id="dense-depthwise8x8"),
+    pytest.param("dense", (8, 64, 4, 4), (64, 2, 3, 3), {"group": 32, "auto_pad": "SAME_UPPER"},
+                 id="dense-group32-4x4"),
+]
+
+
+@pytest.mark.parametrize("method,x_shape,w_shape,attrs", ORT_CASES)
+def test_forward_matches_onnxruntime(method, x_shape, w_shape, attrs, monkeypatch):
+    import onnxruntime
+
+    sample = Sample("Conv", [("X", ("real", x_shape)), ("W", ("real", w_shape)),
+                             ("B", ("real", (w_shape[0],)))], attrs, 11)
+    arrays = gc.materialize(sample, np.float32)
+    _force(monkeypatch, method)
+    _, got = gc.run_forward(sample, arrays)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    model = gc.build_model(sample, arrays, set(arrays))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    want = session.run([gc.OUT], arrays)[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,shape", [
+    pytest.param("taps", ((4, 12, 16, 16), (12, 1, 3, 3), {"group": 12, "pads": [1, 1, 1, 1]}),
+                 id="taps"),
+    pytest.param("taps", ((4, 12, 16, 15), (24, 1, 3, 3),
+                          {"group": 12, "strides": [2, 2], "pads": [1, 0, 1, 1]}),
+                 id="taps-stride2"),
+    pytest.param("dense", ((4, 12, 6, 6), (24, 2, 3, 3), {"group": 6, "pads": [1, 1, 1, 1]}),
+                 id="dense"),
+])
+def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
+    """Tiles of one group in 5 tasks, at 1 and at 2 threads, equal the same tiles in one
+    task bit for bit (float32): tiles depend on the shapes only and no sum crosses one."""
+    x_shape, w_shape, attrs = shape
+    x, w, dy = _arrays(x_shape, w_shape, attrs, np.float32)
+    _force(monkeypatch, method)
+    monkeypatch.setattr(depthwise, "TAPS_TILE", 1)
+    monkeypatch.setattr(depthwise, "DENSE_TILE", 1)
+    monkeypatch.setattr(depthwise, "MAX_TASKS", 5)
+    tasks = []
+    monkeypatch.setattr(depthwise, "parallel",
+                        lambda calls: tasks.append(len(calls)) or threads.parallel(calls))
+    before = onnxgrad.get_num_threads()
+    try:
+        onnxgrad.set_num_threads(1)
+        monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 1 << 62)
+        want = _three(x, w, dy, attrs)
+        monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 0)
+        for count in (1, 2):
+            onnxgrad.set_num_threads(count)
+            got = _three(x, w, dy, attrs)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key],
+                                              err_msg=f"{key}, {count} threads")
+    finally:
+        onnxgrad.set_num_threads(before)
+    assert tasks == [1] * 3 + [5] * 6
+
+
+# -- GPU -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,shape", _cases(SHAPES[1::3]))
+def test_cupy_equals_numpy(method, shape, monkeypatch):
+    import cupy
+
+    x_shape, w_shape, attrs = shape
+    x, w, dy = _arrays(x_shape, w_shape, attrs)
+    _force(monkeypatch, method)
+    want = _three(x, w, dy, attrs)
+    xg, wg, dyg = (cupy.asarray(a) for a in (x, w, dy))
+    got = {"Y": conv.Conv(cupy, xg, wg, **attrs)[0],
+           "dX": conv.ConvGradX(cupy, dyg, wg, x.shape, **attrs)[0],
+           "dW": conv.ConvGradW(cupy, dyg, xg, w.shape, **attrs)[0]}
+    for key in want:
+        np.testing.assert_allclose(cupy.asnumpy(got[key]), want[key], rtol=1e-10, atol=1e-10,
+                                   err_msg=key)
