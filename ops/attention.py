@@ -21,6 +21,7 @@ import math
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.shape import ONNX_TYPES
+from onnxgrad.threads import matmul
 
 
 def _heads(xp, X, n):
@@ -101,7 +102,7 @@ def _forward(xp, Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, a):
         allowed = f if allowed is None else allowed & f
 
     root = dtype.type(math.sqrt(scale))  # on both operands, in the inputs' type, as the reference
-    S0 = xp.matmul(Q4 * root, xp.swapaxes(Kr * root, -1, -2)).astype(dtype, copy=False)
+    S0 = matmul(xp, Q4 * root, xp.swapaxes(Kr * root, -1, -2)).astype(dtype, copy=False)
     softcap = float(a["softcap"] or 0.0)
     S1 = softcap * xp.tanh(S0 / softcap) if softcap > 0 else S0
     S = S1 if bias is None else S1 + bias
@@ -116,7 +117,7 @@ def _forward(xp, Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, a):
     total = e.sum(axis=-1, keepdims=True)
     P = (e / xp.where(total == 0, one, total)).astype(dtype, copy=False)
     P = xp.where(dead, dtype.type(0), P)
-    Y4 = xp.matmul(P, Vr).astype(dtype, copy=False)
+    Y4 = matmul(xp, P, Vr).astype(dtype, copy=False)
     # As the ONNX reference: modes 0 and 1 give the (soft-capped) product, 2 adds the
     # bias, 3 gives the probabilities.
     qk = {0: S1, 1: S1, 2: S, 3: P}[int(a["qk_matmul_output_mode"])]
@@ -203,16 +204,16 @@ def AttentionGrad(xp, dY, dPresentKey, dPresentValue, Q, K, V, attn_mask=None, p
     r = _forward(xp, Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, a)
     P, Q4, Kr, Vr = r["P"], r["Q4"], r["Kr"], r["Vr"]
     dY4 = _heads(xp, dY, P.shape[1]) if r["three_d"] else dY
-    dP = xp.matmul(dY4, xp.swapaxes(Vr, -1, -2))
-    dVr = xp.matmul(xp.swapaxes(P, -1, -2), dY4)
+    dP = matmul(xp, dY4, xp.swapaxes(Vr, -1, -2))
+    dVr = matmul(xp, xp.swapaxes(P, -1, -2), dY4)
     dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
     dS0 = dS
     if r["softcap"] > 0:
         t = r["S1"] / r["softcap"]
         dS0 = dS * (1 - t * t)
     root = Q.dtype.type(math.sqrt(r["scale"]))
-    dQ4 = xp.matmul(dS0, Kr * root) * root
-    dKr = xp.matmul(xp.swapaxes(dS0, -1, -2), Q4 * root) * root
+    dQ4 = matmul(xp, dS0, Kr * root) * root
+    dKr = matmul(xp, xp.swapaxes(dS0, -1, -2), Q4 * root) * root
     reps = r["reps"]
     if reps > 1:  # shared key/value heads collect the gradients of their query heads
         B, H, L, D = dKr.shape

@@ -26,11 +26,13 @@ recompute padding from the input's shape, so every ``auto_pad`` mode works.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 from onnxgrad.ops import depthwise, winograd
 from onnxgrad.ops.registry import op
+from onnxgrad.threads import matmul, parallel, split
 
 # -- geometry (host-side integers) ---------------------------------------------------------
 
@@ -151,10 +153,32 @@ def _batch_major(positions, channels, kernel):
 COLUMN_BUDGET = 1 << 20
 
 
+#: Batch-major layers are taken in this many chunks at least (as the batch
+#: allows), so that the chunks keep every thread of the pool busy.
+MIN_CHUNKS = 8
+
+#: Elements from which a copy or scatter over channels is split into parts on
+#: the pool (a part of a smaller one costs more to hand over than to run).
+PARALLEL_COPY = 1 << 16
+
+
 def _chunks(batch, per_item):
-    """Slices of the batch whose columns fit :data:`COLUMN_BUDGET`."""
-    step = max(1, COLUMN_BUDGET // max(per_item, 1))
+    """Slices of the batch whose columns fit :data:`COLUMN_BUDGET`, at least
+    :data:`MIN_CHUNKS` of them when the batch has that many items."""
+    step = max(1, min(COLUMN_BUDGET // max(per_item, 1), batch // MIN_CHUNKS))
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _each(xp, parts, work):
+    """``[work(part) for part in parts]``, on the thread pool for NumPy arrays."""
+    if xp.__name__ == "numpy":
+        return parallel([functools.partial(work, part) for part in parts])
+    return [work(part) for part in parts]
+
+
+def _channel_parts(xp, C, size):
+    """Slices of ``C`` channels for a copy of ``size`` elements (one when small)."""
+    return split(C, min(C, 8)) if size >= PARALLEL_COPY and xp.__name__ == "numpy" else [slice(None)]
 
 
 def _im2col(xp, Xp, kernel, strides, dilations, out, group):
@@ -186,7 +210,13 @@ def _im2col_inner(xp, Xt, kernel, strides, dilations, out, group):
     shape = (C,) + tuple(kernel) + tuple(out) + (N,)
     steps = ((s[0],) + tuple(s[1 + i] * dilations[i] for i in range(nd))
              + tuple(s[1 + i] * strides[i] for i in range(nd)) + (s[-1],))
-    cols = xp.ascontiguousarray(xp.lib.stride_tricks.as_strided(Xt, shape=shape, strides=steps))
+    view = xp.lib.stride_tricks.as_strided(Xt, shape=shape, strides=steps)
+    cols = xp.empty(shape, dtype=Xt.dtype)
+
+    def copy(part):
+        cols[part] = view[part]
+
+    _each(xp, _channel_parts(xp, C, cols.size), copy)
     return cols.reshape(group, (C // group) * math.prod(kernel), -1)
 
 
@@ -204,12 +234,15 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
     W3 = W.reshape(group, M // group, -1)
     if _batch_major(math.prod(out), M // group, W.shape[2:]):
         Y = xp.empty((N, group, M // group, math.prod(out)), dtype=Xp.dtype)
-        for part in _chunks(N, W3.shape[2] * group * math.prod(out)):
+
+        def chunk(part):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
+
+        _each(xp, _chunks(N, W3.shape[2] * group * math.prod(out)), chunk)
         return Y.reshape((N, M) + tuple(out))
     cols = _im2col_inner(xp, _batch_last(xp, Xp), W.shape[2:], strides, dilations, out, group)
-    Y = xp.matmul(W3, cols).reshape((M,) + tuple(out) + (N,))     # (g, M/g, P·N)
+    Y = matmul(xp, W3, cols).reshape((M,) + tuple(out) + (N,))    # (g, M/g, P·N)
     return _batch_first(xp, Y)
 
 
@@ -231,16 +264,20 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
 
     def product(d, cols):                                          # (…, g, M/g or C/g·K, …)
         if transposed:
-            return xp.matmul(cols, xp.swapaxes(d, -1, -2))
-        return xp.matmul(d, xp.swapaxes(cols, -1, -2))
+            return matmul(xp, cols, xp.swapaxes(d, -1, -2))
+        return matmul(xp, d, xp.swapaxes(cols, -1, -2))
 
     if _batch_major(math.prod(out), M // group, kernel):
         d = dY.reshape(N, group, M // group, -1)                   # (N, g, M/g, P)
-        dW = None
-        for part in _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)):
+
+        def chunk(part):
             cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group)
-            partial = product(d[part], cols).sum(axis=0)
-            dW = partial if dW is None else xp.add(dW, partial, out=dW)
+            return product(d[part], cols).sum(axis=0)
+
+        partials = _each(xp, _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)), chunk)
+        dW = partials[0]
+        for partial in partials[1:]:                               # in batch order
+            dW += partial
     else:
         cols = _im2col_inner(xp, _batch_last(xp, Xp), kernel, strides, dilations, out, group)
         dW = product(_rows_inner(xp, dY, group), cols)
@@ -259,13 +296,22 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     if _batch_major(math.prod(out), M // group, kernel):
         d = dY.reshape(N, group, M // group, -1)                   # (N, g, M/g, P)
         img = xp.zeros((N, C) + tuple(full), dtype=dY.dtype)
-        for part in _chunks(N, Wt.shape[1] * group * math.prod(out)):
+
+        def chunk(part):
             cols = xp.matmul(Wt, d[part])                          # (n, g, C/g·K, P)
             cols = cols.reshape((cols.shape[0], C) + kernel + out)
             col2im(xp, cols, full, strides, dilations, img[part])
+
+        _each(xp, _chunks(N, Wt.shape[1] * group * math.prod(out)), chunk)
         return img
-    cols = xp.matmul(Wt, _rows_inner(xp, dY, group))               # (g, C/g·K, P·N)
-    img = col2im(xp, cols.reshape((C,) + kernel + out + (N,)), full, strides, dilations, lead=1)
+    cols = matmul(xp, Wt, _rows_inner(xp, dY, group))              # (g, C/g·K, P·N)
+    cols = cols.reshape((C,) + kernel + out + (N,))
+    img = xp.zeros((C,) + tuple(full) + (N,), dtype=dY.dtype)
+
+    def scatter(part):
+        col2im(xp, cols[part], full, strides, dilations, img[part], lead=1)
+
+    _each(xp, _channel_parts(xp, C, img.size), scatter)
     return _batch_first(xp, img)                                   # from (C, *full, N)
 
 

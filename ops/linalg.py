@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
+from onnxgrad.threads import matmul
 
 
 @op("Gemm", since=7, differentiable=("A", "B", "C"))
 def Gemm(xp, A, B, C=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
     # One declaration covers opsets 7-13: they differ only in types and in C
     # becoming optional (11); C broadcasts to (M, N) in all of them.
-    Y = xp.matmul(A.T if transA else A, B.T if transB else B)
+    Y = matmul(xp, A.T if transA else A, B.T if transB else B)
     if Y.dtype.kind == "f":  # Y is a fresh array: scale and add in place
         if alpha != 1.0:
             Y *= alpha
@@ -55,9 +56,9 @@ def GemmGradB(xp, dY, A, B, *, alpha=1.0, transA=0, transB=0):
     # product of the same operands in the other order.
     first, second = (dY.T, opA) if transB else (opA.T, dY)
     if B.flags.f_contiguous and not B.flags.c_contiguous:
-        dB = xp.matmul(second.T, first.T).T
+        dB = matmul(xp, second.T, first.T).T
     else:
-        dB = xp.matmul(first, second)
+        dB = matmul(xp, first, second)
     if alpha != 1.0:
         dB *= alpha
     return (dB,)
@@ -66,9 +67,9 @@ def GemmGradB(xp, dY, A, B, *, alpha=1.0, transA=0, transB=0):
 @op("MatMul", since=1, differentiable=("A", "B"))
 def MatMul(xp, A, B):
     if A.ndim > 2 and B.ndim == 2:  # one large product instead of a batch of small ones
-        Y = xp.matmul(A.reshape(-1, A.shape[-1]), B).reshape(A.shape[:-1] + (B.shape[-1],))
+        Y = matmul(xp, A.reshape(-1, A.shape[-1]), B).reshape(A.shape[:-1] + (B.shape[-1],))
     else:
-        Y = xp.asarray(xp.matmul(A, B))
+        Y = xp.asarray(matmul(xp, A, B))
     if Y.dtype != A.dtype and A.dtype == B.dtype:  # ml_dtypes' bfloat16 multiplies in float32
         Y = Y.astype(A.dtype)
     return (Y,)
@@ -132,11 +133,11 @@ def MatMulGrad(xp, dY, A, B, *, wrt=0):
     elif B.ndim == 1:
         d = xp.expand_dims(d, -1)                        # (..., M, N)
     if wrt == 0:
-        grad = xp.matmul(d, xp.swapaxes(b, -1, -2))      # (..., M, K)
+        grad = matmul(xp, d, xp.swapaxes(b, -1, -2))      # (..., M, K)
         if A.ndim == 1:
             grad = grad[..., 0, :]
         return SumToShape(xp, grad, A.shape)
-    grad = xp.matmul(xp.swapaxes(a, -1, -2), d)          # (..., K, N)
+    grad = matmul(xp, xp.swapaxes(a, -1, -2), d)          # (..., K, N)
     if B.ndim == 1:
         grad = grad[..., 0]
     return SumToShape(xp, grad, B.shape)

@@ -96,7 +96,7 @@ def _chunks(xp, N, C, th, tw, chunk):
     step = max(1, CHUNK_BUDGET // (16 * C * per_item), -(-MIN_TILES // per_item))
     parts = [slice(i, min(i + step, N)) for i in range(0, N, step)]
     if xp.__name__ == "numpy":
-        return parallel([lambda part=part: chunk(part) for part in parts], blas=True)
+        return parallel([lambda part=part: chunk(part) for part in parts])
     return [chunk(part) for part in parts]
 
 

@@ -1,17 +1,21 @@
-"""The process's threads: one pool for onnxgrad's kernels, and the BLAS's count.
+"""The process's threads: one pool that runs onnxgrad's CPU kernels on every core.
 
 Every costly CPU kernel that splits its work calls :func:`parallel` with a
-list of independent chunks (along batch, channel or tile).  How a kernel
-chunks depends on the shapes only, never on the thread count, so a result
-does not change with the number of threads beyond the rounding of BLAS
-products.  Chunks run on one pool per process; a chunk that itself calls
-:func:`parallel` runs its parts in its own thread, and while chunks run in
-parallel the BLAS runs single-threaded in each of them, so the cores are
-never oversubscribed.
+list of independent chunks (along batch, channel or tile), and matrix
+products go through :func:`matmul`, which splits a large product into parts
+on the same pool.  How work is split depends on the shapes only, never on
+the thread count, so results do not change with the number of threads.  A
+chunk that itself calls :func:`parallel` runs its parts in its own thread.
+
+The BLAS that NumPy loaded runs single-threaded once onnxgrad has set its
+count: the pool owns the cores.  A multi-threaded BLAS keeps its threads
+waiting actively between calls, and those take the cores from the pool's
+threads (measured: a chunked copy that runs twice as fast on two threads
+gains nothing right after a two-threaded product).
 
 The count is the cores this process may use, as PyTorch's default is; the
 environment variable ``ONNXGRAD_NUM_THREADS`` or :func:`set_num_threads`
-changes it, for onnxgrad's pool and for the BLAS that NumPy uses alike.
+changes it.
 """
 
 from __future__ import annotations
@@ -60,7 +64,11 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(count: int) -> None:
-    """Use ``count`` threads in every costly CPU kernel, the BLAS products included."""
+    """Use ``count`` threads in every costly CPU kernel, the matrix products included.
+
+    NumPy's BLAS is set to one thread (onnxgrad splits its products over its
+    own pool; see the module's notes), which also applies to products an
+    application computes with NumPy itself."""
     global _num_threads, _pool
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise OnnxgradError(f"set_num_threads: expected a whole number of threads, 1 or more, "
@@ -70,7 +78,7 @@ def set_num_threads(count: int) -> None:
             _pool.shutdown(wait=True)
             _pool = None
         _num_threads = count
-        _set_blas_threads(count)
+        _set_blas_threads(1)
 
 
 def _blas_controllers() -> list:
@@ -85,23 +93,17 @@ def _blas_controllers() -> list:
 
 
 def _set_blas_threads(count: int) -> None:
-    # More BLAS threads than cores only make its threads wait on each other.
-    count = min(count, available_cores())
     for controller in _blas_controllers():
         controller.set_num_threads(count)
 
 
-def parallel(tasks: Sequence[Callable[[], Any]], blas: bool = False) -> list:
+def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
     """Run ``tasks`` (independent callables) and return their results in order.
 
     The calling thread and the pool's threads take tasks in turn when there is
     more than one task and more than one thread; otherwise, and inside a task
     (nested calls never wait on the pool), they run in the calling thread.  An
     exception in a task is raised here, after every task has finished.
-
-    ``blas=True`` says that the tasks run BLAS products: the BLAS then runs
-    single-threaded in each task while they run (switching costs a fraction
-    of a millisecond, so only chunks of products worth more than that ask).
     """
     count = get_num_threads()
     if count == 1 or len(tasks) < 2 or getattr(_local, "inside", False):
@@ -131,16 +133,10 @@ def parallel(tasks: Sequence[Callable[[], Any]], blas: bool = False) -> list:
         finally:
             _local.inside = False
 
-    if blas:
-        _set_blas_threads(1)
-    try:
-        helpers = [pool.submit(work) for _ in range(min(count, len(tasks)) - 1)]
-        work()
-        for helper in helpers:
-            helper.result()
-    finally:
-        if blas:
-            _set_blas_threads(count)
+    helpers = [pool.submit(work) for _ in range(min(count, len(tasks)) - 1)]
+    work()
+    for helper in helpers:
+        helper.result()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
     return results
@@ -155,3 +151,69 @@ def split(total: int, parts: int) -> list[slice]:
     parts = max(1, min(parts, total))
     bounds = [total * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+#: Multiply-adds per part of a split product, at least: smaller parts cost more
+#: in hand-over than they gain.
+MATMUL_PART = 1 << 20
+
+#: A product is split into this many parts at most.
+MATMUL_MAX_PARTS = 8
+
+
+def matmul(xp, a, b, out=None):
+    """``xp.matmul(a, b, out=out)``, split into parts on the pool when large.
+
+    A product of NumPy arrays (both at least 2-D) of :data:`MATMUL_PART`
+    multiply-adds or more is cut along the leading batch axis, the rows of
+    ``a`` or the columns of ``b``, whichever has room; each part is one BLAS
+    call writing its share of the result.  The parts depend on the shapes
+    only, so the result does not depend on the thread count (it may differ
+    from one unsplit product in the last bits: the BLAS blocks each part's
+    sums its own way)."""
+    if (xp.__name__ != "numpy" or a.ndim < 2 or b.ndim < 2 or a.dtype != b.dtype
+            or a.dtype.kind != "f" or a.dtype.itemsize < 4):  # BLAS products only
+        return xp.matmul(a, b, out=out)
+    lead = _broadcast(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    if lead is None or b.shape[-2] != K:
+        return xp.matmul(a, b, out=out)  # NumPy's own error
+    batch = 1
+    for d in lead:
+        batch *= d
+    parts = min(MATMUL_MAX_PARTS, batch * M * N * K // MATMUL_PART)
+    if parts < 2:
+        return xp.matmul(a, b, out=out)
+    if out is None:
+        out = xp.empty(lead + (M, N), dtype=xp.result_type(a, b))
+    if lead and lead[0] >= parts:
+        def cut(part):
+            return (a[part] if a.ndim == out.ndim and a.shape[0] > 1 else a,
+                    b[part] if b.ndim == out.ndim and b.shape[0] > 1 else b, out[part])
+        total = lead[0]
+    elif M >= N:
+        def cut(part):
+            return a[..., part, :], b, out[..., part, :]
+        total = M
+    else:
+        def cut(part):
+            return a, b[..., part], out[..., part]
+        total = N
+    def product(part):
+        x, y, z = cut(part)
+        xp.matmul(x, y, out=z)
+
+    parallel([lambda part=part: product(part) for part in split(total, parts)])
+    return out
+
+
+def _broadcast(x: tuple, y: tuple):
+    """The broadcast of two batch shapes, or None when they do not broadcast."""
+    n = max(len(x), len(y))
+    x, y = (1,) * (n - len(x)) + tuple(x), (1,) * (n - len(y)) + tuple(y)
+    shape = []
+    for p, q in zip(x, y):
+        if p != q and 1 not in (p, q):
+            return None
+        shape.append(max(p, q))
+    return tuple(shape)

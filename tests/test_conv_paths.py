@@ -151,7 +151,13 @@ _DIRECT = ((depthwise, "conv"), (depthwise, "input_grad"), (depthwise, "weight_g
 SWITCHES = [
     Switch(conv, "COLUMN_BUDGET", 1, BIG,
            "batch-major columns made one batch item at a time, against the whole batch at once",
-           also=((conv, "_batch_major", _always),)),
+           also=((conv, "_batch_major", _always), (conv, "MIN_CHUNKS", 1))),
+    Switch(conv, "MIN_CHUNKS", BIG, 1,
+           "batch-major columns in chunks of one item on the thread pool, against one chunk",
+           also=((conv, "_batch_major", _always), (conv, "COLUMN_BUDGET", BIG))),
+    Switch(conv, "PARALLEL_COPY", 0, BIG,
+           "batch-inner columns made and scattered in channel parts on the thread pool, "
+           "against one part", also=((conv, "_batch_major", _never),)),
     Switch(conv, "_batch_major", _always, _never,
            "batch-major columns per item, against batch-inner columns over the whole batch",
            params=("BATCH_MAJOR_MIN_POSITIONS",), calls=((conv, "_im2col"),)),
@@ -361,6 +367,7 @@ def test_uneven_chunks_equal_one_chunk(case, monkeypatch):
         if s.diverts:
             monkeypatch.setattr(s.module, s.name, s.off)
     monkeypatch.setattr(conv, "COLUMN_BUDGET", BIG)
+    monkeypatch.setattr(conv, "MIN_CHUNKS", 1)
     whole = _outputs(sample, arrays, u)
     # The three products of a layer make prod(kernel) * (image channels) *
     # (column positions) elements of columns per item: the input channels and
