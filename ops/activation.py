@@ -9,6 +9,7 @@ Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
 from __future__ import annotations
 
 from onnxgrad.ops.registry import op, reusable
+from onnxgrad.threads import by_rows
 
 # Kernels wrap results in xp.asarray: NumPy ufuncs turn 0-d inputs into scalars.
 
@@ -28,7 +29,12 @@ def Relu(xp, X, *, out=None):
             or (out is not None and not out.flags.c_contiguous)):
         return (xp.asarray(xp.maximum(X, 0, out=out)),)
     Y = out if out is not None else xp.empty_like(X)
-    xp.maximum(X.reshape(-1, row), xp.zeros(row, dtype=X.dtype), out=Y.reshape(-1, row))
+    X2, Y2, zeros = X.reshape(-1, row), Y.reshape(-1, row), xp.zeros(row, dtype=X.dtype)
+
+    def work(part):
+        xp.maximum(X2[part], zeros, out=Y2[part])
+
+    by_rows(xp, X2.shape[0], X.size, work)
     return (Y,)
 
 
@@ -54,11 +60,20 @@ def _(g, node, dY):
 @op("ReluGrad", domain="onnxgrad", reuse=("dY",))
 def ReluGrad(xp, dY, Y, *, out=None):
     """dY where Relu's output ``Y`` is positive, else 0."""
-    mask = xp.asarray(Y > 0).astype(dY.dtype)
     out = reusable(out, dY.shape, dY.dtype)
-    if out is None:  # the mask is a fresh array: the product may go there
-        out = reusable(mask, dY.shape, dY.dtype)
-    return (xp.asarray(xp.multiply(dY, mask, out=out)),)
+    if not (dY.flags.c_contiguous and Y.flags.c_contiguous and dY.shape == Y.shape
+            and (out is None or out.flags.c_contiguous)):
+        mask = xp.asarray(Y > 0).astype(dY.dtype)
+        return (xp.asarray(xp.multiply(dY, mask, out=out if out is not None else mask)),)
+    dX = out if out is not None else xp.empty_like(dY)
+    d1, y1, x1 = dY.reshape(-1), Y.reshape(-1), dX.reshape(-1)
+
+    def work(part):
+        mask = (y1[part] > 0).astype(dY.dtype)
+        xp.multiply(d1[part], mask, out=x1[part])
+
+    by_rows(xp, d1.size, d1.size, work)
+    return (dX,)
 
 
 @op("LeakyRelu", since=6, differentiable=("X",))

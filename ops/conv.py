@@ -159,13 +159,16 @@ MIN_CHUNKS = 8
 
 #: Elements from which a copy or scatter over channels is split into parts on
 #: the pool (a part of a smaller one costs more to hand over than to run).
-PARALLEL_COPY = 1 << 16
+PARALLEL_COPY = 1 << 20
 
 
 def _chunks(batch, per_item):
     """Slices of the batch whose columns fit :data:`COLUMN_BUDGET`, at least
-    :data:`MIN_CHUNKS` of them when the batch has that many items."""
-    step = max(1, min(COLUMN_BUDGET // max(per_item, 1), batch // MIN_CHUNKS))
+    :data:`MIN_CHUNKS` of them when the batch has that many items and the
+    columns are large enough to split (see :data:`PARALLEL_COPY`)."""
+    step = max(1, COLUMN_BUDGET // max(per_item, 1))
+    if batch * per_item >= PARALLEL_COPY:
+        step = max(1, min(step, batch // MIN_CHUNKS))
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 

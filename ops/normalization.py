@@ -23,6 +23,7 @@ from __future__ import annotations
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
+from onnxgrad.threads import by_rows, matmul, parallel
 
 
 def _compute_dtype(X):
@@ -79,24 +80,44 @@ def _channel_sum(xp, A3):
     """Sums over axes 0 and 2 of ``A3`` (N, C, P), kept as (1, C, 1): products with
     a vector of ones, several times faster than a strided reduction."""
     ones = xp.ones((A3.shape[2], 1), dtype=A3.dtype)
-    return xp.matmul(A3, ones).sum(axis=0, keepdims=True)
+    return matmul(xp, A3, ones).sum(axis=0, keepdims=True)
+
+
+#: Batch items per part of a per-channel dot product, at most: the parts (from
+#: the shape alone) run on the thread pool and are summed in batch order.
+DOT_PART_ITEMS = 4
 
 
 def _channel_dot(xp, A3, B3):
     """Sums of ``A3 * B3`` over axes 0 and 2, kept as (1, C, 1), with no temporary."""
-    return xp.einsum("ncp,ncp->c", A3, B3).reshape(1, -1, 1)
+    N = A3.shape[0]
+    if xp.__name__ != "numpy" or N <= DOT_PART_ITEMS:
+        return xp.einsum("ncp,ncp->c", A3, B3).reshape(1, -1, 1)
+    parts = [slice(i, min(i + DOT_PART_ITEMS, N)) for i in range(0, N, DOT_PART_ITEMS)]
+    partials = parallel([lambda p=p: xp.einsum("ncp,ncp->c", A3[p], B3[p]) for p in parts])
+    total = partials[0]
+    for partial in partials[1:]:
+        total += partial
+    return total.reshape(1, -1, 1)
 
 
 def _bn_standardize(xp, X, gain, B, epsilon):
     """Batch-statistics BatchNormalization over every axis but 1: Y, mean, biased
-    variance (the statistics as (1, C, 1)), on one fresh array."""
+    variance (the statistics as (1, C, 1)), on one fresh array; each pass in
+    parts of the batch on the thread pool."""
     X3 = X.astype(_compute_dtype(X), copy=False).reshape(X.shape[0], X.shape[1], -1)
     n = max(X3.shape[0] * X3.shape[2], 1)
     mean = _channel_sum(xp, X3) / n
-    Y = X3 - mean
+    Y = xp.empty(X3.shape, dtype=X3.dtype)
+    by_rows(xp, X3.shape[0], X3.size, lambda p: xp.subtract(X3[p], mean, out=Y[p]))
     var = _channel_dot(xp, Y, Y) / n
-    Y *= gain.reshape(1, -1, 1) / xp.sqrt(var + epsilon)
-    Y += B.reshape(1, -1, 1)
+    a, b = gain.reshape(1, -1, 1) / xp.sqrt(var + epsilon), B.reshape(1, -1, 1)
+
+    def finish(p):
+        Y[p] *= a
+        Y[p] += b
+
+    by_rows(xp, X3.shape[0], X3.size, finish)
     return Y.reshape(X.shape), mean, var
 
 
@@ -184,18 +205,29 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
         inv = 1 / xp.sqrt(var + epsilon)
     else:
         inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(1, -1, 1) + epsilon)
-        xhat = X3 - batch_mean.astype(dtype, copy=False).reshape(1, -1, 1)
-        xhat *= inv
+        mean = batch_mean.astype(dtype, copy=False).reshape(1, -1, 1)
+        xhat = xp.empty(X3.shape, dtype=dtype)
+
+        def standardize(p):
+            xp.subtract(X3[p], mean, out=xhat[p])
+            xhat[p] *= inv
+
+        by_rows(xp, X3.shape[0], X3.size, standardize)
     d = dY.astype(dtype, copy=False).reshape(X3.shape)
     dB = _channel_sum(xp, d)
     dscale = _channel_dot(xp, d, xhat)
     n = X.size // max(dB.size, 1)
     # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
     dX = xhat
-    dX *= -(dscale / n)
-    dX += d
-    dX -= dB / n
-    dX *= scale.reshape(1, -1, 1) * inv
+    a, b, k = -(dscale / n), dB / n, scale.reshape(1, -1, 1) * inv
+
+    def combine(p):
+        dX[p] *= a
+        dX[p] += d[p]
+        dX[p] -= b
+        dX[p] *= k
+
+    by_rows(xp, X3.shape[0], X3.size, combine)
     return (_a(xp, dX.reshape(X.shape), X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
             _a(xp, dB.reshape(scale.shape), scale.dtype))
 

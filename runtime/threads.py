@@ -153,9 +153,9 @@ def split(total: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-#: Multiply-adds per part of a split product, at least: smaller parts cost more
-#: in hand-over than they gain.
-MATMUL_PART = 1 << 20
+#: Multiply-adds per part of a split product, at least: handing a part to a
+#: pool thread costs some 50 microseconds, so smaller parts gain nothing.
+MATMUL_PART = 1 << 25
 
 #: A product is split into this many parts at most.
 MATMUL_MAX_PARTS = 8
@@ -217,3 +217,23 @@ def _broadcast(x: tuple, y: tuple):
             return None
         shape.append(max(p, q))
     return tuple(shape)
+
+
+#: Elements per part of an elementwise pass split on the pool, at least (a
+#: part of a smaller pass costs more to hand over than it saves).
+ELEMENTWISE_PART = 1 << 20
+
+#: An elementwise pass is split into this many parts at most.
+ELEMENTWISE_MAX_PARTS = 16
+
+
+def by_rows(xp, count: int, size: int, work: Callable[[slice], Any]) -> None:
+    """Run ``work(part)`` for slices ``part`` of ``range(count)`` (the leading axis
+    of the arrays ``work`` reads and writes, ``size`` elements in all): on the
+    pool in parts of :data:`ELEMENTWISE_PART` elements or more for NumPy arrays,
+    else once over everything."""
+    parts = min(ELEMENTWISE_MAX_PARTS, size // ELEMENTWISE_PART, count)
+    if xp.__name__ != "numpy" or parts < 2:
+        work(slice(None))
+        return
+    parallel([lambda part=part: work(part) for part in split(count, parts)])

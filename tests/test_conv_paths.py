@@ -154,7 +154,8 @@ SWITCHES = [
            also=((conv, "_batch_major", _always), (conv, "MIN_CHUNKS", 1))),
     Switch(conv, "MIN_CHUNKS", BIG, 1,
            "batch-major columns in chunks of one item on the thread pool, against one chunk",
-           also=((conv, "_batch_major", _always), (conv, "COLUMN_BUDGET", BIG))),
+           also=((conv, "_batch_major", _always), (conv, "COLUMN_BUDGET", BIG),
+                 (conv, "PARALLEL_COPY", 0))),
     Switch(conv, "PARALLEL_COPY", 0, BIG,
            "batch-inner columns made and scattered in channel parts on the thread pool, "
            "against one part", also=((conv, "_batch_major", _never),)),

@@ -189,15 +189,17 @@ def test_split_covers_the_range_in_near_equal_contiguous_slices(total, parts):
     ((40, 300), (300, 600), "columns of b"),
     ((3, 200, 100), (100, 300), "rows under a 2-D b"),
 ])
-def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how):
+def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how, monkeypatch):
     """threads.matmul cuts large products into parts on the pool (along ``how``): the result has
     NumPy's shape and values (float32 rounding), and is the same at 1 and 4 threads."""
-    from onnxgrad.threads import MATMUL_PART, matmul
+    from onnxgrad import threads
+    from onnxgrad.threads import matmul
+    monkeypatch.setattr(threads, "MATMUL_PART", 1 << 16)
     rng = np.random.default_rng(0)
     a = rng.standard_normal(a_shape).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
     want = np.matmul(a, b)
-    assert want.size * a_shape[-1] >= 2 * MATMUL_PART, "the case must be large enough to split"
+    assert want.size * a_shape[-1] >= 8 * threads.MATMUL_PART, "the case must split in parts"
     results = []
     for count in (1, 4):
         onnxgrad.set_num_threads(count)
@@ -208,8 +210,10 @@ def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how):
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_split_product_writes_into_out():
+def test_split_product_writes_into_out(monkeypatch):
+    from onnxgrad import threads
     from onnxgrad.threads import matmul
+    monkeypatch.setattr(threads, "MATMUL_PART", 1 << 16)
     onnxgrad.set_num_threads(2)
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((512, 256)), rng.standard_normal((256, 512))
@@ -320,18 +324,32 @@ def _pool_threads():
     return [t for t in threading.enumerate() if t.name.startswith("onnxgrad")]
 
 
+def _split_everything(monkeypatch):
+    """Thresholds at which every splitting path runs on these small models: products,
+    elementwise passes, per-channel dot products, column copies and scatters."""
+    from onnxgrad import threads
+    from onnxgrad.ops import conv, normalization
+    monkeypatch.setattr(threads, "MATMUL_PART", 1 << 10)
+    monkeypatch.setattr(threads, "ELEMENTWISE_PART", 1 << 10)
+    monkeypatch.setattr(normalization, "DOT_PART_ITEMS", 1)
+    monkeypatch.setattr(conv, "PARALLEL_COPY", 0)
+
+
+@pytest.mark.parametrize("split_all", [False, True], ids=["default", "split_everything"])
 @pytest.mark.parametrize("make", [_cnn, _transformer], ids=["cnn", "transformer"])
-def test_training_at_4_threads_equals_1_thread(make):
+def test_training_at_4_threads_equals_1_thread(make, split_all, monkeypatch):
     """Losses and every initializer after 3 steps (weights, momentum-updated, and
-    BatchNormalization's running statistics) agree within float32 rounding."""
+    BatchNormalization's running statistics) are the same at 1 and 4 threads: work
+    is split by shape, never by thread count, so not even the rounding differs."""
+    if split_all:
+        _split_everything(monkeypatch)
     losses1, params1 = _train(make, 1)
     assert not _pool_threads()
     losses4, params4 = _train(make, 4)
-    if make is _cnn:  # its Winograd and BatchNormalization chunks run on the pool
+    if make is _cnn or split_all:  # Winograd, conv chunks and the splits run on the pool
         assert _pool_threads(), "no task ran on the pool at 4 threads"
     assert all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
-    np.testing.assert_allclose(losses4, losses1, rtol=1e-5, atol=1e-6)
+    assert losses4 == losses1
     assert set(params4) == set(params1)
     for name in params1:
-        np.testing.assert_allclose(params4[name], params1[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_array_equal(params4[name], params1[name], err_msg=name)
