@@ -159,7 +159,7 @@ MIN_CHUNKS = 8
 
 #: Elements from which a copy or scatter over channels is split into parts on
 #: the pool (a part of a smaller one costs more to hand over than to run).
-PARALLEL_COPY = 1 << 20
+PARALLEL_COPY = 1 << 18
 
 
 def _chunks(batch, per_item):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from onnxgrad.errors import OnnxgradError
@@ -30,7 +29,7 @@ from onnxgrad.errors import OnnxgradError
 _lock = threading.Lock()
 _local = threading.local()
 _num_threads: int | None = None
-_pool: ThreadPoolExecutor | None = None
+_pool: "_Pool | None" = None
 _blas: Any = None  # threadpoolctl's controller of the loaded BLAS libraries, made on first use
 
 
@@ -75,7 +74,7 @@ def set_num_threads(count: int) -> None:
                             f"got {count!r}")
     with _lock:
         if _pool is not None and count != _num_threads:
-            _pool.shutdown(wait=True)
+            _pool.close()
             _pool = None
         _num_threads = count
         _set_blas_threads(1)
@@ -111,8 +110,10 @@ def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(count - 1, thread_name_prefix="onnxgrad")
+            _pool = _Pool(count - 1)
         pool = _pool
+    if not pool.busy.acquire(blocking=False):  # another thread of the application has it
+        return [task() for task in tasks]
     results: list = [None] * len(tasks)
     errors: list[tuple[int, BaseException]] = []
     order = iter(range(len(tasks)))
@@ -133,13 +134,65 @@ def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
         finally:
             _local.inside = False
 
-    helpers = [pool.submit(work) for _ in range(min(count, len(tasks)) - 1)]
-    work()
-    for helper in helpers:
-        helper.result()
+    try:
+        pool.run(work, min(count, len(tasks)) - 1)
+    finally:
+        pool.busy.release()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
     return results
+
+
+class _Pool:
+    """Helper threads that each run the job they are handed, woken by a lock.
+
+    A lock handed from one thread to another is the cheapest wake-up Python
+    has (about a quarter of a ``concurrent.futures`` submission), and kernels
+    hand over work hundreds of times a training step.
+    """
+
+    def __init__(self, size: int):
+        self.busy = threading.Lock()          # one parallel() at a time uses the helpers
+        self._job: Callable[[], None] | None = None
+        self._go = [threading.Lock() for _ in range(size)]
+        self._done = [threading.Lock() for _ in range(size)]
+        for lock in self._go + self._done:
+            lock.acquire()
+        self._threads = [threading.Thread(target=self._serve, args=(i,), daemon=True,
+                                          name=f"onnxgrad-{i}") for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self, i: int) -> None:
+        while True:
+            self._go[i].acquire()
+            job = self._job
+            if job is None:  # closed
+                return
+            try:
+                job()
+            finally:
+                self._done[i].release()
+
+    def run(self, job: Callable[[], None], helpers: int) -> None:
+        """Run ``job`` in the calling thread and in ``helpers`` helper threads, and
+        return when every copy has returned (``job`` catches its own errors)."""
+        self._job = job
+        for i in range(helpers):
+            self._go[i].release()
+        try:
+            job()
+        finally:
+            for i in range(helpers):
+                self._done[i].acquire()
+
+    def close(self) -> None:
+        with self.busy:
+            self._job = None
+            for lock in self._go:
+                lock.release()
+            for thread in self._threads:
+                thread.join()
 
 
 def split(total: int, parts: int) -> list[slice]:
@@ -153,8 +206,9 @@ def split(total: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-#: Multiply-adds per part of a split product, at least: handing a part to a
-#: pool thread costs some 50 microseconds, so smaller parts gain nothing.
+#: Multiply-adds per part of a split product, at least: a product of fewer
+#: (a quarter of a millisecond on one core) runs as fast in one BLAS call as
+#: in parts handed to the pool's threads (measured).
 MATMUL_PART = 1 << 25
 
 #: A product is split into this many parts at most.
@@ -220,8 +274,9 @@ def _broadcast(x: tuple, y: tuple):
 
 
 #: Elements per part of an elementwise pass split on the pool, at least (a
-#: part of a smaller pass costs more to hand over than it saves).
-ELEMENTWISE_PART = 1 << 20
+#: part of a smaller pass costs more to hand over, some 15 microseconds, than
+#: it saves).
+ELEMENTWISE_PART = 1 << 18
 
 #: An elementwise pass is split into this many parts at most.
 ELEMENTWISE_MAX_PARTS = 16
