@@ -26,13 +26,12 @@ recompute padding from the input's shape, so every ``auto_pad`` mode works.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 from onnxgrad.ops import depthwise, winograd
 from onnxgrad.ops.registry import op
-from onnxgrad.threads import matmul, parallel, split
+from onnxgrad.threads import each, matmul, split, sum_in_order
 
 # -- geometry (host-side integers) ---------------------------------------------------------
 
@@ -172,13 +171,6 @@ def _chunks(batch, per_item):
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
-def _each(xp, parts, work):
-    """``[work(part) for part in parts]``, on the thread pool for NumPy arrays."""
-    if xp.__name__ == "numpy":
-        return parallel([functools.partial(work, part) for part in parts])
-    return [work(part) for part in parts]
-
-
 def _channel_parts(xp, C, size):
     """Slices of ``C`` channels for a copy of ``size`` elements (one when small)."""
     return split(C, min(C, 8)) if size >= PARALLEL_COPY and xp.__name__ == "numpy" else [slice(None)]
@@ -219,7 +211,7 @@ def _im2col_inner(xp, Xt, kernel, strides, dilations, out, group):
     def copy(part):
         cols[part] = view[part]
 
-    _each(xp, _channel_parts(xp, C, cols.size), copy)
+    each(xp, _channel_parts(xp, C, cols.size), copy)
     return cols.reshape(group, (C // group) * math.prod(kernel), -1)
 
 
@@ -242,7 +234,7 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
 
-        _each(xp, _chunks(N, W3.shape[2] * group * math.prod(out)), chunk)
+        each(xp, _chunks(N, W3.shape[2] * group * math.prod(out)), chunk)
         return Y.reshape((N, M) + tuple(out))
     cols = _im2col_inner(xp, _batch_last(xp, Xp), W.shape[2:], strides, dilations, out, group)
     Y = matmul(xp, W3, cols).reshape((M,) + tuple(out) + (N,))    # (g, M/g, P·N)
@@ -277,10 +269,8 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
             cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group)
             return product(d[part], cols).sum(axis=0)
 
-        partials = _each(xp, _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)), chunk)
-        dW = partials[0]
-        for partial in partials[1:]:                               # in batch order
-            dW += partial
+        dW = sum_in_order(each(xp, _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)),
+                               chunk))
     else:
         cols = _im2col_inner(xp, _batch_last(xp, Xp), kernel, strides, dilations, out, group)
         dW = product(_rows_inner(xp, dY, group), cols)
@@ -305,7 +295,7 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
             cols = cols.reshape((cols.shape[0], C) + kernel + out)
             col2im(xp, cols, full, strides, dilations, img[part])
 
-        _each(xp, _chunks(N, Wt.shape[1] * group * math.prod(out)), chunk)
+        each(xp, _chunks(N, Wt.shape[1] * group * math.prod(out)), chunk)
         return img
     cols = matmul(xp, Wt, _rows_inner(xp, dY, group))              # (g, C/g·K, P·N)
     cols = cols.reshape((C,) + kernel + out + (N,))
@@ -314,7 +304,7 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     def scatter(part):
         col2im(xp, cols[part], full, strides, dilations, img[part], lead=1)
 
-    _each(xp, _channel_parts(xp, C, img.size), scatter)
+    each(xp, _channel_parts(xp, C, img.size), scatter)
     return _batch_first(xp, img)                                   # from (C, *full, N)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
-from onnxgrad.threads import by_rows, matmul, parallel
+from onnxgrad.threads import by_rows, each, matmul, sum_in_order
 
 
 def _compute_dtype(X):
@@ -94,11 +94,8 @@ def _channel_dot(xp, A3, B3):
     if xp.__name__ != "numpy" or N <= DOT_PART_ITEMS:
         return xp.einsum("ncp,ncp->c", A3, B3).reshape(1, -1, 1)
     parts = [slice(i, min(i + DOT_PART_ITEMS, N)) for i in range(0, N, DOT_PART_ITEMS)]
-    partials = parallel([lambda p=p: xp.einsum("ncp,ncp->c", A3[p], B3[p]) for p in parts])
-    total = partials[0]
-    for partial in partials[1:]:
-        total += partial
-    return total.reshape(1, -1, 1)
+    return sum_in_order(each(xp, parts, lambda p: xp.einsum("ncp,ncp->c", A3[p], B3[p]))
+                        ).reshape(1, -1, 1)
 
 
 def _bn_standardize(xp, X, gain, B, epsilon):

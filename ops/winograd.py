@@ -24,7 +24,7 @@ rounding (relative error of order 1e-6 in float32).
 
 from __future__ import annotations
 
-from onnxgrad.threads import parallel
+from onnxgrad.threads import each, sum_in_order
 
 _BT = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
 _G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]
@@ -94,10 +94,7 @@ def _chunks(xp, N, C, th, tw, chunk):
     the thread pool for NumPy; returns the results in batch order."""
     per_item = th * tw
     step = max(1, CHUNK_BUDGET // (16 * C * per_item), -(-MIN_TILES // per_item))
-    parts = [slice(i, min(i + step, N)) for i in range(0, N, step)]
-    if xp.__name__ == "numpy":
-        return parallel([lambda part=part: chunk(part) for part in parts])
-    return [chunk(part) for part in parts]
+    return each(xp, [slice(i, min(i + step, N)) for i in range(0, N, step)], chunk)
 
 
 def conv3x3(xp, Xp, W, out):
@@ -147,8 +144,5 @@ def weight_grad3x3(xp, dY, Xp):
         dhat = (from_tiles.T @ blocks).reshape(16, M, -1)            # (16, M, T)
         return xp.matmul(dhat, xp.swapaxes(V, 1, 2))                 # (16, M, C)
 
-    partials = _chunks(xp, N, C, th, tw, chunk)
-    dU = partials[0]
-    for partial in partials[1:]:
-        dU += partial
+    dU = sum_in_order(_chunks(xp, N, C, th, tw, chunk))
     return (of_weight.T @ dU.reshape(16, -1)).reshape(3, 3, M, C).transpose(2, 3, 0, 1).copy()

@@ -195,6 +195,23 @@ class _Pool:
                 thread.join()
 
 
+def each(xp, parts: Sequence[Any], work: Callable[[Any], Any]) -> list:
+    """``[work(part) for part in parts]``: on the pool for NumPy arrays, one after
+    another in the calling thread for any other array module."""
+    if xp.__name__ != "numpy":
+        return [work(part) for part in parts]
+    return parallel([lambda part=part: work(part) for part in parts])
+
+
+def sum_in_order(partials: Sequence[Any]) -> Any:
+    """The sum of the partial results of chunks, in chunk order (the first partial,
+    a fresh array, receives the others), so that it depends on the chunking alone."""
+    total = partials[0]
+    for partial in partials[1:]:
+        total += partial
+    return total
+
+
 def split(total: int, parts: int) -> list[slice]:
     """``range(total)`` as at most ``parts`` contiguous slices of near-equal length.
 
@@ -288,7 +305,4 @@ def by_rows(xp, count: int, size: int, work: Callable[[slice], Any]) -> None:
     pool in parts of :data:`ELEMENTWISE_PART` elements or more for NumPy arrays,
     else once over everything."""
     parts = min(ELEMENTWISE_MAX_PARTS, size // ELEMENTWISE_PART, count)
-    if xp.__name__ != "numpy" or parts < 2:
-        work(slice(None))
-        return
-    parallel([lambda part=part: work(part) for part in split(count, parts)])
+    each(xp, split(count, parts) if xp.__name__ == "numpy" else [slice(None)], work)

@@ -399,8 +399,8 @@ def test_uneven_winograd_chunks_equal_one_chunk(case, monkeypatch):
     monkeypatch.setattr(winograd, "CHUNK_BUDGET", 1)
     monkeypatch.setattr(winograd, "MIN_TILES", 3 * 64)
     sizes = []
-    monkeypatch.setattr(winograd, "parallel", lambda tasks, **kw: sizes.append(len(tasks)) or
-                        threads.parallel(tasks, **kw))
+    monkeypatch.setattr(winograd, "each", lambda xp, parts, work: sizes.append(len(parts)) or
+                        threads.each(xp, parts, work))
     _assert_all_close(_outputs(sample, arrays, u), whole, rtol=1e-10, atol=1e-10,
                       what=f"Winograd chunks of 3, 3 and 2 items ({case.id})")
     assert sizes and set(sizes) == {3}, f"chunks per product: {sizes}"
