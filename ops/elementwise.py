@@ -11,11 +11,45 @@ import numpy as np  # host-side shape arithmetic only
 
 from onnxgrad.ops.registry import op, reusable
 from onnxgrad.ops.shape import onnx_type
+from onnxgrad.threads import by_rows
 
 
 def _arr(xp, value):
     """An array, never a NumPy scalar (0-d operands give scalars in NumPy)."""
     return xp.asarray(value)
+
+
+#: Elements in a row of bounds that :func:`clamp` compares against.
+BOUND_ROW = 1024
+
+
+def clamp(xp, X, lo=None, hi=None, out=None):
+    """``minimum(maximum(X, lo), hi)`` of a C-contiguous ``X`` (a bound that is None
+    is left out), into ``out`` when given (C-contiguous too), else into a fresh
+    array; the bounds are taken in ``X``'s element type.
+
+    NumPy's maximum and minimum run their vector loops only when both operands
+    advance: against rows of the bounds they run 2-3x faster than against a
+    scalar, with the same results (NaN and signed zeros included).  The rows are
+    taken in parts on the thread pool."""
+    X1 = X.reshape(-1)
+    Y1 = (out if out is not None else xp.empty_like(X)).reshape(-1)
+    row = min(X1.size, BOUND_ROW)
+    bounds = [(ufunc, xp.full(row, bound, dtype=X.dtype))
+              for ufunc, bound in ((xp.maximum, lo), (xp.minimum, hi)) if bound is not None]
+
+    def work(part):
+        x, y = X1[part], Y1[part]
+        whole = x.size - x.size % row
+        for ufunc, rows in bounds:
+            if whole:
+                ufunc(x[:whole].reshape(-1, row), rows, out=y[:whole].reshape(-1, row))
+            if whole < x.size:
+                ufunc(x[whole:], rows[:x.size - whole], out=y[whole:])
+            x = y                                  # the second bound reads the first's result
+
+    by_rows(xp, X1.size, X1.size, work)
+    return Y1.reshape(X.shape)
 
 
 def _into(out, *operands):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np  # the host array module, for blockwise evaluation on the CPU
 
-from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops.elementwise import SumToShape, clamp
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows
 
@@ -171,25 +171,7 @@ def _clip(xp, X, lo, hi):
         if hi is not None:
             Y = xp.minimum(Y, hi)
         return _a(xp, Y.astype(X.dtype, copy=False), X)
-    # In parts on the thread pool, each against rows of the bounds: NumPy's
-    # maximum and minimum run their vector loops only when both operands advance.
-    row = min(X.size, 1024)
-    X1 = X.reshape(-1)
-    Y1 = xp.empty_like(X1)
-    lows = xp.full(row, lo, dtype=X.dtype)
-    highs = xp.full(row, hi, dtype=X.dtype)
-
-    def work(part):
-        x, y = X1[part], Y1[part]
-        whole = x.size - x.size % row
-        if whole:
-            xp.maximum(x[:whole].reshape(-1, row), lows, out=y[:whole].reshape(-1, row))
-            xp.minimum(y[:whole].reshape(-1, row), highs, out=y[:whole].reshape(-1, row))
-        if whole < x.size:
-            xp.minimum(xp.maximum(x[whole:], lo), hi, out=y[whole:])
-
-    by_rows(xp, X1.size, X1.size, work)
-    return Y1.reshape(X.shape)
+    return clamp(xp, X, lo, hi)                     # against rows of the bounds: faster
 
 
 @op("Clip", since=6, differentiable=("input",))
