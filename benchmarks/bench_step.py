@@ -4,8 +4,8 @@ For each model (see benchmarks/models.py) the same weights train in both:
 one step is forward, mean cross-entropy, backward and an SGD(momentum=0.9)
 update.  After a warm-up the two alternate step by step; the script prints the
 median step time of each and the ratio onnxgrad / PyTorch, at each thread
-count asked for (onnxgrad's kernel pool, the BLAS and PyTorch all get that
-many threads).  With --memory it also measures, at each thread count, the peak
+count asked for (onnxgrad's kernel pool and PyTorch both get that many
+threads; onnxgrad runs NumPy's BLAS single-threaded inside its pool).  With --memory it also measures, at each thread count, the peak
 resident memory that a training run adds, each framework in a process of its
 own.  The header names the BLAS, the kernel it runs on this CPU and the cores.
 
@@ -48,7 +48,7 @@ LR, MOMENTUM = 0.01, 0.9
 
 
 def set_threads(n: int) -> None:
-    """``n`` threads for PyTorch and for onnxgrad's kernel pool and BLAS (0: leave them)."""
+    """``n`` threads for PyTorch and for onnxgrad's kernel pool (0: leave them)."""
     if n:
         torch.set_num_threads(n)
         onnxgrad.set_num_threads(n)

@@ -198,5 +198,5 @@ def _set_threads(ctx, param, value):
 threads_option = click.option(
     "--threads", type=int, default=None, metavar="N", expose_value=False, is_eager=True,
     callback=_set_threads,
-    help="Threads for every costly kernel, BLAS included. Default: ONNXGRAD_NUM_THREADS, "
-         "else the cores available.")
+    help="Threads for every costly kernel, matrix products included. Default: "
+         "ONNXGRAD_NUM_THREADS, else the cores available.")
