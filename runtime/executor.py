@@ -220,42 +220,46 @@ class Plan:
             sync = self.backend.synchronize
             sync()
         for index, step in enumerate(self.steps):
-            args = [env[a] if type(a) is str else a.value for a in step.args]
-            for i in step.host_args:
-                if args[i] is not None:
-                    args[i] = to_host(args[i])
-            if on_device:  # shape values computed on the host, read as tensors
-                for i in step.device_args:
-                    if isinstance(args[i], np.ndarray):
-                        args[i] = self.backend.asarray(args[i])
-            attrs = step.attrs
-            if step.donors:
-                out = _donated(args, step.donors)
-                if out is not None:
-                    attrs = {**attrs, "out": out}
-                out = None
-            if profile is None:
-                outs = self._call(step.node, step.kernel, xp, args, attrs)
-            else:
-                start = time.perf_counter()
-                outs = self._call(step.node, step.kernel, xp, args, attrs)
-                sync()
-                profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
-            for name, value in zip(step.outputs, outs):
-                if name:
-                    env[name] = value
-                    if record is not None and name in self.recordable:
-                        record[name] = to_host(value)
-            # Hold no array past its step: env's references are the ones _donated counts.
-            args = attrs = outs = value = None
-            for name in step.free:
-                env.pop(name, None)
-            if on_ready is not None and self._handoff_at[index]:
-                for name, weight in self._handoff_at[index]:
-                    if _viewed(env, weights[weight]):  # a live view still reads the weight
-                        deferred.append((weight, env.pop(name)))
-                    else:
-                        on_ready(weight, env.pop(name))
+            try:
+                args = [env[a] if type(a) is str else a.value for a in step.args]
+                for i in step.host_args:
+                    if args[i] is not None:
+                        args[i] = to_host(args[i])
+                if on_device:  # shape values computed on the host, read as tensors
+                    for i in step.device_args:
+                        if isinstance(args[i], np.ndarray):
+                            args[i] = self.backend.asarray(args[i])
+                attrs = step.attrs
+                if step.donors:
+                    out = _donated(args, step.donors)
+                    if out is not None:
+                        attrs = {**attrs, "out": out}
+                    out = None
+                if profile is None:
+                    outs = self._call(step.node, step.kernel, xp, args, attrs)
+                else:
+                    start = time.perf_counter()
+                    outs = self._call(step.node, step.kernel, xp, args, attrs)
+                    sync()
+                    profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
+                for name, value in zip(step.outputs, outs):
+                    if name:
+                        env[name] = value
+                        if record is not None and name in self.recordable:
+                            record[name] = to_host(value)
+                # Hold no array past its step: env's references are the ones _donated counts.
+                args = attrs = outs = value = None
+                for name in step.free:
+                    env.pop(name, None)
+                if on_ready is not None and self._handoff_at[index]:
+                    for name, weight in self._handoff_at[index]:
+                        if _viewed(env, weights[weight]):  # a live view still reads the weight
+                            deferred.append((weight, env.pop(name)))
+                        else:
+                            on_ready(weight, env.pop(name))
+            except Exception as exc:
+                _blame(exc, step.node)
+                raise
         if on_ready is not None:
             for weight, value in deferred:
                 on_ready(weight, value)
@@ -322,6 +326,15 @@ class ShapeSpecializedRunner:
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)
         return result
+
+
+def _blame(exc: BaseException, node: Node) -> None:
+    """Note on ``exc`` the node that raised it (read when a recorded step fails)."""
+    if getattr(exc, "onnxgrad_node", None) is None:
+        try:
+            exc.onnxgrad_node = node
+        except AttributeError:  # an exception type without attributes of its own
+            pass
 
 
 def _references(args: list, i: int) -> int:

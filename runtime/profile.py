@@ -17,6 +17,8 @@ class Profile:
         self.node_calls: dict[tuple[str, str], int] = defaultdict(int)
         self.optimizer_seconds = 0.0
         self.steps = 0
+        #: Lines the report ends with (e.g. how a GPU ran the steps).
+        self.notes: list[str] = []
 
     def add(self, node_name: str, op_type: str, seconds: float) -> None:
         key = (node_name, op_type)
@@ -49,6 +51,7 @@ class Profile:
         slowest = sorted(self.node_seconds.items(), key=lambda kv: -kv[1])[:top]
         for (name, op_type), s in slowest:
             lines.append(f"  {name[:50]:<50} {op_type:<24} {1e3 * s / steps:9.3f} ms")
+        lines += self.notes
         return "\n".join(lines)
 
     __str__ = report

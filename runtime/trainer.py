@@ -16,12 +16,13 @@ from onnxgrad.autodiff import (
     rename_gradients,
     requires_grad,
 )
-from onnxgrad.backend import get_backend
+from onnxgrad.backend import Backend, get_backend
+from onnxgrad.capture import StepGraphs
 from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, add_loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds, trained_by_default
-from onnxgrad.optimizers import SGD, Optimizer
+from onnxgrad.optimizers import SGD, DeviceUpdate, Optimizer
 from onnxgrad.profile import Profile
 
 
@@ -49,12 +50,19 @@ class Trainer:
     ``save``): on the CPU the trainer updates the model's arrays in place
     (storing some column-major, for a faster product); on a GPU it keeps
     device copies and copies them back when the model is read.
+
+    On a GPU, each parameter's update is one fused kernel, and with
+    ``cuda_graphs=True`` (the default) the whole step (forward, backward and
+    update) is recorded as a CUDA graph after two eager steps with the same
+    input shapes, and replayed from then on (see :mod:`onnxgrad.capture`);
+    :attr:`graphs` says how steps ran and why any could not be recorded.
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
                  output: str | None = None, optimizer: Optimizer | None = None,
                  trainable: str | Iterable[str] | None = None, device: str = "cpu",
-                 seed: int | None = None, frozen_batchnorm: str = "train"):
+                 seed: int | None = None, frozen_batchnorm: str = "train",
+                 cuda_graphs: bool = True):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -127,6 +135,11 @@ class Trainer:
         self._classes: int | None = None
         #: A :class:`~onnxgrad.profile.Profile` that steps add their kernel times to, or None.
         self.profile: Profile | None = None
+        #: On a GPU, the recorded steps (:class:`~onnxgrad.capture.StepGraphs`); None on
+        #: the CPU or with ``cuda_graphs=False``.
+        self.graphs: StepGraphs | None = (
+            StepGraphs(self.backend) if cuda_graphs and not on_cpu else None)
+        self._device_update: DeviceUpdate | None = None
 
     # -- set-up ------------------------------------------------------------------------
     def _select(self, train, trainable, where) -> list[str]:
@@ -180,6 +193,8 @@ class Trainer:
         if signature != self._target_signature:
             self._classes = self._check_target(target)
             self._target_signature = signature
+        if hasattr(target, "__cuda_array_interface__"):
+            target = self.backend.to_host(target)
         if loss.target == "class":
             target = target.astype(np.int64, copy=False)
             classes = self._classes
@@ -192,7 +207,7 @@ class Trainer:
                                     f"[{low}, {high}]")
         else:
             target = target.astype(self.graph.dtype(self.output) or np.float32, copy=False)
-        return self.backend.asarray(target)
+        return target
 
     def _check_target(self, target: Any) -> int | None:
         """Check the target's element type and shape against the loss and the output;
@@ -230,7 +245,7 @@ class Trainer:
         env = dict(self._weights)
         env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
         if self.target_input:
-            env[self.target_input] = self._target(target)
+            env[self.target_input] = self.backend.asarray(self._target(target))
         else:
             self._target(target)
         self._state.training = True
@@ -254,6 +269,8 @@ class Trainer:
         and its gradient is complete, while that gradient is still in cache; the
         gradient's memory is released then, not at the end of the step.
         """
+        if self.backend.name != "cpu":
+            return self._step_on_device(feeds, target)
         xp, weights, profile = self.backend.xp, self._weights, self.profile
 
         def update(name: str, grad: Any) -> None:
@@ -276,6 +293,74 @@ class Trainer:
             self.profile.steps += 1
         self._stale = bool(self._copied)
         return loss
+
+    # -- steps on a GPU ----------------------------------------------------------------
+    def _step_on_device(self, feeds: Mapping[str, Any], target: Any) -> float:
+        backend, profile = self.backend, self.profile
+        inputs = self._host_inputs(feeds, target)
+        update = self._device_update
+        if update is None or update.optimizer is not self.optimizer:
+            trained = {name: self._weights[name] for name in self.trainable}
+            update = self._device_update = DeviceUpdate(self.optimizer, backend.xp, trained)
+            if self.graphs is not None:
+                self.graphs.clear()
+        with backend.stream:
+            update.begin_step()
+            if self.graphs is None or profile is not None:  # a profile times kernel by kernel
+                result = self._launch({k: backend.asarray(v) for k, v in inputs.items()})
+            else:
+                holds = [*self._weights.values(), *update.arrays()]
+                result = self.graphs.run(inputs, self._launch, holds)
+            loss = float(backend.to_host(result))
+        if profile is not None:
+            profile.steps += 1
+            profile.notes = ["kernel by kernel: steps ran eagerly (a CUDA graph is not timed "
+                             "per kernel)"] + (self.graphs.describe() if self.graphs else [])
+        self._stale = True
+        return loss
+
+    def _host_inputs(self, feeds: Mapping[str, Any], target: Any) -> dict[str, Any]:
+        """The step's inputs, checked, as host arrays; the target under its input's name."""
+        if isinstance(feeds, Mapping):
+            feeds = {k: self.backend.to_host(v) if hasattr(v, "__cuda_array_interface__") else v
+                     for k, v in feeds.items()}
+        extra = [self.target_input] if self.target_input else []
+        inputs = prepare_feeds(self.graph, feeds, _HOST, self.model.where, extra)
+        checked = self._target(target)
+        if self.target_input:
+            inputs[self.target_input] = checked
+        return inputs
+
+    def _launch(self, inputs: dict[str, Any]) -> Any:
+        """Launch one training step on the device (the work a CUDA graph records):
+        forward, backward, each parameter's fused update as soon as its gradient is
+        ready, and the new running statistics; returns the loss (a device scalar)."""
+        env = dict(self._weights)
+        env.update(inputs)
+        update, profile = self._device_update, self.profile
+        on_ready = update if profile is None else self._timed(update)
+        self._state.training = True
+        self._state.updates.clear()
+        try:
+            out = self._runner.run(env, profile, on_ready)
+        finally:
+            self._state.training = False
+        for name, value in self._state.updates.items():  # e.g. running statistics
+            if name in self._weights:
+                self._weights[name][...] = value
+        self._state.updates.clear()
+        return out[self.loss_value]
+
+    def _timed(self, update: DeviceUpdate) -> Callable[[str, Any], None]:
+        def timed(name: str, grad: Any) -> None:
+            start = time.perf_counter()
+            update(name, grad)
+            self.backend.synchronize()
+            self.profile.optimizer_seconds += time.perf_counter() - start
+        return timed
+
+
+_HOST = Backend()
 
 
 def column_major_weights(graph, weights) -> list[str]:
