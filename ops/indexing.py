@@ -4,7 +4,7 @@ Where, OneHot, TopK, NonZero, Trilu, CumSum and ArgMin.
 Gradients of the gathers scatter and *add* into the positions read, so an
 index that repeats (a token that occurs twice in a batch) collects every
 contribution.  The private ``onnxgrad::*Grad`` kernels here do that with
-``xp.bincount`` over flat positions, which NumPy and CuPy both provide.
+``xp.bincount`` over flat positions (``add.at`` on CuPy, whose bincount reads the host).
 
 Index inputs may be negative (counted from the end, opset 11 on); the kernels
 normalise them.  Shape-arithmetic operands that live on the host stay there
@@ -28,6 +28,10 @@ def _wrap(mod, indices, dim):
 
 def _scatter_add(xp, size: int, positions, values, dtype):
     """A flat array of ``size`` zeros plus ``values`` added at ``positions`` (repeats add up)."""
+    if xp.__name__ != "numpy":  # CuPy's bincount reads the largest position on the host
+        flat = xp.zeros(size, dtype=dtype)
+        xp.add.at(flat, positions.reshape(-1), values.reshape(-1).astype(dtype, copy=False))
+        return flat
     flat = xp.bincount(positions.reshape(-1), weights=values.reshape(-1), minlength=size)
     return flat.astype(dtype, copy=False)
 

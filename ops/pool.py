@@ -141,6 +141,10 @@ def MaxPoolIndicesGrad(xp, dY, indices, x_shape, *, overlapping=1):
     """``dY`` summed into X at MaxPool's (row-major) Indices."""
     shape = tuple(int(d) for d in x_shape)
     size = math.prod(shape)
+    if overlapping and xp.__name__ != "numpy":  # CuPy's bincount reads the host
+        dX = xp.zeros(size, dtype=dY.dtype)
+        xp.add.at(dX, indices.reshape(-1), dY.reshape(-1))
+        return (dX.reshape(shape),)
     if overlapping:       # an element may be the maximum of several windows
         dX = xp.bincount(indices.reshape(-1), weights=dY.reshape(-1), minlength=size)
         return (dX.astype(dY.dtype, copy=False).reshape(shape),)

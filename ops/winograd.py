@@ -63,8 +63,10 @@ WEIGHT_GRAD_MAX_POSITIONS = 256
 
 def applies(Xp, w_shape, strides, dilations, group, out) -> bool:
     """Whether a Conv of the padded input ``Xp`` with a weight of ``w_shape`` and
-    output size ``out`` (or its weight gradient) runs as Winograd here."""
-    return (group == 1 and Xp.ndim == 4 and tuple(w_shape[2:]) == (3, 3)
+    output size ``out`` (or its weight gradient) runs as Winograd here.  Only on the
+    CPU: the transforms are chunked for CPU caches, while on a CUDA device the
+    column product is one cuBLAS call."""
+    return (type(Xp).__module__ == "numpy" and group == 1 and Xp.ndim == 4 and tuple(w_shape[2:]) == (3, 3)
             and all(s == 1 for s in strides) and all(d == 1 for d in dilations)
             and min(w_shape[0], w_shape[1]) >= MIN_CHANNELS
             and out[0] * out[1] >= MIN_POSITIONS
@@ -86,7 +88,7 @@ def _input_tiles(xp, Xc, to_tiles, th, tw):
     s = Xc.strides
     tiles = xp.lib.stride_tricks.as_strided(                         # (4, 4, C, n, th, tw)
         Xc, shape=(4, 4, C, n, th, tw), strides=(s[2], s[3], s[1], s[0], 2 * s[2], 2 * s[3]))
-    return (to_tiles @ xp.ascontiguousarray(tiles).reshape(16, -1)).reshape(16, C, -1)
+    return xp.matmul(to_tiles, xp.ascontiguousarray(tiles).reshape(16, -1)).reshape(16, C, -1)
 
 
 def _chunks(xp, N, C, th, tw, chunk):
@@ -106,13 +108,13 @@ def conv3x3(xp, Xp, W, out):
     th, tw = -(-oh // 2), -(-ow // 2)                         # tiles per column and row
     Xp = _grown(xp, Xp, th, tw)
     to_tiles, of_weight, from_tiles = _transforms(xp, Xp.dtype)
-    U = (of_weight @ W.reshape(M * C, 9).T).reshape(16, M, C)
+    U = xp.matmul(of_weight, W.reshape(M * C, 9).T).reshape(16, M, C)
     Y = xp.empty((N, M, 2 * th, 2 * tw), dtype=Xp.dtype)
 
     def chunk(part):
         V = _input_tiles(xp, Xp[part], to_tiles, th, tw)
         products = xp.matmul(U, V)                                   # (16, M, n·th·tw)
-        Yt = (from_tiles @ products.reshape(16, -1)).reshape(2, 2, M, -1, th, tw)
+        Yt = xp.matmul(from_tiles, products.reshape(16, -1)).reshape(2, 2, M, -1, th, tw)
         Y[part] = Yt.transpose(3, 2, 4, 0, 5, 1).reshape(-1, M, 2 * th, 2 * tw)
 
     _chunks(xp, N, C, th, tw, chunk)
@@ -141,8 +143,8 @@ def weight_grad3x3(xp, dY, Xp):
         n = d.shape[0]
         blocks = xp.ascontiguousarray(                               # (2, 2, M, n, th, tw)
             d.reshape(n, M, th, 2, tw, 2).transpose(3, 5, 1, 0, 2, 4)).reshape(4, -1)
-        dhat = (from_tiles.T @ blocks).reshape(16, M, -1)            # (16, M, T)
+        dhat = xp.matmul(from_tiles.T, blocks).reshape(16, M, -1)            # (16, M, T)
         return xp.matmul(dhat, xp.swapaxes(V, 1, 2))                 # (16, M, C)
 
     dU = sum_in_order(_chunks(xp, N, C, th, tw, chunk))
-    return (of_weight.T @ dU.reshape(16, -1)).reshape(3, 3, M, C).transpose(2, 3, 0, 1).copy()
+    return xp.matmul(of_weight.T, dU.reshape(16, -1)).reshape(3, 3, M, C).transpose(2, 3, 0, 1).copy()
