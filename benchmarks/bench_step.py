@@ -13,6 +13,7 @@ own.  The header names the BLAS, the kernel it runs on this CPU and the cores.
     python benchmarks/bench_step.py --models mlp --threads 1 --seconds 5
     python benchmarks/bench_step.py --models resnet18 --profile
     python benchmarks/bench_step.py --device cuda         # CuPy against PyTorch CUDA
+    python benchmarks/bench_step.py --device cuda --cuda-graphs on,off
 
 On machines where OPENBLAS_CORETYPE forces an older kernel (e.g. Haswell on a
 CPU that has AVX-512), take timings with it unset, so that OpenBLAS picks the
@@ -61,7 +62,7 @@ def blas_name() -> str:
     return ", ".join(libs) or "no BLAS found"
 
 
-def setup(name: str, device: str, onnx_path: str | None = None):
+def setup(name: str, device: str, onnx_path: str | None = None, cuda_graphs: bool = True):
     """Both frameworks' trainers for ``name`` with the same initial weights."""
     case = CASES[name]
     torch.manual_seed(0)
@@ -72,7 +73,8 @@ def setup(name: str, device: str, onnx_path: str | None = None):
     proto = onnx.load(onnx_path) if onnx_path else onnx.load_from_string(export(net, x))
     model = onnxgrad.load(proto)
     trainer = onnxgrad.Trainer(model, loss="cross_entropy",
-                               optimizer=onnxgrad.SGD(lr=LR, momentum=MOMENTUM), device=device)
+                               optimizer=onnxgrad.SGD(lr=LR, momentum=MOMENTUM), device=device,
+                               cuda_graphs=cuda_graphs)
     xn, yn = x.numpy(), y.numpy()
     tdev = torch.device("cuda" if device == "cuda" else "cpu")
     net = net.to(tdev).train()
@@ -163,6 +165,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of timing per case")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (CPU)")
     parser.add_argument("--profile", action="store_true", help="print onnxgrad's time by op type")
+    parser.add_argument("--cuda-graphs", default="on",
+                        help="on, off or on,off: record onnxgrad's steps as CUDA graphs (cuda)")
     parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -172,18 +176,23 @@ def main() -> None:
 
     names = [m for m in args.models.split(",") if m]
     threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
+    modes = [m == "on" for m in args.cuda_graphs.split(",")] if args.device == "cuda" else [True]
     print(f"onnxgrad {onnxgrad.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + f", BLAS {blas_name()}, {available_cores()} cores")
-    print(f"{'model':<12} {'threads':>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
+    column = "graphs" if args.device == "cuda" else "threads"
+    print(f"{'model':<12} {column:>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
     for name in names:
-        for n in threads:
+        for n, graphs in [(n, g) for n in threads for g in modes]:
             with threadpool_limits(n or None):
                 set_threads(n)
-                trainer, og_step, torch_step = setup(name, args.device)
+                trainer, og_step, torch_step = setup(name, args.device, cuda_graphs=graphs)
                 a, b = time_pair(og_step, torch_step, args.warmup, args.seconds)
                 ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
-                print(f"{name:<12} {n or '-':>7} {ma:12.2f} {mb:10.2f} {ma / mb:7.2f}", flush=True)
+                label = ("on" if graphs else "off") if args.device == "cuda" else n
+                print(f"{name:<12} {label:>7} {ma:12.2f} {mb:10.2f} {ma / mb:7.2f}", flush=True)
+                if trainer.graphs is not None and trainer.graphs.refused:
+                    print("\n".join(trainer.graphs.describe()), flush=True)
                 if args.profile:
                     trainer.profile = onnxgrad.Profile()
                     for _ in range(5):
