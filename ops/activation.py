@@ -8,6 +8,7 @@ Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
 
 from __future__ import annotations
 
+from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import BOUND_ROW, clamp
 from onnxgrad.ops.registry import op, reusable
 from onnxgrad.threads import by_rows
@@ -36,6 +37,8 @@ def _(g, node, dY):
 def ReluGrad(xp, dY, Y, *, out=None):
     """dY where Relu's output ``Y`` is positive, else 0."""
     out = reusable(out, dY.shape, dY.dtype)
+    if fused.on_device(xp) and dY.shape == Y.shape:
+        return (fused.relu_grad(xp, dY, Y, out),)
     if not (dY.flags.c_contiguous and Y.flags.c_contiguous and dY.shape == Y.shape
             and (out is None or out.flags.c_contiguous)):
         mask = xp.asarray(Y > 0).astype(dY.dtype)

@@ -161,10 +161,20 @@ MIN_CHUNKS = 8
 PARALLEL_COPY = 1 << 18
 
 
-def _chunks(batch, per_item):
+#: On a GPU: elements of columns made at once, at most (a bound on their memory:
+#: there a chunk exists only to bound it, and one product over the whole batch
+#: keeps the device busiest).
+DEVICE_COLUMN_BUDGET = 1 << 27
+
+
+def _chunks(xp, batch, per_item):
     """Slices of the batch whose columns fit :data:`COLUMN_BUDGET`, at least
     :data:`MIN_CHUNKS` of them when the batch has that many items and the
-    columns are large enough to split (see :data:`PARALLEL_COPY`)."""
+    columns are large enough to split (see :data:`PARALLEL_COPY`); on a GPU,
+    slices whose columns fit :data:`DEVICE_COLUMN_BUDGET`."""
+    if xp.__name__ != "numpy":
+        step = max(1, DEVICE_COLUMN_BUDGET // max(per_item, 1))
+        return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
     step = max(1, COLUMN_BUDGET // max(per_item, 1))
     if batch * per_item >= PARALLEL_COPY:
         step = max(1, min(step, batch // MIN_CHUNKS))
@@ -234,7 +244,7 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
 
-        each(xp, _chunks(N, W3.shape[2] * group * math.prod(out)), chunk)
+        each(xp, _chunks(xp, N, W3.shape[2] * group * math.prod(out)), chunk)
         return Y.reshape((N, M) + tuple(out))
     cols = _im2col_inner(xp, _batch_last(xp, Xp), W.shape[2:], strides, dilations, out, group)
     Y = matmul(xp, W3, cols).reshape((M,) + tuple(out) + (N,))    # (g, M/g, P·N)
@@ -269,8 +279,8 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
             cols = _im2col(xp, Xp[part], kernel, strides, dilations, out, group)
             return product(d[part], cols).sum(axis=0)
 
-        dW = sum_in_order(each(xp, _chunks(N, Xp.shape[1] * math.prod(kernel) * math.prod(out)),
-                               chunk))
+        per_item = Xp.shape[1] * math.prod(kernel) * math.prod(out)
+        dW = sum_in_order(each(xp, _chunks(xp, N, per_item), chunk))
     else:
         cols = _im2col_inner(xp, _batch_last(xp, Xp), kernel, strides, dilations, out, group)
         dW = product(_rows_inner(xp, dY, group), cols)
@@ -295,7 +305,7 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
             cols = cols.reshape((cols.shape[0], C) + kernel + out)
             col2im(xp, cols, full, strides, dilations, img[part])
 
-        each(xp, _chunks(N, Wt.shape[1] * group * math.prod(out)), chunk)
+        each(xp, _chunks(xp, N, Wt.shape[1] * group * math.prod(out)), chunk)
         return img
     cols = matmul(xp, Wt, _rows_inner(xp, dY, group))              # (g, C/g·K, P·N)
     cols = cols.reshape((C,) + kernel + out + (N,))

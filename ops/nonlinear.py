@@ -17,6 +17,7 @@ import math
 
 import numpy as np  # the host array module, for blockwise evaluation on the CPU
 
+from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import SumToShape, clamp
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows
@@ -209,6 +210,8 @@ def ClipGrad(xp, dY, X, min=None, max=None):
         return (_a(xp, xp.array(dY, copy=True), dY),)
     if dY.shape != X.shape:
         X = xp.broadcast_to(X, dY.shape)
+    if fused.on_device(xp):
+        return (_a(xp, fused.clip_grad(xp, dY, X, min, max), dY),)
     d1 = xp.ascontiguousarray(dY).reshape(-1)
     x1 = xp.ascontiguousarray(X).reshape(-1)
     dX = xp.empty(d1.shape, dtype=dY.dtype)

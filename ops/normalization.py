@@ -21,6 +21,7 @@ statistics from ``X``.
 from __future__ import annotations
 
 from onnxgrad.errors import UnsupportedOpError
+from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows, each, matmul, sum_in_order
@@ -103,6 +104,12 @@ def _bn_standardize(xp, X, gain, B, epsilon):
     variance (the statistics as (1, C, 1)), on one fresh array; each pass in
     parts of the batch on the thread pool."""
     X3 = X.astype(_compute_dtype(X), copy=False).reshape(X.shape[0], X.shape[1], -1)
+    if fused.on_device(xp):  # two reductions and one pass
+        mean, var = fused.bn_statistics(xp, X3)
+        gain3 = gain.astype(X3.dtype, copy=False).reshape(1, -1, 1)
+        Y = fused.bn_normalize(xp, X3, mean, gain3 / xp.sqrt(var + epsilon),
+                               B.astype(X3.dtype, copy=False).reshape(1, -1, 1))
+        return Y.reshape(X.shape), mean, var
     n = max(X3.shape[0] * X3.shape[2], 1)
     mean = _channel_sum(xp, X3) / n
     Y = xp.empty(X3.shape, dtype=X3.dtype)
@@ -195,6 +202,14 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
         return _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape)
     dtype = _compute_dtype(X)
     X3 = X.astype(dtype, copy=False).reshape(X.shape[0], X.shape[1], -1)
+    if fused.on_device(xp) and batch_mean is not None and batch_var is not None:
+        mean = batch_mean.astype(dtype, copy=False).reshape(1, -1, 1)
+        inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(1, -1, 1) + epsilon)
+        dX, dscale, dB = fused.bn_grad(xp, dY.astype(dtype, copy=False).reshape(X3.shape), X3,
+                                       mean, inv, scale.astype(dtype, copy=False))
+        return (_a(xp, dX.reshape(X.shape), X.dtype),
+                _a(xp, dscale.reshape(scale.shape), scale.dtype),
+                _a(xp, dB.reshape(scale.shape), scale.dtype))
     if batch_mean is None or batch_var is None:
         xhat, _, var = _bn_standardize(xp, X, xp.ones(X.shape[1], dtype=dtype),
                                        xp.zeros(X.shape[1], dtype=dtype), epsilon)

@@ -148,6 +148,13 @@ _DIRECT_ON = ((depthwise, "DIRECT_MAX_CHANNELS_PER_GROUP", BIG),
               (depthwise, "DIRECT_MAX_OUTPUTS_PER_GROUP", BIG))
 _DIRECT = ((depthwise, "conv"), (depthwise, "input_grad"), (depthwise, "weight_grad"))
 
+#: Parameters that size work on a GPU only, so that no CPU run can force them; the
+#: gpu-marked test named beside each forces them instead.
+DEVICE_ONLY = {
+    ("onnxgrad.ops.conv", "DEVICE_COLUMN_BUDGET"):
+        "test_gpu_graphs.py::test_device_column_chunks_equal_one_product",
+}
+
 SWITCHES = [
     Switch(conv, "COLUMN_BUDGET", 1, BIG,
            "batch-major columns made one batch item at a time, against the whole batch at once",
@@ -288,6 +295,7 @@ def test_every_size_parameter_has_a_switch():
     """Each upper-case integer parameter of the kernel modules is forced by a line of
     SWITCHES, and each line names an attribute its module has."""
     covered = {(s.module.__name__, p) for s in SWITCHES for p in s.params or (s.name,)}
+    covered |= set(DEVICE_ONLY)
     for s in SWITCHES:
         assert hasattr(s.module, s.name), f"{s.module.__name__} has no {s.name}"
         assert s.on is not s.off
@@ -380,7 +388,7 @@ def test_uneven_chunks_equal_one_chunk(case, monkeypatch):
     else:
         per_item = kernel * case.w[1] * case.attrs.get("group", 1) * int(np.prod(case.x[2:]))
     monkeypatch.setattr(conv, "COLUMN_BUDGET", 3 * per_item)
-    assert [p.stop - p.start for p in conv._chunks(8, per_item)] == [3, 3, 2]
+    assert [p.stop - p.start for p in conv._chunks(np, 8, per_item)] == [3, 3, 2]
     _assert_all_close(_outputs(sample, arrays, u), whole, rtol=1e-10, atol=1e-10,
                       what=f"chunks of 3, 3 and 2 items ({case.id})")
 

@@ -172,3 +172,28 @@ def test_replaced_optimizer_state_is_recorded_again():
         trainer.step({"x": x}, y)
     assert trainer.graphs.recorded == 2
     assert all(s["step"] == 2 for s in trainer.optimizer.state.values())
+
+
+def test_device_column_chunks_equal_one_product(monkeypatch):
+    """Conv columns made per batch item on the GPU (conv.DEVICE_COLUMN_BUDGET forced
+    to one item) give the gradients of one product over the batch."""
+    from onnxgrad.ops import conv
+
+    default = conv.DEVICE_COLUMN_BUDGET
+    monkeypatch.setattr(conv, "_batch_major", lambda *args: True)
+    im2col, calls = conv._im2col, []
+    monkeypatch.setattr(conv, "_im2col", lambda *a, **k: calls.append(1) or im2col(*a, **k))
+    proto = _bn_cnn()
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((6, 3, 8, 8)).astype(np.float32), rng.integers(0, 4, 6)
+    grads, made = {}, {}
+    for budget in (default, 1):
+        monkeypatch.setattr(conv, "DEVICE_COLUMN_BUDGET", budget)
+        calls.clear()
+        trainer = onnxgrad.Trainer(onnxgrad.load(proto), device="cuda")
+        grads[budget] = trainer.gradients({"x": x}, y)
+        made[budget] = len(calls)
+    assert made[1] == 6 * made[default], made  # per item, against once per product
+    for name, value in grads[1].items():
+        np.testing.assert_allclose(value, grads[default][name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)

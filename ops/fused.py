@@ -1,0 +1,99 @@
+"""Fused CuPy kernels for ops whose NumPy form takes several passes over the data.
+
+On a GPU every NumPy-style operation is a kernel of its own that reads and
+writes the whole tensor; the kernels here do such a sequence in one pass (an
+``ElementwiseKernel``) or one reduction (a ``ReductionKernel``).  Each is
+compiled on first use and cached.  The NumPy code of the same op is the
+reference: the gpu-marked op tests compare the two on every op sample.
+
+Kernels take the array module ``xp`` explicitly, as every kernel does, and use
+these only when it is not NumPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CACHE: dict[str, Any] = {}
+
+
+def elementwise(xp: Any, name: str, in_params: str, out_params: str, body: str) -> Any:
+    """The ``ElementwiseKernel`` ``name`` (compiled on first use)."""
+    kernel = _CACHE.get(name)
+    if kernel is None:
+        kernel = _CACHE[name] = xp.ElementwiseKernel(in_params, out_params, body,
+                                                     f"onnxgrad_{name}")
+    return kernel
+
+
+def reduction(xp: Any, name: str, in_params: str, out_params: str, map_expr: str,
+              reduce_expr: str = "a + b", post_map: str = "y = a", identity: str = "0") -> Any:
+    """The ``ReductionKernel`` ``name`` (compiled on first use)."""
+    kernel = _CACHE.get(name)
+    if kernel is None:
+        kernel = _CACHE[name] = xp.ReductionKernel(in_params, out_params, map_expr, reduce_expr,
+                                                   post_map, identity, f"onnxgrad_{name}")
+    return kernel
+
+
+def on_device(xp: Any) -> bool:
+    """Whether ``xp`` is a GPU array module (CuPy), where these kernels apply."""
+    return xp.__name__ != "numpy" and hasattr(xp, "ElementwiseKernel")
+
+
+# -- BatchNormalization with batch statistics, on (N, C, P) arrays ------------------------
+
+
+def bn_statistics(xp: Any, X3: Any) -> tuple[Any, Any]:
+    """Per-channel mean and biased variance of ``X3`` (N, C, P), each (1, C, 1): a sum,
+    then a sum of squared deviations from the mean (two passes, as NumPy's)."""
+    n = max(X3.shape[0] * X3.shape[2], 1)
+    mean = (X3.sum(axis=(0, 2)) / X3.dtype.type(n)).reshape(1, -1, 1)
+    squares = reduction(xp, "bn_squared_deviations", "T x, T m", "T y",
+                        "(x - m) * (x - m)")
+    var = (squares(X3, mean, axis=(0, 2)) / X3.dtype.type(n)).reshape(1, -1, 1)
+    return mean, var
+
+
+def bn_normalize(xp: Any, X3: Any, mean: Any, a: Any, b: Any) -> Any:
+    """``(X3 - mean) * a + b`` in one pass (the statistics and ``a``, ``b`` as (1, C, 1))."""
+    kernel = elementwise(xp, "bn_normalize", "T x, T m, T a, T b", "T y", "y = (x - m) * a + b")
+    return kernel(X3, mean, a, b)
+
+
+def bn_grad(xp: Any, d: Any, X3: Any, mean: Any, inv: Any, scale: Any) -> tuple[Any, Any, Any]:
+    """dX, dscale, dB of batch-statistics BatchNormalization on (N, C, P) arrays: two
+    reductions (Σd, Σd·(x - mean)) and one elementwise pass."""
+    n = X3.dtype.type(max(X3.shape[0] * X3.shape[2], 1))
+    dB = d.sum(axis=(0, 2)).reshape(1, -1, 1)
+    centred = reduction(xp, "bn_grad_dot", "T d, T x, T m", "T y", "d * (x - m)")
+    dscale = centred(d, X3, mean, axis=(0, 2)).reshape(1, -1, 1) * inv
+    kernel = elementwise(
+        xp, "bn_grad_input", "T d, T x, T m, T inv, T k, T db, T ds", "T dx",
+        "dx = ((x - m) * inv * -ds + d - db) * k")
+    dX = kernel(d, X3, mean, inv, scale.reshape(1, -1, 1) * inv, dB / n, dscale / n)
+    return dX, dscale, dB
+
+
+# -- activation gradients -------------------------------------------------------------------
+
+
+def relu_grad(xp: Any, dY: Any, Y: Any, out: Any = None) -> Any:
+    """``dY * (Y > 0)`` in one pass."""
+    kernel = elementwise(xp, "relu_grad", "T dy, T y", "T dx", "dx = dy * (T)(y > (T)0)")
+    return kernel(dY, Y) if out is None else kernel(dY, Y, out)
+
+
+def clip_grad(xp: Any, dY: Any, X: Any, lo: Any, hi: Any) -> Any:
+    """``dY * (lo <= X <= hi)`` in one pass (a bound that is None is left out; the
+    bounds are scalars or 0-d arrays, read on the device)."""
+    if lo is not None and hi is not None:
+        kernel = elementwise(xp, "clip_grad", "T dy, T x, T lo, T hi", "T dx",
+                             "dx = dy * (T)(x >= lo && x <= hi)")
+        return kernel(dY, X, xp.asarray(lo, dtype=dY.dtype), xp.asarray(hi, dtype=dY.dtype))
+    if lo is not None:
+        kernel = elementwise(xp, "clip_grad_lo", "T dy, T x, T lo", "T dx",
+                             "dx = dy * (T)(x >= lo)")
+        return kernel(dY, X, xp.asarray(lo, dtype=dY.dtype))
+    kernel = elementwise(xp, "clip_grad_hi", "T dy, T x, T hi", "T dx", "dx = dy * (T)(x <= hi)")
+    return kernel(dY, X, xp.asarray(hi, dtype=dY.dtype))
