@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of timing per case")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (CPU)")
     parser.add_argument("--profile", action="store_true", help="print onnxgrad's time by op type")
+    parser.add_argument("--torch-fp32-conv", action="store_true",
+                        help="PyTorch's convolutions in full float32 (its default on CUDA is "
+                             "TF32, which onnxgrad does not use)")
     parser.add_argument("--cuda-graphs", default="on",
                         help="on, off or on,off: record onnxgrad's steps as CUDA graphs (cuda)")
     parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
@@ -174,11 +177,15 @@ def main() -> None:
         child_memory(name, framework, path, int(steps), int(threads))
         return
 
+    if args.torch_fp32_conv:
+        torch.backends.cudnn.allow_tf32 = False
     names = [m for m in args.models.split(",") if m]
     threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
     modes = [m == "on" for m in args.cuda_graphs.split(",")] if args.device == "cuda" else [True]
     print(f"onnxgrad {onnxgrad.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + (", PyTorch convolutions " + ("float32" if args.torch_fp32_conv else "TF32 (default)")
+             if args.device == "cuda" else "")
           + f", BLAS {blas_name()}, {available_cores()} cores")
     column = "graphs" if args.device == "cuda" else "threads"
     print(f"{'model':<12} {column:>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")

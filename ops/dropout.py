@@ -3,9 +3,10 @@
 In a training run (``ctx.training``), or where the opset-12 ``training_mode``
 input is true, each element is kept with probability ``1 - ratio`` and kept
 values are scaled by ``1 / (1 - ratio)``, as in PyTorch.  The mask comes from
-``ctx.rng``, the run's seeded generator on the run's device, so a Trainer made
-with a seed draws the same masks; the ``seed`` attribute is not used (it would
-draw the same mask at every step).
+``ctx.uniform``, the run's seeded generator (on a GPU one whose position lives in
+device memory, so that recorded steps draw new masks), so a Trainer made with a
+seed draws the same masks; the ``seed`` attribute is not used (it would draw the
+same mask at every step).
 
 The node is declared with ``train_outputs=2``: training graphs always carry
 the mask, and the gradient is ``dY * mask / (1 - ratio)`` (private
@@ -34,7 +35,7 @@ def _dropout(xp, data, ratio, active, ctx, bool_mask):
         out = xp.zeros_like(data)
     else:
         dtype = xp.float32 if data.dtype.itemsize <= 4 else xp.float64
-        mask = ctx.rng.random(data.shape, dtype=dtype) >= ratio
+        mask = ctx.uniform(data.shape, dtype) >= ratio
         out = data * mask.astype(data.dtype) * data.dtype.type(1 / (1 - ratio))
     return xp.asarray(out), (mask if bool_mask else mask.astype(data.dtype))
 

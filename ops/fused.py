@@ -51,7 +51,8 @@ def bn_statistics(xp: Any, X3: Any) -> tuple[Any, Any]:
     mean = (X3.sum(axis=(0, 2)) / X3.dtype.type(n)).reshape(1, -1, 1)
     squares = reduction(xp, "bn_squared_deviations", "T x, T m", "T y",
                         "(x - m) * (x - m)")
-    var = (squares(X3, mean, axis=(0, 2)) / X3.dtype.type(n)).reshape(1, -1, 1)
+    var = (squares(X3, xp.broadcast_to(mean, X3.shape), axis=(0, 2))
+           / X3.dtype.type(n)).reshape(1, -1, 1)
     return mean, var
 
 
@@ -67,7 +68,7 @@ def bn_grad(xp: Any, d: Any, X3: Any, mean: Any, inv: Any, scale: Any) -> tuple[
     n = X3.dtype.type(max(X3.shape[0] * X3.shape[2], 1))
     dB = d.sum(axis=(0, 2)).reshape(1, -1, 1)
     centred = reduction(xp, "bn_grad_dot", "T d, T x, T m", "T y", "d * (x - m)")
-    dscale = centred(d, X3, mean, axis=(0, 2)).reshape(1, -1, 1) * inv
+    dscale = centred(d, X3, xp.broadcast_to(mean, X3.shape), axis=(0, 2)).reshape(1, -1, 1) * inv
     kernel = elementwise(
         xp, "bn_grad_input", "T d, T x, T m, T inv, T k, T db, T ds", "T dx",
         "dx = ((x - m) * inv * -ds + d - db) * k")
@@ -97,3 +98,59 @@ def clip_grad(xp: Any, dY: Any, X: Any, lo: Any, hi: Any) -> Any:
         return kernel(dY, X, xp.asarray(lo, dtype=dY.dtype))
     kernel = elementwise(xp, "clip_grad_hi", "T dy, T x, T hi", "T dx", "dx = dy * (T)(x <= hi)")
     return kernel(dY, X, xp.asarray(hi, dtype=dY.dtype))
+
+
+# -- random numbers that a recorded step draws anew on each replay --------------------------
+
+_MIX = """
+__device__ unsigned long long onnxgrad_mix(unsigned long long x) {
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+"""
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """SplitMix64's finaliser on Python integers (the kernel's ``onnxgrad_mix``)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class Draws:
+    """Uniform numbers in [0, 1) on a GPU from a counter-based generator.
+
+    Element ``i`` of a draw is a hash of (the key, the draw's number, ``i``); the
+    draw's number lives in device memory and each draw advances it in a kernel,
+    so that a training step recorded as a CUDA graph draws new numbers on every
+    replay, the same numbers as eager steps would.
+    """
+
+    def __init__(self, xp: Any, seed: int | None):
+        if seed is None:
+            import secrets  # noqa: PLC0415
+
+            seed = secrets.randbits(64)
+        self.key = _mix(int(seed) & _MASK64)
+        self.counter = xp.zeros(1, dtype=xp.uint64)
+        self._xp = xp
+
+    def random(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        xp = self._xp
+        out = xp.empty(shape, dtype=dtype)
+        kernel = _CACHE.get("uniform")
+        if kernel is None:
+            kernel = _CACHE["uniform"] = xp.ElementwiseKernel(
+                "raw uint64 counter, uint64 key", "T y",
+                """
+                unsigned long long x = onnxgrad_mix(key ^ (counter[0] * 0x9E3779B97F4A7C15ULL));
+                x = onnxgrad_mix(x + (unsigned long long)i * 0xD1B54A32D192ED03ULL);
+                if (sizeof(T) == 4) y = (T)((x >> 40) * (1.0 / 16777216.0));
+                else y = (T)((x >> 11) * (1.0 / 9007199254740992.0));
+                """, "onnxgrad_uniform", preamble=_MIX)
+        kernel(self.counter, xp.uint64(self.key), out)
+        elementwise(xp, "advance", "", "uint64 c", "c += 1")(self.counter)
+        return out

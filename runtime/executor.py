@@ -20,7 +20,7 @@ import numpy as np
 from onnxgrad.backend import Backend
 from onnxgrad.errors import ModelError, ShapeError
 from onnxgrad.ir import Graph, Node
-from onnxgrad.ops import lookup
+from onnxgrad.ops import fused, lookup
 from onnxgrad.profile import Profile
 
 
@@ -38,6 +38,9 @@ class RunState:
         self.updates: dict[str, Any] = {}
         #: Names of nodes that run as in inference even in training runs.
         self.inference_nodes: frozenset[str] = frozenset()
+        #: On a GPU, uniform numbers whose generator's position lives in device
+        #: memory, so that a recorded step draws new numbers on each replay.
+        self.draws = None if xp is np else fused.Draws(xp, seed)
 
 
 class KernelContext:
@@ -55,6 +58,14 @@ class KernelContext:
     @property
     def rng(self) -> np.random.Generator:
         return self.state.rng
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Uniform numbers in [0, 1) of ``shape``: from :attr:`rng` on the CPU, on a
+        GPU from the run's :class:`~onnxgrad.ops.fused.Draws`."""
+        draws = self.state.draws
+        if draws is None:
+            return self.state.rng.random(shape, dtype=dtype)
+        return draws.random(shape, dtype)
 
 
 class _Bound:
