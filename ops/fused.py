@@ -44,15 +44,24 @@ def on_device(xp: Any) -> bool:
 # -- BatchNormalization with batch statistics, on (N, C, P) arrays ------------------------
 
 
+# Per-channel sums over (N, P) are taken in two stages: over the contiguous P axis
+# first, one reduction per (item, channel), then over N.  A reduction straight to
+# the C channels would give the device only C blocks of work.
+
+
+def _channel_total(partial: Any) -> Any:
+    """(N, C) partial sums as (1, C, 1) totals."""
+    return partial.sum(axis=0).reshape(1, -1, 1)
+
+
 def bn_statistics(xp: Any, X3: Any) -> tuple[Any, Any]:
     """Per-channel mean and biased variance of ``X3`` (N, C, P), each (1, C, 1): a sum,
     then a sum of squared deviations from the mean (two passes, as NumPy's)."""
-    n = max(X3.shape[0] * X3.shape[2], 1)
-    mean = (X3.sum(axis=(0, 2)) / X3.dtype.type(n)).reshape(1, -1, 1)
+    n = X3.dtype.type(max(X3.shape[0] * X3.shape[2], 1))
+    mean = _channel_total(X3.sum(axis=2)) / n
     squares = reduction(xp, "bn_squared_deviations", "T x, T m", "T y",
                         "(x - m) * (x - m)")
-    var = (squares(X3, xp.broadcast_to(mean, X3.shape), axis=(0, 2))
-           / X3.dtype.type(n)).reshape(1, -1, 1)
+    var = _channel_total(squares(X3, xp.broadcast_to(mean, X3.shape), axis=2)) / n
     return mean, var
 
 
@@ -66,9 +75,9 @@ def bn_grad(xp: Any, d: Any, X3: Any, mean: Any, inv: Any, scale: Any) -> tuple[
     """dX, dscale, dB of batch-statistics BatchNormalization on (N, C, P) arrays: two
     reductions (Σd, Σd·(x - mean)) and one elementwise pass."""
     n = X3.dtype.type(max(X3.shape[0] * X3.shape[2], 1))
-    dB = d.sum(axis=(0, 2)).reshape(1, -1, 1)
+    dB = _channel_total(d.sum(axis=2))
     centred = reduction(xp, "bn_grad_dot", "T d, T x, T m", "T y", "d * (x - m)")
-    dscale = centred(d, X3, xp.broadcast_to(mean, X3.shape), axis=(0, 2)).reshape(1, -1, 1) * inv
+    dscale = _channel_total(centred(d, X3, xp.broadcast_to(mean, X3.shape), axis=2)) * inv
     kernel = elementwise(
         xp, "bn_grad_input", "T d, T x, T m, T inv, T k, T db, T ds", "T dx",
         "dx = ((x - m) * inv * -ds + d - db) * k")

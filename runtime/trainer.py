@@ -22,6 +22,7 @@ from onnxgrad.errors import DataError, ModelError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, add_loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds, trained_by_default
+from onnxgrad.ops import lookup
 from onnxgrad.optimizers import SGD, DeviceUpdate, Optimizer
 from onnxgrad.profile import Profile
 
@@ -104,8 +105,13 @@ class Trainer:
                                 f"got {frozen_batchnorm!r}")
         if frozen_batchnorm == "eval":
             self._state.inference_nodes = frozen_batchnorms(train, self.trainable)
+        # Weights the step may change (trained ones, running statistics) are read at
+        # run time; a frozen weight that nodes read only on the host (a Dropout
+        # ratio, a Clip bound) is a constant of the plan, so that no step reads a
+        # device value on the host (which a CUDA graph cannot record).
+        fixed = host_read_weights(train) - set(self.trainable) - updated_statistics(train)
         self._weight_names = [k for k, v in train.initializers.items()
-                              if k in graph.initializers and is_weight(v)]
+                              if k in graph.initializers and is_weight(v) and k not in fixed]
         self._runner = ShapeSpecializedRunner(
             lambda shapes: Model.make_plan(train, self.backend, dict.fromkeys(fetch), self._state,
                                            weights=self._weight_names, shapes=shapes,
@@ -383,6 +389,24 @@ def column_major_weights(graph, weights) -> list[str]:
                for n, i in uses):
             chosen.append(w)
     return chosen
+
+
+def host_read_weights(graph) -> set[str]:
+    """Initializers that every node reading them reads as a host input."""
+    host, device = set(), set()
+    for node in graph.nodes:
+        definition = lookup(node.op_type, node.domain, node.opset, node.name)
+        for i, name in enumerate(node.inputs):
+            if name in graph.initializers:
+                (host if definition.is_host_input(i) else device).add(name)
+    return host - device
+
+
+def updated_statistics(graph) -> set[str]:
+    """The running statistics that training steps update (BatchNormalization's)."""
+    return {name for node in graph.nodes
+            if node.op_type == "BatchNormalization" and node.domain == ""
+            for name in node.inputs[3:5] if name}
 
 
 def frozen_batchnorms(graph, trainable) -> frozenset[str]:
