@@ -66,6 +66,9 @@ DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
               help="Hold out this fraction of --data (chosen at random with --seed) for validation.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda",
               help="Where training runs; cuda needs CuPy (pip install 'onnxgrad[gpu]').")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="With --device cuda: record each training step as a CUDA graph after two "
+                   "eager steps with the same shapes, and replay it (one launch per step).")
 @click.option("--frozen-batchnorm", type=click.Choice(["train", "eval"]), default="train",
               show_default=True,
               help="BatchNormalization in a frozen part of the model (scale and bias not "
@@ -91,7 +94,7 @@ DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
 def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
           lr, momentum, weight_decay,
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
-          frozen_batchnorm, out_path, quiet, profile, training_info, steps):
+          cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -189,7 +192,8 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
 
     before = metrics(m)  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
-                               device=device, seed=seed, frozen_batchnorm=frozen_batchnorm)
+                               device=device, seed=seed, frozen_batchnorm=frozen_batchnorm,
+                               cuda_graphs=cuda_graphs)
     if profile:
         trainer.profile = onnxgrad.Profile()
     params = m.parameters()
