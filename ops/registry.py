@@ -69,11 +69,22 @@ class OpDef:
     train_outputs: int = 0
     reuse: tuple[str, ...] = ()
     rule: Callable | None = field(default=None)
+    #: ``fn(g, node) -> output names``: the op written in standard ONNX ops (opset 18
+    #: or later), for models that stock runtimes run (see :mod:`onnxgrad.convert`).
+    standard: Callable | None = field(default=None)
 
     # -- declaration helpers -------------------------------------------------
     def gradient(self, fn: Callable) -> Callable:
         """Register ``fn(g, node, *output_grads)`` as this op's gradient rule."""
         self.rule = fn
+        return fn
+
+    def in_standard_ops(self, fn: Callable) -> Callable:
+        """Register ``fn(g, node)``, which appends standard ONNX nodes (through the
+        gradient builder ``g``) that compute the node's outputs and returns their
+        names, one per output.  Private ops need one to be written into models
+        that other runtimes run."""
+        self.standard = fn
         return fn
 
     def __call__(self, xp, *args, **kwargs):

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from onnxgrad.autodiff import (
-    add_training_outputs,
-    build_gradients,
-    differentiable_ancestors,
-    prune,
-    rename_gradients,
-    requires_grad,
-)
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.capture import StepGraphs
-from onnxgrad.errors import DataError, ModelError, OnnxgradError
+from onnxgrad.errors import DataError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
-from onnxgrad.losses import Loss, add_loss, resolve_loss
-from onnxgrad.model import Model, is_weight, prepare_feeds, trained_by_default
+from onnxgrad.losses import Loss, resolve_loss
+from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.ops import lookup
 from onnxgrad.optimizers import SGD, DeviceUpdate, Optimizer
 from onnxgrad.profile import Profile
+from onnxgrad.program import build_program, updated_statistics
 
 
 class Trainer:
@@ -79,37 +71,22 @@ class Trainer:
         self.backend = get_backend(device)
         self.device = self.backend.name
         graph = model.graph
-        where = model.where
-        if output is None:
-            output = graph.outputs[0]
-        if output not in graph.all_names():
-            raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
-                             f"graph outputs are {graph.outputs}")
-        self.output = output
-
-        train = graph.copy()
-        add_training_outputs(train)
-        taken = train.all_names()
-        self.loss_value, self.target_input = add_loss(train, self.loss, output, taken)
-        self.trainable = self._select(train, trainable, where)
-        grads = build_gradients(train, self.loss_value, self.trainable)
-        train.outputs = [self.loss_value]
-        grads = rename_gradients(train, grads)
+        program = build_program(model, self.loss, output, trainable, frozen_batchnorm)
+        #: The training program this trainer runs (see :mod:`onnxgrad.program`).
+        self.program = program
+        self.output = program.output
+        self.loss_value, self.target_input = program.loss_value, program.target_input
+        self.trainable = program.trainable
+        train = self.graph = program.graph
+        grads = self._grad_values = program.grads
         fetch = [self.loss_value, *grads.values()]
-        prune(train, fetch)
-        self.graph = train
-        self._grad_values = grads
         self._state = RunState(seed, self.backend.xp)
-        if frozen_batchnorm not in ("train", "eval"):
-            raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', "
-                                f"got {frozen_batchnorm!r}")
-        if frozen_batchnorm == "eval":
-            self._state.inference_nodes = frozen_batchnorms(train, self.trainable)
+        self._state.inference_nodes = program.inference_nodes
         # Weights the step may change (trained ones, running statistics) are read at
         # run time; a frozen weight that nodes read only on the host (a Dropout
         # ratio, a Clip bound) is a constant of the plan, so that no step reads a
         # device value on the host (which a CUDA graph cannot record).
-        fixed = host_read_weights(train) - set(self.trainable) - updated_statistics(train)
+        fixed = host_read_weights(train) - set(self.trainable) - set(updated_statistics(train))
         self._weight_names = [k for k, v in train.initializers.items()
                               if k in graph.initializers and is_weight(v) and k not in fixed]
         self._runner = ShapeSpecializedRunner(
@@ -146,33 +123,6 @@ class Trainer:
         self.graphs: StepGraphs | None = (
             StepGraphs(self.backend) if cuda_graphs and not on_cpu else None)
         self._device_update: DeviceUpdate | None = None
-
-    # -- set-up ------------------------------------------------------------------------
-    def _select(self, train, trainable, where) -> list[str]:
-        """The trainable parameters: weights with a differentiable path to the loss."""
-        weights = [k for k, v in train.initializers.items() if is_weight(v)]
-        reach = differentiable_ancestors(train, self.loss_value)
-        if trainable is None:
-            chosen = [w for w in weights
-                      if w in reach and trained_by_default(train.initializers[w])]
-        else:
-            patterns = [trainable] if isinstance(trainable, str) else list(trainable)
-            chosen = []
-            for pattern in patterns:
-                matched = [k for k in train.initializers if fnmatch.fnmatchcase(k, pattern)]
-                if not matched:
-                    raise ModelError(f"{where}: trainable pattern {pattern!r} matches no "
-                                     f"initializer; initializers are {_preview(train.initializers)}")
-                usable = [k for k in matched if is_weight(train.initializers[k]) and k in reach]
-                if not usable:
-                    raise ModelError(
-                        f"{where}: trainable pattern {pattern!r} matches {_preview(matched)}, but "
-                        f"none is a floating-point weight with a gradient path to the loss")
-                chosen.extend(k for k in usable if k not in chosen)
-        if not chosen:
-            raise ModelError(f"{where}: no weight has a gradient path from {self.output!r} "
-                             "to the loss; nothing to train")
-        return chosen
 
     def _pull(self) -> None:
         """Copy the trainer's own weight arrays back into the model."""
@@ -402,22 +352,6 @@ def host_read_weights(graph) -> set[str]:
     return host - device
 
 
-def updated_statistics(graph) -> set[str]:
-    """The running statistics that training steps update (BatchNormalization's)."""
-    return {name for node in graph.nodes
-            if node.op_type == "BatchNormalization" and node.domain == ""
-            for name in node.inputs[3:5] if name}
-
-
-def frozen_batchnorms(graph, trainable) -> frozenset[str]:
-    """BatchNormalization nodes with untrained scale and bias that no trained weight feeds."""
-    fed = requires_grad(graph, trainable)
-    return frozenset(
-        n.name for n in graph.nodes
-        if n.op_type == "BatchNormalization" and n.domain == ""
-        and not any(x in fed for x in n.inputs[:3] if x))
-
-
 def _fits(expected, shape) -> bool:
     """Whether ``shape`` matches static dims ``expected`` (symbolic dims match anything)."""
     return len(expected) == len(shape) and all(
@@ -426,9 +360,3 @@ def _fits(expected, shape) -> bool:
 
 def _dims(shape) -> list:
     return ["?" if not isinstance(d, int) else d for d in shape]
-
-
-def _preview(names, limit: int = 8) -> str:
-    names = list(names)
-    more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
-    return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"

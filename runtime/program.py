@@ -1,0 +1,124 @@
+"""The training program: a model's graph with its loss and gradients as nodes.
+
+One builder makes it; the :class:`~onnxgrad.trainer.Trainer` plans and runs it,
+and :mod:`onnxgrad.convert` writes it (with the optimizer as nodes) into a
+standard ONNX model.  No gradient or loss is implemented twice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable
+
+from onnxgrad.autodiff import (
+    add_training_outputs,
+    build_gradients,
+    differentiable_ancestors,
+    prune,
+    rename_gradients,
+    requires_grad,
+)
+from onnxgrad.errors import ModelError, OnnxgradError
+from onnxgrad.ir import Graph
+from onnxgrad.losses import Loss, add_loss
+from onnxgrad.model import Model, is_weight, trained_by_default
+
+
+@dataclass
+class TrainingProgram:
+    """Forward pass, loss and gradients of one model as one graph."""
+
+    #: The graph: the model's nodes, the loss, and a ``<param>_grad`` value per parameter.
+    graph: Graph
+    #: The value the loss reads.
+    output: str
+    #: The scalar loss.
+    loss_value: str
+    #: The graph input the loss's target is fed to (None for ``loss=None``).
+    target_input: str | None
+    #: The trained parameters (initializer names), in graph order.
+    trainable: list[str]
+    #: Parameter -> the value holding its gradient.
+    grads: dict[str, str]
+    #: BatchNormalization nodes that run as in inference (``frozen_batchnorm="eval"``).
+    inference_nodes: frozenset[str]
+
+
+def build_program(model: Model, loss: Loss | None, output: str | None = None,
+                  trainable: str | Iterable[str] | None = None,
+                  frozen_batchnorm: str = "train") -> TrainingProgram:
+    """The training program of ``model`` for ``loss`` reading ``output`` (default: the
+    first graph output), training ``trainable`` (see :func:`select_trainable`)."""
+    graph, where = model.graph, model.where
+    if output is None:
+        output = graph.outputs[0]
+    if output not in graph.all_names():
+        raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
+                         f"graph outputs are {graph.outputs}")
+    if frozen_batchnorm not in ("train", "eval"):
+        raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', got {frozen_batchnorm!r}")
+    train = graph.copy()
+    add_training_outputs(train)
+    loss_value, target_input = add_loss(train, loss, output, train.all_names())
+    chosen = select_trainable(train, loss_value, output, trainable, where)
+    grads = build_gradients(train, loss_value, chosen)
+    train.outputs = [loss_value]
+    grads = rename_gradients(train, grads)
+    prune(train, [loss_value, *grads.values()])
+    inference = frozen_batchnorms(train, chosen) if frozen_batchnorm == "eval" else frozenset()
+    return TrainingProgram(train, output, loss_value, target_input, chosen, grads, inference)
+
+
+def select_trainable(graph: Graph, loss_value: str, output: str,
+                     trainable: str | Iterable[str] | None, where: str) -> list[str]:
+    """The trained parameters: with ``trainable=None`` every floating-point initializer
+    of more than one element with a gradient path to the loss; else the weights that
+    the names and glob patterns of ``trainable`` match."""
+    weights = [k for k, v in graph.initializers.items() if is_weight(v)]
+    reach = differentiable_ancestors(graph, loss_value)
+    if trainable is None:
+        chosen = [w for w in weights if w in reach and trained_by_default(graph.initializers[w])]
+    else:
+        patterns = [trainable] if isinstance(trainable, str) else list(trainable)
+        chosen = []
+        for pattern in patterns:
+            matched = [k for k in graph.initializers if fnmatch.fnmatchcase(k, pattern)]
+            if not matched:
+                raise ModelError(f"{where}: trainable pattern {pattern!r} matches no "
+                                 f"initializer; initializers are {_preview(graph.initializers)}")
+            usable = [k for k in matched if is_weight(graph.initializers[k]) and k in reach]
+            if not usable:
+                raise ModelError(
+                    f"{where}: trainable pattern {pattern!r} matches {_preview(matched)}, but "
+                    f"none is a floating-point weight with a gradient path to the loss")
+            chosen.extend(k for k in usable if k not in chosen)
+    if not chosen:
+        raise ModelError(f"{where}: no weight has a gradient path from {output!r} "
+                         "to the loss; nothing to train")
+    return chosen
+
+
+def frozen_batchnorms(graph: Graph, trainable: Iterable[str]) -> frozenset[str]:
+    """BatchNormalization nodes with untrained scale and bias that no trained weight feeds."""
+    fed = requires_grad(graph, trainable)
+    return frozenset(
+        n.name for n in graph.nodes
+        if n.op_type == "BatchNormalization" and n.domain == ""
+        and not any(x in fed for x in n.inputs[:3] if x))
+
+
+def updated_statistics(graph: Graph, inference_nodes: frozenset[str] = frozenset()) -> list[str]:
+    """The running statistics that training steps update (BatchNormalization's)."""
+    found: list[str] = []
+    for node in graph.nodes:
+        if (node.op_type == "BatchNormalization" and node.domain == ""
+                and node.name not in inference_nodes):
+            found += [name for name in node.inputs[3:5] if name and name not in found]
+    return found
+
+
+def _preview(names, limit: int = 8) -> str:
+    names = list(names)
+    more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"
