@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import BOUND_ROW, clamp
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op, reusable
 from onnxgrad.threads import by_rows
 
@@ -52,6 +53,12 @@ def ReluGrad(xp, dY, Y, *, out=None):
 
     by_rows(xp, d1.size, d1.size, work)
     return (dX,)
+
+
+@ReluGrad.in_standard_ops
+def _(g, node):
+    dY, Y = node.inputs
+    return (g.Mul(dY, std.cast_like(g, g.Greater(Y, std.like(g, 0, Y), dtype="bool"), dY)),)
 
 
 @op("LeakyRelu", since=6, differentiable=("X",))
@@ -161,6 +168,15 @@ LogSoftmax13.gradient(_softmax_rule("LogSoftmaxGrad", 0))
 def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
     axes = _axes(Y.ndim, axis, coerce)
     return (xp.asarray(Y * (dY - (dY * Y).sum(axis=axes, keepdims=True))),)
+
+
+@SoftmaxGrad.in_standard_ops
+def _(g, node):
+    dY, Y = node.inputs
+    if node.attrs.get("coerce", 0):
+        return None  # the 2-D coercion of opsets before 13 has no standard form here
+    axes = g.ints([node.attrs.get("axis", -1)])
+    return (g.Mul(Y, g.Sub(dY, g.ReduceSum(g.Mul(dY, Y), axes, keepdims=1))),)
 
 
 @op("LogSoftmaxGrad", domain="onnxgrad")

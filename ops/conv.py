@@ -30,6 +30,7 @@ import itertools
 import math
 
 from onnxgrad.ops import depthwise, winograd
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import each, matmul, split, sum_in_order
 
@@ -436,6 +437,56 @@ def BiasGrad(xp, dY):
     """The gradient of a per-channel bias: ``dY`` summed over every axis but 1."""
     axes = (0,) + tuple(range(2, dY.ndim))
     return (xp.asarray(dY.sum(axis=axes, dtype=dY.dtype)),)
+
+
+@BiasGrad.in_standard_ops
+def _(g, node):
+    dY = node.inputs[0]
+    return (g.ReduceSum(dY, std.axes_from(g, dY, 2, skip_channel=True), keepdims=0),)
+
+
+def _static_geometry(g, node, x_shape, w_shape):
+    """Conv geometry for static spatial sizes of X and a static weight shape, or None."""
+    if x_shape is None or w_shape is None or not all(isinstance(d, int) for d in x_shape[2:]):
+        return None
+    a = node.attrs
+    return _conv_geometry(x_shape, w_shape, a.get("auto_pad", "NOTSET"), a.get("dilations"),
+                          a.get("pads"), a.get("strides"))
+
+
+@ConvGradX.in_standard_ops
+def _(g, node):
+    # The input gradient of a Conv is a ConvTranspose of dY with the same weight, its
+    # output padded to X's spatial size.
+    dY, W, x_shape = node.inputs
+    geometry = _static_geometry(g, node, std.shape_value(g, x_shape), std.tensor_shape(g, W))
+    if geometry is None:
+        return None
+    sp, kernel, strides, dilations, begin, end, out = geometry
+    extra = [sp[i] - ((out[i] - 1) * strides[i] - begin[i] - end[i] + dilations[i] * (kernel[i] - 1)
+                      + 1) for i in range(len(sp))]
+    return (g.ConvTranspose(dY, W, strides=list(strides), dilations=list(dilations),
+                            pads=list(begin) + list(end), group=node.attrs.get("group", 1),
+                            output_padding=extra),)
+
+
+@ConvGradW.in_standard_ops
+def _(g, node):
+    # dW[m, c] = Σ_n dY[n, m] ⋆ X[n, c]: a Conv of X with channels and batch swapped,
+    # dY as its kernel, strides and dilations exchanged, cropped to the kernel size.
+    dY, X, w_shape = node.inputs
+    if node.attrs.get("group", 1) != 1:
+        return None
+    geometry = _static_geometry(g, node, std.tensor_shape(g, X), std.shape_value(g, w_shape))
+    if geometry is None:
+        return None
+    sp, kernel, strides, dilations, begin, end, out = geometry
+    nd = len(sp)
+    swap = [1, 0] + list(range(2, 2 + nd))
+    grad = g.Conv(g.Transpose(X, perm=swap), g.Transpose(dY, perm=swap), strides=list(dilations),
+                  dilations=list(strides), pads=list(begin) + list(end))
+    grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
+    return (g.Transpose(grad, perm=swap),)
 
 
 # -- ConvTranspose -------------------------------------------------------------------------

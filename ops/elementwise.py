@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np  # host-side shape arithmetic only
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op, reusable
 from onnxgrad.ops.shape import onnx_type
 from onnxgrad.threads import by_rows
@@ -254,3 +255,18 @@ def SumToShape(xp, X, shape):
     if tuple(X.shape) != target:
         raise ValueError(f"cannot sum shape {tuple(X.shape)} down to {target}")
     return (_arr(xp, X),)
+
+
+@SumToShape.in_standard_ops
+def _(g, node):
+    # Sum the leading axes away, then every axis where the target is 1 and X is not
+    # (found at run time, so that dynamic dimensions work).
+    X, shape = node.inputs
+    lead = g.Sub(std.rank(g, X), g.Size(shape, dtype="int64"), dtype="int64")
+    X = g.ReduceSum(X, g.Range(std.i64(g, 0), lead, std.i64(g, 1), dtype="int64"),
+                    keepdims=0, noop_with_empty_axes=1)
+    one = g.ints([1])
+    ones = g.And(g.Equal(shape, one, dtype="bool"),
+                 g.Not(g.Equal(g.Shape(X, dtype="int64"), one, dtype="bool")), dtype="bool")
+    axes = g.Reshape(g.NonZero(ones, dtype="int64"), g.ints([-1]))
+    return (g.ReduceSum(X, axes, keepdims=1, noop_with_empty_axes=1),)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np  # the host fallback of scatter reductions CuPy lacks (see _apply_at)
 
 from onnxgrad.ops.reduce import arg_extreme
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import to_host, ints, norm_axis, on, zeros_like_value
 
@@ -90,6 +91,21 @@ def GatherGrad(xp, dY, indices, shape, *, axis=0):
         + xp.arange(inner, dtype="int64").reshape(1, 1, -1)
     size = outer * n * inner
     return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
+
+
+@GatherGrad.in_standard_ops
+def _(g, node):
+    # Along axis 0: dY holds one row of X per index; ScatterND adds each into zeros.
+    dY, indices, shape = node.inputs
+    if node.attrs.get("axis", 0) != 0:
+        return None
+    index = g.Reshape(g.Cast(indices, to=std.tensor_type("int64"), dtype="int64"),
+                      g.ints([-1, 1]))
+    rows = g.Slice(shape, g.ints([0]), g.ints([1]))
+    index = g.Where(g.Less(index, g.ints([0]), dtype="bool"), g.Add(index, rows), index)
+    updates = g.Reshape(dY, g.Concat(g.ints([-1]), g.Slice(shape, g.ints([1]), g.ints([std.END])),
+                                     axis=0, dtype="int64"))
+    return (g.ScatterND(std.zeros(g, shape, dY), index, updates, reduction="add"),)
 
 
 # -- GatherElements --------------------------------------------------------------------------

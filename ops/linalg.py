@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import matmul
 
@@ -62,6 +63,15 @@ def GemmGradB(xp, dY, A, B, *, alpha=1.0, transA=0, transB=0):
     if alpha != 1.0:
         dB *= alpha
     return (dB,)
+
+
+@GemmGradB.in_standard_ops
+def _(g, node):
+    dY, A, _ = node.inputs
+    alpha, transA = node.attrs.get("alpha", 1.0), node.attrs.get("transA", 0)
+    if node.attrs.get("transB", 0):   # dB = alpha · dYᵀ · op(A)
+        return (g.Gemm(dY, A, alpha=alpha, transA=1, transB=transA),)
+    return (g.Gemm(A, dY, alpha=alpha, transA=1 - transA, transB=0),)   # alpha · op(A)ᵀ · dY
 
 
 @op("MatMul", since=1, differentiable=("A", "B"))

@@ -3,6 +3,7 @@ onnxgrad's fused binary cross-entropy on logits, with their gradient kernels."""
 
 from __future__ import annotations
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 _PRIVATE = "onnxgrad"
@@ -110,6 +111,36 @@ def SoftmaxCrossEntropyLossGrad(xp, dY, log_prob, labels, weights=None, *, ignor
     safe, coef = _coefficient(xp, dY, labels, weights, ignore_index, reduction, log_prob.dtype)
     hot = _one_hot(xp, safe, log_prob.shape[1], log_prob.ndim)
     return ((xp.exp(log_prob) - hot) * xp.expand_dims(coef, 1),)
+
+
+@SoftmaxCrossEntropyLossGrad.in_standard_ops
+def _(g, node):
+    dY, log_prob, labels, *rest = node.inputs
+    weights = rest[0] if rest and rest[0] else None
+    ignore_index = node.attrs.get("ignore_index")
+    reduction = node.attrs.get("reduction", "mean")
+    safe, w = labels, None
+    if ignore_index is not None:
+        ignored = g.Equal(labels, g.const(ignore_index, dtype=g.dtype(labels)), dtype="bool")
+        safe = g.Where(ignored, g.const(0, dtype=g.dtype(labels)), labels)
+        w = std.cast_like(g, g.Not(ignored, dtype="bool"), log_prob)
+    if weights is not None:
+        picked = g.Gather(weights, safe, axis=0)
+        w = picked if w is None else g.Mul(picked, w)
+    if reduction == "mean":
+        denom = (std.cast_like(g, g.Size(labels, dtype="int64"), log_prob) if w is None
+                 else g.ReduceSum(w, keepdims=0))
+        coef = g.Div(dY, denom)
+    else:  # "sum": dY is a scalar; "none": dY has the labels' shape
+        coef = dY
+    if w is not None:
+        coef = g.Mul(coef, w)
+    if w is not None or reduction == "none":
+        coef = g.Unsqueeze(coef, g.ints([1]))
+    classes = g.Slice(g.Shape(log_prob, dtype="int64"), g.ints([1]), g.ints([2]))
+    hot = g.OneHot(safe, classes, g.const([0, 1], dtype=g.dtype(log_prob)), axis=1,
+                   dtype=g.dtype(log_prob))
+    return (g.Mul(g.Sub(g.Exp(log_prob), hot), coef),)
 
 
 @op("NegativeLogLikelihoodLossGrad", domain=_PRIVATE)

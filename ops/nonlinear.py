@@ -19,6 +19,7 @@ import numpy as np  # the host array module, for blockwise evaluation on the CPU
 
 from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import SumToShape, clamp
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows
 
@@ -131,6 +132,13 @@ Erf.gradient(_rule("ErfGrad"))
 @op("ErfGrad", domain="onnxgrad")
 def ErfGrad(xp, dY, X):
     return (_a(xp, dY * (xp.exp(-X * X) * (2 / _SQRT_PI)), dY),)
+
+
+@ErfGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    bell = g.Exp(g.Neg(g.Mul(X, X)))
+    return (g.Mul(dY, g.Mul(bell, std.like(g, 2 / _SQRT_PI, X))),)
 
 
 # -- Gelu ----------------------------------------------------------------------------------

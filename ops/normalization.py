@@ -23,6 +23,7 @@ from __future__ import annotations
 from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import SumToShape
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows, each, matmul, sum_in_order
 
@@ -244,6 +245,29 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
             _a(xp, dB.reshape(scale.shape), scale.dtype))
 
 
+@BatchNormalizationGrad.in_standard_ops
+def _(g, node):
+    # The batch statistics are computed again from X (two reductions), as the kernel
+    # does when the forward pass's are not given.
+    dY, X, scale = node.inputs[:3]
+    if not node.attrs.get("spatial", 1):
+        return None
+    axes = std.axes_from(g, X, 2, skip_channel=True)
+    mean = g.ReduceMean(X, axes, keepdims=1)
+    centred = g.Sub(X, mean)
+    variance = g.ReduceMean(g.Mul(centred, centred), axes, keepdims=1)
+    inv = g.Reciprocal(g.Sqrt(g.Add(variance, std.like(g, node.attrs.get("epsilon", 1e-5), X))))
+    xhat = g.Mul(centred, inv)
+    dB = g.ReduceSum(dY, axes, keepdims=1)
+    dscale = g.ReduceSum(g.Mul(dY, xhat), axes, keepdims=1)
+    n = std.cast_like(g, g.Div(g.Size(X, dtype="int64"), g.Size(dB, dtype="int64"),
+                               dtype="int64"), X)
+    k = g.Mul(g.Reshape(scale, g.Shape(dB, dtype="int64")), inv)
+    dX = g.Mul(g.Sub(g.Sub(dY, g.Div(dB, n)), g.Div(g.Mul(xhat, dscale), n)), k)
+    flat = g.Shape(scale, dtype="int64")
+    return (dX, g.Reshape(dscale, flat), g.Reshape(dB, flat))
+
+
 def _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape):
     """BatchNormalizationGrad with statistics per element of ``X.shape[1:]``."""
     if batch_mean is None or batch_var is None:
@@ -416,6 +440,26 @@ def LayerNormalizationGrad(xp, dY, X, Scale, mean=None, inv_std=None, *, axis=-1
     dxhat -= m1
     dxhat *= inv_std
     return _a(xp, dxhat, X.dtype), _a(xp, dScale, Scale.dtype)
+
+
+@LayerNormalizationGrad.in_standard_ops
+def _(g, node):
+    dY, X, Scale, *stats = node.inputs
+    axes = std.trailing_axes(g, X, node.attrs.get("axis", -1))
+    if len(stats) == 2 and all(stats):
+        mean, inv = stats
+    else:
+        mean = g.ReduceMean(X, axes, keepdims=1)
+        centred = g.Sub(X, mean)
+        variance = g.ReduceMean(g.Mul(centred, centred), axes, keepdims=1)
+        inv = g.Reciprocal(g.Sqrt(g.Add(variance, std.like(g, node.attrs.get("epsilon", 1e-5), X))))
+    xhat = g.Mul(g.Sub(X, mean), inv)
+    dxhat = g.Mul(dY, Scale)
+    m1 = g.ReduceMean(dxhat, axes, keepdims=1)
+    m2 = g.ReduceMean(g.Mul(dxhat, xhat), axes, keepdims=1)
+    dX = g.Mul(g.Sub(g.Sub(dxhat, g.Mul(xhat, m2)), m1), inv)
+    dScale = g.private("SumToShape", g.Mul(dY, xhat), g.Shape(Scale, dtype="int64"))
+    return (dX, dScale)
 
 
 def _rms(xp, X, axes, epsilon):

@@ -16,6 +16,7 @@ import math
 import numpy as np  # host-side window geometry and divisor tables only
 
 from onnxgrad.ops.conv import _ints, conv_pads, offset_slices, pad_spatial
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -145,12 +146,23 @@ def MaxPoolIndicesGrad(xp, dY, indices, x_shape, *, overlapping=1):
         dX = xp.zeros(size, dtype=dY.dtype)
         xp.add.at(dX, indices.reshape(-1), dY.reshape(-1))
         return (dX.reshape(shape),)
+
     if overlapping:       # an element may be the maximum of several windows
         dX = xp.bincount(indices.reshape(-1), weights=dY.reshape(-1), minlength=size)
         return (dX.astype(dY.dtype, copy=False).reshape(shape),)
     dX = xp.zeros(size, dtype=dY.dtype)
     dX[indices.reshape(-1)] = dY.reshape(-1)
     return (dX.reshape(shape),)
+
+
+@MaxPoolIndicesGrad.in_standard_ops
+def _(g, node):
+    # MaxPool's Indices are flat row-major positions in X: scatter-add dY there.
+    dY, indices, x_shape = node.inputs
+    flat = std.zeros(g, g.ReduceProd(x_shape, keepdims=1), dY)
+    flat = g.ScatterElements(flat, g.Reshape(indices, g.ints([-1])),
+                             g.Reshape(dY, g.ints([-1])), axis=0, reduction="add")
+    return (g.Reshape(flat, x_shape),)
 
 
 def _scatter(xp, parts, x_shape, geo, dtype):
@@ -269,6 +281,13 @@ def GlobalAveragePoolGrad(xp, dY, x_shape):
     out = xp.empty(shape, dtype=dY.dtype)
     out[...] = dY / math.prod(shape[2:])
     return (out,)
+
+
+@GlobalAveragePoolGrad.in_standard_ops
+def _(g, node):
+    dY, x_shape = node.inputs
+    count = g.ReduceProd(g.Slice(x_shape, g.ints([2]), g.ints([std.END])), keepdims=0)
+    return (g.Expand(g.Div(dY, std.cast_like(g, count, dY)), x_shape),)
 
 
 @op("GlobalMaxPool", since=1, differentiable=("X",))

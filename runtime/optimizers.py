@@ -42,6 +42,25 @@ class Optimizer:
         """Forget all per-parameter state (momentum buffers, moments, step counts)."""
         self.state.clear()
 
+    # -- the update as ONNX nodes (see onnxgrad.convert) ----------------------------------
+    #: Whether the update reads the step count (a state shared by all parameters).
+    def uses_step(self) -> bool:
+        return False
+
+    def state_arrays(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """The initial state of one parameter, by the names :attr:`state` uses."""
+        return {}
+
+    def update_nodes(self, g, param: str, grad: str, state: dict[str, str], lr: str,
+                     step: str | None) -> tuple[str, dict[str, str]]:  # pragma: no cover
+        """Append the update of ``param`` as standard ONNX nodes through the builder ``g``:
+        ``state`` maps state names to values, ``lr`` is the learning rate (a float
+        scalar), ``step`` the number of steps taken before this one (int64).  Returns
+        the new parameter and the new state values.  The arithmetic is :meth:`update`'s,
+        step for step, with the scalars that it computes in double precision computed
+        in double precision."""
+        raise NotImplementedError
+
     # -- the fused device update (see DeviceUpdate) --------------------------------------
     #: How many scalars a step of one parameter reads (a row of DeviceUpdate's array).
     SCALARS = 0
@@ -102,6 +121,31 @@ class SGD(Optimizer):
                 buf += (1 - self.dampening) * d_p if self.dampening else d_p
             d_p = d_p + self.momentum * buf if self.nesterov else buf
         param -= d_p * self.lr
+
+    def uses_step(self) -> bool:
+        return bool(self.momentum and self.dampening)  # the first step takes the gradient as is
+
+    def state_arrays(self, param):
+        return {"momentum_buffer": np.zeros_like(param)} if self.momentum else {}
+
+    def update_nodes(self, g, param, grad, state, lr, step):
+        def c(value):
+            return g.scalar(value, like=param)
+
+        d = grad
+        if self.weight_decay:
+            d = g.Add(d, g.Mul(c(self.weight_decay), param))
+        new_state = {}
+        if self.momentum:
+            buf = g.Mul(state["momentum_buffer"], c(self.momentum))
+            buf = g.Add(buf, g.Mul(c(1 - self.dampening), d) if self.dampening else d)
+            if self.dampening:  # torch's first step: the buffer is the gradient itself
+                first = g.Equal(step, g.const(0, dtype="int64"), dtype="bool")
+                buf = g.Where(first, d, buf, dtype=g.dtype(param))
+            new_state["momentum_buffer"] = buf
+            d = g.Add(d, g.Mul(c(self.momentum), buf)) if self.nesterov else buf
+        lr_t = g.Cast(lr, to=_tensor_type(g.dtype(param)), dtype=g.dtype(param))
+        return g.Sub(param, g.Mul(d, lr_t)), new_state
 
     SCALARS = 7  # lr, weight decay, momentum, 1 - dampening, dampened, first step, nesterov
 
@@ -176,6 +220,46 @@ class Adam(Optimizer):
         step_size = self.lr / bias_correction1
         denom = xp.sqrt(exp_avg_sq) / math.sqrt(bias_correction2) + self.eps
         param += (-step_size * exp_avg) / denom
+
+    def uses_step(self) -> bool:
+        return True
+
+    def state_arrays(self, param):
+        return {"exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
+
+    def update_nodes(self, g, param, grad, state, lr, step):
+        beta1, beta2 = self.betas
+        dtype = g.dtype(param)
+        double = np.dtype(np.float64)
+
+        def c(value):
+            return g.scalar(value, like=param)
+
+        def d(value):
+            return g.const(value, dtype=double)
+
+        def to_param(value):
+            return g.Cast(value, to=_tensor_type(dtype), dtype=dtype)
+
+        count = g.Cast(g.Add(step, g.const(1, dtype="int64")), to=_tensor_type(double),
+                       dtype=double)
+        lr_d = g.Cast(lr, to=_tensor_type(double), dtype=double)
+        bias1 = g.Sub(d(1.0), g.Pow(d(beta1), count))
+        bias2 = g.Sub(d(1.0), g.Pow(d(beta2), count))
+        if self.weight_decay and self.decoupled:
+            param = g.Mul(param, to_param(g.Sub(d(1.0), g.Mul(lr_d, d(self.weight_decay)))))
+        elif self.weight_decay:
+            grad = g.Add(grad, g.Mul(c(self.weight_decay), param))
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        weight = 1 - beta1
+        if weight < 0.5:
+            m = g.Add(m, g.Mul(c(weight), g.Sub(grad, m)))
+        else:
+            m = g.Sub(grad, g.Mul(g.Sub(grad, m), c(1 - weight)))
+        v = g.Add(g.Mul(v, c(beta2)), g.Mul(g.Mul(c(1 - beta2), grad), grad))
+        denom = g.Add(g.Div(g.Sqrt(v), to_param(g.Sqrt(bias2))), c(self.eps))
+        step_size = to_param(g.Neg(g.Div(lr_d, bias1)))
+        return g.Add(param, g.Div(g.Mul(step_size, m), denom)), {"exp_avg": m, "exp_avg_sq": v}
 
     # 1 - lr·decay (decoupled), decay (coupled), 1 - beta1, 1 - (1 - beta1), beta2, 1 - beta2,
     # -step size, sqrt(bias correction 2), eps, decoupled decay on
@@ -266,6 +350,12 @@ p = p + ((T)r[6] * m) / denom;
 """
 
 _KERNELS: dict[str, Any] = {}  # body -> compiled kernel (compiled on first use)
+
+
+def _tensor_type(dtype: Any) -> int:
+    from onnx import helper  # noqa: PLC0415 - only the node form needs onnx
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 class DeviceUpdate:
