@@ -76,6 +76,13 @@ def LeakyReluGrad(xp, dY, X, *, alpha=0.01):
     return (xp.asarray(xp.where(X > 0, dY, dY * alpha)),)
 
 
+@LeakyReluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    alpha = std.like(g, node.attrs.get("alpha", 0.01), dY)
+    return (g.Where(g.Greater(X, std.like(g, 0, X), dtype="bool"), dY, g.Mul(dY, alpha)),)
+
+
 @op("Sigmoid", since=6, differentiable=("X",))
 def Sigmoid(xp, X):
     # exp of a non-positive number only: no overflow for large |X|.
@@ -93,6 +100,12 @@ def SigmoidGrad(xp, dY, Y):
     return (xp.asarray(dY * Y * (1 - Y)),)
 
 
+@SigmoidGrad.in_standard_ops
+def _(g, node):
+    dY, Y = node.inputs
+    return (g.Mul(g.Mul(dY, Y), g.Sub(std.like(g, 1, Y), Y)),)
+
+
 @op("Tanh", since=6, differentiable=("input",))
 def Tanh(xp, input):
     return (xp.asarray(xp.tanh(input)),)
@@ -106,6 +119,12 @@ def _(g, node, dY):
 @op("TanhGrad", domain="onnxgrad")
 def TanhGrad(xp, dY, Y):
     return (xp.asarray(dY * (1 - Y * Y)),)
+
+
+@TanhGrad.in_standard_ops
+def _(g, node):
+    dY, Y = node.inputs
+    return (g.Mul(dY, g.Sub(std.like(g, 1, Y), g.Mul(Y, Y))),)
 
 
 # -- Softmax and LogSoftmax ------------------------------------------------------------
@@ -183,3 +202,12 @@ def _(g, node):
 def LogSoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
     axes = _axes(Y.ndim, axis, coerce)
     return (xp.asarray(dY - xp.exp(Y) * dY.sum(axis=axes, keepdims=True)),)
+
+
+@LogSoftmaxGrad.in_standard_ops
+def _(g, node):
+    dY, Y = node.inputs
+    if node.attrs.get("coerce", 0):
+        return None  # the 2-D coercion of opsets before 13 has no standard form here
+    axes = g.ints([node.attrs.get("axis", -1)])
+    return (g.Sub(dY, g.Mul(g.Exp(Y), g.ReduceSum(dY, axes, keepdims=1))),)

@@ -474,19 +474,29 @@ def _(g, node):
 def _(g, node):
     # dW[m, c] = Σ_n dY[n, m] ⋆ X[n, c]: a Conv of X with channels and batch swapped,
     # dY as its kernel, strides and dilations exchanged, cropped to the kernel size.
+    # With groups, each group's channels give that group's rows of dW.
     dY, X, w_shape = node.inputs
-    if node.attrs.get("group", 1) != 1:
-        return None
-    geometry = _static_geometry(g, node, std.tensor_shape(g, X), std.shape_value(g, w_shape))
+    w_static = std.shape_value(g, w_shape)
+    geometry = _static_geometry(g, node, std.tensor_shape(g, X), w_static)
     if geometry is None:
         return None
     sp, kernel, strides, dilations, begin, end, out = geometry
     nd = len(sp)
     swap = [1, 0] + list(range(2, 2 + nd))
-    grad = g.Conv(g.Transpose(X, perm=swap), g.Transpose(dY, perm=swap), strides=list(dilations),
-                  dilations=list(strides), pads=list(begin) + list(end))
-    grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
-    return (g.Transpose(grad, perm=swap),)
+    group = node.attrs.get("group", 1)
+    per_x, per_y = w_static[1], w_static[0] // group
+    parts = []
+    for i in range(group):
+        x, d = X, dY
+        if group > 1:
+            x = g.Slice(X, g.ints([i * per_x]), g.ints([(i + 1) * per_x]), g.ints([1]))
+            d = g.Slice(dY, g.ints([i * per_y]), g.ints([(i + 1) * per_y]), g.ints([1]))
+        grad = g.Conv(g.Transpose(x, perm=swap), g.Transpose(d, perm=swap),
+                      strides=list(dilations), dilations=list(strides),
+                      pads=list(begin) + list(end))
+        grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
+        parts.append(g.Transpose(grad, perm=swap))
+    return (parts[0] if group == 1 else g.Concat(*parts, axis=0),)
 
 
 # -- ConvTranspose -------------------------------------------------------------------------
@@ -569,6 +579,44 @@ def ConvTransposeGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None,
     return (conv_forward(xp, dfull, W, strides, dilations, group, sp),)
 
 
+def _convt_static(g, node, x_shape, w_shape):
+    """ConvTranspose geometry for static shapes, or None; with dY's zero padding back to
+    the full output, which must not be negative here."""
+    if x_shape is None or w_shape is None or not all(isinstance(d, int) for d in x_shape[2:]):
+        return None
+    a = node.attrs
+    sp, kernel, strides, dilations, full, begin, out = _convt_geometry(
+        x_shape, w_shape, a.get("auto_pad", "NOTSET"), a.get("dilations"),
+        a.get("output_padding"), a.get("output_shape"), a.get("pads"), a.get("strides"))
+    after = [full[i] - begin[i] - out[i] for i in range(len(sp))]
+    return sp, kernel, strides, dilations, list(begin), after
+
+
+def _on_full(g, dY, begin, after):
+    """dY as the full ConvTranspose output sees it: the part inside the full output, and
+    the zero padding (begin, after) that places it there."""
+    n = len(begin)
+    if any(v < 0 for v in begin + after):  # an output larger than the full one: crop dY
+        starts = [max(0, -b) for b in begin]
+        ends = [-max(0, -a) or std.END for a in after]
+        dY = g.Slice(dY, g.ints(starts), g.ints(ends), g.ints(range(2, 2 + n)))
+    return dY, [max(0, b) for b in begin], [max(0, a) for a in after]
+
+
+@ConvTransposeGradX.in_standard_ops
+def _(g, node):
+    # dY back on the full output (zeros around it), then the Conv with the same weight.
+    dY, W, x_shape = node.inputs
+    geometry = _convt_static(g, node, std.shape_value(g, x_shape), std.tensor_shape(g, W))
+    if geometry is None:
+        return None
+    sp, kernel, strides, dilations, begin, after = geometry
+    dY, begin, after = _on_full(g, dY, begin, after)
+    return (g.Conv(dY, W, strides=list(strides), dilations=list(dilations), pads=begin + after,
+                   group=node.attrs.get("group", 1)),)
+
+
+
 @op("ConvTransposeGradW", domain="onnxgrad", host_inputs=("w_shape",))
 def ConvTransposeGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
                        output_padding=None, output_shape=None, pads=None, strides=None):
@@ -577,3 +625,31 @@ def ConvTransposeGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None,
     dfull = _full_grad(xp, dY, full, begin, out)
     # W (C, M/g, *k) plays the weight of a Conv from dfull (M channels) to X (C channels).
     return (conv_weight_grad(xp, X, dfull, kernel, strides, dilations, group),)
+
+
+@ConvTransposeGradW.in_standard_ops
+def _(g, node):
+    # dW[c, m] = Σ_n dfull[n, m] ⋆ X[n, c]: as ConvGradW, with dfull as the input.
+    dY, X, w_shape = node.inputs
+    w_static = std.shape_value(g, w_shape)
+    geometry = _convt_static(g, node, std.tensor_shape(g, X), w_static)
+    if geometry is None:
+        return None
+    sp, kernel, strides, dilations, begin, after = geometry
+    nd = len(sp)
+    dY, begin, after = _on_full(g, dY, begin, after)
+    dfull = g.Pad(dY, g.ints([0, 0] + begin + [0, 0] + after))
+    swap = [1, 0] + list(range(2, 2 + nd))
+    group = node.attrs.get("group", 1)
+    per_x, per_y = w_static[0] // group, w_static[1]
+    parts = []
+    for i in range(group):
+        x, d = X, dfull
+        if group > 1:
+            x = g.Slice(X, g.ints([i * per_x]), g.ints([(i + 1) * per_x]), g.ints([1]))
+            d = g.Slice(dfull, g.ints([i * per_y]), g.ints([(i + 1) * per_y]), g.ints([1]))
+        grad = g.Conv(g.Transpose(d, perm=swap), g.Transpose(x, perm=swap),
+                      strides=list(dilations), dilations=list(strides))
+        grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
+        parts.append(g.Transpose(grad, perm=swap))
+    return (parts[0] if group == 1 else g.Concat(*parts, axis=0),)

@@ -16,6 +16,7 @@ type before.
 
 from __future__ import annotations
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -87,3 +88,18 @@ def DropoutGrad(xp, dY, mask, ratio_input=None, training_mode=None, *, ratio=0.5
     if scale != 1.0:
         dX *= dY.dtype.type(scale)
     return (xp.asarray(dX),)
+
+
+@DropoutGrad.in_standard_ops
+def _(g, node):
+    # In a step model the forward Dropout trains (see onnxgrad.convert); its ratio must
+    # be a constant here.
+    dY, mask, *rest = node.inputs
+    ratio = node.attrs.get("ratio", 0.5)
+    if rest and rest[0]:
+        if rest[0] not in g.graph.initializers:
+            return None
+        ratio = float(g.graph.initializers[rest[0]])
+    dX = g.Mul(dY, std.cast_like(g, mask, dY))
+    scale = _scale(ratio, True)
+    return (g.Mul(dX, std.like(g, scale, dY)) if scale != 1.0 else dX,)

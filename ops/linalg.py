@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from onnxgrad.ops.elementwise import SumToShape
-from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import matmul
 

@@ -113,22 +113,21 @@ def SoftmaxCrossEntropyLossGrad(xp, dY, log_prob, labels, weights=None, *, ignor
     return ((xp.exp(log_prob) - hot) * xp.expand_dims(coef, 1),)
 
 
-@SoftmaxCrossEntropyLossGrad.in_standard_ops
-def _(g, node):
-    dY, log_prob, labels, *rest = node.inputs
-    weights = rest[0] if rest and rest[0] else None
+def _standard_picks(g, node, dY, scores, labels, weights):
+    """The one-hot of the (safe) labels and the coefficient of each picked score, as
+    :func:`_coefficient` computes them, in standard ops."""
     ignore_index = node.attrs.get("ignore_index")
     reduction = node.attrs.get("reduction", "mean")
     safe, w = labels, None
     if ignore_index is not None:
         ignored = g.Equal(labels, g.const(ignore_index, dtype=g.dtype(labels)), dtype="bool")
         safe = g.Where(ignored, g.const(0, dtype=g.dtype(labels)), labels)
-        w = std.cast_like(g, g.Not(ignored, dtype="bool"), log_prob)
+        w = std.cast_like(g, g.Not(ignored, dtype="bool"), scores)
     if weights is not None:
         picked = g.Gather(weights, safe, axis=0)
         w = picked if w is None else g.Mul(picked, w)
     if reduction == "mean":
-        denom = (std.cast_like(g, g.Size(labels, dtype="int64"), log_prob) if w is None
+        denom = (std.cast_like(g, g.Size(labels, dtype="int64"), scores) if w is None
                  else g.ReduceSum(w, keepdims=0))
         coef = g.Div(dY, denom)
     else:  # "sum": dY is a scalar; "none": dY has the labels' shape
@@ -137,9 +136,17 @@ def _(g, node):
         coef = g.Mul(coef, w)
     if w is not None or reduction == "none":
         coef = g.Unsqueeze(coef, g.ints([1]))
-    classes = g.Slice(g.Shape(log_prob, dtype="int64"), g.ints([1]), g.ints([2]))
-    hot = g.OneHot(safe, classes, g.const([0, 1], dtype=g.dtype(log_prob)), axis=1,
-                   dtype=g.dtype(log_prob))
+    classes = g.Slice(g.Shape(scores, dtype="int64"), g.ints([1]), g.ints([2]))
+    hot = g.OneHot(safe, classes, g.const([0, 1], dtype=g.dtype(scores)), axis=1,
+                   dtype=g.dtype(scores))
+    return hot, coef
+
+
+@SoftmaxCrossEntropyLossGrad.in_standard_ops
+def _(g, node):
+    dY, log_prob, labels, *rest = node.inputs
+    weights = rest[0] if rest and rest[0] else None
+    hot, coef = _standard_picks(g, node, dY, log_prob, labels, weights)
     return (g.Mul(g.Sub(g.Exp(log_prob), hot), coef),)
 
 
@@ -149,6 +156,14 @@ def NegativeLogLikelihoodLossGrad(xp, dY, input, target, weight=None, *, ignore_
     safe, coef = _coefficient(xp, dY, target, weight, ignore_index, reduction, input.dtype)
     hot = _one_hot(xp, safe, input.shape[1], input.ndim)
     return (-(hot * xp.expand_dims(coef, 1)),)
+
+
+@NegativeLogLikelihoodLossGrad.in_standard_ops
+def _(g, node):
+    dY, scores, target, *rest = node.inputs
+    weights = rest[0] if rest and rest[0] else None
+    hot, coef = _standard_picks(g, node, dY, scores, target, weights)
+    return (g.Neg(g.Mul(hot, coef)),)
 
 
 @SoftmaxCrossEntropyLoss.gradient
@@ -202,7 +217,19 @@ def OnesLike(xp, X):
     return (xp.ones_like(X),)
 
 
+@OnesLike.in_standard_ops
+def _(g, node):
+    X = node.inputs[0]
+    return (g.Add(std.zeros(g, g.Shape(X, dtype="int64"), X), std.like(g, 1, X)),)
+
+
 @op("ZerosLike", domain=_PRIVATE)
 def ZerosLike(xp, X):
     """Zeros of X's shape and type: the gradient of a value that does not depend on X."""
     return (xp.zeros_like(X),)
+
+
+@ZerosLike.in_standard_ops
+def _(g, node):
+    X = node.inputs[0]
+    return (std.zeros(g, g.Shape(X, dtype="int64"), X),)

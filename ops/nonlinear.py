@@ -169,6 +169,26 @@ def GeluGrad(xp, dY, X, *, approximate="none"):
     return (_a(xp, dY * d, dY),)
 
 
+@GeluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+
+    def c(value):
+        return std.like(g, value, X)
+
+    if node.attrs.get("approximate", "none") == "tanh":
+        cube = g.Mul(g.Mul(X, X), X)
+        t = g.Tanh(g.Mul(c(_TANH_C), g.Add(X, g.Mul(c(0.044715), cube))))
+        slope = g.Mul(g.Mul(g.Mul(g.Mul(c(0.5), X), g.Sub(c(1), g.Mul(t, t))), c(_TANH_C)),
+                      g.Add(c(1), g.Mul(g.Mul(c(3 * 0.044715), X), X)))
+        d = g.Add(g.Mul(c(0.5), g.Add(c(1), t)), slope)
+    else:
+        d = g.Add(g.Mul(c(0.5), g.Add(c(1), g.Erf(g.Mul(X, c(1 / math.sqrt(2)))))),
+                  g.Mul(g.Mul(X, g.Exp(g.Mul(g.Mul(c(-0.5), X), X))),
+                        c(1 / math.sqrt(2 * math.pi))))
+    return (g.Mul(dY, d),)
+
+
 # -- Clip ----------------------------------------------------------------------------------
 
 
@@ -235,6 +255,22 @@ def ClipGrad(xp, dY, X, min=None, max=None):
     return (_a(xp, dX.reshape(dY.shape), dY),)
 
 
+@ClipGrad.in_standard_ops
+def _(g, node):
+    dY, X, *bounds = node.inputs
+    low = bounds[0] if bounds and bounds[0] else None
+    high = bounds[1] if len(bounds) > 1 and bounds[1] else None
+    inside = None
+    if low is not None:
+        inside = g.GreaterOrEqual(X, low, dtype="bool")
+    if high is not None:
+        below = g.LessOrEqual(X, high, dtype="bool")
+        inside = below if inside is None else g.And(inside, below, dtype="bool")
+    if inside is None:
+        return (g.Identity(dY),)
+    return (g.Mul(dY, std.cast_like(g, inside, dY)),)
+
+
 # -- PRelu ---------------------------------------------------------------------------------
 
 
@@ -259,6 +295,16 @@ def PReluGrad(xp, dY, X, slope):
     return _a(xp, dX, dY), dslope
 
 
+@PReluGrad.in_standard_ops
+def _(g, node):
+    dY, X, slope = node.inputs
+    positive = g.Greater(X, std.like(g, 0, X), dtype="bool")
+    dX = g.Where(positive, dY, g.Mul(dY, slope))
+    dslope = g.private("SumToShape", g.Where(positive, std.like(g, 0, dY), g.Mul(dY, X)),
+                       g.Shape(slope, dtype="int64"))
+    return (dX, dslope)
+
+
 # -- piecewise activations -----------------------------------------------------------------
 
 
@@ -276,6 +322,16 @@ def HardSigmoidGrad(xp, dY, X, *, alpha=0.2, beta=0.5):
     return (_a(xp, xp.where((z > 0) & (z < 1), dY * alpha, xp.zeros((), dtype=dY.dtype)), dY),)
 
 
+@HardSigmoidGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    alpha = std.like(g, node.attrs.get("alpha", 0.2), X)
+    z = g.Add(g.Mul(X, alpha), std.like(g, node.attrs.get("beta", 0.5), X))
+    inside = g.And(g.Greater(z, std.like(g, 0, X), dtype="bool"),
+                   g.Less(z, std.like(g, 1, X), dtype="bool"), dtype="bool")
+    return (g.Where(inside, g.Mul(dY, alpha), std.like(g, 0, dY)),)
+
+
 @op("HardSwish", since=14, differentiable=("X",))
 def HardSwish(xp, X):
     return (_a(xp, X * xp.clip(X * (1 / 6) + 0.5, 0, 1).astype(X.dtype, copy=False), X),)
@@ -290,6 +346,19 @@ def HardSwishGrad(xp, dY, X):
     return (_a(xp, dY * d, dY),)
 
 
+@HardSwishGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+
+    def c(value):
+        return std.like(g, value, X)
+
+    middle = g.Add(g.Mul(X, c(1 / 3)), c(0.5))
+    d = g.Where(g.Less(X, c(-3), dtype="bool"), c(0.0),
+                g.Where(g.LessOrEqual(X, c(3), dtype="bool"), middle, c(1.0)))
+    return (g.Mul(dY, d),)
+
+
 @op("Elu", since=6, differentiable=("X",))
 def Elu(xp, X, *, alpha=1.0):
     return (_a(xp, xp.where(X > 0, X, alpha * xp.expm1(xp.minimum(X, 0))), X),)
@@ -301,6 +370,14 @@ Elu.gradient(_rule("EluGrad", "alpha"))
 @op("EluGrad", domain="onnxgrad")
 def EluGrad(xp, dY, X, *, alpha=1.0):
     return (_a(xp, xp.where(X > 0, dY, dY * (alpha * xp.exp(xp.minimum(X, 0)))), dY),)
+
+
+@EluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    zero = std.like(g, 0, X)
+    slope = g.Mul(std.like(g, node.attrs.get("alpha", 1.0), X), g.Exp(g.Min(X, zero)))
+    return (g.Where(g.Greater(X, zero, dtype="bool"), dY, g.Mul(dY, slope)),)
 
 
 _SELU_ALPHA = 1.67326319217681884765625
@@ -357,6 +434,12 @@ Softplus.gradient(_rule("SoftplusGrad"))
 @op("SoftplusGrad", domain="onnxgrad")
 def SoftplusGrad(xp, dY, X):
     return (_a(xp, dY * _sigmoid(xp, X), dY),)
+
+
+@SoftplusGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    return (g.Mul(dY, g.Sigmoid(X)),)
 
 
 @op("Softsign", since=1, differentiable=("input",))

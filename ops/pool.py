@@ -258,6 +258,31 @@ def AveragePoolGrad(xp, dY, x_shape, *, auto_pad="NOTSET", ceil_mode=0, count_in
     return (_scatter(xp, lambda k: share, x_shape, geo, dY.dtype),)
 
 
+@AveragePoolGrad.in_standard_ops
+def _(g, node):
+    # Each window's share of dY spread over the window: a ConvTranspose of the shares
+    # with a kernel of ones, per (item, channel) plane.
+    dY, x_shape = node.inputs
+    shape = std.shape_value(g, x_shape)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    a = node.attrs
+    geo = _geometry(shape, a.get("kernel_shape"), a.get("auto_pad", "NOTSET"),
+                    a.get("ceil_mode", 0), a.get("dilations"), a.get("pads"), a.get("strides"))
+    sp, kernel, strides, dilations, begin, end, need, out = geo
+    divisor = _divisor(geo, a.get("count_include_pad", 0))
+    share = g.Div(dY, g.const(divisor, dtype=g.dtype(dY)))
+    planes = g.Reshape(share, g.ints([-1, 1] + list(out)))
+    n = len(sp)
+    full = [(out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 for i in range(n)]
+    after = [max(0, full[i] - begin[i] - sp[i]) for i in range(n)]
+    extra = [sp[i] - (full[i] - begin[i] - after[i]) for i in range(n)]
+    ones = g.const(np.ones((1, 1) + tuple(kernel)), dtype=g.dtype(dY))
+    dX = g.ConvTranspose(planes, ones, strides=list(strides), dilations=list(dilations),
+                         pads=list(begin) + after, output_padding=extra)
+    return (g.Reshape(dX, x_shape),)
+
+
 # -- global pooling ------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ averaged, known only at run time when shapes are dynamic).
 
 from __future__ import annotations
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -91,6 +92,12 @@ def BroadcastTo(xp, X, shape):
     return (out,)
 
 
+@BroadcastTo.in_standard_ops
+def _(g, node):
+    X, shape = node.inputs
+    return (g.Expand(X, shape),)
+
+
 @op("ReduceMeanGrad", domain="onnxgrad", host_inputs=("shape",))
 def ReduceMeanGrad(xp, dY, shape):
     """The gradient of a mean: ``dY`` broadcast to ``shape``, divided by the count averaged."""
@@ -104,6 +111,13 @@ def ReduceMeanGrad(xp, dY, shape):
     if count != 1:
         out /= count
     return (out,)
+
+
+@ReduceMeanGrad.in_standard_ops
+def _(g, node):
+    dY, shape = node.inputs
+    count = g.Div(g.ReduceProd(shape, keepdims=0), g.Size(dY, dtype="int64"), dtype="int64")
+    return (g.Div(g.Expand(dY, shape), std.cast_like(g, count, dY)),)
 
 
 # -- ArgMax -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import math
 
 import numpy as np  # host-side shape values only (see the module docstring)
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 #: Integer tensors at most this large that already live on the host stay there.
@@ -214,6 +215,25 @@ def SliceGrad(xp, dY, shape, starts, ends, axes=None, steps=None):
     out = xp.zeros(shape, dtype=dY.dtype)
     out[slice_index(shape, starts, ends, axes, steps)] = dY
     return (out,)
+
+
+@SliceGrad.in_standard_ops
+def _(g, node):
+    dY, shape, starts, ends, *rest = node.inputs + [""] * 2
+    axes, steps = rest[0] or None, rest[1] or None
+    static = std.shape_value(g, shape)
+    values = [g.graph.initializers.get(v) if v else None for v in (starts, ends, axes, steps)]
+    if static is None or not all(isinstance(d, int) for d in static) or \
+            any(v is None for v in values[:2]) or (axes and values[2] is None) or \
+            (steps and values[3] is None):
+        return None
+    if steps and any(int(v) != 1 for v in values[3].reshape(-1)):
+        return None
+    index = slice_index(static, values[0], values[1], values[2], None)
+    spans = [part.indices(dim)[:2] for part, dim in zip(index, static)]
+    begin = [start for start, _ in spans]
+    after = [dim - max(stop, start) for (start, stop), dim in zip(spans, static)]
+    return (g.Pad(dY, g.ints(begin + after)),)
 
 
 # -- Expand and Tile ----------------------------------------------------------------------
