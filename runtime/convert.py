@@ -13,7 +13,9 @@ the BatchNormalization running statistics the step updates, the learning rate
 ``lr`` and, for optimizers that read it, the number of steps taken ``step``.
 Every state input has an initializer of the same name holding its first
 value, so a first step needs only data and target.  Outputs: ``loss``, then
-one output per state input, ``<input>.next``.
+one output per state input, ``<input>.next``.  Metadata: ``onnxgrad.state``
+maps each state output to its input, ``onnxgrad.trained`` lists the trained
+parameters.
 
 onnxgrad's private gradient ops are written out in standard ops (their
 ``in_standard_ops`` forms, :mod:`onnxgrad.ops.standard`); training-mode
@@ -45,6 +47,8 @@ from onnxgrad.program import build_program
 TARGET_OPSET = 18
 #: The metadata key holding ``{state output: the input it replaces}``.
 STATE_KEY = "onnxgrad.state"
+#: The metadata key holding the list of trained parameters.
+TRAINED_KEY = "onnxgrad.trained"
 
 
 def step_model(model: Model, optimizer: Optimizer, loss: str | Loss | None = "cross_entropy",
@@ -60,6 +64,7 @@ def step_model(model: Model, optimizer: Optimizer, loss: str | Loss | None = "cr
     states: dict[str, str] = {}  # state input -> its value after the step
 
     statistics = _write_batchnorms(g, program.inference_nodes)
+    _train_dropouts(g)
     g.prefix = "optimizer"
     lr = _state_input(graph, taken, "lr", np.array(optimizer.lr, dtype=np.float32))
     step = None
@@ -100,6 +105,7 @@ def step_model(model: Model, optimizer: Optimizer, loss: str | Loss | None = "cr
     prune(graph, outputs)
     proto = _to_proto(graph, model._proto, program)
     proto.metadata_props.add(key=STATE_KEY, value=json.dumps(mapping))
+    proto.metadata_props.add(key=TRAINED_KEY, value=json.dumps(program.trainable))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # noqa: BLE001 - a step model the checker refuses is a bug here
@@ -109,10 +115,19 @@ def step_model(model: Model, optimizer: Optimizer, loss: str | Loss | None = "cr
 
 def state_mapping(step: onnx.ModelProto) -> dict[str, str]:
     """``{state output: the input it replaces}`` of a step model."""
+    return _metadata(step, STATE_KEY)
+
+
+def trained_parameters(step: onnx.ModelProto) -> list[str]:
+    """The parameters a step model trains."""
+    return _metadata(step, TRAINED_KEY)
+
+
+def _metadata(step: onnx.ModelProto, key: str):
     for prop in step.metadata_props:
-        if prop.key == STATE_KEY:
+        if prop.key == key:
             return json.loads(prop.value)
-    raise ModelError(f"the model carries no {STATE_KEY!r} metadata: not an onnxgrad step model")
+    raise ModelError(f"the model carries no {key!r} metadata: not an onnxgrad step model")
 
 
 def eval_model(model: Model, trainable: Iterable[str]) -> onnx.ModelProto:
@@ -215,6 +230,17 @@ def _write_batchnorms(g: GradBuilder, inference_nodes: frozenset[str]) -> dict[s
             updates[mean] = new_mean
             updates[var] = g.Add(g.Mul(var, keep), g.Mul(unbiased, take))
     return updates
+
+
+def _train_dropouts(g: GradBuilder) -> None:
+    """Dropout nodes get ``training_mode`` true: they drop in a training step, as in the
+    Trainer (onnxruntime draws its own masks)."""
+    for node in g.graph.nodes:
+        if node.op_type == "Dropout" and node.domain == "":
+            inputs = list(node.inputs) + [""] * (3 - len(node.inputs))
+            g.prefix = node.name
+            inputs[2] = g.const(True, dtype=bool, name="training_mode")
+            node.inputs = inputs
 
 
 def _expand_private_ops(g: GradBuilder, where: str) -> None:

@@ -46,6 +46,8 @@ class Model:
         self._runners: dict[tuple[str, ...], ShapeSpecializedRunner] = {}
         #: Called before weights are read, by a trainer that keeps them on a device.
         self._pull_weights: Callable[[], None] | None = None
+        #: Called with the names :meth:`set_parameters` changed (a trainer's device copies).
+        self._on_set_parameters: Callable[[list[str]], None] | None = None
 
     def __repr__(self) -> str:
         where = f" from {self.path!r}" if self.path else ""
@@ -65,6 +67,32 @@ class Model:
     def parameters(self) -> dict[str, np.ndarray]:
         """Every initializer by name, as a copy."""
         return {k: v.copy() for k, v in self._weights().items()}
+
+    def set_parameters(self, values: Mapping[str, Any]) -> None:
+        """Give initializers new values (e.g. weights trained elsewhere), in place: each
+        name must be an initializer of the model and each value have its shape; values
+        are cast to the initializer's element type within a kind (float to float, int to
+        int).  Nothing changes if any value is refused.  A trainer of this model sees
+        the new values."""
+        weights = self._weights()
+        checked = {}
+        for name, value in values.items():
+            if name not in weights:
+                raise DataError(f"{self.where}: {name!r} is not an initializer of the model; "
+                                f"initializers are {_names_preview(weights)}")
+            array = np.asarray(value)
+            target = weights[name]
+            if array.shape != target.shape:
+                raise DataError(f"{self.where}: {name!r} has shape {list(target.shape)}, "
+                                f"got a value of shape {list(array.shape)}")
+            if _kind(array.dtype) != _kind(target.dtype):
+                raise DataError(f"{self.where}: {name!r} holds {target.dtype}, got a value of "
+                                f"element type {array.dtype}")
+            checked[name] = array
+        for name, array in checked.items():
+            weights[name][...] = array
+        if self._on_set_parameters is not None:
+            self._on_set_parameters(list(checked))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the original graph with the current weights, atomically."""
@@ -207,3 +235,9 @@ def _check_tensor(name: str, value: Any, want: np.dtype | None, shape: tuple | N
             want_s = "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + "]"
             raise DataError(f"{where}: input {name!r} expects shape {want_s}, got {list(got)}")
     return value
+
+
+def _names_preview(names, limit: int = 8) -> str:
+    names = list(names)
+    more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"

@@ -113,6 +113,7 @@ class Trainer:
             self._weights[k] = value
         if self._copied:
             model._pull_weights = self._pull
+            model._on_set_parameters = self._push
         self._stale = False
         self._target_signature: tuple | None = None  # the last target type and shape checked
         self._classes: int | None = None
@@ -123,6 +124,13 @@ class Trainer:
         self.graphs: StepGraphs | None = (
             StepGraphs(self.backend) if cuda_graphs and not on_cpu else None)
         self._device_update: DeviceUpdate | None = None
+
+    def _push(self, names: list[str]) -> None:
+        """Copy new values of the model's weights into the trainer's device arrays, in
+        place (a recorded CUDA graph keeps reading the same arrays)."""
+        for name in names:
+            if name in self._weights:
+                self._weights[name][...] = self.backend.asarray(self.model.graph.initializers[name])
 
     def _pull(self) -> None:
         """Copy the trainer's own weight arrays back into the model."""

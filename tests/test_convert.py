@@ -98,3 +98,247 @@ def test_one_step_moves_weights_by_the_gradient(sample):
         moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
         scale = max(np.abs(want[name]).max(), 1.0)
         np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+# -- whole models -----------------------------------------------------------------------
+
+
+def train_in_onnxruntime(step, feeds, steps, lr=None):
+    """``steps`` runs of ``step``, each state output copied to its input; the losses and
+    the last state (by input name)."""
+    session, mapping = _session(step), state_mapping(step)
+    state, losses = {}, []
+    for i in range(steps):
+        if lr is not None:
+            state["lr"] = np.asarray(lr(i), dtype=np.float32)
+        out = _run(session, {**feeds, **state})
+        losses.append(float(out["loss"]))
+        state = {mapping[name]: value for name, value in out.items() if name in mapping}
+    return losses, state
+
+
+def _digits(n=32):
+    data = np.load(ROOT / "models" / "digits_train.npz")
+    return data["input"][:n], data["label"][:n].astype(np.int64)
+
+
+SHIPPED = {
+    "digits_mlp-sgd": ("digits_mlp.onnx", "cross_entropy",
+                       lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    "digits_mlp-sgd-dampening": ("digits_mlp.onnx", "cross_entropy",
+                                 lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, dampening=0.3)),
+    "digits_mlp-sgd-nesterov": ("digits_mlp.onnx", "cross_entropy",
+                                lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, nesterov=True)),
+    "digits_mlp-adam": ("digits_mlp.onnx", "cross_entropy",
+                        lambda: onnxgrad.Adam(lr=0.01, weight_decay=1e-3)),
+    "digits_mlp-adamw": ("digits_mlp.onnx", "cross_entropy", lambda: onnxgrad.AdamW(lr=0.01)),
+    "digits_cnn-sgd": ("digits_cnn.onnx", "cross_entropy",
+                       lambda: onnxgrad.SGD(lr=0.05, momentum=0.9)),
+    "tiny_lm-sgd": ("tiny_lm.onnx", onnxgrad.CrossEntropy(class_axis=-1),
+                    lambda: onnxgrad.SGD(lr=0.1, momentum=0.9)),
+}
+
+
+@pytest.mark.parametrize("case", list(SHIPPED))
+def test_steps_in_onnxruntime_equal_trainer_steps(case):
+    """4 steps, the learning rate lowered before the third: weights, optimizer state
+    and running statistics equal those of 4 Trainer steps."""
+    file, loss, make = SHIPPED[case]
+    model = onnxgrad.load(ROOT / "models" / file)
+    if file == "tiny_lm.onnx":
+        corpus = np.load(ROOT / "models" / "tiny_lm_corpus.npz")
+        feeds, target = {"tokens": corpus["tokens"][:8]}, corpus["label"][:8]
+    else:
+        x, target = _digits()
+        feeds = {model.graph.inputs[0]: x}
+    step = step_model(model, make(), loss=loss)
+    base = make().lr
+    rates = [float(np.float32(r)) for r in (base, base, base * 0.4, base * 0.4)]
+    losses, state = train_in_onnxruntime(step, {**feeds, "target": target}, 4,
+                                         lr=lambda i: rates[i])
+    optimizer = make()
+    trainer = onnxgrad.Trainer(onnxgrad.load(ROOT / "models" / file), loss=loss,
+                               optimizer=optimizer)
+    want_losses = []
+    for rate in rates:
+        optimizer.lr = rate
+        want_losses.append(trainer.step(feeds, target))
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    params = trainer.model.parameters()
+    for name in trainer.trainable:
+        np.testing.assert_allclose(state[name], params[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        for key, value in optimizer.state[name].items():
+            if key != "step":
+                np.testing.assert_allclose(state[f"{name}.{key}"], value, rtol=1e-4, atol=1e-6,
+                                           err_msg=f"{name}.{key}")
+    for name, value in params.items():  # running statistics
+        if name in state and name not in trainer.trainable:
+            np.testing.assert_allclose(state[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    if "step" in state:
+        assert int(state["step"]) == 4
+
+
+def test_step_model_is_standard_and_declares_its_state():
+    model = onnxgrad.load(ROOT / "models" / "digits_cnn.onnx")
+    step = step_model(model, onnxgrad.AdamW(lr=0.01))
+    onnx.checker.check_model(step, full_check=True)
+    assert {n.domain for n in step.graph.node} <= {"", "ai.onnx"}
+    assert not step.functions
+    mapping = json.loads(next(p.value for p in step.metadata_props if p.key == STATE_KEY))
+    inputs = [i.name for i in step.graph.input]
+    outputs = [o.name for o in step.graph.output]
+    assert outputs[0] == "loss" and outputs[1:] == list(mapping)
+    assert inputs[:2] == ["input", "target"] and set(mapping.values()) == set(inputs[2:])
+    initial = {t.name for t in step.graph.initializer}
+    assert set(inputs[2:]) <= initial  # every state input has its first value
+    assert {"lr", "step"} <= set(inputs)
+    statistics = {x for n in model.graph.nodes if n.op_type == "BatchNormalization"
+                  for x in n.inputs[3:5]}
+    assert statistics and statistics <= set(inputs)
+    trained = onnxgrad.Trainer(model).trainable
+    for name in trained:
+        assert {name, f"{name}.exp_avg", f"{name}.exp_avg_sq"} <= set(inputs)
+
+
+CNN = np.load(REF / "cnn.npz")
+CNN_META = json.loads(str(CNN["meta"]))
+TRANSFORMER = np.load(REF / "transformer.npz")
+TRANSFORMER_META = json.loads(str(TRANSFORMER["meta"]))
+TORCH_CASES = ([("cnn", net, kind) for net in CNN_META["nets"] for kind in ("sgd", "adamw")]
+               + [("transformer", exporter, kind) for exporter in TRANSFORMER_META["exporters"]
+                  for kind in ("sgd", "adamw")])
+
+
+@pytest.mark.parametrize("family,net,kind", TORCH_CASES,
+                         ids=[f"{f}-{n}-{k}" for f, n, k in TORCH_CASES])
+def test_torch_exports_train_in_onnxruntime_to_torch_weights(family, net, kind):
+    """torch.onnx exports, converted with SGD(momentum) and AdamW, trained in stock
+    onnxruntime: PyTorch's losses and weights (tests/reference/make_*_reference.py)."""
+    if family == "cnn":
+        data, meta = CNN, CNN_META
+        path = REF / meta["nets"][net]["file"]
+        names = meta["nets"][net]["params"] + meta["nets"][net]["buffers"]
+        feeds, target, loss = {"input": data[f"{net}/x"]}, data[f"{net}/y"], "cross_entropy"
+        prefix = net
+        trainable = None
+    else:
+        data, meta = TRANSFORMER, TRANSFORMER_META
+        path = REF / meta["files"][net]
+        names = sorted(m["initializer"] for m in meta["mapping"][net].values())
+        feeds, target, loss = {"tokens": data["tokens"]}, data["label"], "cross_entropy"
+        prefix = net
+        trainable = names
+    make = onnxgrad.SGD if kind == "sgd" else onnxgrad.AdamW
+    step = step_model(onnxgrad.load(path), make(**meta[kind]), loss=loss, trainable=trainable)
+    losses, state = train_in_onnxruntime(step, {**feeds, "target": target}, meta[f"{kind}_steps"])
+    want_losses = data[f"{net}/{kind}_losses"] if family == "cnn" else data[f"{kind}_losses"]
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-4, atol=1e-5)
+    for name in names:
+        if family == "transformer" and kind == "adamw" and name == \
+                meta["mapping"][net]["layer.self_attn.in_proj_bias"]["initializer"]:
+            continue  # a zero gradient in exact arithmetic: Adam scales rounding noise to ±lr
+        np.testing.assert_allclose(state[name], data[f"{prefix}/{kind}/{name}"], rtol=1e-4,
+                                   atol=1e-5 if family == "cnn" else 1e-6, err_msg=name)
+
+
+def test_dropout_trains_in_the_step_model():
+    from helpers import helper, make_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+             helper.make_node("Dropout", ["h"], ["logits"], name="drop")]
+    proto = make_model(nodes, [("x", np.float32, ["N", 6])], [("logits", np.float32, ["N", 3])],
+                       {"w": rng.standard_normal((3, 6)).astype(np.float32),
+                        "b": np.zeros(3, np.float32)}, opset=13)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=0.0))
+    x, y = np.ones((64, 6), np.float32), np.zeros(64, np.int64)
+    losses, _ = train_in_onnxruntime(step, {"x": x, "target": y}, 3)
+    assert len(set(losses)) == 3  # lr 0: only the masks change the loss
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def test_convert_and_apply_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxgrad.tools.cli import main
+
+    runner = CliRunner()
+    model = ROOT / "models" / "digits_mlp.onnx"
+    step_path, eval_path = tmp_path / "step.onnx", tmp_path / "step.eval.onnx"
+    result = runner.invoke(main, ["convert", str(model), "--optimizer", "sgd", "--lr", "0.05",
+                                  "--momentum", "0.9", "--freeze", "0.*", "--out", str(step_path)])
+    assert result.exit_code == 0, result.output
+    assert "2 trained parameters" in result.output and eval_path.exists()
+    step = onnx.load(step_path)
+    x, y = _digits(64)
+    _, state = train_in_onnxruntime(step, {"input": x, "target": y}, 5)
+    frozen = onnxgrad.load(model).parameters()
+    assert set(json.loads(next(p.value for p in step.metadata_props
+                               if p.key == "onnxgrad.trained"))) == {"2.weight", "2.bias"}
+    # The evaluation model takes the current weights as inputs.
+    got = _run(_session(onnx.load(eval_path)), {"input": x, "2.weight": state["2.weight"],
+                                               "2.bias": state["2.bias"]})
+    trained_path = tmp_path / "trained.onnx"
+    np.savez(tmp_path / "state.npz", **state)
+    result = runner.invoke(main, ["apply", str(model), str(tmp_path / "state.npz"),
+                                  "--out", str(trained_path)])
+    assert result.exit_code == 0, result.output
+    assert "left out" in result.output and "lr" in result.output
+    trained = onnxgrad.load(trained_path)
+    np.testing.assert_array_equal(trained.parameters()["2.weight"], state["2.weight"])
+    np.testing.assert_array_equal(trained.parameters()["0.weight"], frozen["0.weight"])
+    want = _run(_session(onnx.load(trained_path)), {"input": x})
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "{model}"], "is the input model"),
+    (["--out", "{tmp}/a.onnx", "--eval-out", "{tmp}/a.onnx"], "name the same file"),
+    (["--out", "{tmp}/missing/a.onnx"], "does not exist"),
+    (["--optimizer", "rmsprop"], "unknown optimizer"),
+    (["--loss", "mse", "--class-axis", "1"], "apply to class losses"),
+])
+def test_convert_refuses_bad_options(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from onnxgrad.tools.cli import main
+
+    model = ROOT / "models" / "digits_mlp.onnx"
+    args = [a.format(model=model, tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "step.onnx")]
+    result = CliRunner().invoke(main, ["convert", str(model), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_an_op_without_a_standard_form_is_named(tmp_path):
+    from helpers import helper, make_model
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+             helper.make_node("Celu", ["h"], ["logits"], name="celu")]
+    proto = make_model(nodes, [("x", np.float32, ["N", 4])], [("logits", np.float32, ["N", 3])],
+                       {"w": rng.standard_normal((3, 4)).astype(np.float32),
+                        "b": np.zeros(3, np.float32)}, opset=13)
+    with pytest.raises(ModelError, match=r"node 'celu/CeluGrad' \(onnxgrad::CeluGrad.*cannot be "
+                                         r"written in standard ONNX ops yet"):
+        step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=0.1))
+
+
+def test_set_parameters_checks_then_writes_in_place():
+    model = onnxgrad.load(ROOT / "models" / "digits_mlp.onnx")
+    before = model.parameters()
+    with pytest.raises(onnxgrad.DataError, match="'nope' is not an initializer"):
+        model.set_parameters({"2.bias": np.zeros_like(before["2.bias"]), "nope": np.zeros(1)})
+    with pytest.raises(onnxgrad.DataError, match=r"has shape \[10\], got a value of shape \[3\]"):
+        model.set_parameters({"2.bias": np.zeros(3)})
+    np.testing.assert_array_equal(model.parameters()["2.bias"], before["2.bias"])  # untouched
+    trainer = onnxgrad.Trainer(model, optimizer=onnxgrad.SGD(lr=0.0))
+    model.set_parameters({"2.bias": np.ones(10)})
+    x, y = _digits(4)
+    assert trainer.step({"input": x}, y) > 0
+    np.testing.assert_array_equal(model.parameters()["2.bias"], np.ones(10, np.float32))
+    out = model.run({"input": x})
+    assert np.isfinite(list(out.values())[0]).all()

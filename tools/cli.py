@@ -32,6 +32,7 @@ from .report import (
     op_support,
     select_trainable,
 )
+from .convert import apply, convert
 from .train import train
 
 
@@ -55,6 +56,7 @@ def main():
       onnxgrad train models/digits_mlp.onnx --data models/digits_train.npz \\
           --val models/digits_test.npz --epochs 5 --out digits_trained.onnx
       onnxgrad eval digits_trained.onnx --data models/digits_test.npz
+      onnxgrad convert models/digits_mlp.onnx --optimizer sgd --out digits_step.onnx
 
     Run "onnxgrad COMMAND --help" for the options of each command.
     """
@@ -156,6 +158,8 @@ def _op_name(row) -> str:
 
 
 main.add_command(train)
+main.add_command(convert)
+main.add_command(apply)
 
 
 @main.command("eval", context_settings=CONTEXT)

@@ -4,6 +4,7 @@ checking models and data, metrics, and the data-key options."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import click
@@ -200,3 +201,50 @@ threads_option = click.option(
     callback=_set_threads,
     help="Threads for every costly kernel, matrix products included. Default: "
          "ONNXGRAD_NUM_THREADS, else the cores available.")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Default learning rate per optimizer (PyTorch's defaults for Adam/AdamW).
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+#: Default weight decay per optimizer (PyTorch's defaults).
+DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
+
+_optimizer_options = [
+    click.option("--optimizer", default="adam", show_default=True, metavar="sgd|adam|adamw",
+                 help="Optimizer; matches torch.optim numerically."),
+    click.option("--lr", type=float, default=None,
+                 help="Learning rate. Default: 0.01 for sgd, 0.001 for adam and adamw."),
+    click.option("--momentum", type=float, default=None,
+                 help="SGD momentum (sgd only). Default: 0."),
+    click.option("--weight-decay", type=float, default=None,
+                 help="Weight decay. Default: 0 for sgd and adam, 0.01 for adamw "
+                      "(as in torch.optim)."),
+]
+
+
+def optimizer_options(fn):
+    for option in reversed(_optimizer_options):
+        fn = option(fn)
+    return fn
+
+
+def build_optimizer(name: str, lr: float | None, momentum: float | None,
+                    weight_decay: float | None) -> onnxgrad.Optimizer:
+    """The optimizer that --optimizer, --lr, --momentum and --weight-decay describe."""
+    name = name.lower()
+    if name not in OPTIMIZERS:
+        raise click.ClickException(f"unknown optimizer {name!r}; choose one of "
+                                   f"{', '.join(OPTIMIZERS)}")
+    if momentum is not None and name != "sgd":
+        raise click.ClickException(f"--momentum applies to --optimizer sgd only (got {name})")
+    lr = DEFAULT_LR[name] if lr is None else lr
+    weight_decay = DEFAULT_WD[name] if weight_decay is None else weight_decay
+    if not (lr > 0 and math.isfinite(lr)):
+        raise click.ClickException(f"--lr must be a positive number (got {lr})")
+    if weight_decay < 0 or (momentum is not None and momentum < 0):
+        raise click.ClickException("--weight-decay and --momentum must not be negative")
+    if name == "sgd":
+        return onnxgrad.SGD(lr=lr, momentum=momentum or 0.0, weight_decay=weight_decay)
+    if name == "adam":
+        return onnxgrad.Adam(lr=lr, weight_decay=weight_decay)
+    return onnxgrad.AdamW(lr=lr, weight_decay=weight_decay)

@@ -17,6 +17,8 @@ from . import data as D
 from .common import (
     CONTEXT,
     boundary,
+    build_optimizer,
+    optimizer_options,
     check_loss,
     choose_batch_size,
     describe,
@@ -32,24 +34,11 @@ from .common import (
 from .metrics import batches
 from .report import is_float, select_trainable
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-#: Default learning rate per optimizer (PyTorch's defaults for Adam/AdamW).
-DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
-#: Default weight decay per optimizer (PyTorch's defaults).
-DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
-
-
 @click.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, metavar="FILE.npz", help="Training data (numpy.savez archive).")
 @key_options
-@click.option("--optimizer", default="adam", show_default=True, metavar="sgd|adam|adamw",
-              help="Optimizer; matches torch.optim numerically.")
-@click.option("--lr", type=float, default=None,
-              help="Learning rate. Default: 0.01 for sgd, 0.001 for adam and adamw.")
-@click.option("--momentum", type=float, default=None, help="SGD momentum (sgd only). Default: 0.")
-@click.option("--weight-decay", type=float, default=None,
-              help="Weight decay. Default: 0 for sgd and adam, 0.01 for adamw (as in torch.optim).")
+@optimizer_options
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -120,17 +109,7 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
     """
     echo = (lambda *a, **k: None) if quiet else click.echo
     loss = check_loss(loss, class_axis, ignore_index)
-    optimizer = optimizer.lower()
-    if optimizer not in OPTIMIZERS:
-        raise click.ClickException(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if momentum is not None and optimizer != "sgd":
-        raise click.ClickException(f"--momentum applies to --optimizer sgd only (got {optimizer})")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    weight_decay = DEFAULT_WD[optimizer] if weight_decay is None else weight_decay
-    if not (lr > 0 and math.isfinite(lr)):
-        raise click.ClickException(f"--lr must be a positive number (got {lr})")
-    if weight_decay < 0 or (momentum is not None and momentum < 0):
-        raise click.ClickException("--weight-decay and --momentum must not be negative")
+    opt = build_optimizer(optimizer, lr, momentum, weight_decay)
     if epochs < 1:
         raise click.ClickException(f"--epochs must be at least 1 (got {epochs})")
     if batch_size < 1:
@@ -177,11 +156,6 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         if not names:
             raise click.ClickException("no parameters left to train (check --trainable/--freeze)")
 
-    opt = {
-        "sgd": lambda: onnxgrad.SGD(lr=lr, momentum=momentum or 0.0, weight_decay=weight_decay),
-        "adam": lambda: onnxgrad.Adam(lr=lr, weight_decay=weight_decay),
-        "adamw": lambda: onnxgrad.AdamW(lr=lr, weight_decay=weight_decay),
-    }[optimizer]()
     eval_bs = max(batch_size, 256)
     checked: set = set()
 
@@ -203,7 +177,7 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
     if val is not None:
         click.echo(f"validation: {val.describe()}")
     click.echo(f"training {len(trainer.trainable)} of {n_float} parameter tensors ({n_values:,} "
-               f"values) with {optimizer} lr={lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
+               f"values) with {optimizer.lower()} lr={opt.lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
     rng = np.random.default_rng(seed)
