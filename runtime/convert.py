@@ -55,62 +55,101 @@ def step_model(model: Model, optimizer: Optimizer, loss: str | Loss | None = "cr
                output: str | None = None, trainable: str | Iterable[str] | None = None,
                frozen_batchnorm: str = "train") -> onnx.ModelProto:
     """The training step of ``model`` as a standard ONNX model (see the module's doc)."""
-    where = model.where
-    model = load(_upgraded(model.to_proto(), where))
-    program = build_program(model, resolve_loss(loss), output, trainable, frozen_batchnorm)
-    graph = program.graph
-    g = GradBuilder(graph)
-    taken = g.taken
-    states: dict[str, str] = {}  # state input -> its value after the step
-
-    statistics = _write_batchnorms(g, program.inference_nodes)
-    _train_dropouts(g)
-    g.prefix = "optimizer"
-    lr = _state_input(graph, taken, "lr", np.array(optimizer.lr, dtype=np.float32))
-    step = None
-    if optimizer.uses_step():
-        step = _state_input(graph, taken, "step", np.array(0, dtype=np.int64))
-    for param in program.trainable:
-        value = graph.initializers[param]
-        state = {key: _state_input(graph, taken, f"{param}.{key}", array)
-                 for key, array in optimizer.state_arrays(value).items()}
-        g.prefix = f"optimizer/{param}"
-        new_param, new_state = optimizer.update_nodes(g, param, program.grads[param], state, lr,
-                                                      step)
-        states[param] = new_param
-        for key, name in state.items():
-            states[name] = new_state[key]
-    states.update(statistics)
-    if step is not None:
-        g.prefix = "optimizer"
-        states[step] = g.Add(step, g.const(1, dtype="int64"), dtype="int64")
-    states[lr] = lr
-    if param_inputs := [p for p in program.trainable if p not in graph.inputs]:
-        graph.inputs.extend(param_inputs)
-    _expand_private_ops(g, where)
-
-    outputs = [_named(graph, taken, program.loss_value, "loss", ())]
-    mapping = {}
-    for name, value in states.items():
-        out = _named(graph, taken, value, f"{name}.next", graph.shape(name))
-        outputs.append(out)
-        mapping[out] = name
-    if program.target_input:
-        graph.info[program.target_input] = ValueInfo(
-            graph.dtype(program.target_input), _target_shape(graph, program, loss))
-    graph.outputs = outputs
-    for name in statistics:
-        if name not in graph.inputs:
-            graph.inputs.append(name)
-    prune(graph, outputs)
-    proto = _to_proto(graph, model._proto, program)
-    proto.metadata_props.add(key=STATE_KEY, value=json.dumps(mapping))
+    built = _StepGraph(model, optimizer, loss, output, trainable, frozen_batchnorm)
+    graph, program = built.graph, built.program
+    proto = _to_proto(graph, built.model._proto, f"{built.model._proto.graph.name or 'model'}_step")
+    proto.metadata_props.add(key=STATE_KEY, value=json.dumps(built.mapping))
     proto.metadata_props.add(key=TRAINED_KEY, value=json.dumps(program.trainable))
+    _check(proto, built.where, "the step model")
+    return proto
+
+
+def training_info_model(model: Model, optimizer: Optimizer,
+                        loss: str | Loss | None = "cross_entropy", output: str | None = None,
+                        trainable: str | Iterable[str] | None = None,
+                        frozen_batchnorm: str = "train") -> onnx.ModelProto:
+    """``model`` carrying its training step as an ONNX ``TrainingInfoProto``: the
+    algorithm graph is the step, reading the model's own weights and keeping the
+    optimizer's state and the learning rate as initializers of its own; its update
+    bindings write each new value back (the model's inputs and ``target`` are the
+    algorithm's inputs).  ``onnxgrad train --training-info`` runs it."""
+    built = _StepGraph(model, optimizer, loss, output, trainable, frozen_batchnorm)
+    graph, main = built.graph, built.model.to_proto()
+    own = {name for name in graph.initializers if name not in built.model.graph.initializers}
+    graph.inputs = [name for name in graph.inputs if name not in graph.initializers]
+    algorithm = _to_proto(graph, main, "training_step", keep=own).graph
+    proto = onnx.ModelProto()
+    proto.CopyFrom(main)
+    info = proto.training_info.add()
+    info.algorithm.CopyFrom(algorithm)
+    for out, name in built.mapping.items():
+        if out != built.lr_output:
+            info.update_binding.add(key=name, value=out)
+    _check(proto, built.where, "the model with its training algorithm")
+    return proto
+
+
+class _StepGraph:
+    """The step's graph: the training program, written out BatchNormalization and
+    Dropout, the optimizer's nodes, standard forms of private ops, and state outputs."""
+
+    def __init__(self, model: Model, optimizer: Optimizer, loss, output, trainable,
+                 frozen_batchnorm):
+        self.where = where = model.where
+        self.model = model = load(_upgraded(model.to_proto(), where))
+        self.program = program = build_program(model, resolve_loss(loss), output, trainable,
+                                               frozen_batchnorm)
+        self.graph = graph = program.graph
+        g = GradBuilder(graph)
+        taken = g.taken
+        states: dict[str, str] = {}  # state input -> its value after the step
+
+        statistics = _write_batchnorms(g, program.inference_nodes)
+        _train_dropouts(g)
+        g.prefix = "optimizer"
+        lr = _state_input(graph, taken, "lr", np.array(optimizer.lr, dtype=np.float32))
+        step = None
+        if optimizer.uses_step():
+            step = _state_input(graph, taken, "step", np.array(0, dtype=np.int64))
+        for param in program.trainable:
+            value = graph.initializers[param]
+            state = {key: _state_input(graph, taken, f"{param}.{key}", array)
+                     for key, array in optimizer.state_arrays(value).items()}
+            g.prefix = f"optimizer/{param}"
+            new_param, new_state = optimizer.update_nodes(g, param, program.grads[param], state,
+                                                          lr, step)
+            states[param] = new_param
+            for key, name in state.items():
+                states[name] = new_state[key]
+        states.update(statistics)
+        if step is not None:
+            g.prefix = "optimizer"
+            states[step] = g.Add(step, g.const(1, dtype="int64"), dtype="int64")
+        states[lr] = lr
+        graph.inputs.extend(p for p in program.trainable if p not in graph.inputs)
+        _expand_private_ops(g, where)
+
+        outputs = [_named(graph, taken, program.loss_value, "loss", ())]
+        self.mapping: dict[str, str] = {}  # state output -> its input
+        for name, value in states.items():
+            out = _named(graph, taken, value, f"{name}.next", graph.shape(name))
+            outputs.append(out)
+            self.mapping[out] = name
+            if name == lr:
+                self.lr_output = out
+        if program.target_input:
+            graph.info[program.target_input] = ValueInfo(
+                graph.dtype(program.target_input), _target_shape(graph, program, loss))
+        graph.outputs = outputs
+        graph.inputs.extend(name for name in statistics if name not in graph.inputs)
+        prune(graph, outputs)
+
+
+def _check(proto: onnx.ModelProto, where: str, what: str) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:  # noqa: BLE001 - a step model the checker refuses is a bug here
-        raise ModelError(f"{where}: the step model fails onnx.checker: {exc}") from exc
-    return proto
+    except Exception as exc:  # noqa: BLE001 - a model the checker refuses is a bug here
+        raise ModelError(f"{where}: {what} fails onnx.checker: {exc}") from exc
 
 
 def state_mapping(step: onnx.ModelProto) -> dict[str, str]:
@@ -267,16 +306,19 @@ def _expand_private_ops(g: GradBuilder, where: str) -> None:
 # -- writing ----------------------------------------------------------------------------
 
 
-def _to_proto(graph: Graph, original: onnx.ModelProto, program) -> onnx.ModelProto:
+def _to_proto(graph: Graph, original: onnx.ModelProto, name: str,
+              keep: set[str] | None = None) -> onnx.ModelProto:
+    """``graph`` as a model with ``original``'s opset imports; ``keep`` limits the
+    initializers written (default: every one used)."""
     opset = max(TARGET_OPSET, graph.opsets.get("", TARGET_OPSET))
     nodes = [_node_proto(n, opset) for n in graph.toposort()]
     used = {x for n in graph.nodes for x in n.inputs if x} | set(graph.inputs)
     initializers = [numpy_helper.from_array(np.asarray(v), k)
-                    for k, v in graph.initializers.items() if k in used]
+                    for k, v in graph.initializers.items()
+                    if k in used and (keep is None or k in keep)]
     inputs = [_value_info(graph, name) for name in graph.inputs]
     outputs = [_value_info(graph, name) for name in graph.outputs]
-    gp = helper.make_graph(nodes, f"{original.graph.name or 'model'}_step", inputs, outputs,
-                           initializers)
+    gp = helper.make_graph(nodes, name, inputs, outputs, initializers)
     imports = [helper.make_opsetid("", opset)] + [
         helper.make_opsetid(o.domain, o.version) for o in original.opset_import
         if o.domain not in ("", "ai.onnx")]

@@ -342,3 +342,56 @@ def test_set_parameters_checks_then_writes_in_place():
     np.testing.assert_array_equal(model.parameters()["2.bias"], np.ones(10, np.float32))
     out = model.run({"input": x})
     assert np.isfinite(list(out.values())[0]).all()
+
+
+# -- the step as the model's own training algorithm (TrainingInfoProto) ------------------
+
+
+def test_training_info_model_trains_as_the_trainer():
+    from onnxgrad.convert import training_info_model
+
+    path = ROOT / "models" / "digits_mlp.onnx"
+    proto = training_info_model(onnxgrad.load(path), onnxgrad.Adam(lr=0.01))
+    onnx.checker.check_model(proto, full_check=True)
+    (info_proto,) = proto.training_info
+    own = {t.name for t in info_proto.algorithm.initializer}
+    assert "step" in own and "lr" in own and not own & {t.name for t in proto.graph.initializer}
+    info = onnxgrad.TrainingInfo(onnxgrad.load(proto))
+    assert info.inputs == ["input", "target"]
+    trainer = onnxgrad.Trainer(onnxgrad.load(path), optimizer=onnxgrad.Adam(lr=0.01))
+    x, y = _digits()
+    for _ in range(3):
+        loss = info.step({"input": x, "target": y})["loss"]
+        np.testing.assert_allclose(loss, trainer.step({"input": x}, y), rtol=1e-5)
+    got, want = info.model.parameters(), trainer.model.parameters()
+    for name in trainer.trainable:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert int(info.state["step"]) == 3
+
+
+def test_training_info_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxgrad.tools.cli import main
+
+    runner = CliRunner()
+    model = ROOT / "models" / "digits_mlp.onnx"
+    carrying, trained = tmp_path / "training.onnx", tmp_path / "trained.onnx"
+    result = runner.invoke(main, ["convert", str(model), "--optimizer", "sgd", "--lr", "0.1",
+                                  "--training-info", "--out", str(carrying)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["train", str(carrying), "--training-info", "--data",
+                                  str(ROOT / "models" / "digits_train.npz"), "--steps", "20",
+                                  "--out", str(trained), "-q"])
+    assert result.exit_code == 0, result.output
+    x, y = _digits(256)
+    before = _run(_session(onnx.load(model)), {"input": x})["logits"]
+    after = _run(_session(onnx.load(trained)), {"input": x})["logits"]
+
+    def cross_entropy(logits):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return -log_prob[np.arange(len(y)), y].mean()
+
+    assert cross_entropy(after) < 0.8 * cross_entropy(before)
+    assert (after.argmax(1) == y).mean() > (before.argmax(1) == y).mean()

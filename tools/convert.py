@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from onnxgrad.autodiff import differentiable_ancestors
-from onnxgrad.convert import eval_model, step_model, trained_parameters
+from onnxgrad.convert import eval_model, step_model, trained_parameters, training_info_model
 from onnxgrad.errors import DataError
 from onnxgrad.exporter import save_atomic
 
@@ -64,9 +64,14 @@ def _writable(path: str, what: str) -> None:
               help="Do not train parameters with these names or globs (repeatable).")
 @click.option("--frozen-batchnorm", type=click.Choice(["train", "eval"]), default="train",
               show_default=True, help="As for train.")
+@click.option("--training-info", is_flag=True,
+              help="Instead of a separate step model, write MODEL itself carrying the step as "
+                   "its ONNX training algorithm (TrainingInfoProto: the algorithm graph and "
+                   "update bindings), which 'onnxgrad train --training-info' runs. Default "
+                   "--out: MODEL's name with '_training' added.")
 @boundary
 def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, optimizer, lr,
-            momentum, weight_decay, trainable, freeze, frozen_batchnorm):
+            momentum, weight_decay, trainable, freeze, frozen_batchnorm, training_info):
     """Write MODEL's training step as a standard ONNX model that any ONNX runtime runs.
 
     One run of the step model is one training step: forward pass, loss,
@@ -89,7 +94,7 @@ def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, 
     """
     if out_path is None:
         stem, _ = os.path.splitext(model)
-        out_path = stem + "_step.onnx"
+        out_path = stem + ("_training.onnx" if training_info else "_step.onnx")
     if eval_path is None:
         stem, _ = os.path.splitext(out_path)
         eval_path = stem + ".eval.onnx"
@@ -111,6 +116,17 @@ def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, 
         names = select_trainable(m.parameters(), trainable, freeze, reach)
         if not names:
             raise click.ClickException("no parameters left to train (check --trainable/--freeze)")
+    if training_info:
+        proto = training_info_model(m, opt, loss=loss_, output=output, trainable=names,
+                                    frozen_batchnorm=frozen_batchnorm)
+        save_atomic(proto, out_path)
+        algorithm = proto.training_info[0].algorithm
+        click.echo(f"wrote {out_path}: {model} with one {type(opt).__name__} step (lr "
+                   f"{opt.lr:g}) as its training algorithm")
+        click.echo(f"  algorithm inputs: {', '.join(i.name for i in algorithm.input)}; "
+                   f"{len(proto.training_info[0].update_binding)} update bindings")
+        click.echo(f"  train it with: onnxgrad train {out_path} --training-info --data DATA.npz")
+        return
     step = step_model(m, opt, loss=loss_, output=output, trainable=names,
                       frozen_batchnorm=frozen_batchnorm)
     inputs = [i.name for i in step.graph.input]

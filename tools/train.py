@@ -132,7 +132,8 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
 
     m = load_model(model)
     if training_info:
-        run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet)
+        run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet, input_keys,
+                          target_key)
         return
     output = resolve_output(m, output)
     batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
@@ -222,16 +223,38 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
     click.echo(f"saved {out_path}")
 
 
-def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet):
-    """``train --training-info``: the model's own algorithm, one step per batch."""
+def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet,
+                      input_keys=(), target_key=None):
+    """``train --training-info``: the model's own algorithm, one step per batch.  Each
+    algorithm input reads the data key of its name, or the one ``--input-key NAME=KEY``
+    gives; an input named ``target`` (as ``onnxgrad convert`` names the loss's target)
+    also reads ``--target-key`` or the first of the usual target keys."""
     info = onnxgrad.TrainingInfo(m)
     arrays = D.load_npz(data)
-    missing = [name for name in info.inputs if name not in arrays]
+    given = {}
+    for item in input_keys:
+        name, sep, key = item.partition("=")
+        if not sep:
+            raise click.ClickException(f"--input-key {item!r}: with --training-info write "
+                                       "INPUT=KEY")
+        given[name] = key
+    keys = {}
+    for name in info.inputs:
+        if name in given:
+            keys[name] = given[name]
+        elif name in arrays:
+            keys[name] = name
+        elif name == "target":
+            usual = [target_key] if target_key else ["label", "labels", "y", "targets"]
+            keys[name] = next((k for k in usual if k in arrays), name)
+        else:
+            keys[name] = name
+    missing = [f"{name} (key {key!r})" for name, key in keys.items() if key not in arrays]
     if missing:
         raise click.ClickException(
-            f"{data!r} lacks key(s) {missing} for the training algorithm's inputs {info.inputs}; "
+            f"{data!r} lacks key(s) for the training algorithm's inputs: {', '.join(missing)}; "
             f"keys present: {sorted(arrays)}")
-    feeds = {name: arrays[name] for name in info.inputs}
+    feeds = {name: arrays[key] for name, key in keys.items()}
     lengths = {len(v) for v in feeds.values() if v.ndim}
     if len(lengths) > 1:
         raise click.ClickException(f"the arrays of {data!r} for {info.inputs} have different "
