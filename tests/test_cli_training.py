@@ -41,7 +41,7 @@ def test_training_info_data_key_missing(tmp_path):
     result = CliRunner().invoke(main, ["train", str(model_path), "--data", str(data_path),
                                        "--training-info"])
     assert result.exit_code != 0
-    assert "lacks key(s) ['t']" in result.output and "Traceback" not in result.output
+    assert "lacks key(s) for the training algorithm's inputs: t (key 't')" in result.output and "Traceback" not in result.output
 
 
 def test_language_model_fine_tunes_with_class_axis_and_prints_perplexity(tmp_path):
