@@ -152,6 +152,38 @@ def _check(proto: onnx.ModelProto, where: str, what: str) -> None:
         raise ModelError(f"{where}: {what} fails onnx.checker: {exc}") from exc
 
 
+def split_initial_state(step: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A step model whose state inputs are plain (required) inputs, and an *initial
+    state model*: no inputs, one output per state input (same name) holding its first
+    value.  For runtimes that cannot feed an input that has an initializer
+    (onnxruntime-web, and onnxruntime-node, which ignores such feeds): run the initial
+    state model once, then feed its outputs."""
+    states = set(state_mapping(step).values())
+    plain = onnx.ModelProto()
+    plain.CopyFrom(step)
+    kept = [t for t in plain.graph.initializer if t.name not in states]
+    first = [t for t in step.graph.initializer if t.name in states]
+    del plain.graph.initializer[:]
+    plain.graph.initializer.extend(kept)
+    nodes, outputs, initializers = [], [], []
+    by_name = {i.name: i for i in step.graph.input}
+    for tensor in first:
+        initial = onnx.TensorProto()
+        initial.CopyFrom(tensor)
+        initial.name = f"{tensor.name}.initial"
+        initializers.append(initial)
+        nodes.append(helper.make_node("Identity", [initial.name], [tensor.name],
+                                      name=f"{tensor.name}/Identity"))
+        outputs.append(by_name[tensor.name])
+    graph = helper.make_graph(nodes, f"{step.graph.name}_initial_state", [], outputs, initializers)
+    initial_model = helper.make_model(graph, opset_imports=list(step.opset_import),
+                                      producer_name="onnxgrad convert")
+    initial_model.ir_version = step.ir_version
+    _check(plain, step.graph.name, "the step model with plain state inputs")
+    _check(initial_model, step.graph.name, "the initial state model")
+    return plain, initial_model
+
+
 def state_mapping(step: onnx.ModelProto) -> dict[str, str]:
     """``{state output: the input it replaces}`` of a step model."""
     return _metadata(step, STATE_KEY)
@@ -169,15 +201,22 @@ def _metadata(step: onnx.ModelProto, key: str):
     raise ModelError(f"the model carries no {key!r} metadata: not an onnxgrad step model")
 
 
-def eval_model(model: Model, trainable: Iterable[str]) -> onnx.ModelProto:
-    """The model itself, with each of ``trainable`` also a graph input (its initializer
-    is the default), so that a training loop can evaluate with its current weights."""
+def eval_model(model: Model, trainable: Iterable[str], defaults: bool = True) -> onnx.ModelProto:
+    """The model itself, with each of ``trainable`` also a graph input, so that a training
+    loop can evaluate with its current weights.  With ``defaults`` the initializers stay
+    as the inputs' defaults; without, the inputs are plain (required) ones, for runtimes
+    that cannot feed an input that has an initializer (onnxruntime-web and -node)."""
     proto = model.to_proto()
+    trainable = set(trainable)
     existing = {i.name for i in proto.graph.input}
     for tensor in proto.graph.initializer:
         if tensor.name in trainable and tensor.name not in existing:
             proto.graph.input.append(helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
+    if not defaults:
+        kept = [t for t in proto.graph.initializer if t.name not in trainable]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
     return proto
 
 

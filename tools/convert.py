@@ -9,7 +9,13 @@ import click
 import numpy as np
 
 from onnxgrad.autodiff import differentiable_ancestors
-from onnxgrad.convert import eval_model, step_model, trained_parameters, training_info_model
+from onnxgrad.convert import (
+    eval_model,
+    split_initial_state,
+    step_model,
+    trained_parameters,
+    training_info_model,
+)
 from onnxgrad.errors import DataError
 from onnxgrad.exporter import save_atomic
 
@@ -64,6 +70,13 @@ def _writable(path: str, what: str) -> None:
               help="Do not train parameters with these names or globs (repeatable).")
 @click.option("--frozen-batchnorm", type=click.Choice(["train", "eval"]), default="train",
               show_default=True, help="As for train.")
+@click.option("--initial-state", type=click.Choice(["inline", "separate"]), default="inline",
+              show_default=True,
+              help="'inline': each state input of the step model has an initializer holding "
+                   "its first value. 'separate': state inputs are plain inputs, and "
+                   "STEP.init.onnx (no inputs) outputs their first values, for runtimes that "
+                   "cannot feed an input that has an initializer (onnxruntime-web and "
+                   "onnxruntime-node); the evaluation model's parameters are plain inputs too.")
 @click.option("--training-info", is_flag=True,
               help="Instead of a separate step model, write MODEL itself carrying the step as "
                    "its ONNX training algorithm (TrainingInfoProto: the algorithm graph and "
@@ -71,7 +84,8 @@ def _writable(path: str, what: str) -> None:
                    "--out: MODEL's name with '_training' added.")
 @boundary
 def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, optimizer, lr,
-            momentum, weight_decay, trainable, freeze, frozen_batchnorm, training_info):
+            momentum, weight_decay, trainable, freeze, frozen_batchnorm, initial_state,
+            training_info):
     """Write MODEL's training step as a standard ONNX model that any ONNX runtime runs.
 
     One run of the step model is one training step: forward pass, loss,
@@ -134,13 +148,22 @@ def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, 
     data = [n for n in inputs if n not in initial]
     state = [n for n in inputs if n in initial]
     trained = trained_parameters(step)
+    init_path = None
+    if initial_state == "separate":
+        step, initial = split_initial_state(step)
+        init_path = os.path.splitext(out_path)[0] + ".init.onnx"
+        _writable(init_path, "the initial state model")
+        save_atomic(initial, init_path)
     save_atomic(step, out_path)
-    save_atomic(eval_model(m, trained), eval_path)
+    save_atomic(eval_model(m, trained, defaults=initial_state == "inline"), eval_path)
     click.echo(f"wrote {out_path}: one {type(opt).__name__} step (lr {opt.lr:g}) of {model}")
     click.echo(f"  feed: {', '.join(data)}; state: {len(state)} inputs ({len(trained)} trained "
                f"parameters, {len(state) - len(trained)} more: optimizer state, statistics, lr)")
     click.echo("  outputs: loss, then each state input's next value (metadata "
                "'onnxgrad.state'); the trained parameters are listed in 'onnxgrad.trained'")
+    if init_path:
+        click.echo(f"wrote {init_path}: the state's first values (run it once, feed its "
+                   "outputs to the first step)")
     click.echo(f"wrote {eval_path}: the model with its trained parameters as inputs")
 
 
