@@ -395,3 +395,28 @@ def test_training_info_on_the_command_line(tmp_path):
 
     assert cross_entropy(after) < 0.8 * cross_entropy(before)
     assert (after.argmax(1) == y).mean() > (before.argmax(1) == y).mean()
+
+
+def test_initial_state_model_and_plain_state_inputs_train_alike():
+    from onnxgrad.convert import split_initial_state
+
+    model = onnxgrad.load(ROOT / "models" / "digits_cnn.onnx")
+    inline = step_model(model, onnxgrad.Adam(lr=0.01))
+    plain, initial = split_initial_state(inline)
+    states = set(state_mapping(inline).values())
+    assert not states & {t.name for t in plain.graph.initializer}
+    session = _session(plain)
+    assert states <= {i.name for i in session.get_inputs()}  # required inputs now
+    state = _run(_session(initial), {})
+    assert set(state) == states
+    x, y = _digits()
+    want, _ = train_in_onnxruntime(inline, {"input": x, "target": y}, 3)
+    mapping = state_mapping(plain)
+    got = []
+    for _ in range(3):
+        out = _run(session, {"input": x, "target": y, **state})
+        got.append(float(out["loss"]))
+        state = {mapping[n]: v for n, v in out.items() if n in mapping}
+    np.testing.assert_array_equal(got, want)
+    evaluation = eval_model(model, ["head.weight"], defaults=False)
+    assert "head.weight" in {i.name for i in _session(evaluation).get_inputs()}
