@@ -189,12 +189,18 @@ def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
     return (xp.asarray(Y * (dY - (dY * Y).sum(axis=axes, keepdims=True))),)
 
 
+def _standard_axes(g, node):
+    """The reduction axes of a softmax gradient, or None for the 2-D coercion of opsets
+    before 13, which has no standard form here."""
+    return None if node.attrs.get("coerce", 0) else g.ints([node.attrs.get("axis", -1)])
+
+
 @SoftmaxGrad.in_standard_ops
 def _(g, node):
     dY, Y = node.inputs
-    if node.attrs.get("coerce", 0):
-        return None  # the 2-D coercion of opsets before 13 has no standard form here
-    axes = g.ints([node.attrs.get("axis", -1)])
+    axes = _standard_axes(g, node)
+    if axes is None:
+        return None
     return (g.Mul(Y, g.Sub(dY, g.ReduceSum(g.Mul(dY, Y), axes, keepdims=1))),)
 
 
@@ -207,7 +213,7 @@ def LogSoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
 @LogSoftmaxGrad.in_standard_ops
 def _(g, node):
     dY, Y = node.inputs
-    if node.attrs.get("coerce", 0):
-        return None  # the 2-D coercion of opsets before 13 has no standard form here
-    axes = g.ints([node.attrs.get("axis", -1)])
+    axes = _standard_axes(g, node)
+    if axes is None:
+        return None
     return (g.Sub(dY, g.Mul(g.Exp(Y), g.ReduceSum(dY, axes, keepdims=1))),)

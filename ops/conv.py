@@ -470,33 +470,46 @@ def _(g, node):
                             output_padding=extra),)
 
 
+def _standard_weight_grad(g, X, dY, kernel, strides, dilations, pads, channels):
+    """dW of a Conv from ``X`` to ``dY``'s channels in standard ops: dW[m, c] =
+    Σ_n dY[n, m] ⋆ X[n, c], a Conv of X with channels and batch swapped and dY as its
+    kernel, strides and dilations exchanged, cropped to the kernel size; with groups,
+    each group's channels give that group's rows (``channels``: the channel ranges of X
+    and of dY, one per group; see :func:`_groups`)."""
+    X_channels, dY_channels = channels
+    count = len(X_channels)
+    nd = len(kernel)
+    swap = [1, 0] + list(range(2, 2 + nd))
+    parts = []
+    for (x0, x1), (d0, d1) in zip(X_channels, dY_channels):
+        x, d = X, dY
+        if count > 1:
+            x = g.Slice(X, g.ints([x0]), g.ints([x1]), g.ints([1]))
+            d = g.Slice(dY, g.ints([d0]), g.ints([d1]), g.ints([1]))
+        grad = g.Conv(g.Transpose(x, perm=swap), g.Transpose(d, perm=swap),
+                      strides=list(dilations), dilations=list(strides), pads=list(pads))
+        grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
+        parts.append(g.Transpose(grad, perm=swap))
+    return parts[0] if count == 1 else g.Concat(*parts, axis=0)
+
+
+def _groups(count: int, per_a: int, per_b: int) -> tuple[list, list]:
+    """The channel ranges of ``count`` groups of ``per_a`` and of ``per_b`` channels."""
+    return ([(i * per_a, (i + 1) * per_a) for i in range(count)],
+            [(i * per_b, (i + 1) * per_b) for i in range(count)])
+
+
 @ConvGradW.in_standard_ops
 def _(g, node):
-    # dW[m, c] = Σ_n dY[n, m] ⋆ X[n, c]: a Conv of X with channels and batch swapped,
-    # dY as its kernel, strides and dilations exchanged, cropped to the kernel size.
-    # With groups, each group's channels give that group's rows of dW.
     dY, X, w_shape = node.inputs
     w_static = std.shape_value(g, w_shape)
     geometry = _static_geometry(g, node, std.tensor_shape(g, X), w_static)
     if geometry is None:
         return None
     sp, kernel, strides, dilations, begin, end, out = geometry
-    nd = len(sp)
-    swap = [1, 0] + list(range(2, 2 + nd))
     group = node.attrs.get("group", 1)
-    per_x, per_y = w_static[1], w_static[0] // group
-    parts = []
-    for i in range(group):
-        x, d = X, dY
-        if group > 1:
-            x = g.Slice(X, g.ints([i * per_x]), g.ints([(i + 1) * per_x]), g.ints([1]))
-            d = g.Slice(dY, g.ints([i * per_y]), g.ints([(i + 1) * per_y]), g.ints([1]))
-        grad = g.Conv(g.Transpose(x, perm=swap), g.Transpose(d, perm=swap),
-                      strides=list(dilations), dilations=list(strides),
-                      pads=list(begin) + list(end))
-        grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
-        parts.append(g.Transpose(grad, perm=swap))
-    return (parts[0] if group == 1 else g.Concat(*parts, axis=0),)
+    return (_standard_weight_grad(g, X, dY, kernel, strides, dilations, list(begin) + list(end),
+                                  _groups(group, w_static[1], w_static[0] // group)),)
 
 
 # -- ConvTranspose -------------------------------------------------------------------------
@@ -629,27 +642,16 @@ def ConvTransposeGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None,
 
 @ConvTransposeGradW.in_standard_ops
 def _(g, node):
-    # dW[c, m] = Σ_n dfull[n, m] ⋆ X[n, c]: as ConvGradW, with dfull as the input.
+    # W (C, M/g, *k) is the weight of a Conv from dfull (M channels) to X (C channels):
+    # dW[c, m] = Σ_n dfull[n, m] ⋆ X[n, c].
     dY, X, w_shape = node.inputs
     w_static = std.shape_value(g, w_shape)
     geometry = _convt_static(g, node, std.tensor_shape(g, X), w_static)
     if geometry is None:
         return None
     sp, kernel, strides, dilations, begin, after = geometry
-    nd = len(sp)
     dY, begin, after = _on_full(g, dY, begin, after)
     dfull = g.Pad(dY, g.ints([0, 0] + begin + [0, 0] + after))
-    swap = [1, 0] + list(range(2, 2 + nd))
     group = node.attrs.get("group", 1)
-    per_x, per_y = w_static[0] // group, w_static[1]
-    parts = []
-    for i in range(group):
-        x, d = X, dfull
-        if group > 1:
-            x = g.Slice(X, g.ints([i * per_x]), g.ints([(i + 1) * per_x]), g.ints([1]))
-            d = g.Slice(dfull, g.ints([i * per_y]), g.ints([(i + 1) * per_y]), g.ints([1]))
-        grad = g.Conv(g.Transpose(d, perm=swap), g.Transpose(x, perm=swap),
-                      strides=list(dilations), dilations=list(strides))
-        grad = g.Slice(grad, g.ints([0] * nd), g.ints(kernel), g.ints(range(2, 2 + nd)))
-        parts.append(g.Transpose(grad, perm=swap))
-    return (parts[0] if group == 1 else g.Concat(*parts, axis=0),)
+    return (_standard_weight_grad(g, dfull, X, kernel, strides, dilations, [0] * 2 * len(sp),
+                                  _groups(group, w_static[1], w_static[0] // group)),)

@@ -197,3 +197,19 @@ def check_float32_gradients(sample, rtol: float, atol: float) -> None:
     for name in names:
         assert g32[name].dtype == np.float32, f"{name}: {g32[name].dtype}"
         np.testing.assert_allclose(g32[name], g64[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def all_samples():
+    """The samples of every op database that uses op_db's Sample format."""
+    import importlib
+
+    from op_db import Sample
+
+    samples = []
+    for module in ("op_db", "op_db_cnn", "op_db_transformer"):
+        try:
+            found = importlib.import_module(module).SAMPLES
+        except (ImportError, AttributeError):
+            continue
+        samples += [s for s in found if isinstance(s, Sample)]
+    return samples

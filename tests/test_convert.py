@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import pathlib
 
@@ -54,21 +53,8 @@ def _run(session, feeds):
     return dict(zip(names, session.run(None, feeds)))
 
 
-def _samples():
-    from op_db import Sample
-
-    samples = []
-    for module in ("op_db", "op_db_cnn", "op_db_transformer"):
-        try:
-            found = importlib.import_module(module).SAMPLES
-        except (ImportError, AttributeError):
-            continue
-        samples += [s for s in found if isinstance(s, Sample)]
-    return [s for s in samples
-            if gc.differentiable_inputs(s) and gc.definition(s).rule is not None]
-
-
-SAMPLES = _samples()
+SAMPLES = [s for s in gc.all_samples()
+           if gc.differentiable_inputs(s) and gc.definition(s).rule is not None]
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.id for s in SAMPLES])

@@ -3,7 +3,6 @@ training steps, agree with the CPU.  Skipped where no CUDA device exists."""
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import onnx
@@ -18,21 +17,7 @@ from onnxgrad.model import Model
 pytestmark = pytest.mark.gpu
 
 
-def _samples():
-    """Samples of every op database that uses op_db's Sample format."""
-    from op_db import Sample
-
-    samples = []
-    for module in ("op_db", "op_db_cnn", "op_db_transformer"):
-        try:
-            found = importlib.import_module(module).SAMPLES
-        except (ImportError, AttributeError):
-            continue
-        samples += [s for s in found if isinstance(s, Sample)]
-    return samples
-
-
-SAMPLES = _samples()
+SAMPLES = gc.all_samples()
 GRAD = [s for s in SAMPLES if gc.differentiable_inputs(s) and gc.definition(s).rule is not None]
 
 

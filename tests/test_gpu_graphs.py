@@ -11,19 +11,9 @@ import onnxgrad
 from helpers import helper, make_model, mlp_model
 from onnxgrad.backend import get_backend
 from onnxgrad.optimizers import DeviceUpdate
+from test_fused_optimizer import OPTIMIZERS
 
 pytestmark = pytest.mark.gpu
-
-OPTIMIZERS = {
-    "sgd": lambda: onnxgrad.SGD(lr=0.05),
-    "sgd-momentum-decay": lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
-    "sgd-nesterov": lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, nesterov=True),
-    "sgd-dampening": lambda: onnxgrad.SGD(lr=0.05, momentum=0.9, dampening=0.3),
-    "adam": lambda: onnxgrad.Adam(lr=0.01, weight_decay=1e-2),
-    "adam-beta1-low": lambda: onnxgrad.Adam(lr=0.01, betas=(0.3, 0.99)),
-    "adamw": lambda: onnxgrad.AdamW(lr=0.01),
-}
-
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
