@@ -136,8 +136,12 @@ def _(g, node, dZ):
         Yx = g.op("Cast", Y, to=onnx_type(g.dtype(X)), dtype=g.dtype(X))
     # dZ/dX = Y * X^(Y-1)  (exact at X == 0, unlike Y * Z / X)
     dX = g.Mul(dZ, g.Mul(Yx, g.Pow(X, g.Sub(Yx, g.scalar(1, like=X)))))
-    # dZ/dY = Z * log(X): defined where X > 0
-    dY = g.Mul(dZ, g.Mul(Z, g.Log(X)))
+    # dZ/dY = Z * log(X) where X > 0; at X == 0 it is 0 for Y >= 0 (Z is 0 or 1 and
+    # does not move), as PyTorch has it, where Z * log(X) would give NaN
+    zero = g.scalar(0, like=X)
+    flat = g.And(g.Equal(X, zero, dtype="bool"), g.GreaterOrEqual(Yx, zero, dtype="bool"),
+                 dtype="bool")
+    dY = g.Mul(dZ, g.Where(flat, zero, g.Mul(Z, g.Log(X))))
     return (g.unbroadcast(dX, like=X), g.unbroadcast(dY, like=Y))
 
 

@@ -211,7 +211,7 @@ def _(g, node, dY):
     return g.private("BinaryCrossEntropyWithLogitsGrad", dY, X, T), None
 
 
-@op("OnesLike", domain=_PRIVATE)
+@op("OnesLike", domain=_PRIVATE, differentiable=())  # constant in X's values
 def OnesLike(xp, X):
     """Ones of X's shape and type: the seed of a non-scalar gradient."""
     return (xp.ones_like(X),)
@@ -223,7 +223,7 @@ def _(g, node):
     return (g.Add(std.zeros(g, g.Shape(X, dtype="int64"), X), std.like(g, 1, X)),)
 
 
-@op("ZerosLike", domain=_PRIVATE)
+@op("ZerosLike", domain=_PRIVATE, differentiable=())  # constant in X's values
 def ZerosLike(xp, X):
     """Zeros of X's shape and type: the gradient of a value that does not depend on X."""
     return (xp.zeros_like(X),)

@@ -162,7 +162,15 @@ def _(g, node, dY):
 
 @SpaceToDepth.gradient
 def _(g, node, dY):
-    return (g.op("DepthToSpace", dY, blocksize=node.attrs["blocksize"], mode="DCR"),)
+    # A permutation: its adjoint is its inverse, DepthToSpace in the same layout.
+    return (g.op("DepthToSpace", dY, blocksize=node.attrs["blocksize"],
+                 mode=node.attrs.get("mode", "DCR")),)
+
+
+@SpaceToDepthMode.gradient
+def _(g, node, dY):
+    return (g.op("DepthToSpace", dY, blocksize=node.attrs["blocksize"],
+                 mode=node.attrs.get("mode", "DCR")),)
 
 
 @op("ReverseSequence", since=10, differentiable=("input",))

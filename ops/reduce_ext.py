@@ -165,6 +165,8 @@ def _others_product(xp, X, reduced):
     (exact where some are zero: products of the elements before and after it)."""
     if not reduced:
         return xp.ones_like(X)
+    if X.size == 0:  # an empty group: no element, no gradient
+        return xp.zeros_like(X)
     rest = tuple(i for i in range(X.ndim) if i not in reduced)
     perm = rest + tuple(reduced)
     moved = xp.transpose(X, perm)

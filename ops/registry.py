@@ -146,12 +146,17 @@ def op(
     *,
     since: int = 1,
     domain: str = "",
-    differentiable: tuple[str, ...] = (),
+    differentiable: tuple[str, ...] | None = None,
     host_inputs: tuple[str, ...] = (),
     train_outputs: int = 0,
     reuse: tuple[str, ...] = (),
 ) -> Callable[[Callable], OpDef]:
     """Declare the kernel of op ``name`` for opsets from ``since`` on.
+
+    ``differentiable`` names the inputs a gradient flows through (default: none for
+    ONNX ops; for onnxgrad's private ops, every input but the host inputs, so that
+    differentiating a gradient again through an op without a rule raises
+    :class:`UnsupportedOpError` rather than giving zero).
 
     ``host_inputs`` are inputs the kernel reads as host NumPy arrays (shapes,
     axes) whatever the device.  ``train_outputs`` is the number of outputs a
@@ -185,7 +190,11 @@ def op(
                     wants_out = True
                 else:
                     attrs[p.name] = p.default
-        unknown = set(differentiable) - set(inputs)
+        if differentiable is None:
+            flows = tuple(i for i in inputs if i not in host_inputs) if domain == "onnxgrad" else ()
+        else:
+            flows = tuple(differentiable)
+        unknown = set(flows) - set(inputs)
         if unknown:
             raise TypeError(f"{name}: differentiable names unknown inputs {sorted(unknown)}")
         if set(reuse) - set(inputs) or bool(reuse) != wants_out:
@@ -193,7 +202,7 @@ def op(
         definition = OpDef(
             name=name, domain=domain, since=since, kernel=kernel, inputs=tuple(inputs),
             optional=frozenset(optional), variadic=variadic, attrs=attrs,
-            differentiable=tuple(differentiable), host_inputs=tuple(host_inputs),
+            differentiable=flows, host_inputs=tuple(host_inputs),
             wants_ctx=wants_ctx, train_outputs=train_outputs, reuse=tuple(reuse),
         )
         versions = _REGISTRY.setdefault((domain, name), [])
