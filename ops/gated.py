@@ -8,6 +8,7 @@ broadcasting).  Each gradient is one fused private op, from::
 
 from __future__ import annotations
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -38,6 +39,15 @@ def _(g, node, dY):
 @op("SwishGrad", domain="onnxgrad")
 def SwishGrad(xp, dY, X, *, alpha=1.0):
     return (xp.asarray(dY * _swish_slope(xp, X, alpha)),)
+
+
+@SwishGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    alpha = std.like(g, node.attrs.get("alpha", 1.0), X)
+    s = g.Sigmoid(g.Mul(X, alpha))
+    slope = g.Mul(s, g.Add(std.like(g, 1, X), g.Mul(g.Mul(X, alpha), g.Sub(std.like(g, 1, X), s))))
+    return (g.Mul(dY, slope),)
 
 
 @op("SwiGLU", since=28, differentiable=("A", "B"))

@@ -142,6 +142,21 @@ def GatherElementsGrad(xp, dY, indices, shape, *, axis=0):
     return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
 
 
+@GatherElementsGrad.in_standard_ops
+def _(g, node):
+    dY, indices, shape = node.inputs
+    static = std.shape_value(g, shape)
+    if static is None:
+        return None
+    axis = node.attrs.get("axis", 0)
+    axis = axis + len(static) if axis < 0 else axis
+    index = g.Cast(indices, to=std.tensor_type("int64"), dtype="int64")
+    size = g.Slice(shape, g.ints([axis]), g.ints([axis + 1]))
+    index = g.Where(g.Less(index, g.const(0, dtype="int64"), dtype="bool"), g.Add(index, size),
+                    index)
+    return (g.ScatterElements(std.zeros(g, shape, dY), index, dY, axis=axis, reduction="add"),)
+
+
 # -- GatherND ---------------------------------------------------------------------------------
 
 def _nd_rows(mod, data_shape, indices, batch_dims):

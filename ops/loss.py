@@ -199,10 +199,26 @@ def BinaryCrossEntropyWithLogits(xp, X, T):
     return (xp.asarray(xp.mean(per_element)),)
 
 
+@BinaryCrossEntropyWithLogits.in_standard_ops
+def _(g, node):
+    X, T = node.inputs
+    zero = std.like(g, 0, X)
+    softplus = g.Log(g.Add(std.like(g, 1, X), g.Exp(g.Neg(g.Abs(X)))))
+    per_element = g.Add(g.Sub(g.Max(X, zero), g.Mul(X, T)), softplus)
+    return (g.ReduceMean(per_element, keepdims=0),)
+
+
 @op("BinaryCrossEntropyWithLogitsGrad", domain=_PRIVATE)
 def BinaryCrossEntropyWithLogitsGrad(xp, dY, X, T):
     sigmoid = 0.5 * (1 + xp.tanh(0.5 * X))  # overflow-free logistic
     return ((sigmoid - T) * (dY / X.size),)
+
+
+@BinaryCrossEntropyWithLogitsGrad.in_standard_ops
+def _(g, node):
+    dY, X, T = node.inputs
+    count = std.cast_like(g, g.Size(X, dtype="int64"), X)
+    return (g.Mul(g.Sub(g.Sigmoid(X), T), g.Div(dY, count)),)
 
 
 @BinaryCrossEntropyWithLogits.gradient

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 _PRIVATE = "onnxgrad"
@@ -52,6 +53,13 @@ def ShrinkGrad(xp, dY, input, *, lambd=0.5):
     return (xp.where(xp.abs(input) > lambd, dY, 0).astype(dY.dtype),)
 
 
+@ShrinkGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    outside = g.Greater(g.Abs(X), std.like(g, node.attrs.get("lambd", 0.5), X), dtype="bool")
+    return (g.Where(outside, dY, std.like(g, 0, dY)),)
+
+
 @Shrink.gradient
 def _(g, node, dY):
     return (g.private("ShrinkGrad", dY, node.inputs[0], lambd=node.attrs["lambd"]),)
@@ -65,6 +73,13 @@ def ThresholdedRelu(xp, X, *, alpha=1.0):
 @op("ThresholdedReluGrad", domain=_PRIVATE)
 def ThresholdedReluGrad(xp, dY, X, *, alpha=1.0):
     return (xp.where(X > alpha, dY, 0).astype(dY.dtype),)
+
+
+@ThresholdedReluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    above = g.Greater(X, std.like(g, node.attrs.get("alpha", 1.0), X), dtype="bool")
+    return (g.Where(above, dY, std.like(g, 0, dY)),)
 
 
 @ThresholdedRelu.gradient
@@ -152,6 +167,21 @@ def SpaceToDepth(xp, input, *, blocksize, mode="DCR"):
 def SpaceToDepthMode(xp, input, *, blocksize, mode="DCR"):
     """SpaceToDepth with DepthToSpace's ``mode``: the exact inverse of DepthToSpace."""
     return (_space_to_depth(xp, input, blocksize, mode),)
+
+
+@SpaceToDepthMode.in_standard_ops
+def _(g, node):
+    (X,) = node.inputs
+    b, mode = node.attrs["blocksize"], node.attrs.get("mode", "DCR")
+    if mode == "DCR":
+        return (g.SpaceToDepth(X, blocksize=b),)
+    shape = std.tensor_shape(g, X)
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    _, c, h, w = shape
+    blocks = g.Reshape(X, g.ints([-1, c, h // b, b, w // b, b]))
+    moved = g.Transpose(blocks, perm=[0, 1, 3, 5, 2, 4])
+    return (g.Reshape(moved, g.ints([-1, c * b * b, h // b, w // b])),)
 
 
 @DepthToSpace.gradient

@@ -398,6 +398,16 @@ def SeluGrad(xp, dY, X, *, alpha=_SELU_ALPHA, gamma=_SELU_GAMMA):
     return (_a(xp, dY * d.astype(dY.dtype, copy=False), dY),)
 
 
+@SeluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    alpha, gamma = node.attrs.get("alpha", _SELU_ALPHA), node.attrs.get("gamma", _SELU_GAMMA)
+    zero = std.like(g, 0, X)
+    negative = g.Mul(std.like(g, gamma * alpha, X), g.Exp(g.Min(X, zero)))
+    d = g.Where(g.Greater(X, zero, dtype="bool"), std.like(g, gamma, X), negative)
+    return (g.Mul(dY, d),)
+
+
 @op("Celu", since=12, differentiable=("X",))
 def Celu(xp, X, *, alpha=1.0):
     return (_a(xp, xp.maximum(X, 0) + xp.minimum(0, alpha * xp.expm1(xp.minimum(X, 0) / alpha)), X),)
@@ -409,6 +419,15 @@ Celu.gradient(_rule("CeluGrad", "alpha"))
 @op("CeluGrad", domain="onnxgrad")
 def CeluGrad(xp, dY, X, *, alpha=1.0):
     return (_a(xp, xp.where(X > 0, dY, dY * xp.exp(xp.minimum(X, 0) / alpha)), dY),)
+
+
+@CeluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    zero = std.like(g, 0, X)
+    alpha = std.like(g, node.attrs.get("alpha", 1.0), X)
+    slope = g.Exp(g.Div(g.Min(X, zero), alpha))
+    return (g.Where(g.Greater(X, zero, dtype="bool"), dY, g.Mul(dY, slope)),)
 
 
 # -- smooth activations --------------------------------------------------------------------
@@ -456,6 +475,13 @@ def SoftsignGrad(xp, dY, X):
     return (_a(xp, dY / (d * d), dY),)
 
 
+@SoftsignGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    d = g.Add(std.like(g, 1, X), g.Abs(X))
+    return (g.Div(dY, g.Mul(d, d)),)
+
+
 @op("Mish", since=18, differentiable=("X",))
 def Mish(xp, X):
     return (_a(xp, X * xp.tanh(_softplus(xp, X)), X),)
@@ -468,3 +494,11 @@ Mish.gradient(_rule("MishGrad"))
 def MishGrad(xp, dY, X):
     t = xp.tanh(_softplus(xp, X))
     return (_a(xp, dY * (t + X * (1 - t * t) * _sigmoid(xp, X)), dY),)
+
+
+@MishGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    t = g.Tanh(g.Softplus(X))
+    slope = g.Add(t, g.Mul(g.Mul(X, g.Sub(std.like(g, 1, X), g.Mul(t, t))), g.Sigmoid(X)))
+    return (g.Mul(dY, slope),)

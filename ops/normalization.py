@@ -379,6 +379,47 @@ def GroupNormalizationGrad(xp, dY, X, scale, *, epsilon=1e-5, num_groups=0, per_
     return (_a(xp, dX, X.dtype), _a(xp, dscale, scale.dtype), _a(xp, dbias, scale.dtype))
 
 
+@GroupNormalizationGrad.in_standard_ops
+def _(g, node):
+    # Statistics per (item, group) over the group's channels and positions: X viewed
+    # as (N, G, -1); the parameters per channel (or per group, per_group=1).
+    dY, X, scale = node.inputs
+    groups, per_group = node.attrs.get("num_groups", 0), node.attrs.get("per_group", 0)
+    shape = std.tensor_shape(g, X)
+    if shape is None or not isinstance(shape[1], int) or len(shape) < 3:
+        return None
+    C = shape[1]
+    G = C if groups == 0 else groups
+    nd = len(shape)
+    x_shape = g.Shape(X, dtype="int64")
+    grouped = g.ints([0, G, -1])
+    Xg = g.Reshape(X, grouped)
+    axes = g.ints([2])
+    mean = g.ReduceMean(Xg, axes, keepdims=1)
+    centred = g.Sub(Xg, mean)
+    variance = g.ReduceMean(g.Mul(centred, centred), axes, keepdims=1)
+    inv = g.Reciprocal(g.Sqrt(g.Add(variance, std.like(g, node.attrs.get("epsilon", 1e-5), X))))
+    xhat = g.Reshape(g.Mul(centred, inv), x_shape)
+    channel_shape = g.ints([1, C] + [1] * (nd - 2))
+    gain = scale
+    if per_group:
+        gain = g.Reshape(g.Expand(g.Reshape(scale, g.ints([G, 1])), g.ints([G, C // G])),
+                         g.ints([C]))
+    dxhat = g.Reshape(g.Mul(dY, g.Reshape(gain, channel_shape)), grouped)
+    xhat_g = g.Reshape(xhat, grouped)
+    m1 = g.ReduceMean(dxhat, axes, keepdims=1)
+    m2 = g.ReduceMean(g.Mul(dxhat, xhat_g), axes, keepdims=1)
+    dX = g.Reshape(g.Mul(g.Sub(g.Sub(dxhat, m1), g.Mul(xhat_g, m2)), inv), x_shape)
+    axes_c = g.ints([0] + list(range(2, nd)))
+    dbias = g.ReduceSum(dY, axes_c, keepdims=0)
+    dscale = g.ReduceSum(g.Mul(dY, xhat), axes_c, keepdims=0)
+    if per_group:
+        to_groups = g.ints([G, C // G])
+        dbias = g.ReduceSum(g.Reshape(dbias, to_groups), g.ints([1]), keepdims=0)
+        dscale = g.ReduceSum(g.Reshape(dscale, to_groups), g.ints([1]), keepdims=0)
+    return (dX, dscale, dbias)
+
+
 # -- Layer and RMS normalization -----------------------------------------------------------
 
 
@@ -491,6 +532,21 @@ def RMSNormalizationGrad(xp, dY, X, scale, *, axis=-1, epsilon=1e-5):
     dX = inv * (dxhat - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
     (dscale,) = SumToShape(xp, d * xhat, scale.shape)
     return _a(xp, dX, X.dtype), _a(xp, dscale, scale.dtype)
+
+
+@RMSNormalizationGrad.in_standard_ops
+def _(g, node):
+    dY, X, scale = node.inputs
+    axes = std.trailing_axes(g, X, node.attrs.get("axis", -1))
+    mean_square = g.ReduceMean(g.Mul(X, X), axes, keepdims=1)
+    inv = g.Reciprocal(g.Sqrt(g.Add(mean_square, std.like(g, node.attrs.get("epsilon", 1e-5),
+                                                                 X))))
+    xhat = g.Mul(X, inv)
+    dxhat = g.Mul(dY, scale)
+    dX = g.Mul(inv, g.Sub(dxhat, g.Mul(xhat, g.ReduceMean(g.Mul(dxhat, xhat), axes,
+                                                                keepdims=1))))
+    dscale = g.private("SumToShape", g.Mul(dY, xhat), g.Shape(scale, dtype="int64"))
+    return (dX, dscale)
 
 
 # -- LpNormalization -----------------------------------------------------------------------

@@ -334,3 +334,15 @@ def GlobalMaxPoolGrad(xp, dY, X):
     hit = xp.arange(flat.shape[2])[None, None, :] == first
     dX = xp.where(hit, dY.reshape(N, C, 1), xp.zeros((), dtype=dY.dtype))
     return (xp.ascontiguousarray(dX.reshape(X.shape)),)
+
+
+@GlobalMaxPoolGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    flat = g.Flatten(X, axis=2)   # (N·C, P): one plane a row
+    first = g.ArgMax(flat, axis=1, keepdims=1, select_last_index=0, dtype="int64")
+    hit = g.OneHot(first, g.Slice(g.Shape(flat, dtype="int64"), g.ints([1]), g.ints([2])),
+                   g.const([0, 1], dtype=g.dtype(dY)), axis=-1, dtype=g.dtype(dY))
+    planes = g.Reshape(hit, g.Shape(flat, dtype="int64"))
+    routed = g.Mul(planes, g.Reshape(dY, g.ints([-1, 1])))
+    return (g.Reshape(routed, g.Shape(X, dtype="int64")),)

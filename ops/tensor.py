@@ -283,6 +283,20 @@ def TileGrad(xp, dY, shape):
     return (xp.asarray(summed, dtype=dY.dtype),)
 
 
+@TileGrad.in_standard_ops
+def _(g, node):
+    dY, shape = node.inputs
+    static = std.shape_value(g, shape)
+    if static is None:
+        return None
+    rank = len(static)
+    repeats = g.Div(g.Shape(dY, dtype="int64"), shape, dtype="int64")
+    split = g.Reshape(g.Concat(g.Unsqueeze(repeats, g.ints([1])), g.Unsqueeze(shape, g.ints([1])),
+                               axis=1, dtype="int64"), g.ints([-1]))
+    summed = g.ReduceSum(g.Reshape(dY, split), g.ints(range(0, 2 * rank, 2)), keepdims=0)
+    return (summed,)
+
+
 # -- constants and sizes ----------------------------------------------------------------------
 
 def _scalar(value, name: str):
