@@ -20,6 +20,15 @@ from onnxgrad.losses import BCEWithLogits, CrossEntropy, L1, LOSSES, MSE, NLL, L
 from onnxgrad.model import Model, load
 from onnxgrad.optimizers import SGD, Adam, AdamW, Optimizer
 from onnxgrad.profile import Profile
+from onnxgrad.schedules import (
+    CosineAnnealingLR,
+    ExponentialLR,
+    LinearWarmupDecay,
+    MultiStepLR,
+    OneCycleLR,
+    Schedule,
+    StepLR,
+)
 from onnxgrad.trainer import Trainer
 from onnxgrad.threads import get_num_threads, set_num_threads
 from onnxgrad.training_info import TrainingInfo
@@ -31,4 +40,6 @@ __all__ = [
     "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
     "CheckpointError", "set_num_threads", "get_num_threads",
+    "Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
+    "LinearWarmupDecay", "OneCycleLR",
 ]
