@@ -9,7 +9,8 @@ import numpy as np
 
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.capture import StepGraphs
-from onnxgrad.errors import DataError, OnnxgradError
+from onnxgrad import checkpoint
+from onnxgrad.errors import CheckpointError, DataError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
@@ -124,6 +125,15 @@ class Trainer:
         self.graphs: StepGraphs | None = (
             StepGraphs(self.backend) if cuda_graphs and not on_cpu else None)
         self._device_update: DeviceUpdate | None = None
+        #: Optimizer steps taken, and epochs completed (set by a training loop).
+        self.steps = 0
+        self.epoch = 0
+        #: A :class:`~onnxgrad.schedules.Schedule` of the optimizer, stepped after each
+        #: step (and saved in checkpoints), or None.
+        self.schedule = None
+        #: JSON-able state of the training loop that drives this trainer (e.g. its
+        #: shuffling), saved in and restored from checkpoints.
+        self.loop_state: dict[str, Any] = {}
 
     def _push(self, names: list[str]) -> None:
         """Copy new values of the model's weights into the trainer's device arrays, in
@@ -256,7 +266,104 @@ class Trainer:
             self.profile.optimizer_seconds += time.perf_counter() - start
             self.profile.steps += 1
         self._stale = bool(self._copied)
+        self._advance()
         return loss
+
+    def _advance(self) -> None:
+        self.steps += 1
+        if self.schedule is not None:
+            self.schedule.step()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a run needs to continue exactly: weights (running statistics
+        included), the optimizer's type, settings and state, the step and epoch
+        counters, random-number state, the schedule's and the loop's state.  Arrays are
+        host copies; the rest is JSON-able."""
+        host = self.backend.to_host
+        weights = {name: np.array(host(value), copy=True) for name, value in self._weights.items()}
+        state = {param: {key: np.array(host(v), copy=True) if hasattr(v, "shape") else v
+                         for key, v in entries.items()}
+                 for param, entries in self.optimizer.state.items()}
+        draws = self._state.draws
+        rng = ({"numpy": self._state.rng.bit_generator.state} if draws is None else
+               {"draws": int(host(draws.counter)[0]), "key": draws.key})
+        return {"weights": weights,
+                "optimizer": {"type": type(self.optimizer).__name__,
+                              "settings": _settings(self.optimizer), "state": state},
+                "steps": self.steps, "epoch": self.epoch, "rng": rng,
+                "schedule": None if self.schedule is None else self.schedule.state_dict(),
+                "loop": dict(self.loop_state)}
+
+    def load_state_dict(self, state: Mapping[str, Any], where: str = "state") -> None:
+        """Continue from ``state`` (as :meth:`state_dict` made it).  Everything is checked
+        against this trainer first (a mismatch raises :class:`CheckpointError` naming the
+        first one) and nothing changes unless all of it fits."""
+        try:
+            weights = dict(state["weights"])
+            optimizer = state["optimizer"]
+            kind, settings, entries = optimizer["type"], optimizer["settings"], optimizer["state"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where}: not a trainer state ({exc!r} missing)") from exc
+        if kind != type(self.optimizer).__name__:
+            raise CheckpointError(f"{where}: saved with optimizer {kind}, this trainer uses "
+                                  f"{type(self.optimizer).__name__}")
+        for name, value in self._weights.items():
+            if name not in weights:
+                raise CheckpointError(f"{where}: has no weight {name!r}")
+            saved = np.asarray(weights[name])
+            if saved.shape != tuple(value.shape) or saved.dtype != value.dtype:
+                raise CheckpointError(
+                    f"{where}: weight {name!r} is {saved.dtype}{list(saved.shape)} there, "
+                    f"{value.dtype}{list(value.shape)} in the model")
+        extra = sorted(set(weights) - set(self._weights))
+        if extra:
+            raise CheckpointError(f"{where}: weight {extra[0]!r} is not a weight of the model")
+        for param, values in entries.items():
+            if param not in self.trainable:
+                raise CheckpointError(f"{where}: optimizer state for {param!r}, which this "
+                                      "trainer does not train")
+            for key, value in values.items():
+                if hasattr(value, "shape") and tuple(value.shape) != tuple(self._weights[param].shape):
+                    raise CheckpointError(f"{where}: optimizer state {param}.{key} has shape "
+                                          f"{list(value.shape)}, the parameter "
+                                          f"{list(self._weights[param].shape)}")
+        schedule = state.get("schedule")
+        if (schedule is None) != (self.schedule is None):
+            had = f"a {schedule['name']!r} schedule" if schedule else "no schedule"
+            has = f"a {self.schedule.name!r} one" if self.schedule else "none"
+            raise CheckpointError(f"{where}: the run had {had}, this trainer has {has}")
+        if schedule is not None and schedule.get("name") != self.schedule.name:
+            raise CheckpointError(f"{where}: the run had a {schedule.get('name')!r} schedule, "
+                                  f"this trainer a {self.schedule.name!r} one")
+        # All checked: write.
+        for name, value in self._weights.items():
+            value[...] = self.backend.asarray(np.asarray(weights[name]))
+        self.optimizer.state = {
+            param: {key: self.backend.asarray(np.array(v, copy=True)) if hasattr(v, "shape")
+                    else v for key, v in values.items()}
+            for param, values in entries.items()}
+        for key, value in settings.items():
+            setattr(self.optimizer, key, tuple(value) if isinstance(value, list) else value)
+        self.steps, self.epoch = int(state.get("steps", 0)), int(state.get("epoch", 0))
+        rng = state.get("rng") or {}
+        if "numpy" in rng and self._state.draws is None:
+            self._state.rng.bit_generator.state = rng["numpy"]
+        elif "draws" in rng and self._state.draws is not None:
+            self._state.draws.key = int(rng["key"])
+            self._state.draws.counter[...] = rng["draws"]
+        if self.schedule is not None:
+            self.schedule.load_state_dict(schedule)
+        self.loop_state = dict(state.get("loop") or {})
+        self._stale = bool(self._copied)
+
+    def save_checkpoint(self, path) -> None:
+        """Write :meth:`state_dict` to ``path``: one file, atomically, no pickle."""
+        checkpoint.save(self.state_dict(), path)
+
+    def load_checkpoint(self, path) -> None:
+        """Continue from the checkpoint at ``path`` (see :meth:`load_state_dict`)."""
+        self.load_state_dict(checkpoint.load(path), where=str(path))
 
     # -- steps on a GPU ----------------------------------------------------------------
     def _step_on_device(self, feeds: Mapping[str, Any], target: Any) -> float:
@@ -281,6 +388,7 @@ class Trainer:
             profile.notes = ["kernel by kernel: steps ran eagerly (a CUDA graph is not timed "
                              "per kernel)"] + (self.graphs.describe() if self.graphs else [])
         self._stale = True
+        self._advance()
         return loss
 
     def _host_inputs(self, feeds: Mapping[str, Any], target: Any) -> dict[str, Any]:
@@ -325,6 +433,12 @@ class Trainer:
 
 
 _HOST = Backend()
+
+
+def _settings(optimizer: Optimizer) -> dict[str, Any]:
+    """The optimizer's hyper-parameters, JSON-able."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(optimizer).items() if k != "state" and not k.startswith("_")}
 
 
 def column_major_weights(graph, weights) -> list[str]:
