@@ -8,6 +8,7 @@
     trainer.model.save("trained.onnx")
 """
 
+from onnxgrad import checkpoint  # noqa: F401 - onnxgrad.checkpoint.load/save
 from onnxgrad.errors import (
     CheckpointError,
     DataError,

@@ -47,13 +47,24 @@ class Schedule:
         self.optimizer.lr = self.lr_at(self.last_step)
         return self.optimizer.lr
 
+    def settings(self) -> dict[str, Any]:
+        """The schedule's own settings (what its constructor took besides the optimizer)."""
+        skip = {"optimizer", "base_lr", "last_step"}
+        return {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "base_lr": self.base_lr, "last_step": self.last_step}
+        return {"name": self.name, "base_lr": self.base_lr, "last_step": self.last_step,
+                "settings": self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise OnnxgradError(f"schedule state of {state.get('name')!r} given to a "
                                 f"{self.name!r} schedule")
+        saved, mine = state.get("settings", {}), self.settings()
+        for key in sorted(saved):
+            if saved.get(key) != mine.get(key):
+                raise OnnxgradError(f"the run's {self.name} schedule has {key}={saved.get(key)!r}, "
+                                    f"this one {key}={mine.get(key)!r}")
         self.base_lr = float(state["base_lr"])
         self.last_step = int(state["last_step"])
         self._apply()

@@ -336,6 +336,12 @@ class Trainer:
         if schedule is not None and schedule.get("name") != self.schedule.name:
             raise CheckpointError(f"{where}: the run had a {schedule.get('name')!r} schedule, "
                                   f"this trainer a {self.schedule.name!r} one")
+        if schedule is not None:
+            for key, value in schedule.get("settings", {}).items():
+                mine = self.schedule.settings().get(key)
+                if mine != value:
+                    raise CheckpointError(f"{where}: the run's {schedule['name']} schedule has "
+                                          f"{key}={value!r}, this trainer's {key}={mine!r}")
         # All checked: write.
         for name, value in self._weights.items():
             value[...] = self.backend.asarray(np.asarray(weights[name]))

@@ -248,3 +248,79 @@ def build_optimizer(name: str, lr: float | None, momentum: float | None,
     if name == "adam":
         return onnxgrad.Adam(lr=lr, weight_decay=weight_decay)
     return onnxgrad.AdamW(lr=lr, weight_decay=weight_decay)
+
+
+_schedule_options = [
+    click.option("--lr-schedule", type=click.Choice(
+        ["constant", "step", "multistep", "exponential", "cosine", "linear", "onecycle"]),
+        default="constant", show_default=True,
+        help="How the learning rate moves, step by step, as torch.optim.lr_scheduler's: step "
+             "(--step-size, --gamma), multistep (--milestones, --gamma), exponential "
+             "(--gamma), cosine (to --min-lr, after --warmup-steps), linear (warmup, then "
+             "down to 0), onecycle (up to --max-lr and down; cycles momentum)."),
+    click.option("--warmup-steps", type=int, default=None, metavar="N",
+                 help="cosine, linear: steps of linear warmup first. Default: 0."),
+    click.option("--min-lr", type=float, default=None, help="cosine: the final learning rate."),
+    click.option("--step-size", type=int, default=None, metavar="N",
+                 help="step: steps between decays."),
+    click.option("--gamma", type=float, default=None,
+                 help="step, multistep (default 0.1), exponential: the decay factor."),
+    click.option("--milestones", default=None, metavar="N,N,...",
+                 help="multistep: the steps at which the learning rate decays."),
+    click.option("--max-lr", type=float, default=None,
+                 help="onecycle: the peak learning rate. Default: --lr."),
+]
+
+
+def schedule_options(fn):
+    for option in reversed(_schedule_options):
+        fn = option(fn)
+    return fn
+
+
+#: Which --lr-schedule each schedule option applies to.
+_SCHEDULE_OPTIONS = {"warmup_steps": ("cosine", "linear"), "min_lr": ("cosine",),
+                     "step_size": ("step",), "gamma": ("step", "multistep", "exponential"),
+                     "milestones": ("multistep",), "max_lr": ("onecycle",)}
+
+
+def build_schedule(name: str, optimizer, total_steps: int, warmup_steps, min_lr, step_size,
+                   gamma, milestones, max_lr):
+    """The schedule --lr-schedule and its options describe (None for constant)."""
+    given = {"warmup_steps": warmup_steps, "min_lr": min_lr, "step_size": step_size,
+             "gamma": gamma, "milestones": milestones, "max_lr": max_lr}
+    for option, value in given.items():
+        if value is not None and name not in _SCHEDULE_OPTIONS[option]:
+            flag = "--" + option.replace("_", "-")
+            raise click.ClickException(
+                f"{flag} applies to --lr-schedule {' or '.join(_SCHEDULE_OPTIONS[option])}, "
+                f"not to {name}")
+    if name == "constant":
+        return None
+    try:
+        if name == "step":
+            if step_size is None:
+                raise click.ClickException("--lr-schedule step needs --step-size")
+            return onnxgrad.StepLR(optimizer, step_size, 0.1 if gamma is None else gamma)
+        if name == "multistep":
+            if not milestones:
+                raise click.ClickException("--lr-schedule multistep needs --milestones")
+            try:
+                steps = [int(v) for v in milestones.split(",")]
+            except ValueError:
+                raise click.ClickException(f"--milestones {milestones!r}: expected step "
+                                           "numbers separated by commas") from None
+            return onnxgrad.MultiStepLR(optimizer, steps, 0.1 if gamma is None else gamma)
+        if name == "exponential":
+            if gamma is None:
+                raise click.ClickException("--lr-schedule exponential needs --gamma")
+            return onnxgrad.ExponentialLR(optimizer, gamma)
+        if name == "cosine":
+            return onnxgrad.CosineAnnealingLR(optimizer, total_steps, min_lr or 0.0,
+                                              warmup_steps or 0)
+        if name == "linear":
+            return onnxgrad.LinearWarmupDecay(optimizer, total_steps, warmup_steps or 0)
+        return onnxgrad.OneCycleLR(optimizer, optimizer.lr if max_lr is None else max_lr,
+                                   total_steps)
+    except OnnxgradError as exc:
+        raise click.ClickException(f"--lr-schedule {name}: {exc}") from None

@@ -18,6 +18,8 @@ from .common import (
     CONTEXT,
     boundary,
     build_optimizer,
+    build_schedule,
+    schedule_options,
     optimizer_options,
     check_loss,
     choose_batch_size,
@@ -78,12 +80,27 @@ from .report import is_float, select_trainable
                    "the algorithm's inputs.")
 @click.option("--steps", type=int, default=None,
               help="With --training-info: stop after this many algorithm steps.")
+@schedule_options
+@click.option("--checkpoint-dir", default=None, metavar="DIR",
+              help="Write DIR/last.ckpt after every epoch: weights, optimizer state, schedule, "
+                   "random numbers and data order, enough to resume exactly.")
+@click.option("--save-best", is_flag=True,
+              help="With --checkpoint-dir: also write DIR/best.ckpt (and MODEL_best.onnx beside "
+                   "--out) whenever the monitored metric improves.")
+@click.option("--monitor", default="val_loss", show_default=True,
+              type=click.Choice(["val_loss", "val_acc", "train_loss", "train_acc"]),
+              help="The metric --save-best judges by (loss: lower is better; acc: higher).")
+@click.option("--resume", "resume_dir", default=None, metavar="DIR",
+              help="Continue the run checkpointed in DIR (DIR/last.ckpt) up to --epochs, with "
+                   "the same options; the result equals an uninterrupted run bit for bit.")
 @threads_option
 @boundary
 def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
           lr, momentum, weight_decay,
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
-          cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps):
+          cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
+          lr_schedule, warmup_steps, min_lr, step_size, gamma, milestones, max_lr,
+          checkpoint_dir, save_best, monitor, resume_dir):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -165,10 +182,30 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         val_m = measure(model_, output, val, loss, eval_bs, checked) if val is not None else None
         return train_m, val_m
 
+    if save_best and checkpoint_dir is None:
+        raise click.ClickException("--save-best needs --checkpoint-dir")
+    if save_best and monitor.startswith("val_") and val is None:
+        raise click.ClickException(f"--monitor {monitor} needs validation data "
+                                   "(--val or --val-split)")
+    if checkpoint_dir is not None:
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise click.ClickException(f"--checkpoint-dir {checkpoint_dir!r} is not a folder")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    resume_path = None
+    if resume_dir is not None:
+        resume_path = os.path.join(resume_dir, "last.ckpt")
+        if not os.path.isfile(resume_path):
+            raise click.ClickException(f"--resume {resume_dir!r}: no checkpoint "
+                                       f"{resume_path!r} there")
+
     before = metrics(m)  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
                                device=device, seed=seed, frozen_batchnorm=frozen_batchnorm,
                                cuda_graphs=cuda_graphs)
+    drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
+    per_epoch = -(-(len(ds) - (len(ds) % batch_size if drop_last else 0)) // batch_size)
+    trainer.schedule = build_schedule(lr_schedule, opt, epochs * per_epoch, warmup_steps,
+                                      min_lr, step_size, gamma, milestones, max_lr)
     if profile:
         trainer.profile = onnxgrad.Profile()
     params = m.parameters()
@@ -182,7 +219,14 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
     rng = np.random.default_rng(seed)
-    drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
+    first_epoch, best = 1, None
+    if resume_path is not None:
+        trainer.load_checkpoint(resume_path)
+        rng.bit_generator.state = trainer.loop_state["shuffle"]
+        best = trainer.loop_state.get("best")
+        first_epoch = trainer.epoch + 1
+        click.echo(f"resumed from {resume_path}: {trainer.epoch} epoch(s), {trainer.steps} "
+                   f"step(s) done")
     if drop_last and len(ds) < batch_size:
         raise click.ClickException(f"the model's batch dimension is fixed to {batch_size}, "
                                    f"but {data!r} has only {len(ds)} training samples")
@@ -190,37 +234,72 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
                    f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
     after = before
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(ds))
-        if drop_last:
-            order = order[:len(ds) - len(ds) % batch_size]
-        n_batches = -(-len(order) // batch_size)
-        total, seen = 0.0, 0
-        with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
-                               hidden=quiet, show_pos=True,
-                               item_show_func=lambda s: s) as bar:
-            for step, index in enumerate(batches(len(order), batch_size, order), start=1):
-                feeds = {k: v[index] for k, v in ds.feeds.items()}
-                value = float(trainer.step(feeds, ds.target[index]))
-                if not math.isfinite(value):
-                    raise click.ClickException(
-                        f"training diverged: loss is {value} at epoch {epoch}, step {step}; "
-                        f"try a smaller --lr (the model was not saved)")
-                total += value * len(index)
-                seen += len(index)
-                bar.update(1, f"loss {total / seen:.4f}")
-        after = metrics(trainer.model)
-        train_m, val_m = after
-        line = f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  {train_m.format('train_')}"
-        if val_m is not None:
-            line += f"  |  {val_m.format('val_')}"
-        echo(line)
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            order = rng.permutation(len(ds))
+            if drop_last:
+                order = order[:len(ds) - len(ds) % batch_size]
+            n_batches = -(-len(order) // batch_size)
+            total, seen = 0.0, 0
+            with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
+                                   hidden=quiet, show_pos=True,
+                                   item_show_func=lambda s: s) as bar:
+                for step, index in enumerate(batches(len(order), batch_size, order), start=1):
+                    feeds = {k: v[index] for k, v in ds.feeds.items()}
+                    value = float(trainer.step(feeds, ds.target[index]))
+                    if not math.isfinite(value):
+                        raise click.ClickException(
+                            f"training diverged: loss is {value} at epoch {epoch}, step {step}; "
+                            f"try a smaller --lr (the model was not saved)")
+                    total += value * len(index)
+                    seen += len(index)
+                    bar.update(1, f"loss {total / seen:.4f}")
+            after = metrics(trainer.model)
+            train_m, val_m = after
+            line = f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  {train_m.format('train_')}"
+            if val_m is not None:
+                line += f"  |  {val_m.format('val_')}"
+            if trainer.schedule is not None:
+                line += f"  lr {opt.lr:.3g}"
+            echo(line)
+            if checkpoint_dir is not None:
+                trainer.epoch = epoch
+                trainer.loop_state["shuffle"] = rng.bit_generator.state
+                value = _monitored(monitor, train_m, val_m)
+                improved = save_best and value is not None and (
+                    best is None or (value < best if monitor.endswith("loss") else value > best))
+                if improved:
+                    best = value
+                trainer.loop_state["best"] = best
+                trainer.save_checkpoint(os.path.join(checkpoint_dir, "last.ckpt"))
+                if improved:
+                    trainer.save_checkpoint(os.path.join(checkpoint_dir, "best.ckpt"))
+                    stem, ext = os.path.splitext(out_path)
+                    trainer.model.save(f"{stem}_best{ext or '.onnx'}")
+                    echo(f"  best {monitor} so far ({value:.4f}): saved {checkpoint_dir}/best.ckpt")
+    except KeyboardInterrupt:
+        saved = os.path.join(checkpoint_dir, "last.ckpt") if checkpoint_dir else None
+        if saved and os.path.exists(saved):
+            where = (f"the last checkpoint, {saved} (after epoch {trainer.epoch}), is kept; "
+                     f"continue with the same options and --resume {checkpoint_dir}")
+        else:
+            where = "nothing was saved (--checkpoint-dir keeps a resumable state each epoch)"
+        click.echo(f"interrupted in epoch {epoch}: {where}", err=True)
+        sys.exit(130)
 
     click.echo(describe("after", *after))
     if trainer.profile is not None:
         click.echo(trainer.profile.report())
     trainer.model.save(out_path)
     click.echo(f"saved {out_path}")
+
+
+def _monitored(name: str, train_m, val_m) -> float | None:
+    """The value of --monitor in this epoch's metrics (None where not measured)."""
+    metrics = val_m if name.startswith("val_") else train_m
+    if metrics is None:
+        return None
+    return metrics.loss if name.endswith("loss") else metrics.accuracy
 
 
 def run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet,

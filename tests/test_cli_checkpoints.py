@@ -1,0 +1,85 @@
+"""``onnxgrad train`` with schedules, checkpoints and --resume: a run interrupted after an
+epoch and resumed ends with the weights of an uninterrupted run, bit for bit."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import onnxgrad
+from onnxgrad.tools.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODEL = str(ROOT / "models" / "digits_mlp.onnx")
+DATA = str(ROOT / "models" / "digits_train.npz")
+VAL = str(ROOT / "models" / "digits_test.npz")
+RUN = ["--data", DATA, "--val", VAL, "--epochs", "4", "--batch-size", "64", "--optimizer",
+       "sgd", "--lr", "0.05", "--momentum", "0.9", "--lr-schedule", "cosine",
+       "--warmup-steps", "5", "-q"]
+
+
+def _train(args):
+    result = CliRunner().invoke(main, ["train", MODEL, *args])
+    return result
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    whole = tmp_path / "whole.onnx"
+    assert _train([*RUN, "--out", str(whole)]).exit_code == 0
+    # The same run, stopped in its third epoch (as by Ctrl-C), then resumed.
+    step, calls = onnxgrad.Trainer.step, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * 23 + 5:  # 23 batches of 64 an epoch
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(onnxgrad.Trainer, "step", interrupted)
+    resumed = tmp_path / "resumed.onnx"
+    checkpoints = tmp_path / "ck"
+    first = _train([*RUN, "--out", str(resumed), "--checkpoint-dir", str(checkpoints)])
+    assert first.exit_code == 130 and not resumed.exists()
+    assert f"continue with the same options and --resume {checkpoints}" in first.output
+    monkeypatch.setattr(onnxgrad.Trainer, "step", step)
+    second = _train([*RUN, "--out", str(resumed), "--resume", str(checkpoints),
+                     "--checkpoint-dir", str(checkpoints)])
+    assert second.exit_code == 0, second.output
+    assert "resumed from" in second.output and "2 epoch(s)" in second.output
+    want, got = onnxgrad.load(whole).parameters(), onnxgrad.load(resumed).parameters()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_save_best_keeps_the_best_epoch(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = _train([*RUN, "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"),
+                     "--save-best", "--monitor", "val_acc"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ck" / "best.ckpt").exists() and (tmp_path / "m_best.onnx").exists()
+    state = onnxgrad.checkpoint.load(tmp_path / "ck" / "best.ckpt")
+    assert 1 <= state["epoch"] <= 4 and state["loop"]["best"] > 0.8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--save-best"], "--save-best needs --checkpoint-dir"),
+    (["--resume", "{tmp}/nothing"], "no checkpoint"),
+    (["--lr-schedule", "cosine", "--step-size", "3"], "--step-size applies to --lr-schedule step"),
+    (["--lr-schedule", "step"], "--lr-schedule step needs --step-size"),
+    (["--lr-schedule", "multistep", "--milestones", "4,x"], "--milestones '4,x'"),
+    (["--lr-schedule", "cosine", "--warmup-steps", "1000"], "warmup_steps must lie in"),
+])
+def test_bad_options_get_one_line(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = _train(["--data", DATA, "--epochs", "1", "--out", str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_monitoring_validation_without_validation_data_is_refused(tmp_path):
+    result = _train(["--data", DATA, "--epochs", "1", "--out", str(tmp_path / "o.onnx"),
+                     "--checkpoint-dir", str(tmp_path / "ck"), "--save-best"])
+    assert result.exit_code != 0 and "--monitor val_loss needs validation data" in result.output
