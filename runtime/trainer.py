@@ -134,6 +134,16 @@ class Trainer:
         #: JSON-able state of the training loop that drives this trainer (e.g. its
         #: shuffling), saved in and restored from checkpoints.
         self.loop_state: dict[str, Any] = {}
+        #: Clip the gradients' total L2 norm to this before each update (as
+        #: ``torch.nn.utils.clip_grad_norm_``), or None.
+        self.clip_grad_norm: float | None = None
+        #: Micro-batches per optimizer step: their gradients are averaged (for a mean
+        #: loss over equal micro-batches, the gradient of their union).
+        self.accumulate = 1
+        #: The total gradient norm of the last update (with ``clip_grad_norm``).
+        self.last_grad_norm: float | None = None
+        self._pending: dict[str, Any] | None = None
+        self._micro = 0
 
     def _push(self, names: list[str]) -> None:
         """Copy new values of the model's weights into the trainer's device arrays, in
@@ -243,6 +253,8 @@ class Trainer:
         and its gradient is complete, while that gradient is still in cache; the
         gradient's memory is released then, not at the end of the step.
         """
+        if self.accumulate != 1 or self.clip_grad_norm is not None:
+            return self._deferred_step(feeds, target)
         if self.backend.name != "cpu":
             return self._step_on_device(feeds, target)
         xp, weights, profile = self.backend.xp, self._weights, self.profile
@@ -268,6 +280,67 @@ class Trainer:
         self._stale = bool(self._copied)
         self._advance()
         return loss
+
+    # -- clipping and accumulation: every gradient first, then the update ---------------
+    def _deferred_step(self, feeds: Mapping[str, Any], target: Any) -> float:
+        if not (isinstance(self.accumulate, int) and self.accumulate >= 1):
+            raise OnnxgradError(f"accumulate must be a whole number of micro-batches, at least "
+                                f"1; got {self.accumulate!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise OnnxgradError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
+        out = self._run(feeds, target)
+        loss = float(self.backend.to_host(out[self.loss_value]))
+        for name, value in self._state.updates.items():  # running statistics, each micro-batch
+            if name in self._weights:
+                self._weights[name][...] = value
+        self._state.updates.clear()
+        grads = {p: out[g] for p, g in self._grad_values.items()}
+        if self._pending is None:
+            self._pending = grads
+        else:
+            for name, grad in grads.items():
+                self._pending[name] += grad
+        self._micro += 1
+        if self._micro == self.accumulate:
+            self.finish_accumulation()
+        return loss
+
+    def finish_accumulation(self) -> bool:
+        """Take the optimizer step of the micro-batches accumulated so far (their mean
+        gradient), if any; returns whether a step was taken.  A training loop calls it at
+        the end of an epoch whose batches do not divide into ``accumulate``."""
+        if self._pending is None:
+            return False
+        grads, count = self._pending, self._micro
+        self._pending, self._micro = None, 0
+        xp = self.backend.xp
+        if count > 1:
+            for grad in grads.values():
+                grad /= grad.dtype.type(count)
+        if self.clip_grad_norm is not None:
+            # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, in the
+            # gradients' type; every gradient times min(1, max_norm / (norm + 1e-6)).
+            norms = [xp.sqrt(xp.sum(g * g)) for g in grads.values()]
+            total = xp.sqrt(xp.sum(xp.stack(norms) ** 2))
+            self.last_grad_norm = float(self.backend.to_host(total))
+            coef = xp.minimum(total.dtype.type(self.clip_grad_norm) / (total + total.dtype.type(1e-6)),
+                              total.dtype.type(1.0))
+            for grad in grads.values():
+                grad *= coef
+        if self.backend.name == "cpu":
+            self.optimizer.update(xp, self._weights, grads)
+        else:
+            update = self._device_update
+            if update is None or update.optimizer is not self.optimizer:
+                trained = {name: self._weights[name] for name in self.trainable}
+                update = self._device_update = DeviceUpdate(self.optimizer, xp, trained)
+            with self.backend.stream:
+                update.begin_step()
+                for name, grad in grads.items():
+                    update(name, grad)
+        self._stale = bool(self._copied)
+        self._advance()
+        return True
 
     def _advance(self) -> None:
         self.steps += 1

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import onnxgrad
+import onnxgrad.tools.log
 from onnxgrad.tools.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -83,3 +84,41 @@ def test_monitoring_validation_without_validation_data_is_refused(tmp_path):
     result = _train(["--data", DATA, "--epochs", "1", "--out", str(tmp_path / "o.onnx"),
                      "--checkpoint-dir", str(tmp_path / "ck"), "--save-best"])
     assert result.exit_code != 0 and "--monitor val_loss needs validation data" in result.output
+
+
+def test_log_plot_clip_accumulate_and_early_stopping(tmp_path):
+    log, png = tmp_path / "run.csv", tmp_path / "run.png"
+    result = _train(["--data", DATA, "--val", VAL, "--epochs", "30", "--optimizer", "sgd",
+                     "--lr", "0.05", "--momentum", "0.9", "--clip-grad-norm", "1.0",
+                     "--accumulate", "2", "--early-stopping", "1", "--monitor", "val_loss",
+                     "--log", str(log), "--log-every", "10", "--plot", str(png),
+                     "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "early stopping after epoch" in result.output  # patience 1 over 30 epochs
+    rows = onnxgrad.tools.log.read(str(log))
+    epochs = [r for r in rows if r["train_loss"]]
+    assert len(epochs) < 30 and [int(r["epoch"]) for r in epochs] == list(range(1, len(epochs) + 1))
+    assert int(epochs[0]["step"]) == 23  # 45 batches of 32, two a step, the last one alone
+    assert all(float(r["val_acc"]) > 0.8 for r in epochs)
+    assert any(not r["train_loss"] and int(r["step"]) % 10 == 0 for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CliRunner().invoke(main, ["plot", str(log), "-o", str(tmp_path / "again.png")])
+    assert again.exit_code == 0 and (tmp_path / "again.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
+    (["--accumulate", "0"], "--accumulate must be at least 1"),
+    (["--log-every", "5"], "--log-every and --plot need --log"),
+    (["--early-stopping", "2"], "--monitor val_loss needs validation data"),
+])
+def test_bad_job_options_get_one_line(tmp_path, args, message):
+    result = _train(["--data", DATA, "--epochs", "1", "--out", str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_plot_refuses_a_file_that_is_not_a_log(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    result = CliRunner().invoke(main, ["plot", str(bad), "-o", str(tmp_path / "x.png")])
+    assert result.exit_code != 0 and "not an onnxgrad training log" in result.output

@@ -33,6 +33,7 @@ from .report import (
     select_trainable,
 )
 from .convert import apply, convert
+from .log import plot_command
 from .train import train
 
 
@@ -160,6 +161,7 @@ def _op_name(row) -> str:
 main.add_command(train)
 main.add_command(convert)
 main.add_command(apply)
+main.add_command(plot_command)
 
 
 @main.command("eval", context_settings=CONTEXT)

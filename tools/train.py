@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import click
 import numpy as np
@@ -33,6 +34,8 @@ from .common import (
     threads_option,
     _given,
 )
+from .log import MetricsLog, plot
+from .log import read as read_log
 from .metrics import batches
 from .report import is_float, select_trainable
 
@@ -90,6 +93,21 @@ from .report import is_float, select_trainable
 @click.option("--monitor", default="val_loss", show_default=True,
               type=click.Choice(["val_loss", "val_acc", "train_loss", "train_acc"]),
               help="The metric --save-best judges by (loss: lower is better; acc: higher).")
+@click.option("--clip-grad-norm", type=float, default=None, metavar="MAX",
+              help="Scale the gradients down to a total L2 norm of MAX before each update "
+                   "(torch.nn.utils.clip_grad_norm_).")
+@click.option("--accumulate", type=int, default=1, show_default=True, metavar="N",
+              help="Take one optimizer step per N batches, with their mean gradient (for a "
+                   "mean loss, a step on the N times larger batch).")
+@click.option("--early-stopping", type=int, default=None, metavar="PATIENCE",
+              help="Stop when --monitor has not improved for PATIENCE epochs.")
+@click.option("--log", "log_path", default=None, metavar="FILE.csv",
+              help="Write one row of metrics per epoch: epoch, step, lr, step_loss, train and "
+                   "val loss and accuracy (or perplexity), seconds, samples/s.")
+@click.option("--log-every", type=int, default=None, metavar="N",
+              help="With --log: also a row every N optimizer steps (step_loss and lr).")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="Draw the --log at the end (needs matplotlib: pip install 'onnxgrad[plot]').")
 @click.option("--resume", "resume_dir", default=None, metavar="DIR",
               help="Continue the run checkpointed in DIR (DIR/last.ckpt) up to --epochs, with "
                    "the same options; the result equals an uninterrupted run bit for bit.")
@@ -100,7 +118,8 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
           cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
           lr_schedule, warmup_steps, min_lr, step_size, gamma, milestones, max_lr,
-          checkpoint_dir, save_best, monitor, resume_dir):
+          checkpoint_dir, save_best, monitor, clip_grad_norm, accumulate, early_stopping,
+          log_path, log_every, plot_path, resume_dir):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -184,9 +203,19 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
 
     if save_best and checkpoint_dir is None:
         raise click.ClickException("--save-best needs --checkpoint-dir")
-    if save_best and monitor.startswith("val_") and val is None:
+    if (save_best or early_stopping) and monitor.startswith("val_") and val is None:
         raise click.ClickException(f"--monitor {monitor} needs validation data "
                                    "(--val or --val-split)")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise click.ClickException(f"--clip-grad-norm must be positive (got {clip_grad_norm})")
+    if accumulate < 1:
+        raise click.ClickException(f"--accumulate must be at least 1 (got {accumulate})")
+    if early_stopping is not None and early_stopping < 1:
+        raise click.ClickException(f"--early-stopping must be at least 1 (got {early_stopping})")
+    if (log_every is not None or plot_path is not None) and log_path is None:
+        raise click.ClickException("--log-every and --plot need --log FILE.csv")
+    if log_every is not None and log_every < 1:
+        raise click.ClickException(f"--log-every must be at least 1 (got {log_every})")
     if checkpoint_dir is not None:
         if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             raise click.ClickException(f"--checkpoint-dir {checkpoint_dir!r} is not a folder")
@@ -204,8 +233,10 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
                                cuda_graphs=cuda_graphs)
     drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
     per_epoch = -(-(len(ds) - (len(ds) % batch_size if drop_last else 0)) // batch_size)
-    trainer.schedule = build_schedule(lr_schedule, opt, epochs * per_epoch, warmup_steps,
+    steps_per_epoch = -(-per_epoch // accumulate)
+    trainer.schedule = build_schedule(lr_schedule, opt, epochs * steps_per_epoch, warmup_steps,
                                       min_lr, step_size, gamma, milestones, max_lr)
+    trainer.clip_grad_norm, trainer.accumulate = clip_grad_norm, accumulate
     if profile:
         trainer.profile = onnxgrad.Profile()
     params = m.parameters()
@@ -219,11 +250,11 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
     rng = np.random.default_rng(seed)
-    first_epoch, best = 1, None
+    first_epoch, best, stale = 1, None, 0
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
         rng.bit_generator.state = trainer.loop_state["shuffle"]
-        best = trainer.loop_state.get("best")
+        best, stale = trainer.loop_state.get("best"), trainer.loop_state.get("stale", 0)
         first_epoch = trainer.epoch + 1
         click.echo(f"resumed from {resume_path}: {trainer.epoch} epoch(s), {trainer.steps} "
                    f"step(s) done")
@@ -234,18 +265,22 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
                    f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
     after = before
+    log = MetricsLog(log_path, append=resume_path is not None) if log_path else None
+    epoch = first_epoch
     try:
         for epoch in range(first_epoch, epochs + 1):
+            started = time.perf_counter()
             order = rng.permutation(len(ds))
             if drop_last:
                 order = order[:len(ds) - len(ds) % batch_size]
             n_batches = -(-len(order) // batch_size)
             total, seen = 0.0, 0
-            with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
-                                   hidden=quiet, show_pos=True,
-                                   item_show_func=lambda s: s) as bar:
+            with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}",
+                                   file=sys.stderr, hidden=quiet or not sys.stderr.isatty(),
+                                   show_pos=True, item_show_func=lambda s: s) as bar:
                 for step, index in enumerate(batches(len(order), batch_size, order), start=1):
                     feeds = {k: v[index] for k, v in ds.feeds.items()}
+                    taken = trainer.steps
                     value = float(trainer.step(feeds, ds.target[index]))
                     if not math.isfinite(value):
                         raise click.ClickException(
@@ -254,29 +289,44 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
                     total += value * len(index)
                     seen += len(index)
                     bar.update(1, f"loss {total / seen:.4f}")
+                    if log and log_every and trainer.steps != taken and \
+                            trainer.steps % log_every == 0:
+                        log.row(epoch, trainer.steps, opt.lr, step_loss=value)
+            trainer.finish_accumulation()  # the epoch's last batches, if they were fewer
+            seconds = time.perf_counter() - started
             after = metrics(trainer.model)
             train_m, val_m = after
-            line = f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  {train_m.format('train_')}"
+            line = (f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  "
+                    f"{train_m.format('train_')}")
             if val_m is not None:
                 line += f"  |  {val_m.format('val_')}"
             if trainer.schedule is not None:
                 line += f"  lr {opt.lr:.3g}"
             echo(line)
+            if log:
+                log.row(epoch, trainer.steps, opt.lr, step_loss=total / seen, train=train_m,
+                        val=val_m, seconds=seconds, samples_per_s=seen / seconds)
+            value = _monitored(monitor, train_m, val_m)
+            improved = value is not None and (
+                best is None or (value < best if monitor.endswith("loss") else value > best))
+            if improved:
+                best, stale = value, 0
+            else:
+                stale += 1
             if checkpoint_dir is not None:
                 trainer.epoch = epoch
-                trainer.loop_state["shuffle"] = rng.bit_generator.state
-                value = _monitored(monitor, train_m, val_m)
-                improved = save_best and value is not None and (
-                    best is None or (value < best if monitor.endswith("loss") else value > best))
-                if improved:
-                    best = value
-                trainer.loop_state["best"] = best
+                trainer.loop_state.update(shuffle=rng.bit_generator.state, best=best,
+                                          stale=stale)
                 trainer.save_checkpoint(os.path.join(checkpoint_dir, "last.ckpt"))
-                if improved:
+                if save_best and improved:
                     trainer.save_checkpoint(os.path.join(checkpoint_dir, "best.ckpt"))
                     stem, ext = os.path.splitext(out_path)
                     trainer.model.save(f"{stem}_best{ext or '.onnx'}")
                     echo(f"  best {monitor} so far ({value:.4f}): saved {checkpoint_dir}/best.ckpt")
+            if early_stopping and stale >= early_stopping:
+                click.echo(f"early stopping after epoch {epoch}: {monitor} has not improved for "
+                           f"{stale} epoch(s) (best {best:.4f})")
+                break
     except KeyboardInterrupt:
         saved = os.path.join(checkpoint_dir, "last.ckpt") if checkpoint_dir else None
         if saved and os.path.exists(saved):
@@ -286,12 +336,18 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
             where = "nothing was saved (--checkpoint-dir keeps a resumable state each epoch)"
         click.echo(f"interrupted in epoch {epoch}: {where}", err=True)
         sys.exit(130)
+    finally:
+        if log:
+            log.close()
 
     click.echo(describe("after", *after))
     if trainer.profile is not None:
         click.echo(trainer.profile.report())
     trainer.model.save(out_path)
     click.echo(f"saved {out_path}")
+    if plot_path:
+        plot(read_log(log_path), plot_path, title=os.path.basename(model))
+        click.echo(f"plotted {log_path} to {plot_path}")
 
 
 def _monitored(name: str, train_m, val_m) -> float | None:
