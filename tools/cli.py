@@ -12,6 +12,7 @@ import click
 from onnxgrad.autodiff import differentiable_ancestors
 
 from .common import (
+    data_source,
     CONTEXT,
     boundary,
     check_loss,
@@ -172,7 +173,8 @@ main.add_command(plot_command)
               help="Samples per Model.run call.")
 @threads_option
 @boundary
-def eval_(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, batch_size):
+def eval_(model, data, input_keys, target_key, target_column, feature_columns, mean, std, loss,
+          output, class_axis, ignore_index, batch_size):
     """Evaluate MODEL's loss and accuracy on a .npz data file.
 
     The model runs in inference mode (Dropout off, BatchNormalization with
@@ -190,7 +192,8 @@ def eval_(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         raise click.ClickException(f"--batch-size must be at least 1 (got {batch_size})")
     m = load_model(model)
     output = resolve_output(m, output)
-    ds = read_dataset(data, m, input_keys, target_key)
+    ds = read_dataset(data, m, input_keys, target_key,
+                      source=data_source(target_column, feature_columns, mean, std))
     result = measure(m, output, ds, loss, batch_size, set())
     click.echo(f"model: {model}")
     click.echo(f"data: {ds.describe()}")

@@ -91,12 +91,21 @@ def input_info(model) -> dict[str, tuple]:
     return out
 
 
-def read_dataset(path: str, model, input_keys, target_key, need_target=True) -> D.Dataset:
+def read_dataset(path: str, model, input_keys, target_key, need_target=True,
+                 source: D.Source | None = None) -> D.Dataset:
+    """The data at ``path`` (any source :func:`onnxgrad.tools.data.load_data` reads),
+    checked against the model; an image folder's class names in ``dataset.classes``."""
     names = feed_inputs(model.graph)
     mapping = D.parse_input_keys(input_keys, names)
-    arrays = D.load_npz(path)
+    source = source or D.Source()
+    info = input_info(model)
+    if len(names) == 1:
+        source.input_shape = info.get(names[0], (None, None))[1]
+    arrays, extra = D.load_data(path, source)
     keys, tkey = D.resolve_keys(arrays, path, names, mapping, target_key, need_target)
-    return D.build_dataset(arrays, path, keys, tkey, input_info(model))
+    dataset = D.build_dataset(arrays, path, keys, tkey, info)
+    dataset.classes = extra.get("classes")
+    return dataset
 
 
 def check_loss(loss: str, class_axis: int | None = None, ignore_index: int | None = None):
@@ -171,6 +180,17 @@ _key_options = [
     click.option("--output", default=None, metavar="VALUE",
                  help="The value the loss reads: a graph output or any value name in the graph "
                       "(e.g. the input of a final Softmax). Default: the first graph output."),
+    click.option("--target-column", default=None, metavar="NAME",
+                 help="For a .csv or .parquet table: the column of targets. Default: the first "
+                      "of 'label', 'labels', 'y', 'target', 'targets'."),
+    click.option("--feature-columns", default=None, metavar="A,B,...",
+                 help="For a table: the columns that make the features, in order. Default: "
+                      "every column but the target's."),
+    click.option("--mean", default=None, metavar="M[,M,M]",
+                 help="For an image folder: subtracted from the pixels (scaled to 0..1), one "
+                      "value or one per channel."),
+    click.option("--std", default=None, metavar="S[,S,S]",
+                 help="For an image folder: the pixels are divided by it after --mean."),
     click.option("--class-axis", type=int, default=None, metavar="AXIS",
                  help="Axis of the output that holds the classes, for cross_entropy and nll: "
                       "1 (default) for [N, C, ...], -1 for a language model's [N, T, C]."),
@@ -324,3 +344,19 @@ def build_schedule(name: str, optimizer, total_steps: int, warmup_steps, min_lr,
                                    total_steps)
     except OnnxgradError as exc:
         raise click.ClickException(f"--lr-schedule {name}: {exc}") from None
+
+
+def data_source(target_column, feature_columns, mean, std) -> D.Source:
+    """The --target-column, --feature-columns, --mean and --std options."""
+    def floats(option, text):
+        if text is None:
+            return ()
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise click.ClickException(f"{option} {text!r}: expected numbers separated by "
+                                       "commas") from None
+
+    columns = tuple(c.strip() for c in feature_columns.split(",")) if feature_columns else ()
+    return D.Source(target_column=target_column, feature_columns=columns,
+                    mean=floats("--mean", mean), std=floats("--std", std))

@@ -1,4 +1,5 @@
-"""Reading ``.npz`` data files and checking them against a model.
+"""Reading data (``.npz`` archives, folders of ``.npy`` files, CSV and Parquet tables,
+image folders) and checking it against a model.
 
 Everything here raises :class:`onnxgrad.errors.DataError` with a message that
 names the file, the key and the model input involved, so that the CLI can
@@ -77,6 +78,8 @@ class Dataset:
     keys: dict[str, str]  # model input name -> key in the file
     target: np.ndarray | None = None
     target_key: str | None = None
+    #: An image folder's class names, by class index.
+    classes: list[str] | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
@@ -161,6 +164,7 @@ def fit_input(arr: np.ndarray, name: str, key: str, path: str, dtype, shape) -> 
     if arr.ndim == 0:
         raise DataError(f"{where} is a scalar; model input {name!r} expects a batch of shape "
                         f"{_fmt_shape(shape)}")
+    mapped = isinstance(arr, np.memmap)
     if dtype is not None and arr.dtype != dtype:
         want, got = np.dtype(dtype), arr.dtype
         ok = (
@@ -174,7 +178,8 @@ def fit_input(arr: np.ndarray, name: str, key: str, path: str, dtype, shape) -> 
         if not ok:
             raise DataError(f"{where} has element type {got}, which does not fit model input "
                             f"{name!r}: expected {want}")
-        arr = arr.astype(want)
+        if not mapped:  # a memory-mapped array is cast batch by batch, as it is read
+            arr = arr.astype(want)
     if shape is not None:
         if arr.ndim != len(shape):
             raise DataError(f"{where} has shape {tuple(arr.shape)}, which does not fit model input "
@@ -185,7 +190,7 @@ def fit_input(arr: np.ndarray, name: str, key: str, path: str, dtype, shape) -> 
                 raise DataError(f"{where} has shape {tuple(arr.shape)}, which does not fit model "
                                 f"input {name!r}: expected {_fmt_shape(shape)} (axis {axis} must "
                                 f"be {want}, got {got})")
-    return np.ascontiguousarray(arr)
+    return arr if mapped else np.ascontiguousarray(arr)
 
 
 def build_dataset(arrays: dict[str, np.ndarray], path: str, keys: dict[str, str],
@@ -260,3 +265,194 @@ def fit_target(ds: Dataset, loss, output: str, out_shape: tuple[int, ...], out_d
         raise DataError(f"{where} range from {t.min():g} to {t.max():g}; loss 'bce_with_logits' "
                         f"needs targets in [0, 1]")
     ds.target = np.ascontiguousarray(t)
+
+
+# -- other sources: folders of .npy files, tables, image folders ---------------------------
+
+#: File name endings read as tables.
+TABLES = (".csv", ".parquet", ".pq")
+#: File name endings read as images in an image folder.
+IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Source:
+    """How to turn a table or an image folder into arrays (the CLI's data options)."""
+
+    target_column: str | None = None
+    feature_columns: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    #: The model input's shape (for images: [N, C, H, W]).
+    input_shape: tuple | None = None
+
+
+def load_data(path: str, source: Source | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The named arrays of a data source, and what it adds (an image folder's classes):
+
+    * a ``.npz`` archive: its arrays;
+    * a folder of ``.npy`` files: each file memory-mapped, named by its stem, so that
+      arrays larger than memory are read batch by batch;
+    * a ``.csv`` or ``.parquet`` table: ``features`` (float32, one column per feature
+      column) and ``label`` (the target column);
+    * a folder with one subfolder of images per class (torchvision's ImageFolder
+      layout): ``input`` (float32 [N, C, H, W], resized to the model's input size and
+      normalised with ``mean`` and ``std``) and ``label`` (the class index, classes in
+      sorted order).
+    """
+    source = source or Source()
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        if any(n.endswith(".npy") for n in names):
+            return _npy_folder(path, names), {}
+        if any(os.path.isdir(os.path.join(path, n)) for n in names):
+            return _image_folder(path, source)
+        raise DataError(f"data folder {path!r} holds neither .npy files nor one subfolder of "
+                        "images per class")
+    ending = os.path.splitext(path)[1].lower()
+    if ending in TABLES:
+        return _table(path, ending, source), {}
+    if source.target_column or source.feature_columns:
+        raise DataError(f"--target-column and --feature-columns apply to .csv and .parquet "
+                        f"tables, not to {path!r}")
+    return load_npz(path), {}
+
+
+def _npy_folder(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name in names:
+        if name.endswith(".npy"):
+            file = os.path.join(path, name)
+            try:
+                arrays[name[:-4]] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read {file!r} as a .npy array: {err}") from None
+    return arrays
+
+
+def _table(path: str, ending: str, source: Source) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist")
+    if ending == ".csv":
+        columns = _read_csv(path)
+    else:
+        try:
+            import pyarrow.parquet as pq  # noqa: PLC0415 - an optional extra
+        except ImportError:
+            raise DataError(f"reading {path!r} needs pyarrow: pip install 'onnxgrad[parquet]'") \
+                from None
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds
+            raise DataError(f"cannot read {path!r} as a Parquet table: {err}") from None
+        columns = {name: table.column(name).to_numpy(zero_copy_only=False)
+                   for name in table.column_names}
+    names = list(columns)
+    target = source.target_column
+    if target is None:
+        target = next((k for k in TARGET_KEYS if k in columns), None)
+        if target is None:
+            raise DataError(f"table {path!r} has no target column (tried "
+                            f"{', '.join(map(repr, TARGET_KEYS))}); its columns are "
+                            f"{names[:12]}; choose one with --target-column")
+    elif target not in columns:
+        raise DataError(f"table {path!r} has no column {target!r}; its columns are {names[:12]}")
+    features = list(source.feature_columns) or [n for n in names if n != target]
+    missing = [n for n in features if n not in columns]
+    if missing:
+        raise DataError(f"table {path!r} has no column {missing[0]!r}; its columns are "
+                        f"{names[:12]}")
+    if target in features:
+        raise DataError(f"column {target!r} of {path!r} cannot be both a feature and the target")
+    matrix = np.empty((len(columns[target]), len(features)), dtype=np.float32)
+    for i, name in enumerate(features):
+        matrix[:, i] = _numeric(columns[name], name, path, "feature")
+    return {"features": matrix, "label": _numeric(columns[target], target, path, "target")}
+
+
+def _read_csv(path: str) -> dict[str, np.ndarray]:
+    import csv  # noqa: PLC0415
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read {path!r} as CSV: {err}") from None
+    if len(rows) < 2:
+        raise DataError(f"table {path!r} has no data rows under its header")
+    header, body = rows[0], rows[1:]
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {number} has {len(row)} fields, the header "
+                            f"{len(header)}")
+    return {name: np.array([row[i] for row in body], dtype=object)
+            for i, name in enumerate(header)}
+
+
+def _numeric(values: np.ndarray, name: str, path: str, role: str) -> np.ndarray:
+    """A column as numbers: integers stay int64 (class labels), the rest float."""
+    if values.dtype.kind in "iufb":
+        return values
+    try:
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next(v for v in values if not _is_number(v))
+        raise DataError(f"{role} column {name!r} of {path!r} is not numeric (e.g. {bad!r}); "
+                        f"encode it as numbers, or leave it out with --feature-columns")
+    if np.all(numbers == np.round(numbers)) and np.isfinite(numbers).all():
+        return numbers.astype(np.int64)
+    return numbers
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _image_folder(path: str, source: Source) -> tuple[dict[str, np.ndarray], dict]:
+    try:
+        from PIL import Image  # noqa: PLC0415 - an optional extra
+    except ImportError:
+        raise DataError(f"reading the image folder {path!r} needs Pillow: "
+                        "pip install 'onnxgrad[images]'") from None
+    shape = source.input_shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        raise DataError(f"an image folder ({path!r}) needs a model input of shape [N, C, H, W] "
+                        f"with fixed C, H and W; the model's is {_fmt_shape(shape)}")
+    channels, height, width = shape[1:]
+    if channels not in (1, 3):
+        raise DataError(f"images become 1 or 3 channels; the model input has {channels}")
+    mean = np.array(source.mean or (0.0,), dtype=np.float32)
+    std = np.array(source.std or (1.0,), dtype=np.float32)
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values.size not in (1, channels):
+            raise DataError(f"{name} gives {values.size} values; give 1 or {channels} (one per "
+                            "channel)")
+    if np.any(std == 0):
+        raise DataError("--std must not be 0")
+    classes = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        folder = os.path.join(path, name)
+        for file in sorted(os.listdir(folder)):
+            if not file.lower().endswith(IMAGES):
+                continue
+            where = os.path.join(folder, file)
+            try:
+                with Image.open(where) as image:
+                    image = image.convert("L" if channels == 1 else "RGB")
+                    image = image.resize((width, height), Image.BILINEAR)
+                    pixels = np.asarray(image, dtype=np.float32) / 255.0
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read the image {where!r}: {err}") from None
+            pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+            images.append((pixels - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1))
+            labels.append(index)
+    if not images:
+        raise DataError(f"image folder {path!r} holds no images ({', '.join(IMAGES)}) in its "
+                        "class subfolders")
+    return ({"input": np.stack(images).astype(np.float32),
+             "label": np.array(labels, dtype=np.int64)}, {"classes": classes})

@@ -3,6 +3,7 @@ algorithm it carries (TrainingInfoProto)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ from .common import (
     boundary,
     build_optimizer,
     build_schedule,
+    data_source,
     schedule_options,
     optimizer_options,
     check_loss,
@@ -113,7 +115,8 @@ from .report import is_float, select_trainable
                    "the same options; the result equals an uninterrupted run bit for bit.")
 @threads_option
 @boundary
-def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_index, optimizer,
+def train(model, data, input_keys, target_key, target_column, feature_columns, mean, std, loss,
+          output, class_axis, ignore_index, optimizer,
           lr, momentum, weight_decay,
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
           cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
@@ -173,10 +176,11 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         return
     output = resolve_output(m, output)
     batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
-    ds = read_dataset(data, m, input_keys, target_key)
+    source = data_source(target_column, feature_columns, mean, std)
+    ds = read_dataset(data, m, input_keys, target_key, source=source)
     val = None
     if val_path is not None:
-        val = read_dataset(val_path, m, input_keys, target_key)
+        val = read_dataset(val_path, m, input_keys, target_key, source=source)
     elif val_split is not None:
         order = np.random.default_rng(seed).permutation(len(ds))
         n_val = int(round(len(ds) * val_split))
@@ -345,6 +349,11 @@ def train(model, data, input_keys, target_key, loss, output, class_axis, ignore_
         click.echo(trainer.profile.report())
     trainer.model.save(out_path)
     click.echo(f"saved {out_path}")
+    if ds.classes is not None:
+        classes_path = os.path.splitext(out_path)[0] + ".classes.json"
+        with open(classes_path, "w") as f:
+            json.dump({"classes": ds.classes}, f, indent=1)
+        click.echo(f"wrote {classes_path}: the class of each output index")
     if plot_path:
         plot(read_log(log_path), plot_path, title=os.path.basename(model))
         click.echo(f"plotted {log_path} to {plot_path}")
