@@ -13,6 +13,7 @@ from onnxgrad.errors import (
     CheckpointError,
     DataError,
     ModelError,
+    NonFiniteError,
     OnnxgradError,
     ShapeError,
     UnsupportedOpError,
@@ -40,7 +41,7 @@ __all__ = [
     "load", "Model", "Trainer", "Profile", "TrainingInfo", "SGD", "Adam", "AdamW", "Optimizer",
     "LOSSES", "Loss", "CrossEntropy", "NLL", "MSE", "L1", "BCEWithLogits",
     "OnnxgradError", "ModelError", "UnsupportedOpError", "ShapeError", "DataError",
-    "CheckpointError", "set_num_threads", "get_num_threads",
+    "CheckpointError", "NonFiniteError", "set_num_threads", "get_num_threads",
     "Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
     "LinearWarmupDecay", "OneCycleLR",
 ]

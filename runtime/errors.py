@@ -40,6 +40,10 @@ class CheckpointError(OnnxgradError):
     """A checkpoint cannot be written or read."""
 
 
+class NonFiniteError(OnnxgradError):
+    """A training step's loss is not finite (NaN or infinite)."""
+
+
 __all__ = [
     "OnnxgradError",
     "ModelError",
@@ -47,4 +51,5 @@ __all__ = [
     "ShapeError",
     "DataError",
     "CheckpointError",
+    "NonFiniteError",
 ]

@@ -210,7 +210,8 @@ class Plan:
     # -- running --------------------------------------------------------------------------
     def run(self, env: dict[str, Any], profile: Profile | None = None,
             record: dict[str, np.ndarray] | None = None,
-            on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+            on_ready: Callable[[str, Any], None] | None = None,
+            before_handoff: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
 
         ``env`` is consumed: intermediates are added to it and removed after
@@ -219,7 +220,9 @@ class Plan:
         ``record``, the values of :attr:`recordable` are stored there.  With
         ``on_ready``, each value of :attr:`handoff` is instead passed to
         ``on_ready(weight, value)`` as soon as no later step reads its weight
-        (see :meth:`_schedule_handoff`), and left out of the result.
+        (see :meth:`_schedule_handoff`), and left out of the result; ``before_handoff(env)``
+        is called once before the first of those (it may raise to stop the run before
+        any weight changes).
         """
         deferred: list[tuple[str, Any]] = []
         if on_ready is not None:  # liveness drops weights from env; keep them for _viewed
@@ -263,6 +266,9 @@ class Plan:
                 for name in step.free:
                     env.pop(name, None)
                 if on_ready is not None and self._handoff_at[index]:
+                    if before_handoff is not None:
+                        before_handoff(env)
+                        before_handoff = None
                     for name, weight in self._handoff_at[index]:
                         if _viewed(env, weights[weight]):  # a live view still reads the weight
                             deferred.append((weight, env.pop(name)))
@@ -272,6 +278,8 @@ class Plan:
                 _blame(exc, step.node)
                 raise
         if on_ready is not None:
+            if before_handoff is not None and (deferred or self._handoff_end):
+                before_handoff(env)
             for weight, value in deferred:
                 on_ready(weight, value)
             for name, weight in self._handoff_end:
@@ -323,16 +331,18 @@ class ShapeSpecializedRunner:
         return self.generic.backend
 
     def run(self, env: dict[str, Any], profile: Profile | None = None,
-            on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+            on_ready: Callable[[str, Any], None] | None = None,
+            before_handoff: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         if not self.generic.recordable:
-            return self.generic.run(env, profile, on_ready=on_ready)
+            return self.generic.run(env, profile, on_ready=on_ready,
+                                    before_handoff=before_handoff)
         signature = tuple(_shape_key(env[name]) for name in self._inputs)
         plan = self._plans.get(signature)
         if plan is not None:
             self._plans.move_to_end(signature)
-            return plan.run(env, profile, on_ready=on_ready)
+            return plan.run(env, profile, on_ready=on_ready, before_handoff=before_handoff)
         recorded: dict[str, np.ndarray] = {}
-        result = self.generic.run(env, profile, recorded, on_ready)
+        result = self.generic.run(env, profile, recorded, on_ready, before_handoff)
         self._plans[signature] = self._make_plan(recorded)
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)

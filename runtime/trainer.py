@@ -10,7 +10,7 @@ import numpy as np
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.capture import StepGraphs
 from onnxgrad import checkpoint
-from onnxgrad.errors import CheckpointError, DataError, OnnxgradError
+from onnxgrad.errors import CheckpointError, DataError, NonFiniteError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
@@ -224,7 +224,8 @@ class Trainer:
 
     # -- running -----------------------------------------------------------------------
     def _run(self, feeds: Mapping[str, Any], target: Any,
-             on_ready: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+             on_ready: Callable[[str, Any], None] | None = None,
+             before_handoff: Callable[[dict], None] | None = None) -> dict[str, Any]:
         extra = [self.target_input] if self.target_input else []
         env = dict(self._weights)
         env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
@@ -235,7 +236,7 @@ class Trainer:
         self._state.training = True
         self._state.updates.clear()
         try:
-            return self._runner.run(env, self.profile, on_ready)
+            return self._runner.run(env, self.profile, on_ready, before_handoff)
         finally:
             self._state.training = False
 
@@ -266,7 +267,7 @@ class Trainer:
                 self.backend.synchronize()
                 profile.optimizer_seconds += time.perf_counter() - start
 
-        out = self._run(feeds, target, update)
+        out = self._run(feeds, target, update, self._check_loss)
         loss = float(self.backend.to_host(out[self.loss_value]))
         start = time.perf_counter() if self.profile is not None else 0.0
         for name, value in self._state.updates.items():  # e.g. running statistics
@@ -289,6 +290,7 @@ class Trainer:
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise OnnxgradError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
         out = self._run(feeds, target)
+        self._check_loss(out)
         loss = float(self.backend.to_host(out[self.loss_value]))
         for name, value in self._state.updates.items():  # running statistics, each micro-batch
             if name in self._weights:
@@ -341,6 +343,17 @@ class Trainer:
         self._stale = bool(self._copied)
         self._advance()
         return True
+
+    def _check_loss(self, env: dict[str, Any]) -> None:
+        """Raise NonFiniteError if the step's loss (in ``env``) is not finite: called before
+        the first update, so that nothing has changed."""
+        loss = float(self.backend.to_host(env[self.loss_value]))
+        if not np.isfinite(loss):
+            self._state.updates.clear()
+            raise NonFiniteError(
+                f"{self.model.where}: the loss is {loss} at step {self.steps + 1}; no weight, "
+                "optimizer state or statistic was changed (a learning rate too large, or "
+                "non-finite data, makes this)")
 
     def _advance(self) -> None:
         self.steps += 1
@@ -462,6 +475,10 @@ class Trainer:
                 holds = [*self._weights.values(), *update.arrays()]
                 result = self.graphs.run(inputs, self._launch, holds)
             loss = float(backend.to_host(result))
+        if not np.isfinite(loss):  # the step ran as one launch: its update is done
+            raise NonFiniteError(
+                f"{self.model.where}: the loss is {loss} at step {self.steps + 1}; on a GPU the "
+                "step's update has been applied (load a checkpoint to go back)")
         if profile is not None:
             profile.steps += 1
             profile.notes = ["kernel by kernel: steps ran eagerly (a CUDA graph is not timed "
