@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.capture import StepGraphs
-from onnxgrad import checkpoint
+from onnxgrad import checkpoint, loop
 from onnxgrad.errors import CheckpointError, DataError, NonFiniteError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, resolve_loss
@@ -144,6 +145,10 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self._pending: dict[str, Any] | None = None
         self._micro = 0
+        #: Set by a callback of :meth:`fit` to end the run after the current epoch.
+        self.stop_training = False
+        self._busy = threading.Lock()
+        self._evaluator: ShapeSpecializedRunner | None = None
 
     def _push(self, names: list[str]) -> None:
         """Copy new values of the model's weights into the trainer's device arrays, in
@@ -252,8 +257,69 @@ class Trainer:
 
         Each parameter is updated as soon as the backward pass no longer reads it
         and its gradient is complete, while that gradient is still in cache; the
-        gradient's memory is released then, not at the end of the step.
+        gradient's memory is released then, not at the end of the step.  A trainer
+        serves one thread at a time: a second thread calling ``step`` while one runs
+        gets an OnnxgradError.
         """
+        if not self._busy.acquire(blocking=False):
+            raise OnnxgradError(f"{self.model.where}: another thread is in this trainer's step(); "
+                                "a Trainer serves one thread at a time")
+        try:
+            return self._step(feeds, target)
+        finally:
+            self._busy.release()
+
+    def fit(self, data, epochs: int = 5, val=None, callbacks=(), batch_size: int = 32,
+            shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> list[dict[str, Any]]:
+        """Train for ``epochs`` epochs on ``data``: ``(feeds, target)`` arrays, shuffled and
+        cut into batches, or an iterable of ``(feeds, target)`` batches; with ``val`` (the
+        same forms) the validation loss and accuracy after each epoch.  ``callbacks`` see
+        each epoch and step (see :mod:`onnxgrad.loop`).  A trainer restored from a
+        checkpoint continues after its last epoch.  Returns each epoch's logs."""
+        return loop.fit(self, data, epochs, val, callbacks, batch_size, shuffle, seed, drop_last)
+
+    def evaluate(self, batches) -> dict[str, float]:
+        """The loss (mean over samples) and, for class losses, the accuracy of the
+        current weights on ``batches`` (an iterable of ``(feeds, target)``), in
+        inference mode (BatchNormalization's running statistics, no Dropout)."""
+        if self._evaluator is None:
+            fetch = [self.loss_value, self.output]
+            state = RunState(None, self.backend.xp)
+            self._evaluator = ShapeSpecializedRunner(
+                lambda shapes: Model.make_plan(self.graph, self.backend, fetch, state,
+                                               weights=self._weight_names, shapes=shapes),
+                self.graph.inputs)
+        total = count = correct = counted = 0
+        for feeds, target in batches:
+            env = dict(self._weights)
+            extra = [self.target_input] if self.target_input else []
+            env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
+            checked = self._target(target)
+            if self.target_input:
+                env[self.target_input] = self.backend.asarray(checked)
+            out = self._evaluator.run(env)
+            size = len(next(iter(feeds.values())))
+            total += float(self.backend.to_host(out[self.loss_value])) * size
+            count += size
+            if self.loss is not None and self.loss.target == "class":
+                logits = self.backend.to_host(out[self.output])
+                axis = self.loss.class_axis_of(logits.ndim)
+                hit = np.argmax(logits, axis=axis) == checked
+                if self.loss.ignore_index is not None:
+                    keep = checked != self.loss.ignore_index
+                    hit, n = hit[keep], int(keep.sum())
+                else:
+                    n = hit.size
+                correct += int(hit.sum())
+                counted += n
+        if not count:
+            raise DataError(f"{self.model.where}: evaluate got no batches")
+        result = {"loss": total / count}
+        if counted:
+            result["acc"] = correct / counted
+        return result
+
+    def _step(self, feeds: Mapping[str, Any], target: Any) -> float:
         if self.accumulate != 1 or self.clip_grad_norm is not None:
             return self._deferred_step(feeds, target)
         if self.backend.name != "cpu":

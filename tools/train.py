@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import click
 import numpy as np
@@ -252,13 +251,10 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
                f"values) with {optimizer.lower()} lr={opt.lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
                f"of batch size {batch_size}, on {device}")
     click.echo(describe("before", *before))
-    rng = np.random.default_rng(seed)
-    first_epoch, best, stale = 1, None, 0
+    best, stale = None, 0
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
-        rng.bit_generator.state = trainer.loop_state["shuffle"]
         best, stale = trainer.loop_state.get("best"), trainer.loop_state.get("stale", 0)
-        first_epoch = trainer.epoch + 1
         click.echo(f"resumed from {resume_path}: {trainer.epoch} epoch(s), {trainer.steps} "
                    f"step(s) done")
     if drop_last and len(ds) < batch_size:
@@ -267,77 +263,29 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     if drop_last:
         click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
                    f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
-    after = before
-    log = MetricsLog(log_path, append=resume_path is not None) if log_path else None
-    epoch = first_epoch
+    report = _EpochReport(trainer, metrics, echo, opt, epochs, monitor, best, stale,
+                          checkpoint_dir, save_best, early_stopping, out_path,
+                          MetricsLog(log_path, append=resume_path is not None) if log_path
+                          else None, log_every)
+    report.after = before
+    progress = _Progress(epochs, hidden=quiet or not sys.stderr.isatty())
     try:
-        for epoch in range(first_epoch, epochs + 1):
-            started = time.perf_counter()
-            order = rng.permutation(len(ds))
-            if drop_last:
-                order = order[:len(ds) - len(ds) % batch_size]
-            n_batches = -(-len(order) // batch_size)
-            total, seen = 0.0, 0
-            with click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}",
-                                   file=sys.stderr, hidden=quiet or not sys.stderr.isatty(),
-                                   show_pos=True, item_show_func=lambda s: s) as bar:
-                for step, index in enumerate(batches(len(order), batch_size, order), start=1):
-                    feeds = {k: v[index] for k, v in ds.feeds.items()}
-                    taken = trainer.steps
-                    value = float(trainer.step(feeds, ds.target[index]))  # NonFiniteError
-                    total += value * len(index)
-                    seen += len(index)
-                    bar.update(1, f"loss {total / seen:.4f}")
-                    if log and log_every and trainer.steps != taken and \
-                            trainer.steps % log_every == 0:
-                        log.row(epoch, trainer.steps, opt.lr, step_loss=value)
-            trainer.finish_accumulation()  # the epoch's last batches, if they were fewer
-            seconds = time.perf_counter() - started
-            after = metrics(trainer.model)
-            train_m, val_m = after
-            line = (f"epoch {epoch}/{epochs}: step_loss {total / seen:.4f}  "
-                    f"{train_m.format('train_')}")
-            if val_m is not None:
-                line += f"  |  {val_m.format('val_')}"
-            if trainer.schedule is not None:
-                line += f"  lr {opt.lr:.3g}"
-            echo(line)
-            if log:
-                log.row(epoch, trainer.steps, opt.lr, step_loss=total / seen, train=train_m,
-                        val=val_m, seconds=seconds, samples_per_s=seen / seconds)
-            value = _monitored(monitor, train_m, val_m)
-            improved = value is not None and (
-                best is None or (value < best if monitor.endswith("loss") else value > best))
-            if improved:
-                best, stale = value, 0
-            else:
-                stale += 1
-            if checkpoint_dir is not None:
-                trainer.epoch = epoch
-                trainer.loop_state.update(shuffle=rng.bit_generator.state, best=best,
-                                          stale=stale)
-                trainer.save_checkpoint(os.path.join(checkpoint_dir, "last.ckpt"))
-                if save_best and improved:
-                    trainer.save_checkpoint(os.path.join(checkpoint_dir, "best.ckpt"))
-                    stem, ext = os.path.splitext(out_path)
-                    trainer.model.save(f"{stem}_best{ext or '.onnx'}")
-                    echo(f"  best {monitor} so far ({value:.4f}): saved {checkpoint_dir}/best.ckpt")
-            if early_stopping and stale >= early_stopping:
-                click.echo(f"early stopping after epoch {epoch}: {monitor} has not improved for "
-                           f"{stale} epoch(s) (best {best:.4f})")
-                break
+        trainer.fit(ds, epochs=epochs, callbacks=[progress, report], batch_size=batch_size,
+                    seed=seed, drop_last=drop_last)
     except KeyboardInterrupt:
+        progress.close()
         saved = os.path.join(checkpoint_dir, "last.ckpt") if checkpoint_dir else None
         if saved and os.path.exists(saved):
             where = (f"the last checkpoint, {saved} (after epoch {trainer.epoch}), is kept; "
                      f"continue with the same options and --resume {checkpoint_dir}")
         else:
             where = "nothing was saved (--checkpoint-dir keeps a resumable state each epoch)"
-        click.echo(f"interrupted in epoch {epoch}: {where}", err=True)
+        click.echo(f"interrupted in epoch {trainer.epoch + 1}: {where}", err=True)
         sys.exit(130)
     finally:
-        if log:
-            log.close()
+        progress.close()
+        report.close()
+    after = report.after
 
     click.echo(describe("after", *after))
     if trainer.profile is not None:
@@ -352,6 +300,95 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     if plot_path:
         plot(read_log(log_path), plot_path, title=os.path.basename(model))
         click.echo(f"plotted {log_path} to {plot_path}")
+
+
+class _Progress:
+    """The progress bar of each epoch, on stderr (hidden with --quiet or when stderr is
+    not a terminal, so that it does not mix lines into logs)."""
+
+    def __init__(self, epochs: int, hidden: bool):
+        self.epochs, self.hidden, self.bar = epochs, hidden, None
+        self.total = self.seen = 0
+
+    def on_epoch_begin(self, trainer, epoch, batches):
+        self.total = self.seen = 0
+        self.bar = click.progressbar(length=batches, label=f"epoch {epoch}/{self.epochs}",
+                                     file=sys.stderr, hidden=self.hidden, show_pos=True,
+                                     item_show_func=lambda s: s)
+        self.bar.__enter__()
+
+    def on_step_end(self, trainer, logs):
+        self.total += logs["loss"] * logs["samples"]
+        self.seen += logs["samples"]
+        self.bar.update(1, f"loss {self.total / self.seen:.4f}")
+
+    def on_epoch_end(self, trainer, logs):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+class _EpochReport:
+    """After each epoch: the metrics line, the log, checkpoints and early stopping."""
+
+    def __init__(self, trainer, metrics, echo, optimizer, epochs, monitor, best, stale,
+                 checkpoint_dir, save_best, early_stopping, out_path, log, log_every):
+        self.trainer, self.metrics, self.echo, self.optimizer = trainer, metrics, echo, optimizer
+        self.epochs, self.monitor, self.best, self.stale = epochs, monitor, best, stale
+        self.checkpoint_dir, self.save_best = checkpoint_dir, save_best
+        self.early_stopping, self.out_path = early_stopping, out_path
+        self.log, self.log_every = log, log_every
+        self.after = None
+        self._taken = trainer.steps
+
+    def on_step_end(self, trainer, logs):
+        if self.log and self.log_every and trainer.steps != self._taken and \
+                trainer.steps % self.log_every == 0:
+            self.log.row(logs["epoch"], trainer.steps, self.optimizer.lr, step_loss=logs["loss"])
+        self._taken = trainer.steps
+
+    def on_epoch_end(self, trainer, logs):
+        epoch = logs["epoch"]
+        self.after = train_m, val_m = self.metrics(trainer.model)
+        line = (f"epoch {epoch}/{self.epochs}: step_loss {logs['step_loss']:.4f}  "
+                f"{train_m.format('train_')}")
+        if val_m is not None:
+            line += f"  |  {val_m.format('val_')}"
+        if trainer.schedule is not None:
+            line += f"  lr {self.optimizer.lr:.3g}"
+        self.echo(line)
+        if self.log:
+            self.log.row(epoch, trainer.steps, self.optimizer.lr, step_loss=logs["step_loss"],
+                         train=train_m, val=val_m, seconds=logs["seconds"],
+                         samples_per_s=logs["samples"] / logs["seconds"])
+        value = _monitored(self.monitor, train_m, val_m)
+        improved = value is not None and (self.best is None or (
+            value < self.best if self.monitor.endswith("loss") else value > self.best))
+        if improved:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        if self.checkpoint_dir is not None:
+            trainer.loop_state.update(best=self.best, stale=self.stale)
+            trainer.save_checkpoint(os.path.join(self.checkpoint_dir, "last.ckpt"))
+            if self.save_best and improved:
+                trainer.save_checkpoint(os.path.join(self.checkpoint_dir, "best.ckpt"))
+                stem, ext = os.path.splitext(self.out_path)
+                trainer.model.save(f"{stem}_best{ext or '.onnx'}")
+                self.echo(f"  best {self.monitor} so far ({value:.4f}): saved "
+                          f"{self.checkpoint_dir}/best.ckpt")
+        if self.early_stopping and self.stale >= self.early_stopping:
+            click.echo(f"early stopping after epoch {epoch}: {self.monitor} has not improved "
+                       f"for {self.stale} epoch(s) (best {self.best:.4f})")
+            trainer.stop_training = True
+
+    def close(self):
+        if self.log:
+            self.log.close()
+            self.log = None
 
 
 def _monitored(name: str, train_m, val_m) -> float | None:

@@ -1,0 +1,120 @@
+"""The training loop: ``Trainer.fit``.  The command line drives its runs through it
+too, with callbacks for its progress bar, reports, logs and checkpoints.
+
+Data is either arrays, ``(feeds, target)`` with ``feeds`` a dict of arrays of
+one row per sample (shuffled each epoch by a seeded generator, cut into
+batches), or an iterable of ``(feeds, target)`` batches, used as it comes
+(iterated once per epoch: a list, or an object whose ``iter()`` starts again).
+
+A callback is any object with some of these methods, called in this order:
+``on_epoch_begin(trainer, epoch, batches)`` (``batches``: their number, or None
+for an iterable without a length), ``on_step_end(trainer, logs)`` (logs: epoch,
+step within the epoch, samples, loss) and ``on_epoch_end(trainer, logs)`` (logs:
+epoch, steps, step_loss (the mean of the epoch's losses, by sample), samples,
+seconds, and val_loss / val_acc when ``val`` is given).  A callback stops the
+run by setting ``trainer.stop_training``.
+
+The loop resumes: a trainer restored from a checkpoint continues with the epoch
+after its last one, with the shuffling generator where the checkpoint left it,
+so that the run ends as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from onnxgrad.errors import DataError, OnnxgradError
+
+
+def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
+        batch_size: int = 32, shuffle: bool = True, seed: int = 0,
+        drop_last: bool = False) -> list[dict[str, Any]]:
+    """Train for ``epochs`` epochs (see the module's doc); returns each epoch's logs."""
+    if epochs < 1 or batch_size < 1:
+        raise OnnxgradError(f"epochs and batch_size must be at least 1, got {epochs} and "
+                            f"{batch_size}")
+    arrays = _arrays(data)
+    if arrays is None and iter(data) is data and epochs - trainer.epoch > 1:
+        raise DataError("fit: data is an iterator, which can be consumed once; give a list of "
+                        "batches, or an object whose iter() starts again")
+    rng = np.random.default_rng(seed)
+    if trainer.epoch and "shuffle" in trainer.loop_state:
+        rng.bit_generator.state = trainer.loop_state["shuffle"]
+    trainer.stop_training = False
+    history = []
+    for epoch in range(trainer.epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        if arrays is not None:
+            feeds, target = arrays
+            n = len(next(iter(feeds.values())))
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            if drop_last:
+                order = order[:n - n % batch_size]
+            batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            stream = (({k: v[index] for k, v in feeds.items()},
+                       None if target is None else target[index]) for index in batches)
+            count = len(batches)
+        else:
+            stream = iter(data)
+            count = len(data) if hasattr(data, "__len__") else None
+        _call(callbacks, "on_epoch_begin", trainer, epoch, count)
+        total = seen = 0
+        for step, (batch, labels) in enumerate(stream, start=1):
+            loss = trainer.step(batch, labels)
+            size = len(next(iter(batch.values())))
+            total += loss * size
+            seen += size
+            _call(callbacks, "on_step_end", trainer,
+                  {"epoch": epoch, "step": step, "samples": size, "loss": loss})
+        trainer.finish_accumulation()  # an epoch's last micro-batches, if they were fewer
+        trainer.epoch = epoch
+        trainer.loop_state["shuffle"] = rng.bit_generator.state
+        logs = {"epoch": epoch, "steps": trainer.steps, "samples": seen,
+                "step_loss": total / seen if seen else float("nan"),
+                "seconds": time.perf_counter() - started}
+        if val is not None:
+            logs.update({f"val_{k}": v for k, v in _evaluate(trainer, val, batch_size).items()})
+        history.append(logs)
+        _call(callbacks, "on_epoch_end", trainer, logs)
+        if trainer.stop_training:
+            break
+    return history
+
+
+def _arrays(data) -> tuple[Mapping[str, Any], Any] | None:
+    """``(feeds, target)`` of array data, or None for an iterable of batches."""
+    if hasattr(data, "feeds") and hasattr(data, "target"):
+        return data.feeds, data.target
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Mapping):
+        feeds, target = data
+        lengths = {len(v) for v in feeds.values()} | ({len(target)} if target is not None else set())
+        if len(lengths) != 1:
+            raise DataError(f"fit: the arrays have different numbers of rows: {sorted(lengths)}")
+        return feeds, target
+    if isinstance(data, Iterable):
+        return None
+    raise DataError(f"fit: data must be (feeds, target) arrays or an iterable of batches, got "
+                    f"{type(data).__name__}")
+
+
+def _evaluate(trainer, val, batch_size: int) -> dict[str, float]:
+    arrays = _arrays(val)
+    if arrays is not None:
+        feeds, target = arrays
+        n = len(next(iter(feeds.values())))
+        size = max(batch_size, 256)
+        batches = [({k: v[i:i + size] for k, v in feeds.items()},
+                    None if target is None else target[i:i + size]) for i in range(0, n, size)]
+    else:
+        batches = val
+    return trainer.evaluate(batches)
+
+
+def _call(callbacks: Iterable[Any], name: str, *args) -> None:
+    for callback in callbacks:
+        method = getattr(callback, name, None)
+        if method is not None:
+            method(*args)
