@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
-from onnxgrad.errors import CheckpointError
+from onnxgrad.errors import CheckpointError, OnnxgradError
+from onnxgrad.exporter import write_atomic
 
 FORMAT = "onnxgrad-checkpoint"
 VERSION = 1
@@ -43,7 +43,10 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
     arrays["meta"] = np.array(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(os.fspath(path), buffer.getvalue())
+    try:
+        write_atomic(path, buffer.getvalue(), "the checkpoint")
+    except OnnxgradError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,21 +84,3 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("format", "version"):
         meta.pop(key)
     return {"weights": weights, "optimizer": optimizer, **meta}
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc})") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

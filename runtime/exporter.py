@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxgrad.errors import ModelError
+from onnxgrad.errors import ModelError, OnnxgradError
 
 #: Protobuf cannot serialise a message of 2 GiB or more.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -77,3 +77,24 @@ def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
         for leftover in (tmp, tmp_data and os.path.join(folder, tmp_data)):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, what: str = "the file") -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, fsync'd and moved
+    over ``path`` only when complete: a failure leaves an existing file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OnnxgradError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OnnxgradError(f"{path}: cannot write {what} ({exc})") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

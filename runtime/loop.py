@@ -14,6 +14,8 @@ epoch, steps, step_loss (the mean of the epoch's losses, by sample), samples,
 seconds, and val_loss / val_acc when ``val`` is given).  A callback stops the
 run by setting ``trainer.stop_training``.
 
+A loader thread prepares each batch while the step before it runs.
+
 The loop resumes: a trainer restored from a checkpoint continues with the epoch
 after its last one, with the shuffling generator where the checkpoint left it,
 so that the run ends as an uninterrupted one would.
@@ -21,8 +23,10 @@ so that the run ends as an uninterrupted one would.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -62,7 +66,7 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
             count = len(data) if hasattr(data, "__len__") else None
         _call(callbacks, "on_epoch_begin", trainer, epoch, count)
         total = seen = 0
-        for step, (batch, labels) in enumerate(stream, start=1):
+        for step, (batch, labels) in enumerate(_prefetched(stream), start=1):
             loss = trainer.step(batch, labels)
             size = len(next(iter(batch.values())))
             total += loss * size
@@ -82,6 +86,46 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
         if trainer.stop_training:
             break
     return history
+
+
+#: Batches a loader thread prepares ahead of the step that runs.
+PREFETCH = 2
+
+
+def _prefetched(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, each prepared by a loader thread while the step before it runs (reading
+    rows of memory-mapped arrays, slicing, a data set's own iteration), in order."""
+    ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    stop = threading.Event()
+    end = object()
+
+    def load():
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put((end, exc))
+
+    loader = threading.Thread(target=load, name="onnxgrad-batches", daemon=True)
+    loader.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if batch is end:
+                if error is not None:
+                    raise error
+                return
+            yield batch
+    finally:
+        stop.set()
 
 
 def _arrays(data) -> tuple[Mapping[str, Any], Any] | None:

@@ -109,7 +109,8 @@ def test_log_plot_clip_accumulate_and_early_stopping(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
     (["--accumulate", "0"], "--accumulate must be at least 1"),
-    (["--log-every", "5"], "--log-every and --plot need --log"),
+    (["--log-every", "5"], "--log-every needs --log FILE.csv or --tensorboard DIR"),
+    (["--plot", "x.png"], "--plot needs --log FILE.csv"),
     (["--early-stopping", "2"], "--monitor val_loss needs validation data"),
 ])
 def test_bad_job_options_get_one_line(tmp_path, args, message):
@@ -122,3 +123,34 @@ def test_plot_refuses_a_file_that_is_not_a_log(tmp_path):
     bad.write_text("a,b\n1,2\n")
     result = CliRunner().invoke(main, ["plot", str(bad), "-o", str(tmp_path / "x.png")])
     assert result.exit_code != 0 and "not an onnxgrad training log" in result.output
+
+
+def _scalars(folder):
+    """(tag, step, value) of every scalar in the TensorBoard event files of ``folder``."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):  # TFRecord: length, its CRC, the record, its CRC
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                found.append((value.tag, event.step, value.simple_value))
+    return found
+
+
+def test_tensorboard_gets_the_metrics(tmp_path):
+    board = tmp_path / "board"
+    result = _train(["--data", DATA, "--val", VAL, "--epochs", "2", "--log-every", "20",
+                     "--tensorboard", str(board), "--out", str(tmp_path / "m.onnx"), "-q"])
+    assert result.exit_code == 0, result.output
+    scalars = _scalars(board)
+    tags = {tag for tag, _, _ in scalars}
+    assert {"loss/train", "loss/val", "accuracy/val", "lr", "loss/step"} <= tags
+    val = sorted((step, value) for tag, step, value in scalars if tag == "accuracy/val")
+    assert [step for step, _ in val] == [45, 90] and all(v > 0.8 for _, v in val)

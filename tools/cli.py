@@ -35,6 +35,7 @@ from .report import (
 )
 from .convert import apply, convert
 from .log import plot_command
+from .predict import predict
 from .train import train
 
 
@@ -163,6 +164,7 @@ main.add_command(train)
 main.add_command(convert)
 main.add_command(apply)
 main.add_command(plot_command)
+main.add_command(predict)
 
 
 @main.command("eval", context_settings=CONTEXT)

@@ -1,5 +1,6 @@
 """The training log: a CSV file with one row per epoch (and, with --log-every, one row
-every N optimizer steps), and the plot drawn from it (matplotlib, an optional extra)."""
+every N optimizer steps), the plot drawn from it (matplotlib, an optional extra), and
+the same numbers as TensorBoard scalars (tensorboardX, an optional extra)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,58 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardLog:
+    """The rows of :class:`MetricsLog` as TensorBoard scalars (``loss/step``,
+    ``loss/train``, ``accuracy/val``, ``lr``…), at the optimizer step."""
+
+    def __init__(self, folder: str):
+        try:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional extra
+        except ImportError:
+            raise click.ClickException("--tensorboard needs tensorboardX: pip install "
+                                       "'onnxgrad[tensorboard]'") from None
+        try:
+            self._writer = SummaryWriter(folder)
+        except OSError as exc:
+            raise click.ClickException(f"--tensorboard {folder!r}: cannot write ({exc})") \
+                from exc
+
+    def row(self, epoch: int, step: int, lr: float, step_loss: float | None = None,
+            train=None, val=None, seconds: float | None = None,
+            samples_per_s: float | None = None) -> None:
+        scalars = {"lr": lr, "loss/step": step_loss, "samples_per_s": samples_per_s}
+        for prefix, metrics in (("train", train), ("val", val)):
+            if metrics is not None:
+                scalars.update({f"loss/{prefix}": metrics.loss,
+                                f"accuracy/{prefix}": metrics.accuracy,
+                                f"perplexity/{prefix}": metrics.perplexity})
+        for tag, value in scalars.items():
+            if value is not None:
+                self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class Logs:
+    """Several logs fed the same rows."""
+
+    def __init__(self, logs):
+        self.logs = [log for log in logs if log is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self.logs)
+
+    def row(self, *args, **kwargs) -> None:
+        for log in self.logs:
+            log.row(*args, **kwargs)
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
 
 
 def _num(value) -> str:

@@ -34,7 +34,7 @@ from .common import (
     threads_option,
     _given,
 )
-from .log import MetricsLog, plot
+from .log import Logs, MetricsLog, TensorBoardLog, plot
 from .log import read as read_log
 from .metrics import batches
 from .report import is_float, select_trainable
@@ -106,6 +106,9 @@ from .report import is_float, select_trainable
                    "val loss and accuracy (or perplexity), seconds, samples/s.")
 @click.option("--log-every", type=int, default=None, metavar="N",
               help="With --log: also a row every N optimizer steps (step_loss and lr).")
+@click.option("--tensorboard", "tensorboard_dir", default=None, metavar="DIR",
+              help="Write the same metrics as TensorBoard scalars to DIR (tensorboardX: pip "
+                   "install 'onnxgrad[tensorboard]').")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="Draw the --log at the end (needs matplotlib: pip install 'onnxgrad[plot]').")
 @click.option("--resume", "resume_dir", default=None, metavar="DIR",
@@ -120,7 +123,7 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
           lr_schedule, warmup_steps, min_lr, step_size, gamma, milestones, max_lr,
           checkpoint_dir, save_best, monitor, clip_grad_norm, accumulate, early_stopping,
-          log_path, log_every, plot_path, resume_dir):
+          log_path, log_every, tensorboard_dir, plot_path, resume_dir):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -214,8 +217,10 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         raise click.ClickException(f"--accumulate must be at least 1 (got {accumulate})")
     if early_stopping is not None and early_stopping < 1:
         raise click.ClickException(f"--early-stopping must be at least 1 (got {early_stopping})")
-    if (log_every is not None or plot_path is not None) and log_path is None:
-        raise click.ClickException("--log-every and --plot need --log FILE.csv")
+    if plot_path is not None and log_path is None:
+        raise click.ClickException("--plot needs --log FILE.csv")
+    if log_every is not None and log_path is None and tensorboard_dir is None:
+        raise click.ClickException("--log-every needs --log FILE.csv or --tensorboard DIR")
     if log_every is not None and log_every < 1:
         raise click.ClickException(f"--log-every must be at least 1 (got {log_every})")
     if checkpoint_dir is not None:
@@ -265,8 +270,10 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
                    f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
     report = _EpochReport(trainer, metrics, echo, opt, epochs, monitor, best, stale,
                           checkpoint_dir, save_best, early_stopping, out_path,
-                          MetricsLog(log_path, append=resume_path is not None) if log_path
-                          else None, log_every)
+                          Logs([MetricsLog(log_path, append=resume_path is not None)
+                                if log_path else None,
+                                TensorBoardLog(tensorboard_dir) if tensorboard_dir else None]),
+                          log_every)
     report.after = before
     progress = _Progress(epochs, hidden=quiet or not sys.stderr.isatty())
     try:
