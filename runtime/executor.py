@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from onnxgrad.backend import Backend
-from onnxgrad.errors import ModelError, ShapeError
+from onnxgrad.errors import ModelError, OnnxgradError, ShapeError
 from onnxgrad.ir import Graph, Node
 from onnxgrad.ops import fused, lookup
 from onnxgrad.profile import Profile
@@ -300,12 +300,17 @@ class Plan:
     def _call(node: Node, kernel: Callable, xp: Any, args: list, attrs: dict) -> tuple:
         try:
             return kernel(xp, *args, **attrs)
-        except (ValueError, IndexError) as exc:
-            shapes = ", ".join(
-                "None" if a is None else f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', ()))}"
-                for a in args)
-            raise ShapeError(
-                f"node {node.name!r} ({node.op_type}) failed on inputs [{shapes}]: {exc}") from exc
+        except OnnxgradError:
+            raise
+        except (ValueError, IndexError, TypeError, ZeroDivisionError, OverflowError,
+                ArithmeticError, KeyError, AttributeError) as exc:
+            # A kernel given inputs or attributes the model should not have (a string
+            # tensor where numbers go, a zero stride, an axis out of range…).
+            raise ShapeError(f"node {node.name!r} ({node.op_type}) failed on inputs "
+                             f"[{_describe(args)}]: {type(exc).__name__}: {exc}") from exc
+        except MemoryError as exc:
+            raise ShapeError(f"node {node.name!r} ({node.op_type}): its result does not fit in "
+                             f"memory for inputs [{_describe(args)}]") from exc
 
 
 class ShapeSpecializedRunner:
@@ -347,6 +352,12 @@ class ShapeSpecializedRunner:
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)
         return result
+
+
+def _describe(args: list) -> str:
+    return ", ".join(
+        "None" if a is None else f"{getattr(a, 'dtype', type(a).__name__)}"
+        f"{list(getattr(a, 'shape', ()))}" for a in args)
 
 
 def _blame(exc: BaseException, node: Node) -> None:

@@ -52,6 +52,9 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     first graph output), training ``trainable`` (see :func:`select_trainable`)."""
     graph, where = model.graph, model.where
     if output is None:
+        if not graph.outputs:
+            raise ModelError(f"{where}: the graph has no outputs; name the value the loss "
+                             "reads with output=...")
         output = graph.outputs[0]
     if output not in graph.all_names():
         raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
