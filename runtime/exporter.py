@@ -35,19 +35,59 @@ def with_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
     return proto
 
 
+def _temporary(path: str, folder: str) -> str:
+    """A new temporary file beside ``path`` (named after it and this process), with the
+    mode ``path`` has, or ``0666 & ~umask`` for a new file; stale ones of ``path`` that
+    dead processes left behind are removed first."""
+    base = os.path.basename(path)
+    _remove_stale(folder, base)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+    return tmp
+
+
+def _remove_stale(folder: str, base: str) -> None:
+    prefix = f".{base}."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its writer is gone: the file is a leftover
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        except OSError:
+            pass  # alive (another user's process): leave it
+
+
 def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``proto`` to ``path`` so that a failure leaves an existing file intact.
 
-    The model is written to a temporary file beside ``path`` and moved over it
-    only when complete.  Models over protobuf's 2 GiB limit keep their tensors
+    The model is written to a temporary file beside ``path`` (see :func:`_temporary`),
+    fsync'd, and moved over it only when complete.  Models over protobuf's 2 GiB limit keep their tensors
     in ``<name>.data`` beside the file.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ModelError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = _temporary(path, folder)
     data_name = os.path.basename(path) + ".data"
     tmp_data = None
     try:
@@ -86,9 +126,9 @@ def write_atomic(path: str | os.PathLike, data: bytes, what: str = "the file") -
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OnnxgradError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = _temporary(path, folder)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

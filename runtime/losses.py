@@ -56,6 +56,10 @@ class CrossEntropy(Loss):
                 raise ModelError(f"loss {self.name!r}: class_axis={axis} needs the output's rank, "
                                  "which shape inference did not find")
             axis += rank
+        if rank is not None and not 0 < axis < rank:
+            raise ModelError(f"loss {self.name!r}: class_axis={self.class_axis} does not fit an "
+                             f"output of rank {rank}; the classes lie on an axis from 1 to "
+                             f"{rank - 1} (or -1 for the last)")
         return axis
 
 

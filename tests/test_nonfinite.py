@@ -41,13 +41,26 @@ def test_a_nan_batch_changes_nothing(deferred):
     assert np.isfinite(trainer.step({"input": x}, y))  # and training goes on
 
 
-def test_the_command_line_names_the_step(tmp_path):
+def test_the_command_line_refuses_non_finite_data_by_key_and_row(tmp_path):
     x = DATA["input"].copy()
     x[40, 3] = np.inf
     data = tmp_path / "bad.npz"
     np.savez(data, input=x, label=DATA["label"])
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["train", str(ROOT / "models" / "digits_mlp.onnx"),
-                                       "--data", str(data), "--out", str(out), "-q"])
-    assert result.exit_code == 1 and "the loss is" in result.output
-    assert "Traceback" not in result.output and not out.exists()
+    for command in (["train", "--out", str(out), "-q"], ["eval"]):
+        result = CliRunner().invoke(main, [command[0], str(ROOT / "models" / "digits_mlp.onnx"),
+                                           "--data", str(data), *command[1:]])
+        assert result.exit_code == 1, result.output
+        assert f"key 'input' of '{data}' holds inf at row 40" in result.output
+    assert not out.exists()
+
+
+def test_eval_of_a_model_with_non_finite_outputs_fails(tmp_path):
+    model = onnxgrad.load(ROOT / "models" / "digits_mlp.onnx")
+    weights = model.parameters()["2.bias"]
+    weights[3] = np.nan
+    model.set_parameters({"2.bias": weights})
+    model.save(tmp_path / "nan.onnx")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "nan.onnx"), "--data",
+                                       str(ROOT / "models" / "digits_test.npz")])
+    assert result.exit_code == 1 and "holds values that are not finite" in result.output

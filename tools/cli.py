@@ -8,6 +8,7 @@ data) into a one-line ``Error: ...`` and a non-zero exit status.  Set
 from __future__ import annotations
 
 import click
+import numpy as np
 
 from onnxgrad.autodiff import differentiable_ancestors
 
@@ -197,6 +198,9 @@ def eval_(model, data, input_keys, target_key, target_column, feature_columns, m
     ds = read_dataset(data, m, input_keys, target_key,
                       source=data_source(target_column, feature_columns, mean, std))
     result = measure(m, output, ds, loss, batch_size, set())
+    if not np.isfinite(result.loss):
+        raise click.ClickException(f"the loss of {model!r} on {data!r} is {result.loss}: the "
+                                   f"output {output!r} holds values that are not finite")
     click.echo(f"model: {model}")
     click.echo(f"data: {ds.describe()}")
     click.echo(f"loss ({loss.name} on {output!r}): {result.loss:.4f}")

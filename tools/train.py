@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import click
 import numpy as np
@@ -71,7 +72,7 @@ from .report import is_float, select_trainable
                    "and uses the running statistics (a frozen backbone in eval()).")
 @click.option("--out", "out_path", default=None, metavar="PATH",
               help="Where to write the trained model. Default: MODEL's name with '_trained' "
-                   "added, next to it. The input model is overwritten only if --out names it.")
+                   "added, next to it. --out may not name the model or a data file.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bar and no per-epoch lines; only the before/after summary.")
 @click.option("--profile", is_flag=True,
@@ -169,6 +170,18 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} does not exist")
     if os.path.isdir(out_path):
         raise click.ClickException(f"cannot write {out_path!r}: it is a directory")
+    try:  # a file of our own there, now, rather than a failure after the whole run
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} is not "
+                                   f"writable ({exc.strerror})") from None
+    for other, what in ((model, "the model"), (data, "the training data"),
+                        (val_path, "the validation data")):
+        if other is not None and os.path.exists(other) and os.path.exists(out_path) and \
+                os.path.samefile(out_path, other):
+            raise click.ClickException(f"--out {out_path!r} is {what}; it would be overwritten "
+                                       "by the model")
 
     m = load_model(model)
     if training_info:
