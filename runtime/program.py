@@ -8,6 +8,7 @@ standard ONNX model.  No gradient or loss is implemented twice.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -59,6 +60,7 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     if output not in graph.all_names():
         raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
                          f"graph outputs are {graph.outputs}")
+    _check_loss_input(graph, loss, output, where)
     if frozen_batchnorm not in ("train", "eval"):
         raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', got {frozen_batchnorm!r}")
     train = graph.copy()
@@ -71,6 +73,30 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     prune(train, [loss_value, *grads.values()])
     inference = frozen_batchnorms(train, chosen) if frozen_batchnorm == "eval" else frozenset()
     return TrainingProgram(train, output, loss_value, target_input, chosen, grads, inference)
+
+
+#: Loss -> ops whose output that loss should not read (it applies them itself).
+_APPLIED_BY_LOSS = {"cross_entropy": ("Softmax", "LogSoftmax"), "bce_with_logits": ("Sigmoid",),
+                    "nll": ("Softmax",)}
+
+
+def _check_loss_input(graph: Graph, loss: Loss | None, output: str, where: str) -> None:
+    """Warn when ``loss`` reads the output of an op it applies itself (cross-entropy on
+    probabilities, say): the gradient is that of a different, flatter loss."""
+    if loss is None:
+        return
+    producer = next((n for n in graph.nodes if output in n.outputs), None)
+    if producer is None or producer.op_type not in _APPLIED_BY_LOSS.get(loss.name, ()):
+        return
+    warnings.warn(f"{where}: loss {loss.name!r} reads {output!r}, the output of "
+                  f"{producer.op_type} node {producer.name!r}; the loss applies "
+                  f"{'log-softmax' if loss.name != 'bce_with_logits' else 'the sigmoid'} itself, "
+                  f"so give it that node's input: output={producer.inputs[0]!r}",
+                  LossInputWarning, stacklevel=3)
+
+
+class LossInputWarning(UserWarning):
+    """A built-in loss reads a value that already went through the function it applies."""
 
 
 def select_trainable(graph: Graph, loss_value: str, output: str,

@@ -194,7 +194,7 @@ def eval_(model, data, input_keys, target_key, target_column, feature_columns, m
     if batch_size < 1:
         raise click.ClickException(f"--batch-size must be at least 1 (got {batch_size})")
     m = load_model(model)
-    output = resolve_output(m, output)
+    output = resolve_output(m, output, loss)
     ds = read_dataset(data, m, input_keys, target_key,
                       source=data_source(target_column, feature_columns, mean, std))
     result = measure(m, output, ds, loss, batch_size, set())

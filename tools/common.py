@@ -62,12 +62,24 @@ def load_model(path: str):
         raise ModelError(f"cannot load model {path!r}: {type(err).__name__}: {_one_line(err)}") from None
 
 
-def resolve_output(model, output: str | None) -> str:
+def resolve_output(model, output: str | None, loss=None) -> str:
+    """The value the loss reads: --output, else the first graph output; where that output
+    comes from a Softmax (LogSoftmax) and the loss is cross-entropy, the Softmax's input
+    (the logits), said on stderr."""
     graph = model.graph
     if output is None:
         if not graph.outputs:
             raise ModelError("the model has no outputs")
-        return graph.outputs[0]
+        output = graph.outputs[0]
+        producer = next((n for n in graph.nodes if output in n.outputs), None)
+        if (loss is not None and loss.name == "cross_entropy" and producer is not None
+                and producer.op_type in ("Softmax", "LogSoftmax") and producer.domain == ""
+                and producer.inputs[0]):
+            click.echo(f"note: {output!r} is the output of {producer.op_type}; the loss reads "
+                       f"its input {producer.inputs[0]!r}, the logits (choose with --output)",
+                       err=True)
+            return producer.inputs[0]
+        return output
     if output in graph.outputs:
         return output
     known = set(graph.info) | {o for n in graph.nodes for o in n.outputs if o}

@@ -123,7 +123,7 @@ def convert(model, out_path, eval_path, loss, output, class_axis, ignore_index, 
     loss_ = check_loss(loss, class_axis, ignore_index)
     opt = build_optimizer(optimizer, lr, momentum, weight_decay)
     m = load_model(model)
-    output = resolve_output(m, output)
+    output = resolve_output(m, output, loss_)
     names = None
     if trainable or freeze:
         reach = differentiable_ancestors(m.graph, output, strict=False)

@@ -188,7 +188,7 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         run_training_info(m, data, epochs, batch_size, seed, steps, out_path, quiet, input_keys,
                           target_key)
         return
-    output = resolve_output(m, output)
+    output = resolve_output(m, output, loss)
     batch_size = choose_batch_size(m, batch_size, _given("batch_size"))
     source = data_source(target_column, feature_columns, mean, std)
     ds = read_dataset(data, m, input_keys, target_key, source=source)
