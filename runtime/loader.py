@@ -66,11 +66,18 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: str | None, where: str
     for tensor in tensors:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        if "\0" in location:
+            raise ModelError(f"{where}: tensor {tensor.name!r} names external data with a NUL "
+                             f"byte in it ({location!r})")
         resolved = os.path.realpath(os.path.join(root, location))
         if not location or os.path.isabs(location) or os.path.commonpath([root, resolved]) != root:
             raise ModelError(
                 f"{where}: tensor {tensor.name!r} points to external data {location!r} outside the "
                 f"model's folder {root}; refusing to read it")
+        if os.path.exists(resolved) and not os.path.isfile(resolved):
+            raise ModelError(f"{where}: external data {location!r} of tensor {tensor.name!r} is "
+                             "not a regular file (a folder, a FIFO or a device); refusing to "
+                             "read it")
         if not os.path.isfile(resolved):
             raise ModelError(f"{where}: external data file {location!r} of tensor {tensor.name!r} "
                              "is missing")

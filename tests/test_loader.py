@@ -92,6 +92,29 @@ def test_external_data_through_a_symlink_out_of_the_folder_is_refused(tmp_path):
         onnxgrad.load(path)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder", "nul"])
+def test_external_data_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    _, path = _with_external_weights(tmp_path)
+    data = path.parent / "weights.bin"
+    data.unlink()
+    if kind == "fifo":
+        os.mkfifo(data)  # reading it would block
+        message = "not a regular file"
+    elif kind == "folder":
+        data.mkdir()
+        message = "not a regular file"
+    else:
+        proto = onnx.load(path, load_external_data=False)
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = "weights\0.bin"
+        onnx.save(proto, path)
+        message = "NUL byte"
+    with pytest.raises(onnxgrad.ModelError, match=message):
+        onnxgrad.load(path)
+
+
 def test_unsupported_op_names_op_opset_and_node():
     proto = make_model([helper.make_node("Frobnicate", ["x"], ["y"], name="the_node",
                                          domain="com.example")],
