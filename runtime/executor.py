@@ -211,7 +211,8 @@ class Plan:
     def run(self, env: dict[str, Any], profile: Profile | None = None,
             record: dict[str, np.ndarray] | None = None,
             on_ready: Callable[[str, Any], None] | None = None,
-            before_handoff: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            before_handoff: Callable[[dict[str, Any]], None] | None = None,
+            inspect: Callable[[Node, list, tuple], None] | None = None) -> dict[str, Any]:
         """Run the schedule; ``env`` maps graph inputs and weights to device arrays.
 
         ``env`` is consumed: intermediates are added to it and removed after
@@ -222,7 +223,8 @@ class Plan:
         ``on_ready(weight, value)`` as soon as no later step reads its weight
         (see :meth:`_schedule_handoff`), and left out of the result; ``before_handoff(env)``
         is called once before the first of those (it may raise to stop the run before
-        any weight changes).
+        any weight changes).  ``inspect(node, output names, outputs)`` sees every node's
+        results as they are made (anomaly detection).
         """
         deferred: list[tuple[str, Any]] = []
         if on_ready is not None:  # liveness drops weights from env; keep them for _viewed
@@ -256,6 +258,8 @@ class Plan:
                     outs = self._call(step.node, step.kernel, xp, args, attrs)
                     sync()
                     profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
+                if inspect is not None:
+                    inspect(step.node, step.outputs, outs)
                 for name, value in zip(step.outputs, outs):
                     if name:
                         env[name] = value
@@ -337,17 +341,19 @@ class ShapeSpecializedRunner:
 
     def run(self, env: dict[str, Any], profile: Profile | None = None,
             on_ready: Callable[[str, Any], None] | None = None,
-            before_handoff: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            before_handoff: Callable[[dict[str, Any]], None] | None = None,
+            inspect: Callable[[Node, list, tuple], None] | None = None) -> dict[str, Any]:
         if not self.generic.recordable:
             return self.generic.run(env, profile, on_ready=on_ready,
-                                    before_handoff=before_handoff)
+                                    before_handoff=before_handoff, inspect=inspect)
         signature = tuple(_shape_key(env[name]) for name in self._inputs)
         plan = self._plans.get(signature)
         if plan is not None:
             self._plans.move_to_end(signature)
-            return plan.run(env, profile, on_ready=on_ready, before_handoff=before_handoff)
+            return plan.run(env, profile, on_ready=on_ready, before_handoff=before_handoff,
+                            inspect=inspect)
         recorded: dict[str, np.ndarray] = {}
-        result = self.generic.run(env, profile, recorded, on_ready, before_handoff)
+        result = self.generic.run(env, profile, recorded, on_ready, before_handoff, inspect)
         self._plans[signature] = self._make_plan(recorded)
         if len(self._plans) > self._limit:
             self._plans.popitem(last=False)

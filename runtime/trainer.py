@@ -57,7 +57,7 @@ class Trainer:
                  output: str | None = None, optimizer: Optimizer | None = None,
                  trainable: str | Iterable[str] | None = None, device: str = "cpu",
                  seed: int | None = None, frozen_batchnorm: str = "train",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, detect_anomaly: bool = False):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -147,6 +147,10 @@ class Trainer:
         self._micro = 0
         #: Set by a callback of :meth:`fit` to end the run after the current epoch.
         self.stop_training = False
+        #: Check every node's outputs in each step and name the first that is not finite
+        #: (forward or backward), before any update; slower (a pass over every value).
+        self.detect_anomaly = bool(detect_anomaly)
+        self._forward_nodes = {n.name for n in graph.nodes}
         self._busy = threading.Lock()
         self._evaluator: ShapeSpecializedRunner | None = None
 
@@ -230,7 +234,8 @@ class Trainer:
     # -- running -----------------------------------------------------------------------
     def _run(self, feeds: Mapping[str, Any], target: Any,
              on_ready: Callable[[str, Any], None] | None = None,
-             before_handoff: Callable[[dict], None] | None = None) -> dict[str, Any]:
+             before_handoff: Callable[[dict], None] | None = None,
+             inspect: Callable | None = None) -> dict[str, Any]:
         extra = [self.target_input] if self.target_input else []
         env = dict(self._weights)
         env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
@@ -241,7 +246,7 @@ class Trainer:
         self._state.training = True
         self._state.updates.clear()
         try:
-            return self._runner.run(env, self.profile, on_ready, before_handoff)
+            return self._runner.run(env, self.profile, on_ready, before_handoff, inspect)
         finally:
             self._state.training = False
 
@@ -320,7 +325,7 @@ class Trainer:
         return result
 
     def _step(self, feeds: Mapping[str, Any], target: Any) -> float:
-        if self.accumulate != 1 or self.clip_grad_norm is not None:
+        if self.accumulate != 1 or self.clip_grad_norm is not None or self.detect_anomaly:
             return self._deferred_step(feeds, target)
         if self.backend.name != "cpu":
             return self._step_on_device(feeds, target)
@@ -355,7 +360,7 @@ class Trainer:
                                 f"1; got {self.accumulate!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise OnnxgradError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
-        out = self._run(feeds, target)
+        out = self._run(feeds, target, inspect=self._anomaly if self.detect_anomaly else None)
         self._check_loss(out)
         loss = float(self.backend.to_host(out[self.loss_value]))
         for name, value in self._state.updates.items():  # running statistics, each micro-batch
@@ -409,6 +414,19 @@ class Trainer:
         self._stale = bool(self._copied)
         self._advance()
         return True
+
+    def _anomaly(self, node, names, outputs) -> None:
+        xp = self.backend.xp
+        for name, value in zip(names, outputs):
+            if not name or not hasattr(value, "dtype") or value.dtype.kind not in "fc":
+                continue
+            if not bool(xp.isfinite(value).all()):
+                bad = "NaN" if bool(xp.isnan(value).any()) else "an infinite value"
+                part = "forward pass" if node.name in self._forward_nodes else "backward pass"
+                self._state.updates.clear()
+                raise NonFiniteError(
+                    f"{self.model.where}: node {node.name!r} ({node.op_type}, {part}) made "
+                    f"{bad} in {name!r} at step {self.steps + 1}; nothing was updated")
 
     def _check_loss(self, env: dict[str, Any]) -> None:
         """Raise NonFiniteError if the step's loss (in ``env``) is not finite: called before

@@ -64,3 +64,29 @@ def test_eval_of_a_model_with_non_finite_outputs_fails(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "nan.onnx"), "--data",
                                        str(ROOT / "models" / "digits_test.npz")])
     assert result.exit_code == 1 and "holds values that are not finite" in result.output
+
+
+def test_anomaly_detection_names_the_first_node_forward_or_backward():
+    from helpers import helper, make_model
+
+    model = onnxgrad.load(ROOT / "models" / "digits_cnn.onnx")
+    weight = model.parameters()["head.weight"]
+    weight[0, 0] = np.inf
+    model.set_parameters({"head.weight": weight})
+    trainer = onnxgrad.Trainer(model, detect_anomaly=True)
+    with pytest.raises(onnxgrad.NonFiniteError,
+                       match=r"node '/head/Gemm' \(Gemm, forward pass\) made NaN in 'logits'"):
+        trainer.step({"input": DATA["input"][:8]}, DATA["label"][:8])
+    # sqrt at 0: a finite forward pass, an infinite derivative
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"], name="mul"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Sqrt", ["r"], ["s"], name="root"),
+             helper.make_node("ReduceSum", ["s"], ["loss"], name="sum", keepdims=0)]
+    proto = make_model(nodes, [("x", np.float32, [4])], [("loss", np.float32, [])],
+                       {"w": np.array([1.0, -1.0, 2.0, 0.5], np.float32)})
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               trainable=["w"], detect_anomaly=True)
+    before = trainer.model.parameters()["w"].copy()
+    with pytest.raises(onnxgrad.NonFiniteError, match=r"\(.*backward pass\) made an infinite"):
+        trainer.step({"x": np.ones(4, np.float32)}, None)
+    np.testing.assert_array_equal(trainer.model.parameters()["w"], before)

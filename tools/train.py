@@ -94,6 +94,9 @@ from .report import is_float, select_trainable
 @click.option("--monitor", default="val_loss", show_default=True,
               type=click.Choice(["val_loss", "val_acc", "train_loss", "train_acc"]),
               help="The metric --save-best judges by (loss: lower is better; acc: higher).")
+@click.option("--detect-anomaly", is_flag=True,
+              help="Check every node's outputs at each step and stop at the first value that "
+                   "is not finite, naming the node (forward or backward); slower.")
 @click.option("--clip-grad-norm", type=float, default=None, metavar="MAX",
               help="Scale the gradients down to a total L2 norm of MAX before each update "
                    "(torch.nn.utils.clip_grad_norm_).")
@@ -123,7 +126,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
           cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
           lr_schedule, warmup_steps, min_lr, step_size, gamma, milestones, max_lr,
-          checkpoint_dir, save_best, monitor, clip_grad_norm, accumulate, early_stopping,
+          checkpoint_dir, save_best, monitor, detect_anomaly, clip_grad_norm, accumulate,
+          early_stopping,
           log_path, log_every, tensorboard_dir, plot_path, resume_dir):
     """Train MODEL on a .npz data file and save the trained model.
 
@@ -257,6 +261,7 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     trainer.schedule = build_schedule(lr_schedule, opt, epochs * steps_per_epoch, warmup_steps,
                                       min_lr, step_size, gamma, milestones, max_lr)
     trainer.clip_grad_norm, trainer.accumulate = clip_grad_norm, accumulate
+    trainer.detect_anomaly = detect_anomaly
     if profile:
         trainer.profile = onnxgrad.Profile()
     params = m.parameters()
