@@ -135,10 +135,22 @@ class OpDef:
                 f"node {node!r} ({self.name}, opset {self.since}+) has unknown attribute(s) "
                 f"{sorted(unknown)}; expected some of {sorted(self.attrs)}"
             )
+        for key, low in _WINDOW_ATTRS.items():
+            values = out.get(key) if self.name != "Pad" else None  # Pad-2's pads may crop
+            if isinstance(values, (list, tuple)) and any(
+                    not isinstance(v, int) or not low <= v <= _LARGEST for v in values):
+                raise ModelError(f"node {node!r} ({self.name}): {key} must be whole numbers from "
+                                 f"{low} to {_LARGEST}, got {list(values)}")
         return out
 
 
 _REGISTRY: dict[tuple[str, str], list[OpDef]] = {}
+
+#: Window attributes of convolutions and pooling, checked when a node is planned: the
+#: smallest value each may take (a zero stride or a pad of 2^40 is a broken model).
+_WINDOW_ATTRS = {"strides": 1, "dilations": 1, "kernel_shape": 1, "pads": 0,
+                 "output_padding": 0}
+_LARGEST = 1 << 20
 
 
 def op(

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from onnxgrad.errors import DataError, OnnxgradError
+from onnxgrad.model import check_finite
 
 
 def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
@@ -44,6 +45,11 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
     if arrays is None and iter(data) is data and epochs - trainer.epoch > 1:
         raise DataError("fit: data is an iterator, which can be consumed once; give a list of "
                         "batches, or an object whose iter() starts again")
+    if arrays is not None:  # refused by key and row before training, not at a NaN loss
+        for name, values in arrays[0].items():
+            check_finite(values, f"fit: input {name!r}")
+        if arrays[1] is not None:
+            check_finite(arrays[1], "fit: the target")
     rng = np.random.default_rng(seed)
     if trainer.epoch and "shuffle" in trainer.loop_state:
         rng.bit_generator.state = trainer.loop_state["shuffle"]

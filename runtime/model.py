@@ -241,3 +241,22 @@ def _names_preview(names, limit: int = 8) -> str:
     names = list(names)
     more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
     return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"
+
+
+#: Rows checked at a time for NaN and infinity (memory-mapped arrays stream through).
+FINITE_ROWS = 1 << 16
+
+
+def check_finite(array: Any, what: str) -> None:
+    """Refuse NaN or infinite values in ``array`` (``what`` names it), naming the first
+    row that holds one."""
+    if getattr(array, "dtype", None) is None or array.dtype.kind not in "fc":
+        return
+    for start in range(0, len(array), FINITE_ROWS):
+        block = np.asarray(array[start:start + FINITE_ROWS])
+        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            values = block[row - start].reshape(-1)
+            raise DataError(f"{what} holds {values[~np.isfinite(values)][0]} at row {row}; "
+                            "training data must be finite")

@@ -114,3 +114,12 @@ def test_a_trainer_serves_one_thread_at_a_time():
         release.set()
         worker.join(10)
     assert trainer.steps == 1
+
+
+def test_fit_refuses_non_finite_data_by_key_and_row():
+    x = TRAIN["input"].copy()
+    x[77, 1] = np.nan
+    trainer = _trainer()
+    with pytest.raises(onnxgrad.DataError, match="fit: input 'input' holds nan at row 77"):
+        trainer.fit(({"input": x}, TRAIN["label"]), epochs=1)
+    assert trainer.steps == 0

@@ -47,3 +47,22 @@ def test_the_mutations_reach_the_kernels():
                 except fuzz.onnxgrad.OnnxgradError:
                     pass
     assert ran > 50  # of about 200 structural mutations
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"strides": [0, 1]}, "strides must be whole numbers from 1"),
+    ({"pads": [0, 0, 1 << 40, 0]}, "pads must be whole numbers from 0"),
+    ({"dilations": [-1, 1]}, "dilations must be whole numbers from 1"),
+])
+def test_window_attributes_out_of_range_are_refused_by_node(attrs, message):
+    import numpy as np
+
+    from helpers import helper, make_model
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="the_conv", **attrs)
+    proto = make_model([node], [("x", np.float32, [1, 1, 5, 5])],
+                       [("y", np.float32, ["a", "b", "c", "d"])],
+                       {"w": np.ones((1, 1, 3, 3), np.float32)})
+    model = fuzz.onnxgrad.load(proto)
+    with pytest.raises(fuzz.onnxgrad.ModelError, match=f"node 'the_conv' \\(Conv\\): {message}"):
+        model.run({"x": np.ones((1, 1, 5, 5), np.float32)})

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxgrad.errors import DataError
+from onnxgrad.model import check_finite
 
 #: Keys tried, in order, for the input of a single-input model whose own
 #: input name is not a key of the data file.
@@ -206,9 +207,9 @@ def build_dataset(arrays: dict[str, np.ndarray], path: str, keys: dict[str, str]
         if target.ndim == 0:
             raise DataError(f"key {target_key!r} of {path!r} is a scalar; expected one target per sample")
     for name, key in keys.items():
-        _finite(feeds[name], key, path)
+        check_finite(feeds[name], f"key {key!r} of {path!r}")
     if target is not None and target.dtype.kind == "f":
-        _finite(target, target_key, path)
+        check_finite(target, f"key {target_key!r} of {path!r}")
     lengths = {key: len(feeds[name]) for name, key in keys.items()}
     if target is not None:
         lengths[target_key] = len(target)
@@ -218,25 +219,6 @@ def build_dataset(arrays: dict[str, np.ndarray], path: str, keys: dict[str, str]
     if not lengths or next(iter(lengths.values())) == 0:
         raise DataError(f"data file {path!r} holds no samples")
     return Dataset(path=path, feeds=feeds, keys=keys, target=target, target_key=target_key)
-
-
-#: Rows checked at a time for NaN and infinity (memory-mapped arrays stream through).
-FINITE_ROWS = 1 << 16
-
-
-def _finite(arr: np.ndarray, key: str, path: str) -> None:
-    """Refuse NaN or infinite values, naming the first row that holds one."""
-    if arr.dtype.kind not in "fc":
-        return
-    for start in range(0, len(arr), FINITE_ROWS):
-        block = np.asarray(arr[start:start + FINITE_ROWS])
-        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        if bad.any():
-            row = start + int(np.argmax(bad))
-            value = block[row - start].reshape(-1)
-            first = value[~np.isfinite(value)][0]
-            raise DataError(f"key {key!r} of {path!r} holds {first} at row {row}; training "
-                            "data must be finite")
 
 
 def fit_target(ds: Dataset, loss, output: str, out_shape: tuple[int, ...], out_dtype) -> None:
