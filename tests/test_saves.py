@@ -64,3 +64,26 @@ def test_an_unwritable_folder_is_found_before_training():
                                        "/proc/trained.onnx", "--epochs", "1"])
     assert result.exit_code != 0 and "is not writable" in result.output
     assert "training" not in result.output.split("Error")[0]  # refused before any training
+
+
+def test_sigkill_during_saves_never_corrupts_and_leaves_nothing_after_the_next_save(tmp_path):
+    import signal
+    import time
+
+    target = tmp_path / "m.onnx"
+    onnxgrad.load(MODEL).save(target)
+    script = ("import sys, onnxgrad\n"
+              f"m = onnxgrad.load({str(MODEL)!r})\n"
+              "print('ready', flush=True)\n"
+              "while True:\n"
+              f"    m.save({str(target)!r})\n")
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.05, 0.4, size=4):
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        child.stdout.readline()
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        onnxgrad.load(target)  # never a torn file: a whole model, old or new
+    onnxgrad.load(MODEL).save(target)  # the next save clears what the dead writers left
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
