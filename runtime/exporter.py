@@ -80,36 +80,36 @@ def save_atomic(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``proto`` to ``path`` so that a failure leaves an existing file intact.
 
     The model is written to a temporary file beside ``path`` (see :func:`_temporary`),
-    fsync'd, and moved over it only when complete.  Models over protobuf's 2 GiB limit keep their tensors
-    in ``<name>.data`` beside the file.
+    fsync'd, and moved over it only when complete.  Models over protobuf's 2 GiB limit
+    keep their tensors in ``<name>.data`` beside the file.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ModelError(f"{path}: folder {folder} does not exist")
+    if proto.ByteSize() <= _PROTOBUF_LIMIT:
+        try:
+            write_atomic(path, proto.SerializeToString(), "the model")
+        except OnnxgradError as exc:
+            raise ModelError(str(exc)) from exc
+        return
     tmp = _temporary(path, folder)
     data_name = os.path.basename(path) + ".data"
     tmp_data = None
     try:
-        if proto.ByteSize() > _PROTOBUF_LIMIT:
-            tmp_data = os.path.basename(tmp) + ".data"
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=1024)
-            # Point the tensors at the final data file name, then write again.
-            for t in onnx.external_data_helper._get_all_tensors(proto):
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(os.path.join(folder, tmp_data), os.path.join(folder, data_name))
-        else:
-            with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
+        tmp_data = os.path.basename(tmp) + ".data"
+        onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data, size_threshold=1024)
+        # Point the tensors at the final data file name, then write again.
+        for t in onnx.external_data_helper._get_all_tensors(proto):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(folder, tmp_data), os.path.join(folder, data_name))
         os.replace(tmp, path)
     except OSError as exc:
         raise ModelError(f"{path}: cannot write the model ({exc})") from exc
