@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
+
 from onnxgrad.autodiff import (
     add_training_outputs,
     build_gradients,
@@ -21,7 +23,7 @@ from onnxgrad.autodiff import (
     requires_grad,
 )
 from onnxgrad.errors import ModelError, OnnxgradError
-from onnxgrad.ir import Graph
+from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.losses import Loss, add_loss
 from onnxgrad.model import Model, is_weight, trained_by_default
 
@@ -46,11 +48,53 @@ class TrainingProgram:
     inference_nodes: frozenset[str]
 
 
+def tied_weights(graph: Graph) -> dict[str, tuple[str, bool]]:
+    """Floating-point initializers (of more than one element) that repeat another bit for
+    bit, as exporters write a tied embedding and output matrix: ``{copy: (the first,
+    transposed?)}``, transposed for a 2-D copy that equals the first one's transpose."""
+    seen: dict[tuple, str] = {}
+    ties: dict[str, tuple[str, bool]] = {}
+    for name, value in graph.initializers.items():
+        if not is_weight(value) or value.size < 2:
+            continue
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key in seen:
+            ties[name] = (seen[key], False)
+            continue
+        if value.ndim == 2:
+            flipped = (value.dtype.str, value.shape[::-1], np.ascontiguousarray(value.T).tobytes())
+            if flipped in seen:
+                ties[name] = (seen[flipped], True)
+                continue
+        seen[key] = name
+    return ties
+
+
+def _tie(graph: Graph, ties: dict[str, tuple[str, bool]]) -> None:
+    """Make every reader of a tied copy read the first weight (or its transpose)."""
+    taken = graph.all_names()
+    for copy, (first, transposed) in ties.items():
+        source = first
+        if transposed:
+            source = graph.unique_name(f"{copy}/tied", taken)
+            graph.nodes.insert(0, Node("Transpose", [first], [source], {"perm": [1, 0]},
+                                       f"{copy}/Transpose", "", graph.opsets.get("", 13)))
+            graph.info[source] = ValueInfo(graph.initializers[copy].dtype,
+                                           tuple(graph.initializers[copy].shape))
+        for node in graph.nodes:
+            node.inputs = [source if x == copy else x for x in node.inputs]
+        graph.outputs = [source if x == copy else x for x in graph.outputs]
+        del graph.initializers[copy]
+
+
 def build_program(model: Model, loss: Loss | None, output: str | None = None,
                   trainable: str | Iterable[str] | None = None,
-                  frozen_batchnorm: str = "train") -> TrainingProgram:
+                  frozen_batchnorm: str = "train",
+                  ties: dict[str, tuple[str, bool]] | None = None) -> TrainingProgram:
     """The training program of ``model`` for ``loss`` reading ``output`` (default: the
-    first graph output), training ``trainable`` (see :func:`select_trainable`)."""
+    first graph output), training ``trainable`` (see :func:`select_trainable`); with
+    ``ties`` (see :func:`tied_weights`) each tied copy's readers read the first weight,
+    which then gets the sum of their gradients."""
     graph, where = model.graph, model.where
     if output is None:
         if not graph.outputs:
@@ -64,6 +108,8 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     if frozen_batchnorm not in ("train", "eval"):
         raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', got {frozen_batchnorm!r}")
     train = graph.copy()
+    if ties:
+        _tie(train, ties)
     add_training_outputs(train)
     loss_value, target_input = add_loss(train, loss, output, train.all_names())
     chosen = select_trainable(train, loss_value, output, trainable, where)

@@ -18,7 +18,7 @@ from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.ops import lookup
 from onnxgrad.optimizers import SGD, DeviceUpdate, Optimizer
 from onnxgrad.profile import Profile
-from onnxgrad.program import build_program, updated_statistics
+from onnxgrad.program import build_program, tied_weights, updated_statistics
 
 
 class Trainer:
@@ -31,7 +31,10 @@ class Trainer:
     element with a gradient path to the loss: one-element initializers are
     the scales and epsilons exporters write) or names and glob patterns.
     ``device`` is ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).  ``seed`` seeds the
-    random numbers of training steps (Dropout).
+    random numbers of training steps (Dropout).  With ``tie_weights``, initializers
+    that repeat another bit for bit (or its transpose), as exporters write a tied
+    embedding and output matrix, are trained as one weight: its gradient is the sum
+    over every use, and the copies stay equal to it in the model.
 
     In training steps BatchNormalization uses batch statistics and updates its
     running statistics, as PyTorch's ``train()`` mode does.  With
@@ -57,7 +60,8 @@ class Trainer:
                  output: str | None = None, optimizer: Optimizer | None = None,
                  trainable: str | Iterable[str] | None = None, device: str = "cpu",
                  seed: int | None = None, frozen_batchnorm: str = "train",
-                 cuda_graphs: bool = True, detect_anomaly: bool = False):
+                 cuda_graphs: bool = True, detect_anomaly: bool = False,
+                 tie_weights: bool = False):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -73,7 +77,10 @@ class Trainer:
         self.backend = get_backend(device)
         self.device = self.backend.name
         graph = model.graph
-        program = build_program(model, self.loss, output, trainable, frozen_batchnorm)
+        #: Tied copies trained as one weight (``tie_weights``): {copy: (weight, transposed)}.
+        self.ties = tied_weights(graph) if tie_weights else {}
+        program = build_program(model, self.loss, output, trainable, frozen_batchnorm,
+                                self.ties)
         #: The training program this trainer runs (see :mod:`onnxgrad.program`).
         self.program = program
         self.output = program.output
@@ -113,8 +120,9 @@ class Trainer:
                 if on_cpu:
                     graph.initializers[k] = value
             self._weights[k] = value
-        if self._copied:
+        if self._copied or self.ties:
             model._pull_weights = self._pull
+        if self._copied:
             model._on_set_parameters = self._push
         self._stale = False
         self._target_signature: tuple | None = None  # the last target type and shape checked
@@ -162,11 +170,15 @@ class Trainer:
                 self._weights[name][...] = self.backend.asarray(self.model.graph.initializers[name])
 
     def _pull(self) -> None:
-        """Copy the trainer's own weight arrays back into the model."""
+        """Copy the trainer's own weight arrays back into the model, and each tied weight
+        into its copies."""
+        weights = self.model.graph.initializers
         if self._stale:
             for name in self._copied:
-                self.model.graph.initializers[name][...] = self.backend.to_host(self._weights[name])
+                weights[name][...] = self.backend.to_host(self._weights[name])
             self._stale = False
+        for copy, (first, transposed) in self.ties.items():
+            weights[copy][...] = weights[first].T if transposed else weights[first]
 
     def _target(self, target: Any) -> Any:
         """The target as the loss reads it, on the device; checked against the output

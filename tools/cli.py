@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from onnxgrad.autodiff import differentiable_ancestors
+from onnxgrad.program import tied_weights
 
 from .common import (
     data_source,
@@ -125,6 +126,9 @@ def inspect(model, trainable, freeze, output, list_params):
     if consts:
         echo(f"other initializers (not trainable): {len(consts)} tensors, "
              f"{fmt_bytes(sum(int(v.nbytes) for v in consts.values()))}")
+    for copy, (first, transposed) in tied_weights(graph).items():
+        echo(f"tied: {copy!r} repeats {first!r}{' (transposed)' if transposed else ''} bit for "
+             "bit; train --tie-weights trains them as one weight")
     reach = differentiable_ancestors(graph, out, strict=False)
     chosen = select_trainable(params, trainable, freeze, reach)
     if trainable or freeze or list_params:

@@ -94,6 +94,10 @@ from .report import is_float, select_trainable
 @click.option("--monitor", default="val_loss", show_default=True,
               type=click.Choice(["val_loss", "val_acc", "train_loss", "train_acc"]),
               help="The metric --save-best judges by (loss: lower is better; acc: higher).")
+@click.option("--tie-weights", is_flag=True,
+              help="Train initializers that repeat another bit for bit (or its transpose), as "
+                   "exporters write a tied embedding and output matrix, as one weight; the "
+                   "copies stay equal in the saved model (inspect lists them).")
 @click.option("--detect-anomaly", is_flag=True,
               help="Check every node's outputs at each step and stop at the first value that "
                    "is not finite, naming the node (forward or backward); slower.")
@@ -126,7 +130,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           epochs, batch_size, seed, trainable, freeze, val_path, val_split, device,
           cuda_graphs, frozen_batchnorm, out_path, quiet, profile, training_info, steps,
           lr_schedule, warmup_steps, min_lr, step_size, gamma, milestones, max_lr,
-          checkpoint_dir, save_best, monitor, detect_anomaly, clip_grad_norm, accumulate,
+          checkpoint_dir, save_best, monitor, tie_weights, detect_anomaly, clip_grad_norm,
+          accumulate,
           early_stopping,
           log_path, log_every, tensorboard_dir, plot_path, resume_dir):
     """Train MODEL on a .npz data file and save the trained model.
@@ -254,7 +259,7 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     before = metrics(m)  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
                                device=device, seed=seed, frozen_batchnorm=frozen_batchnorm,
-                               cuda_graphs=cuda_graphs)
+                               cuda_graphs=cuda_graphs, tie_weights=tie_weights)
     drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
     per_epoch = -(-(len(ds) - (len(ds) % batch_size if drop_last else 0)) // batch_size)
     steps_per_epoch = -(-per_epoch // accumulate)
