@@ -12,7 +12,12 @@ statistics, unless the node says ``training_mode=1`` (opset 14+), whose
 outputs then follow the ONNX spec.  ``is_test`` (opset 6) is ignored.
 
 ``stash_type`` asks for float32 statistics; inputs narrower than float32 are
-computed in float32, wider ones (float64) in their own precision.
+computed in float32, wider ones (float64) in their own precision.  The mean
+and variance are exact to that precision even where values sit far from zero
+and close together: the mean's rounding is measured on the centred values and
+taken out (the shifted-data algorithm, :func:`_shifted_moments`), in the
+forward pass and where a gradient reads a saved mean.  (PyTorch accumulates in
+double on the CPU for the same reason.)
 
 Gradients are private fused ops of the ``onnxgrad`` domain that recompute the
 statistics from ``X``.
@@ -42,12 +47,26 @@ def _standardize(xp, X, axes, epsilon, gain=None):
     Xc = X.astype(_compute_dtype(X), copy=False)
     mean = Xc.mean(axis=axes, keepdims=True)
     d = Xc - mean
+    shift = d.mean(axis=axes, keepdims=True)  # the rounding of mean: see _shifted_moments
     square = d * d
-    var = square.mean(axis=axes, keepdims=True)
+    var = xp.maximum(square.mean(axis=axes, keepdims=True) - shift * shift, 0)
     del square
+    mean += shift
     inv = 1 / xp.sqrt(var + epsilon)
+    _unshift(xp, d, shift, inv)
     d *= inv if gain is None else inv * gain
     return d, mean, var, inv
+
+
+def _unshift(xp, d, shift, inv=1):
+    """``d -= shift``, skipped on the CPU where no shift reaches a quarter unit in the
+    last place of standardized values of order one (``shift · inv``): the usual
+    case, in which the statistics' rounding is that small."""
+    if xp.__name__ == "numpy":
+        quarter = xp.finfo(d.dtype).eps / 4
+        if not (abs(shift * inv) > quarter).any():
+            return
+    d -= shift
 
 
 def _standardize_grad(xp, dxhat, xhat, inv, axes):
@@ -100,6 +119,22 @@ def _channel_dot(xp, A3, B3):
                         ).reshape(1, -1, 1)
 
 
+def _shifted_moments(xp, D3, n):
+    """The mean and biased variance, per channel, of ``D3`` (N, C, P): values
+    less a first estimate of their mean.
+
+    A float32 sum rounds the mean by about 1e-7 of its size, which is no small
+    part of the spread where a channel's values sit far from zero and close
+    together (a few values per channel, as in the last blocks of a CNN on small
+    images).  The centred values are exact differences, so their own mean (the
+    estimate's error) and second moment give the statistics to the precision of
+    the spread: the shifted-data algorithm, at the cost of one product with ones.
+    """
+    shift = _channel_sum(xp, D3) / n
+    var = xp.maximum(_channel_dot(xp, D3, D3) / n - shift * shift, 0)
+    return shift, var
+
+
 def _bn_standardize(xp, X, gain, B, epsilon):
     """Batch-statistics BatchNormalization over every axis but 1: Y, mean, biased
     variance (the statistics as (1, C, 1)), on one fresh array; each pass in
@@ -112,18 +147,19 @@ def _bn_standardize(xp, X, gain, B, epsilon):
                                B.astype(X3.dtype, copy=False).reshape(1, -1, 1))
         return Y.reshape(X.shape), mean, var
     n = max(X3.shape[0] * X3.shape[2], 1)
-    mean = _channel_sum(xp, X3) / n
+    guess = _channel_sum(xp, X3) / n
     Y = xp.empty(X3.shape, dtype=X3.dtype)
-    by_rows(xp, X3.shape[0], X3.size, lambda p: xp.subtract(X3[p], mean, out=Y[p]))
-    var = _channel_dot(xp, Y, Y) / n
-    a, b = gain.reshape(1, -1, 1) / xp.sqrt(var + epsilon), B.reshape(1, -1, 1)
+    by_rows(xp, X3.shape[0], X3.size, lambda p: xp.subtract(X3[p], guess, out=Y[p]))
+    shift, var = _shifted_moments(xp, Y, n)
+    a = gain.reshape(1, -1, 1) / xp.sqrt(var + epsilon)
+    b = B.reshape(1, -1, 1) - shift * a  # Y = (X - guess - shift)·a + B
 
     def finish(p):
         Y[p] *= a
         Y[p] += b
 
     by_rows(xp, X3.shape[0], X3.size, finish)
-    return Y.reshape(X.shape), mean, var
+    return Y.reshape(X.shape), guess + shift, var
 
 
 def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
@@ -228,11 +264,14 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
         by_rows(xp, X3.shape[0], X3.size, standardize)
     d = dY.astype(dtype, copy=False).reshape(X3.shape)
     dB = _channel_sum(xp, d)
-    dscale = _channel_dot(xp, d, xhat)
     n = X.size // max(dB.size, 1)
-    # dX = scale·inv · (dY - dB/n - xhat·dscale/n), on xhat's storage
+    # The saved mean is rounded to X's type: xhat above is off by the same small
+    # amount in every value of a channel, measured here (see _shifted_moments).
+    shift = _channel_sum(xp, xhat) / n if batch_mean is not None else 0
+    dscale = _channel_dot(xp, d, xhat) - shift * dB
+    # dX = scale·inv · (dY - dB/n - (xhat - shift)·dscale/n), on xhat's storage
     dX = xhat
-    a, b, k = -(dscale / n), dB / n, scale.reshape(1, -1, 1) * inv
+    a, b, k = -(dscale / n), (dB - shift * dscale) / n, scale.reshape(1, -1, 1) * inv
 
     def combine(p):
         dX[p] *= a
@@ -277,6 +316,7 @@ def _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes,
         inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(shape) + epsilon)
         xhat = X.astype(dtype, copy=False) - batch_mean.astype(dtype, copy=False).reshape(shape)
         xhat *= inv
+        _unshift(xp, xhat, xhat.mean(axis=axes, keepdims=True))  # the saved mean's rounding
     d = dY.astype(xhat.dtype, copy=False)
     dB = d.sum(axis=axes, keepdims=True)
     dscale = (d * xhat).sum(axis=axes, keepdims=True)
@@ -465,6 +505,7 @@ def LayerNormalizationGrad(xp, dY, X, Scale, mean=None, inv_std=None, *, axis=-1
     else:
         xhat = X.astype(inv_std.dtype, copy=False) - mean
         xhat *= inv_std
+        _unshift(xp, xhat, xhat.mean(axis=axes, keepdims=True))  # the saved mean's rounding
     d = dY.astype(xhat.dtype, copy=False)
     dxhat = d * Scale
     m1 = dxhat.mean(axis=axes, keepdims=True)
