@@ -1,11 +1,18 @@
 """Recurrent layers: RNN, GRU and LSTM (forward, reverse, bidirectional; ``layout`` 0
 and 1; ``sequence_lens``; ``clip``; custom activations; LSTM peepholes and
-``input_forget``).
+``input_forget``), and their gradients.
 
 One driver runs a cell over time for each direction; the input projection of
 every step is one matmul up front.  Steps past a sequence's length leave its
-state unchanged and write zeros to ``Y``.  Forward kernels only: asking for a
-gradient through these ops raises UnsupportedOpError.
+state unchanged and write zeros to ``Y``.
+
+The gradient is backpropagation through time, vectorised over the batch: the
+private ``onnxgrad::RNNGrad``, ``GRUGrad`` and ``LSTMGrad`` run the forward
+pass again, keeping each step's gate values, then walk the steps backwards and
+return the gradients of X, W, R, B, the initial states and the peepholes.  A
+cell's forward and backward are written side by side (``_rnn_cell``,
+``_gru_cell``, ``_lstm_cell``), on the activations' derivatives in
+:func:`_activation`; ``clip`` passes the gradient where it did not clip.
 """
 
 from __future__ import annotations
@@ -16,23 +23,35 @@ from onnxgrad.ops.registry import op
 
 # -- activations (ONNX's names; alpha/beta consumed in order by those that take them) ---------
 def _activation(xp, name: str, alpha, beta):
+    """``(f, df)``: the activation and its derivative, ``df(x, y)`` with ``y = f(x)``."""
     name = name.lower()
+
+    def sigmoid(x):
+        return 1 / (1 + xp.exp(-x))
+
     table = {
-        "relu": (0, lambda x, a, b: xp.maximum(x, 0)),
-        "tanh": (0, lambda x, a, b: xp.tanh(x)),
-        "sigmoid": (0, lambda x, a, b: 1 / (1 + xp.exp(-x))),
-        "affine": (2, lambda x, a, b: a * x + b),
-        "leakyrelu": (1, lambda x, a, b: xp.where(x >= 0, x, a * x)),
-        "thresholdedrelu": (1, lambda x, a, b: xp.where(x > a, x, 0)),
-        "scaledtanh": (2, lambda x, a, b: a * xp.tanh(b * x)),
-        "hardsigmoid": (2, lambda x, a, b: xp.clip(a * x + b, 0, 1)),
-        "elu": (1, lambda x, a, b: xp.where(x >= 0, x, a * (xp.exp(x) - 1))),
-        "softsign": (0, lambda x, a, b: x / (1 + xp.abs(x))),
-        "softplus": (0, lambda x, a, b: xp.log1p(xp.exp(x))),
+        "relu": (0, lambda x, a, b: xp.maximum(x, 0), lambda x, y, a, b: (x > 0).astype(x.dtype)),
+        "tanh": (0, lambda x, a, b: xp.tanh(x), lambda x, y, a, b: 1 - y * y),
+        "sigmoid": (0, lambda x, a, b: sigmoid(x), lambda x, y, a, b: y * (1 - y)),
+        "affine": (2, lambda x, a, b: a * x + b, lambda x, y, a, b: xp.full_like(x, a)),
+        "leakyrelu": (1, lambda x, a, b: xp.where(x >= 0, x, a * x),
+                      lambda x, y, a, b: xp.where(x >= 0, 1, a).astype(x.dtype)),
+        "thresholdedrelu": (1, lambda x, a, b: xp.where(x > a, x, 0),
+                            lambda x, y, a, b: (x > a).astype(x.dtype)),
+        "scaledtanh": (2, lambda x, a, b: a * xp.tanh(b * x),
+                       lambda x, y, a, b: a * b * (1 - xp.tanh(b * x) ** 2)),
+        "hardsigmoid": (2, lambda x, a, b: xp.clip(a * x + b, 0, 1),
+                        lambda x, y, a, b: xp.where((a * x + b > 0) & (a * x + b < 1), a, 0
+                                                    ).astype(x.dtype)),
+        "elu": (1, lambda x, a, b: xp.where(x >= 0, x, a * (xp.exp(x) - 1)),
+                lambda x, y, a, b: xp.where(x >= 0, 1, y + a).astype(x.dtype)),
+        "softsign": (0, lambda x, a, b: x / (1 + xp.abs(x)),
+                     lambda x, y, a, b: 1 / (1 + xp.abs(x)) ** 2),
+        "softplus": (0, lambda x, a, b: xp.log1p(xp.exp(x)), lambda x, y, a, b: sigmoid(x)),
     }
     if name not in table:
         raise ModelError(f"recurrent layer: unknown activation {name!r}")
-    n_params, fn = table[name]
+    n_params, fn, dfn = table[name]
     defaults = {"leakyrelu": (0.01, 0.0), "thresholdedrelu": (1.0, 0.0), "elu": (1.0, 0.0),
                 "hardsigmoid": (0.2, 0.5), "affine": (1.0, 0.0), "scaledtanh": (1.0, 1.0)}
     a, b = defaults.get(name, (0.0, 0.0))
@@ -40,10 +59,11 @@ def _activation(xp, name: str, alpha, beta):
         a = alpha.pop(0)
     if n_params >= 2 and beta:
         b = beta.pop(0)
-    return lambda x: fn(x, a, b)
+    return (lambda x: fn(x, a, b)), (lambda x, y: dfn(x, y, a, b))
 
 
 def _activations(xp, names, defaults, n_dir, alpha, beta):
+    """Per direction, the ``(f, df)`` pairs of the cell's activations."""
     names = list(names) if names else list(defaults) * n_dir
     if len(names) == len(defaults) and n_dir == 2:
         names = names * 2
@@ -56,133 +76,378 @@ def _activations(xp, names, defaults, n_dir, alpha, beta):
     return [fns[d * k:(d + 1) * k] for d in range(n_dir)]
 
 
+class _Gate:
+    """One activation behind ``clip``: ``y = f(clip(v))``, and the gradient of v."""
+
+    def __init__(self, xp, act, clip):
+        self.xp, (self.f, self.df), self.clip = xp, act, clip
+
+    def __call__(self, v):
+        u = v if self.clip is None else self.xp.clip(v, -self.clip, self.clip)
+        return self.f(u), (v, u)
+
+    def unclipped(self):
+        return _Gate(self.xp, (self.f, self.df), None)
+
+    def grad(self, dy, y, saved):
+        v, u = saved
+        dv = dy * self.df(u, y)
+        if self.clip is not None:
+            dv = dv * (abs(v) <= self.clip)
+        return dv
+
+
+# -- cells: forward (new state, what the backward needs) and backward ---------------------------
+# ``forward(x_t, state, R, rb)``: x_t is the step's input projection (with W's bias);
+# ``backward(saved, dstate, R, rb, acc)``: from the gradients of the new state,
+# the gradients of x_t and of the old state; R, rb and peephole gradients are
+# accumulated into ``acc``.
+
+def _rnn_cell(xp, gates, P=None, **_):
+    (act,) = gates
+
+    def forward(x_t, state, R, rb):
+        (h,) = state
+        y, s = act(x_t + h @ R.T + rb)
+        return [y], (h, y, s)
+
+    def backward(saved, dstate, R, rb, acc):
+        h, y, s = saved
+        dv = act.grad(dstate[0], y, s)
+        acc["R"] += dv.T @ h
+        acc["rb"] += dv.sum(axis=0)
+        return dv, [dv @ R]
+
+    return forward, backward
+
+
+def _gru_cell(xp, gates, linear_before_reset=0, **_):
+    f, g = gates
+
+    def forward(x_t, state, R, rb):
+        (h,) = state
+        n = h.shape[1]
+        z, sz = f(x_t[:, :n] + h @ R[:n].T + rb[:n])
+        r, sr = f(x_t[:, n:2 * n] + h @ R[n:2 * n].T + rb[n:2 * n])
+        if linear_before_reset:
+            q = h @ R[2 * n:].T + rb[2 * n:]
+            cand, sc = g(x_t[:, 2 * n:] + r * q)
+        else:
+            q = r * h
+            cand, sc = g(x_t[:, 2 * n:] + q @ R[2 * n:].T + rb[2 * n:])
+        return [(1 - z) * cand + z * h], (h, z, sz, r, sr, q, cand, sc)
+
+    def backward(saved, dstate, R, rb, acc):
+        h, z, sz, r, sr, q, cand, sc = saved
+        n = h.shape[1]
+        (dnew,) = dstate
+        dvc = g.grad(dnew * (1 - z), cand, sc)
+        dh = dnew * z
+        if linear_before_reset:
+            dr = dvc * q
+            dq = dvc * r                     # q = h Rhᵀ + rbh
+            acc["R"][2 * n:] += dq.T @ h
+            acc["rb"][2 * n:] += dq.sum(axis=0)
+            dh = dh + dq @ R[2 * n:]
+        else:
+            drh = dvc @ R[2 * n:]            # q = r · h
+            acc["R"][2 * n:] += dvc.T @ q
+            acc["rb"][2 * n:] += dvc.sum(axis=0)
+            dr = drh * h
+            dh = dh + drh * r
+        dvz = f.grad(dnew * (h - cand), z, sz)
+        dvr = f.grad(dr, r, sr)
+        dzr = xp.concatenate([dvz, dvr], axis=1)
+        acc["R"][:2 * n] += dzr.T @ h
+        acc["rb"][:2 * n] += dzr.sum(axis=0)
+        dh = dh + dzr @ R[:2 * n]
+        return xp.concatenate([dzr, dvc], axis=1), [dh]
+
+    return forward, backward
+
+
+def _lstm_cell(xp, gates, input_forget=0, P=None, **_):
+    f, g, hf = gates
+    hf = hf.unclipped()  # clip bounds the gates' inputs, not the cell state (as onnxruntime)
+    peep = P is not None
+
+    def forward(x_t, state, R, rb):
+        h, c = state
+        n = h.shape[1]
+        pre = x_t + h @ R.T + rb  # gates i, o, f, c
+        pi, po, pf = (P[:n], P[n:2 * n], P[2 * n:]) if peep else (0, 0, 0)
+        i, si = f(pre[:, :n] + pi * c)
+        if input_forget:
+            fg, sf = 1 - i, None
+        else:
+            fg, sf = f(pre[:, 2 * n:3 * n] + pf * c)
+        cand, sc = g(pre[:, 3 * n:])
+        new_c = fg * c + i * cand
+        o, so = f(pre[:, n:2 * n] + po * new_c)
+        hc, shc = hf(new_c)
+        return [o * hc, new_c], (h, c, i, si, fg, sf, cand, sc, new_c, o, so, hc, shc)
+
+    def backward(saved, dstate, R, rb, acc):
+        h, c, i, si, fg, sf, cand, sc, new_c, o, so, hc, shc = saved
+        n = h.shape[1]
+        dh_new, dc_new = dstate
+        dvo = f.grad(dh_new * hc, o, so)
+        dc = dc_new + hf.grad(dh_new * o, hc, shc)
+        if peep:
+            dc = dc + dvo * P[n:2 * n]
+            acc["P"][n:2 * n] += (dvo * new_c).sum(axis=0)
+        dc_old = dc * fg
+        di = dc * cand
+        dvc = g.grad(dc * i, cand, sc)
+        if input_forget:
+            di = di - dc * c
+            dvf = xp.zeros_like(dvo)
+        else:
+            dvf = f.grad(dc * c, fg, sf)
+        dvi = f.grad(di, i, si)
+        if peep:
+            dc_old = dc_old + dvi * P[:n] + dvf * P[2 * n:]
+            acc["P"][:n] += (dvi * c).sum(axis=0)
+            acc["P"][2 * n:] += (dvf * c).sum(axis=0)
+        dpre = xp.concatenate([dvi, dvo, dvf, dvc], axis=1)
+        acc["R"] += dpre.T @ h
+        acc["rb"] += dpre.sum(axis=0)
+        return dpre, [dpre @ R, dc_old]
+
+    return forward, backward
+
+
+_CELLS = {"RNN": (_rnn_cell, 1, ("Tanh",)), "GRU": (_gru_cell, 3, ("Sigmoid", "Tanh")),
+          "LSTM": (_lstm_cell, 4, ("Sigmoid", "Tanh", "Tanh"))}
+
+
 # -- the driver ---------------------------------------------------------------------------------
-def _run(xp, cell, X, W, R, B, sequence_lens, states, *, direction, hidden_size, layout, gates,
-         extra=None):
-    """Run ``cell`` over time in each direction; returns Y and the final states."""
-    if layout:
-        X = xp.swapaxes(X, 0, 1)
-        states = [None if s is None else xp.swapaxes(s, 0, 1) for s in states]
-    steps, batch, _ = X.shape
-    n_dir = 2 if direction == "bidirectional" else 1
-    if W.shape[0] != n_dir:
-        raise ModelError(f"recurrent layer: W has {W.shape[0]} directions, direction is "
-                         f"{direction!r}")
-    hidden = hidden_size or R.shape[-1]
-    lens = None if sequence_lens is None else [int(v) for v in sequence_lens.reshape(-1).tolist()]
-    dtype = X.dtype
-    ys, finals = [], [[] for _ in states]
-    for d in range(n_dir):
-        reverse = direction == "reverse" or d == 1
-        bias = xp.zeros(2 * gates * hidden, dtype=dtype) if B is None else B[d]
-        xw = xp.matmul(X, W[d].T) + bias[:gates * hidden]
-        rb = bias[gates * hidden:]
-        state = [xp.zeros((batch, hidden), dtype=dtype) if s is None else s[d] for s in states]
-        y = xp.zeros((steps, batch, hidden), dtype=dtype)
+class _Layer:
+    """One recurrent node's inputs, in time-major layout, and its cells per direction."""
+
+    def __init__(self, xp, kind, X, W, R, B, sequence_lens, states, P, attrs):
+        make, self.gates, default_acts = _CELLS[kind]
+        self.xp, self.layout = xp, int(attrs.get("layout") or 0)
+        direction = attrs.get("direction") or "forward"
+        if isinstance(direction, bytes):
+            direction = direction.decode()
+        self.n_dir = 2 if direction == "bidirectional" else 1
+        if W.shape[0] != self.n_dir:
+            raise ModelError(f"recurrent layer: W has {W.shape[0]} directions, direction is "
+                             f"{direction!r}")
+        self.reverse = [direction == "reverse" or d == 1 for d in range(self.n_dir)]
+        if self.layout:
+            X = xp.swapaxes(X, 0, 1)
+            states = [None if s is None else xp.swapaxes(s, 0, 1) for s in states]
+        self.X, self.W, self.R, self.B, self.P = X, W, R, B, P
+        self.steps, self.batch, _ = X.shape
+        self.hidden = attrs.get("hidden_size") or R.shape[-1]
+        self.lens = None if sequence_lens is None else \
+            [int(v) for v in sequence_lens.reshape(-1).tolist()]
+        dtype = X.dtype
+        self.states = [[xp.zeros((self.batch, self.hidden), dtype=dtype) if s is None else s[d]
+                        for s in states] for d in range(self.n_dir)]
+        acts = _activations(xp, attrs.get("activations"), default_acts, self.n_dir,
+                            attrs.get("activation_alpha"), attrs.get("activation_beta"))
+        clip = attrs.get("clip")
+        options = {k: attrs.get(k) or 0 for k in ("linear_before_reset", "input_forget")}
+        self.cells = [make(xp, [_Gate(xp, a, clip) for a in acts[d]],
+                           P=None if P is None else P[d], **options) for d in range(self.n_dir)]
+
+    def bias(self, d):
+        size = self.gates * self.hidden
+        if self.B is None:
+            return self.xp.zeros(2 * size, dtype=self.X.dtype)
+        return self.B[d]
+
+    def order(self, d):
+        """Per step: (the time index of each batch item, or one index for all; the
+        alive mask (batch, 1), or None)."""
+        xp, steps, batch = self.xp, self.steps, self.batch
         for t in range(steps):
-            if lens is None:
-                index = steps - 1 - t if reverse else t
-                x_t = xw[index]
+            if self.lens is None:
+                yield (steps - 1 - t if self.reverse[d] else t), None
             else:  # per batch item: reverse within its own length
-                index = [(n - 1 - t if reverse else t) if t < n else 0 for n in lens]
-                x_t = xw[xp.asarray(index), xp.arange(batch)]
-            new = cell(x_t, state, R[d], rb, d, extra)
-            if lens is not None:
-                alive = xp.asarray([t < n for n in lens]).reshape(batch, 1)
-                new = [xp.where(alive, n_, s_) for n_, s_ in zip(new, state)]
-                out = xp.where(alive, new[0], 0)
-                for b, i in enumerate(index):
-                    if t < lens[b]:
-                        y[i, b] = out[b]
-            else:
-                y[index] = new[0]
-            state = new
-        ys.append(y)
-        for k, s in enumerate(state):
-            finals[k].append(s)
-    Y = xp.stack(ys, axis=1)  # [steps, dirs, batch, hidden]
-    finals = [xp.stack(f) for f in finals]  # [dirs, batch, hidden]
-    if layout:
-        Y = xp.transpose(Y, (2, 0, 1, 3))
-        finals = [xp.swapaxes(f, 0, 1) for f in finals]
-    return (Y,) + tuple(finals)
+                index = [(n - 1 - t if self.reverse[d] else t) if t < n else 0 for n in self.lens]
+                alive = xp.asarray([t < n for n in self.lens]).reshape(batch, 1)
+                yield (xp.asarray(index), xp.arange(batch)), alive
+
+    def run(self, keep=False):
+        """Y (steps, dirs, batch, hidden), the final states (dirs, batch, hidden), and
+        with ``keep`` each direction's saved steps."""
+        xp = self.xp
+        ys, finals, tapes = [], [[] for _ in self.states[0]], []
+        for d in range(self.n_dir):
+            forward, _ = self.cells[d]
+            bias = self.bias(d)
+            size = self.gates * self.hidden
+            xw = self.X @ self.W[d].T + bias[:size]
+            rb = bias[size:]
+            state = self.states[d]
+            y = xp.zeros((self.steps, self.batch, self.hidden), dtype=self.X.dtype)
+            tape = []
+            for index, alive in self.order(d):
+                new, saved = forward(xw[index], state, self.R[d], rb)
+                if keep:
+                    tape.append((index, alive, saved))
+                if alive is not None:
+                    new = [xp.where(alive, n_, s_) for n_, s_ in zip(new, state)]
+                    y[index] = xp.where(alive, new[0], y[index])  # finished items write nothing
+                else:
+                    y[index] = new[0]
+                state = new
+            ys.append(y)
+            tapes.append(tape)
+            for k, s in enumerate(state):
+                finals[k].append(s)
+        return xp.stack(ys, axis=1), [xp.stack(f) for f in finals], tapes
+
+    def outputs(self, Y, finals):
+        xp = self.xp
+        if self.layout:
+            return (xp.transpose(Y, (2, 0, 1, 3)),) + tuple(xp.swapaxes(f, 0, 1) for f in finals)
+        return (Y,) + tuple(finals)
+
+    def gradients(self, dY, dfinals):
+        """Backpropagation through time: dX, dW, dR, dB, the initial states' and dP."""
+        xp = self.xp
+        if self.layout:
+            dY = None if dY is None else xp.transpose(dY, (1, 2, 0, 3))
+            dfinals = [None if g is None else xp.swapaxes(g, 0, 1) for g in dfinals]
+        _, _, tapes = self.run(keep=True)
+        dtype, size = self.X.dtype, self.gates * self.hidden
+        dX = xp.zeros_like(self.X)
+        dW, dR = xp.zeros_like(self.W), xp.zeros_like(self.R)
+        dB = xp.zeros((self.n_dir, 2 * size), dtype=dtype)
+        dP = None if self.P is None else xp.zeros_like(self.P)
+        dstates = []
+        for d in range(self.n_dir):
+            _, backward = self.cells[d]
+            R, rb = self.R[d], self.bias(d)[size:]
+            dxw = xp.zeros((self.steps, self.batch, size), dtype=dtype)
+            acc = {"R": dR[d], "rb": dB[d, size:], "P": None if dP is None else dP[d]}
+            dstate = [xp.zeros((self.batch, self.hidden), dtype=dtype) if g is None else
+                      g[d].copy() for g in dfinals]
+            for index, alive, saved in reversed(tapes[d]):
+                dnew = list(dstate)
+                if dY is not None:
+                    dy = dY[index, d] if alive is None else \
+                        xp.where(alive, dY[index[0], d, index[1]], 0)
+                    dnew[0] = dnew[0] + dy
+                if alive is not None:  # finished items: their state passes through
+                    dnew = [xp.where(alive, g, 0) for g in dnew]
+                dx, dold = backward(saved, dnew, R, rb, acc)
+                if alive is not None:
+                    dold = [xp.where(alive, g_old, g) for g_old, g in zip(dold, dstate)]
+                    dxw[index] += xp.where(alive, dx, 0)
+                else:
+                    dxw[index] += dx
+                dstate = dold
+            dX += dxw @ self.W[d]
+            dW[d] = xp.einsum("tbg,tbi->gi", dxw, self.X)
+            dB[d, :size] = dxw.sum(axis=(0, 1))
+            dstates.append(dstate)
+        dinit = [xp.stack([dstates[d][k] for d in range(self.n_dir)])
+                 for k in range(len(dstates[0]))]
+        if self.layout:
+            dX = xp.swapaxes(dX, 0, 1)
+            dinit = [xp.swapaxes(g, 0, 1) for g in dinit]
+        return dX, dW, dR, dB, dinit, dP
 
 
-def _clipper(xp, clip):
-    if clip is None:
-        return lambda v: v
-    return lambda v: xp.clip(v, -clip, clip)
+# -- the ops ------------------------------------------------------------------------------------
+_STATES = {"RNN": 1, "GRU": 1, "LSTM": 2}
 
 
-# -- RNN ----------------------------------------------------------------------------------------
+def _forward(xp, kind, X, W, R, B, sequence_lens, states, P, attrs):
+    layer = _Layer(xp, kind, X, W, R, B, sequence_lens, states, P, attrs)
+    Y, finals, _ = layer.run()
+    return layer.outputs(Y, finals)
+
+
 @op("RNN", since=7, differentiable=("X", "W", "R", "B", "initial_h"))
 def RNN(xp, X, W, R, B=None, sequence_lens=None, initial_h=None, *, activation_alpha=None,
         activation_beta=None, activations=None, clip=None, direction="forward",
         hidden_size=None, layout=0):
-    n_dir = 2 if direction == "bidirectional" else 1
-    acts = _activations(xp, activations, ("Tanh",), n_dir, activation_alpha, activation_beta)
-    c = _clipper(xp, clip)
-
-    def cell(x_t, state, R_d, rb, d, extra):
-        (h,) = state
-        return [acts[d][0](c(x_t + xp.matmul(h, R_d.T) + rb))]
-
-    return _run(xp, cell, X, W, R, B, sequence_lens, [initial_h], direction=direction,
-                hidden_size=hidden_size, layout=layout, gates=1)
+    return _forward(xp, "RNN", X, W, R, B, sequence_lens, [initial_h], None, dict(
+        activation_alpha=activation_alpha, activation_beta=activation_beta,
+        activations=activations, clip=clip, direction=direction, hidden_size=hidden_size,
+        layout=layout))
 
 
-# -- GRU ----------------------------------------------------------------------------------------
 @op("GRU", since=7, differentiable=("X", "W", "R", "B", "initial_h"))
 def GRU(xp, X, W, R, B=None, sequence_lens=None, initial_h=None, *, activation_alpha=None,
         activation_beta=None, activations=None, clip=None, direction="forward",
         hidden_size=None, layout=0, linear_before_reset=0):
-    n_dir = 2 if direction == "bidirectional" else 1
-    acts = _activations(xp, activations, ("Sigmoid", "Tanh"), n_dir, activation_alpha,
-                        activation_beta)
-    c = _clipper(xp, clip)
-
-    def cell(x_t, state, R_d, rb, d, extra):
-        (h,) = state
-        f, g = acts[d]
-        n = h.shape[1]
-        xz, xr, xh = x_t[:, :n], x_t[:, n:2 * n], x_t[:, 2 * n:]
-        Rz, Rr, Rh = R_d[:n], R_d[n:2 * n], R_d[2 * n:]
-        z = f(c(xz + xp.matmul(h, Rz.T) + rb[:n]))
-        r = f(c(xr + xp.matmul(h, Rr.T) + rb[n:2 * n]))
-        if linear_before_reset:
-            cand = g(c(xh + r * (xp.matmul(h, Rh.T) + rb[2 * n:])))
-        else:
-            cand = g(c(xh + xp.matmul(r * h, Rh.T) + rb[2 * n:]))
-        return [(1 - z) * cand + z * h]
-
-    return _run(xp, cell, X, W, R, B, sequence_lens, [initial_h], direction=direction,
-                hidden_size=hidden_size, layout=layout, gates=3)
+    return _forward(xp, "GRU", X, W, R, B, sequence_lens, [initial_h], None, dict(
+        activation_alpha=activation_alpha, activation_beta=activation_beta,
+        activations=activations, clip=clip, direction=direction, hidden_size=hidden_size,
+        layout=layout, linear_before_reset=linear_before_reset))
 
 
-# -- LSTM ---------------------------------------------------------------------------------------
 @op("LSTM", since=7, differentiable=("X", "W", "R", "B", "initial_h", "initial_c", "P"))
 def LSTM(xp, X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *,
          activation_alpha=None, activation_beta=None, activations=None, clip=None,
          direction="forward", hidden_size=None, input_forget=0, layout=0):
-    n_dir = 2 if direction == "bidirectional" else 1
-    acts = _activations(xp, activations, ("Sigmoid", "Tanh", "Tanh"), n_dir, activation_alpha,
-                        activation_beta)
-    c = _clipper(xp, clip)
+    return _forward(xp, "LSTM", X, W, R, B, sequence_lens, [initial_h, initial_c], P, dict(
+        activation_alpha=activation_alpha, activation_beta=activation_beta,
+        activations=activations, clip=clip, direction=direction, hidden_size=hidden_size,
+        layout=layout, input_forget=input_forget))
 
-    def cell(x_t, state, R_d, rb, d, peep):
-        h, cst = state
-        f, g, hf = acts[d]
-        n = h.shape[1]
-        pre = x_t + xp.matmul(h, R_d.T) + rb  # gates i, o, f, c
-        pi, po, pf = (None, None, None) if peep is None else (peep[d][:n], peep[d][n:2 * n],
-                                                              peep[d][2 * n:])
-        gi, go, gf, gc = pre[:, :n], pre[:, n:2 * n], pre[:, 2 * n:3 * n], pre[:, 3 * n:]
-        i = f(c(gi if pi is None else gi + pi * cst))
-        fg = 1 - i if input_forget else f(c(gf if pf is None else gf + pf * cst))
-        cand = g(c(gc))
-        new_c = fg * cst + i * cand
-        o = f(c(go if po is None else go + po * new_c))
-        return [o * hf(new_c), new_c]
 
-    return _run(xp, cell, X, W, R, B, sequence_lens, [initial_h, initial_c], direction=direction,
-                hidden_size=hidden_size, layout=layout, gates=4, extra=P)
+def _rule(g, node, dY=None, dY_h=None, dY_c=None):
+    kind = node.op_type
+    ins = list(node.inputs) + [""] * (8 - len(node.inputs))  # X W R B lens h0 [c0 P]
+    attrs = {k: v for k, v in node.attrs.items() if v is not None}
+    n_out = 5 + 2 * (kind == "LSTM")
+    grads = g.private(f"{kind}Grad", dY, dY_h, dY_c if kind == "LSTM" else None,
+                      *ins[:6 + 2 * (kind == "LSTM")], num_outputs=n_out,
+                      dtype=g.dtype(node.inputs[0]), **attrs)
+    # Inputs X W R B sequence_lens initial_h [initial_c P]; sequence_lens has none.
+    out = [grads[0], grads[1], grads[2], grads[3], None, grads[4]] + list(grads[5:])
+    return tuple(out[:len(node.inputs)])
+
+
+for _definition in (RNN, GRU, LSTM):
+    _definition.gradient(_rule)
+
+
+def _backward(xp, kind, dY, dfinals, X, W, R, B, sequence_lens, states, P, attrs):
+    layer = _Layer(xp, kind, X, W, R, B, sequence_lens, states, P, attrs)
+    dX, dW, dR, dB, dinit, dP = layer.gradients(dY, dfinals)
+    return (dX, dW, dR, None if B is None else dB) + tuple(dinit) + ((dP,) if kind == "LSTM" else ())
+
+
+@op("RNNGrad", domain="onnxgrad")
+def RNNGrad(xp, dY, dY_h, dY_c, X, W, R, B=None, sequence_lens=None, initial_h=None, *,
+            activation_alpha=None, activation_beta=None, activations=None, clip=None,
+            direction="forward", hidden_size=None, layout=0):
+    """Gradients of RNN for X, W, R, B and initial_h."""
+    return _backward(xp, "RNN", dY, [dY_h], X, W, R, B, sequence_lens, [initial_h], None, dict(
+        activation_alpha=activation_alpha, activation_beta=activation_beta,
+        activations=activations, clip=clip, direction=direction, hidden_size=hidden_size,
+        layout=layout))
+
+
+@op("GRUGrad", domain="onnxgrad")
+def GRUGrad(xp, dY, dY_h, dY_c, X, W, R, B=None, sequence_lens=None, initial_h=None, *,
+            activation_alpha=None, activation_beta=None, activations=None, clip=None,
+            direction="forward", hidden_size=None, layout=0, linear_before_reset=0):
+    """Gradients of GRU for X, W, R, B and initial_h."""
+    return _backward(xp, "GRU", dY, [dY_h], X, W, R, B, sequence_lens, [initial_h], None, dict(
+        activation_alpha=activation_alpha, activation_beta=activation_beta,
+        activations=activations, clip=clip, direction=direction, hidden_size=hidden_size,
+        layout=layout, linear_before_reset=linear_before_reset))
+
+
+@op("LSTMGrad", domain="onnxgrad")
+def LSTMGrad(xp, dY, dY_h, dY_c, X, W, R, B=None, sequence_lens=None, initial_h=None,
+             initial_c=None, P=None, *, activation_alpha=None, activation_beta=None,
+             activations=None, clip=None, direction="forward", hidden_size=None, input_forget=0,
+             layout=0):
+    """Gradients of LSTM for X, W, R, B, initial_h, initial_c and P."""
+    return _backward(xp, "LSTM", dY, [dY_h, dY_c], X, W, R, B, sequence_lens,
+                     [initial_h, initial_c], P, dict(
+                         activation_alpha=activation_alpha, activation_beta=activation_beta,
+                         activations=activations, clip=clip, direction=direction,
+                         hidden_size=hidden_size, layout=layout, input_forget=input_forget))

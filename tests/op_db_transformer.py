@@ -372,3 +372,51 @@ SAMPLES += [
     S("Attention", [("Q", _Q4), ("K", _K4), ("V", _K4)], {"left_window_size": 1, "is_causal": 1}, 25),
 ]
 OPS = sorted({s.op for s in SAMPLES})
+
+# -- recurrent layers (ops/rnn.py): X (steps, batch, input), W/R/B per direction ----------------------------
+_T, _N, _I, _H = 3, 2, 3, 2
+
+
+def _recurrent(op_type, dirs=1, lens=None, states=True, peepholes=False, layout=0, **attrs):
+    """A recurrent sample: every float input present, ``lens`` (sequence_lens) when given."""
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op_type]
+    steps_batch = (_N, _T) if layout else (_T, _N)
+    state = ("real", (_N, dirs, _H) if layout else (dirs, _N, _H))
+    inputs = [("X", ("real", steps_batch + (_I,))), ("W", ("real", (dirs, gates * _H, _I))),
+              ("R", ("real", (dirs, gates * _H, _H))), ("B", ("real", (dirs, 2 * gates * _H))),
+              ("sequence_lens", ("int32", lens)) if lens else (None, None)]
+    if states:
+        inputs.append(("initial_h", state))
+        if op_type == "LSTM":
+            inputs.append(("initial_c", state))
+    if peepholes:
+        inputs.append(("P", ("real", (dirs, 3 * _H))))
+    if dirs == 2:
+        attrs["direction"] = "bidirectional"
+    if layout:
+        attrs["layout"] = 1
+    return S(op_type, inputs, {"hidden_size": _H, **attrs}, 14 if layout else 7,
+             outputs=3 if op_type == "LSTM" else 2)
+
+
+SAMPLES += [
+    _recurrent("RNN"),
+    _recurrent("RNN", dirs=2, lens=[3, 1], activations=["Tanh", "Sigmoid"]),
+    _recurrent("RNN", direction="reverse", layout=1, clip=1.5),
+    _recurrent("RNN", states=False, activations=["LeakyRelu"], activation_alpha=[0.1]),
+    *[_recurrent("RNN", activations=[a]) for a in ("Elu", "Softsign", "Softplus", "HardSigmoid",
+                                                     "Relu")],
+    # Explicit parameters: onnxruntime's defaults for these two differ from the ONNX
+    # functions they are named after.
+    _recurrent("RNN", activations=["Affine"], activation_alpha=[0.7], activation_beta=[0.2]),
+    _recurrent("RNN", activations=["ScaledTanh"], activation_alpha=[1.5], activation_beta=[0.5]),
+    _recurrent("GRU"),
+    _recurrent("GRU", dirs=2, lens=[2, 3], linear_before_reset=1),
+    _recurrent("GRU", direction="reverse", layout=1, states=False),
+    _recurrent("GRU", clip=1.0, activations=["HardSigmoid", "Softsign"]),
+    _recurrent("LSTM", peepholes=True),
+    _recurrent("LSTM", dirs=2, lens=[1, 3], peepholes=True, input_forget=1),
+    _recurrent("LSTM", direction="reverse", layout=1, clip=1.2),
+    _recurrent("LSTM", states=False, activations=["Sigmoid", "Elu", "Softplus"]),
+]
+OPS = sorted({s.op for s in SAMPLES})

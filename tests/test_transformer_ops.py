@@ -58,16 +58,47 @@ def _attr(value):
     return value
 
 
+RECURRENT = ("RNN", "GRU", "LSTM")
+
+
+def _onnxruntime_run(model, feeds) -> list[np.ndarray]:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _recurrent_reference(model, feeds) -> list[np.ndarray]:
+    """onnxruntime's outputs for a recurrent node: the reference evaluator ignores
+    ``direction``, ``activations`` and ``sequence_lens``.  onnxruntime runs time-major
+    layouts only, so ``layout=1`` is run as its time-major twin (inputs and outputs
+    transposed)."""
+    node = model.graph.node[0]
+    if not any(a.name == "layout" and a.i == 1 for a in node.attribute):
+        return _onnxruntime_run(model, feeds)
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    for a in twin.graph.node[0].attribute:
+        if a.name == "layout":
+            a.i = 0
+    swap = {"X": (1, 0, 2), "initial_h": (1, 0, 2), "initial_c": (1, 0, 2)}
+    twin_feeds = {n: np.transpose(v, swap[n]) if n in swap else v for n, v in feeds.items()}
+    for vi in list(twin.graph.input) + list(twin.graph.output):
+        vi.type.tensor_type.ClearField("shape")
+    del twin.graph.value_info[:]
+    y, *states = _onnxruntime_run(twin, twin_feeds)
+    return [np.transpose(y, (2, 0, 1, 3))] + [np.transpose(s, (1, 0, 2)) for s in states]
+
+
 def reference_run(model, feeds) -> list[np.ndarray]:
     """The ONNX reference's outputs; onnxruntime's where the reference cannot run the
-    case (its Mean does not broadcast, though the spec says it does)."""
+    case (its Mean does not broadcast, though the spec says it does) or runs it wrong."""
+    if model.graph.node[0].op_type in RECURRENT:
+        return _recurrent_reference(model, feeds)
     try:
         return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
     except Exception:  # noqa: BLE001 - a limitation of the reference, not of onnxgrad
-        import onnxruntime as ort  # noqa: PLC0415
-
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return sess.run(None, feeds)
+        return _onnxruntime_run(model, feeds)
 
 
 def out_names(sample):
