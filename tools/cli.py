@@ -243,7 +243,8 @@ def ops(pattern, markdown):
             if pattern and not fnmatch.fnmatchcase(name, pattern):
                 continue
             grad = any(v.rule is not None or not v.differentiable for v in versions)
-            entry = name if grad else f"{name} (forward only)"
+            # onnxgrad's own ops are gradient kernels: "forward only" would mislead there.
+            entry = name if grad or domain == "onnxgrad" else f"{name} (forward only)"
             if domain:
                 domains.setdefault(domain, []).append(entry)
                 continue
