@@ -185,8 +185,19 @@ LogSoftmax13.gradient(_softmax_rule("LogSoftmaxGrad", 0))
 
 @op("SoftmaxGrad", domain="onnxgrad")
 def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
+    """``Y · (dY - Σ dY·Y)``, and zero in rows that nothing reads (see below)."""
     axes = _axes(Y.ndim, axis, coerce)
-    return (xp.asarray(Y * (dY - (dY * Y).sum(axis=axes, keepdims=True))),)
+    s = (dY * Y).sum(axis=axes, keepdims=True)
+    dX = Y * (dY - s)
+    # A row whose every input is -inf (a fully masked attention row) has a NaN
+    # softmax; a model that replaces the row (the ONNX Attention function does, with
+    # Where) sends it a zero gradient, and its true gradient is zero, not NaN · 0.
+    # Rows where dY is not zero keep their NaN: the loss itself read one.
+    unread = xp.isnan(s)
+    if xp.__name__ == "numpy" and not unread.any():  # on the device: no host sync
+        return (xp.asarray(dX),)
+    unread &= (dY == 0).all(axis=axes, keepdims=True)
+    return (xp.asarray(xp.where(unread, Y.dtype.type(0), dX)),)
 
 
 def _standard_axes(g, node):
@@ -201,7 +212,13 @@ def _(g, node):
     axes = _standard_axes(g, node)
     if axes is None:
         return None
-    return (g.Mul(Y, g.Sub(dY, g.ReduceSum(g.Mul(dY, Y), axes, keepdims=1))),)
+    s = g.ReduceSum(g.Mul(dY, Y), axes, keepdims=1)
+    dX = g.Mul(Y, g.Sub(dY, s))
+    # Zero in rows that nothing reads, as the kernel: NaN softmax, zero dY.
+    unread = g.And(g.IsNaN(s, dtype="bool"),
+                   g.Equal(g.ReduceSum(g.Abs(dY), axes, keepdims=1), std.like(g, 0.0, dY),
+                           dtype="bool"), dtype="bool")
+    return (g.Where(unread, std.like(g, 0.0, dY), dX),)
 
 
 @op("LogSoftmaxGrad", domain="onnxgrad")

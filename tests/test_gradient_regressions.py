@@ -92,6 +92,42 @@ def test_reduce_prod_over_an_empty_axis_has_an_empty_gradient():
     assert got.shape == (2, 4, 0)
 
 
+def test_a_fully_masked_softmax_row_that_a_where_replaces_has_a_zero_gradient():
+    """As the ONNX Attention function: softmax over a row of -inf is NaN, Where puts
+    zeros there, and the logits of that row get a zero gradient, not NaN · 0."""
+    s = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])
+    mask = np.array([[0.0, 0.0, -np.inf], [-np.inf, -np.inf, -np.inf]])
+    u = np.array([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]])
+    dead = np.array([[False], [True]])
+    nodes = [helper.make_node("Add", ["S", "M"], ["Z"]),
+             helper.make_node("Softmax", ["Z"], ["P"], axis=-1),
+             helper.make_node("Where", ["dead", "zero", "P"], ["Y"])]
+    proto = make_model(nodes + [helper.make_node("Mul", ["Y", "U"], ["YU"]),
+                                helper.make_node("ReduceSum", ["YU"], ["loss"], keepdims=0)],
+                       [("U", np.float64, [2, 3])], [("loss", np.float64, [])],
+                       {"S": s, "M": mask, "dead": dead, "zero": np.array(0.0)})
+    got = _gradient(proto, {}, ["S"], u)["S"]
+    p = np.exp(s[0] + mask[0] - (s[0] + mask[0]).max())
+    p /= p.sum()
+    np.testing.assert_allclose(got[0], p * (u[0] - (u[0] * p).sum()), rtol=1e-12)
+    np.testing.assert_array_equal(got[1], 0.0)
+
+
+def test_a_nan_softmax_row_that_the_loss_reads_stays_nan():
+    """Where the loss does read the NaN row, the gradient says so too."""
+    nodes = [helper.make_node("Add", ["S", "M"], ["Z"]),
+             helper.make_node("Softmax", ["Z"], ["Y"], axis=-1),
+             helper.make_node("Mul", ["Y", "U"], ["YU"]),
+             helper.make_node("ReduceSum", ["YU"], ["loss"], keepdims=0)]
+    proto = make_model(nodes, [("U", np.float64, [1, 2])], [("loss", np.float64, [])],
+                       {"S": np.array([[0.5, 1.0]]), "M": np.full((1, 2), -np.inf)})
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=["S"])
+    with np.errstate(invalid="ignore"):
+        got = trainer.gradients({"U": np.ones((1, 2))}, None)["S"]
+    assert np.isnan(got).all()
+
+
 def _second_order(loss_nodes):
     """W → h = x·W → y = tanh(h); dW = Gradient(y wrt W); then ``loss_nodes``."""
     nodes = [helper.make_node("Mul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["y"]),
