@@ -190,15 +190,12 @@ def build_gradients(graph: Graph, loss: str, params: Iterable[str],
     that reaches the loss; the caller decides what to do with the others.
     """
     params = list(params)
+    expand_for_higher_order(graph, loss, params)
     needs = requires_grad(graph, params)
     if loss not in needs:
         return {}
     order = graph.toposort()
-    # Nodes on a path from a parameter to the loss.
-    reaches_loss = {loss}
-    for node in reversed(order):
-        if any(o in reaches_loss for o in node.outputs):
-            reaches_loss.update(x for x in node.inputs if x)
+    reaches_loss = _reaching(order, loss)
 
     g = GradBuilder(graph)
     g.prefix = ""
@@ -236,6 +233,56 @@ def build_gradients(graph: Graph, loss: str, params: Iterable[str],
             contributions.setdefault(node.inputs[i], []).append(result[i])
 
     return {p: _total(g, p, contributions, grads) for p in params if p in contributions}
+
+
+def _reaching(order: list[Node], value: str) -> set[str]:
+    """The values ``value`` depends on (``order``: the graph's nodes, topologically)."""
+    reach = {value}
+    for node in reversed(order):
+        if any(o in reach for o in node.outputs):
+            reach.update(x for x in node.inputs if x)
+    return reach
+
+
+def replace_node(g: GradBuilder, node: Node, values: Iterable[str | None]) -> None:
+    """Remove ``node`` from ``g.graph``; its outputs become Identities of ``values``."""
+    g.graph.nodes.remove(node)
+    for out, value in zip(node.outputs, values):
+        if out and value:
+            g.graph.nodes.append(Node("Identity", [value], [out], {}, f"{out}/Identity", "",
+                                      BUILDER_OPSET))
+
+
+def expand_for_higher_order(graph: Graph, loss: str, params: list[str]) -> None:
+    """Differentiating a gradient again (in place): each of onnxgrad's gradient kernels
+    that a gradient of ``loss`` must pass through, and that has no rule of its own, is
+    replaced by its standard-op form (``in_standard_ops``), whose ops have rules.  A
+    kernel without that form stays, and :func:`build_gradients` refuses it by name."""
+    for _ in range(100):  # standard forms may hold private nodes, expanded in turn
+        needs = requires_grad(graph, params)
+        if loss not in needs:
+            return
+        reach = _reaching(graph.toposort(), loss)
+        todo = []
+        for node in graph.nodes:
+            if node.domain != PRIVATE_DOMAIN or not any(o in reach for o in node.outputs):
+                continue
+            definition = _definition(node)
+            if definition.rule is None and definition.standard is not None and any(
+                    x in needs and definition.is_differentiable(i)
+                    for i, x in enumerate(node.inputs)):
+                todo.append((node, definition))
+        g = GradBuilder(graph)
+        expanded = False
+        for node, definition in todo:
+            g.prefix, g.node = node.name, None
+            values = definition.standard(g, node)
+            if values is not None:
+                replace_node(g, node, values)
+                expanded = True
+        if not expanded:
+            return
+    raise AssertionError("private ops keep expanding into private ops")  # pragma: no cover
 
 
 def _total(g: GradBuilder, value: str, contributions: dict[str, list[str]],

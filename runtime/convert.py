@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxgrad.autodiff import PRIVATE_DOMAIN, GradBuilder, prune
+from onnxgrad.autodiff import PRIVATE_DOMAIN, GradBuilder, prune, replace_node
 from onnxgrad.errors import ModelError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.losses import Loss, resolve_loss
@@ -263,15 +263,6 @@ def _target_shape(graph: Graph, program, loss) -> tuple:
     return tuple(d if isinstance(d, (int, str)) else f"target_{i}" for i, d in enumerate(shape))
 
 
-def _replace(g: GradBuilder, node: Node, values: Iterable[str | None]) -> None:
-    """Remove ``node``; its outputs become Identities of ``values``."""
-    g.graph.nodes.remove(node)
-    for out, value in zip(node.outputs, values):
-        if out and value:
-            g.graph.nodes.append(Node("Identity", [value], [out], {}, f"{out}/Identity", "",
-                                      TARGET_OPSET))
-
-
 def _write_batchnorms(g: GradBuilder, inference_nodes: frozenset[str]) -> dict[str, str]:
     """Training-mode BatchNormalization nodes written out: batch statistics, the
     normalisation, PyTorch's running-statistics update.  Returns {running statistic:
@@ -285,7 +276,7 @@ def _write_batchnorms(g: GradBuilder, inference_nodes: frozenset[str]) -> dict[s
         g.prefix = node.name
         if node.name in inference_nodes:
             Y = g.BatchNormalization(X, scale, B, mean, var, epsilon=epsilon, momentum=momentum)
-            _replace(g, node, [Y, mean, var, mean, var])
+            replace_node(g, node, [Y, mean, var, mean, var])
             continue
         axes = std.axes_from(g, X, 2, skip_channel=True)
         batch_mean = g.ReduceMean(X, axes, keepdims=1)
@@ -303,7 +294,7 @@ def _write_batchnorms(g: GradBuilder, inference_nodes: frozenset[str]) -> dict[s
                                        dtype="int64"), mean)
         unbiased = g.Mul(bvar, g.Div(count, g.Sub(count, std.like(g, 1, mean))))
         biased_new = g.Add(g.Mul(var, keep), g.Mul(bvar, take))
-        _replace(g, node, [Y, new_mean, biased_new, bmean, bvar])
+        replace_node(g, node, [Y, new_mean, biased_new, bmean, bvar])
         if mean in graph.initializers and var in graph.initializers:
             updates[mean] = new_mean
             updates[var] = g.Add(g.Mul(var, keep), g.Mul(unbiased, take))
@@ -338,7 +329,7 @@ def _expand_private_ops(g: GradBuilder, where: str) -> None:
                     f"{where}: node {node.name!r} ({PRIVATE_DOMAIN}::{node.op_type}, with "
                     f"attributes {node.attrs}) cannot be written in standard ONNX ops yet, so "
                     "this model cannot be converted into a step model")
-            _replace(g, node, values)
+            replace_node(g, node, values)
     raise ModelError(f"{where}: private ops keep expanding into private ops")  # pragma: no cover
 
 

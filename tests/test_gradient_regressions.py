@@ -138,19 +138,52 @@ def _second_order(loss_nodes):
                       domains=[(PREVIEW, 1)])
 
 
-@pytest.mark.parametrize("loss_nodes", [
-    # sum(Gradient(tanh)): the second derivative
-    [helper.make_node("ReduceSum", ["dW"], ["loss"], keepdims=0)],
+X_SECOND = np.array([1.0, -0.5, 2.0])
+
+
+@pytest.mark.parametrize("loss_nodes,want", [
+    # sum(Gradient(tanh)), dW = x(1 - t²): its gradient is the second derivative -2x²t(1 - t²)
+    ([helper.make_node("ReduceSum", ["dW"], ["loss"], keepdims=0)],
+     lambda x, t, c: -2 * x * x * t * (1 - t * t)),
     # sum(C · dW) + sum(W): the second-order part must not be dropped
-    [helper.make_node("Mul", ["C", "dW"], ["CdW"]),
-     helper.make_node("ReduceSum", ["CdW"], ["a"], keepdims=0),
-     helper.make_node("ReduceSum", ["W"], ["b"], keepdims=0),
-     helper.make_node("Add", ["a", "b"], ["loss"])],
+    ([helper.make_node("Mul", ["C", "dW"], ["CdW"]),
+      helper.make_node("ReduceSum", ["CdW"], ["a"], keepdims=0),
+      helper.make_node("ReduceSum", ["W"], ["b"], keepdims=0),
+      helper.make_node("Add", ["a", "b"], ["loss"])],
+     lambda x, t, c: c * -2 * x * x * t * (1 - t * t) + 1),
 ], ids=["gradient-of-gradient", "first-plus-second-order"])
-def test_a_second_order_gradient_without_a_rule_is_refused(loss_nodes):
-    model = onnxgrad.load(_second_order(loss_nodes))
-    with pytest.raises(onnxgrad.UnsupportedOpError, match="'TanhGrad'.*needed by node"):
-        onnxgrad.Trainer(model, loss=None, output="loss", trainable=["W"])
+def test_a_second_order_gradient_is_exact(loss_nodes, want):
+    """TanhGrad has no rule of its own: differentiated again, it is expanded into
+    standard ops, whose rules give the exact second derivative."""
+    proto = _second_order(loss_nodes)
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss", trainable=["W"])
+    got = trainer.gradients({"x": X_SECOND}, None)["W"]
+    W, C = (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer)
+    t = np.tanh(X_SECOND * W)
+    np.testing.assert_allclose(got, want(X_SECOND, t, C), rtol=1e-12)
+    # and against central differences of the loss, which the model computes itself
+    plain = onnxgrad.load(proto)
+    eps, v = 1e-6, np.array([0.3, -1.0, 0.7])
+
+    def loss(w):
+        plain.set_parameters({"W": w})
+        return float(plain.run({"x": X_SECOND})["loss"])
+
+    numeric = (loss(W + eps * v) - loss(W - eps * v)) / (2 * eps)
+    np.testing.assert_allclose(float(got @ v), numeric, rtol=1e-7)
+
+
+def test_a_second_order_gradient_through_a_kernel_without_a_standard_form_is_refused():
+    """RNNGrad has neither a rule nor a standard form: refused by name, never a zero."""
+    nodes = [helper.make_node("RNN", ["X", "W", "R"], ["Y"], hidden_size=2),
+             helper.make_node("Gradient", ["W"], ["dW"], domain=PREVIEW, xs=["W"], y="Y"),
+             helper.make_node("ReduceSum", ["dW"], ["loss"], keepdims=0)]
+    rng = np.random.default_rng(0)
+    proto = make_model(nodes, [("X", np.float64, [3, 1, 2])], [("loss", np.float64, [])],
+                       {"W": rng.normal(size=(1, 2, 2)), "R": rng.normal(size=(1, 2, 2))},
+                       domains=[(PREVIEW, 1)])
+    with pytest.raises(onnxgrad.UnsupportedOpError, match="'RNNGrad'"):
+        onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss", trainable=["W"])
 
 
 def test_a_gradient_that_does_not_depend_on_the_weight_is_exact():
