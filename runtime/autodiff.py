@@ -19,13 +19,19 @@ import numpy as np
 from onnxgrad.errors import ModelError, UnsupportedOpError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.ops import lookup
-from onnxgrad.ops.shape import is_float
+from onnxgrad.ops.shape import ONNX_TYPES, is_float
 
 #: ai.onnx opset of the nodes that gradient rules and losses emit.
 BUILDER_OPSET = 21
 #: Domain of onnxgrad's private ops (gradient kernels, fused losses).
 PRIVATE_DOMAIN = "onnxgrad"
 PRIVATE_OPSET = 1
+
+
+#: Standard ops whose output is boolean, or int64, whatever their inputs.
+_BOOL_OUTPUTS = frozenset({"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN",
+                           "IsInf", "And", "Or", "Xor", "Not"})
+_INT64_OUTPUTS = frozenset({"Shape", "Size", "ArgMax", "ArgMin", "NonZero"})
 
 
 def grad_name(value: str) -> str:
@@ -61,11 +67,25 @@ class GradBuilder:
         opset = PRIVATE_OPSET if domain == PRIVATE_DOMAIN else BUILDER_OPSET
         node = Node(op_type, ["" if i is None else i for i in inputs], outs, attrs, name, domain, opset)
         self.graph.nodes.append(node)
-        first = next((i for i in inputs if i), None)
-        out_dtype = np.dtype(dtype) if dtype is not None else (self.graph.dtype(first) if first else None)
+        out_dtype = np.dtype(dtype) if dtype is not None else self._output_dtype(op_type, inputs, attrs)
         for o in outs:
             self.graph.info[o] = ValueInfo(out_dtype, None)
         return outs[0] if num_outputs == 1 else outs
+
+    def _output_dtype(self, op_type: str, inputs, attrs) -> np.dtype | None:
+        """The element type of a standard node's output, where ``dtype`` is not given:
+        the first input's, except for the ops whose output type is another (a wrong
+        type here would hide a float value from the gradient builder)."""
+        if op_type in _BOOL_OUTPUTS:
+            return np.dtype(bool)
+        if op_type in _INT64_OUTPUTS:
+            return np.dtype(np.int64)
+        if op_type == "Cast" and "to" in attrs:
+            to = ONNX_TYPES.get(int(attrs["to"]))
+            return None if to is None else np.dtype(to)
+        source = inputs[1] if op_type in ("Where", "CastLike") and len(inputs) > 1 else \
+            next((i for i in inputs if i), None)
+        return self.graph.dtype(source) if source else None
 
     def private(self, op_type: str, *inputs: str | None, **kw: Any) -> str | list[str]:
         """Append a node of onnxgrad's private domain (e.g. ``ReluGrad``)."""
