@@ -9,20 +9,27 @@ on every graph it builds) appends their names to the nodes, and the kernel
 feeds the body every outer value it reads by name, the node's own inputs
 included (a body may read, say, the Loop's trip count or the If's condition).
 
-These ops run forward only: their data inputs (captured values included) are
-declared differentiable without a rule, so asking for a gradient through them
-raises UnsupportedOpError rather than giving zero.
+If, Loop and Scan (opset 8 and 9+) have gradients, for their float inputs and
+the float outer values their bodies read.  The rule builds each body's backward
+graph with the gradient builder (:func:`_body_gradient`), so a body that needs
+a missing rule raises UnsupportedOpError naming the node when the gradient is
+built; private ops run it (see "gradients" below).  SequenceMap runs forward
+only: its inputs are declared differentiable without a rule, so asking for a
+gradient through it raises UnsupportedOpError rather than giving zero.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
-from onnxgrad.errors import ModelError
+from onnxgrad.errors import ModelError, UnsupportedOpError
+from onnxgrad.ir import ValueInfo
 from onnxgrad.ops.registry import op
+from onnxgrad.ops.shape import is_float
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -86,41 +93,43 @@ def add_captured_inputs(graph) -> None:
 
 
 # -- bodies ---------------------------------------------------------------------------------
-class Body:
-    """A graph attribute compiled into a plan; :meth:`run` maps inputs to outputs."""
+def _body_graph(proto: onnx.GraphProto, node, attr: str, opset: int | None = None):
+    """Body ``attr`` of ``node`` as an :class:`onnxgrad.ir.Graph` whose inputs are the body's
+    own (the callers add the outer-scope values it reads).  ``opset``: the body's ai.onnx
+    opset (default: the node's own, for an ai.onnx node)."""
+    from onnxgrad.loader import build_graph  # noqa: PLC0415 - runtime imports ops
 
-    def __init__(self, xp, proto: onnx.GraphProto, ctx, attr: str, captured: list[str]):
+    where = f"node {node.name!r} ({node.op_type}) attribute {attr!r}"
+    model = onnx.ModelProto()
+    model.graph.CopyFrom(proto)
+    domains = {n.domain or "" for n in _all_nodes(proto)} - {"", "ai.onnx"}
+    if opset is None:
+        opset = node.opset if node.domain in ("", "ai.onnx") else onnx.defs.onnx_opset_version()
+    model.opset_import.add(domain="", version=opset)
+    for domain in sorted(domains):
+        # The body's node of another domain: the newest version onnxgrad declares.
+        model.opset_import.add(domain=domain, version=node.opset if domain == node.domain
+                               else 1000)
+    graph = build_graph(model, where)  # nested bodies get their captured inputs there
+    graph.inputs = [vi.name for vi in proto.input if vi.name not in graph.initializers]
+    return graph
+
+
+class Body:
+    """A body graph compiled into a plan; :meth:`run` maps inputs to outputs.
+
+    ``inputs`` are fed by position, ``captured`` (outer-scope names) by name.
+    """
+
+    def __init__(self, xp, graph, inputs: list[str], captured: list[str], state):
         from onnxgrad.backend import get_backend  # noqa: PLC0415 - runtime imports ops
         from onnxgrad.executor import Plan  # noqa: PLC0415
-        from onnxgrad.loader import build_graph  # noqa: PLC0415
 
-        node = ctx.node
-        where = f"node {node.name!r} ({node.op_type}) attribute {attr!r}"
-        model = onnx.ModelProto()
-        model.graph.CopyFrom(proto)
-        domains = {n.domain or "" for n in _all_nodes(proto)} - {"", "ai.onnx"}
-        model.opset_import.add(domain="", version=node.opset if node.domain in ("", "ai.onnx")
-                               else onnx.defs.onnx_opset_version())
-        for domain in sorted(domains):
-            # The body's node of another domain: the newest version onnxgrad declares.
-            model.opset_import.add(domain=domain, version=node.opset if domain == node.domain
-                                   else 1000)
-        graph = build_graph(model, where)  # nested bodies get their captured inputs there
-        free = free_names(proto)
-        missing = [n for n in free if n not in captured]
-        if missing:
-            raise ModelError(f"{where} reads outer-scope value(s) {missing} that the node does "
-                             "not receive (the loader passes them as extra inputs)")
-        self.inputs = [vi.name for vi in proto.input]
-        self.outputs = [vi.name for vi in proto.output]
-        self.captured = [n for n in captured if n in free]
-        graph.inputs = [n for n in self.inputs if n not in graph.initializers] + \
-            [n for n in captured if n not in graph.initializers]
+        self.inputs, self.captured, self.outputs = inputs, captured, list(graph.outputs)
         self.output_dtypes = [graph.dtype(n) for n in self.outputs]
-        self.graph = graph
         backend = get_backend("cpu" if xp.__name__ == "numpy" else "cuda")
         self.plan = Plan(graph, backend, constants=dict(graph.initializers), fetch=self.outputs,
-                         state=ctx.state)
+                         state=state)
 
     def run(self, values: list, outer: dict[str, Any]) -> list:
         if len(values) != len(self.inputs):
@@ -129,6 +138,20 @@ class Body:
         env.update(zip(self.inputs, values))
         result = self.plan.run(env)
         return [result[n] for n in self.outputs]
+
+
+def _forward_body(xp, ctx, attr: str, proto: onnx.GraphProto, captured: list[str],
+                  opset: int | None) -> Body:
+    graph = _body_graph(proto, ctx.node, attr, opset)
+    free = free_names(proto)
+    missing = [n for n in free if n not in captured]
+    if missing:
+        raise ModelError(f"node {ctx.node.name!r} ({ctx.node.op_type}) attribute {attr!r} reads "
+                         f"outer-scope value(s) {missing} that the node does not receive (the "
+                         "loader passes them as extra inputs)")
+    used = [n for n in captured if n in free]
+    graph.inputs += used
+    return Body(xp, graph, [vi.name for vi in proto.input], used, ctx.state)
 
 
 def _all_nodes(graph: onnx.GraphProto):
@@ -142,18 +165,27 @@ _BODIES: OrderedDict[tuple, tuple] = OrderedDict()
 _BODY_LIMIT = 512
 
 
-def body_of(xp, ctx, attr: str, proto: onnx.GraphProto, captured: list[str]) -> Body:
-    """The compiled body ``attr`` of ``ctx.node`` (made once per node, body and run state)."""
-    key = (id(ctx.node), id(proto), id(ctx.state), attr)
+def _compiled(ctx, attr: str, source, make) -> Body:
+    """``make()``, made once per node, body (``source``) and run state."""
+    key = (id(ctx.node), id(source), id(ctx.state), attr)
     entry = _BODIES.get(key)
-    if entry is not None and entry[0] is ctx.node and entry[1] is proto and entry[2] is ctx.state:
+    if entry is not None and entry[0] is ctx.node and entry[1] is source \
+            and entry[2] is ctx.state:
         _BODIES.move_to_end(key)
         return entry[3]
-    body = Body(xp, proto, ctx, attr, captured)
-    _BODIES[key] = (ctx.node, proto, ctx.state, body)
+    body = make()
+    _BODIES[key] = (ctx.node, source, ctx.state, body)
     if len(_BODIES) > _BODY_LIMIT:
         _BODIES.popitem(last=False)
     return body
+
+
+def body_of(xp, ctx, attr: str, proto: onnx.GraphProto, captured: list[str],
+            opset: int | None = None) -> Body:
+    """The compiled body ``attr`` of ``ctx.node`` (made once per node, body and run state);
+    ``opset`` as for :func:`_body_graph`."""
+    return _compiled(ctx, attr, proto,
+                     lambda: _forward_body(xp, ctx, attr, proto, captured, opset))
 
 
 def scope(ctx, args: tuple) -> dict[str, Any]:
@@ -191,21 +223,18 @@ def If(xp, cond, *captured, ctx, then_branch, else_branch):
 
 
 # -- Loop -----------------------------------------------------------------------------------
-@op("Loop", since=1, differentiable=("v_initial",))
-def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
-    n_carried = len(body.input) - 2
-    if n_carried < 0:
-        raise ModelError(f"Loop node {ctx.node.name!r}: its body must take the iteration number "
-                         "and the condition first")
-    carried = list(v_initial[:n_carried])
-    outer = scope(ctx, (M, cond) + v_initial)
-    compiled = body_of(xp, ctx, "body", body, list(outer))
+def _run_loop(xp, ctx, compiled: Body, M, cond, carried: list, outer: dict, keep: bool = False):
+    """Run a Loop body; returns the final carried values, the per-iteration scan outputs and
+    (with ``keep``) each iteration's carried inputs."""
+    n_carried = len(carried)
     limit = None if M is None else int(xp.asarray(M).reshape(-1)[0])
     go = _truth(xp, cond)
-    n_scan = len(compiled.outputs) - 1 - n_carried
-    scans: list[list] = [[] for _ in range(n_scan)]
+    scans: list[list] = [[] for _ in range(len(compiled.outputs) - 1 - n_carried)]
+    history = []
     i = 0
     while go and (limit is None or i < limit):
+        if keep:
+            history.append(carried)
         outs = compiled.run([xp.asarray(i, dtype=xp.int64), xp.asarray(go)] + carried, outer)
         go = _truth(xp, outs[0])
         carried = outs[1:1 + n_carried]
@@ -215,14 +244,24 @@ def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
         if limit is None and i > 10_000_000:
             raise ModelError(f"Loop node {ctx.node.name!r}: no trip count and still running "
                              "after 10,000,000 iterations")
+    return carried, scans, history
+
+
+@op("Loop", since=1, differentiable=("v_initial",))
+def Loop(xp, M=None, cond=None, *v_initial, ctx, body):
+    n_carried = len(body.input) - 2
+    if n_carried < 0:
+        raise ModelError(f"Loop node {ctx.node.name!r}: its body must take the iteration number "
+                         "and the condition first")
+    outer = scope(ctx, (M, cond) + v_initial)
+    compiled = body_of(xp, ctx, "body", body, list(outer))
+    carried, scans, _ = _run_loop(xp, ctx, compiled, M, cond, list(v_initial[:n_carried]), outer)
     dtypes = compiled.output_dtypes[1 + n_carried:]
     return tuple(carried) + tuple(_stack(xp, s, d) for s, d in zip(scans, dtypes))
 
 
 # -- Scan -----------------------------------------------------------------------------------
-def _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes, out_dirs):
-    compiled = body_of(xp, ctx, "body", body, list(outer))
-    n_states = len(states)
+def _scan_length(ctx, scans, in_axes) -> int:
     length = None
     for x, axis in zip(scans, in_axes):
         n = x.shape[axis]
@@ -230,12 +269,27 @@ def _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes, out_d
             raise ModelError(f"Scan node {ctx.node.name!r}: scan inputs differ in length "
                              f"({length} and {n})")
         length = n
-    length = length or 0
+    return length or 0
+
+
+def _slices(xp, scans, t: int, length: int, in_axes, in_dirs) -> list:
+    """Iteration ``t``'s slices of the scan inputs."""
+    return [xp.take(x, length - 1 - t if d else t, axis=a)
+            for x, a, d in zip(scans, in_axes, in_dirs)]
+
+
+def _scan(xp, ctx, compiled: Body, states, scans, outer, in_axes, in_dirs, out_axes, out_dirs,
+          keep: bool = False):
+    """Run a Scan body; returns the final states, the stacked scan outputs and (with ``keep``)
+    each iteration's input states."""
+    n_states = len(states)
+    length = _scan_length(ctx, scans, in_axes)
     outputs: list[list] = [[] for _ in range(len(compiled.outputs) - n_states)]
+    history = []
     for t in range(length):
-        slices = [xp.take(x, length - 1 - t if d else t, axis=a)
-                  for x, a, d in zip(scans, in_axes, in_dirs)]
-        outs = compiled.run(list(states) + slices, outer)
+        if keep:
+            history.append(list(states))
+        outs = compiled.run(list(states) + _slices(xp, scans, t, length, in_axes, in_dirs), outer)
         states = outs[:n_states]
         for k, value in enumerate(outs[n_states:]):
             outputs[k].append(value)
@@ -247,7 +301,7 @@ def _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes, out_d
         if parts and out_axes[k] != 0:
             y = xp.moveaxis(y, 0, out_axes[k] % y.ndim)
         stacked.append(y)
-    return list(states), stacked
+    return list(states), stacked, history
 
 
 def _axes(values, n: int, rank_of=None) -> list[int]:
@@ -259,6 +313,20 @@ def _axes(values, n: int, rank_of=None) -> list[int]:
     return values
 
 
+def _layout(body, n_states: int, scans: list, scan_input_axes=None, scan_input_directions=None,
+            scan_output_axes=None, scan_output_directions=None, directions=None, batched=0):
+    """``(in_axes, in_dirs, out_axes, out_dirs)`` of a Scan, axes made non-negative; with
+    ``batched`` (opset 8) the layout within one batch element."""
+    n_in, n_out = len(scans), len(body.output) - n_states
+    if batched:
+        return [0] * n_in, _axes(directions, n_in), [0] * n_out, [0] * n_out
+    in_axes = _axes(scan_input_axes, n_in, lambda i: scans[i].ndim)
+    out_axes = [a % (len(body.output[n_states + k].type.tensor_type.shape.dim) + 1) if a < 0
+                else a for k, a in enumerate(_axes(scan_output_axes, n_out))]
+    return in_axes, _axes(scan_input_directions, n_in), out_axes, _axes(scan_output_directions,
+                                                                        n_out)
+
+
 @op("Scan", since=9, differentiable=("initial_state_and_scan_inputs",))
 def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
          scan_input_axes=None, scan_input_directions=None, scan_output_axes=None,
@@ -268,15 +336,10 @@ def Scan(xp, *initial_state_and_scan_inputs, ctx, body, num_scan_inputs,
     outer = scope(ctx, initial_state_and_scan_inputs)
     n_states = n_own - num_scan_inputs
     states, scans = own[:n_states], own[n_states:]
-    n_out = len(body.output) - n_states
-    in_axes = _axes(scan_input_axes, num_scan_inputs, lambda i: scans[i].ndim)
-    in_dirs = _axes(scan_input_directions, num_scan_inputs)
-    out_axes = _axes(scan_output_axes, n_out)
-    out_axes = [a % (len(body.output[n_states + k].type.tensor_type.shape.dim) + 1) if a < 0 else a
-                for k, a in enumerate(out_axes)]
-    out_dirs = _axes(scan_output_directions, n_out)
-    final, stacked = _scan(xp, ctx, body, states, scans, outer, in_axes, in_dirs, out_axes,
-                           out_dirs)
+    layout = _layout(body, n_states, scans, scan_input_axes, scan_input_directions,
+                     scan_output_axes, scan_output_directions)
+    compiled = body_of(xp, ctx, "body", body, list(outer))
+    final, stacked, _ = _scan(xp, ctx, compiled, states, scans, outer, *layout)
     return tuple(final) + tuple(stacked)
 
 
@@ -290,15 +353,15 @@ def Scan8(xp, sequence_lens=None, *initial_state_and_scan_inputs, ctx, body, num
     n_states = n_own - num_scan_inputs
     states, scans = own[:n_states], own[n_states:]
     batch = (states + scans)[0].shape[0]
-    dirs = _axes(directions, num_scan_inputs)
+    layout = _layout(body, n_states, scans, directions=directions, batched=1)
     n_out = len(body.output) - n_states
     finals: list[list] = [[] for _ in range(n_states)]
     outs: list[list] = [[] for _ in range(n_out)]
+    compiled = body_of(xp, ctx, "body", body, list(outer))
     for b in range(batch):
         n = None if sequence_lens is None else int(sequence_lens[b])
         sl = [x[b] if n is None else x[b][:n] for x in scans]
-        final, stacked = _scan(xp, ctx, body, [s[b] for s in states], sl, outer,
-                               [0] * num_scan_inputs, dirs, [0] * n_out, [0] * n_out)
+        final, stacked, _ = _scan(xp, ctx, compiled, [s[b] for s in states], sl, outer, *layout)
         for k, v in enumerate(final):
             finals[k].append(v)
         for k, v in enumerate(stacked):
@@ -326,3 +389,286 @@ def SequenceMap(xp, input_sequence, *additional_inputs, ctx, body):
         for k, value in enumerate(compiled.run([item] + extra, outer)):
             results[k].append(value)
     return tuple(results)
+
+
+# -- gradients ------------------------------------------------------------------------------
+# A body's gradient is a graph built with the gradient builder when the outer gradient is:
+# the body's forward nodes, then backward nodes from the gradients of its outputs ("seeds")
+# to those of its float inputs and of the outer values it reads.  Private ops run it: IfGrad
+# for the branch taken, LoopGrad and ScanGrad once per iteration, last iteration first, after
+# running the loop again to recover each iteration's carried values.
+@dataclass(eq=False)
+class BodyGradient:
+    """The backward graph of a body: it takes ``inputs`` by position (the body's own inputs,
+    then the gradients of the seeded outputs) and ``captured`` outer values by name, and
+    returns the gradients of ``wrt`` (body inputs, then outer values), in that order."""
+
+    graph: Any
+    inputs: list[str]
+    captured: list[str]
+    wrt: list[str]
+
+    def __repr__(self) -> str:
+        return f"<BodyGradient of {self.graph.name!r}: d{self.wrt}>"
+
+
+@op("InnerProduct", domain="onnxgrad")
+def InnerProduct(xp, *pairs):
+    """Σ_k sum(Y_k · S_k) over ``pairs`` = Y_1…Y_n, S_1…S_n: the scalar whose gradient in Y_k
+    is S_k, from which a body's backward graph starts."""
+    n = len(pairs) // 2
+    return (sum(xp.sum(y * s) for y, s in zip(pairs[:n], pairs[n:])),)
+
+
+@InnerProduct.gradient
+def _(g, node, dZ):
+    n = len(node.inputs) // 2
+    ys, seeds = node.inputs[:n], node.inputs[n:]
+    return tuple(g.Mul(s, dZ) for s in seeds) + tuple(g.Mul(y, dZ) for y in ys)
+
+
+def _body_gradient(g, attr: str, proto: onnx.GraphProto, seeded: list[int],
+                   wrt: list[str]) -> BodyGradient:
+    """The backward graph of body ``attr`` of the node ``g`` differentiates, from the
+    gradients of body outputs ``seeded`` (indices) to those of ``wrt`` (zeros for a value
+    those outputs do not depend on)."""
+    from onnxgrad.autodiff import (  # noqa: PLC0415 - runtime imports ops
+        GradBuilder, add_training_outputs, build_gradients, grad_name, prune)
+
+    node = g.node
+    graph = _body_graph(proto, node, attr)
+    own = [vi.name for vi in proto.input]
+    free = free_names(proto)
+    captured = free + [w for w in wrt if w not in own and w not in free]
+    for name in captured:
+        graph.info.setdefault(name, ValueInfo(g.graph.dtype(name), g.graph.shape(name)))
+    add_training_outputs(graph)
+    builder = GradBuilder(graph)
+    builder.prefix = attr
+    ys = [graph.outputs[k] for k in seeded]
+    seeds = [graph.unique_name(grad_name(y), builder.taken) for y in ys]
+    for y, s in zip(ys, seeds):
+        graph.info[s] = ValueInfo(graph.dtype(y), graph.shape(y))
+    loss = builder.private("InnerProduct", *ys, *seeds, dtype=builder.dtype(ys[0]))
+    try:
+        grads = build_gradients(graph, loss, wrt)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
+                                 what=f"gradient through attribute {attr!r} [{exc}]") from exc
+    builder = GradBuilder(graph)
+    builder.prefix = attr
+    graph.outputs = [grads[w] if w in grads else builder.private("ZerosLike", w) for w in wrt]
+    prune(graph, graph.outputs)
+    graph.inputs = own + captured + seeds
+    return BodyGradient(graph, own + seeds, captured, list(wrt))
+
+
+def _backward_body(xp, ctx, attr: str, backward: BodyGradient) -> Body:
+    return _compiled(ctx, attr, backward, lambda: Body(xp, backward.graph, backward.inputs,
+                                                       backward.captured, ctx.state))
+
+
+def _is_float_value(g, name: str) -> bool:
+    return bool(name) and is_float(g.graph.dtype(name))
+
+
+def _outer_wrt(g, node, start: int, bodies: list) -> list[str]:
+    """The float outer values the node's bodies read: its inputs from ``start`` on (the
+    captured ones), and any of its own inputs a body also reads by name."""
+    free = {n for body in bodies for n in free_names(body)}
+    names = [x for i, x in enumerate(node.inputs) if x and (i >= start or x in free)]
+    return [x for x in dict.fromkeys(names) if _is_float_value(g, x)]
+
+
+def _emit(g, op_type: str, inputs: list, of: list[str], **attrs) -> list[str]:
+    """Append private gradient node ``op_type``; one output per value in ``of``, typed like it."""
+    outs = g.private(op_type, *inputs, num_outputs=len(of), **attrs)
+    outs = [outs] if isinstance(outs, str) else outs
+    for out, value in zip(outs, of):
+        g.graph.info[out] = ValueInfo(g.graph.dtype(value), g.graph.shape(value))
+    return outs
+
+
+def _by_input(g, node, pairs: list[tuple[int, str]]) -> tuple:
+    """One gradient per input of ``node`` from ``(input index, gradient)`` pairs (summed where
+    an input gets several)."""
+    result: list = [None] * len(node.inputs)
+    for index, grad in pairs:
+        result[index] = grad if result[index] is None else g.Add(result[index], grad)
+    return tuple(result)
+
+
+def _sum_into(total: list | None, grads: list) -> list:
+    return list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+
+
+@If.gradient
+def _(g, node, *douts):
+    seeded = [k for k, d in enumerate(douts) if d is not None]
+    branches = [node.attrs["then_branch"], node.attrs["else_branch"]]
+    wrt = _outer_wrt(g, node, 1, branches)
+    if not wrt:
+        return (None,) * len(node.inputs)
+    backward = {attr: _body_gradient(g, attr, node.attrs[attr], seeded, wrt)
+                for attr in ("then_branch", "else_branch")}
+    outs = _emit(g, "IfGrad", list(node.inputs) + [douts[k] for k in seeded], wrt,
+                 num_outer=len(node.inputs), **backward)
+    return _by_input(g, node, [(node.inputs.index(w), o) for w, o in zip(wrt, outs)])
+
+
+@op("IfGrad", domain="onnxgrad")
+def IfGrad(xp, cond, *values, ctx, then_branch, else_branch, num_outer):
+    """Gradients of an If node's float outer values (``values``: the If's other inputs, then
+    the gradients of its seeded outputs): the backward graph of the branch taken."""
+    outer = scope(ctx, (cond,) + values)
+    attr = "then_branch" if _truth(xp, cond) else "else_branch"
+    backward = then_branch if attr == "then_branch" else else_branch
+    return tuple(_backward_body(xp, ctx, attr, backward).run(list(values[num_outer - 1:]), outer))
+
+
+@Loop.gradient
+def _(g, node, *douts):
+    body = node.attrs["body"]
+    n_carried = len(body.input) - 2
+    own = [vi.name for vi in body.input]
+    carried = [k for k in range(n_carried) if _is_float_value(g, node.inputs[2 + k])]
+    scanned = [n_carried + j for j in range(len(body.output) - 1 - n_carried)
+               if douts[n_carried + j] is not None]
+    outer = _outer_wrt(g, node, 2 + n_carried, [body])
+    seeded = [1 + k for k in carried] + [1 + k for k in scanned]
+    if not seeded or not carried + outer:
+        return (None,) * len(node.inputs)
+    backward = _body_gradient(g, "body", body, seeded, [own[2 + k] for k in carried] + outer)
+    outs = _emit(g, "LoopGrad", list(node.inputs) + [douts[k] for k in carried + scanned],
+                 [node.inputs[2 + k] for k in carried] + outer, body=body, backward=backward,
+                 num_outer=len(node.inputs), carried=carried, opset=node.opset)
+    return _by_input(g, node, [(2 + k, o) for k, o in zip(carried, outs)] + [
+        (node.inputs.index(w), o) for w, o in zip(outer, outs[len(carried):])])
+
+
+@op("LoopGrad", domain="onnxgrad")
+def LoopGrad(xp, M=None, cond=None, *values, ctx, body, backward, num_outer, carried, opset):
+    """Gradients of a Loop node's float initial values (those at indices ``carried``) and float
+    outer values.  ``values``: the Loop's other inputs, then the gradients of those final
+    values (None: zero) and of its seeded scan outputs.  Runs the loop again keeping each
+    iteration's carried values, then the body's backward graph from the last iteration to
+    the first, passing the carried values' gradients back and summing the outer values'.
+    ``opset``: the Loop's."""
+    n_carried = len(body.input) - 2
+    outer = scope(ctx, (M, cond) + values)
+    compiled = body_of(xp, ctx, "body", body, list(outer), opset)
+    final, _, history = _run_loop(xp, ctx, compiled, M, cond, list(values[:n_carried]), outer,
+                                  keep=True)
+    seeds = values[num_outer - 2:]
+    dcarried = [xp.zeros_like(final[k]) if d is None else d for k, d in zip(carried, seeds)]
+    dscans = seeds[len(carried):]
+    back = _backward_body(xp, ctx, "backward", backward)
+    total = None
+    for i in reversed(range(len(history))):
+        grads = back.run([xp.asarray(i, dtype=xp.int64), xp.asarray(True)] + history[i]
+                         + dcarried + [d[i] for d in dscans], outer)
+        dcarried = grads[:len(carried)]
+        total = _sum_into(total, grads[len(carried):])
+    if total is None:
+        total = [xp.zeros_like(outer[w]) for w in backward.wrt[len(carried):]]
+    return tuple(dcarried) + tuple(total)
+
+
+def _scan_rule(g, node, *douts):
+    body = node.attrs["body"]
+    first = 1 if node.opset < 9 else 0  # opset 8: sequence_lens first
+    n_own = len(body.input)
+    n_states = n_own - node.attrs["num_scan_inputs"]
+    own = [vi.name for vi in body.input]
+    floats = [i for i in range(n_own) if _is_float_value(g, node.inputs[first + i])]
+    states = [i for i in floats if i < n_states]
+    scanned = [k for k in range(n_states, len(body.output)) if douts[k] is not None]
+    outer = _outer_wrt(g, node, first + n_own, [body])
+    if not states + scanned or not floats + outer:
+        return (None,) * len(node.inputs)
+    backward = _body_gradient(g, "body", body, states + scanned, [own[i] for i in floats] + outer)
+    attrs = {k: v for k, v in node.attrs.items() if v is not None and k != "body"}
+    outs = _emit(g, "ScanGrad", list(node.inputs) + [douts[k] for k in states + scanned],
+                 [node.inputs[first + i] for i in floats] + outer, body=body, backward=backward,
+                 num_outer=len(node.inputs), states=states,
+                 scans=[i - n_states for i in floats if i >= n_states],
+                 scanned=[k - n_states for k in scanned], batched=first, opset=node.opset,
+                 **attrs)
+    return _by_input(g, node, [(first + i, o) for i, o in zip(floats, outs)] + [
+        (node.inputs.index(w), o) for w, o in zip(outer, outs[len(floats):])])
+
+
+Scan.gradient(_scan_rule)
+Scan8.gradient(_scan_rule)
+
+
+def _scan_backward(xp, ctx, compiled: Body, back: Body, states, scans, outer, layout, which,
+                   dfinals, dys):
+    """The gradients of one run of a Scan body over ``scans``: of the states and scan inputs
+    ``which`` = (state indices, scan input indices), and of the outer values ``back``
+    differentiates (None when there is no iteration); ``dfinals`` are the final states'
+    gradients (None: zero), ``dys`` those of the seeded scan outputs ``which[2]``."""
+    in_axes, in_dirs, out_axes, out_dirs = layout
+    float_states, float_scans, scanned = which
+    final, _, history = _scan(xp, ctx, compiled, states, scans, outer, *layout, keep=True)
+    length = len(history)
+    dstates = [xp.zeros_like(final[i]) if d is None else d for i, d in zip(float_states, dfinals)]
+    dscans = [xp.zeros_like(scans[i]) for i in float_scans]
+    total = None
+    for t in reversed(range(length)):
+        seeds = [xp.take(dy, length - 1 - t if out_dirs[k] else t, axis=out_axes[k] % dy.ndim)
+                 for k, dy in zip(scanned, dys)]
+        grads = back.run(history[t] + _slices(xp, scans, t, length, in_axes, in_dirs)
+                         + dstates + seeds, outer)
+        dstates = grads[:len(float_states)]
+        for j, i in enumerate(float_scans):
+            index = [slice(None)] * scans[i].ndim
+            index[in_axes[i]] = length - 1 - t if in_dirs[i] else t
+            dscans[j][tuple(index)] = grads[len(float_states) + j]
+        total = _sum_into(total, grads[len(float_states) + len(float_scans):])
+    return dstates, dscans, total
+
+
+@op("ScanGrad", domain="onnxgrad")
+def ScanGrad(xp, *values, ctx, body, backward, num_outer, states, scans, scanned, batched, opset,
+             num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
+             scan_output_axes=None, scan_output_directions=None, directions=None):
+    """Gradients of a Scan node's float states (indices ``states``), float scan inputs
+    (``scans``) and float outer values.  ``values``: the Scan's inputs, then the gradients of
+    its final states (None: zero) and of its scan outputs ``scanned``.  ``batched``: opset 8,
+    where each batch element (up to its sequence length) is a scan of its own.  ``opset``:
+    the Scan's."""
+    outer = scope(ctx, values)
+    n_own = len(body.input)
+    n_states = n_own - num_scan_inputs
+    own = list(values[batched:batched + n_own])
+    init, xs = own[:n_states], own[n_states:]
+    seeds = values[num_outer:]
+    dfinals, dys = seeds[:len(states)], seeds[len(states):]
+    compiled = body_of(xp, ctx, "body", body, list(outer), opset)
+    back = _backward_body(xp, ctx, "backward", backward)
+    layout = _layout(body, n_states, xs, scan_input_axes, scan_input_directions,
+                     scan_output_axes, scan_output_directions, directions, batched)
+    which = (states, scans, scanned)
+    zeros = [xp.zeros_like(outer[w]) for w in backward.wrt[len(states) + len(scans):]]
+    if not batched:
+        dstates, dscans, total = _scan_backward(xp, ctx, compiled, back, init, xs, outer, layout,
+                                                which, dfinals, dys)
+        return tuple(dstates) + tuple(dscans) + tuple(zeros if total is None else total)
+    lens = values[0]
+    dstates = [xp.zeros_like(init[i]) for i in states]
+    dscans = [xp.zeros_like(xs[i]) for i in scans]
+    total = zeros
+    for b in range(init[0].shape[0] if init else xs[0].shape[0]):
+        n = xs[0].shape[1] if lens is None else int(lens[b])
+        part = _scan_backward(xp, ctx, compiled, back, [s[b] for s in init],
+                              [x[b][:n] for x in xs], outer, layout, which,
+                              [None if d is None else d[b] for d in dfinals],
+                              [dy[b] for dy in dys])
+        for j, d in enumerate(part[0]):
+            dstates[j][b] = d
+        for j, d in enumerate(part[1]):
+            dscans[j][b, :n] = d
+        if part[2] is not None:
+            total = _sum_into(total, part[2])
+    return tuple(dstates) + tuple(dscans) + tuple(total)

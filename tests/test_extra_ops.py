@@ -262,20 +262,7 @@ def test_recurrent_layers_with_sequence_lengths_match_onnxruntime(op_type, gates
 
 
 def test_gradients_through_forward_only_ops_raise():
-    """Control flow, sequences and the other forward-only ops never give a silent zero."""
-    body = helper.make_graph([helper.make_node("Mul", ["w", "w"], ["t"])], "then", [],
-                             [vi("t", TensorProto.DOUBLE, [2])])
-    other = helper.make_graph([helper.make_node("Identity", ["w"], ["e"])], "else", [],
-                              [vi("e", TensorProto.DOUBLE, [2])])
-    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other),
-             helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
-    proto = model_of(nodes, [vi("c", B, [])], [vi("loss", TensorProto.DOUBLE, [])],
-                     [numpy_helper.from_array(np.ones(2), "w")])
-    model = onnxgrad.load(proto)
-    add_captured_inputs(model.graph)
-    with pytest.raises(onnxgrad.UnsupportedOpError, match="If"):
-        onnxgrad.Trainer(model, loss=None, output="loss", trainable=["w"]).gradients(
-            {"c": np.array(True)}, None)
+    """Sequences and the other forward-only ops never give a silent zero."""
     seq = model_of([helper.make_node("SplitToSequence", ["w"], ["s"]),
                     helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=0),
                     helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)],
