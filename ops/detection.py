@@ -1,11 +1,17 @@
-"""Object-detection ops: NonMaxSuppression and RoiAlign.  Forward only (RoiAlign's
-X and rois are declared differentiable without a rule).
+"""Object-detection ops: NonMaxSuppression, RoiAlign and MaxRoiPool.
 
 NonMaxSuppression computes each class's IoU matrix at once and keeps the
 greedy selection (highest score first, ties to the lower box index) on the
 host.  RoiAlign samples each region's bins on a regular grid with bilinear
 weights, one ROI at a time, as onnxruntime does (including its ``max`` mode,
-which takes the largest weighted corner of each sample).
+which takes the largest weighted corner of each sample).  MaxRoiPool takes the
+maximum over each bin of a region whose corners are rounded to whole pixels,
+as Caffe and onnxruntime do.
+
+Gradients: RoiAlign's for X adds each sample's bilinear weights times ``dY``
+back into the image (in ``max`` mode, only the winning corner's); its rois'
+gradient has no rule.  MaxRoiPool routes ``dY`` to the first maximum of each
+bin; its output is piecewise constant in the rounded rois, which carry none.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops.indexing import _scatter_add
 from onnxgrad.ops.registry import op
 
 
@@ -76,15 +83,37 @@ def NonMaxSuppression(xp, boxes, scores, max_output_boxes_per_class=None, iou_th
 @op("RoiAlign", since=16, differentiable=("X", "rois"))
 def RoiAlign(xp, X, rois, batch_indices, *, coordinate_transformation_mode="half_pixel",
              mode="avg", output_height=1, output_width=1, sampling_ratio=0, spatial_scale=1.0):
-    return _roi_align(xp, X, rois, batch_indices, coordinate_transformation_mode == "half_pixel",
-                      mode, output_height, output_width, sampling_ratio, spatial_scale)
+    return (_roi_align(xp, X, rois, batch_indices, coordinate_transformation_mode == "half_pixel",
+                       mode, output_height, output_width, sampling_ratio, spatial_scale),)
 
 
 @op("RoiAlign", since=10, differentiable=("X", "rois"))
 def RoiAlign10(xp, X, rois, batch_indices, *, mode="avg", output_height=1, output_width=1,
                sampling_ratio=0, spatial_scale=1.0):
-    return _roi_align(xp, X, rois, batch_indices, False, mode, output_height, output_width,
-                      sampling_ratio, spatial_scale)
+    return (_roi_align(xp, X, rois, batch_indices, False, mode, output_height, output_width,
+                       sampling_ratio, spatial_scale),)
+
+
+def _roi_align_rule(g, node, dY):
+    X, rois, batch_indices = node.inputs
+    half_pixel = node.attrs.get("coordinate_transformation_mode", "output_half_pixel") \
+        == "half_pixel"
+    attrs = {k: v for k, v in node.attrs.items() if k != "coordinate_transformation_mode"}
+    return (g.private("RoiAlignGrad", dY, X, rois, batch_indices, half_pixel=int(half_pixel),
+                      **attrs), None, None)
+
+
+for _definition in (RoiAlign, RoiAlign10):
+    _definition.gradient(_roi_align_rule)
+
+
+@op("RoiAlignGrad", domain="onnxgrad")
+def RoiAlignGrad(xp, dY, X, rois, batch_indices, *, half_pixel=1, mode="avg", output_height=1,
+                 output_width=1, sampling_ratio=0, spatial_scale=1.0):
+    """Gradient of RoiAlign for X: each bilinear sample's weights times ``dY`` (averaged
+    over the bin's samples; in ``max`` mode only the winning sample's winning corner)."""
+    return (_roi_align(xp, X, rois, batch_indices, bool(half_pixel), mode, output_height,
+                       output_width, sampling_ratio, spatial_scale, dY=dY),)
 
 
 def _axis_samples(xp, start, size, bins, grid, limit):
@@ -103,13 +132,18 @@ def _axis_samples(xp, start, size, bins, grid, limit):
     return low, high, 1.0 - frac, frac, outside
 
 
-def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ratio, scale):
+def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ratio, scale,
+               dY=None):
+    """RoiAlign's output; with ``dY``, the gradient for X instead."""
     if X.ndim != 4 or rois.ndim != 2 or rois.shape[1] != 4:
         raise ModelError(f"RoiAlign: X {list(X.shape)} and rois {list(rois.shape)} do not fit "
                          "[N, C, H, W] and [rois, 4]")
+    if mode not in ("avg", "max"):
+        raise ModelError(f"RoiAlign: mode must be 'avg' or 'max', got {mode!r}")
     n_rois, channels = rois.shape[0], X.shape[1]
     height, width = X.shape[2], X.shape[3]
     out = xp.zeros((n_rois, channels, oh, ow), dtype=xp.float64)
+    dX = xp.zeros(X.shape, dtype=xp.float64) if dY is not None else None
     offset = 0.5 if half_pixel else 0.0
     boxes = rois.astype(xp.float64).tolist()
     batches = batch_indices.reshape(-1).tolist()
@@ -124,21 +158,99 @@ def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ra
             continue
         ylo, yhi, wy_lo, wy_hi, y_out = _axis_samples(xp, y0, roi_h, oh, gh, height)
         xlo, xhi, wx_lo, wx_hi, x_out = _axis_samples(xp, x0, roi_w, ow, gw, width)
-        image = X[int(batches[r])].astype(xp.float64)  # C, H, W
+        b = int(batches[r])
+        image = X[b].astype(xp.float64)  # C, H, W
         keep = ~(y_out[:, None] | x_out[None, :])  # [oh*gh, ow*gw]
-        corners = [(ylo, xlo, wy_lo[:, None] * wx_lo[None, :]),
-                   (ylo, xhi, wy_lo[:, None] * wx_hi[None, :]),
-                   (yhi, xlo, wy_hi[:, None] * wx_lo[None, :]),
-                   (yhi, xhi, wy_hi[:, None] * wx_hi[None, :])]
-        values = [image[:, yi[:, None], xi[None, :]] * (w * keep) for yi, xi, w in corners]
+        corners = [(ylo, xlo, wy_lo[:, None] * wx_lo[None, :] * keep),
+                   (ylo, xhi, wy_lo[:, None] * wx_hi[None, :] * keep),
+                   (yhi, xlo, wy_hi[:, None] * wx_lo[None, :] * keep),
+                   (yhi, xhi, wy_hi[:, None] * wx_hi[None, :] * keep)]
+        values = [image[:, yi[:, None], xi[None, :]] * w for yi, xi, w in corners]
+        if dY is None:
+            if mode == "avg":
+                samples = sum(values).reshape(channels, oh, gh, ow, gw)
+                out[r] = samples.sum(axis=(2, 4)) / max(gh * gw, 1)
+            else:
+                best = values[0]
+                for v in values[1:]:
+                    best = xp.maximum(best, v)
+                out[r] = best.reshape(channels, oh, gh, ow, gw).max(axis=(2, 4))
+            continue
+        # dY of each bin, at each of its samples: [C, oh*gh, ow*gw]
+        spread = xp.repeat(xp.repeat(dY[r].astype(xp.float64), gh, axis=1), gw, axis=2)
         if mode == "avg":
-            samples = sum(values).reshape(channels, oh, gh, ow, gw)
-            out[r] = samples.sum(axis=(2, 4)) / max(gh * gw, 1)
-        elif mode == "max":
-            best = values[0]
-            for v in values[1:]:
-                best = xp.maximum(best, v)
-            out[r] = best.reshape(channels, oh, gh, ow, gw).max(axis=(2, 4))
+            shares = [spread * (w / max(gh * gw, 1)) for _, _, w in corners]
         else:
-            raise ModelError(f"RoiAlign: mode must be 'avg' or 'max', got {mode!r}")
-    return (out.astype(X.dtype),)
+            stacked = xp.stack(values)                       # [4, C, oh*gh, ow*gw]
+            corner = xp.argmax(stacked, axis=0)
+            best = xp.max(stacked, axis=0).reshape(channels, oh, gh, ow, gw)
+            best = best.transpose(0, 1, 3, 2, 4).reshape(channels, oh, ow, gh * gw)
+            won = xp.arange(gh * gw) == xp.argmax(best, axis=3)[..., None]
+            won = won.reshape(channels, oh, ow, gh, gw).transpose(0, 1, 3, 2, 4)
+            won = won.reshape(corner.shape)
+            shares = [spread * w * (won & (corner == k)) for k, (_, _, w) in enumerate(corners)]
+        for (yi, xi, _), share in zip(corners, shares):
+            position = xp.arange(channels)[:, None, None] * (height * width) + \
+                (yi[:, None] * width + xi[None, :])[None]
+            dX[b] += _scatter_add(xp, channels * height * width, position, share,
+                                  xp.float64).reshape(channels, height, width)
+    return (out if dY is None else dX).astype(X.dtype)
+
+
+# -- MaxRoiPool ---------------------------------------------------------------------------------
+
+def _round_half_away(v: float) -> int:
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def _roi_pool_bins(rois, pooled_shape, spatial_scale, height, width):
+    """Each non-empty bin of each region: (roi, batch, row, col, row slice, col slice)."""
+    ph, pw = (int(v) for v in pooled_shape)
+    for r, (batch, *corners) in enumerate(rois.astype("float64").tolist()):
+        x0, y0, x1, y1 = (_round_half_away(v * spatial_scale) for v in corners)
+        bin_h, bin_w = max(y1 - y0 + 1, 1) / ph, max(x1 - x0 + 1, 1) / pw
+        for i in range(ph):
+            hs = min(max(math.floor(i * bin_h) + y0, 0), height)
+            he = min(max(math.ceil((i + 1) * bin_h) + y0, 0), height)
+            for j in range(pw):
+                ws = min(max(math.floor(j * bin_w) + x0, 0), width)
+                we = min(max(math.ceil((j + 1) * bin_w) + x0, 0), width)
+                if he > hs and we > ws:
+                    yield r, int(batch), i, j, slice(hs, he), slice(ws, we)
+
+
+def _check_roi_pool(X, rois, pooled_shape):
+    if X.ndim != 4 or rois.ndim != 2 or rois.shape[1] != 5 or len(pooled_shape or ()) != 2:
+        raise ModelError(f"MaxRoiPool: X {list(X.shape)}, rois {list(rois.shape)} and "
+                         f"pooled_shape {pooled_shape} do not fit [N, C, H, W], [rois, 5] and "
+                         "[height, width]")
+
+
+@op("MaxRoiPool", since=1, differentiable=("X",))
+def MaxRoiPool(xp, X, rois, *, pooled_shape, spatial_scale=1.0):
+    _check_roi_pool(X, rois, pooled_shape)
+    out = xp.zeros((rois.shape[0], X.shape[1]) + tuple(int(v) for v in pooled_shape), X.dtype)
+    for r, b, i, j, rows, cols in _roi_pool_bins(rois, pooled_shape, spatial_scale,
+                                                 *X.shape[2:]):
+        out[r, :, i, j] = X[b, :, rows, cols].max(axis=(1, 2))
+    return (out,)
+
+
+@MaxRoiPool.gradient
+def _(g, node, dY):
+    X, rois = node.inputs
+    return (g.private("MaxRoiPoolGrad", dY, X, rois, **node.attrs), None)
+
+
+@op("MaxRoiPoolGrad", domain="onnxgrad")
+def MaxRoiPoolGrad(xp, dY, X, rois, *, pooled_shape, spatial_scale=1.0):
+    """``dY`` of each bin added at the bin's first maximum, channel by channel."""
+    dX = xp.zeros(X.shape, dtype=dY.dtype)
+    channels = xp.arange(X.shape[1])
+    for r, b, i, j, rows, cols in _roi_pool_bins(rois, pooled_shape, spatial_scale,
+                                                 *X.shape[2:]):
+        window = X[b, :, rows, cols]
+        first = xp.argmax(window.reshape(X.shape[1], -1), axis=1)
+        width = cols.stop - cols.start
+        dX[b, channels, rows.start + first // width, cols.start + first % width] += dY[r, :, i, j]
+    return (dX,)

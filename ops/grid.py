@@ -1,4 +1,5 @@
-"""Sampling grids: AffineGrid and GridSample, in 2-D and 3-D (GridSample any rank).
+"""Sampling grids: AffineGrid and GridSample, in 2-D and 3-D (GridSample any rank),
+with their gradients.
 
 GridSample follows ONNX (and PyTorch's ``grid_sample``): grid coordinates
 are normalized to [-1, 1], the last grid axis lists them innermost spatial
@@ -7,8 +8,12 @@ the outer edges (0) of the corner pixels, and ``padding_mode`` decides what
 lies outside: zeros, the border pixel, or the image reflected at its edges.
 Interpolation is nearest (round half to even), linear or cubic (Keys,
 a = -0.75).  The kernel is vectorized: one gather per corner of the
-interpolation stencil.  Forward only: X, grid and theta are declared
-differentiable without a rule.
+interpolation stencil.
+
+The private ``GridSampleGrad`` walks the same stencil: it adds ``dY`` times
+each tap's weight into ``dX`` and, for ``grid``, differentiates the tap
+weights (zero for nearest, and where border padding clamps a coordinate).
+``AffineGridGrad`` contracts the grid's gradient with the base grid.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import itertools
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops.indexing import _scatter_add
 from onnxgrad.ops.registry import op
+
+_A = -0.75  # Keys' cubic convolution parameter
 
 
 def _denormalize(n, size: int, align_corners: int):
@@ -25,11 +33,13 @@ def _denormalize(n, size: int, align_corners: int):
     return ((n + 1) * size - 1) / 2.0
 
 
-def _reflect(xp, x, low: float, high: float):
-    """Reflect ``x`` at ``low`` and ``high`` until it lies between them."""
+def _reflect(xp, x, low: float, high: float, slope: bool = False):
+    """Reflect ``x`` at ``low`` and ``high`` until it lies between them; with
+    ``slope``, also d(result)/dx (±1)."""
     span = high - low
     if span <= 0:
-        return xp.full_like(x, low)
+        folded = xp.full_like(x, low)
+        return (folded, xp.zeros_like(x)) if slope else folded
     below, above = x < low, x > high
     d = xp.where(below, low - x, x - high)
     n = xp.trunc(d / span)
@@ -37,79 +47,80 @@ def _reflect(xp, x, low: float, high: float):
     even = (n % 2) == 0
     folded_below = xp.where(even, low + r, high - r)
     folded_above = xp.where(even, high - r, low + r)
-    return xp.where(below, folded_below, xp.where(above, folded_above, x))
+    folded = xp.where(below, folded_below, xp.where(above, folded_above, x))
+    if not slope:
+        return folded
+    return folded, xp.where((below | above) & even, -1.0, 1.0)
 
 
 def _cubic(xp, t):
     """Keys' cubic convolution weights of the 4 taps around a point at ``t`` in [0, 1)."""
-    a = -0.75
-
     def near(s):  # |s| <= 1
-        return ((a + 2) * s - (a + 3)) * s * s + 1
+        return ((_A + 2) * s - (_A + 3)) * s * s + 1
 
     def far(s):  # 1 < |s| < 2
-        return ((a * s - 5 * a) * s + 8 * a) * s - 4 * a
+        return ((_A * s - 5 * _A) * s + 8 * _A) * s - 4 * _A
 
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
-@op("GridSample", since=16, differentiable=("X", "grid"))
-def GridSample(xp, X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
+def _cubic_slopes(xp, t):
+    """d/dt of :func:`_cubic`'s four weights."""
+    def near(s):
+        return (3 * (_A + 2) * s - 2 * (_A + 3)) * s
+
+    def far(s):
+        return (3 * _A * s - 10 * _A) * s + 8 * _A
+
+    return [far(t + 1), near(t), -near(1 - t), -far(2 - t)]
+
+
+def _check(X, grid, mode, padding_mode):
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
     if mode not in ("nearest", "linear", "cubic"):
         raise ModelError(f"GridSample: unknown mode {mode!r}")
     if padding_mode not in ("zeros", "border", "reflection"):
         raise ModelError(f"GridSample: unknown padding_mode {padding_mode!r}")
-    dims = X.shape[2:]
-    nd = len(dims)
+    nd = X.ndim - 2
     if grid.shape[-1] != nd or grid.ndim != nd + 2:
         raise ModelError(f"GridSample: a grid of shape {list(grid.shape)} does not fit an input "
                          f"of shape {list(X.shape)}")
-    n, c = X.shape[:2]
-    out = grid.shape[1:-1]
-    if n == 0 or c == 0 or any(o == 0 for o in out):
-        return (xp.zeros((n, c) + tuple(out), dtype=X.dtype),)
-    data = xp.moveaxis(X, 1, -1)  # (N, *dims, C): a gather gives (N, *out, C)
-    batch = xp.arange(n).reshape((n,) + (1,) * len(out))
-    # Per spatial axis (in X's order): the taps (integer index, weight).
+    return mode
+
+
+def _stencil(xp, dims, grid, align_corners, mode, padding_mode):
+    """Per spatial axis (in X's order), the taps ``(index, inside, weight, slope)``:
+    an index safe to gather with, the mask of real pixels (zeros padding, else None),
+    the interpolation weight (None for nearest) and d(weight)/d(grid coordinate)."""
+    nd = len(dims)
     taps_per_axis = []
     for i, size in enumerate(dims):
         x = _denormalize(grid[..., nd - 1 - i], size, align_corners)
+        dx = (size - 1) / 2.0 if align_corners else size / 2.0  # dx/dgrid, then through padding
         low, high = (0.0, size - 1.0) if align_corners else (-0.5, size - 0.5)
         if mode == "nearest":
             x = xp.rint(x)
         if padding_mode == "border":  # (only outside [low, high]: cubic taps see the difference)
-            x = xp.where((x < low) | (x > high), xp.clip(x, 0, size - 1), x)
+            outside = (x < low) | (x > high)
+            x = xp.where(outside, xp.clip(x, 0, size - 1), x)
+            dx = xp.where(outside, 0.0, dx)
         elif padding_mode == "reflection":
-            x = _reflect(xp, x, low, high)
+            x, fold = _reflect(xp, x, low, high, slope=True)
+            dx = dx * fold
         if mode == "nearest":
-            taps = [(xp.trunc(x).astype(xp.int64), None)]
+            taps = [(xp.trunc(x).astype(xp.int64), None, None)]
         else:
             base = xp.floor(x)
             t = x - base
             base = base.astype(xp.int64)
             if mode == "linear":
-                taps = [(base, 1 - t), (base + 1, t)]
+                taps = [(base, 1 - t, -dx), (base + 1, t, dx)]
             else:
-                taps = [(base + k - 1, w) for k, w in enumerate(_cubic(xp, t))]
-        taps_per_axis.append([(_fix_index(xp, idx, size, low, high, padding_mode), w)
-                              for idx, w in taps])
-    total = None
-    for combo in itertools.product(*taps_per_axis):
-        index, weight, inside = [batch], None, None
-        for (idx, valid), w in combo:
-            index.append(idx)
-            if w is not None:
-                weight = w if weight is None else weight * w
-            if valid is not None:
-                inside = valid if inside is None else inside & valid
-        value = data[tuple(index)].astype(xp.float64)
-        if inside is not None:
-            value = value * inside[..., None]
-        if weight is not None:
-            value = value * weight[..., None].astype(xp.float64)
-        total = value if total is None else total + value
-    return (xp.moveaxis(total, -1, 1).astype(X.dtype),)
+                taps = [(base + k - 1, w, s * dx)
+                        for k, (w, s) in enumerate(zip(_cubic(xp, t), _cubic_slopes(xp, t)))]
+        taps_per_axis.append([_fix_index(xp, idx, size, low, high, padding_mode) + (w, s)
+                              for idx, w, s in taps])
+    return taps_per_axis
 
 
 def _fix_index(xp, idx, size, low, high, padding_mode):
@@ -123,13 +134,87 @@ def _fix_index(xp, idx, size, low, high, padding_mode):
     return xp.clip(xp.trunc(folded).astype(xp.int64), 0, size - 1), None
 
 
-@op("AffineGrid", since=20, differentiable=("theta",), host_inputs=("size",))
-def AffineGrid(xp, theta, size, *, align_corners=0):
-    size = [int(s) for s in size]
-    spatial = size[2:]
-    nd = len(spatial)
-    if nd not in (2, 3) or tuple(theta.shape[1:]) != (nd, nd + 1):
-        raise ModelError(f"AffineGrid: theta of shape {list(theta.shape)} does not fit size {size}")
+def _corners(xp, X, grid, align_corners, mode, padding_mode):
+    """Each corner of the stencil: (gather index into X with channels last, mask, weight,
+    the weight's slope per axis)."""
+    n = X.shape[0]
+    batch = xp.arange(n).reshape((n,) + (1,) * (grid.ndim - 2))
+    for combo in itertools.product(*_stencil(xp, X.shape[2:], grid, align_corners, mode,
+                                             padding_mode)):
+        index, weight, inside = [batch], None, None
+        for idx, valid, w, _ in combo:
+            index.append(idx)
+            if w is not None:
+                weight = w if weight is None else weight * w
+            if valid is not None:
+                inside = valid if inside is None else inside & valid
+        yield tuple(index), inside, weight, combo
+
+
+@op("GridSample", since=16, differentiable=("X", "grid"))
+def GridSample(xp, X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
+    mode = _check(X, grid, mode, padding_mode)
+    n, c = X.shape[:2]
+    out = grid.shape[1:-1]
+    if n == 0 or c == 0 or any(o == 0 for o in out):
+        return (xp.zeros((n, c) + tuple(out), dtype=X.dtype),)
+    data = xp.moveaxis(X, 1, -1)  # (N, *dims, C): a gather gives (N, *out, C)
+    total = None
+    for index, inside, weight, _ in _corners(xp, X, grid, align_corners, mode, padding_mode):
+        value = data[index].astype(xp.float64)
+        if inside is not None:
+            value = value * inside[..., None]
+        if weight is not None:
+            value = value * weight[..., None].astype(xp.float64)
+        total = value if total is None else total + value
+    return (xp.moveaxis(total, -1, 1).astype(X.dtype),)
+
+
+@GridSample.gradient
+def _(g, node, dY):
+    X, grid = node.inputs
+    return tuple(g.private("GridSampleGrad", dY, X, grid, num_outputs=2, **node.attrs))
+
+
+@op("GridSampleGrad", domain="onnxgrad")
+def GridSampleGrad(xp, dY, X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
+    """Gradients of GridSample for X and grid."""
+    mode = _check(X, grid, mode, padding_mode)
+    n, c = X.shape[:2]
+    dims = X.shape[2:]
+    nd = len(dims)
+    data = xp.moveaxis(X, 1, -1)
+    dy = xp.moveaxis(dY, 1, -1).astype(xp.float64)           # (N, *out, C)
+    strides = [1] * (nd + 1)                                  # of (N, *dims) in elements
+    for k in range(nd - 1, -1, -1):
+        strides[k] = strides[k + 1] * dims[k]
+    dX = xp.zeros(X.size, dtype=xp.float64)
+    dgrid = xp.zeros(grid.shape, dtype=xp.float64)
+    channels = xp.arange(c)
+    for index, inside, weight, combo in _corners(xp, X, grid, align_corners, mode, padding_mode):
+        share = 1.0 if weight is None else weight
+        if inside is not None:
+            share = share * inside
+        position = sum(i * s for i, s in zip(index, strides))  # flat (N, *dims) position
+        dX += _scatter_add(xp, X.size, position[..., None] * c + channels,
+                           dy * xp.asarray(share, dtype=xp.float64)[..., None], xp.float64)
+        if mode == "nearest":
+            continue
+        value = xp.sum(dy * data[index], axis=-1)                # (N, *out)
+        if inside is not None:
+            value = value * inside
+        for i, (_, _, _, slope) in enumerate(combo):
+            others = value * slope
+            for j, (_, _, w, _) in enumerate(combo):
+                if j != i:
+                    others = others * w
+            dgrid[..., nd - 1 - i] += others
+    dX = xp.moveaxis(dX.reshape((n,) + tuple(dims) + (c,)), -1, 1)
+    return xp.ascontiguousarray(dX).astype(X.dtype), dgrid.astype(grid.dtype)
+
+
+def _base_grid(xp, spatial, align_corners):
+    """The homogeneous coordinates (x, y[, z], 1) of every output point, [points, nd + 1]."""
     axes = []
     for s in spatial:
         if align_corners:
@@ -138,8 +223,32 @@ def AffineGrid(xp, theta, size, *, align_corners=0):
             a = (2 * xp.arange(s, dtype=xp.float64) + 1) / s - 1
         axes.append(a)
     mesh = xp.meshgrid(*axes, indexing="ij")  # D, H, W order
-    # Homogeneous coordinates, innermost axis first: (x, y[, z], 1).
     base = xp.stack(list(mesh[::-1]) + [xp.ones_like(mesh[0])], axis=-1)
-    flat = base.reshape(-1, nd + 1)
+    return base.reshape(-1, len(spatial) + 1)
+
+
+@op("AffineGrid", since=20, differentiable=("theta",), host_inputs=("size",))
+def AffineGrid(xp, theta, size, *, align_corners=0):
+    size = [int(s) for s in size]
+    spatial = size[2:]
+    nd = len(spatial)
+    if nd not in (2, 3) or tuple(theta.shape[1:]) != (nd, nd + 1):
+        raise ModelError(f"AffineGrid: theta of shape {list(theta.shape)} does not fit size {size}")
+    flat = _base_grid(xp, spatial, align_corners)
     grid = xp.einsum("pk,njk->npj", flat, theta.astype(xp.float64))
     return (grid.reshape([size[0]] + spatial + [nd]).astype(theta.dtype),)
+
+
+@AffineGrid.gradient
+def _(g, node, dgrid):
+    return (g.private("AffineGridGrad", dgrid, align_corners=node.attrs["align_corners"]), None)
+
+
+@op("AffineGridGrad", domain="onnxgrad")
+def AffineGridGrad(xp, dgrid, *, align_corners=0):
+    """Gradient of AffineGrid for theta: Σ_points dgrid[n, p, j] · base[p, k]."""
+    nd = dgrid.shape[-1]
+    flat = _base_grid(xp, dgrid.shape[1:-1], align_corners)
+    dtheta = xp.einsum("npj,pk->njk", dgrid.reshape(dgrid.shape[0], -1, nd).astype(xp.float64),
+                       flat)
+    return (dtheta.astype(dgrid.dtype),)

@@ -2,10 +2,11 @@
 MeanVarianceNormalization, Det, EyeLike, DepthToSpace, SpaceToDepth,
 ReverseSequence, Compress, Unique, CenterCropPad, Col2Im and BitCast.
 
-Gradient rules are given where they are rearrangements of the same data
-(DepthToSpace, SpaceToDepth, ReverseSequence, CenterCropPad) or masks
-(Shrink, ThresholdedRelu); the other differentiable inputs are declared
-without a rule, so asking for their gradient raises UnsupportedOpError.
+Every differentiable input has a gradient rule: rearrangements of the same
+data (DepthToSpace, SpaceToDepth, ReverseSequence, CenterCropPad) and masks
+(Shrink, ThresholdedRelu) in standard ops or small private kernels; LRN,
+MeanVarianceNormalization, Det, Compress and Col2Im through private
+``…Grad`` kernels.
 """
 
 from __future__ import annotations
@@ -88,17 +89,43 @@ def _(g, node, dY):
 
 
 # -- normalizations -------------------------------------------------------------------------
+def _channel_window_sum(xp, V, before, after):
+    """Σ over channels c - before … c + after of ``V`` (zero outside), for each channel c."""
+    c = V.shape[1]
+    pad = [(0, 0)] * V.ndim
+    pad[1] = (before, after)
+    padded = xp.pad(V, pad)
+    return sum(padded[:, k:k + c] for k in range(before + after + 1))
+
+
+def _lrn_window(size):
+    return (size - 1) // 2, -(-(size - 1) // 2)
+
+
 @op("LRN", since=1, differentiable=("X",))
 def LRN(xp, X, *, size, alpha=0.0001, beta=0.75, bias=1.0):
     """Across channels (axis 1): X / (bias + alpha/size * sum of squares) ** beta."""
-    c = X.shape[1]
-    before, after = (size - 1) // 2, -(-(size - 1) // 2)
-    sq = X * X
-    pad = [(0, 0)] * X.ndim
-    pad[1] = (before, after)
-    sq = xp.pad(sq, pad)
-    total = sum(sq[:, k:k + c] for k in range(size))
+    total = _channel_window_sum(xp, X * X, *_lrn_window(size))
     return ((X / (bias + (alpha / size) * total) ** beta).astype(X.dtype),)
+
+
+@LRN.gradient
+def _(g, node, dY):
+    return (g.private("LRNGrad", dY, node.inputs[0], **node.attrs),)
+
+
+@op("LRNGrad", domain=_PRIVATE)
+def LRNGrad(xp, dY, X, *, size, alpha=0.0001, beta=0.75, bias=1.0):
+    """dX = dY·D^-β - (2αβ/size)·X·Σ_window'(dY·X·D^(-β-1)), D = bias + α/size·Σ_window X²;
+    the adjoint window Σ_window' runs over the channels whose window holds c."""
+    before, after = _lrn_window(size)
+    x, dy = X.astype(xp.float64), dY.astype(xp.float64)
+    D = bias + (alpha / size) * _channel_window_sum(xp, x * x, before, after)
+    back = _channel_window_sum(xp, dy * x * D ** (-beta - 1), after, before)
+    return ((dy * D ** -beta - (2 * alpha * beta / size) * x * back).astype(dY.dtype),)
+
+
+_MVN_EPSILON = 1e-9
 
 
 @op("MeanVarianceNormalization", since=9, differentiable=("X",))
@@ -106,7 +133,29 @@ def MeanVarianceNormalization(xp, X, *, axes=(0, 2, 3)):
     axes = tuple(int(a) for a in axes)
     mean = xp.mean(X, axis=axes, keepdims=True)
     var = xp.mean(X * X, axis=axes, keepdims=True) - mean * mean
-    return (((X - mean) / (xp.sqrt(var) + 1e-9)).astype(X.dtype),)
+    return (((X - mean) / (xp.sqrt(var) + _MVN_EPSILON)).astype(X.dtype),)
+
+
+@MeanVarianceNormalization.gradient
+def _(g, node, dY):
+    return (g.private("MeanVarianceNormalizationGrad", dY, node.inputs[0],
+                      axes=list(node.attrs["axes"])),)
+
+
+@op("MeanVarianceNormalizationGrad", domain=_PRIVATE)
+def MeanVarianceNormalizationGrad(xp, dY, X, *, axes=(0, 2, 3)):
+    """With Y = Xc / d, Xc = X - mean, d = σ + ε, σ² = mean(X²) - mean²:
+    dX = dY/d - mean(dY/d) - Xc · mean(dY·Xc) / (d²·σ)."""
+    axes = tuple(int(a) for a in axes)
+    x, dy = X.astype(xp.float64), dY.astype(xp.float64)
+    centred = x - xp.mean(x, axis=axes, keepdims=True)
+    sigma = xp.sqrt(xp.maximum(xp.mean(centred * centred, axis=axes, keepdims=True), 0.0))
+    d = sigma + _MVN_EPSILON
+    scaled = dy / d
+    spread = xp.mean(dy * centred, axis=axes, keepdims=True) / (d * d * xp.where(
+        sigma > 0, sigma, 1.0))
+    dX = scaled - xp.mean(scaled, axis=axes, keepdims=True) - centred * spread
+    return (dX.astype(dY.dtype),)
 
 
 @op("Det", since=11, differentiable=("X",))
@@ -114,6 +163,27 @@ def Det(xp, X):
     if X.dtype.kind != "f" or X.dtype.itemsize < 4:  # float16, bfloat16: through float32
         return (xp.linalg.det(X.astype(xp.float32)).astype(X.dtype),)
     return (xp.asarray(xp.linalg.det(X)),)
+
+
+@Det.gradient
+def _(g, node, dY):
+    return (g.private("DetGrad", dY, node.inputs[0]),)
+
+
+@op("DetGrad", domain=_PRIVATE)
+def DetGrad(xp, dY, X):
+    """dY times the cofactor matrix of X (the gradient of det), from the SVD X = U·S·Vᵀ:
+    cof(X) = det(U)·det(Vᵀ) · U·diag(Π_{j≠i} s_j)·Vᵀ, exact for singular X too."""
+    work = X.astype(xp.float64)
+    U, s, Vt = xp.linalg.svd(work)
+    ones = xp.ones(s.shape[:-1] + (1,), dtype=s.dtype)
+    before = xp.cumprod(xp.concatenate([ones, s[..., :-1]], axis=-1), axis=-1)
+    after = xp.flip(xp.cumprod(xp.concatenate([ones, xp.flip(s, -1)[..., :-1]], axis=-1),
+                               axis=-1), -1)
+    sign = xp.linalg.det(U) * xp.linalg.det(Vt)
+    cofactor = (U * (before * after)[..., None, :]) @ Vt
+    dX = (dY.astype(xp.float64) * sign)[..., None, None] * cofactor
+    return (dX.astype(dY.dtype),)
 
 
 # -- creation -------------------------------------------------------------------------------
@@ -275,6 +345,32 @@ def Compress(xp, input, condition, *, axis=None):
     return (xp.take(input, index, axis=axis),)
 
 
+@Compress.gradient
+def _(g, node, dY):
+    input, condition = node.inputs
+    axis = node.attrs["axis"]
+    kw = {} if axis is None else {"axis": axis}
+    return (g.private("CompressGrad", dY, g.shape_of(input), condition, **kw), None)
+
+
+@op("CompressGrad", domain=_PRIVATE, host_inputs=("input_shape",))
+def CompressGrad(xp, dY, input_shape, condition, *, axis=None):
+    """``dY`` put back where Compress took it from, zeros elsewhere."""
+    shape = tuple(int(d) for d in input_shape)
+    cond = condition.astype(bool).reshape(-1)
+    if axis is None:
+        size = math.prod(shape)
+        flat = xp.zeros(size, dtype=dY.dtype)
+        flat[xp.nonzero(cond[:size])[0]] = dY.reshape(-1)
+        return (flat.reshape(shape),)
+    axis = axis % len(shape)
+    dX = xp.zeros(shape, dtype=dY.dtype)
+    index = [slice(None)] * len(shape)
+    index[axis] = xp.nonzero(cond[:shape[axis]])[0]
+    dX[tuple(index)] = dY
+    return (dX,)
+
+
 @op("Unique", since=11)
 def Unique(xp, X, *, axis=None, sorted=1):
     data = X.reshape(-1) if axis is None else X
@@ -306,21 +402,51 @@ def Col2Im(xp, input, image_shape, block_shape, *, dilations=None, pads=None, st
     if ck % k:
         raise ModelError(f"Col2Im: input dimension 1 ({ck}) is not divisible by the block "
                          f"size {k}")
-    c = ck // k
     counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
               for i in range(nd)]
     if math.prod(counts) != length:
         raise ModelError(f"Col2Im: {length} columns do not fit {counts} blocks")
-    cols = input.reshape([n, c] + block + counts)
+    cols = input.reshape([n, ck // k] + block + counts)
     padded = [image[i] + pad[i] + pad[i + nd] for i in range(nd)]
-    out = xp.zeros([n, c] + padded, dtype=input.dtype)
-    for offset in _product(block):
-        index = [slice(None), slice(None)] + [
-            slice(offset[i] * dil[i], offset[i] * dil[i] + (counts[i] - 1) * stride[i] + 1,
-                  stride[i]) for i in range(nd)]
-        out[tuple(index)] += cols[(slice(None), slice(None)) + tuple(offset)]
+    out = xp.zeros([n, ck // k] + padded, dtype=input.dtype)
+    for offset, window in _col2im_windows(block, counts, dil, stride):
+        out[window] += cols[(slice(None), slice(None)) + offset]
     crop = [slice(None), slice(None)] + [slice(pad[i], pad[i] + image[i]) for i in range(nd)]
     return (out[tuple(crop)],)
+
+
+def _col2im_windows(block, counts, dil, stride):
+    """For each block offset, the (strided) slice of the padded image its columns cover."""
+    for offset in _product(block):
+        yield tuple(offset), (slice(None), slice(None)) + tuple(
+            slice(offset[i] * dil[i], offset[i] * dil[i] + (counts[i] - 1) * stride[i] + 1,
+                  stride[i]) for i in range(len(block)))
+
+
+@Col2Im.gradient
+def _(g, node, dY):
+    input, image_shape, block_shape = node.inputs
+    attrs = {k: v for k, v in node.attrs.items() if v is not None}
+    return (g.private("Col2ImGrad", dY, image_shape, block_shape, **attrs), None, None)
+
+
+@op("Col2ImGrad", domain=_PRIVATE, host_inputs=("image_shape", "block_shape"))
+def Col2ImGrad(xp, dY, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+    """Im2Col of ``dY``: the adjoint of Col2Im gathers each block's columns back."""
+    image = [int(v) for v in image_shape]
+    block = [int(v) for v in block_shape]
+    nd = len(image)
+    dil = [int(v) for v in dilations] if dilations else [1] * nd
+    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
+    stride = [int(v) for v in strides] if strides else [1] * nd
+    n, c = dY.shape[:2]
+    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
+              for i in range(nd)]
+    padded = xp.pad(dY, [(0, 0), (0, 0)] + [(pad[i], pad[i + nd]) for i in range(nd)])
+    cols = xp.empty([n, c] + block + counts, dtype=dY.dtype)
+    for offset, window in _col2im_windows(block, counts, dil, stride):
+        cols[(slice(None), slice(None)) + offset] = padded[window]
+    return (cols.reshape(n, c * math.prod(block), math.prod(counts)),)
 
 
 def _product(dims):

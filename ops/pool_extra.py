@@ -1,10 +1,11 @@
-"""LpPool and MaxUnpool.
+"""LpPool, GlobalLpPool and MaxUnpool.
 
 LpPool is ``(Σ_window |x|^p)^(1/p)`` over zero-padded windows, with the window
 geometry of AveragePool and MaxPool (``ops/pool.py``: auto_pad, pads,
 strides, dilations, ceil_mode).  Its gradient is a private op that routes
 ``dY · Y^(1-p) · |x|^(p-1) · sign(x)`` back through every window (zero where
-``Y`` is zero).
+``Y`` is zero).  GlobalLpPool is the same over the whole spatial extent, with
+the same gradient.
 
 MaxUnpool writes each input element at its flat index ``I`` (as MaxPool's
 Indices output gives it) in a zero tensor; its gradient gathers ``dY`` at
@@ -81,6 +82,45 @@ def LpPoolGrad(xp, dY, X, Y, *, auto_pad="NOTSET", ceil_mode=0, dilations=None,
         return share * slope
 
     return (_scatter(xp, part, X.shape, geo, dY.dtype),)
+
+
+# -- GlobalLpPool ---------------------------------------------------------------------------
+
+def _global_lp_pool(xp, X, p):
+    axes = tuple(range(2, X.ndim))
+    total = xp.sum(_power(xp, X.astype(xp.float64), p), axis=axes, keepdims=True)
+    return (xp.asarray(xp.sqrt(total) if p == 2 else total ** (1.0 / p)).astype(X.dtype),)
+
+
+@op("GlobalLpPool", since=1, differentiable=("X",))
+def GlobalLpPool1(xp, X, *, p=2.0):
+    """Opset 1: ``p`` is a float."""
+    if p <= 0:
+        raise ValueError(f"GlobalLpPool: p must be positive, got {p}")
+    return _global_lp_pool(xp, X, float(p))
+
+
+@op("GlobalLpPool", since=2, differentiable=("X",))
+def GlobalLpPool(xp, X, *, p=2):
+    return _global_lp_pool(xp, X, _check_p(p))
+
+
+for _definition in (GlobalLpPool1, GlobalLpPool):
+    @_definition.gradient
+    def _(g, node, dY):
+        return (g.private("GlobalLpPoolGrad", dY, node.inputs[0], node.outputs[0],
+                          p=float(node.attrs["p"])),)
+
+
+@op("GlobalLpPoolGrad", domain="onnxgrad")
+def GlobalLpPoolGrad(xp, dY, X, Y, *, p=2.0):
+    """``dY · Y^(1-p) · |x|^(p-1) · sign(x)`` (zero where ``Y`` is zero)."""
+    x = X.astype(xp.float64)
+    y = Y.astype(xp.float64)
+    safe = xp.where(y == 0, 1.0, y)
+    share = xp.where(y == 0, 0.0, dY.astype(xp.float64) * safe ** (1 - p))
+    slope = x if p == 2 else xp.sign(x) * xp.abs(x) ** (p - 1)
+    return ((share * slope).astype(dY.dtype),)
 
 
 # -- MaxUnpool ------------------------------------------------------------------------------
