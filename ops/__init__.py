@@ -29,4 +29,5 @@ from onnxgrad.ops import (  # noqa: F401,E402
     rnn, sequence, signal, text,  # conformance
     cumprod, deform_conv, flex_attention, gated, linear_attention, pool_extra, rotary,
     scatter_extra,  # conformance follow-ups
+    ml_linear, ml_svm,  # ai.onnx.ml linear models, scalers and SVMs
 )
