@@ -5,6 +5,8 @@ Gradients of the gathers scatter and *add* into the positions read, so an
 index that repeats (a token that occurs twice in a batch) collects every
 contribution.  The private ``onnxgrad::*Grad`` kernels here do that with
 ``xp.bincount`` over flat positions (``add.at`` on CuPy, whose bincount reads the host).
+ScatterElements and ScatterND have gradients for every reduction (none, add,
+mul, max, min; see :func:`_reduction_gradients`), written in standard ops.
 
 Index inputs may be negative (counted from the end, opset 11 on); the kernels
 normalise them.  Shape-arithmetic operands that live on the host stay there
@@ -255,8 +257,11 @@ def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
 def _(g, node, dY):
     data, indices, updates = node.inputs
     reduction, axis = node.attrs["reduction"], node.attrs["axis"]
-    if reduction not in ("none", "add"):
-        return (None, None, None)  # mul/max/min: no gradient rule (UnsupportedOpError)
+    if reduction in ("mul", "max", "min"):
+        return _reduction_gradients(
+            g, node, dY, lambda x: g.GatherElements(x, indices, axis=axis),
+            lambda base, values, how: g.ScatterElements(base, indices, values, axis=axis,
+                                                        reduction=how))
     dupdates = g.GatherElements(dY, indices, axis=axis)
     ddata = dY if reduction == "add" else g.ScatterElements(
         dY, indices, zeros_like_value(g, updates), axis=axis)
@@ -275,11 +280,48 @@ def ScatterND(xp, data, indices, updates, *, reduction="none"):
 def _(g, node, dY):
     data, indices, updates = node.inputs
     reduction = node.attrs["reduction"]
-    if reduction not in ("none", "add"):
-        return (None, None, None)
+    if reduction in ("mul", "max", "min"):
+        return _reduction_gradients(
+            g, node, dY, lambda x: g.GatherND(x, indices),
+            lambda base, values, how: g.ScatterND(base, indices, values, reduction=how))
     dupdates = g.GatherND(dY, indices)
     ddata = dY if reduction == "add" else g.ScatterND(dY, indices, zeros_like_value(g, updates))
     return (ddata, None, dupdates)
+
+
+def _reduction_gradients(g, node, dY, gather, scatter):
+    """Gradients of ``data`` and ``updates`` for a scatter that reduces with mul, max or min.
+
+    ``gather(x)`` reads ``x`` at the position each update goes to; ``scatter(base,
+    values, reduction)`` is the node's scatter with another reduction.  For mul, each
+    factor's gradient is ``dY`` times the other factors at its position, computed
+    without dividing by zero: the product of the nonzero factors, divided by the
+    factor's own value when nonzero, and zero when another factor is zero (PyTorch's
+    ``scatter_reduce(..., "prod")`` does the same).  For max and min, the elements
+    equal to the result share ``dY`` equally, as with PyTorch's ``scatter_reduce``
+    (``"amax"``, ``"amin"``) and onnxgrad's ReduceMax.
+    """
+    data, _, updates = node.inputs
+    zero, one = g.scalar(0, like=updates), g.scalar(1, like=updates)
+
+    def indicator(condition):
+        return g.Where(condition, one, zero)
+
+    if node.attrs["reduction"] == "mul":
+        ones = g.private("OnesLike", data)
+        ddata = g.Mul(dY, scatter(ones, updates, "mul"))
+        is_zero = g.Equal(updates, zero, dtype="bool")
+        nonzero = g.Where(is_zero, one, updates)
+        zero_count = scatter(zeros_like_value(g, data), indicator(is_zero), "add")
+        other_zeros = g.Sub(gather(zero_count), indicator(is_zero))
+        others = g.Where(g.Equal(other_zeros, zero, dtype="bool"),
+                         g.Div(gather(scatter(ones, nonzero, "mul")), nonzero), zero)
+        return (ddata, None, g.Mul(gather(g.Mul(dY, data)), others))
+    result = node.outputs[0]
+    data_won = indicator(g.Equal(data, result, dtype="bool"))
+    update_won = indicator(g.Equal(updates, gather(result), dtype="bool"))
+    share = g.Div(dY, scatter(data_won, update_won, "add"))
+    return (g.Mul(data_won, share), None, g.Mul(update_won, gather(share)))
 
 
 # -- Where --------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ Momentum scales the first gradient by 1 instead of ``beta``; Adam's ``epsilon``
 is added after the square root and its bias correction goes into the learning
 rate; Adagrad decays its learning rate as ``R / (1 + T * decay_factor)``.
 
-These ops update weights; a gradient through them raises UnsupportedOpError
-(the ``Gradient`` op of the same domain lives with the gradient builder).
+Their outputs are plain differentiable formulas of ``R`` and the tensors,
+gradients and states (``T``, an integer count, has none): the private
+``onnxgrad::MomentumGrad``, ``AdagradGrad`` and ``AdamGrad`` recompute an
+update and return the gradients of ``R`` and of every tensor input, from the
+gradients of the new tensors and states.  (The ``Gradient`` op of the same
+domain lives with the gradient builder.)
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from onnxgrad.errors import ModelError
 from onnxgrad.ops.registry import op
 
 DOMAIN = "ai.onnx.preview.training"
+_PRIVATE = "onnxgrad"
 
 
 def _groups(name: str, inputs: tuple, per_tensor: int) -> list[tuple]:
@@ -34,7 +39,7 @@ def _scalar(x) -> float:
     return float(x.reshape(()) if hasattr(x, "reshape") else x)
 
 
-@op("Momentum", since=1, domain=DOMAIN, differentiable=("inputs",))
+@op("Momentum", since=1, domain=DOMAIN, differentiable=("R", "inputs"))
 def Momentum(xp, R, T, *inputs, alpha, beta, mode, norm_coefficient):
     if mode not in ("standard", "nesterov"):
         raise ModelError(f"Momentum: mode must be 'standard' or 'nesterov', got {mode!r}")
@@ -51,7 +56,7 @@ def Momentum(xp, R, T, *inputs, alpha, beta, mode, norm_coefficient):
     return tuple(xs + vs)
 
 
-@op("Adagrad", since=1, domain=DOMAIN, differentiable=("inputs",))
+@op("Adagrad", since=1, domain=DOMAIN, differentiable=("R", "inputs"))
 def Adagrad(xp, R, T, *inputs, decay_factor=0.0, epsilon=1e-6, norm_coefficient=0.0):
     r = _scalar(R) / (1 + _scalar(T) * decay_factor)
     xs, hs = [], []
@@ -64,7 +69,7 @@ def Adagrad(xp, R, T, *inputs, decay_factor=0.0, epsilon=1e-6, norm_coefficient=
     return tuple(xs + hs)
 
 
-@op("Adam", since=1, domain=DOMAIN, differentiable=("inputs",))
+@op("Adam", since=1, domain=DOMAIN, differentiable=("R", "inputs"))
 def Adam(xp, R, T, *inputs, alpha=0.9, beta=0.999, epsilon=1e-6, norm_coefficient=0.0,
          norm_coefficient_post=0.0):
     r, t = _scalar(R), _scalar(T)
@@ -80,3 +85,107 @@ def Adam(xp, R, T, *inputs, alpha=0.9, beta=0.999, epsilon=1e-6, norm_coefficien
         vs.append(v.astype(V.dtype, copy=False))
         hs.append(h.astype(H.dtype, copy=False))
     return tuple(xs + vs + hs)
+
+
+# -- gradients ------------------------------------------------------------------------------
+#: Per optimized tensor: the op's inputs (X, G, states…) and outputs (X_new, states…).
+_ARITY = {"Momentum": (3, 2), "Adagrad": (3, 2), "Adam": (4, 3)}
+
+
+def _rule(g, node, *douts):
+    R, T, *tensors = node.inputs
+    ins, outs = _ARITY[node.op_type]
+    n = len(tensors) // ins
+    douts = list(douts) + [None] * (outs * n - len(douts))
+    grads = g.private(f"{node.op_type}Grad", R, T, *tensors, *douts, num_outputs=1 + len(tensors),
+                      dtype=g.dtype(tensors[0]), **node.attrs)
+    return (grads[0], None, *grads[1:])
+
+
+for _definition in (Momentum, Adagrad, Adam):
+    _definition.gradient(_rule)
+
+
+def _split(name: str, inputs: tuple, xp) -> tuple[list[tuple], list[tuple]]:
+    """A gradient kernel's inputs as one (X, G, states…) tuple per tensor and one tuple of
+    the gradients of its outputs (missing ones as zeros)."""
+    ins, outs = _ARITY[name]
+    n = len(inputs) // (ins + outs)
+    groups = _groups(name, inputs[:ins * n], ins)
+    douts = _groups(name, inputs[ins * n:], outs)
+    douts = [tuple(xp.zeros_like(group[0]) if d is None else d for d in ds)
+             for group, ds in zip(groups, douts)]
+    return groups, douts
+
+
+def _gathered(R, dR, groups, per_tensor):
+    """The kernel's outputs: dR in R's shape and type, then the tensor inputs' gradients in
+    the op's order (all X, then all G, then each state)."""
+    dR = dR.reshape(R.shape).astype(R.dtype, copy=False)
+    cast = [tuple(d.astype(x.dtype, copy=False) for d, x in zip(ds, group))
+            for ds, group in zip(per_tensor, groups)]
+    return (dR,) + tuple(ds[k] for k in range(len(groups[0])) for ds in cast)
+
+
+@op("MomentumGrad", domain=_PRIVATE)
+def MomentumGrad(xp, R, T, *inputs, alpha, beta, mode, norm_coefficient):
+    """Gradients of Momentum for R, each X, G and V, from those of X_new and V_new."""
+    r, t = _scalar(R), _scalar(T)
+    b = beta if t > 0 else 1.0
+    groups, douts = _split("Momentum", inputs, xp)
+    dR, per_tensor = xp.zeros(()), []
+    for (X, G, V), (dx, dv) in zip(groups, douts):
+        g = norm_coefficient * X + G
+        v = alpha * V + b * g
+        if mode == "standard":           # x = X - r v
+            dR = dR - xp.sum(dx * v)
+            dv, dg = dv - r * dx, 0
+        else:                             # x = X - r (g + alpha v)
+            dR = dR - xp.sum(dx * (g + alpha * v))
+            dv, dg = dv - r * alpha * dx, -r * dx
+        dg = dg + b * dv
+        per_tensor.append((dx + norm_coefficient * dg, dg, alpha * dv))
+    return _gathered(R, dR, groups, per_tensor)
+
+
+@op("AdagradGrad", domain=_PRIVATE)
+def AdagradGrad(xp, R, T, *inputs, decay_factor=0.0, epsilon=1e-6, norm_coefficient=0.0):
+    """Gradients of Adagrad for R, each X, G and H, from those of X_new and H_new."""
+    decay = 1 + _scalar(T) * decay_factor
+    r = _scalar(R) / decay
+    groups, douts = _split("Adagrad", inputs, xp)
+    dR, per_tensor = xp.zeros(()), []
+    for (X, G, H), (dx, dh) in zip(groups, douts):
+        g = norm_coefficient * X + G
+        root = xp.sqrt(H + g * g)
+        denominator = root + epsilon
+        dR = dR - xp.sum(dx * g / denominator) / decay      # x = X - r g / (sqrt(h) + eps)
+        dq = -r * dx
+        dh = dh - dq * g / denominator ** 2 / (2 * root)
+        dg = dq / denominator + 2 * g * dh
+        per_tensor.append((dx + norm_coefficient * dg, dg, dh))
+    return _gathered(R, dR, groups, per_tensor)
+
+
+@op("AdamGrad", domain=_PRIVATE)
+def AdamGrad(xp, R, T, *inputs, alpha=0.9, beta=0.999, epsilon=1e-6, norm_coefficient=0.0,
+             norm_coefficient_post=0.0):
+    """Gradients of Adam for R, each X, G, V and H, from those of X_new, V_new and H_new."""
+    r, t = _scalar(R), _scalar(T)
+    correction = (1 - beta ** t) ** 0.5 / (1 - alpha ** t) if t > 0 else 1.0
+    r = r * correction
+    groups, douts = _split("Adam", inputs, xp)
+    dR, per_tensor = xp.zeros(()), []
+    for (X, G, V, H), (dx, dv, dh) in zip(groups, douts):
+        g = norm_coefficient * X + G
+        v = alpha * V + (1 - alpha) * g
+        root = xp.sqrt(beta * H + (1 - beta) * (g * g))
+        denominator = root + epsilon
+        dinner = (1 - norm_coefficient_post) * dx          # x = (1 - post) (X - r v / s)
+        dR = dR - correction * xp.sum(dinner * v / denominator)
+        dstep = -r * dinner
+        dv = dv + dstep / denominator
+        dh = dh - dstep * v / denominator ** 2 / (2 * root)
+        dg = (1 - alpha) * dv + 2 * (1 - beta) * g * dh
+        per_tensor.append((dinner + norm_coefficient * dg, dg, alpha * dv, beta * dh))
+    return _gathered(R, dR, groups, per_tensor)

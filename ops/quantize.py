@@ -4,9 +4,15 @@ integer products QLinearMatMul, MatMulInteger, ConvInteger and QLinearConv.
 Scales and zero points are per tensor (scalars), per axis (1-D along
 ``axis``) or, from opset 21, per block (``block_size`` elements along
 ``axis``).  Integer targets round half to even and saturate; float8 targets
-saturate unless ``saturate=0``.  Forward only: the real-valued inputs of
-QuantizeLinear, DequantizeLinear and DynamicQuantizeLinear are declared
-differentiable without a rule (no straight-through estimator is assumed).
+saturate unless ``saturate=0``.
+
+Gradients: DequantizeLinear's ``x_scale`` has one (``y = (x - zero_point) ·
+scale`` is linear in the scale).  The real-valued inputs of QuantizeLinear and
+DynamicQuantizeLinear are declared differentiable without a rule, so a gradient
+through them raises UnsupportedOpError: their quantized outputs are rounded
+(zero derivative almost everywhere) and a straight-through estimator is a
+training convention the spec does not define; DynamicQuantizeLinear's float
+``y_scale`` output has no rule either.
 """
 
 from __future__ import annotations
@@ -83,13 +89,52 @@ def QuantizeLinear(xp, x, y_scale, y_zero_point=None, *, axis=1, saturate=1, blo
     raise ModelError(f"QuantizeLinear: {name} is not a quantized type")
 
 
+def _centred(xp, x, x_scale, x_zero_point, axis, block_size):
+    """``x - x_zero_point`` as floats: float32, or float64 for a float64 scale (which
+    onnxgrad accepts beyond the spec, for float64 gradient checks)."""
+    work = x_scale.dtype if x_scale.dtype == xp.float64 else xp.float32
+    dx = x.astype(work)
+    if x_zero_point is not None and not x.dtype.name.startswith(("float8", "float4")):
+        dx = dx - _broadcastable(xp, x_zero_point, x.shape, axis, block_size).astype(work)
+    return dx
+
+
 @op("DequantizeLinear", since=10, differentiable=("x_scale",))
 def DequantizeLinear(xp, x, x_scale, x_zero_point=None, *, axis=1, block_size=0, output_dtype=0):
-    dx = x.astype(xp.float32)
-    if x_zero_point is not None and not x.dtype.name.startswith(("float8", "float4")):
-        dx = dx - _broadcastable(xp, x_zero_point, x.shape, axis, block_size).astype(xp.float32)
-    y = dx * _broadcastable(xp, x_scale, x.shape, axis, block_size).astype(xp.float32)
+    dx = _centred(xp, x, x_scale, x_zero_point, axis, block_size)
+    y = dx * _broadcastable(xp, x_scale, x.shape, axis, block_size).astype(dx.dtype)
     return (y.astype(_np_dtype(output_dtype) if output_dtype else x_scale.dtype),)
+
+
+@DequantizeLinear.gradient
+def _(g, node, dY):
+    x, x_scale, *zero_point = node.inputs
+    attrs = {k: node.attrs[k] for k in ("axis", "block_size")}
+    dscale = g.private("DequantizeLinearGrad", dY, x, x_scale, *zero_point,
+                       dtype=g.dtype(x_scale), **attrs)
+    return (None, dscale) + (None,) * len(zero_point)
+
+
+@op("DequantizeLinearGrad", domain="onnxgrad")
+def DequantizeLinearGrad(xp, dY, x, x_scale, x_zero_point=None, *, axis=1, block_size=0):
+    """The gradient for x_scale: ``dY * (x - x_zero_point)`` summed over the elements
+    that share each scale (all of them, a slice along ``axis``, or a block of it)."""
+    dx = _centred(xp, x, x_scale, x_zero_point, axis, block_size)
+    terms = dY.astype(dx.dtype, copy=False) * dx
+    if x_scale.ndim == 0 or x_scale.size == 1 and not block_size:
+        total = terms.sum().reshape(x_scale.shape)
+    elif not block_size:
+        axis = axis % x.ndim
+        total = terms.sum(axis=tuple(i for i in range(x.ndim) if i != axis))
+    else:
+        axis = axis % x.ndim
+        blocks = x_scale.shape[axis]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, blocks * block_size - x.shape[axis])  # a last block cut short
+        terms = xp.pad(terms, pad)
+        total = terms.reshape(terms.shape[:axis] + (blocks, block_size)
+                              + terms.shape[axis + 1:]).sum(axis=axis + 1)
+    return (total.astype(x_scale.dtype),)
 
 
 @op("DynamicQuantizeLinear", since=11, differentiable=("x",))

@@ -307,7 +307,8 @@ def _scalar(value, name: str):
     return a.reshape(())
 
 
-@op("Range", since=11, host_inputs=("start", "limit", "delta"))
+@op("Range", since=11, differentiable=("start", "delta"),
+    host_inputs=("start", "limit", "delta"))
 def Range(xp, start, limit, delta):
     # Scalars by the spec; exporters also feed one-element 1-D tensors (which int()
     # rejects from NumPy 2.4 on), so read the single element explicitly.
@@ -320,6 +321,17 @@ def Range(xp, start, limit, delta):
     count = max(int(math.ceil((float(limit) - float(start)) / float(delta))), 0)
     out = (start + delta * np.arange(count, dtype=dtype)).astype(dtype)
     return (xp.asarray(out),)
+
+
+@Range.gradient
+def _(g, node, dY):
+    # Y[i] = start + i * delta; limit only sets the count (a step function: no gradient).
+    start, limit, delta = node.inputs
+    count = std.cast_like(g, g.Size(node.outputs[0], dtype="int64"), start)
+    steps = g.Range(std.like(g, 0, start), count, std.like(g, 1, start))
+    dstart = g.ReduceSum(dY, keepdims=0)
+    ddelta = g.ReduceSum(g.Mul(dY, steps), keepdims=0)
+    return (g.Reshape(dstart, g.shape_of(start)), None, g.Reshape(ddelta, g.shape_of(delta)))
 
 
 @op("ConstantOfShape", since=9, host_inputs=("input",))

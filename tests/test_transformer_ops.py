@@ -291,16 +291,6 @@ def test_reduce_max_ties_share_the_gradient():
     np.testing.assert_allclose(grad, [[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
 
 
-def test_scatter_with_mul_reduction_has_no_gradient_rule():
-    data = np.ones((3,), dtype=np.float64)
-    upd = np.ones((1,), dtype=np.float64)
-    model = _single("ScatterElements", ["data", "idx", "upd"], {"reduction": "mul"},
-                    {"data": data, "upd": upd, "idx": np.array([1], dtype=np.int64)}, [3])
-    with pytest.raises(UnsupportedOpError, match="ScatterElements"):
-        onnxgrad.Trainer(onnxgrad.load(model), loss=None, output="loss",
-                         optimizer=onnxgrad.SGD(lr=0.0), trainable=["data"])
-
-
 def test_shape_subgraph_stays_on_host_and_folds():
     """Shape -> Gather -> Unsqueeze -> Concat -> Reshape, as the TorchScript exporter writes it."""
     X = onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", 6])
