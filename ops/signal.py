@@ -2,8 +2,15 @@
 
 Complex tensors are real tensors with a last axis of 2 (real, imaginary); a
 last axis of 1 holds a real signal.  Transforms use ``xp.fft`` in the input's
-precision (float32 stays single) and return the input's type.  Forward only
-(DFT's and STFT's inputs are declared differentiable without a rule).
+precision (float32 stays single) and return the input's type.
+
+Both transforms are linear, so their gradients are adjoints, computed by the
+private ``onnxgrad::DFTGrad`` and ``onnxgrad::STFTGrad``: ``A^H dY`` for a
+complex-linear map ``A`` (an inverse transform for a forward one, with the
+padding or truncation to ``dft_length`` undone), and for a one-sided inverse
+(``irfft``, whose input's bins other than the first and the Nyquist ones count
+twice through their Hermitian mirror images) the weighted one-sided transform.
+A real input's gradient is the real part.
 """
 
 from __future__ import annotations
@@ -35,19 +42,37 @@ def _pair(xp, z, dtype):
     return xp.stack([z.real, z.imag], axis=-1).astype(dtype)
 
 
+def _gradient_of(xp, z, like_last: int, dtype):
+    """The gradient of a signal (last axis ``like_last``) from its complex gradient ``z``."""
+    return z.real[..., None].astype(dtype) if like_last == 1 else _pair(xp, z, dtype)
+
+
+def _fit(xp, z, length: int, axis: int):
+    """``z`` truncated or zero-padded to ``length`` along ``axis``."""
+    if z.shape[axis] >= length:
+        return xp.take(z, xp.arange(length), axis=axis)
+    pad = [(0, 0)] * z.ndim
+    pad[axis] = (0, length - z.shape[axis])
+    return xp.pad(z, pad)
+
+
 def _scalar_int(value) -> int:
     return int(value.reshape(-1)[0]) if hasattr(value, "reshape") else int(value)
 
 
-def _dft(xp, input, dft_length, axis, inverse, onesided):
-    axis = axis % input.ndim
-    if axis == input.ndim - 1:
+def _dft_geometry(shape, dft_length, axis, inverse, onesided):
+    """``(axis, n)``: the transformed axis (non-negative) and the transform's length."""
+    axis = axis % len(shape)
+    if axis == len(shape) - 1:
         raise ModelError("DFT: axis must not be the last (real/imaginary) axis")
+    if dft_length is not None:
+        return axis, _scalar_int(dft_length)
+    return axis, 2 * (shape[axis] - 1) if inverse and onesided else shape[axis]
+
+
+def _dft(xp, input, dft_length, axis, inverse, onesided):
+    axis, n = _dft_geometry(input.shape, dft_length, axis, inverse, onesided)
     z = _complex(xp, input)
-    if dft_length is None:
-        n = 2 * (input.shape[axis] - 1) if inverse and onesided else input.shape[axis]
-    else:
-        n = _scalar_int(dft_length)
     if inverse:
         if onesided:  # one-sided spectrum in, real signal out
             return (xp.fft.irfft(z, n=n, axis=axis)[..., None].astype(input.dtype),)
@@ -69,21 +94,61 @@ def DFT17(xp, input, dft_length=None, *, axis=1, inverse=0, onesided=0):
     return _dft(xp, input, dft_length, axis, inverse, onesided)
 
 
+@DFT.gradient
+@DFT17.gradient
+def _(g, node, dY):
+    input, dft_length, axis = (list(node.inputs) + ["", ""])[:3]
+    if "axis" in node.attrs:  # opset 17: an attribute
+        axis = g.ints([node.attrs["axis"]])
+    grad = g.private("DFTGrad", dY, g.shape_of(input), dft_length or None, axis or None,
+                     inverse=node.attrs["inverse"], onesided=node.attrs["onesided"])
+    return (grad,) + (None,) * (len(node.inputs) - 1)
+
+
+@op("DFTGrad", domain="onnxgrad", host_inputs=("input_shape", "dft_length", "axis"))
+def DFTGrad(xp, dY, input_shape, dft_length=None, axis=None, *, inverse=0, onesided=0):
+    """The gradient of DFT's input (of shape ``input_shape``) from its output's, ``dY``."""
+    shape = tuple(int(d) for d in input_shape)
+    axis, n = _dft_geometry(shape, dft_length, -2 if axis is None else _scalar_int(axis),
+                            inverse, onesided)
+    dz = _complex(xp, dY)
+    if inverse and onesided:  # y = irfft(x): bins with a mirror image count twice
+        weight = xp.full(n // 2 + 1, 2.0 / n)
+        weight[0] = 1.0 / n
+        if n % 2 == 0:
+            weight[-1] = 1.0 / n
+        view = [1] * dz.ndim
+        view[axis] = n // 2 + 1
+        grad = xp.fft.rfft(dz.real, n=n, axis=axis) * weight.reshape(view).astype(dz.real.dtype)
+    elif inverse:  # y = conj(F) x / n
+        grad = xp.fft.fft(dz, n=n, axis=axis) / n
+    else:  # y = F x (its first n // 2 + 1 bins if one-sided): the rest of dY is zero
+        grad = xp.fft.ifft(dz, n=n, axis=axis) * n
+    return (_gradient_of(xp, _fit(xp, grad, shape[axis], axis), shape[-1], dY.dtype),)
+
+
+def _stft_frames(signal_length: int, step: int, length: int):
+    """The start of each frame."""
+    frames = 1 + (signal_length - length) // step
+    if frames < 1:
+        raise ModelError(f"STFT: a signal of {signal_length} samples holds no frame of {length}")
+    return [i * step for i in range(frames)]
+
+
+def _stft_length(frame_length, window) -> int:
+    if frame_length is not None:
+        return _scalar_int(frame_length)
+    if window is not None:
+        return int(window.shape[0])
+    raise ModelError("STFT needs a window or a frame_length")
+
+
 @op("STFT", since=17, differentiable=("signal", "window"),
     host_inputs=("frame_step", "frame_length"))
 def STFT(xp, signal, frame_step, window=None, frame_length=None, *, onesided=1):
-    step = _scalar_int(frame_step)
-    if frame_length is not None:
-        length = _scalar_int(frame_length)
-    elif window is not None:
-        length = int(window.shape[0])
-    else:
-        raise ModelError("STFT needs a window or a frame_length")
+    length = _stft_length(frame_length, window)
     z = _complex(xp, signal)  # [batch, samples]
-    frames = 1 + (z.shape[1] - length) // step
-    if frames < 1:
-        raise ModelError(f"STFT: a signal of {z.shape[1]} samples holds no frame of {length}")
-    starts = xp.arange(frames) * step
+    starts = xp.asarray(_stft_frames(z.shape[1], _scalar_int(frame_step), length))
     index = starts[:, None] + xp.arange(length)[None, :]
     framed = z[:, index]  # [batch, frames, length]
     if window is not None:
@@ -92,6 +157,33 @@ def STFT(xp, signal, frame_step, window=None, frame_length=None, *, onesided=1):
     if onesided:
         out = out[..., :length // 2 + 1]
     return (_pair(xp, out, signal.dtype),)
+
+
+@STFT.gradient
+def _(g, node, dY):
+    signal, frame_step, window, frame_length = (list(node.inputs) + ["", ""])[:4]
+    grads = g.private("STFTGrad", dY, signal, frame_step, window or None, frame_length or None,
+                      onesided=node.attrs["onesided"], num_outputs=2)
+    return (grads[0], None, grads[1] if window else None, None)[:len(node.inputs)]
+
+
+@op("STFTGrad", domain="onnxgrad", host_inputs=("frame_step", "frame_length"))
+def STFTGrad(xp, dY, signal, frame_step, window=None, frame_length=None, *, onesided=1):
+    """Gradients of STFT's signal and window (an empty array without a window) from dY."""
+    length = _stft_length(frame_length, window)
+    z = _complex(xp, signal)
+    starts = _stft_frames(z.shape[1], _scalar_int(frame_step), length)
+    # the gradient of each windowed frame: the adjoint of its (one-sided) transform
+    dframe = xp.fft.ifft(_complex(xp, dY), n=length, axis=-1) * length  # [batch, frames, length]
+    dwindow = xp.zeros((0,), dtype=signal.dtype)
+    if window is not None:
+        index = xp.asarray(starts)[:, None] + xp.arange(length)[None, :]
+        dwindow = (dframe.conj() * z[:, index]).real.sum(axis=(0, 1)).astype(window.dtype)
+        dframe = dframe * window.astype(dframe.real.dtype)
+    dz = xp.zeros(z.shape, dtype=dframe.dtype)
+    for f, start in enumerate(starts):  # overlapping frames add up
+        dz[:, start:start + length] += dframe[:, f]
+    return (_gradient_of(xp, dz, signal.shape[-1], signal.dtype), dwindow)
 
 
 # -- windows --------------------------------------------------------------------------------
