@@ -24,10 +24,9 @@ from onnxgrad.ops import (  # noqa: F401,E402
     reduce,
     shape,
     conv, dropout, nonlinear, normalization, pool, resize,  # CNN ops
-    attention, indexing, logic, math, reduce_ext, tensor,  # transformer and index ops
-    castlike, control, detection, grid, misc, ml_extra, preview_training, quantize, random,
+    attention, indexing, logic, math, tensor,  # transformer and index ops
+    castlike, control, detection, grid, preview_training, quantize, random,
     rnn, sequence, signal, text,  # conformance
-    cumprod, deform_conv, flex_attention, gated, linear_attention, pool_extra, rotary,
-    scatter_extra,  # conformance follow-ups
-    ml_linear, ml_svm,  # ai.onnx.ml linear models, scalers and SVMs
+    deform_conv, flex_attention, gated, linear_attention, rotary,  # conformance follow-ups
+    ml_linear, ml_svm, ml_tree,  # ai.onnx.ml linear models, scalers, SVMs and tree ensembles
 )

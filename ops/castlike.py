@@ -1,10 +1,14 @@
-"""CastLike, and the element-type conversion it shares with the other casting paths.
+"""CastLike and BitCast, and the element-type conversion CastLike shares with the other
+casting paths.
 
 :func:`cast_array` converts between every element type NumPy can hold,
 including those ``ml_dtypes`` adds (bfloat16, the float8 family, 4- and 2-bit
 integers, float4), with ONNX's ``saturate`` rule for float8 targets and its
 ``round_mode`` for float8e8m0.  Types outside NumPy's own (strings, ml_dtypes)
 exist only on the host.
+
+BitCast (opset 26) reinterprets each element's bytes as another type of the
+same size; it has no gradient.
 """
 
 from __future__ import annotations
@@ -71,3 +75,19 @@ def _(g, node, dY):
     if not is_float(src):
         return (None, None)  # an integer input has no gradient
     return (g.op("Cast", dY, to=onnx_type(src), dtype=src), None)
+
+
+# -- BitCast --------------------------------------------------------------------------------
+
+@op("BitCast", since=26)
+def BitCast(xp, input, *, to):
+    from onnx.helper import tensor_dtype_to_np_dtype  # noqa: PLC0415 - type codes only
+
+    if int(to) == 8 or input.dtype.kind in "OUS":
+        raise ModelError("BitCast to or from strings is not defined")
+    dtype = tensor_dtype_to_np_dtype(int(to))
+    if xp.dtype(dtype).itemsize != input.dtype.itemsize:
+        raise ModelError(f"BitCast from {input.dtype} to {xp.dtype(dtype)}: the element sizes "
+                         "differ")
+    x = input if input.flags.c_contiguous else input.copy()  # (ascontiguousarray makes 0-d 1-d)
+    return (x.view(dtype),)

@@ -1,4 +1,5 @@
-"""Convolutions: Conv and ConvTranspose, 1-D to 3-D, with their gradient kernels.
+"""Convolutions: Conv and ConvTranspose, 1-D to 3-D, with their gradient kernels,
+and Col2Im.
 
 Both are written with three array helpers shared with pooling (``ops/pool.py``):
 
@@ -22,6 +23,10 @@ private ops of the ``onnxgrad`` domain (``ConvGradX``, ``ConvGradW``,
 that the planner prunes the ones a training step does not need (e.g. the input
 gradient of the first layer).  They take the forward node's attributes and
 recompute padding from the input's shape, so every ``auto_pad`` mode works.
+
+Col2Im (opset 18) adds blocks given as columns back onto an image of any
+spatial rank, one strided slice per block offset; its gradient, the private
+``Col2ImGrad``, is im2col: it gathers each block's columns back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 
+from onnxgrad.errors import ModelError
 from onnxgrad.ops import depthwise, winograd
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
@@ -655,3 +661,74 @@ def _(g, node):
     group = node.attrs.get("group", 1)
     return (_standard_weight_grad(g, dfull, X, kernel, strides, dilations, [0] * 2 * len(sp),
                                   _groups(group, w_static[1], w_static[0] // group)),)
+
+
+# -- Col2Im ---------------------------------------------------------------------------------
+
+@op("Col2Im", since=18, differentiable=("input",), host_inputs=("image_shape", "block_shape"))
+def Col2Im(xp, input, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+    image = [int(v) for v in image_shape]
+    block = [int(v) for v in block_shape]
+    nd = len(image)
+    dil = [int(v) for v in dilations] if dilations else [1] * nd
+    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
+    stride = [int(v) for v in strides] if strides else [1] * nd
+    n, ck, length = input.shape
+    k = math.prod(block)
+    if ck % k:
+        raise ModelError(f"Col2Im: input dimension 1 ({ck}) is not divisible by the block "
+                         f"size {k}")
+    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
+              for i in range(nd)]
+    if math.prod(counts) != length:
+        raise ModelError(f"Col2Im: {length} columns do not fit {counts} blocks")
+    cols = input.reshape([n, ck // k] + block + counts)
+    padded = [image[i] + pad[i] + pad[i + nd] for i in range(nd)]
+    out = xp.zeros([n, ck // k] + padded, dtype=input.dtype)
+    for offset, window in _col2im_windows(block, counts, dil, stride):
+        out[window] += cols[(slice(None), slice(None)) + offset]
+    crop = [slice(None), slice(None)] + [slice(pad[i], pad[i] + image[i]) for i in range(nd)]
+    return (out[tuple(crop)],)
+
+
+def _col2im_windows(block, counts, dil, stride):
+    """For each block offset, the (strided) slice of the padded image its columns cover."""
+    for offset in _product(block):
+        yield tuple(offset), (slice(None), slice(None)) + tuple(
+            slice(offset[i] * dil[i], offset[i] * dil[i] + (counts[i] - 1) * stride[i] + 1,
+                  stride[i]) for i in range(len(block)))
+
+
+@Col2Im.gradient
+def _(g, node, dY):
+    input, image_shape, block_shape = node.inputs
+    attrs = {k: v for k, v in node.attrs.items() if v is not None}
+    return (g.private("Col2ImGrad", dY, image_shape, block_shape, **attrs), None, None)
+
+
+@op("Col2ImGrad", domain="onnxgrad", host_inputs=("image_shape", "block_shape"))
+def Col2ImGrad(xp, dY, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+    """Im2Col of ``dY``: the adjoint of Col2Im gathers each block's columns back."""
+    image = [int(v) for v in image_shape]
+    block = [int(v) for v in block_shape]
+    nd = len(image)
+    dil = [int(v) for v in dilations] if dilations else [1] * nd
+    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
+    stride = [int(v) for v in strides] if strides else [1] * nd
+    n, c = dY.shape[:2]
+    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
+              for i in range(nd)]
+    padded = xp.pad(dY, [(0, 0), (0, 0)] + [(pad[i], pad[i + nd]) for i in range(nd)])
+    cols = xp.empty([n, c] + block + counts, dtype=dY.dtype)
+    for offset, window in _col2im_windows(block, counts, dil, stride):
+        cols[(slice(None), slice(None)) + offset] = padded[window]
+    return (cols.reshape(n, c * math.prod(block), math.prod(counts)),)
+
+
+def _product(dims):
+    if not dims:
+        yield ()
+        return
+    for i in range(dims[0]):
+        for rest in _product(dims[1:]):
+            yield (i,) + rest

@@ -1,12 +1,24 @@
 """Indexing: Gather, GatherElements, GatherND, ScatterElements, ScatterND,
-Where, OneHot, TopK, NonZero, Trilu, CumSum and ArgMin.
+Scatter, TensorScatter, Where, OneHot, TopK, NonZero, Compress, Unique, Trilu,
+CumSum, CumProd and ArgMin.
 
 Gradients of the gathers scatter and *add* into the positions read, so an
 index that repeats (a token that occurs twice in a batch) collects every
 contribution.  The private ``onnxgrad::*Grad`` kernels here do that with
 ``xp.bincount`` over flat positions (``add.at`` on CuPy, whose bincount reads the host).
 ScatterElements and ScatterND have gradients for every reduction (none, add,
-mul, max, min; see :func:`_reduction_gradients`), written in standard ops.
+mul, max, min; see :func:`_reduction_gradients`), written in standard ops;
+Scatter (opset 9) is the deprecated name of ScatterElements.
+
+TensorScatter (opset 24) writes ``update`` into a copy of ``past_cache`` (a KV
+cache) along ``axis``, starting at ``write_indices[b]`` for batch ``b``
+(wrapping around the axis in ``circular`` mode).  Its gradient is one private
+op: for ``update``, ``dY`` gathered at the written positions; for
+``past_cache``, ``dY`` with those positions zeroed.  Compress's gradient puts
+``dY`` back where Compress took it from (private ``CompressGrad``).
+
+CumSum's gradient is the running sum in the other direction; CumProd's
+(opset 26, private ``CumProdGrad``) needs no division, so inputs may be zero.
 
 Index inputs may be negative (counted from the end, opset 11 on); the kernels
 normalise them.  Shape-arithmetic operands that live on the host stay there
@@ -14,6 +26,8 @@ normalise them.  Shape-arithmetic operands that live on the host stay there
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np  # the host fallback of scatter reductions CuPy lacks (see _apply_at)
 
@@ -324,6 +338,94 @@ def _reduction_gradients(g, node, dY, gather, scatter):
     return (g.Mul(data_won, share), None, g.Mul(update_won, gather(share)))
 
 
+# -- Scatter (opset 9) ----------------------------------------------------------------------
+
+@op("Scatter", since=9, differentiable=("data", "updates"))
+def Scatter(xp, data, indices, updates, *, axis=0):
+    return ScatterElements.kernel(xp, data, indices, updates, axis=axis)
+
+
+@Scatter.gradient
+def _(g, node, dY):
+    data, indices, updates = node.inputs
+    axis = node.attrs["axis"]
+    return (g.ScatterElements(dY, indices, zeros_like_value(g, updates), axis=axis), None,
+            g.GatherElements(dY, indices, axis=axis))
+
+
+# -- TensorScatter --------------------------------------------------------------------------
+
+def _index(xp, past_shape, update_shape, write_indices, axis, mode):
+    """Advanced indices into the cache viewed as (batch, rest, axis) for the positions
+    written, one per element of the update viewed as (batch, rest, length)."""
+    if mode not in ("linear", "circular"):
+        raise ValueError(f"TensorScatter: unknown mode {mode!r}")
+    for i, (p, u) in enumerate(zip(past_shape, update_shape)):
+        if i != axis and p != u or i == axis and u > p:
+            raise ValueError(f"TensorScatter: update {tuple(update_shape)} does not fit the cache "
+                             f"{tuple(past_shape)} along axis {axis}")
+    batch, length, size = past_shape[0], update_shape[axis], past_shape[axis]
+    rest = 1
+    for i in range(1, len(past_shape)):
+        if i != axis:
+            rest *= past_shape[i]
+    start = xp.zeros(batch, dtype="int64") if write_indices is None else \
+        xp.asarray(write_indices).reshape(-1).astype("int64", copy=False)
+    pos = start[:, None] + xp.arange(length, dtype="int64")[None, :]      # (batch, length)
+    if mode == "circular":
+        pos = pos % size
+    elif length and bool((pos[:, -1] >= size).any()):
+        raise ValueError(f"TensorScatter: writing {length} positions from {start.tolist()} "
+                         f"overflows the cache axis of length {size} (linear mode)")
+    return (xp.arange(batch)[:, None, None], xp.arange(rest)[None, :, None], pos[:, None, :])
+
+
+def _rows(xp, a, axis):
+    """``a`` as (batch, rest, axis): the batch axis first, ``axis`` last."""
+    return xp.moveaxis(a, axis, -1).reshape(a.shape[0], -1, a.shape[axis])
+
+
+def _unrows(xp, rows, shape, axis):
+    moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+    return xp.ascontiguousarray(xp.moveaxis(rows.reshape(moved), -1, axis))
+
+
+@op("TensorScatter", since=24, differentiable=("past_cache", "update"))
+def TensorScatter(xp, past_cache, update, write_indices=None, *, axis=-2, mode="linear"):
+    axis = norm_axis(axis, past_cache.ndim)
+    if axis == 0:
+        raise ValueError("TensorScatter: axis 0 is the batch axis")
+    index = _index(xp, past_cache.shape, update.shape, write_indices, axis, mode)
+    out = _rows(xp, past_cache, axis).copy()
+    out[index] = _rows(xp, update, axis)
+    return (_unrows(xp, out, past_cache.shape, axis),)
+
+
+@TensorScatter.gradient
+def _(g, node, dY):
+    past, update, *rest = node.inputs
+    indices = rest[0] if rest and rest[0] else None
+    attrs = dict(axis=node.attrs["axis"], mode=node.attrs["mode"])
+    d_past = g.private("TensorScatterGrad", dY, g.shape_of(update), indices, wrt=0, **attrs)
+    d_update = g.private("TensorScatterGrad", dY, g.shape_of(update), indices, wrt=1, **attrs)
+    return (d_past, d_update) + (None,) * len(rest)
+
+
+@op("TensorScatterGrad", domain="onnxgrad", host_inputs=("update_shape",))
+def TensorScatterGrad(xp, dY, update_shape, write_indices=None, *, axis=-2, mode="linear",
+                      wrt=0):
+    """wrt=0: ``dY`` with the written positions zeroed; wrt=1: ``dY`` at those positions."""
+    axis = norm_axis(axis, dY.ndim)
+    shape = tuple(int(d) for d in update_shape)
+    index = _index(xp, dY.shape, shape, write_indices, axis, mode)
+    rows = _rows(xp, dY, axis)
+    if wrt == 1:
+        return (_unrows(xp, rows[index], shape, axis),)
+    rows = rows.copy()
+    rows[index] = 0
+    return (_unrows(xp, rows, dY.shape, axis),)
+
+
 # -- Where --------------------------------------------------------------------------------------
 
 @op("Where", since=9, differentiable=("X", "Y"))
@@ -406,7 +508,64 @@ def NonZero(xp, X):
     return (mod.stack(mod.nonzero(X)).astype("int64").reshape(X.ndim, -1),)
 
 
-# -- Trilu, CumSum, ArgMin ---------------------------------------------------------------------------
+# -- Compress and Unique --------------------------------------------------------------------
+
+@op("Compress", since=9, differentiable=("input",))
+def Compress(xp, input, condition, *, axis=None):
+    cond = condition.astype(bool).reshape(-1)
+    if axis is None:
+        flat = input.reshape(-1)
+        return (flat[:cond.size][cond[:flat.size]],)
+    axis = axis % input.ndim
+    n = input.shape[axis]
+    index = xp.nonzero(cond[:n])[0]
+    return (xp.take(input, index, axis=axis),)
+
+
+@Compress.gradient
+def _(g, node, dY):
+    input, condition = node.inputs
+    axis = node.attrs["axis"]
+    kw = {} if axis is None else {"axis": axis}
+    return (g.private("CompressGrad", dY, g.shape_of(input), condition, **kw), None)
+
+
+@op("CompressGrad", domain="onnxgrad", host_inputs=("input_shape",))
+def CompressGrad(xp, dY, input_shape, condition, *, axis=None):
+    """``dY`` put back where Compress took it from, zeros elsewhere."""
+    shape = tuple(int(d) for d in input_shape)
+    cond = condition.astype(bool).reshape(-1)
+    if axis is None:
+        size = math.prod(shape)
+        flat = xp.zeros(size, dtype=dY.dtype)
+        flat[xp.nonzero(cond[:size])[0]] = dY.reshape(-1)
+        return (flat.reshape(shape),)
+    axis = axis % len(shape)
+    dX = xp.zeros(shape, dtype=dY.dtype)
+    index = [slice(None)] * len(shape)
+    index[axis] = xp.nonzero(cond[:shape[axis]])[0]
+    dX[tuple(index)] = dY
+    return (dX,)
+
+
+@op("Unique", since=11)
+def Unique(xp, X, *, axis=None, sorted=1):
+    data = X.reshape(-1) if axis is None else X
+    a = 0 if axis is None else axis % X.ndim
+    y, first, inverse, counts = xp.unique(data, return_index=True, return_inverse=True,
+                                          return_counts=True, axis=None if axis is None else a)
+    inverse = inverse.reshape(-1)
+    if not sorted:  # in order of first occurrence
+        order = xp.argsort(first, kind="stable")
+        rank = xp.empty_like(order)
+        rank[order] = xp.arange(order.size)
+        first, counts, inverse = first[order], counts[order], rank[inverse]
+        y = xp.take(data, first, axis=a)
+    i64 = xp.int64
+    return y, first.astype(i64), inverse.astype(i64), counts.astype(i64)
+
+
+# -- Trilu, CumSum, CumProd, ArgMin ---------------------------------------------------------------
 
 @op("Trilu", since=14, differentiable=("input",), host_inputs=("k",))
 def Trilu(xp, input, k=None, *, upper=1):
@@ -458,6 +617,53 @@ def _(g, node, dY):
     a = node.attrs
     # The adjoint of a running sum is the running sum in the other direction.
     return (g.CumSum(dY, axis, exclusive=a["exclusive"], reverse=1 - int(a["reverse"])), None)
+
+
+@op("CumProd", since=26, differentiable=("x",), host_inputs=("axis",))
+def CumProd(xp, x, axis, *, exclusive=0, reverse=0):
+    return (running_scan(xp, "cumprod", 1, x, axis, exclusive, reverse),)
+
+
+@CumProd.gradient
+def _(g, node, dY):
+    x, axis = node.inputs
+    a = node.attrs
+    return (g.private("CumProdGrad", dY, x, axis, exclusive=a["exclusive"],
+                      reverse=a["reverse"]), None)
+
+
+@op("CumProdGrad", domain="onnxgrad", host_inputs=("axis",))
+def CumProdGrad(xp, dY, x, axis, *, exclusive=0, reverse=0):
+    """The gradient of CumProd with respect to ``x``, with no division (inputs may be zero).
+
+    For the inclusive forward running product ``y_i = x_0 ⋯ x_i``,
+
+        dx_k = Σ_{i≥k} dy_i ∂y_i/∂x_k = E_k · S_k,   E_k = x_0 ⋯ x_{k-1},
+        S_k = dy_k + x_{k+1} · S_{k+1}               (S_{n-1} = dy_{n-1}),
+
+    a running product and one reverse recurrence along the axis.  ``reverse``
+    flips the axis around that; ``exclusive`` shifts ``dy`` by one position
+    (``y^excl_i = y^incl_{i-1}``).
+    """
+    axis = norm_axis(ints(axis)[0], x.ndim)
+    x = xp.moveaxis(x, axis, 0)
+    d = xp.moveaxis(dY, axis, 0)
+    if reverse:
+        x, d = x[::-1], d[::-1]
+    n = x.shape[0]
+    if n == 0:
+        return (xp.zeros_like(dY),)
+    if exclusive:  # y_i depends on x_0..x_{i-1}: the inclusive case with dy moved back by one
+        d = xp.concatenate([d[1:], xp.zeros_like(d[:1])])
+    before = shift_along(xp, xp.cumprod(x, axis=0, dtype=x.dtype), 0, 1)  # E_k
+    S = xp.empty_like(d)
+    S[n - 1] = d[n - 1]
+    for k in range(n - 2, -1, -1):
+        S[k] = d[k] + x[k + 1] * S[k + 1]
+    dx = before * S
+    if reverse:
+        dx = dx[::-1]
+    return (xp.ascontiguousarray(xp.moveaxis(dx, 0, axis)),)
 
 
 @op("ArgMin", since=1)  # integer output: nothing to differentiate

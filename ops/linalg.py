@@ -1,4 +1,8 @@
-"""Matrix products: Gemm and MatMul."""
+"""Matrix products, Gemm and MatMul, and the determinant, Det.
+
+Det's gradient is the private ``DetGrad``: ``dY`` times the cofactor matrix,
+computed from the SVD so that it is exact for singular matrices too.
+"""
 
 from __future__ import annotations
 
@@ -150,3 +154,33 @@ def MatMulGrad(xp, dY, A, B, *, wrt=0):
     if B.ndim == 1:
         grad = grad[..., 0]
     return SumToShape(xp, grad, B.shape)
+
+
+# -- Det ------------------------------------------------------------------------------------
+
+@op("Det", since=11, differentiable=("X",))
+def Det(xp, X):
+    if X.dtype.kind != "f" or X.dtype.itemsize < 4:  # float16, bfloat16: through float32
+        return (xp.linalg.det(X.astype(xp.float32)).astype(X.dtype),)
+    return (xp.asarray(xp.linalg.det(X)),)
+
+
+@Det.gradient
+def _(g, node, dY):
+    return (g.private("DetGrad", dY, node.inputs[0]),)
+
+
+@op("DetGrad", domain="onnxgrad")
+def DetGrad(xp, dY, X):
+    """dY times the cofactor matrix of X (the gradient of det), from the SVD X = U·S·Vᵀ:
+    cof(X) = det(U)·det(Vᵀ) · U·diag(Π_{j≠i} s_j)·Vᵀ, exact for singular X too."""
+    work = X.astype(xp.float64)
+    U, s, Vt = xp.linalg.svd(work)
+    ones = xp.ones(s.shape[:-1] + (1,), dtype=s.dtype)
+    before = xp.cumprod(xp.concatenate([ones, s[..., :-1]], axis=-1), axis=-1)
+    after = xp.flip(xp.cumprod(xp.concatenate([ones, xp.flip(s, -1)[..., :-1]], axis=-1),
+                               axis=-1), -1)
+    sign = xp.linalg.det(U) * xp.linalg.det(Vt)
+    cofactor = (U * (before * after)[..., None, :]) @ Vt
+    dX = (dY.astype(xp.float64) * sign)[..., None, None] * cofactor
+    return (dX.astype(dY.dtype),)

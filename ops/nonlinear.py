@@ -1,10 +1,11 @@
 """More activations: Clip, PRelu, HardSigmoid, HardSwish, Elu, Selu, Celu,
-Softplus, Softsign, Mish, Gelu and Erf.
+Softplus, Softsign, Mish, Gelu, Erf, Hardmax, Shrink and ThresholdedRelu.
 
 Each gradient is one fused private op of the ``onnxgrad`` domain
 (``EluGrad``…) that reads the forward input.  Where the derivative has a kink,
 the choice follows PyTorch (Clip passes the gradient at its bounds, HardSwish
-uses ``x/3 + 1/2`` on ``[-3, 3]``).
+uses ``x/3 + 1/2`` on ``[-3, 3]``).  Hardmax is piecewise constant: it has no
+gradient anywhere it exists.
 
 NumPy has no ``erf``; :func:`erf` evaluates it with array operations only: a
 positive-term series below 2.5 and a continued fraction for ``erfc`` above,
@@ -502,3 +503,72 @@ def _(g, node):
     t = g.Tanh(g.Softplus(X))
     slope = g.Add(t, g.Mul(g.Mul(X, g.Sub(std.like(g, 1, X), g.Mul(t, t))), g.Sigmoid(X)))
     return (g.Mul(dY, slope),)
+
+
+# -- Hardmax, Shrink, ThresholdedRelu -------------------------------------------------------
+
+@op("Hardmax", since=13)  # piecewise constant: no gradient anywhere it exists
+def Hardmax(xp, input, *, axis=-1):
+    if input.size == 0:
+        return (input,)
+    axis = axis % input.ndim
+    hot = xp.expand_dims(xp.argmax(input, axis=axis), axis)
+    positions = xp.arange(input.shape[axis]).reshape(
+        (-1,) + (1,) * (input.ndim - 1 - axis))
+    return ((positions == hot).astype(input.dtype),)
+
+
+@op("Hardmax", since=1)
+def Hardmax1(xp, input, *, axis=1):
+    """Before opset 13 the input is seen as a 2-D matrix [prod(:axis), prod(axis:)]."""
+    shape = input.shape
+    axis = axis % max(input.ndim, 1)
+    rows = math.prod(shape[:axis])
+    (y,) = Hardmax(xp, input.reshape(rows, -1), axis=1)
+    return (y.reshape(shape),)
+
+
+@op("Shrink", since=9, differentiable=("input",))
+def Shrink(xp, input, *, bias=0.0, lambd=0.5):
+    x = input
+    out = xp.where(x < -lambd, x + bias, xp.where(x > lambd, x - bias, 0))
+    return (out.astype(x.dtype),)
+
+
+@op("ShrinkGrad", domain="onnxgrad")
+def ShrinkGrad(xp, dY, input, *, lambd=0.5):
+    return (xp.where(xp.abs(input) > lambd, dY, 0).astype(dY.dtype),)
+
+
+@ShrinkGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    outside = g.Greater(g.Abs(X), std.like(g, node.attrs.get("lambd", 0.5), X), dtype="bool")
+    return (g.Where(outside, dY, std.like(g, 0, dY)),)
+
+
+@Shrink.gradient
+def _(g, node, dY):
+    return (g.private("ShrinkGrad", dY, node.inputs[0], lambd=node.attrs["lambd"]),)
+
+
+@op("ThresholdedRelu", since=10, differentiable=("X",))
+def ThresholdedRelu(xp, X, *, alpha=1.0):
+    return (xp.where(X > alpha, X, 0).astype(X.dtype),)
+
+
+@op("ThresholdedReluGrad", domain="onnxgrad")
+def ThresholdedReluGrad(xp, dY, X, *, alpha=1.0):
+    return (xp.where(X > alpha, dY, 0).astype(dY.dtype),)
+
+
+@ThresholdedReluGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    above = g.Greater(X, std.like(g, node.attrs.get("alpha", 1.0), X), dtype="bool")
+    return (g.Where(above, dY, std.like(g, 0, dY)),)
+
+
+@ThresholdedRelu.gradient
+def _(g, node, dY):
+    return (g.private("ThresholdedReluGrad", dY, node.inputs[0], alpha=node.attrs["alpha"]),)

@@ -1,5 +1,6 @@
 """Normalization: BatchNormalization, InstanceNormalization, GroupNormalization,
-LayerNormalization, RMSNormalization and LpNormalization.
+LayerNormalization, RMSNormalization, LpNormalization, LRN (local response
+normalization across channels) and MeanVarianceNormalization.
 
 BatchNormalization follows PyTorch in a training run (``ctx.training``): it
 normalises with the batch's mean and biased variance and records new running
@@ -622,3 +623,74 @@ def LpNormalizationGrad(xp, dY, X, *, axis=-1, p=2):
     s = (dY * Y).sum(axis=axis, keepdims=True)
     direction = Y if p == 2 else xp.sign(X)
     return (_a(xp, (dY - direction * s) / safe),)
+
+
+# -- LRN and MeanVarianceNormalization ------------------------------------------------------
+
+def _channel_window_sum(xp, V, before, after):
+    """Σ over channels c - before … c + after of ``V`` (zero outside), for each channel c."""
+    c = V.shape[1]
+    pad = [(0, 0)] * V.ndim
+    pad[1] = (before, after)
+    padded = xp.pad(V, pad)
+    return sum(padded[:, k:k + c] for k in range(before + after + 1))
+
+
+def _lrn_window(size):
+    return (size - 1) // 2, -(-(size - 1) // 2)
+
+
+@op("LRN", since=1, differentiable=("X",))
+def LRN(xp, X, *, size, alpha=0.0001, beta=0.75, bias=1.0):
+    """Across channels (axis 1): X / (bias + alpha/size * sum of squares) ** beta."""
+    total = _channel_window_sum(xp, X * X, *_lrn_window(size))
+    return ((X / (bias + (alpha / size) * total) ** beta).astype(X.dtype),)
+
+
+@LRN.gradient
+def _(g, node, dY):
+    return (g.private("LRNGrad", dY, node.inputs[0], **node.attrs),)
+
+
+@op("LRNGrad", domain="onnxgrad")
+def LRNGrad(xp, dY, X, *, size, alpha=0.0001, beta=0.75, bias=1.0):
+    """dX = dY·D^-β - (2αβ/size)·X·Σ_window'(dY·X·D^(-β-1)), D = bias + α/size·Σ_window X²;
+    the adjoint window Σ_window' runs over the channels whose window holds c."""
+    before, after = _lrn_window(size)
+    x, dy = X.astype(xp.float64), dY.astype(xp.float64)
+    D = bias + (alpha / size) * _channel_window_sum(xp, x * x, before, after)
+    back = _channel_window_sum(xp, dy * x * D ** (-beta - 1), after, before)
+    return ((dy * D ** -beta - (2 * alpha * beta / size) * x * back).astype(dY.dtype),)
+
+
+_MVN_EPSILON = 1e-9
+
+
+@op("MeanVarianceNormalization", since=9, differentiable=("X",))
+def MeanVarianceNormalization(xp, X, *, axes=(0, 2, 3)):
+    axes = tuple(int(a) for a in axes)
+    mean = xp.mean(X, axis=axes, keepdims=True)
+    var = xp.mean(X * X, axis=axes, keepdims=True) - mean * mean
+    return (((X - mean) / (xp.sqrt(var) + _MVN_EPSILON)).astype(X.dtype),)
+
+
+@MeanVarianceNormalization.gradient
+def _(g, node, dY):
+    return (g.private("MeanVarianceNormalizationGrad", dY, node.inputs[0],
+                      axes=list(node.attrs["axes"])),)
+
+
+@op("MeanVarianceNormalizationGrad", domain="onnxgrad")
+def MeanVarianceNormalizationGrad(xp, dY, X, *, axes=(0, 2, 3)):
+    """With Y = Xc / d, Xc = X - mean, d = σ + ε, σ² = mean(X²) - mean²:
+    dX = dY/d - mean(dY/d) - Xc · mean(dY·Xc) / (d²·σ)."""
+    axes = tuple(int(a) for a in axes)
+    x, dy = X.astype(xp.float64), dY.astype(xp.float64)
+    centred = x - xp.mean(x, axis=axes, keepdims=True)
+    sigma = xp.sqrt(xp.maximum(xp.mean(centred * centred, axis=axes, keepdims=True), 0.0))
+    d = sigma + _MVN_EPSILON
+    scaled = dy / d
+    spread = xp.mean(dy * centred, axis=axes, keepdims=True) / (d * d * xp.where(
+        sigma > 0, sigma, 1.0))
+    dX = scaled - xp.mean(scaled, axis=axes, keepdims=True) - centred * spread
+    return (dX.astype(dY.dtype),)

@@ -1,19 +1,31 @@
-"""Reductions: ReduceSum, ReduceMean, ArgMax.
+"""Reductions: ReduceSum, ReduceMean, ReduceMax, ReduceMin, ReduceL1, ReduceL2,
+ReduceLogSumExp, ReduceSumSquare, ReduceProd, ReduceLogSum and ArgMax.
 
-``axes`` is an attribute up to ReduceSum-11 / ReduceMean-13 and an optional
-host input from ReduceSum-13 / ReduceMean-18 on, where ``noop_with_empty_axes``
-decides whether an empty ``axes`` reduces everything or nothing.
+ReduceSum and ReduceMean: ``axes`` is an attribute up to ReduceSum-11 /
+ReduceMean-13 and an optional host input from ReduceSum-13 / ReduceMean-18 on,
+where ``noop_with_empty_axes`` decides whether an empty ``axes`` reduces
+everything or nothing.  Their gradients put the reduced axes back
+(``Unsqueeze`` when ``keepdims=0``) and broadcast to the input's shape with the
+private ``onnxgrad::BroadcastTo`` (or ``onnxgrad::ReduceMeanGrad``, which also
+divides by the number of elements averaged, known only at run time when shapes
+are dynamic).
 
-Gradients put the reduced axes back (``Unsqueeze`` when ``keepdims=0``) and
-broadcast to the input's shape with the private ``onnxgrad::BroadcastTo`` (or
-``onnxgrad::ReduceMeanGrad``, which also divides by the number of elements
-averaged, known only at run time when shapes are dynamic).
+The other reductions: ``axes`` is an attribute before opset 18 and an optional
+host input from 18 on, where ``noop_with_empty_axes=1`` with empty axes reduces
+nothing (the op then applies only its elementwise part, as the ONNX reference
+does: ReduceL1 gives ``|x|``).  An empty reduction gives the reduction's
+identity (``-inf`` for ReduceMax and ReduceLogSumExp, ``1`` for ReduceProd…).
+Every gradient is the private ``onnxgrad::ReduceExtGrad``: ``dY`` (its reduced
+axes put back) times the op's local derivative, in one pass.  Where several
+elements tie for a maximum or minimum, they share the gradient equally, as
+``torch.amax`` does.
 """
 
 from __future__ import annotations
 
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
+from onnxgrad.ops.tensor import ints, on
 
 
 def _axes(ndim: int, axes, noop_with_empty_axes: int):
@@ -118,6 +130,175 @@ def _(g, node):
     dY, shape = node.inputs
     count = g.Div(g.ReduceProd(shape, keepdims=0), g.Size(dY, dtype="int64"), dtype="int64")
     return (g.Div(g.Expand(dY, shape), std.cast_like(g, count, dY)),)
+
+
+# -- ReduceMax, ReduceMin, ReduceL1, ReduceL2, ReduceLogSumExp, ReduceSumSquare, ReduceProd,
+#    ReduceLogSum ------------------------------------------------------------------------------
+
+def _reduced_axes(ndim: int, axes, noop_with_empty_axes: int):
+    """As :func:`_axes` for the reductions below: the axes to reduce as a sorted tuple
+    (read with :func:`ints`); None means all, () none."""
+    axes = None if axes is None else ints(axes)
+    if not axes:
+        return () if noop_with_empty_axes else None
+    out = tuple(sorted(a + ndim if a < 0 else a for a in axes))
+    if any(not 0 <= a < ndim for a in out) or len(set(out)) != len(out):
+        raise ValueError(f"bad reduction axes {axes} for rank {ndim}")
+    return out
+
+
+def _reduce(xp, kind, data, axes, keepdims):
+    """Reduce ``data`` over ``axes`` (None: all; (): none) with reduction ``kind``."""
+    keep = bool(keepdims)
+    x = data
+    if axes == ():
+        axes_t = ()
+    else:
+        axes_t = tuple(range(x.ndim)) if axes is None else axes
+    if kind in ("max", "min"):
+        if axes_t == ():
+            return x
+        if x.size == 0:
+            return _empty(xp, x, axes_t, keep, _lowest(xp, x) if kind == "max" else _highest(xp, x))
+        fn = xp.max if kind == "max" else xp.min
+        return xp.asarray(fn(x, axis=axes_t, keepdims=keep))
+    if kind == "prod":
+        return xp.asarray(xp.prod(x, axis=axes_t, keepdims=keep, dtype=x.dtype)) if axes_t else x
+    if kind == "logsumexp":
+        if x.size == 0:
+            return _empty(xp, x, axes_t, keep, float("-inf"))
+        if axes_t == ():
+            return x
+        m = xp.max(x, axis=axes_t, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0)
+        s = xp.sum(xp.exp(x - m), axis=axes_t, keepdims=True)
+        out = xp.log(s) + m
+        if not keep:
+            out = out.reshape(tuple(d for i, d in enumerate(x.shape) if i not in axes_t))
+        return xp.asarray(out, dtype=x.dtype)
+    pre = {"l1": xp.abs, "l2": lambda v: v * v, "sumsquare": lambda v: v * v,
+           "logsum": lambda v: v}[kind](x)
+    s = xp.sum(pre, axis=axes_t, keepdims=keep, dtype=x.dtype) if axes_t else pre
+    if kind == "l2":
+        s = xp.sqrt(s)
+    elif kind == "logsum":
+        s = xp.log(s)
+    return xp.asarray(s).astype(x.dtype, copy=False)
+
+
+def _lowest(xp, x):
+    if x.dtype.kind == "b":
+        return False
+    return float("-inf") if x.dtype.kind == "f" else xp.iinfo(x.dtype).min
+
+
+def _highest(xp, x):
+    if x.dtype.kind == "b":
+        return True
+    return float("inf") if x.dtype.kind == "f" else xp.iinfo(x.dtype).max
+
+
+def _empty(xp, x, axes_t, keep, value):
+    shape = tuple(1 if i in axes_t else d for i, d in enumerate(x.shape) if keep or i not in axes_t)
+    return xp.full(shape, value, dtype=x.dtype)
+
+
+def _declare(name, kind, input_from):
+    def attr_kernel(xp, data, *, axes=None, keepdims=1):
+        mod, (data,) = on(xp, data)
+        return (_reduce(mod, kind, data, _reduced_axes(data.ndim, axes, 0), keepdims),)
+
+    def input_kernel(xp, data, axes=None, *, keepdims=1, noop_with_empty_axes=0):
+        mod, (data,) = on(xp, data)
+        return (_reduce(mod, kind, data, _reduced_axes(data.ndim, axes, noop_with_empty_axes),
+                        keepdims),)
+
+    attr_kernel.__name__ = input_kernel.__name__ = name
+    old = op(name, since=1, differentiable=("data",))(attr_kernel)
+    new = op(name, since=input_from, differentiable=("data",), host_inputs=("axes",))(input_kernel)
+
+    @old.gradient
+    def _(g, node, dY):
+        X, Y = node.inputs[0], node.outputs[0]
+        attr = node.attrs["axes"]
+        axes = [g.ints(attr)] if attr else []
+        return (g.private("ReduceExtGrad", dY, X, Y, *axes, kind=kind,
+                          keepdims=node.attrs["keepdims"]),)
+
+    @new.gradient
+    def _(g, node, dY):
+        X, Y = node.inputs[0], node.outputs[0]
+        axes = [node.inputs[1]] if len(node.inputs) > 1 and node.inputs[1] else []
+        return (g.private("ReduceExtGrad", dY, X, Y, *axes, kind=kind,
+                          keepdims=node.attrs["keepdims"],
+                          noop_with_empty_axes=node.attrs["noop_with_empty_axes"]),) + \
+            (None,) * (len(node.inputs) - 1)
+    return old, new
+
+
+ReduceMax1, ReduceMax = _declare("ReduceMax", "max", 18)
+ReduceMin1, ReduceMin = _declare("ReduceMin", "min", 18)
+ReduceL11, ReduceL1 = _declare("ReduceL1", "l1", 18)
+ReduceL21, ReduceL2 = _declare("ReduceL2", "l2", 18)
+ReduceLogSumExp1, ReduceLogSumExp = _declare("ReduceLogSumExp", "logsumexp", 18)
+ReduceSumSquare1, ReduceSumSquare = _declare("ReduceSumSquare", "sumsquare", 18)
+ReduceProd1, ReduceProd = _declare("ReduceProd", "prod", 18)
+ReduceLogSum1, ReduceLogSum = _declare("ReduceLogSum", "logsum", 18)
+
+
+@op("ReduceExtGrad", domain="onnxgrad", host_inputs=("axes",))
+def ReduceExtGrad(xp, dY, X, Y, axes=None, *, kind, keepdims=1, noop_with_empty_axes=0):
+    """The gradient of the reduction ``kind`` of ``X`` (output ``Y``) over ``axes``."""
+    reduced = _reduced_axes(X.ndim, axes, noop_with_empty_axes)
+    reduced = tuple(range(X.ndim)) if reduced is None else reduced
+    if not keepdims and reduced:  # put the reduced axes back
+        shape = tuple(1 if i in reduced else d for i, d in enumerate(X.shape))
+        dY, Y = dY.reshape(shape), Y.reshape(shape)
+    if kind in ("max", "min"):
+        hit = (X == Y).astype(dY.dtype)
+        count = hit.sum(axis=reduced, keepdims=True) if reduced else hit
+        grad = dY * hit / xp.maximum(count, 1)
+    elif kind == "l1":
+        grad = dY * xp.sign(X)
+    elif kind == "l2":
+        safe = xp.where(Y == 0, 1, Y)
+        grad = xp.where(Y == 0, 0, dY * X / safe)
+    elif kind == "logsumexp":
+        grad = dY * xp.exp(X - Y)
+    elif kind == "sumsquare":
+        grad = dY * 2 * X
+    elif kind == "logsum":
+        grad = dY / xp.exp(Y)
+    elif kind == "prod":
+        grad = dY * _others_product(xp, X, reduced)
+    else:
+        raise ValueError(f"ReduceExtGrad: unknown kind {kind!r}")
+    out = xp.empty(X.shape, dtype=X.dtype)
+    out[...] = grad
+    return (out,)
+
+
+def _others_product(xp, X, reduced):
+    """For each element, the product of the other elements of its reduction group
+    (exact where some are zero: products of the elements before and after it)."""
+    if not reduced:
+        return xp.ones_like(X)
+    if X.size == 0:  # an empty group: no element, no gradient
+        return xp.zeros_like(X)
+    rest = tuple(i for i in range(X.ndim) if i not in reduced)
+    perm = rest + tuple(reduced)
+    moved = xp.transpose(X, perm)
+    lead = moved.shape[:len(rest)]
+    flat = moved.reshape(lead + (-1,))
+    ones = xp.ones(lead + (1,), dtype=X.dtype)
+    before = xp.cumprod(xp.concatenate([ones, flat[..., :-1]], axis=-1), axis=-1)
+    after = xp.flip(xp.cumprod(xp.flip(xp.concatenate([flat[..., 1:], ones], axis=-1), -1),
+                               axis=-1), -1)
+    others = (before * after).reshape(moved.shape)
+    inverse = [0] * X.ndim
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return xp.transpose(others, inverse)
 
 
 # -- ArgMax -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Resizing and padding: Resize, Upsample and Pad, with their gradients.
+"""Resizing, padding and cropping: Resize, Upsample, Pad and CenterCropPad, with
+their gradients.
 
 Resize is separable: each resized axis is a linear map given by an
 ``(out, in)`` interpolation matrix, built on the host from the ONNX
@@ -11,6 +12,10 @@ gradient applies their transposes in reverse order.
 Pad crops negative pads, then pads each axis: ``constant`` by placing the data
 in a filled array, ``reflect``/``edge``/``wrap`` by gathering with a host index
 map (NumPy's ``pad`` of ``arange``).  Its gradient sums through the same map.
+
+CenterCropPad crops or zero-pads each axis about its centre; cropping and
+padding are each other's adjoints, so its gradient is a CenterCropPad back to
+the input's shape.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 
 import numpy as np  # host-side index maps and interpolation matrices only
 
+from onnxgrad.errors import ModelError
 from onnxgrad.ops.registry import op
 
 # -- Pad -----------------------------------------------------------------------------------
@@ -134,6 +140,45 @@ def PadGrad(xp, dY, x_shape, pads, axes=None, *, mode="constant"):
     dX = xp.zeros(shape, dtype=dY.dtype)
     dX[crop] = G
     return (dX,)
+
+
+# -- CenterCropPad --------------------------------------------------------------------------
+
+@op("CenterCropPad", since=18, differentiable=("input_data",), host_inputs=("shape",))
+def CenterCropPad(xp, input_data, shape, *, axes=None):
+    rank = input_data.ndim
+    axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+    shape = [int(s) for s in shape]
+    if len(shape) != len(axes):
+        raise ModelError(f"CenterCropPad: shape {shape} has {len(shape)} entries for "
+                         f"{len(axes)} axes")
+    out_shape = list(input_data.shape)
+    src = [slice(None)] * rank
+    dst = [slice(None)] * rank
+    for a, want in zip(axes, shape):
+        have = input_data.shape[a]
+        out_shape[a] = want
+        if want < have:  # crop: the extra element goes to the end
+            start = (have - want) // 2
+            src[a] = slice(start, start + want)
+        elif want > have:  # pad: likewise
+            start = (want - have) // 2
+            dst[a] = slice(start, start + have)
+    out = xp.zeros(out_shape, dtype=input_data.dtype)
+    out[tuple(dst)] = input_data[tuple(src)]
+    return (out,)
+
+
+@CenterCropPad.gradient
+def _(g, node, dY):
+    X = node.inputs[0]
+    axes = node.attrs.get("axes")
+    kw = {} if axes is None else {"axes": axes}
+    full = g.shape_of(X)
+    if axes is not None:
+        full = g.Gather(full, g.ints(axes), axis=0)
+    # Cropping and zero-padding about the centre are each other's adjoints.
+    return (g.op("CenterCropPad", dY, full, **kw), None)
 
 
 # -- interpolation matrices (host) ---------------------------------------------------------

@@ -1,5 +1,10 @@
 """Shape and layout ops: Identity, Flatten, Reshape, Transpose, Squeeze,
-Unsqueeze, Cast, Constant and Shape.
+Unsqueeze, DepthToSpace, SpaceToDepth, Cast, Constant and Shape.
+
+DepthToSpace and SpaceToDepth move blocks of pixels between the channel and
+the spatial axes (a reshape and a transpose); each one's gradient is the
+other in the same layout (a permutation's adjoint is its inverse), through the
+private ``SpaceToDepthMode`` for DepthToSpace's ``CRD`` mode.
 
 Shape values (``Shape``'s output, ``Reshape``'s ``shape``, ``axes`` inputs)
 live on the host: they are small int64 vectors that the planner folds where it
@@ -15,6 +20,7 @@ import math
 import numpy as np  # host-side shape values only (see the module docstring)
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.castlike import cast_array
 from onnxgrad.ops.registry import op
 
@@ -179,6 +185,85 @@ for _definition in (Unsqueeze, Unsqueeze13, Squeeze, Squeeze13):
 
 
 # -- types and constants -------------------------------------------------------------------
+
+# -- DepthToSpace and SpaceToDepth ----------------------------------------------------------
+
+def _depth_to_space(xp, x, b, mode):
+    n, c, h, w = x.shape
+    if mode == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    else:  # CRD
+        y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def _space_to_depth(xp, x, b, mode):
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b)
+    if mode == "DCR":
+        y = y.transpose(0, 3, 5, 1, 2, 4)
+    else:  # CRD: the inverse of DepthToSpace's CRD layout
+        y = y.transpose(0, 1, 3, 5, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+@op("DepthToSpace", since=1, differentiable=("input",))
+def DepthToSpace(xp, input, *, blocksize, mode="DCR"):
+    if input.ndim != 4 or input.shape[1] % (blocksize * blocksize):
+        raise ModelError(f"DepthToSpace: input of shape {list(input.shape)} has no channel count "
+                         f"divisible by blocksize² = {blocksize * blocksize}")
+    return (_depth_to_space(xp, input, blocksize, mode),)
+
+
+@op("SpaceToDepth", since=1, differentiable=("input",))
+def SpaceToDepth(xp, input, *, blocksize, mode="DCR"):
+    if input.ndim != 4 or input.shape[2] % blocksize or input.shape[3] % blocksize:
+        raise ModelError(f"SpaceToDepth: spatial dims of shape {list(input.shape)} are not "
+                         f"divisible by blocksize {blocksize}")
+    return (_space_to_depth(xp, input, blocksize, mode),)
+
+
+@op("SpaceToDepthMode", domain="onnxgrad")
+def SpaceToDepthMode(xp, input, *, blocksize, mode="DCR"):
+    """SpaceToDepth with DepthToSpace's ``mode``: the exact inverse of DepthToSpace."""
+    return (_space_to_depth(xp, input, blocksize, mode),)
+
+
+@SpaceToDepthMode.in_standard_ops
+def _(g, node):
+    (X,) = node.inputs
+    b, mode = node.attrs["blocksize"], node.attrs.get("mode", "DCR")
+    if mode == "DCR":
+        return (g.SpaceToDepth(X, blocksize=b),)
+    shape = std.tensor_shape(g, X)
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    _, c, h, w = shape
+    blocks = g.Reshape(X, g.ints([-1, c, h // b, b, w // b, b]))
+    moved = g.Transpose(blocks, perm=[0, 1, 3, 5, 2, 4])
+    return (g.Reshape(moved, g.ints([-1, c * b * b, h // b, w // b])),)
+
+
+@DepthToSpace.gradient
+def _(g, node, dY):
+    return (g.private("SpaceToDepthMode", dY, blocksize=node.attrs["blocksize"],
+                      mode=node.attrs["mode"]),)
+
+
+@SpaceToDepth.gradient
+def _(g, node, dY):
+    # A permutation: its adjoint is its inverse, DepthToSpace in the same layout.
+    return (g.op("DepthToSpace", dY, blocksize=node.attrs["blocksize"],
+                 mode=node.attrs.get("mode", "DCR")),)
+
+
+@SpaceToDepthMode.gradient
+def _(g, node, dY):
+    return (g.op("DepthToSpace", dY, blocksize=node.attrs["blocksize"],
+                 mode=node.attrs.get("mode", "DCR")),)
+
+
+# -- Cast, Constant, Shape ------------------------------------------------------------------
 
 @op("Cast", since=6, differentiable=("input",))
 def Cast(xp, input, *, to, saturate=1, round_mode="up"):

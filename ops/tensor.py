@@ -1,5 +1,6 @@
-"""Tensor assembly: Concat, Split, Slice, Expand, Tile, Range, ConstantOfShape,
-Size and Einsum's forward kernel (its gradient lives in ``ops/math.py``).
+"""Tensor assembly: Concat, Split, Slice, Expand, Tile, ReverseSequence, Range,
+ConstantOfShape, EyeLike, Size and Einsum's forward kernel (its gradient lives in
+``ops/math.py``).
 
 Exporters wrap transformers in shape arithmetic (Shape -> Gather -> Unsqueeze
 -> Concat -> Reshape) on small int64 tensors.  Those tensors stay on the host:
@@ -16,6 +17,7 @@ import math
 
 import numpy as np  # host-side shape values only (see the module docstring)
 
+from onnxgrad.errors import ModelError
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
@@ -297,6 +299,30 @@ def _(g, node):
     return (summed,)
 
 
+# -- ReverseSequence ------------------------------------------------------------------------
+
+@op("ReverseSequence", since=10, differentiable=("input",))
+def ReverseSequence(xp, input, sequence_lens, *, batch_axis=1, time_axis=0):
+    y = input.copy()
+    steps = input.shape[time_axis]
+    for b, n in enumerate(int(v) for v in sequence_lens.tolist()):
+        n = max(0, min(n, steps))
+        src = [slice(None)] * input.ndim
+        src[batch_axis] = b
+        src[time_axis] = slice(n - 1, None, -1) if n else slice(0, 0)
+        dst = list(src)
+        dst[time_axis] = slice(0, n)
+        y[tuple(dst)] = input[tuple(src)]
+    return (y,)
+
+
+@ReverseSequence.gradient
+def _(g, node, dY):
+    # Reversing the first n steps is its own inverse (and adjoint).
+    return (g.op("ReverseSequence", dY, node.inputs[1], batch_axis=node.attrs["batch_axis"],
+                 time_axis=node.attrs["time_axis"]), None)
+
+
 # -- constants and sizes ----------------------------------------------------------------------
 
 def _scalar(value, name: str):
@@ -341,6 +367,16 @@ def ConstantOfShape(xp, input, *, value=None):
     if fill.dtype.kind in "biu" and math.prod(shape) <= HOST_LIMIT:
         return (np.full(shape, fill[0], dtype=fill.dtype),)  # shape arithmetic: host
     return (xp.full(shape, fill[0].item(), dtype=fill.dtype),)
+
+
+@op("EyeLike", since=9)
+def EyeLike(xp, input, *, dtype=None, k=0):
+    from onnx.helper import tensor_dtype_to_np_dtype  # noqa: PLC0415 - type codes only
+
+    if input.ndim != 2:
+        raise ModelError(f"EyeLike needs a 2-D input, got shape {list(input.shape)}")
+    out_dtype = input.dtype if dtype is None else tensor_dtype_to_np_dtype(int(dtype))
+    return (xp.eye(input.shape[0], input.shape[1], k=k).astype(out_dtype),)
 
 
 @op("Size", since=1)

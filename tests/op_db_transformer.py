@@ -1,5 +1,10 @@
 """The op database of the transformer and index families: ops/indexing.py,
-ops/tensor.py, ops/logic.py, ops/math.py and ops/reduce_ext.py.  Plain data.
+ops/tensor.py, ops/logic.py, ops/math.py and the reductions of ops/reduce.py
+other than ReduceSum and ReduceMean.  (Ops that joined ops/indexing.py and
+ops/tensor.py from the former catch-all modules keep their samples where they
+were: Scatter, TensorScatter and CumProd in tests/test_more_ops.py, Compress in
+tests/test_vision_gradients.py, ReverseSequence in tests/test_extra_ops.py.)
+Plain data.
 
 A sample is ``(op, inputs, attrs, opset)`` plus optional fields.  ``inputs``
 is a list of ``(name, spec)`` in the op's input order (``name`` None leaves an

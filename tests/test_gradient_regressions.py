@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import onnxgrad
 from helpers import make_model, model_of, vi
-from onnxgrad.ops.misc import _space_to_depth
+from onnxgrad.ops.shape import _space_to_depth
 
 PREVIEW = "ai.onnx.preview.training"
 

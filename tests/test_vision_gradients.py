@@ -1,4 +1,4 @@
-"""Gradient rules (and forward kernels) of the vision and misc ops: GridSample,
+"""Gradient rules (and forward kernels) of vision and other ops: GridSample,
 AffineGrid, LRN, MeanVarianceNormalization, Det, Compress, Col2Im, GlobalLpPool,
 MaxRoiPool, RoiAlign and DeformConv.
 
@@ -153,7 +153,7 @@ def test_gradient(sample, name):
 def test_global_lp_pool_with_a_fractional_p():
     """GlobalLpPool-1 takes a float p (no reference runs it): the formula, and its gradient
     kernel against central differences."""
-    from onnxgrad.ops.pool_extra import GlobalLpPool1, GlobalLpPoolGrad
+    from onnxgrad.ops.pool import GlobalLpPool1, GlobalLpPoolGrad
 
     rng = np.random.default_rng(0)
     X = rng.uniform(-2, 2, (2, 3, 4))

@@ -1,4 +1,9 @@
-"""ai.onnx.ml ops beyond ``ops/ml.py``: LabelEncoder, Binarizer and TreeEnsemble.  Forward only."""
+"""Tree ensembles of the ``ai.onnx.ml`` domain: TreeEnsemble (opset 5).  Forward only.
+
+All rows walk each tree together, one level per step; each leaf reached adds
+its weight to its target (or takes the minimum or maximum, per
+``aggregate_function``), then ``post_transform`` applies (PROBIT is refused).
+"""
 
 from __future__ import annotations
 
@@ -7,56 +12,8 @@ from onnxgrad.ops.registry import op
 
 ML = "ai.onnx.ml"
 
-
-def _plain(values) -> list:
-    """Attribute values as Python scalars (tensor attributes' strings arrive as bytes)."""
-    if values is None:
-        return None
-    items = values.reshape(-1).tolist() if hasattr(values, "reshape") else list(values)
-    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in items]
-
-
-@op("LabelEncoder", since=2, domain=ML)
-def LabelEncoder(xp, X, *, default_float=-0.0, default_int64=-1, default_string="_Unused",
-                 default_tensor=None, keys_floats=None, keys_int64s=None, keys_strings=None,
-                 keys_tensor=None, values_floats=None, values_int64s=None, values_strings=None,
-                 values_tensor=None):
-    keys = next((k for k in (keys_tensor, keys_floats, keys_int64s, keys_strings)
-                 if k is not None), None)
-    if keys is None:
-        raise ModelError("LabelEncoder has no keys_* attribute")
-    if values_tensor is not None:
-        values, dtype = _plain(values_tensor), values_tensor.dtype
-        if default_tensor is not None:
-            default = _plain(default_tensor)[0]
-        else:
-            default = "_Unused" if dtype.kind in "OSU" else (-0.0 if dtype.kind == "f" else -1)
-    elif values_floats is not None:
-        values, dtype, default = list(values_floats), xp.float32, default_float
-    elif values_int64s is not None:
-        values, dtype, default = list(values_int64s), xp.int64, default_int64
-    elif values_strings is not None:
-        values, dtype, default = list(values_strings), object, default_string
-    else:
-        raise ModelError("LabelEncoder has no values_* attribute")
-    keys = _plain(keys)
-    if len(keys) != len(values):
-        raise ModelError(f"LabelEncoder: {len(keys)} keys for {len(values)} values")
-    table: dict = {}
-    for k, v in zip(keys, values):
-        table.setdefault(k, v)
-    found = [table.get(x, default) for x in _plain(X)]
-    out = xp.empty(len(found), dtype=dtype)
-    out[:] = found
-    return (out.reshape(X.shape),)
-
-
-@op("Binarizer", since=1, domain=ML)
-def Binarizer(xp, X, *, threshold=0.0):
-    return ((X > threshold).astype(X.dtype),)
-
-
-# -- TreeEnsemble (ai.onnx.ml 5) ------------------------------------------------------------
+#: The node modes (``nodes_modes``): BRANCH_LEQ, BRANCH_LT, BRANCH_GTE, BRANCH_GT,
+#: BRANCH_EQ, BRANCH_NEQ and BRANCH_MEMBER.
 _LEQ, _LT, _GTE, _GT, _EQ, _NEQ, _MEMBER = range(7)
 
 
