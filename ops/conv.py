@@ -667,19 +667,14 @@ def _(g, node):
 
 @op("Col2Im", since=18, differentiable=("input",), host_inputs=("image_shape", "block_shape"))
 def Col2Im(xp, input, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
-    image = [int(v) for v in image_shape]
-    block = [int(v) for v in block_shape]
+    image, block, dil, pad, stride, counts = _col2im_geometry(image_shape, block_shape,
+                                                              dilations, pads, strides)
     nd = len(image)
-    dil = [int(v) for v in dilations] if dilations else [1] * nd
-    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
-    stride = [int(v) for v in strides] if strides else [1] * nd
     n, ck, length = input.shape
     k = math.prod(block)
     if ck % k:
         raise ModelError(f"Col2Im: input dimension 1 ({ck}) is not divisible by the block "
                          f"size {k}")
-    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
-              for i in range(nd)]
     if math.prod(counts) != length:
         raise ModelError(f"Col2Im: {length} columns do not fit {counts} blocks")
     cols = input.reshape([n, ck // k] + block + counts)
@@ -689,6 +684,20 @@ def Col2Im(xp, input, image_shape, block_shape, *, dilations=None, pads=None, st
         out[window] += cols[(slice(None), slice(None)) + offset]
     crop = [slice(None), slice(None)] + [slice(pad[i], pad[i] + image[i]) for i in range(nd)]
     return (out[tuple(crop)],)
+
+
+def _col2im_geometry(image_shape, block_shape, dilations, pads, strides):
+    """Image and block sizes, dilations, pads, strides (defaults filled in) and the
+    number of blocks along each spatial axis."""
+    image = [int(v) for v in image_shape]
+    block = [int(v) for v in block_shape]
+    nd = len(image)
+    dil = [int(v) for v in dilations] if dilations else [1] * nd
+    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
+    stride = [int(v) for v in strides] if strides else [1] * nd
+    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
+              for i in range(nd)]
+    return image, block, dil, pad, stride, counts
 
 
 def _col2im_windows(block, counts, dil, stride):
@@ -709,15 +718,10 @@ def _(g, node, dY):
 @op("Col2ImGrad", domain="onnxgrad", host_inputs=("image_shape", "block_shape"))
 def Col2ImGrad(xp, dY, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
     """Im2Col of ``dY``: the adjoint of Col2Im gathers each block's columns back."""
-    image = [int(v) for v in image_shape]
-    block = [int(v) for v in block_shape]
+    image, block, dil, pad, stride, counts = _col2im_geometry(image_shape, block_shape,
+                                                              dilations, pads, strides)
     nd = len(image)
-    dil = [int(v) for v in dilations] if dilations else [1] * nd
-    pad = [int(v) for v in pads] if pads else [0] * (2 * nd)
-    stride = [int(v) for v in strides] if strides else [1] * nd
     n, c = dY.shape[:2]
-    counts = [(image[i] + pad[i] + pad[i + nd] - dil[i] * (block[i] - 1) - 1) // stride[i] + 1
-              for i in range(nd)]
     padded = xp.pad(dY, [(0, 0), (0, 0)] + [(pad[i], pad[i + nd]) for i in range(nd)])
     cols = xp.empty([n, c] + block + counts, dtype=dY.dtype)
     for offset, window in _col2im_windows(block, counts, dil, stride):
