@@ -268,7 +268,7 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
     n = X.size // max(dB.size, 1)
     # The saved mean is rounded to X's type: xhat above is off by the same small
     # amount in every value of a channel, measured here (see _shifted_moments).
-    shift = _channel_sum(xp, xhat) / n if batch_mean is not None else 0
+    shift = 0 if batch_mean is None or batch_var is None else _channel_sum(xp, xhat) / n
     dscale = _channel_dot(xp, d, xhat) - shift * dB
     # dX = scale·inv · (dY - dB/n - (xhat - shift)·dscale/n), on xhat's storage
     dX = xhat
