@@ -273,6 +273,20 @@ def replace_node(g: GradBuilder, node: Node, values: Iterable[str | None]) -> No
                                       BUILDER_OPSET))
 
 
+def expand_in_standard_ops(g: GradBuilder, node: Node) -> bool:
+    """Replace ``node`` (one of onnxgrad's private ops) in ``g.graph`` by its standard-op
+    form; False, and nothing changed, where it has none for these attributes."""
+    definition = _definition(node)
+    if definition.standard is None:
+        return False
+    g.prefix, g.node = node.name, None
+    values = definition.standard(g, node)
+    if values is None:
+        return False
+    replace_node(g, node, values)
+    return True
+
+
 def expand_for_higher_order(graph: Graph, loss: str, params: list[str]) -> None:
     """Differentiating a gradient again (in place): each of onnxgrad's gradient kernels
     that a gradient of ``loss`` must pass through, and that has no rule of its own, is
@@ -291,16 +305,10 @@ def expand_for_higher_order(graph: Graph, loss: str, params: list[str]) -> None:
             if definition.rule is None and definition.standard is not None and any(
                     x in needs and definition.is_differentiable(i)
                     for i, x in enumerate(node.inputs)):
-                todo.append((node, definition))
+                todo.append(node)
         g = GradBuilder(graph)
-        expanded = False
-        for node, definition in todo:
-            g.prefix, g.node = node.name, None
-            values = definition.standard(g, node)
-            if values is not None:
-                replace_node(g, node, values)
-                expanded = True
-        if not expanded:
+        expanded = [expand_in_standard_ops(g, node) for node in todo]
+        if not any(expanded):
             return
     raise AssertionError("private ops keep expanding into private ops")  # pragma: no cover
 

@@ -33,12 +33,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxgrad.autodiff import PRIVATE_DOMAIN, GradBuilder, prune, replace_node
+from onnxgrad.autodiff import (PRIVATE_DOMAIN, GradBuilder, expand_in_standard_ops, prune,
+                               replace_node)
 from onnxgrad.errors import ModelError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.losses import Loss, resolve_loss
 from onnxgrad.model import Model, load
-from onnxgrad.ops import lookup
 from onnxgrad.ops import standard as std
 from onnxgrad.optimizers import Optimizer
 from onnxgrad.program import build_program
@@ -321,15 +321,11 @@ def _expand_private_ops(g: GradBuilder, where: str) -> None:
         if not private:
             return
         for node in private:
-            definition = lookup(node.op_type, node.domain, node.opset, node.name)
-            g.prefix, g.node = node.name, None
-            values = definition.standard(g, node) if definition.standard is not None else None
-            if values is None:
+            if not expand_in_standard_ops(g, node):
                 raise ModelError(
                     f"{where}: node {node.name!r} ({PRIVATE_DOMAIN}::{node.op_type}, with "
                     f"attributes {node.attrs}) cannot be written in standard ONNX ops yet, so "
                     "this model cannot be converted into a step model")
-            replace_node(g, node, values)
     raise ModelError(f"{where}: private ops keep expanding into private ops")  # pragma: no cover
 
 
