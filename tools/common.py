@@ -178,6 +178,15 @@ def describe(name: str, train: Metrics, val: Metrics | None) -> str:
     return text
 
 
+def _options(options: list):
+    """A decorator that applies ``options`` (click options) in their listed order."""
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
+
+
 _key_options = [
     click.option("--input-key", "input_keys", multiple=True, metavar="[INPUT=]KEY",
                  help="Key of the data file that feeds a model input. Default: the key named like "
@@ -212,10 +221,7 @@ _key_options = [
 ]
 
 
-def key_options(fn):
-    for option in reversed(_key_options):
-        fn = option(fn)
-    return fn
+key_options = _options(_key_options)
 
 
 def _set_threads(ctx, param, value):
@@ -254,10 +260,7 @@ _optimizer_options = [
 ]
 
 
-def optimizer_options(fn):
-    for option in reversed(_optimizer_options):
-        fn = option(fn)
-    return fn
+optimizer_options = _options(_optimizer_options)
 
 
 def build_optimizer(name: str, lr: float | None, momentum: float | None,
@@ -304,10 +307,7 @@ _schedule_options = [
 ]
 
 
-def schedule_options(fn):
-    for option in reversed(_schedule_options):
-        fn = option(fn)
-    return fn
+schedule_options = _options(_schedule_options)
 
 
 #: Which --lr-schedule each schedule option applies to.
