@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
+from onnxgrad.memory import keep_freed_memory
 from onnxgrad.threads import get_num_threads
 
 
@@ -135,6 +136,7 @@ def get_backend(device: str) -> Backend:
     global _CUDA
     if device == "cpu":
         get_num_threads()  # the thread count (ONNXGRAD_NUM_THREADS) is checked and set here first
+        keep_freed_memory()
         return _CPU
     if device in ("cuda", "gpu"):
         if _CUDA is not None:
