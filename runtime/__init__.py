@@ -9,6 +9,7 @@
 """
 
 from onnxgrad import checkpoint  # noqa: F401 - onnxgrad.checkpoint.load/save
+from onnxgrad import distributed  # noqa: F401 - onnxgrad.distributed.MPIComm, NCCLComm
 from onnxgrad.errors import (
     CheckpointError,
     DataError,

@@ -41,6 +41,9 @@ class RunState:
         #: On a GPU, uniform numbers whose generator's position lives in device
         #: memory, so that a recorded step draws new numbers on each replay.
         self.draws = None if xp is np else fused.Draws(xp, seed)
+        #: In data-parallel training, the communicator between the ranks, for kernels
+        #: that reduce across them (see :mod:`onnxgrad.distributed`); else None.
+        self.comm = None
 
 
 class KernelContext:

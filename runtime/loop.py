@@ -19,6 +19,15 @@ A loader thread prepares each batch while the step before it runs.
 The loop resumes: a trainer restored from a checkpoint continues with the epoch
 after its last one, with the shuffling generator where the checkpoint left it,
 so that the run ends as an uninterrupted one would.
+
+In data-parallel training (a trainer with a communicator) each rank takes its
+shard of every epoch's order, as PyTorch's DistributedSampler does (see
+:func:`onnxgrad.distributed.shard`): the same seeded permutation on every rank,
+rank ``r`` taking every ``N``-th sample from ``r``, so that ``batch_size`` is per
+rank and a step's batches together are one ``N`` times larger.  An iterable of
+batches is taken as this rank's own, and must have a length, the same on every
+rank.  Rank 0's callbacks decide ``stop_training`` for every rank, and an
+epoch's ``samples`` counts every rank's.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from onnxgrad.distributed import check_same, shard
 from onnxgrad.errors import DataError, OnnxgradError
 from onnxgrad.model import check_finite
 
@@ -50,6 +60,9 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
             check_finite(values, f"fit: input {name!r}")
         if arrays[1] is not None:
             check_finite(arrays[1], "fit: the target")
+    comm = getattr(trainer, "comm", None)
+    if comm is not None and arrays is None:
+        _check_batches(comm, data)
     rng = np.random.default_rng(seed)
     if trainer.epoch and "shuffle" in trainer.loop_state:
         rng.bit_generator.state = trainer.loop_state["shuffle"]
@@ -61,8 +74,10 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
             feeds, target = arrays
             n = len(next(iter(feeds.values())))
             order = rng.permutation(n) if shuffle else np.arange(n)
+            if comm is not None:
+                order = shard(order, comm.rank, comm.size)
             if drop_last:
-                order = order[:n - n % batch_size]
+                order = order[:len(order) - len(order) % batch_size]
             batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
             stream = (({k: v[index] for k, v in feeds.items()},
                        None if target is None else target[index]) for index in batches)
@@ -82,16 +97,31 @@ def fit(trainer, data, epochs: int = 5, val=None, callbacks: Sequence[Any] = (),
         trainer.finish_accumulation()  # an epoch's last micro-batches, if they were fewer
         trainer.epoch = epoch
         trainer.loop_state["shuffle"] = rng.bit_generator.state
-        logs = {"epoch": epoch, "steps": trainer.steps, "samples": seen,
+        logs = {"epoch": epoch, "steps": trainer.steps,
+                "samples": seen * (1 if comm is None else comm.size),
                 "step_loss": total / seen if seen else float("nan"),
                 "seconds": time.perf_counter() - started}
         if val is not None:
             logs.update({f"val_{k}": v for k, v in _evaluate(trainer, val, batch_size).items()})
         history.append(logs)
         _call(callbacks, "on_epoch_end", trainer, logs)
+        if comm is not None:  # rank 0's callbacks decide for every rank
+            stop = np.array([int(bool(trainer.stop_training))], dtype=np.int64)
+            comm.broadcast(stop)
+            trainer.stop_training = bool(stop[0])
         if trainer.stop_training:
             break
     return history
+
+
+def _check_batches(comm, data) -> None:
+    """Refuse an iterable of batches whose number may differ between the ranks: a rank
+    that ran out would leave the others waiting in a step."""
+    if not hasattr(data, "__len__"):
+        raise DataError(f"fit: in data-parallel training, give (feeds, target) arrays, which "
+                        f"fit shards between the ranks, or a list (an iterable with a length) of "
+                        f"this rank's batches; got {type(data).__name__}, which has no length")
+    check_same(comm, {"number of batches": len(data)}, "fit")
 
 
 #: Batches a loader thread prepares ahead of the step that runs.

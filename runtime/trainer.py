@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -10,7 +12,7 @@ import numpy as np
 
 from onnxgrad.backend import Backend, get_backend
 from onnxgrad.capture import StepGraphs
-from onnxgrad import checkpoint, loop
+from onnxgrad import checkpoint, distributed, loop
 from onnxgrad.errors import CheckpointError, DataError, NonFiniteError, OnnxgradError
 from onnxgrad.executor import RunState, ShapeSpecializedRunner
 from onnxgrad.losses import Loss, resolve_loss
@@ -54,6 +56,20 @@ class Trainer:
     update) is recorded as a CUDA graph after two eager steps with the same
     input shapes, and replayed from then on (see :mod:`onnxgrad.capture`);
     :attr:`graphs` says how steps ran and why any could not be recorded.
+
+    With ``comm`` (a :class:`~onnxgrad.distributed.Communicator`, e.g.
+    ``onnxgrad.distributed.MPIComm()``) the trainer is one rank of a
+    data-parallel job: every rank must be started with the same model and
+    options (compared by hash here; a difference raises on every rank), and
+    ``step`` and ``gradients`` are collective calls.  Each step averages the
+    gradients over the ranks, in buckets whose all-reduce overlaps the backward
+    pass, and returns the loss averaged over the ranks; for a mean loss, ``N``
+    ranks at batch ``B`` take the step of one process at batch ``N·B``.  Dropout
+    draws different numbers on each rank (rank ``r``'s stream is rank 0's,
+    jumped ``r`` times).  Each rank's BatchNormalization uses its own batch's
+    statistics, and keeps running statistics of its own, unless
+    ``sync_batchnorm`` all-reduces them (see :mod:`onnxgrad.distributed`).  A
+    step is not recorded as a CUDA graph then.
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
@@ -61,7 +77,8 @@ class Trainer:
                  trainable: str | Iterable[str] | None = None, device: str = "cpu",
                  seed: int | None = None, frozen_batchnorm: str = "train",
                  cuda_graphs: bool = True, detect_anomaly: bool = False,
-                 tie_weights: bool = False):
+                 tie_weights: bool = False, comm: distributed.Communicator | None = None,
+                 sync_batchnorm: bool = False):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -76,11 +93,25 @@ class Trainer:
         self.loss = resolve_loss(loss)
         self.backend = get_backend(device)
         self.device = self.backend.name
+        if trainable is not None and not isinstance(trainable, str):
+            trainable = list(trainable)
+        #: The communicator of data-parallel training (see :mod:`onnxgrad.distributed`), or None.
+        self.comm = comm
+        if comm is not None:
+            _check_ranks(self, comm, output=output, trainable=trainable,
+                         frozen_batchnorm=frozen_batchnorm, tie_weights=tie_weights,
+                         sync_batchnorm=sync_batchnorm)
+        elif sync_batchnorm:
+            raise OnnxgradError("sync_batchnorm=True all-reduces BatchNormalization's statistics "
+                                "between ranks; it needs comm=onnxgrad.distributed.MPIComm() "
+                                "(or NCCLComm())")
         graph = model.graph
         #: Tied copies trained as one weight (``tie_weights``): {copy: (weight, transposed)}.
         self.ties = tied_weights(graph) if tie_weights else {}
         program = build_program(model, self.loss, output, trainable, frozen_batchnorm,
                                 self.ties)
+        if sync_batchnorm:
+            distributed.use_sync_batchnorm(program.graph, program.inference_nodes)
         #: The training program this trainer runs (see :mod:`onnxgrad.program`).
         self.program = program
         self.output = program.output
@@ -91,6 +122,8 @@ class Trainer:
         fetch = [self.loss_value, *grads.values()]
         self._state = RunState(seed, self.backend.xp)
         self._state.inference_nodes = program.inference_nodes
+        self._state.comm = comm
+        self._split_random_streams()
         # Weights the step may change (trained ones, running statistics) are read at
         # run time; a frozen weight that nodes read only on the host (a Dropout
         # ratio, a Clip bound) is a constant of the plan, so that no step reads a
@@ -132,7 +165,11 @@ class Trainer:
         #: On a GPU, the recorded steps (:class:`~onnxgrad.capture.StepGraphs`); None on
         #: the CPU or with ``cuda_graphs=False``.
         self.graphs: StepGraphs | None = (
-            StepGraphs(self.backend) if cuda_graphs and not on_cpu else None)
+            StepGraphs(self.backend) if cuda_graphs and not on_cpu and comm is None else None)
+        self._reducer = None
+        if comm is not None:
+            self._reducer = distributed.GradientReducer(
+                comm, self.backend.xp, {name: self._weights[name] for name in self.trainable})
         self._device_update: DeviceUpdate | None = None
         #: Optimizer steps taken, and epochs completed (set by a training loop).
         self.steps = 0
@@ -263,11 +300,14 @@ class Trainer:
             self._state.training = False
 
     def gradients(self, feeds: Mapping[str, Any], target: Any = None) -> dict[str, np.ndarray]:
-        """The loss's gradient for each trainable parameter; changes no weight."""
+        """The loss's gradient for each trainable parameter; changes no weight.  With a
+        communicator, their average over the ranks (a collective call)."""
         out = self._run(feeds, target)
         self._state.updates.clear()
-        return {p: np.array(self.backend.to_host(out[g]), copy=True)
-                for p, g in self._grad_values.items()}
+        grads = {p: out[g] for p, g in self._grad_values.items()}
+        if self._reducer is not None:
+            grads = self._reducer.average(grads)
+        return {p: np.array(self.backend.to_host(g), copy=True) for p, g in grads.items()}
 
     def step(self, feeds: Mapping[str, Any], target: Any = None) -> float:
         """Forward, backward and one optimizer update; returns the loss before the update.
@@ -339,6 +379,8 @@ class Trainer:
     def _step(self, feeds: Mapping[str, Any], target: Any) -> float:
         if self.accumulate != 1 or self.clip_grad_norm is not None or self.detect_anomaly:
             return self._deferred_step(feeds, target)
+        if self._reducer is not None:
+            return self._distributed_step(feeds, target)
         if self.backend.name != "cpu":
             return self._step_on_device(feeds, target)
         xp, weights, profile = self.backend.xp, self._weights, self.profile
@@ -365,6 +407,47 @@ class Trainer:
         self._advance()
         return loss
 
+    def _distributed_step(self, feeds: Mapping[str, Any], target: Any) -> float:
+        """A step of data-parallel training: the executor hands each gradient to the
+        reducer as soon as it is complete (its bucket's all-reduce starts when the
+        bucket is full), the loss is averaged too, and the update follows the last
+        bucket; a loss that is not finite on any rank stops every rank before it."""
+        reducer = self._reducer
+        device = self.backend.stream if self.backend.name != "cpu" else contextlib.nullcontext()
+        with device:
+            out = self._run(feeds, target, reducer.add,
+                            lambda env: reducer.begin(env[self.loss_value]))
+            grads, loss = reducer.finish()
+            if not np.isfinite(loss):
+                self._state.updates.clear()
+                raise NonFiniteError(
+                    f"{self.model.where}: the loss averaged over the {self.comm.size} ranks is "
+                    f"{loss} at step {self.steps + 1} (this rank's: "
+                    f"{float(self.backend.to_host(out[self.loss_value]))}); no weight, optimizer "
+                    "state or statistic was changed on any rank")
+            for name, value in self._state.updates.items():  # e.g. running statistics
+                if name in self._weights:
+                    self._weights[name][...] = value
+            self._state.updates.clear()
+            self._apply(grads)
+        if self.profile is not None:
+            self.profile.steps += 1
+        return loss
+
+    def _split_random_streams(self) -> None:
+        """In data-parallel training, give rank ``r`` random numbers of its own: rank 0's
+        stream jumped ``r`` times.  Every rank draws alike, so the streams stay apart,
+        and a state rank 0 saved gives each rank its own when loaded."""
+        rank = 0 if self.comm is None else self.comm.rank
+        state = self._state
+        if rank == 0:
+            return
+        if hasattr(state.rng.bit_generator, "jumped"):
+            state.rng = np.random.Generator(state.rng.bit_generator.jumped(rank))
+        if state.draws is not None:
+            mixed = hashlib.sha256(f"{state.draws.key}/{rank}".encode()).digest()
+            state.draws.key = int.from_bytes(mixed[:8], "little")
+
     # -- clipping and accumulation: every gradient first, then the update ---------------
     def _deferred_step(self, feeds: Mapping[str, Any], target: Any) -> float:
         if not (isinstance(self.accumulate, int) and self.accumulate >= 1):
@@ -373,8 +456,11 @@ class Trainer:
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise OnnxgradError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
         out = self._run(feeds, target, inspect=self._anomaly if self.detect_anomaly else None)
-        self._check_loss(out)
-        loss = float(self.backend.to_host(out[self.loss_value]))
+        if self.comm is not None:
+            loss = self._averaged_loss(out)
+        else:
+            self._check_loss(out)
+            loss = float(self.backend.to_host(out[self.loss_value]))
         for name, value in self._state.updates.items():  # running statistics, each micro-batch
             if name in self._weights:
                 self._weights[name][...] = value
@@ -402,6 +488,8 @@ class Trainer:
         if count > 1:
             for grad in grads.values():
                 grad /= grad.dtype.type(count)
+        if self._reducer is not None:
+            grads = self._reducer.average(grads)
         if self.clip_grad_norm is not None:
             # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, in the
             # gradients' type; every gradient times min(1, max_norm / (norm + 1e-6)).
@@ -412,6 +500,12 @@ class Trainer:
                               total.dtype.type(1.0))
             for grad in grads.values():
                 grad *= coef
+        self._apply(grads)
+        return True
+
+    def _apply(self, grads: dict[str, Any]) -> None:
+        """The optimizer's update with ``grads`` (name -> gradient, on the device)."""
+        xp = self.backend.xp
         if self.backend.name == "cpu":
             self.optimizer.update(xp, self._weights, grads)
         else:
@@ -425,7 +519,6 @@ class Trainer:
                     update(name, grad)
         self._stale = bool(self._copied)
         self._advance()
-        return True
 
     def _anomaly(self, node, names, outputs) -> None:
         xp = self.backend.xp
@@ -439,6 +532,19 @@ class Trainer:
                 raise NonFiniteError(
                     f"{self.model.where}: node {node.name!r} ({node.op_type}, {part}) made "
                     f"{bad} in {name!r} at step {self.steps + 1}; nothing was updated")
+
+    def _averaged_loss(self, env: dict[str, Any]) -> float:
+        """The step's loss averaged over the ranks (a collective call); NonFiniteError on
+        every rank if it is not finite on any."""
+        total = np.array([float(self.backend.to_host(env[self.loss_value]))])
+        self.comm.allreduce(total)
+        loss = float(total[0]) / self.comm.size
+        if not np.isfinite(loss):
+            self._state.updates.clear()
+            raise NonFiniteError(
+                f"{self.model.where}: the loss averaged over the {self.comm.size} ranks is "
+                f"{loss} at step {self.steps + 1}; nothing was updated on any rank")
+        return loss
 
     def _check_loss(self, env: dict[str, Any]) -> None:
         """Raise NonFiniteError if the step's loss (in ``env``) is not finite: called before
@@ -537,9 +643,11 @@ class Trainer:
         rng = state.get("rng") or {}
         if "numpy" in rng and self._state.draws is None:
             self._state.rng.bit_generator.state = rng["numpy"]
+            self._split_random_streams()  # a state rank 0 saved: this rank's own stream
         elif "draws" in rng and self._state.draws is not None:
             self._state.draws.key = int(rng["key"])
             self._state.draws.counter[...] = rng["draws"]
+            self._split_random_streams()
         if self.schedule is not None:
             self.schedule.load_state_dict(schedule)
         self.loop_state = dict(state.get("loop") or {})
@@ -674,3 +782,18 @@ def _fits(expected, shape) -> bool:
 
 def _dims(shape) -> list:
     return ["?" if not isinstance(d, int) else d for d in shape]
+
+
+def _check_ranks(trainer: Trainer, comm, **options: Any) -> None:
+    """Refuse to train unless every rank of ``comm`` has the same model and options."""
+    if not isinstance(comm, distributed.Communicator):
+        raise OnnxgradError(f"comm must be an onnxgrad.distributed communicator (MPIComm, "
+                            f"NCCLComm), got {type(comm).__name__}")
+    if isinstance(comm, distributed.NCCLComm) and trainer.device != "cuda":
+        raise OnnxgradError(f"comm=NCCLComm reduces CuPy arrays and needs device='cuda'; "
+                            f"this trainer runs on {trainer.device!r} (use MPIComm there)")
+    optimizer = trainer.optimizer
+    distributed.check_same(comm, {
+        "model": distributed.model_digest(trainer.model), "loss": repr(trainer.loss),
+        "optimizer": [type(optimizer).__name__, _settings(optimizer)],
+        "device": trainer.device, **options}, "onnxgrad.Trainer")

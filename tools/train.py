@@ -3,6 +3,8 @@ algorithm it carries (TrainingInfoProto)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -12,7 +14,10 @@ import click
 import numpy as np
 
 import onnxgrad
+from onnxgrad import checkpoint, distributed
 from onnxgrad.autodiff import differentiable_ancestors
+from onnxgrad.errors import OnnxgradError
+from onnxgrad.threads import available_cores
 
 from . import data as D
 from .common import (
@@ -39,6 +44,85 @@ from .log import Logs, MetricsLog, TensorBoardLog, plot
 from .log import read as read_log
 from .metrics import batches
 from .report import is_float, select_trainable
+
+
+def data_parallel(fn):
+    """Run the command as one rank of ``mpiexec -n N onnxgrad train ...`` when an MPI
+    launcher started several: ``fn`` gets the communicator as ``comm`` (None when
+    the process runs alone).  Ranks other than 0 print nothing unless they fail; a
+    failure on any rank prints ``Error: rank R of N: ...`` and ends every rank (MPI
+    Abort).  Unless ``--threads`` or ONNXGRAD_NUM_THREADS says otherwise, the ranks
+    on one machine share its cores."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            comm = distributed.from_launcher()
+        except OnnxgradError as exc:
+            rank = distributed.launched_rank()
+            raise click.ClickException(f"rank {rank}: {exc}" if rank is not None else str(exc)) \
+                from None
+        if comm is None:
+            return fn(*args, comm=None, **kwargs)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(distributed.abort_on_error(comm, _message))
+            if comm.rank:  # the others stay quiet unless they fail
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+                stack.enter_context(contextlib.redirect_stderr(devnull))
+            if not _given("threads") and not os.environ.get("ONNXGRAD_NUM_THREADS"):
+                onnxgrad.set_num_threads(max(1, available_cores() // comm.local[1]))
+            return fn(*args, comm=comm, **kwargs)
+
+    return wrapper
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, click.ClickException):
+        return exc.format_message()
+    return f"{type(exc).__name__}: {exc}"
+
+
+#: Options left out of the comparison between ranks: those only rank 0 reads (it alone
+#: prints and writes files), and the paths of the model (which the trainer compares by
+#: hash) and of the data (compared by number of samples, types and shapes).
+_NOT_COMPARED = {"model", "data", "val_path", "out_path", "quiet", "profile", "checkpoint_dir",
+                   "save_best", "monitor", "early_stopping", "log_path", "log_every",
+                   "tensorboard_dir", "plot_path", "resume_dir"}
+
+
+def _check_ranks(comm, ds) -> None:
+    """Refuse to train unless every rank was started with the same options and data."""
+    ctx = click.get_current_context()
+    items = {p.opts[0]: ctx.params[p.name] for p in ctx.command.params
+             if p.name in ctx.params and p.name not in _NOT_COMPARED}
+    items["--resume"] = ctx.params["resume_dir"] is not None
+    items["training data"] = {
+        "samples": len(ds),
+        "inputs": {k: [v.dtype.str, list(v.shape[1:])] for k, v in ds.feeds.items()},
+        "target": None if ds.target is None else [ds.target.dtype.str, list(ds.target.shape[1:])]}
+    distributed.check_same(comm, items, "onnxgrad train")
+
+
+def _load_checkpoint(trainer, path: str, comm) -> None:
+    """Rank 0 reads the checkpoint at ``path`` and every rank continues from it."""
+    if comm is None:
+        trainer.load_checkpoint(path)
+        return
+    data = np.fromfile(path, dtype=np.uint8) if comm.rank == 0 else None
+    size = np.array([0 if data is None else data.size], dtype=np.int64)
+    comm.broadcast(size)
+    if data is None:
+        data = np.empty(int(size[0]), dtype=np.uint8)
+    comm.broadcast(data)
+    if comm.rank == 0:
+        trainer.load_checkpoint(path)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        copy = os.path.join(folder, os.path.basename(path))
+        data.tofile(copy)
+        trainer.load_state_dict(checkpoint.load(copy), where=f"{path} (from rank 0)")
+
 
 @click.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -122,7 +206,12 @@ from .report import is_float, select_trainable
 @click.option("--resume", "resume_dir", default=None, metavar="DIR",
               help="Continue the run checkpointed in DIR (DIR/last.ckpt) up to --epochs, with "
                    "the same options; the result equals an uninterrupted run bit for bit.")
+@click.option("--sync-batchnorm", is_flag=True,
+              help="In data-parallel training (mpiexec -n N onnxgrad train ...): normalise "
+                   "BatchNormalization with the statistics of every rank's batch together "
+                   "(all-reduced) instead of each rank's own (the default, as PyTorch's DDP).")
 @threads_option
+@data_parallel
 @boundary
 def train(model, data, input_keys, target_key, target_column, feature_columns, mean, std, loss,
           output, class_axis, ignore_index, optimizer,
@@ -133,7 +222,7 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           checkpoint_dir, save_best, monitor, tie_weights, detect_anomaly, clip_grad_norm,
           accumulate,
           early_stopping,
-          log_path, log_every, tensorboard_dir, plot_path, resume_dir):
+          log_path, log_every, tensorboard_dir, plot_path, resume_dir, sync_batchnorm, comm):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -146,6 +235,13 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     before and after training. The trained model keeps the original graph
     and runs in any ONNX runtime.
 
+    Started by an MPI launcher (mpiexec -n N onnxgrad train ...), the N
+    processes train data-parallel: each takes its shard of every epoch (as
+    PyTorch's DistributedSampler), --batch-size is per process, and the
+    gradients are averaged before each update (with --device cuda, one GPU per
+    process, through NCCL). Rank 0 alone prints and writes the model, logs and
+    checkpoints; an error on any rank ends them all.
+
     \b
     Examples:
       onnxgrad train models/digits_mlp.onnx --data models/digits_train.npz \\
@@ -156,6 +252,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           --freeze '*0.weight' --freeze '*0.bias'        # fine-tune the last layer
       onnxgrad train regressor.onnx --data houses.npz --input-key features \\
           --target-key price --loss mse --optimizer sgd --lr 0.001
+      mpiexec -n 2 onnxgrad train models/digits_mlp.onnx \\
+          --data models/digits_train.npz --batch-size 16     # 2 processes
     """
     echo = (lambda *a, **k: None) if quiet else click.echo
     loss = check_loss(loss, class_axis, ignore_index)
@@ -170,27 +268,19 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         raise click.ClickException(f"--val-split must lie between 0 and 1 (got {val_split})")
     if device not in ("cpu", "cuda"):
         raise click.ClickException(f"unknown device {device!r}; choose cpu or cuda")
+    if comm is not None and training_info:
+        raise click.ClickException("--training-info runs the model's algorithm in one process; "
+                                   f"start it without mpiexec (started as {comm.size} ranks)")
+    if comm is not None and device == "cuda":  # one GPU per rank, gradients through NCCL
+        comm = distributed.NCCLComm(comm)
+    root = comm is None or comm.rank == 0
 
     if out_path is None:
         stem, _ = os.path.splitext(model)
         out_path = stem + "_trained.onnx"
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} does not exist")
-    if os.path.isdir(out_path):
-        raise click.ClickException(f"cannot write {out_path!r}: it is a directory")
-    try:  # a file of our own there, now, rather than a failure after the whole run
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} is not "
-                                   f"writable ({exc.strerror})") from None
-    for other, what in ((model, "the model"), (data, "the training data"),
-                        (val_path, "the validation data")):
-        if other is not None and os.path.exists(other) and os.path.exists(out_path) and \
-                os.path.samefile(out_path, other):
-            raise click.ClickException(f"--out {out_path!r} is {what}; it would be overwritten "
-                                       "by the model")
+    if root:
+        _check_out_path(out_path, out_dir, model, data, val_path)
 
     m = load_model(model)
     if training_info:
@@ -203,7 +293,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     ds = read_dataset(data, m, input_keys, target_key, source=source)
     val = None
     if val_path is not None:
-        val = read_dataset(val_path, m, input_keys, target_key, source=source)
+        if root:  # rank 0 alone measures
+            val = read_dataset(val_path, m, input_keys, target_key, source=source)
     elif val_split is not None:
         order = np.random.default_rng(seed).permutation(len(ds))
         n_val = int(round(len(ds) * val_split))
@@ -230,7 +321,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
 
     if save_best and checkpoint_dir is None:
         raise click.ClickException("--save-best needs --checkpoint-dir")
-    if (save_best or early_stopping) and monitor.startswith("val_") and val is None:
+    if (save_best or early_stopping) and monitor.startswith("val_") and val_path is None \
+            and val_split is None:
         raise click.ClickException(f"--monitor {monitor} needs validation data "
                                    "(--val or --val-split)")
     if clip_grad_norm is not None and not clip_grad_norm > 0:
@@ -245,23 +337,27 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         raise click.ClickException("--log-every needs --log FILE.csv or --tensorboard DIR")
     if log_every is not None and log_every < 1:
         raise click.ClickException(f"--log-every must be at least 1 (got {log_every})")
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and root:
         if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             raise click.ClickException(f"--checkpoint-dir {checkpoint_dir!r} is not a folder")
         os.makedirs(checkpoint_dir, exist_ok=True)
     resume_path = None
     if resume_dir is not None:
         resume_path = os.path.join(resume_dir, "last.ckpt")
-        if not os.path.isfile(resume_path):
+        if root and not os.path.isfile(resume_path):
             raise click.ClickException(f"--resume {resume_dir!r}: no checkpoint "
                                        f"{resume_path!r} there")
 
-    before = metrics(m)  # also checks the targets against the output
+    if comm is not None:
+        _check_ranks(comm, ds)
+    before = metrics(m) if root else None  # also checks the targets against the output
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
                                device=device, seed=seed, frozen_batchnorm=frozen_batchnorm,
-                               cuda_graphs=cuda_graphs, tie_weights=tie_weights)
-    drop_last = fixed_batch(m) is not None and len(ds) % batch_size != 0
-    per_epoch = -(-(len(ds) - (len(ds) % batch_size if drop_last else 0)) // batch_size)
+                               cuda_graphs=cuda_graphs, tie_weights=tie_weights, comm=comm,
+                               sync_batchnorm=sync_batchnorm and comm is not None)
+    local = len(ds) if comm is None else -(-len(ds) // comm.size)  # each rank's shard
+    drop_last = fixed_batch(m) is not None and local % batch_size != 0
+    per_epoch = -(-(local - (local % batch_size if drop_last else 0)) // batch_size)
     steps_per_epoch = -(-per_epoch // accumulate)
     trainer.schedule = build_schedule(lr_schedule, opt, epochs * steps_per_epoch, warmup_steps,
                                       min_lr, step_size, gamma, milestones, max_lr)
@@ -277,20 +373,29 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         click.echo(f"validation: {val.describe()}")
     click.echo(f"training {len(trainer.trainable)} of {n_float} parameter tensors ({n_values:,} "
                f"values) with {optimizer.lower()} lr={opt.lr:g}, loss {loss.name} on {output!r}, {epochs} epoch(s) "
-               f"of batch size {batch_size}, on {device}")
-    click.echo(describe("before", *before))
+               f"of batch size {batch_size}" + (
+                   "" if comm is None else
+                   f" per rank on {comm.size} ranks ({batch_size * comm.size} samples per step)")
+               + f", on {device}")
+    if root:
+        click.echo(describe("before", *before))
     best, stale = None, 0
     if resume_path is not None:
-        trainer.load_checkpoint(resume_path)
+        _load_checkpoint(trainer, resume_path, comm)
         best, stale = trainer.loop_state.get("best"), trainer.loop_state.get("stale", 0)
         click.echo(f"resumed from {resume_path}: {trainer.epoch} epoch(s), {trainer.steps} "
                    f"step(s) done")
-    if drop_last and len(ds) < batch_size:
+    if drop_last and local < batch_size:
         raise click.ClickException(f"the model's batch dimension is fixed to {batch_size}, "
-                                   f"but {data!r} has only {len(ds)} training samples")
+                                   f"but {data!r} has only {local} training samples"
+                                   + ("" if comm is None else " per rank"))
     if drop_last:
         click.echo(f"note: the model's batch dimension is fixed to {batch_size}; each epoch "
-                   f"leaves out {len(ds) % batch_size} (randomly chosen) samples")
+                   f"leaves out {local % batch_size} (randomly chosen) samples"
+                   + ("" if comm is None else " per rank"))
+    if not root:  # the others train, and stay quiet
+        trainer.fit(ds, epochs=epochs, batch_size=batch_size, seed=seed, drop_last=drop_last)
+        return
     report = _EpochReport(trainer, metrics, echo, opt, epochs, monitor, best, stale,
                           checkpoint_dir, save_best, early_stopping, out_path,
                           Logs([MetricsLog(log_path, append=resume_path is not None)
@@ -330,6 +435,26 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     if plot_path:
         plot(read_log(log_path), plot_path, title=os.path.basename(model))
         click.echo(f"plotted {log_path} to {plot_path}")
+
+
+def _check_out_path(out_path, out_dir, model, data, val_path) -> None:
+    """Refuse an --out that cannot be written, or that names an input, before the run."""
+    if not os.path.isdir(out_dir):
+        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} does not exist")
+    if os.path.isdir(out_path):
+        raise click.ClickException(f"cannot write {out_path!r}: it is a directory")
+    try:  # a file of our own there, now, rather than a failure after the whole run
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path!r}: directory {out_dir!r} is not "
+                                   f"writable ({exc.strerror})") from None
+    for other, what in ((model, "the model"), (data, "the training data"),
+                        (val_path, "the validation data")):
+        if other is not None and os.path.exists(other) and os.path.exists(out_path) and \
+                os.path.samefile(out_path, other):
+            raise click.ClickException(f"--out {out_path!r} is {what}; it would be overwritten "
+                                       "by the model")
 
 
 class _Progress:
