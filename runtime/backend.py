@@ -159,6 +159,19 @@ def get_backend(device: str) -> Backend:
     raise OnnxgradError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
 
 
+def nccl_modules() -> tuple[Any, Any]:
+    """CuPy and its NCCL bindings (``cupy.cuda.nccl``), for data-parallel training on
+    GPUs (see :class:`onnxgrad.distributed.NCCLComm`)."""
+    try:
+        import cupy  # noqa: PLC0415 - CuPy is imported in this module only
+        from cupy.cuda import nccl  # noqa: PLC0415
+    except ImportError as exc:
+        raise OnnxgradError(f"NCCLComm needs CuPy with its NCCL bindings (cupy.cuda.nccl), "
+                            f"which do not import: {exc}; install them with: "
+                            f"pip install 'onnxgrad[gpu]' nvidia-nccl-cu12") from None
+    return cupy, nccl
+
+
 def cuda_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     try:

@@ -243,25 +243,29 @@ class NCCLComm(Communicator):
               "e": "NCCL_FLOAT16", "f": "NCCL_FLOAT32", "d": "NCCL_FLOAT64"}
 
     def __init__(self, mpi: MPIComm | None = None, device: int | None = None):
-        from onnxgrad.backend import get_backend  # noqa: PLC0415
+        from onnxgrad.backend import get_backend, nccl_modules  # noqa: PLC0415
 
         self.mpi = MPIComm() if mpi is None else mpi
         self.rank, self.size = self.mpi.rank, self.mpi.size
-        cupy = get_backend("cuda").xp
-        try:
-            from cupy.cuda import nccl  # noqa: PLC0415 - CuPy's NCCL bindings
-        except ImportError as exc:
-            raise OnnxgradError(f"NCCLComm needs CuPy's NCCL bindings (cupy.cuda.nccl): {exc}") \
-                from None
+        cupy, nccl = nccl_modules()
         if not getattr(nccl, "available", True):
             raise OnnxgradError("NCCLComm: this CuPy was built without NCCL; install the "
                                 "NCCL library (pip install nvidia-nccl-cu12) or use MPIComm")
-        count = cupy.cuda.runtime.getDeviceCount()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDA driver missing or broken
+            raise OnnxgradError(f"NCCLComm on rank {self.rank}: CuPy cannot reach a CUDA "
+                                f"device ({exc})") from None
+        if count < 1:
+            raise OnnxgradError(f"NCCLComm on rank {self.rank}: no CUDA device was found")
         self.device = self.mpi.local[0] % count if device is None else int(device)
         if not 0 <= self.device < count:
             raise OnnxgradError(f"NCCLComm on rank {self.rank}: device {self.device} does not "
                                 f"exist; this machine has {count} GPU(s)")
+        # The device first: the CUDA backend makes its stream and cuBLAS handle on the
+        # current device when first used.
         cupy.cuda.Device(self.device).use()
+        get_backend("cuda")
         self._cupy, self._nccl = cupy, nccl
         uid = np.zeros(128, dtype=np.int64)
         if self.rank == 0:
