@@ -10,15 +10,19 @@ A query row that attends nothing gives zeros, as the spec says.
 The gradient is the private ``onnxgrad::AttentionGrad``: it recomputes the
 probabilities and returns the gradients of Q, K, V, a floating-point mask
 (an additive bias, e.g. a learned relative-position bias) and the past
-key/value cache in one pass.  The ``qk_matmul_output`` output has no gradient
-rule.
+key/value cache in one pass, with a gradient flowing back from the
+``qk_matmul_output`` output too, for each ``qk_matmul_output_mode``: modes 0 and 1
+(the scaled, soft-capped product, as the ONNX reference gives for both) join
+before the softcap's derivative; mode 2 (with the mask's bias) joins the
+softmax's input, for the products and a floating-point mask, except where that
+input is -inf (masked: constant there); mode 3 (the probabilities) joins the
+softmax's output.
 """
 
 from __future__ import annotations
 
 import math
 
-from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.shape import ONNX_TYPES
 from onnxgrad.threads import matmul
@@ -124,7 +128,7 @@ def _forward(xp, Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, a):
     return {"Y": _unheads(xp, Y4) if three_d else Y4, "present_key": Kp, "present_value": Vp,
             "qk": qk.astype(dtype, copy=False), "Q4": Q4, "Kr": Kr, "Vr": Vr, "P": P, "S1": S1,
             "scale": scale, "softcap": softcap, "reps": reps, "past": past, "three_d": three_d,
-            "mask_width": mask_width, "bias": bias}
+            "mask_width": mask_width, "bias": bias, "allowed": allowed}
 
 
 def _outputs(r, ctx):
@@ -170,17 +174,14 @@ def Attention25(xp, Q, K, V, attn_mask=None, past_key=None, past_value=None, non
 
 
 def _rule(g, node, dY=None, dPresentKey=None, dPresentValue=None, dQK=None, *_):
-    if dQK is not None:
-        raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
-                                 what="gradient through output 3 (qk_matmul_output)")
     ins = list(node.inputs) + [""] * (7 - len(node.inputs))
     attrs = {k: v for k, v in node.attrs.items() if v is not None}
     zero = None
-    if dY is None:  # only the cache outputs carry a gradient
+    if dY is None:  # only the cache outputs or qk_matmul_output carry a gradient
         from onnxgrad.ops.tensor import zeros_like_value  # noqa: PLC0415
         zero = zeros_like_value(g, node.outputs[0])
     grads = g.private("AttentionGrad", dY if dY is not None else zero, dPresentKey, dPresentValue,
-                      *ins[:7], num_outputs=6, dtype=g.dtype(node.inputs[0]), **attrs)
+                      dQK, *ins[:7], num_outputs=6, dtype=g.dtype(node.inputs[0]), **attrs)
     mask = ins[3]
     if mask and g.dtype(mask).kind != "f":
         grads[3] = None  # a boolean mask selects; it has no gradient
@@ -192,11 +193,14 @@ for _definition in (Attention23, Attention24, Attention25):
 
 
 @op("AttentionGrad", domain="onnxgrad")
-def AttentionGrad(xp, dY, dPresentKey, dPresentValue, Q, K, V, attn_mask=None, past_key=None,
-                  past_value=None, nonpad_kv_seqlen=None, *, is_causal=0, kv_num_heads=None,
-                  q_num_heads=None, qk_matmul_output_mode=0, scale=None, softcap=0.0,
-                  softmax_precision=None, left_window_size=-1, right_window_size=-1):
-    """Gradients of Attention for (Q, K, V, attn_mask, past_key, past_value)."""
+def AttentionGrad(xp, dY, dPresentKey, dPresentValue, dQK, Q, K, V, attn_mask=None,
+                  past_key=None, past_value=None, nonpad_kv_seqlen=None, *, is_causal=0,
+                  kv_num_heads=None, q_num_heads=None, qk_matmul_output_mode=0, scale=None,
+                  softcap=0.0, softmax_precision=None, left_window_size=-1,
+                  right_window_size=-1):
+    """Gradients of Attention for (Q, K, V, attn_mask, past_key, past_value), from those
+    of its outputs (Y, present_key, present_value, qk_matmul_output; all but Y may be
+    absent)."""
     a = _attrs(is_causal=is_causal, kv_num_heads=kv_num_heads, q_num_heads=q_num_heads,
                qk_matmul_output_mode=0, scale=scale, softcap=softcap,
                softmax_precision=softmax_precision, left_window_size=left_window_size,
@@ -206,11 +210,21 @@ def AttentionGrad(xp, dY, dPresentKey, dPresentValue, Q, K, V, attn_mask=None, p
     dY4 = _heads(xp, dY, P.shape[1]) if r["three_d"] else dY
     dP = matmul(xp, dY4, xp.swapaxes(Vr, -1, -2))
     dVr = matmul(xp, xp.swapaxes(P, -1, -2), dY4)
-    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
-    dS0 = dS
+    mode = int(qk_matmul_output_mode)
+    if dQK is not None:
+        dQK = dQK.astype(dP.dtype, copy=False)
+    if dQK is not None and mode == 3:  # the probabilities
+        dP = dP + dQK
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))  # of the softmax's input S
+    if dQK is not None and mode == 2:  # S itself, constant where it is -inf (masked)
+        dS = dS + xp.where(_finite_logits(xp, r, dS.shape), dQK, dS.dtype.type(0))
+    dS1 = dS  # of the soft-capped product; S = S1 + bias where allowed
+    if dQK is not None and mode in (0, 1):
+        dS1 = dS + dQK
+    dS0 = dS1
     if r["softcap"] > 0:
         t = r["S1"] / r["softcap"]
-        dS0 = dS * (1 - t * t)
+        dS0 = dS1 * (1 - t * t)
     root = Q.dtype.type(math.sqrt(r["scale"]))
     dQ4 = matmul(xp, dS0, Kr * root) * root
     dKr = matmul(xp, xp.swapaxes(dS0, -1, -2), Q4 * root) * root
@@ -245,3 +259,13 @@ def AttentionGrad(xp, dY, dPresentKey, dPresentValue, Q, K, V, attn_mask=None, p
         dMask = dB.astype(attn_mask.dtype, copy=False)
     return tuple(xp.ascontiguousarray(x) if x is not None else None
                  for x in (dQ, dK, dV, dMask, dPastK, dPastV))
+
+
+def _finite_logits(xp, r, shape):
+    """Where the softmax's input is finite: allowed by the masks, with a finite bias."""
+    keep = xp.ones(shape, dtype=bool)
+    if r["allowed"] is not None:
+        keep = keep & r["allowed"]
+    if r["bias"] is not None:
+        keep = keep & xp.isfinite(r["bias"])
+    return keep

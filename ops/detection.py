@@ -9,8 +9,15 @@ maximum over each bin of a region whose corners are rounded to whole pixels,
 as Caffe and onnxruntime do.
 
 Gradients: RoiAlign's for X adds each sample's bilinear weights times ``dY``
-back into the image (in ``max`` mode, only the winning corner's); its rois'
-gradient has no rule.  MaxRoiPool routes ``dY`` to the first maximum of each
+back into the image (in ``max`` mode, only the winning corner's).  Its rois'
+gradient moves the samples: a sample's position is ``start + size · c`` along
+each axis (``c`` fixed by its bin and grid place), and its bilinear value
+changes with the position by the difference of the neighbouring pixels; a
+sample clamped to the image's first or last row/column, or outside it, does not
+move, nor does a region's size where ``output_half_pixel`` raises it to 1.  The
+number of samples (``sampling_ratio=0``) changes in jumps with the region's size,
+and the bilinear weights have kinks at whole pixels: the gradient is exact away
+from those.  MaxRoiPool routes ``dY`` to the first maximum of each
 bin; its output is piecewise constant in the rounded rois, which carry none.
 """
 
@@ -100,7 +107,10 @@ def _roi_align_rule(g, node, dY):
         == "half_pixel"
     attrs = {k: v for k, v in node.attrs.items() if k != "coordinate_transformation_mode"}
     return (g.private("RoiAlignGrad", dY, X, rois, batch_indices, half_pixel=int(half_pixel),
-                      **attrs), None, None)
+                      **attrs),
+            g.private("RoiAlignRoisGrad", dY, X, rois, batch_indices,
+                      half_pixel=int(half_pixel), **attrs),
+            None)
 
 
 for _definition in (RoiAlign, RoiAlign10):
@@ -114,6 +124,20 @@ def RoiAlignGrad(xp, dY, X, rois, batch_indices, *, half_pixel=1, mode="avg", ou
     over the bin's samples; in ``max`` mode only the winning sample's winning corner)."""
     return (_roi_align(xp, X, rois, batch_indices, bool(half_pixel), mode, output_height,
                        output_width, sampling_ratio, spatial_scale, dY=dY),)
+
+
+@op("RoiAlignRoisGrad", domain="onnxgrad")
+def RoiAlignRoisGrad(xp, dY, X, rois, batch_indices, *, half_pixel=1, mode="avg",
+                     output_height=1, output_width=1, sampling_ratio=0, spatial_scale=1.0):
+    """Gradient of RoiAlign for rois: ``dY`` times each sample's bilinear value's
+    derivative along its position, times the position's derivative with respect to the
+    region's corners (see the module docstring).
+
+    No standard form (as RoiAlignGrad): the sample grids' sizes depend on the rois'
+    values where ``sampling_ratio=0``, which a static graph of standard ops cannot
+    follow, so differentiating it again raises UnsupportedOpError."""
+    return (_roi_align(xp, X, rois, batch_indices, bool(half_pixel), mode, output_height,
+                       output_width, sampling_ratio, spatial_scale, dY=dY, wrt="rois"),)
 
 
 def _axis_samples(xp, start, size, bins, grid, limit):
@@ -132,9 +156,20 @@ def _axis_samples(xp, start, size, bins, grid, limit):
     return low, high, 1.0 - frac, frac, outside
 
 
+def _axis_motion(xp, start, size, bins, grid, limit):
+    """Where each sample sits in its region (``c``: position = start + size · c) and
+    whether its bilinear weights move with it (not clamped to the first or last
+    pixel), shape [bins * grid]."""
+    k = xp.arange(bins * grid)
+    c = ((k // grid) + ((k % grid) + 0.5) / grid) / bins
+    pos = start + size * c
+    return c, ((pos >= 0.0) & (pos < limit - 1)).astype(xp.float64)
+
+
 def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ratio, scale,
-               dY=None):
-    """RoiAlign's output; with ``dY``, the gradient for X instead."""
+               dY=None, wrt="X"):
+    """RoiAlign's output; with ``dY``, the gradient for X (or ``wrt="rois"``, for rois)
+    instead."""
     if X.ndim != 4 or rois.ndim != 2 or rois.shape[1] != 4:
         raise ModelError(f"RoiAlign: X {list(X.shape)} and rois {list(rois.shape)} do not fit "
                          "[N, C, H, W] and [rois, 4]")
@@ -144,12 +179,15 @@ def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ra
     height, width = X.shape[2], X.shape[3]
     out = xp.zeros((n_rois, channels, oh, ow), dtype=xp.float64)
     dX = xp.zeros(X.shape, dtype=xp.float64) if dY is not None else None
+    drois = xp.zeros(rois.shape, dtype=xp.float64)
     offset = 0.5 if half_pixel else 0.0
     boxes = rois.astype(xp.float64).tolist()
     batches = batch_indices.reshape(-1).tolist()
     for r in range(n_rois):
         x0, y0, x1, y1 = (v * scale - offset for v in boxes[r])
         roi_w, roi_h = x1 - x0, y1 - y0
+        # 1 where the size follows the corners (not raised to 1): for the rois' gradient
+        follows_w, follows_h = float(half_pixel or roi_w >= 1.0), float(half_pixel or roi_h >= 1.0)
         if not half_pixel:
             roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
         gh = int(sampling_ratio) if sampling_ratio > 0 else int(math.ceil(roi_h / oh))
@@ -179,7 +217,7 @@ def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ra
         # dY of each bin, at each of its samples: [C, oh*gh, ow*gw]
         spread = xp.repeat(xp.repeat(dY[r].astype(xp.float64), gh, axis=1), gw, axis=2)
         if mode == "avg":
-            shares = [spread * (w / max(gh * gw, 1)) for _, _, w in corners]
+            picks = [spread / max(gh * gw, 1)] * 4
         else:
             stacked = xp.stack(values)                       # [4, C, oh*gh, ow*gw]
             corner = xp.argmax(stacked, axis=0)
@@ -188,13 +226,34 @@ def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ra
             won = xp.arange(gh * gw) == xp.argmax(best, axis=3)[..., None]
             won = won.reshape(channels, oh, ow, gh, gw).transpose(0, 1, 3, 2, 4)
             won = won.reshape(corner.shape)
-            shares = [spread * w * (won & (corner == k)) for k, (_, _, w) in enumerate(corners)]
+            picks = [spread * (won & (corner == k)) for k in range(4)]
+        if wrt == "rois":
+            # d(corner weight)/d(position): -/+ the other axis' weight, where samples move
+            cy, my = _axis_motion(xp, y0, roi_h, oh, gh, height)
+            cx, mx = _axis_motion(xp, x0, roi_w, ow, gw, width)
+            wy, wx = (wy_lo, wy_lo, wy_hi, wy_hi), (wx_lo, wx_hi, wx_lo, wx_hi)
+            sy, sx = (-1.0, -1.0, 1.0, 1.0), (-1.0, 1.0, -1.0, 1.0)
+            gy = gx = 0.0
+            for k, (yi, xi, _) in enumerate(corners):
+                at = picks[k] * image[:, yi[:, None], xi[None, :]] * keep  # [C, Ky, Kx]
+                gy = gy + sy[k] * (at * wx[k][None, None, :]).sum(axis=(0, 2))
+                gx = gx + sx[k] * (at * wy[k][None, :, None]).sum(axis=(0, 1))
+            gy, gx = gy * my * scale, gx * mx * scale  # per sample, per unit of rois
+            # position = start + size·c, size = end - start where it follows the corners
+            drois[r, 0] = (gx * (1.0 - cx * follows_w)).sum()
+            drois[r, 2] = (gx * cx * follows_w).sum()
+            drois[r, 1] = (gy * (1.0 - cy * follows_h)).sum()
+            drois[r, 3] = (gy * cy * follows_h).sum()
+            continue
+        shares = [pick * w for pick, (_, _, w) in zip(picks, corners)]
         for (yi, xi, _), share in zip(corners, shares):
             position = xp.arange(channels)[:, None, None] * (height * width) + \
                 (yi[:, None] * width + xi[None, :])[None]
             dX[b] += _scatter_add(xp, channels * height * width, position, share,
                                   xp.float64).reshape(channels, height, width)
-    return (out if dY is None else dX).astype(X.dtype)
+    if dY is None:
+        return out.astype(X.dtype)
+    return drois.astype(rois.dtype) if wrt == "rois" else dX.astype(X.dtype)
 
 
 # -- MaxRoiPool ---------------------------------------------------------------------------------

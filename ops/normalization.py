@@ -21,7 +21,13 @@ forward pass and where a gradient reads a saved mean.  (PyTorch accumulates in
 double on the CPU for the same reason.)
 
 Gradients are private fused ops of the ``onnxgrad`` domain that recompute the
-statistics from ``X``.
+statistics from ``X``.  BatchNormalization's running ``mean`` and ``var`` are
+state that training steps overwrite, not weights: they are not among its
+declared differentiable inputs, so the Trainer never trains them, but a
+gradient asked for by name (the ``Gradient`` operator's ``xs``, or
+:func:`onnxgrad.autodiff.build_gradients`) flows into them (see
+:data:`onnxgrad.autodiff.RUNNING_STATISTICS` and
+:func:`BatchNormalizationStatisticsGrad`).
 """
 
 from __future__ import annotations
@@ -223,7 +229,34 @@ def _bn_rule(g, node, dY, *extra):
                                *(saved if len(saved) == 2 and all(saved) else ()),
                                num_outputs=3, epsilon=node.attrs["epsilon"],
                                spatial=node.attrs.get("spatial", 1))
-    return (dX, dscale, dB, None, None)
+    return (dX, dscale, dB) + _running_statistics_rule(g, node, dY)
+
+
+def _running_statistics_rule(g, node, dY):
+    """The gradients of the running ``mean`` and ``var`` (inputs 3 and 4).
+
+    Where the node normalises with them, ``Y = (X - mean)·scale·inv + B`` with
+    ``inv = 1/sqrt(var + epsilon)``.  Where it normalises with batch statistics, ``Y``
+    does not read them: their gradient is zero, exactly, for the only output a
+    gradient may flow back from (the spec declares ``running_mean``/``running_var``
+    and the saved statistics non-differentiable, and :func:`_no_grad_for_extra_outputs`
+    refuses a gradient through them).  ``training_mode=1`` (opset 14 on) always
+    normalises with batch statistics; otherwise which statistics a run uses is known
+    at run time only (a training step or not, ``frozen_batchnorm``), so the private
+    kernel decides as the forward kernel does."""
+    from onnxgrad.ops.tensor import zeros_like_value  # noqa: PLC0415
+
+    mean, var = (node.inputs[3:5] + ["", ""])[:2]
+    if not mean or not var:
+        return (None, None)
+    if node.attrs.get("training_mode", 0):
+        return (zeros_like_value(g, mean), zeros_like_value(g, var))
+    X, scale = node.inputs[:2]
+    dmean, dvar = g.private("BatchNormalizationStatisticsGrad", dY, X, scale, mean, var,
+                            num_outputs=2, dtype=g.graph.dtype(mean),
+                            epsilon=node.attrs["epsilon"], spatial=node.attrs.get("spatial", 1),
+                            forward_node=node.name)
+    return (dmean, dvar)
 
 
 BatchNormalization.gradient(_bn_rule)
@@ -306,6 +339,38 @@ def _(g, node):
     dX = g.Mul(g.Sub(g.Sub(dY, g.Div(dB, n)), g.Div(g.Mul(xhat, dscale), n)), k)
     flat = g.Shape(scale, dtype="int64")
     return (dX, g.Reshape(dscale, flat), g.Reshape(dB, flat))
+
+
+@op("BatchNormalizationStatisticsGrad", domain="onnxgrad")
+def BatchNormalizationStatisticsGrad(xp, dY, X, scale, mean, var, *, epsilon=1e-5, spatial=1,
+                                     forward_node="", ctx):
+    """dmean and dvar of BatchNormalization node ``forward_node`` for its running
+    statistics: where the node normalised with them in this run (outside training
+    runs, or as one of the run's ``inference_nodes``: ``frozen_batchnorm="eval"``),
+
+        dmean = -Σ dY·scale·inv,   dvar = -½ Σ dY·(X - mean)·scale·inv³,
+
+    summed over every axis but the statistics' own (inv = 1/sqrt(var + epsilon)),
+    accumulated in float64; where it normalised with batch statistics (a training run),
+    zeros, as ``Y`` does not read them.
+
+    No standard form: which statistics the node used is a fact of the run (training
+    step or inference, frozen nodes), which a standard ONNX graph does not carry; so
+    differentiating this op again raises UnsupportedOpError, and a step model that
+    would hold it cannot be written.
+    """
+    state = ctx.state
+    if state.training and forward_node not in state.inference_nodes:
+        return xp.zeros(mean.shape, dtype=mean.dtype), xp.zeros(var.shape, dtype=var.dtype)
+    axes, shape = _bn_layout(X, spatial)
+    f64 = xp.float64
+    inv = 1 / xp.sqrt(var.astype(f64).reshape(shape) + epsilon)
+    k = dY.astype(f64) * (scale.astype(f64).reshape(shape) * inv)  # dY·scale·inv
+    dmean = -k.sum(axis=axes, keepdims=True)
+    k *= X.astype(f64) - mean.astype(f64).reshape(shape)
+    dvar = -0.5 * (inv * inv) * k.sum(axis=axes, keepdims=True)
+    return (_a(xp, dmean.reshape(mean.shape), mean.dtype),
+            _a(xp, dvar.reshape(var.shape), var.dtype))
 
 
 def _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape):

@@ -7,19 +7,36 @@ Scales and zero points are per tensor (scalars), per axis (1-D along
 saturate unless ``saturate=0``.
 
 Gradients: DequantizeLinear's ``x_scale`` has one (``y = (x - zero_point) ·
-scale`` is linear in the scale).  The real-valued inputs of QuantizeLinear and
-DynamicQuantizeLinear are declared differentiable without a rule, so a gradient
-through them raises UnsupportedOpError: their quantized outputs are rounded
-(zero derivative almost everywhere) and a straight-through estimator is a
-training convention the spec does not define; DynamicQuantizeLinear's float
-``y_scale`` output has no rule either.
+scale`` is linear in the scale).  QuantizeLinear's gradient is that of the
+standard ops it is made of, with the conventions those ops already have:
+
+* to an integer type it is ``Cast(Clip(Round(x / y_scale) + zero_point))``: Round is
+  piecewise constant and declared non-differentiable (as Floor, Ceil and Sign), and
+  integer values carry no gradient (as a Cast to an integer type), so no gradient
+  flows back through an integer output (the true derivative is zero almost
+  everywhere).  No straight-through estimator is applied: a weight whose only path
+  to the loss is a QuantizeLinear (a QuantizeLinear/DequantizeLinear pair, say) has
+  no gradient path, and the Trainer says so rather than train it with zeros; one
+  that also reaches the loss another way gets that way's gradient alone.
+* to a float8/float4 type it is ``Cast(x / y_scale (+ zero_point), to)``, and a Cast
+  between float types passes the gradient straight through its rounding (and its
+  saturation), so ``dx = dy / y_scale`` and ``dy_scale = -Σ dy·x / y_scale²``
+  (:func:`QuantizeLinearGrad`): the same gradient as the Div and Cast it stands for.
+
+DynamicQuantizeLinear's ``x`` is declared differentiable without a rule (its
+float ``y_scale`` output depends on ``x``), so asking raises UnsupportedOpError.
 """
 
 from __future__ import annotations
 
+import math
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ir import ValueInfo
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.castlike import cast_array
 from onnxgrad.ops.registry import op
+from onnxgrad.ops.shape import element_dtype, is_float
 
 #: ONNX element types a quantized tensor may have, by numpy/ml_dtypes name.
 _INT_RANGES = {
@@ -89,6 +106,80 @@ def QuantizeLinear(xp, x, y_scale, y_zero_point=None, *, axis=1, saturate=1, blo
     raise ModelError(f"QuantizeLinear: {name} is not a quantized type")
 
 
+@QuantizeLinear.gradient
+def _(g, node, dY):
+    x, y_scale, *zero_point = node.inputs
+    none = (None,) * len(zero_point)
+    if not is_float(_quantized_type(g, node)):
+        # Unreachable from a loss: an integer output carries no gradient (see the module
+        # docstring), so asking raises UnsupportedOpError, never a zero.
+        return (None, None) + none
+    dx, dscale = g.private("QuantizeLinearGrad", dY, x, y_scale, num_outputs=2,
+                           dtype=g.graph.dtype(x), axis=node.attrs["axis"],
+                           block_size=node.attrs["block_size"])
+    g.graph.info[dscale] = ValueInfo(g.graph.dtype(y_scale), None)
+    return (dx, dscale) + none
+
+
+def _quantized_type(g, node):
+    """The element type of a QuantizeLinear node's output: the graph's, else as the
+    kernel chooses it (the zero point's, ``output_dtype``, or uint8)."""
+    known = g.graph.dtype(node.outputs[0])
+    if known is not None:
+        return known
+    zero_point = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    if zero_point is not None and g.graph.dtype(zero_point) is not None:
+        return g.graph.dtype(zero_point)
+    return element_dtype(node.attrs.get("output_dtype") or 2)  # 2: ONNX's uint8
+
+
+def _work_type(xp, *arrays):
+    """float64 where an input is float64 (float64 gradient checks), else float32."""
+    return xp.float64 if any(a.dtype == xp.float64 for a in arrays) else xp.float32
+
+
+@op("QuantizeLinearGrad", domain="onnxgrad")
+def QuantizeLinearGrad(xp, dY, x, y_scale, *, axis=1, block_size=0):
+    """dx and dy_scale of a QuantizeLinear to a float type, ``y = cast(x / y_scale)``
+    with the cast's rounding passed straight through: ``dx = dY / y_scale`` and
+    ``dy_scale = -Σ dY · x / y_scale²`` over the elements that share each scale."""
+    work = _work_type(xp, x, y_scale)
+    scale = _broadcastable(xp, y_scale.astype(work), x.shape, axis, block_size)
+    grad = dY.astype(work) / scale
+    dscale = _per_scale_sum(xp, grad * x.astype(work) / scale, x.shape, y_scale.shape, axis,
+                            block_size)
+    return grad.astype(x.dtype), (-dscale).astype(y_scale.dtype)
+
+
+@QuantizeLinearGrad.in_standard_ops
+def _(g, node):
+    # Per tensor and per axis; a blocked scale (repeated block_size times along the
+    # axis, the last block cut short) has no standard form here.
+    dY, x, y_scale = node.inputs
+    shape, scale_shape = std.tensor_shape(g, x), std.tensor_shape(g, y_scale)
+    if node.attrs.get("block_size", 0) or shape is None or scale_shape is None:
+        return None
+    x_type, s_type = g.dtype(x), g.dtype(y_scale)
+    work = x_type if is_float(x_type) and x_type.kind == "f" else s_type
+    to = std.tensor_type(work)
+    per_axis = len(scale_shape) == 1 and scale_shape[0] != 1
+    scale = g.Cast(y_scale, to=to, dtype=work)
+    axis = node.attrs.get("axis", 1) % max(len(shape), 1)
+    if per_axis:
+        scale = g.Reshape(scale, g.ints([-1 if i == axis else 1 for i in range(len(shape))]))
+    else:
+        scale = g.Reshape(scale, g.ints([]))
+    grad = g.Div(g.Cast(dY, to=to, dtype=work), scale)
+    terms = g.Div(g.Mul(grad, g.Cast(x, to=to, dtype=work)), scale)
+    if per_axis:
+        total = g.ReduceSum(terms, g.ints([i for i in range(len(shape)) if i != axis]),
+                            keepdims=0)
+    else:
+        total = g.Reshape(g.ReduceSum(terms, keepdims=0), g.ints(scale_shape))
+    dscale = g.Cast(g.Neg(total), to=std.tensor_type(s_type), dtype=s_type)
+    return (g.Cast(grad, to=std.tensor_type(x_type), dtype=x_type), dscale)
+
+
 def _centred(xp, x, x_scale, x_zero_point, axis, block_size):
     """``x - x_zero_point`` as floats: float32, or float64 for a float64 scale (which
     onnxgrad accepts beyond the spec, for float64 gradient checks)."""
@@ -121,20 +212,25 @@ def DequantizeLinearGrad(xp, dY, x, x_scale, x_zero_point=None, *, axis=1, block
     that share each scale (all of them, a slice along ``axis``, or a block of it)."""
     dx = _centred(xp, x, x_scale, x_zero_point, axis, block_size)
     terms = dY.astype(dx.dtype, copy=False) * dx
-    if x_scale.ndim == 0 or x_scale.size == 1 and not block_size:
-        total = terms.sum().reshape(x_scale.shape)
-    elif not block_size:
-        axis = axis % x.ndim
-        total = terms.sum(axis=tuple(i for i in range(x.ndim) if i != axis))
-    else:
-        axis = axis % x.ndim
-        blocks = x_scale.shape[axis]
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, blocks * block_size - x.shape[axis])  # a last block cut short
-        terms = xp.pad(terms, pad)
-        total = terms.reshape(terms.shape[:axis] + (blocks, block_size)
-                              + terms.shape[axis + 1:]).sum(axis=axis + 1)
-    return (total.astype(x_scale.dtype),)
+    return (_per_scale_sum(xp, terms, x.shape, x_scale.shape, axis, block_size)
+            .astype(x_scale.dtype),)
+
+
+def _per_scale_sum(xp, terms, shape, scale_shape, axis, block_size):
+    """``terms`` (of an input's ``shape``) summed over the elements that share each
+    scale of ``scale_shape``: all of them, a slice along ``axis``, or a block of it."""
+    ndim = len(shape)
+    if len(scale_shape) == 0 or math.prod(scale_shape) == 1 and not block_size:
+        return terms.sum().reshape(scale_shape)
+    axis = axis % ndim
+    if not block_size:
+        return terms.sum(axis=tuple(i for i in range(ndim) if i != axis))
+    blocks = scale_shape[axis]
+    pad = [(0, 0)] * ndim
+    pad[axis] = (0, blocks * block_size - shape[axis])  # a last block cut short
+    terms = xp.pad(terms, pad)
+    return terms.reshape(terms.shape[:axis] + (blocks, block_size)
+                         + terms.shape[axis + 1:]).sum(axis=axis + 1)
 
 
 @op("DynamicQuantizeLinear", since=11, differentiable=("x",))

@@ -19,6 +19,7 @@ import numpy as np
 from onnxgrad.errors import ModelError, UnsupportedOpError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.ops import lookup
+from onnxgrad.ops.registry import canonical_domain
 from onnxgrad.ops.shape import ONNX_TYPES, is_float
 
 #: ai.onnx opset of the nodes that gradient rules and losses emit.
@@ -184,12 +185,29 @@ def add_training_outputs(graph: Graph) -> None:
         node.outputs = outputs
 
 
+#: Inputs that are state a training step overwrites, not weights it trains:
+#: BatchNormalization's running mean and variance, by (domain, op) and input index.  They
+#: are not among the op's declared differentiable inputs, so they are no
+#: :func:`differentiable_ancestors` and the Trainer never picks them; a gradient flows
+#: into them only when asked for by name (``params`` here, the Gradient operator's
+#: ``xs``), through the op's rule.
+RUNNING_STATISTICS = {("", "BatchNormalization"): (3, 4)}
+
+
+def _flows(definition, node: Node, index: int) -> bool:
+    """Whether a gradient asked for flows through input ``index`` of ``node``: a declared
+    differentiable input, or a running statistic."""
+    return definition.is_differentiable(index) or \
+        index in RUNNING_STATISTICS.get((canonical_domain(node.domain), node.op_type), ())
+
+
 def requires_grad(graph: Graph, params: Iterable[str]) -> set[str]:
-    """Values that depend on ``params`` through differentiable inputs."""
+    """Values that depend on ``params`` through differentiable inputs (and running
+    statistics, see :data:`RUNNING_STATISTICS`)."""
     needs = set(params)
     for node in graph.toposort():
         definition = _definition(node)
-        if any(x in needs and definition.is_differentiable(i) for i, x in enumerate(node.inputs)):
+        if any(x in needs and _flows(definition, node, i) for i, x in enumerate(node.inputs)):
             for o in node.outputs:
                 dt = graph.dtype(o)
                 if o and (dt is None or is_float(dt) or np.issubdtype(dt, np.complexfloating)):
@@ -230,7 +248,7 @@ def build_gradients(graph: Graph, loss: str, params: Iterable[str],
         wanted = [i for i, x in enumerate(node.inputs)
                   if x and x in needs and x in reaches_loss]
         definition = _definition(node)
-        wanted = [i for i in wanted if definition.is_differentiable(i)]
+        wanted = [i for i in wanted if _flows(definition, node, i)]
         if not wanted:
             continue
         if definition.rule is None:

@@ -1,6 +1,6 @@
 """Gradient rules (and forward kernels) of vision and other ops: GridSample,
 AffineGrid, LRN, MeanVarianceNormalization, Det, Compress, Col2Im, GlobalLpPool,
-MaxRoiPool, RoiAlign and DeformConv.
+MaxRoiPool, RoiAlign and DeformConv (RoiAlign's rois: tests/test_remaining_gradients.py).
 
 Forward outputs are checked against onnx's ReferenceEvaluator (onnxruntime where
 the reference lacks the op), gradients in float64 against central differences,
@@ -17,7 +17,6 @@ from test_transformer_ops import _onnxruntime_run, check_gradient, differentiabl
     materialize, out_names, reference_run
 
 import onnxgrad
-from onnxgrad.errors import UnsupportedOpError
 
 SAMPLES: list[S] = []
 
@@ -165,10 +164,3 @@ def test_global_lp_pool_with_a_fractional_p():
     numeric = (np.sum(U * GlobalLpPool1(np, X + eps * V, p=2.5)[0])
                - np.sum(U * GlobalLpPool1(np, X - eps * V, p=2.5)[0])) / (2 * eps)
     np.testing.assert_allclose(np.sum(dX * V), numeric, rtol=1e-6)
-
-
-def test_roi_align_rois_have_no_gradient_rule():
-    sample = S("RoiAlign", [("X", ("real", (1, 2, 5, 5))), ("rois", ("pos", (2, 4))),
-                            ("batch_indices", ("int64", [0, 0]))], {"output_height": 2}, 16)
-    with pytest.raises(UnsupportedOpError, match="RoiAlign"):
-        check_gradient(sample, "rois")
