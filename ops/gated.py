@@ -70,3 +70,14 @@ def SwiGLUGrad(xp, dY, A, B, *, alpha=1.0):
     """(dA, dB) = (dY · B · Swish'(A), dY · Swish(A))."""
     return (xp.asarray(dY * B * _swish_slope(xp, A, alpha)),
             xp.asarray(dY * _swish(xp, A, alpha)))
+
+
+@SwiGLUGrad.in_standard_ops
+def _(g, node):
+    dY, A, B = node.inputs
+    alpha = std.like(g, node.attrs.get("alpha", 1.0), A)
+    one = std.like(g, 1, A)
+    scaled = g.Mul(A, alpha)
+    s = g.Sigmoid(scaled)
+    slope = g.Mul(s, g.Add(one, g.Mul(scaled, g.Sub(one, s))))      # Swish'(A)
+    return (g.Mul(g.Mul(dY, B), slope), g.Mul(dY, g.Mul(A, s)))

@@ -19,6 +19,8 @@ op: for ``update``, ``dY`` gathered at the written positions; for
 
 CumSum's gradient is the running sum in the other direction; CumProd's
 (opset 26, private ``CumProdGrad``) needs no division, so inputs may be zero.
+Its standard-op form runs the products and the recurrence in doubling steps
+along the axis, whose length must then be static.
 
 Index inputs may be negative (counted from the end, opset 11 on); the kernels
 normalise them.  Shape-arithmetic operands that live on the host stay there
@@ -31,7 +33,8 @@ import math
 
 import numpy as np  # the host fallback of scatter reductions CuPy lacks (see _apply_at)
 
-from onnxgrad.ops.reduce import arg_extreme
+from onnxgrad.ops.reduce import (arg_extreme, constant_value, linear_recurrence, running_product,
+                                 shifted)
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import to_host, ints, norm_axis, on, zeros_like_value
@@ -233,6 +236,33 @@ def GatherNDGrad(xp, dY, indices, shape, *, batch_dims=0):
     return (_scatter_add(xp, size, positions, dY, dY.dtype).reshape(shape),)
 
 
+@GatherNDGrad.in_standard_ops
+def _(g, node):
+    # ScatterND adds dY into zeros at the addressed slices; batch_dims > 0: the batch
+    # axes flattened into one, whose index leads each index tuple.
+    dY, indices, shape = node.inputs
+    b = int(node.attrs.get("batch_dims", 0))
+    end = g.ints([std.END])
+    index = g.Cast(indices, to=std.tensor_type("int64"), dtype="int64")
+    depth = g.Slice(g.Shape(index, dtype="int64"), g.ints([-1]), end)          # [k]
+    dims = g.Slice(shape, g.ints([b]), g.Add(g.ints([b]), depth, dtype="int64"))
+    index = g.Where(g.Less(index, g.const(0, dtype="int64")), g.Add(index, dims), index)
+    if b == 0:
+        return (g.ScatterND(std.zeros(g, shape, dY), index, dY, reduction="add"),)
+    batch = g.ReduceProd(g.Slice(shape, g.ints([0]), g.ints([b])), keepdims=1)  # [nb]
+    inner = g.Slice(shape, g.ints([b]), end)
+    index = g.Reshape(index, g.Concat(batch, g.ints([-1]), depth, axis=0, dtype="int64"))
+    rows = g.Range(std.i64(g, 0), g.Reshape(batch, g.ints([])), std.i64(g, 1), dtype="int64")
+    rows = g.Expand(g.Reshape(rows, g.ints([-1, 1, 1])),
+                    g.Concat(g.Slice(g.Shape(index, dtype="int64"), g.ints([0]), g.ints([2])),
+                             g.ints([1]), axis=0, dtype="int64"))
+    index = g.Concat(rows, index, axis=-1, dtype="int64")                      # (nb, M, 1 + k)
+    tail = g.Slice(shape, g.Add(g.ints([b]), depth, dtype="int64"), end)
+    updates = g.Reshape(dY, g.Concat(batch, g.ints([-1]), tail, axis=0, dtype="int64"))
+    flat = std.zeros(g, g.Concat(batch, inner, axis=0, dtype="int64"), dY)
+    return (g.Reshape(g.ScatterND(flat, index, updates, reduction="add"), shape),)
+
+
 # -- ScatterElements and ScatterND --------------------------------------------------------------
 
 def _apply_at(mod, flat, positions, updates, reduction):
@@ -424,6 +454,38 @@ def TensorScatterGrad(xp, dY, update_shape, write_indices=None, *, axis=-2, mode
     rows = rows.copy()
     rows[index] = 0
     return (_unrows(xp, rows, dY.shape, axis),)
+
+
+@TensorScatterGrad.in_standard_ops
+def _(g, node):
+    # The written positions as an update-shaped index along the axis: dY gathered there
+    # (GatherElements) for the update, zeros written there (ScatterElements) for the cache.
+    dY, update_shape, *rest = node.inputs
+    indices = rest[0] if rest and rest[0] else None
+    static = std.shape_value(g, update_shape)
+    rank = g.rank(dY) if static is None else len(static)
+    if rank is None:
+        return None
+    axis = node.attrs.get("axis", -2)
+    axis = axis + rank if axis < 0 else axis
+    at = (g.ints([axis]), g.ints([axis + 1]))
+    length = g.Reshape(g.Slice(update_shape, *at), g.ints([]))
+    pos = g.Range(std.i64(g, 0), length, std.i64(g, 1), dtype="int64")            # (L,)
+    if indices is None:
+        pos = g.Unsqueeze(pos, g.ints([0]))                                         # (1, L)
+    else:
+        start = g.Reshape(g.Cast(indices, to=std.tensor_type("int64"), dtype="int64"),
+                          g.ints([-1, 1]))
+        pos = g.Add(start, pos, dtype="int64")                                      # (B, L)
+    if node.attrs.get("mode", "linear") == "circular":
+        pos = g.Mod(pos, g.Slice(g.Shape(dY, dtype="int64"), *at), dtype="int64")
+    spread = [i for i in range(1, rank) if i != axis]
+    if spread:
+        pos = g.Unsqueeze(pos, g.ints(spread))
+    index = g.Expand(pos, update_shape, dtype="int64")
+    if node.attrs.get("wrt", 0) == 1:
+        return (g.GatherElements(dY, index, axis=axis),)
+    return (g.ScatterElements(dY, index, std.zeros(g, update_shape, dY), axis=axis),)
 
 
 # -- Where --------------------------------------------------------------------------------------
@@ -664,6 +726,40 @@ def CumProdGrad(xp, dY, x, axis, *, exclusive=0, reverse=0):
     if reverse:
         dx = dx[::-1]
     return (xp.ascontiguousarray(xp.moveaxis(dx, 0, axis)),)
+
+
+@CumProdGrad.in_standard_ops
+def _(g, node):
+    # The kernel's E_k · S_k with running products and the recurrence for S in doubling
+    # steps along the axis (no division); needs the axis and its length as constants.
+    dY, x, axis = node.inputs
+    axis = constant_value(g, axis)
+    shape = std.tensor_shape(g, x)
+    if axis is None or shape is None:
+        return None
+    try:
+        axis = norm_axis(ints(axis)[0], len(shape))
+    except ValueError:
+        return None
+    n = shape[axis]
+    if not isinstance(n, int):
+        return None
+    if n == 0:
+        return (dY,)
+    reverse = node.attrs.get("reverse", 0)
+
+    def flip(v):
+        return g.Slice(v, g.ints([-1]), g.ints([-(1 << 63)]), g.ints([axis]), g.ints([-1]))
+
+    d = dY
+    if reverse:
+        x, d = flip(x), flip(d)
+    if node.attrs.get("exclusive", 0):  # dy moved back by one
+        d = shifted(g, d, 1, axis, n, 0.0, forward=False)
+    before = running_product(g, x, axis, n)                                        # E_k
+    S = linear_recurrence(g, shifted(g, x, 1, axis, n, 0.0, forward=False), d, axis, n)
+    dx = g.Mul(before, S)
+    return (flip(dx) if reverse else dx,)
 
 
 @op("ArgMin", since=1)  # integer output: nothing to differentiate

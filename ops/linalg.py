@@ -1,11 +1,19 @@
 """Matrix products, Gemm and MatMul, and the determinant, Det.
 
+MatMul's gradient is written in standard ops where the operands' ranks are known
+when the backward graph is built, else it is the private ``MatMulGrad``, whose
+standard form does the same on shape values at run time (an Einsum over operands
+brought to one rank).
+
 Det's gradient is the private ``DetGrad``: ``dY`` times the cofactor matrix,
 computed from the SVD so that it is exact for singular matrices too.
 """
 
 from __future__ import annotations
 
+import numpy as np  # host constants of standard forms
+
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import matmul
@@ -95,38 +103,52 @@ def _(g, node, dY):
     if ra is None or rb is None:  # ranks known only at run time
         return (g.private("MatMulGrad", dY, A, B, wrt=0),
                 g.private("MatMulGrad", dY, A, B, wrt=1))
+    return _static_grads(g, dY, A, B, ra, rb)
+
+
+def _static_grads(g, dY, A, B, ra, rb, want=(True, True)):
+    """(dA, dB) of ``Y = A @ B`` for static ranks ``ra`` and ``rb``, in standard ops (and
+    SumToShape); an entry ``want`` leaves out is None."""
+    want_a, want_b = want
     if ra == 1 and rb == 1:  # a dot product: Y is a scalar
-        return (g.Mul(dY, B), g.Mul(dY, A))
+        return (g.Mul(dY, B) if want_a else None, g.Mul(dY, A) if want_b else None)
 
     def swap_last(x, rank):  # x^T on the last two axes
         return g.Transpose(x, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
 
+    dA = dB = None
     # NumPy promotes a 1-D operand to a matrix (A: 1 x K, B: K x 1) and drops the
     # added axis from Y; put it back in dY, and work with 2-D (or more) operands.
     if ra == 1:                                   # Y = A @ B: (..., N), A is (K,)
         dY2 = g.Unsqueeze(dY, g.ints([-2]))       # (..., 1, N)
-        A2 = g.Unsqueeze(A, g.ints([0]))          # (1, K)
-        dA = g.MatMul(dY2, swap_last(B, rb))      # (..., 1, K)
-        dA = g.private("SumToShape", g.Squeeze(dA, g.ints([-2])), g.shape_of(A))
-        dB = g.MatMul(swap_last(A2, 2), dY2)      # (K, 1) @ (..., 1, N)
-        return (dA, g.unbroadcast(dB, like=B))
+        if want_a:
+            dA = g.MatMul(dY2, swap_last(B, rb))  # (..., 1, K)
+            dA = g.private("SumToShape", g.Squeeze(dA, g.ints([-2])), g.shape_of(A))
+        if want_b:
+            A2 = g.Unsqueeze(A, g.ints([0]))      # (1, K)
+            dB = g.unbroadcast(g.MatMul(swap_last(A2, 2), dY2), like=B)  # (K, 1) @ (..., 1, N)
+        return (dA, dB)
     if rb == 1:                                   # Y: (..., M), B is (K,)
         dY2 = g.Unsqueeze(dY, g.ints([-1]))       # (..., M, 1)
-        B2 = g.Unsqueeze(B, g.ints([0]))          # (1, K)
-        dA = g.MatMul(dY2, B2)                    # (..., M, K)
-        dB = g.MatMul(swap_last(A, ra), dY2)      # (..., K, 1)
-        dB = g.private("SumToShape", g.Squeeze(dB, g.ints([-1])), g.shape_of(B))
-        return (g.unbroadcast(dA, like=A), dB)
-    dA = g.MatMul(dY, swap_last(B, rb))
+        if want_a:
+            B2 = g.Unsqueeze(B, g.ints([0]))      # (1, K)
+            dA = g.unbroadcast(g.MatMul(dY2, B2), like=A)  # (..., M, K)
+        if want_b:
+            dB = g.MatMul(swap_last(A, ra), dY2)  # (..., K, 1)
+            dB = g.private("SumToShape", g.Squeeze(dB, g.ints([-1])), g.shape_of(B))
+        return (dA, dB)
+    if want_a:
+        dA = g.unbroadcast(g.MatMul(dY, swap_last(B, rb)), like=A)
+    if not want_b:
+        return (dA, None)
     shape_b = g.shape(B)
     if rb == 2 and ra > 2 and shape_b is not None and all(isinstance(d, int) for d in shape_b):
         # A linear layer over a batch of sequences: dB = A^T dY over every row at
         # once, one product with no batch of partial sums to add up.
         K, N = shape_b
         dB = g.Gemm(g.Reshape(A, g.ints([-1, K])), g.Reshape(dY, g.ints([-1, N])), transA=1)
-        return (g.unbroadcast(dA, like=A), dB)
-    dB = g.MatMul(swap_last(A, ra), dY)
-    return (g.unbroadcast(dA, like=A), g.unbroadcast(dB, like=B))
+        return (dA, dB)
+    return (dA, g.unbroadcast(g.MatMul(swap_last(A, ra), dY), like=B))
 
 
 @op("MatMulGrad", domain="onnxgrad")
@@ -154,6 +176,55 @@ def MatMulGrad(xp, dY, A, B, *, wrt=0):
     if B.ndim == 1:
         grad = grad[..., 0]
     return SumToShape(xp, grad, B.shape)
+
+
+@MatMulGrad.in_standard_ops
+def _(g, node):
+    dY, A, B = node.inputs
+    wrt = node.attrs.get("wrt", 0)
+    ra, rb = g.rank(A), g.rank(B)
+    if ra is not None and rb is not None:
+        return (_static_grads(g, dY, A, B, ra, rb, want=(wrt == 0, wrt == 1))[wrt],)
+    # Ranks known only at run time: the kernel's steps on shape values.  A 1-D A becomes
+    # (1, K), a 1-D B (K, 1), dY gets back the axes MatMul dropped; the product of the
+    # last two axes is an Einsum over operands brought to one rank (onnxruntime's Einsum
+    # wants the same number of axes under every ellipsis), broadcasting the batch axes.
+    def i64(values):
+        return g.ints(values)
+
+    def ones(count):  # a 1-D int64 run of ``count`` (a 1-D value of one entry) ones
+        return g.ConstantOfShape(count, value=np.ones(1, dtype=np.int64), dtype="int64")
+
+    def rank_of(shape):  # a shape value's length, as a 1-D value of one entry
+        return g.Shape(shape, dtype="int64")
+
+    sa, sb, sd = (g.Shape(v, dtype="int64") for v in (A, B, dY))
+    ra_t, rb_t = rank_of(sa), rank_of(sb)
+    two, zero = i64([2]), i64([0])
+    pad_a = g.Max(g.Sub(two, ra_t, dtype="int64"), zero, dtype="int64")   # 1 for 1-D A, else 0
+    pad_b = g.Max(g.Sub(two, rb_t, dtype="int64"), zero, dtype="int64")
+    shape_a = g.Concat(ones(pad_a), sa, axis=0, dtype="int64")           # (..., M, K)
+    shape_b = g.Concat(sb, ones(pad_b), axis=0, dtype="int64")           # (..., K, N)
+    kept = g.Sub(g.Sub(two, pad_a, dtype="int64"), pad_b, dtype="int64")  # matrix axes in Y
+    batch = g.Slice(sd, zero, g.Sub(rank_of(sd), kept, dtype="int64"))
+    shape_d = g.Concat(batch, g.Slice(shape_a, i64([-2]), i64([-1])),
+                       g.Slice(shape_b, i64([-1]), i64([std.END])), axis=0, dtype="int64")
+    d = g.Reshape(dY, shape_d)                                           # (..., M, N)
+    other, other_shape = (B, shape_b) if wrt == 0 else (A, shape_a)
+    width = g.Max(rank_of(shape_d), rank_of(other_shape), dtype="int64")
+
+    def widened(value, shape):
+        lead = ones(g.Sub(width, rank_of(shape), dtype="int64"))
+        return g.Reshape(value, g.Concat(lead, shape, axis=0, dtype="int64"))
+
+    d, other = widened(d, shape_d), widened(other, other_shape)
+    if wrt == 0:
+        grad = g.Einsum(d, other, equation="...mn,...kn->...mk")          # (..., M, K)
+        return (g.private("SumToShape", grad, sa),)
+    grad = g.Einsum(other, d, equation="...mk,...mn->...kn")              # (..., K, N)
+    full = g.Shape(grad, dtype="int64")
+    grad = g.Reshape(grad, g.Slice(full, zero, g.Sub(rank_of(full), pad_b, dtype="int64")))
+    return (g.private("SumToShape", grad, sb),)
 
 
 # -- Det ------------------------------------------------------------------------------------

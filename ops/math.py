@@ -3,11 +3,13 @@
 Sin and Cos carry rotary position embeddings; Min and Max clamp (exporters
 write ``torch.clamp`` with tensor bounds as Max/Min).  Where several inputs
 of Min/Max hold the extreme value, the gradient is shared equally between
-them, as ``torch.maximum`` does for two.
+them, as ``torch.maximum`` does for two.  Einsum's gradient in standard ops (step
+models, higher order) is again an Einsum, which needs the operands' ranks.
 """
 
 from __future__ import annotations
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import Einsum, on
@@ -109,6 +111,30 @@ def ExtremeGrad(xp, dY, Y, *inputs, wrt=0):
     return SumToShape(xp, grad, inputs[wrt].shape)
 
 
+@ExtremeGrad.in_standard_ops
+def _(g, node):
+    dY, Y, *inputs = node.inputs
+    wrt = node.attrs.get("wrt", 0)
+    dtype = std.tensor_type(g.dtype(dY))
+    hits = [g.Equal(x, Y) for x in inputs]
+    count = None
+    for hit in hits:
+        one = g.Cast(hit, to=dtype, dtype=g.dtype(dY))
+        count = one if count is None else g.Add(count, one)
+    share = g.Div(dY, g.Max(count, std.like(g, 1, dY)))
+    grad = g.Where(hits[wrt], share, std.like(g, 0, dY))
+    return (_sum_to(g, grad, inputs[wrt], like_output=Y),)
+
+
+def _sum_to(g, grad, x, like_output):
+    """``grad`` (of the shape of ``like_output``) summed down to ``x``'s shape: nothing
+    where both shapes are static and equal."""
+    shape, target = g.shape(like_output), g.shape(x)
+    if shape is not None and shape == target and all(isinstance(d, int) for d in shape):
+        return grad
+    return g.private("SumToShape", grad, g.Shape(x, dtype="int64"))
+
+
 # -- Einsum's gradient ----------------------------------------------------------------------------
 
 def parse_einsum(equation: str, ranks: list[int]) -> tuple[list[str], str]:
@@ -184,3 +210,74 @@ def EinsumGrad(xp, dY, *Inputs, equation, wrt=0):
         target[tuple(grids[c] for c in mine)] = grad
         grad = target
     return SumToShape(xp, xp.asarray(grad, dtype=x.dtype), x.shape)
+
+
+@EinsumGrad.in_standard_ops
+def _(g, node):
+    # The kernel's steps: one Einsum onto the operand's distinct letters kept by the
+    # others, its other letters put back (Unsqueeze, Expand), repeated letters placed on
+    # the diagonal (a product with 0/1 masks), broadcast axes summed.  Needs the ranks.
+    dY, *inputs = node.inputs
+    wrt = node.attrs.get("wrt", 0)
+    ranks = [g.rank(x) for x in inputs]
+    if any(r is None for r in ranks):
+        return None
+    terms, out = parse_einsum(node.attrs["equation"], ranks)
+    used = dict.fromkeys("".join(terms) + out)
+    if len(used) > 26:
+        return None
+    # ONNX equations spell subscripts with lower-case letters only
+    rename = {c: chr(ord("a") + i) for i, c in enumerate(used)}
+    terms = ["".join(rename[c] for c in t) for t in terms]
+    out = "".join(rename[c] for c in out)
+    mine, x = terms[wrt], inputs[wrt]
+    others = [(t, a) for i, (t, a) in enumerate(zip(terms, inputs)) if i != wrt]
+    present = set(out).union(*[set(t) for t, _ in others])
+    distinct = "".join(dict.fromkeys(mine))
+    kept = "".join(c for c in distinct if c in present)
+    if not others and out == kept:
+        grad = dY
+    else:
+        spec = ",".join([out] + [t for t, _ in others]) + "->" + kept
+        grad = g.Einsum(dY, *[a for _, a in others], equation=spec)
+    first = {c: mine.index(c) for c in distinct}
+    put_back = [j for j, c in enumerate(mine) if first[c] != j or c not in kept]
+    if put_back:  # one axis per position of ``mine``: size 1 where the letter is not kept
+        grad = g.Unsqueeze(grad, g.ints(put_back))
+    x_shape = g.Shape(x, dtype="int64")
+
+    def dim(j):
+        return g.Slice(x_shape, g.ints([j]), g.ints([j + 1]))
+
+    for c in distinct:  # repeated letters: the diagonal of their axes
+        for j in (j for j, d in enumerate(mine) if d == c and j != first[c]):
+            axes = []
+            for p in (first[c], j):
+                n = g.Reshape(dim(p), g.ints([]))
+                index = g.Range(std.i64(g, 0), n, std.i64(g, 1), dtype="int64")
+                axes.append(g.Unsqueeze(index, g.ints([k for k in range(len(mine)) if k != p])))
+            mask = g.Cast(g.Equal(axes[0], axes[1]), to=std.tensor_type(g.dtype(dY)),
+                          dtype=g.dtype(dY))
+            grad = g.Mul(grad, mask)
+    alone = [j for j, c in enumerate(mine) if first[c] == j and c not in kept
+             and mine.count(c) == 1]
+    if alone:  # letters only this operand has: the gradient is constant along them
+        target = g.Concat(*[dim(j) if j in alone else g.ints([1]) for j in range(len(mine))],
+                          axis=0, dtype="int64")
+        grad = g.Expand(grad, target)
+    if _broadcasts(g, terms, inputs, out, dY):
+        grad = g.private("SumToShape", grad, x_shape)
+    return (grad,)
+
+
+def _broadcasts(g, terms, inputs, out, dY):
+    """Whether a letter of the equation may have different sizes in different operands
+    (one of them 1): unknown where a shape is not static."""
+    sizes: dict[str, set] = {}
+    for t, a in list(zip(terms, inputs)) + [(out, dY)]:
+        shape = g.shape(a)
+        if shape is None or len(shape) != len(t):
+            return True
+        for c, n in zip(t, shape):
+            sizes.setdefault(c, set()).add(n)
+    return any(len(v) > 1 or not all(isinstance(n, int) for n in v) for v in sizes.values())

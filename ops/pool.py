@@ -18,6 +18,10 @@ the same gradient.
 MaxUnpool writes each input element at its flat index ``I`` (as MaxPool's
 Indices output gives it) in a zero tensor; its gradient gathers ``dY`` at
 ``I``.
+
+In standard ops (step models, higher order), MaxPool's argmax comes from a MaxPool
+node's own Indices, and window sums spread back (AveragePool, LpPool) are a
+ConvTranspose with a kernel of ones, which needs static spatial sizes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 
 import numpy as np  # host-side window geometry and divisor tables only
 
+from onnxgrad.ir import ValueInfo
 from onnxgrad.ops.conv import _ints, conv_pads, offset_slices, pad_spatial
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
@@ -209,6 +214,21 @@ def MaxPoolGrad(xp, dY, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None,
     return (_scatter(xp, lambda k: xp.where(arg == k, dY, zero), X.shape, geo, dY.dtype),)
 
 
+@MaxPoolGrad.in_standard_ops
+def _(g, node):
+    # MaxPool's own Indices (row-major, storage_order 0; the first maximum of each
+    # window) recompute the argmax; dY is added into X's shape there.
+    dY, X = node.inputs
+    attrs = _pool_attrs(node, *_MAXPOOL_ATTRS)
+    _, indices = g.op("MaxPool", X, num_outputs=2, **attrs)
+    g.graph.info[indices] = ValueInfo(np.dtype(np.int64), None)
+    shape = g.Shape(X, dtype="int64")
+    flat = std.zeros(g, g.ReduceProd(shape, keepdims=1), dY)
+    flat = g.ScatterElements(flat, g.Reshape(indices, g.ints([-1])), g.Reshape(dY, g.ints([-1])),
+                             axis=0, reduction="add")
+    return (g.Reshape(flat, shape),)
+
+
 # -- AveragePool ---------------------------------------------------------------------------
 
 
@@ -270,29 +290,42 @@ def AveragePoolGrad(xp, dY, x_shape, *, auto_pad="NOTSET", ceil_mode=0, count_in
     return (_scatter(xp, lambda k: share, x_shape, geo, dY.dtype),)
 
 
+def _static_geometry(g, node, shape):
+    """The window geometry of a pooling node for an input of static spatial ``shape``
+    (dims may be symbolic only in N and C), or None."""
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    a = node.attrs
+    return _geometry(shape, a.get("kernel_shape"), a.get("auto_pad", "NOTSET"),
+                     a.get("ceil_mode", 0), a.get("dilations"), a.get("pads"), a.get("strides"))
+
+
 @AveragePoolGrad.in_standard_ops
 def _(g, node):
     # Each window's share of dY spread over the window: a ConvTranspose of the shares
     # with a kernel of ones, per (item, channel) plane.
     dY, x_shape = node.inputs
-    shape = std.shape_value(g, x_shape)
-    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+    geo = _static_geometry(g, node, std.shape_value(g, x_shape))
+    if geo is None:
         return None
-    a = node.attrs
-    geo = _geometry(shape, a.get("kernel_shape"), a.get("auto_pad", "NOTSET"),
-                    a.get("ceil_mode", 0), a.get("dilations"), a.get("pads"), a.get("strides"))
-    sp, kernel, strides, dilations, begin, end, need, out = geo
-    divisor = _divisor(geo, a.get("count_include_pad", 0))
+    divisor = _divisor(geo, node.attrs.get("count_include_pad", 0))
     share = g.Div(dY, g.const(divisor, dtype=g.dtype(dY)))
+    return (_spread(g, share, geo, x_shape),)
+
+
+def _spread(g, share, geo, x_shape):
+    """Each window's ``share`` added over the window's elements of X (of shape value
+    ``x_shape``), padding dropped: a ConvTranspose with a kernel of ones per plane."""
+    sp, kernel, strides, dilations, begin, end, need, out = geo
     planes = g.Reshape(share, g.ints([-1, 1] + list(out)))
     n = len(sp)
     full = [(out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 for i in range(n)]
     after = [max(0, full[i] - begin[i] - sp[i]) for i in range(n)]
     extra = [sp[i] - (full[i] - begin[i] - after[i]) for i in range(n)]
-    ones = g.const(np.ones((1, 1) + tuple(kernel)), dtype=g.dtype(dY))
+    ones = g.const(np.ones((1, 1) + tuple(kernel)), dtype=g.dtype(share))
     dX = g.ConvTranspose(planes, ones, strides=list(strides), dilations=list(dilations),
                          pads=list(begin) + after, output_padding=extra)
-    return (g.Reshape(dX, x_shape),)
+    return g.Reshape(dX, x_shape)
 
 
 # -- global pooling ------------------------------------------------------------------------
@@ -428,6 +461,25 @@ def LpPoolGrad(xp, dY, X, Y, *, auto_pad="NOTSET", ceil_mode=0, dilations=None,
     return (_scatter(xp, part, X.shape, geo, dY.dtype),)
 
 
+@LpPoolGrad.in_standard_ops
+def _(g, node):
+    # The slope |x|^(p-1)·sign(x) belongs to the input element, not to the window, so
+    # the gradient is the slope times the window shares spread back (as AveragePool's).
+    dY, X, Y = node.inputs
+    geo = _static_geometry(g, node, std.tensor_shape(g, X))
+    if geo is None:
+        return None
+    p = _check_p(node.attrs.get("p", 2))
+    zero, one = std.like(g, 0, dY), std.like(g, 1, dY)
+    empty = g.Equal(Y, zero)
+    share = g.Where(empty, zero, g.Mul(dY, g.Pow(g.Where(empty, one, Y), std.like(g, 1 - p, Y))))
+    if p == 2:
+        slope = X
+    else:
+        slope = g.Mul(g.Sign(X), g.Pow(g.Abs(X), std.like(g, p - 1, X)))
+    return (g.Mul(_spread(g, share, geo, g.Shape(X, dtype="int64")), slope),)
+
+
 # -- GlobalLpPool ---------------------------------------------------------------------------
 
 def _global_lp_pool(xp, X, p):
@@ -515,3 +567,25 @@ def MaxUnpoolGrad(xp, dY, I, *, kernel_shape=None, pads=None, strides=None):
         (I.shape[2 + i] - 1) * strides[i] - pads[i] - pads[n + i] + kernel[i] for i in range(n))
     d = xp.ascontiguousarray(dY[tuple(slice(0, s) for s in inferred)])
     return (d.reshape(-1)[I.astype("int64", copy=False)],)
+
+
+@MaxUnpoolGrad.in_standard_ops
+def _(g, node):
+    # dY cropped to the shape the indices refer to (its spatial sizes computed from I's
+    # at run time), flattened, gathered at I.
+    dY, I = node.inputs
+    n = g.rank(I)
+    if n is None:
+        return None
+    n -= 2
+    a = node.attrs
+    kernel = [int(k) for k in a["kernel_shape"]]
+    strides = _ints(a.get("strides"), n, 1)
+    pads = _ints(a.get("pads"), 2 * n, 0)
+    spatial = g.Slice(g.Shape(I, dtype="int64"), g.ints([2]), g.ints([std.END]))
+    inferred = g.Add(g.Mul(g.Sub(spatial, g.ints([1] * n), dtype="int64"), g.ints(strides),
+                           dtype="int64"),
+                     g.ints([kernel[i] - pads[i] - pads[n + i] for i in range(n)]), dtype="int64")
+    d = g.Slice(dY, g.ints([0] * n), inferred, g.ints(list(range(2, 2 + n))))
+    return (g.Gather(g.Reshape(d, g.ints([-1])), g.Cast(I, to=std.tensor_type("int64"),
+                                                          dtype="int64"), axis=0),)

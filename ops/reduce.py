@@ -18,14 +18,39 @@ identity (``-inf`` for ReduceMax and ReduceLogSumExp, ``1`` for ReduceProd…).
 Every gradient is the private ``onnxgrad::ReduceExtGrad``: ``dY`` (its reduced
 axes put back) times the op's local derivative, in one pass.  Where several
 elements tie for a maximum or minimum, they share the gradient equally, as
-``torch.amax`` does.
+``torch.amax`` does.  Its standard-op form (for step models and higher order)
+needs the axes as constants; ReduceProd's also the sizes of the reduced axes, as
+it multiplies running products of the elements before and after each one
+(:func:`running_product`, no division, so zeros are exact).
 """
 
 from __future__ import annotations
 
+import numpy as np  # host constants of standard forms
+
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.tensor import ints, on
+
+
+def constant_value(g, value: str | None) -> np.ndarray | None:
+    """The contents of ``value`` where the graph fixes them (an initializer, or the
+    output of a Constant node), else None: the host inputs that standard forms need
+    as constants (pads, axes, scales)."""
+    if not value:
+        return None
+    if value in g.graph.initializers:
+        return np.asarray(g.graph.initializers[value])
+    for node in g.graph.nodes:
+        if value in node.outputs and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attrs = node.attrs
+            for key, dtype in (("value", None), ("value_float", np.float32),
+                               ("value_floats", np.float32), ("value_int", np.int64),
+                               ("value_ints", np.int64)):
+                if attrs.get(key) is not None:
+                    return np.asarray(attrs[key], dtype=dtype)
+            return None
+    return None
 
 
 def _axes(ndim: int, axes, noop_with_empty_axes: int):
@@ -299,6 +324,117 @@ def _others_product(xp, X, reduced):
     for i, p in enumerate(perm):
         inverse[p] = i
     return xp.transpose(others, inverse)
+
+
+# -- running products in standard ops (ReduceProd's and CumProd's gradients) -------------
+
+def shifted(g, x, steps: int, axis: int, n: int, fill: float, forward: bool = True) -> str:
+    """``x`` (of static length ``n`` along ``axis``) moved ``steps`` places towards the
+    end (``forward``) or the start, ``fill`` in the places left empty."""
+    if forward:
+        part = g.Slice(x, g.ints([0]), g.ints([n - steps]), g.ints([axis]))
+        pads = [steps, 0]
+    else:
+        part = g.Slice(x, g.ints([steps]), g.ints([n]), g.ints([axis]))
+        pads = [0, steps]
+    return g.Pad(part, g.ints(pads), std.like(g, fill, x), g.ints([axis]), mode="constant")
+
+
+def running_product(g, x, axis: int, n: int, forward: bool = True) -> str:
+    """The exclusive running product along ``axis`` (static length ``n``): the product
+    of the elements before each one (after it, with ``forward`` False), with no
+    division, in ⌈log₂ n⌉ doubling steps."""
+    y = shifted(g, x, 1, axis, n, 1.0, forward)
+    step = 1
+    while step < n:
+        y = g.Mul(y, shifted(g, y, step, axis, n, 1.0, forward))
+        step *= 2
+    return y
+
+
+def linear_recurrence(g, a, b, axis: int, n: int) -> str:
+    """``S`` with ``S_k = b_k + a_k · S_{k+1}`` along ``axis`` (static length ``n``,
+    ``S_n = 0``), in ⌈log₂ n⌉ doubling steps: each step composes every affine map
+    with the one ``step`` places later."""
+    step = 1
+    while step < n:
+        b = g.Add(b, g.Mul(a, shifted(g, b, step, axis, n, 0.0, forward=False)))
+        if step * 2 < n:
+            a = g.Mul(a, shifted(g, a, step, axis, n, 0.0, forward=False))
+        step *= 2
+    return b
+
+
+def _others_product_standard(g, X, reduced, shape):
+    """:func:`_others_product` in standard ops, for static sizes of the reduced axes."""
+    rank = len(shape)
+    if not reduced:
+        return None
+    n = 1
+    for a in reduced:
+        if not isinstance(shape[a], int):
+            return None
+        n *= shape[a]
+    if n == 0:
+        return X
+    if len(reduced) == 1:
+        axis = reduced[0]
+        return g.Mul(running_product(g, X, axis, n), running_product(g, X, axis, n, False))
+    rest = [i for i in range(rank) if i not in reduced]
+    perm = rest + list(reduced)
+    moved = g.Transpose(X, perm=perm)
+    flat = g.Reshape(moved, g.ints([0] * len(rest) + [n]))
+    axis = len(rest)
+    others = g.Mul(running_product(g, flat, axis, n), running_product(g, flat, axis, n, False))
+    others = g.Reshape(others, g.Shape(moved, dtype="int64"))
+    return g.Transpose(others, perm=[perm.index(i) for i in range(rank)])
+
+
+@ReduceExtGrad.in_standard_ops
+def _(g, node):
+    dY, X, Y, *rest = node.inputs
+    attrs = ReduceExtGrad.resolve_attrs(node.attrs, node.name)
+    kind = attrs["kind"]
+    rank = g.rank(X)
+    axes = constant_value(g, rest[0]) if rest and rest[0] else None
+    if rank is None or (rest and rest[0] and axes is None):
+        return None
+    try:
+        reduced = _reduced_axes(rank, axes, attrs["noop_with_empty_axes"])
+    except ValueError:
+        return None
+    reduced = tuple(range(rank)) if reduced is None else reduced
+    if not attrs["keepdims"] and reduced:  # put the reduced axes back
+        dY, Y = g.Unsqueeze(dY, g.ints(reduced)), g.Unsqueeze(Y, g.ints(reduced))
+    zero, one = std.like(g, 0, dY), std.like(g, 1, dY)
+    if kind in ("max", "min"):
+        hit = std.cast_like(g, g.Equal(X, Y), dY)
+        count = g.ReduceSum(hit, g.ints(reduced), keepdims=1) if reduced else hit
+        grad = g.Div(g.Mul(dY, hit), g.Max(count, one))
+    elif kind == "l1":
+        grad = g.Mul(dY, g.Sign(X))
+    elif kind == "l2":
+        empty = g.Equal(Y, zero)
+        grad = g.Where(empty, zero, g.Div(g.Mul(dY, X), g.Where(empty, one, Y)))
+    elif kind == "logsumexp":
+        grad = g.Mul(dY, g.Exp(g.Sub(X, Y)))
+    elif kind == "sumsquare":
+        grad = g.Mul(g.Mul(dY, std.like(g, 2, dY)), X)
+    elif kind == "logsum":
+        grad = g.Div(dY, g.Exp(Y))
+    elif kind == "prod":
+        shape = std.tensor_shape(g, X)
+        others = None if shape is None else _others_product_standard(g, X, reduced, shape)
+        if others is None:
+            if reduced:
+                return None
+            others = g.Expand(one, g.Shape(X, dtype="int64"))
+        grad = g.Mul(dY, others)
+    else:
+        return None
+    if kind == "logsum":  # the only one whose terms leave out X
+        grad = g.Expand(grad, g.Shape(X, dtype="int64"))
+    return (grad,)
 
 
 # -- ArgMax -------------------------------------------------------------------------------

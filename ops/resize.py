@@ -16,6 +16,12 @@ map (NumPy's ``pad`` of ``arange``).  Its gradient sums through the same map.
 CenterCropPad crops or zero-pads each axis about its centre; cropping and
 padding are each other's adjoints, so its gradient is a CenterCropPad back to
 the input's shape.
+
+In standard ops (step models, higher order) a Resize gradient is one MatMul per
+resized axis with the transposed host matrix, for every mode, where roi, scales
+and sizes are constants and the resized axes' sizes static; a Pad gradient is a
+Slice (``constant``) or, for the other modes, the index map as a 0/1 matrix, which
+needs the padded axes' sizes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import math
 import numpy as np  # host-side index maps and interpolation matrices only
 
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
+from onnxgrad.ops.reduce import constant_value
 from onnxgrad.ops.registry import op
 
 # -- Pad -----------------------------------------------------------------------------------
@@ -140,6 +148,75 @@ def PadGrad(xp, dY, x_shape, pads, axes=None, *, mode="constant"):
     dX = xp.zeros(shape, dtype=dY.dtype)
     dX[crop] = G
     return (dX,)
+
+
+def along_axis(g, G, M, axis, rank):
+    """``Y[..., i, ...] = Σ_o G[..., o, ...] · M[o, i]`` along ``axis`` of ``G`` (rank
+    ``rank``) for a host matrix ``M``, in standard ops: one MatMul, with transposes
+    where the axis is not one of the last two."""
+    if axis == rank - 1:
+        return g.MatMul(G, g.const(M, dtype=g.dtype(G)))
+    if axis == rank - 2:
+        return g.MatMul(g.const(M.T, dtype=g.dtype(G)), G)
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    moved = g.MatMul(g.Transpose(G, perm=perm), g.const(M, dtype=g.dtype(G)))
+    return g.Transpose(moved, perm=[perm.index(i) for i in range(rank)])
+
+
+@PadGrad.in_standard_ops
+def _(g, node):
+    # constant: dY's inner block (Slice), zero-padded where the forward cropped;
+    # reflect/edge/wrap: per axis, the sum through the index map (a 0/1 matrix) first.
+    dY, x_shape, pads_value, *rest = list(node.inputs) + [""]
+    mode = node.attrs.get("mode", "constant")
+    pads = constant_value(g, pads_value)
+    axes = constant_value(g, rest[0]) if rest[0] else None
+    shape = std.shape_value(g, x_shape)
+    rank = len(shape) if shape is not None else g.rank(dY)
+    if (rest[0] and axes is None) or rank is None:
+        return None
+    if pads is None:  # pads known at run time only
+        return (_constant_pad_grad(g, dY, pads_value, axes, rank),) if mode == "constant" \
+            else None
+    begin, end = _pad_amounts(rank, pads.reshape(-1).tolist(),
+                              None if axes is None else axes.reshape(-1).tolist())
+    G = dY
+    if mode == "constant":
+        cut = [i for i in range(rank) if begin[i] > 0 or end[i] > 0]
+        if cut:
+            G = g.Slice(G, g.ints([max(begin[i], 0) for i in cut]),
+                        g.ints([-end[i] if end[i] > 0 else std.END for i in cut]), g.ints(cut))
+    else:
+        if mode not in _NP_MODES:
+            return None
+        for axis in range(rank):
+            b, e = max(begin[axis], 0), max(end[axis], 0)
+            if not b and not e:
+                continue
+            n = shape[axis] if shape is not None else None
+            if not isinstance(n, int):
+                return None
+            kept = n - max(-begin[axis], 0) - max(-end[axis], 0)
+            index = _index_map(kept, b, e, mode)
+            G = along_axis(g, G, (index[:, None] == np.arange(kept)[None, :]).astype(np.float64),
+                           axis, rank)
+    crop = [max(-v, 0) for v in begin] + [max(-v, 0) for v in end]
+    if any(crop):
+        G = g.Pad(G, g.ints(crop), mode="constant")
+    return (G,)
+
+
+def _constant_pad_grad(g, dY, pads, axes, rank):
+    """PadGrad's constant mode for pads fed at run time: the same Slice and Pad, their
+    amounts computed from the pads value."""
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    m, zero = len(axes), g.ints([0])
+    pads = g.Cast(pads, to=std.tensor_type("int64"), dtype="int64")
+    begin, end = g.Slice(pads, zero, g.ints([m])), g.Slice(pads, g.ints([m]), g.ints([2 * m]))
+    sizes = g.Gather(g.Shape(dY, dtype="int64"), g.ints(axes), axis=0)
+    inner = g.Slice(dY, g.Max(begin, zero), g.Sub(sizes, g.Max(end, zero)), g.ints(axes))
+    crop = g.Concat(g.Max(g.Neg(begin), zero), g.Max(g.Neg(end), zero), axis=0, dtype="int64")
+    return g.Pad(inner, crop, None, g.ints(axes), mode="constant")
 
 
 # -- CenterCropPad --------------------------------------------------------------------------
@@ -419,6 +496,47 @@ def ResizeGrad(xp, dY, x_shape, roi=None, scales=None, sizes=None, *, antialias=
                mode="nearest", nearest_mode="round_prefer_floor"):
     attrs = _resize_options(locals())
     return (resize_grad(xp, dY, x_shape, roi, scales, sizes, attrs),)
+
+
+@ResizeGrad.in_standard_ops
+def _(g, node):
+    # The transposed interpolation matrices, built on the host as the kernel builds them,
+    # applied axis by axis in reverse order (one MatMul each); every mode and coordinate
+    # transformation is such a product.  Needs the resized axes' sizes and the roi,
+    # scales and sizes as constants.
+    dY, x_shape, *rest = list(node.inputs) + ["", "", ""]
+    attrs = ResizeGrad.resolve_attrs(node.attrs, node.name)
+    shape = std.shape_value(g, x_shape)
+    if shape is None:
+        return None
+    host = []
+    for value in rest[:3]:
+        host.append(constant_value(g, value) if value else None)
+        if value and host[-1] is None:
+            return None
+    roi, scales, sizes = host
+    rank = len(shape)
+    axes = list(range(rank)) if not attrs.get("axes") else [int(a) % rank for a in attrs["axes"]]
+    crop = attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
+    concrete = []
+    for i, d in enumerate(shape):
+        if not isinstance(d, int):  # a dynamic axis: only one the node leaves alone
+            if i in axes and (crop or _empty(scales) or
+                              float(scales.reshape(-1)[axes.index(i)]) != 1.0):
+                return None
+            d = 1
+        concrete.append(d)
+    try:
+        out, steps = resize_plan(tuple(concrete), roi, scales, sizes, attrs)
+    except ValueError:
+        return None
+    G = dY
+    mask = _outside_mask(np, out, steps)
+    if mask is not None:
+        G = g.Where(g.const(mask, dtype=bool), std.like(g, 0, dY), G)
+    for a, M, _ in reversed(steps):
+        G = along_axis(g, G, M, a, rank)
+    return (G,)
 
 
 def _legacy_rule(g, node, dY):
