@@ -9,6 +9,7 @@ its last use.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from onnxgrad.errors import ModelError, OnnxgradError, ShapeError
 from onnxgrad.ir import Graph, Node
 from onnxgrad.ops import fused, lookup
 from onnxgrad.profile import Profile
+from onnxgrad.threads import get_num_threads, parallel
 
 
 class RunState:
@@ -151,9 +153,11 @@ class Plan:
                               list(node.outputs), ()))
             definitions.append(definition)
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
+        steps, definitions = _hoist_views(steps, definitions)
         self.steps = self._assign_frees(steps, set(self.fetch))
         self._assign_donors(definitions)
         self._schedule_handoff(handoff or {})
+        self._pairing = _Pairing(self.steps)
 
     def _assign_donors(self, definitions: list) -> None:
         """Mark the inputs each step's kernel may write its output into: inputs it
@@ -238,29 +242,39 @@ class Plan:
         if profile is not None:
             sync = self.backend.synchronize
             sync()
+        pairing = self._pairing
+        pairs, seconds = ({}, None) if on_device or profile is not None else pairing.begin()
+        ahead: dict[int, tuple] = {}  # outputs of steps run beside an earlier one
         for index, step in enumerate(self.steps):
             try:
-                args = [env[a] if type(a) is str else a.value for a in step.args]
-                for i in step.host_args:
-                    if args[i] is not None:
-                        args[i] = to_host(args[i])
-                if on_device:  # shape values computed on the host, read as tensors
-                    for i in step.device_args:
-                        if isinstance(args[i], np.ndarray):
-                            args[i] = self.backend.asarray(args[i])
-                attrs = step.attrs
-                if step.donors:
-                    out = _donated(args, step.donors)
-                    if out is not None:
-                        attrs = {**attrs, "out": out}
-                    out = None
-                if profile is None:
-                    outs = self._call(step.node, step.kernel, xp, args, attrs)
-                else:
+                if index in ahead:
+                    outs = ahead.pop(index)
+                elif index in pairs:
+                    later = pairs[index]
                     start = time.perf_counter()
-                    outs = self._call(step.node, step.kernel, xp, args, attrs)
-                    sync()
-                    profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
+                    outs, ahead[later] = parallel([
+                        lambda: self._alone(step, env, xp),
+                        lambda: self._alone(self.steps[later], env, xp)])
+                    pairing.took(index, time.perf_counter() - start)
+                else:
+                    args = self._gather(step, env)
+                    attrs = step.attrs
+                    if step.donors:
+                        out = _donated(args, step.donors)
+                        if out is not None:
+                            attrs = {**attrs, "out": out}
+                        out = None
+                    if profile is not None:
+                        start = time.perf_counter()
+                        outs = self._call(step.node, step.kernel, xp, args, attrs)
+                        sync()
+                        profile.add(step.node.name, step.node.op_type, time.perf_counter() - start)
+                    elif seconds is not None:
+                        start = time.perf_counter()
+                        outs = self._call(step.node, step.kernel, xp, args, attrs)
+                        seconds[index] = time.perf_counter() - start
+                    else:
+                        outs = self._call(step.node, step.kernel, xp, args, attrs)
                 if inspect is not None:
                     inspect(step.node, step.outputs, outs)
                 for name, value in zip(step.outputs, outs):
@@ -284,6 +298,8 @@ class Plan:
             except Exception as exc:
                 _blame(exc, step.node)
                 raise
+        if not on_device and profile is None:
+            pairing.end()
         if on_ready is not None:
             if before_handoff is not None and (deferred or self._handoff_end):
                 before_handoff(env)
@@ -303,6 +319,28 @@ class Plan:
                 raise ModelError(f"value {f!r} is not computed by graph {self.graph.name!r}")
         return result
 
+    def _alone(self, step: Step, env: dict[str, Any], xp: Any) -> tuple:
+        """Run one step of a pair: its kernel on its own arguments, with no donated
+        storage; an error names the step's node."""
+        try:
+            return self._call(step.node, step.kernel, xp, self._gather(step, env), step.attrs)
+        except Exception as exc:
+            _blame(exc, step.node)
+            raise
+
+    def _gather(self, step: Step, env: dict[str, Any]) -> list:
+        """A step's arguments: values from ``env``, bound constants, host inputs on the
+        host and, on a device, shape values as device tensors."""
+        args = [env[a] if type(a) is str else a.value for a in step.args]
+        for i in step.host_args:
+            if args[i] is not None:
+                args[i] = self.backend.to_host(args[i])
+        if self.backend.xp is not np:  # shape values computed on the host, read as tensors
+            for i in step.device_args:
+                if isinstance(args[i], np.ndarray):
+                    args[i] = self.backend.asarray(args[i])
+        return args
+
     @staticmethod
     def _call(node: Node, kernel: Callable, xp: Any, args: list, attrs: dict) -> tuple:
         try:
@@ -318,6 +356,140 @@ class Plan:
         except MemoryError as exc:
             raise ShapeError(f"node {node.name!r} ({node.op_type}): its result does not fit in "
                              f"memory for inputs [{_describe(args)}]") from exc
+
+
+#: Ops whose outputs are views of their input (or, for a Reshape of a strided array,
+#: a copy of the same size): :func:`_hoist_views` moves them early.
+_VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _hoist_views(steps: list[Step], definitions: list) -> tuple[list[Step], list]:
+    """The schedule with each view step (:data:`_VIEW_OPS`, standard domain) moved to
+    just after the step that makes the last of its inputs.
+
+    A gradient rule writes its shape ops next to the product that needs them, e.g.
+    a product's input gradient, two Reshapes, then its weight gradient; hoisted,
+    the Reshapes no longer stand between the two products, which can then run at
+    the same time (see :class:`_Pairing`).  A view holds its input's storage, which
+    must live until the view's original place anyway, so memory stays the same.
+
+    Each step gets a sort key: ``(i,)`` for step ``i`` that stays, the key of the
+    step it follows plus ``(i,)`` for a view; the schedule is the steps by key."""
+    keys: list[tuple] = []
+    made_by: dict[str, tuple] = {}  # value -> key of the step making it
+    for index, step in enumerate(steps):
+        if step.node.op_type in _VIEW_OPS and not step.node.domain:
+            key = max((made_by[a] for a in step.args if type(a) is str and a in made_by),
+                      default=(-1,)) + (index,)
+        else:
+            key = (index,)
+        keys.append(key)
+        for name in step.outputs:
+            if name:
+                made_by[name] = key
+    order = sorted(range(len(steps)), key=keys.__getitem__)
+    return [steps[i] for i in order], [definitions[i] for i in order]
+
+
+class _Pairing:
+    """Which steps of a plan run at the same time, two by two, on the pool's threads.
+
+    Small kernels gain nothing from splitting their work: handing a part to
+    another thread costs tens of microseconds.  Two independent kernels, each
+    whole on its own thread, keep two cores busy instead (the two gradients of
+    a convolution or of a product).  Step ``j`` may run beside an earlier step
+    ``i`` (within :data:`WINDOW` steps) when it reads nothing that steps ``i``
+    to ``j - 1`` write and neither takes a kernel context (random numbers and
+    running statistics keep their order); its outputs are then held until its
+    own turn.  Its inputs are all computed before ``i``, none is freed before
+    ``j`` (``j`` reads it), and no weight it reads is updated before ``j``.
+
+    Which pairs pay is measured on the CPU, on a plan's own runs: :data:`ROUNDS`
+    runs from run :data:`CALIBRATION` on time every step; each step that took
+    :data:`MIN_SECONDS` or more is then matched with the longest of its
+    possible partners that did too, the next :data:`ROUNDS` runs try those
+    pairs, and the pairs whose best time was at most :data:`GAIN` of their
+    steps' best times one after another run together from then on.  Results do
+    not depend on it: kernels split their work by shape alone (a nested split
+    runs in the kernel's own thread), and a paired step writes a fresh output
+    instead of an input's storage.
+    """
+
+    CALIBRATION = 2
+    ROUNDS = 2
+    WINDOW = 8
+    MIN_SECONDS = 50e-6
+    GAIN = 0.9
+
+    def __init__(self, steps: list):
+        #: For each step, the later steps that may run beside it.
+        self.options: dict[int, list[int]] = {}
+        for i, first in enumerate(steps):
+            if "ctx" in first.attrs:
+                continue
+            written = {name for name in first.outputs if name}
+            for j in range(i + 1, min(len(steps), i + 1 + self.WINDOW)):
+                second = steps[j]
+                if "ctx" not in second.attrs and not any(
+                        type(a) is str and a in written for a in second.args):
+                    self.options.setdefault(i, []).append(j)
+                written.update(name for name in second.outputs if name)
+        self.count = len(steps)
+        self.runs = 0
+        self.seconds: list[float] | None = None  # per step, the best of the timed runs
+        self.tried: dict[int, float] = {}        # first step of a pair -> its best time
+        self.trial: dict[int, int] = {}          # first step -> second, being tried
+        self.pairs: dict[int, int] = {}          # the pairs that paid
+        self._timing: list[float] | None = None
+
+    def _phase(self) -> str:
+        first = self.runs - self.CALIBRATION
+        return ("time" if 0 <= first < self.ROUNDS else
+                "try" if self.ROUNDS <= first < 2 * self.ROUNDS else "run")
+
+    def begin(self) -> tuple[dict[int, int], list[float] | None]:
+        """This run's pairs (first step -> second), and a list to time each step into
+        (or None)."""
+        self.runs += 1
+        if not self.options or get_num_threads() < 2:
+            return {}, None
+        phase = self._phase()
+        if phase == "time":
+            self._timing = [0.0] * self.count
+            return {}, self._timing
+        if phase == "try" and self.seconds is not None:
+            if not self.trial:
+                self.trial = self._match(self.seconds)
+            return self.trial, None
+        return self.pairs, None
+
+    def _match(self, t: list[float]) -> dict[int, int]:
+        """Each step long enough, in order, with the longest free partner long enough."""
+        pairs: dict[int, int] = {}
+        used: set[int] = set()
+        for i, later in self.options.items():
+            if i in used or t[i] < self.MIN_SECONDS:
+                continue
+            free = [j for j in later if j not in used and t[j] >= self.MIN_SECONDS]
+            if free:
+                j = max(free, key=lambda j: t[j])
+                pairs[i] = j
+                used.update((i, j))
+        return pairs
+
+    def took(self, first: int, seconds: float) -> None:
+        if self._phase() == "try":
+            self.tried[first] = min(seconds, self.tried.get(first, seconds))
+
+    def end(self) -> None:
+        """Record what a run (that :meth:`begin` started and that finished) measured."""
+        if self._timing is not None:
+            t, self._timing = self._timing, None
+            self.seconds = t if self.seconds is None else list(map(min, self.seconds, t))
+        if self.runs == self.CALIBRATION + 2 * self.ROUNDS - 1 and self.seconds is not None:
+            t = self.seconds
+            self.pairs = {i: j for i, j in self.trial.items()
+                          if self.tried.get(i, math.inf) <= self.GAIN * (t[i] + t[j])}
 
 
 class ShapeSpecializedRunner:

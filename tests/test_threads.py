@@ -335,21 +335,109 @@ def _split_everything(monkeypatch):
     monkeypatch.setattr(conv, "PARALLEL_COPY", 0)
 
 
-@pytest.mark.parametrize("split_all", [False, True], ids=["default", "split_everything"])
+def _pair_everything(monkeypatch) -> list[int]:
+    """Every step that may run beside a later one does so from the first run on;
+    returns the list that records each pair run."""
+    from onnxgrad import executor
+    ran: list[int] = []
+
+    def begin(self):
+        self.runs += 1
+        if onnxgrad.get_num_threads() < 2:
+            return {}, None
+        return self._match([1.0] * self.count), None
+
+    monkeypatch.setattr(executor._Pairing, "begin", begin)
+    monkeypatch.setattr(executor._Pairing, "took", lambda self, first, seconds: ran.append(first))
+    return ran
+
+
+@pytest.mark.parametrize("mode", ["default", "split_everything", "pair_everything"])
 @pytest.mark.parametrize("make", [_cnn, _transformer], ids=["cnn", "transformer"])
-def test_training_at_4_threads_equals_1_thread(make, split_all, monkeypatch):
+def test_training_at_4_threads_equals_1_thread(make, mode, monkeypatch):
     """Losses and every initializer after 3 steps (weights, momentum-updated, and
     BatchNormalization's running statistics) are the same at 1 and 4 threads: work
-    is split by shape, never by thread count, so not even the rounding differs."""
+    is split by shape, never by thread count, and a step run beside another computes
+    what it computes alone, so not even the rounding differs."""
+    split_all = mode == "split_everything"
     if split_all:
         _split_everything(monkeypatch)
+    paired = _pair_everything(monkeypatch) if mode == "pair_everything" else None
     losses1, params1 = _train(make, 1)
     assert not _pool_threads()
+    assert not paired  # one thread: no pairs
     losses4, params4 = _train(make, 4)
-    if make is _cnn or split_all:  # Winograd, conv chunks and the splits run on the pool
+    if paired is not None:
+        assert len(paired) >= 3 * 4, "too few steps ran in pairs"
+    if make is _cnn or split_all or paired:  # Winograd, conv chunks, splits and pairs: the pool
         assert _pool_threads(), "no task ran on the pool at 4 threads"
     assert all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
     assert losses4 == losses1
     assert set(params4) == set(params1)
     for name in params1:
         np.testing.assert_array_equal(params4[name], params1[name], err_msg=name)
+
+
+# -- pairs of steps ------------------------------------------------------------------------
+
+
+def _steps(*specs):
+    """Stand-ins for a plan's steps: (inputs, outputs, takes a context)."""
+    from types import SimpleNamespace
+    return [SimpleNamespace(args=list(inputs), outputs=list(outputs),
+                            attrs={"ctx": object()} if ctx else {})
+            for inputs, outputs, ctx in specs]
+
+
+def test_a_step_may_run_beside_a_later_one_that_reads_nothing_written_in_between():
+    from onnxgrad.executor import _Pairing
+    steps = _steps((["dy", "w"], ["t"], False),    # 0: Transpose of a weight
+                   (["dy", "t"], ["dx"], False),   # 1: reads 0
+                   (["dy", "x"], ["dw"], False),   # 2: independent of 0 and 1
+                   (["dw"], ["g"], False),         # 3: reads 2
+                   (["x"], ["m"], True),           # 4: takes a context (random numbers)
+                   (["g"], ["h"], False))          # 5: reads 3
+    # 5 reads what 3 writes, and 3 comes between 5 and any earlier step
+    assert _Pairing(steps).options == {0: [2], 1: [2]}
+    pairing = _Pairing(steps)
+    assert pairing._match([1.0] * 6) == {0: 2}           # in order: 0 takes 2, 1 then none
+    assert pairing._match([1e-6, 1.0, 1.0, 1.0, 1.0, 1.0]) == {1: 2}   # 0 too short
+
+
+def test_pairs_are_kept_where_they_measured_faster():
+    """Timed runs, then trial runs, then the pairs that took at most GAIN of their
+    steps' best times; short steps are never tried."""
+    from onnxgrad.executor import _Pairing
+    onnxgrad.set_num_threads(2)
+    steps = _steps(*[([f"i{k}"], [f"o{k}"], False) for k in range(6)])
+    pairing = _Pairing(steps)
+    step_seconds = [400e-6, 300e-6, 10e-6, 500e-6, 500e-6, 300e-6]
+    pair_seconds = {0: 450e-6, 1: 1.0}  # 0 with 3 pays; 1 with 4 does not
+    tried = []
+    for run in range(1, 10):
+        pairs, timing = pairing.begin()
+        phase = pairing._phase()
+        if phase == "time":
+            assert not pairs
+            timing[:] = [t * (1 + 0.5 * (run % 2)) for t in step_seconds]  # noisy runs
+        else:
+            assert timing is None
+        if phase == "try":
+            # in order, each with its longest free partner; step 2 too short to try
+            assert pairs == {0: 3, 1: 4}
+            for first in sorted(pairs):
+                pairing.took(first, pair_seconds[first])
+            tried.append(run)
+        pairing.end()
+    assert tried == [4, 5]
+    assert pairing.pairs == {0: 3}
+    assert pairing.begin()[0] == {0: 3}
+
+
+def test_one_thread_runs_no_pairs():
+    from onnxgrad.executor import _Pairing
+    onnxgrad.set_num_threads(1)
+    pairing = _Pairing(_steps((["a"], ["b"], False), (["c"], ["d"], False)))
+    for _ in range(8):
+        assert pairing.begin() == ({}, None)
+        pairing.end()
