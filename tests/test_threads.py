@@ -441,3 +441,29 @@ def test_one_thread_runs_no_pairs():
     for _ in range(8):
         assert pairing.begin() == ({}, None)
         pairing.end()
+
+
+def test_view_steps_move_next_to_their_inputs_and_the_order_stays_topological():
+    """A product's input gradient, two Reshapes of other values, then its weight gradient:
+    the Reshapes move up to just after what they read, so that the two products become
+    neighbours that may pair; every step still comes after the steps making its inputs."""
+    from types import SimpleNamespace
+    from onnxgrad.executor import _hoist_views
+
+    def step(op, inputs, outputs):
+        return SimpleNamespace(node=SimpleNamespace(op_type=op, domain=""), args=list(inputs),
+                               outputs=list(outputs))
+
+    steps = [step("MatMul", ["x", "w"], ["y"]),           # 0
+             step("Relu", ["y"], ["a"]),                  # 1
+             step("MatMul", ["dy", "wt"], ["dx"]),        # 2
+             step("Reshape", ["a", "shape"], ["a2"]),     # 3: reads 1
+             step("Transpose", ["a2"], ["at"]),           # 4: reads 3
+             step("Reshape", ["dy", "shape"], ["dy2"]),   # 5: reads graph inputs only
+             step("Gemm", ["at", "dy2"], ["dw"])]         # 6
+    ordered, labels = _hoist_views(steps, list(range(len(steps))))
+    assert labels == [5, 0, 1, 3, 4, 2, 6]
+    made = {"x", "w", "dy", "wt", "shape"}
+    for s in ordered:
+        assert all(a in made for a in s.args), s
+        made.update(s.outputs)
