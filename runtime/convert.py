@@ -227,11 +227,67 @@ def _upgraded(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
     version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if version is None or version >= TARGET_OPSET:
         return proto
+    legacy = _legacy_resizes(proto, version, where)
     try:
-        return onnx.version_converter.convert_version(proto, TARGET_OPSET)
+        upgraded = onnx.version_converter.convert_version(proto, TARGET_OPSET)
     except Exception as exc:  # noqa: BLE001 - the converter raises several kinds
         raise ModelError(f"{where}: cannot bring the model from opset {version} to "
                          f"{TARGET_OPSET}, which step models use: {exc}") from exc
+    # Every Resize of the upgraded graph is one of the old nodes, in their order (the
+    # converter may rename values and drop node names).
+    resizes = [node for node in upgraded.graph.node if node.op_type == "Resize"] \
+        if version <= 10 else []
+    if len(resizes) != len(legacy):
+        raise ModelError(f"{where}: converting to opset {TARGET_OPSET} made {len(resizes)} "
+                         f"Resize nodes of {len(legacy)} Resize-10 and Upsample nodes")
+    for node, fixed in zip(resizes, legacy):
+        kept = [a for a in node.attribute
+                if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in fixed.items()])
+    return upgraded
+
+
+def _legacy_resizes(proto: onnx.ModelProto, version: int, where: str) -> list[dict]:
+    """The coordinate attributes that keep the graph's Resize-10 and Upsample nodes (in
+    their order) computing the same function as Resize-11 and later: onnx's version converter
+    leaves the new op's defaults (half-pixel coordinates, nearest rounding to the
+    nearer pixel), where the old ops map ``x_out / scale`` (asymmetric) and take
+    the pixel below when upsampling, above when downsampling."""
+    if version > 10:
+        return []
+    values = {t.name: t for t in proto.graph.initializer}
+    values.update({n.output[0]: a.t for n in proto.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    found = []
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Resize", "Upsample"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        fixed = {"coordinate_transformation_mode": "asymmetric"}
+        if mode == "nearest":
+            if "scales" in attrs:
+                scales = np.asarray(attrs["scales"], dtype=np.float64)
+            elif len(node.input) > 1 and node.input[1] in values:
+                scales = numpy_helper.to_array(values[node.input[1]])
+            else:
+                raise ModelError(f"{where}: node {node.name or node.output[0]!r} ({node.op_type}, "
+                                 f"opset {version}, nearest) takes its scales at run time; "
+                                 f"opset {TARGET_OPSET}'s Resize can express its rounding only "
+                                 "for scales known when converting")
+            if np.all(scales >= 1):
+                fixed["nearest_mode"] = "floor"
+            elif np.all(scales <= 1):
+                fixed["nearest_mode"] = "ceil"
+            else:
+                raise ModelError(f"{where}: node {node.name or node.output[0]!r} ({node.op_type}, "
+                                 f"opset {version}, nearest) upsamples some axes and "
+                                 f"downsamples others (scales {scales.tolist()}); opset "
+                                 f"{TARGET_OPSET}'s Resize has one rounding for all axes")
+        found.append(fixed)
+    return found
 
 
 def _state_input(graph: Graph, taken: set[str], name: str, value: np.ndarray) -> str:

@@ -19,6 +19,7 @@ import pathlib
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 import pytest
 
 import gradcheck as gc
@@ -80,13 +81,7 @@ SAMPLES = [s for s in gc.all_samples() + _more_samples()
 
 #: Samples whose step model computes another function than the sample's own model, for a
 #: reason outside the standard forms: sample id -> reason.  Each is a strict xfail.
-_LEGACY_RESIZE = ("onnx's version converter, which brings the model to opset 18, turns "
-                  "linear Resize-10 and Upsample into Resize with half_pixel coordinates "
-                  "(theirs are asymmetric)")
-KNOWN_FAILURES = {
-    "Resize-v10(real[1,2,3,4],float32[1,1,2,1.5]){mode='linear'}": _LEGACY_RESIZE,
-    "Upsample-v9(real[1,2,3,4],float32[1,1,2,2]){mode='linear'}": _LEGACY_RESIZE,
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _params():
@@ -512,3 +507,39 @@ def test_binary_cross_entropy_steps_in_onnxruntime_equal_trainer_steps():
     params = trainer.model.parameters()
     for name in trainer.trainable:
         np.testing.assert_allclose(state[name], params[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _upsample_model(mode, scales, constant=True):
+    from onnx import TensorProto
+    node = helper.make_node("Upsample", ["x", "s"], ["y"], mode=mode, name="up")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])]
+    inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "s")] if constant else []
+    if not constant:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [4]))
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, None, None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+
+
+@pytest.mark.parametrize("mode, scales", [("nearest", [1, 1, 1.25, 1.25]), ("nearest", [1, 1, 0.75, 0.75]),
+                                          ("linear", [1, 1, 2, 1.5])])
+def test_upgraded_upsample_computes_what_it_computed(mode, scales):
+    """onnx's version converter gives the Resize it makes the new op's defaults; the
+    old op's asymmetric coordinates and rounding are written on it."""
+    from onnxgrad.convert import _upgraded
+    proto = _upsample_model(mode, scales)
+    x = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    want = onnxgrad.load(proto).run({"x": x})["y"]
+    got = _run(_session(_upgraded(proto, "up.onnx")), {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scales, constant, says", [
+    ([1, 1, 2, 0.5], True, "upsamples some axes and downsamples others"),
+    ([1, 1, 2, 2], False, "takes its scales at run time"),
+])
+def test_an_upsample_whose_rounding_opset_18_cannot_say_is_refused(scales, constant, says):
+    from onnxgrad.convert import _upgraded
+    with pytest.raises(ModelError, match=says) as info:
+        _upgraded(_upsample_model("nearest", scales, constant), "up.onnx")
+    assert "'up'" in str(info.value) and "up.onnx" in str(info.value)
