@@ -1,6 +1,7 @@
 """Normalization: BatchNormalization, InstanceNormalization, GroupNormalization,
 LayerNormalization, RMSNormalization, LpNormalization, LRN (local response
-normalization across channels) and MeanVarianceNormalization.
+normalization across channels) and MeanVarianceNormalization; and the private
+SyncBatchNormalization, whose statistics span every rank of data-parallel training.
 
 BatchNormalization follows PyTorch in a training run (``ctx.training``): it
 normalises with the batch's mean and biased variance and records new running
@@ -32,7 +33,9 @@ gradient asked for by name (the ``Gradient`` operator's ``xs``, or
 
 from __future__ import annotations
 
-from onnxgrad.errors import UnsupportedOpError
+import numpy as np
+
+from onnxgrad.errors import OnnxgradError, UnsupportedOpError
 from onnxgrad.ops import fused
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops import standard as std
@@ -759,3 +762,108 @@ def MeanVarianceNormalizationGrad(xp, dY, X, *, axes=(0, 2, 3)):
         sigma > 0, sigma, 1.0))
     dX = scaled - xp.mean(scaled, axis=axes, keepdims=True) - centred * spread
     return (dX.astype(dY.dtype),)
+
+
+# -- BatchNormalization synchronised between the ranks of data-parallel training ----------
+#
+# onnxgrad.distributed.use_sync_batchnorm turns a training graph's BatchNormalization nodes
+# and their gradients into these two ops, which reduce through the run's communicator
+# (``ctx.state.comm``).  Tested under mpiexec in tests/test_distributed.py.
+
+
+def _as_channels(X):
+    """X as (N, C, P), in the type its statistics are computed in (float32 at least)."""
+    dtype = np.float32 if X.dtype.itemsize < 4 else X.dtype
+    return X.astype(dtype, copy=False).reshape(X.shape[0], X.shape[1], -1)
+
+
+def _per_channel(values, like):
+    """Per-channel ``values`` (C,) as ``like``'s type, shaped (1, C, 1) to broadcast."""
+    return values.astype(like.dtype).reshape(1, -1, 1)
+
+
+def _summed(ctx, values):
+    """``values`` (float64, on the device) summed over the ranks, in place."""
+    comm = ctx.state.comm
+    if comm is None:
+        raise OnnxgradError(f"node {ctx.node.name!r} ({ctx.node.op_type}) runs in a trainer "
+                            "without a communicator (comm=...)")
+    comm.allreduce(values)
+    return values
+
+
+@op("SyncBatchNormalization", domain="onnxgrad")
+def SyncBatchNormalization(xp, X, scale, B, input_mean, input_var, *, epsilon=1e-5,
+                           momentum=0.9, spatial=1, training_mode=0, ctx):
+    """BatchNormalization (outputs: Y, running mean, running var, batch mean, batch var)
+    whose batch statistics in a training step are those of every rank's batch together:
+    per-channel sums and counts, then sums of deviations and of their squares (the
+    shifted-data algorithm), each all-reduced in float64.  Outside training steps it
+    is BatchNormalization with the running statistics (or, with ``training_mode``,
+    this rank's batch statistics)."""
+    node = ctx.node
+    if not spatial and X.ndim > 2:
+        raise UnsupportedOpError("BatchNormalization", "", node.opset, node.name,
+                                 what="sync_batchnorm with spatial=0 (per-element statistics)")
+    if not ctx.training and not training_mode:
+        shape = (1, -1) + (1,) * (X.ndim - 2)
+        inv = 1 / xp.sqrt(input_var + epsilon)
+        Y = (X - input_mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
+        outs = (Y.astype(X.dtype, copy=False), input_mean, input_var, input_mean, input_var)
+        return outs[:max(ctx.num_outputs, 1)]
+    X3 = _as_channels(X)
+    C = X3.shape[1]
+    first = xp.empty(C + 1, dtype=np.float64)  # sums and the count
+    first[:C] = X3.sum(axis=(0, 2), dtype=np.float64)
+    first[C] = X3.shape[0] * X3.shape[2]
+    if ctx.training:
+        _summed(ctx, first)
+    count = first[C]
+    guess = first[:C] / count
+    D = X3 - _per_channel(guess, X3)
+    second = xp.empty(2 * C, dtype=np.float64)  # sums of the deviations, and of their squares
+    second[:C] = D.sum(axis=(0, 2), dtype=np.float64)
+    second[C:] = (D * D).sum(axis=(0, 2), dtype=np.float64)
+    if ctx.training:
+        _summed(ctx, second)
+    shift = second[:C] / count  # the rounding of the guess, taken out
+    var = xp.maximum(second[C:] / count - shift * shift, 0)
+    a = scale.astype(np.float64) / xp.sqrt(var + epsilon)
+    D *= _per_channel(a, X3)
+    D += _per_channel(B.astype(np.float64) - shift * a, X3)
+    Y = D.reshape(X.shape).astype(X.dtype, copy=False)
+    bmean = (guess.astype(X3.dtype).astype(np.float64) + shift).astype(input_mean.dtype)
+    bvar = var.astype(input_var.dtype)
+    new_mean = input_mean * momentum + bmean * (1 - momentum)
+    if ctx.training:
+        unbiased = (var * (count / xp.maximum(count - 1, 1))).astype(input_var.dtype)
+        names = node.inputs
+        if len(names) > 4 and names[3] and names[4]:
+            ctx.state.updates[names[3]] = new_mean
+            ctx.state.updates[names[4]] = input_var * momentum + unbiased * (1 - momentum)
+    outs = (Y, new_mean, input_var * momentum + bvar * (1 - momentum), bmean, bvar)
+    return outs[:max(ctx.num_outputs, 1)]
+
+
+@op("SyncBatchNormalizationGrad", domain="onnxgrad")
+def SyncBatchNormalizationGrad(xp, dY, X, scale, batch_mean, batch_var, *, epsilon=1e-5,
+                               ctx):
+    """dX, dscale, dB of SyncBatchNormalization.  dX needs the sums of dY and dY·x̂ over
+    every rank's batch (all-reduced with the count); dscale and dB are this rank's
+    sums, which the gradient averaging then combines like any other weight's."""
+    X3 = _as_channels(X)
+    C = X3.shape[1]
+    d = dY.astype(X3.dtype, copy=False).reshape(X3.shape)
+    inv = 1 / xp.sqrt(batch_var.astype(np.float64) + epsilon)
+    xhat = (X3 - _per_channel(batch_mean, X3)) * _per_channel(inv, X3)
+    local = xp.empty(2 * C + 1, dtype=np.float64)
+    local[:C] = d.sum(axis=(0, 2), dtype=np.float64)
+    local[C:2 * C] = (d * xhat).sum(axis=(0, 2), dtype=np.float64)
+    local[2 * C] = X3.shape[0] * X3.shape[2]
+    total = _summed(ctx, local.copy())
+    count = total[2 * C]
+    # dX = scale·inv · (dY - mean(dY) - x̂·mean(dY·x̂)), the means over every rank's batch
+    xhat *= _per_channel(total[C:2 * C] / count, X3)
+    dX = (d - _per_channel(total[:C] / count, X3) - xhat) * _per_channel(scale * inv, X3)
+    return (dX.reshape(X.shape).astype(X.dtype, copy=False),
+            local[C:2 * C].astype(scale.dtype), local[:C].astype(scale.dtype))
