@@ -399,10 +399,13 @@ def test_cli_error_on_one_rank_ends_the_run(tmp_path):
                           "--out", str(out), "--quiet"),
                      _cli("models/digits_mlp.onnx", "--data", str(tmp_path / "bad.npz"),
                           "--out", str(out), "--quiet"))
-    assert result.returncode != 0
-    assert "Error: rank 1 of 2: " in result.stderr
-    assert "target class indices must lie in [0, 10)" in result.stderr
-    assert "Error: rank 0" not in result.stderr
+    assert result.returncode != 0, result.stderr
+    assert "Error: rank 1 of 2: " in result.stderr, result.stderr
+    assert "target class indices must lie in [0, 10)" in result.stderr, result.stderr
+    # Rank 0's data is good: if it speaks at all (its collective may fail before the
+    # launcher ends it), it is not about the data.
+    rank0 = [line for line in result.stderr.splitlines() if line.startswith("Error: rank 0")]
+    assert not any("target class" in line for line in rank0), result.stderr
     assert time.monotonic() - started < 20
     assert not out.exists()
 
