@@ -1,17 +1,17 @@
 """Forward-only ops of the ``ai.onnx.ml`` domain (scikit-learn exports):
-ArrayFeatureExtractor, LabelEncoder and Binarizer.
+ArrayFeatureExtractor, LabelEncoder, Binarizer, OneHotEncoder and FeatureVectorizer.
 
-ArrayFeatureExtractor's ``X`` is declared differentiable but no rule is
-registered, so asking for its gradient raises ``UnsupportedOpError`` rather
-than giving zero.  LabelEncoder (a table lookup) and Binarizer (a threshold)
-declare no differentiable input.  Tree ensembles live in ``ops/ml_tree.py``,
-linear models, scalers and SVMs (with gradients) in ``ops/ml_linear.py`` and
-``ops/ml_svm.py``.
+ArrayFeatureExtractor's and FeatureVectorizer's ``X`` are declared differentiable but
+no rule is registered, so asking for their gradient raises ``UnsupportedOpError``
+rather than giving zero.  LabelEncoder (a table lookup), Binarizer (a threshold) and
+OneHotEncoder (categories) declare no differentiable input.  Tree ensembles live in
+``ops/ml_tree.py``, linear models, scalers and SVMs (with gradients) in
+``ops/ml_linear.py`` and ``ops/ml_svm.py``.
 """
 
 from __future__ import annotations
 
-from onnxgrad.errors import ModelError
+from onnxgrad.errors import DataError, ModelError, ShapeError
 from onnxgrad.ops.registry import op
 
 ML = "ai.onnx.ml"
@@ -82,3 +82,79 @@ def LabelEncoder(xp, X, *, default_float=-0.0, default_int64=-1, default_string=
 @op("Binarizer", since=1, domain=ML)
 def Binarizer(xp, X, *, threshold=0.0):
     return ((X > threshold).astype(X.dtype),)
+
+
+# -- OneHotEncoder and FeatureVectorizer ---------------------------------------------------
+def _node(ctx, name: str) -> str:
+    return f"node {ctx.node.name!r} ({name})" if ctx is not None else name
+
+
+@op("OneHotEncoder", since=1, domain=ML)
+def OneHotEncoder(xp, X, *, cats_int64s=None, cats_strings=None, zeros=1, ctx=None):
+    """``Y[..., j] = 1`` where ``X`` holds category ``j``: shape ``X.shape + (categories,)``,
+    float32.
+
+    Strings are looked up in ``cats_strings``; numbers, cast to int64 (truncated, as
+    onnxruntime casts them), in ``cats_int64s``.  A value outside the categories gives
+    zeros, or a DataError when ``zeros`` is 0; a category listed twice keeps its last
+    column.
+    """
+    where = _node(ctx, "OneHotEncoder")
+    if cats_int64s and cats_strings:
+        raise ModelError(f"{where}: give cats_int64s or cats_strings, not both")
+    strings = X.dtype.kind in "OSU"
+    cats = list(cats_strings or []) if strings else list(cats_int64s or [])
+    if not cats:
+        raise ModelError(f"{where}: {'string' if strings else 'numeric'} input X needs "
+                         f"{'cats_strings' if strings else 'cats_int64s'}")
+    column = {c: j for j, c in enumerate(cats)}
+    keys = sorted(column)
+    index = xp.asarray([column[k] for k in keys], dtype=xp.int64)
+    if strings:
+        sample = X.reshape(-1)[0] if X.size else None
+        if X.dtype.kind == "S" or isinstance(sample, bytes):
+            keys = [k.encode("utf-8") for k in keys]
+        table = xp.asarray(keys, dtype=object if X.dtype.kind == "O" else None)
+        values, valid = X, True
+    else:
+        table = xp.asarray(keys, dtype=xp.int64)
+        if X.dtype.kind == "f":
+            valid = xp.isfinite(X) & (xp.abs(X) < 2.0 ** 63)
+            values = xp.where(valid, X, 0).astype(xp.int64)
+        else:
+            values, valid = X.astype(xp.int64), True
+    pos = xp.minimum(xp.searchsorted(table, values), len(keys) - 1)
+    found = (table[pos] == values) & valid
+    if not int(zeros) and not bool(found.all()):
+        first = X.reshape(-1)[int(xp.argmin(found.reshape(-1)))]
+        first = first.item() if hasattr(first, "item") else first
+        raise DataError(f"{where}: X holds {first!r}, which is not among its {len(cats)} "
+                        "categories, and zeros is 0")
+    hot = (index[pos][..., None] == xp.arange(len(cats))) & found[..., None]
+    return (hot.astype(xp.float32),)
+
+
+@op("FeatureVectorizer", since=1, domain=ML, differentiable=("X",))
+def FeatureVectorizer(xp, *X, inputdimensions=None, ctx=None):
+    """The inputs side by side as float32 columns (N, sum(inputdimensions)): input ``i``,
+    flattened per row (a vector is one row), gives its first ``inputdimensions[i]``
+    values, padded with zeros."""
+    where = _node(ctx, "FeatureVectorizer")
+    dims = [int(d) for d in (inputdimensions or [])]
+    if len(dims) != len(X) or any(d < 0 for d in dims):
+        raise ModelError(f"{where}: inputdimensions must give one size (0 or more) per input, "
+                         f"got {dims} for {len(X)} inputs")
+    rows = [x.reshape(1, -1) if x.ndim <= 1 else x.reshape(x.shape[0], -1) for x in X]
+    for i, (x, r) in enumerate(zip(X, rows)):
+        if x.dtype.kind not in "biuf":
+            raise ShapeError(f"{where}: input {i} must hold numbers, got {x.dtype}")
+        if r.shape[0] != rows[0].shape[0]:
+            raise ShapeError(f"{where}: input {i} has {r.shape[0]} rows, input 0 has "
+                             f"{rows[0].shape[0]}")
+    Y = xp.zeros((rows[0].shape[0] if rows else 0, sum(dims)), dtype=xp.float32)
+    start = 0
+    for r, d in zip(rows, dims):
+        k = min(d, r.shape[1])
+        Y[:, start:start + k] = r[:, :k]
+        start += d
+    return (Y,)

@@ -24,6 +24,7 @@ ELSEWHERE = {
     "Det",                                             # tests/test_vision_gradients.py
     "DepthToSpace", "SpaceToDepth",                    # tests/test_extra_ops.py (gradients)
     "LabelEncoder", "Binarizer",                       # forward only: the node suite
+    "OneHotEncoder", "FeatureVectorizer",              # forward only: tests/test_ml_forward.py
 }
 
 
