@@ -9,13 +9,14 @@ on every graph it builds) appends their names to the nodes, and the kernel
 feeds the body every outer value it reads by name, the node's own inputs
 included (a body may read, say, the Loop's trip count or the If's condition).
 
-If, Loop and Scan (opset 8 and 9+) have gradients, for their float inputs and
-the float outer values their bodies read.  The rule builds each body's backward
-graph with the gradient builder (:func:`_body_gradient`), so a body that needs
-a missing rule raises UnsupportedOpError naming the node when the gradient is
-built; private ops run it (see "gradients" below).  SequenceMap runs forward
-only: its inputs are declared differentiable without a rule, so asking for a
-gradient through it raises UnsupportedOpError rather than giving zero.
+If, Loop, Scan (opset 8 and 9+) and SequenceMap have gradients, for their float
+inputs and the float outer values their bodies read; a sequence of float tensors
+counts as float (a Loop may carry one, a body may read one, If may output one), its
+gradient being a sequence gradient (see :mod:`onnxgrad.ops.sequence`).  The rule
+builds each body's backward graph with the gradient builder
+(:func:`_body_gradient`), so a body that needs a missing rule raises
+UnsupportedOpError naming the node when the gradient is built; private ops run it
+(see "gradients" below).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import onnx
 from onnxgrad.errors import ModelError, UnsupportedOpError
 from onnxgrad.ir import ValueInfo
 from onnxgrad.ops.registry import op
-from onnxgrad.ops.shape import is_float
+from onnxgrad.ops.sequence import (add_gradients, element_code, element_shapes, shapes_of,
+                                   zero_gradient)
+from onnxgrad.ops.shape import element_dtype, is_float
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -396,7 +399,8 @@ def SequenceMap(xp, input_sequence, *additional_inputs, ctx, body):
 # the body's forward nodes, then backward nodes from the gradients of its outputs ("seeds")
 # to those of its float inputs and of the outer values it reads.  Private ops run it: IfGrad
 # for the branch taken, LoopGrad and ScanGrad once per iteration, last iteration first, after
-# running the loop again to recover each iteration's carried values.
+# running the loop again to recover each iteration's carried values, SequenceMapGrad once per
+# element.
 @dataclass(eq=False)
 class BodyGradient:
     """The backward graph of a body: it takes ``inputs`` by position (the body's own inputs,
@@ -415,16 +419,33 @@ class BodyGradient:
 @op("InnerProduct", domain="onnxgrad")
 def InnerProduct(xp, *pairs):
     """Σ_k sum(Y_k · S_k) over ``pairs`` = Y_1…Y_n, S_1…S_n: the scalar whose gradient in Y_k
-    is S_k, from which a body's backward graph starts."""
+    is S_k, from which a body's backward graph starts.  A sequence Y_k pairs with a sequence
+    gradient S_k: the sum over its elements (``None`` in S_k: zero)."""
     n = len(pairs) // 2
-    return (sum(xp.sum(y * s) for y, s in zip(pairs[:n], pairs[n:])),)
+    terms = []
+    for y, s in zip(pairs[:n], pairs[n:]):
+        if isinstance(y, list):
+            terms += [xp.sum(a * b) for a, b in zip(y, s) if b is not None]
+        else:
+            terms.append(xp.sum(y * s))
+    return (sum(terms),)
 
 
 @InnerProduct.gradient
 def _(g, node, dZ):
     n = len(node.inputs) // 2
     ys, seeds = node.inputs[:n], node.inputs[n:]
-    return tuple(g.Mul(s, dZ) for s in seeds) + tuple(g.Mul(y, dZ) for y in ys)
+
+    def scaled(value, like):
+        info = g.graph.info.get(like)
+        if info is not None and info.kind == "sequence":
+            out = g.private("SequenceGradScale", value, dZ)
+            g.graph.info[out] = ValueInfo(kind="sequence", element=info.element)
+            return out
+        return g.Mul(value, dZ)
+
+    return tuple(scaled(s, y) for s, y in zip(seeds, ys)) + \
+        tuple(scaled(y, y) for y in ys)
 
 
 def _body_gradient(g, attr: str, proto: onnx.GraphProto, seeded: list[int],
@@ -433,7 +454,7 @@ def _body_gradient(g, attr: str, proto: onnx.GraphProto, seeded: list[int],
     gradients of body outputs ``seeded`` (indices) to those of ``wrt`` (zeros for a value
     those outputs do not depend on)."""
     from onnxgrad.autodiff import (  # noqa: PLC0415 - runtime imports ops
-        GradBuilder, add_training_outputs, build_gradients, grad_name, prune)
+        GradBuilder, add_training_outputs, build_gradients, grad_name, gradient_info, prune)
 
     node = g.node
     graph = _body_graph(proto, node, attr)
@@ -441,15 +462,23 @@ def _body_gradient(g, attr: str, proto: onnx.GraphProto, seeded: list[int],
     free = free_names(proto)
     captured = free + [w for w in wrt if w not in own and w not in free]
     for name in captured:
-        graph.info.setdefault(name, ValueInfo(g.graph.dtype(name), g.graph.shape(name)))
+        known = g.graph.info.get(name)
+        graph.info.setdefault(name, known if known is not None and known.kind == "sequence"
+                              else ValueInfo(g.graph.dtype(name), g.graph.shape(name)))
     add_training_outputs(graph)
     builder = GradBuilder(graph)
     builder.prefix = attr
     ys = [graph.outputs[k] for k in seeded]
+    for y in ys:
+        if graph.info.get(y) is not None and graph.info[y].kind == "optional":
+            raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
+                                     what=f"gradient through optional output {y!r} of "
+                                          f"attribute {attr!r}")
     seeds = [graph.unique_name(grad_name(y), builder.taken) for y in ys]
     for y, s in zip(ys, seeds):
-        graph.info[s] = ValueInfo(graph.dtype(y), graph.shape(y))
-    loss = builder.private("InnerProduct", *ys, *seeds, dtype=builder.dtype(ys[0]))
+        graph.info[s] = gradient_info(graph, y)
+    loss = builder.private("InnerProduct", *ys, *seeds,
+                           dtype=element_dtype(element_code(builder, ys[0])))
     try:
         grads = build_gradients(graph, loss, wrt)
     except UnsupportedOpError as exc:
@@ -457,7 +486,8 @@ def _body_gradient(g, attr: str, proto: onnx.GraphProto, seeded: list[int],
                                  what=f"gradient through attribute {attr!r} [{exc}]") from exc
     builder = GradBuilder(graph)
     builder.prefix = attr
-    graph.outputs = [grads[w] if w in grads else builder.private("ZerosLike", w) for w in wrt]
+    graph.outputs = [grads[w] if w in grads else builder.private(
+        "SequenceZerosLike" if _is_sequence(graph, w) else "ZerosLike", w) for w in wrt]
     prune(graph, graph.outputs)
     graph.inputs = own + captured + seeds
     return BodyGradient(graph, own + seeds, captured, list(wrt))
@@ -468,7 +498,17 @@ def _backward_body(xp, ctx, attr: str, backward: BodyGradient) -> Body:
                                                        backward.captured, ctx.state))
 
 
+def _is_sequence(graph, name: str) -> bool:
+    info = graph.info.get(name)
+    return info is not None and info.kind == "sequence"
+
+
 def _is_float_value(g, name: str) -> bool:
+    """Whether ``name`` is a float tensor, or a sequence of float tensors (or of tensors of
+    a type not known: its gradient is then asked for rather than dropped)."""
+    if name and _is_sequence(g.graph, name):
+        element = g.graph.info[name].element
+        return element is None or element.dtype is None or is_float(element.dtype)
     return bool(name) and is_float(g.graph.dtype(name))
 
 
@@ -482,10 +522,12 @@ def _outer_wrt(g, node, start: int, bodies: list) -> list[str]:
 
 def _emit(g, op_type: str, inputs: list, of: list[str], **attrs) -> list[str]:
     """Append private gradient node ``op_type``; one output per value in ``of``, typed like it."""
+    from onnxgrad.autodiff import gradient_info  # noqa: PLC0415 - runtime imports ops
+
     outs = g.private(op_type, *inputs, num_outputs=len(of), **attrs)
     outs = [outs] if isinstance(outs, str) else outs
     for out, value in zip(outs, of):
-        g.graph.info[out] = ValueInfo(g.graph.dtype(value), g.graph.shape(value))
+        g.graph.info[out] = gradient_info(g.graph, value)
     return outs
 
 
@@ -494,12 +536,20 @@ def _by_input(g, node, pairs: list[tuple[int, str]]) -> tuple:
     an input gets several)."""
     result: list = [None] * len(node.inputs)
     for index, grad in pairs:
-        result[index] = grad if result[index] is None else g.Add(result[index], grad)
+        if result[index] is None:
+            result[index] = grad
+        elif _is_sequence(g.graph, grad):
+            info = g.graph.info[grad]
+            result[index] = g.private("SequenceGradSum", result[index], grad)
+            g.graph.info[result[index]] = info
+        else:
+            result[index] = g.Add(result[index], grad)
     return tuple(result)
 
 
 def _sum_into(total: list | None, grads: list) -> list:
-    return list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+    """Gradients summed over iterations (sequence gradients element by element)."""
+    return list(grads) if total is None else [add_gradients(a, b) for a, b in zip(total, grads)]
 
 
 @If.gradient
@@ -532,6 +582,11 @@ def _(g, node, *douts):
     n_carried = len(body.input) - 2
     own = [vi.name for vi in body.input]
     carried = [k for k in range(n_carried) if _is_float_value(g, node.inputs[2 + k])]
+    for k in range(n_carried):
+        if douts[k] is not None and k not in carried:
+            raise UnsupportedOpError(node.op_type, node.domain, node.opset, node.name,
+                                     what=f"gradient through carried value {node.outputs[k]!r}, "
+                                          "neither a float tensor nor a sequence of them")
     scanned = [n_carried + j for j in range(len(body.output) - 1 - n_carried)
                if douts[n_carried + j] is not None]
     outer = _outer_wrt(g, node, 2 + n_carried, [body])
@@ -548,19 +603,19 @@ def _(g, node, *douts):
 
 @op("LoopGrad", domain="onnxgrad")
 def LoopGrad(xp, M=None, cond=None, *values, ctx, body, backward, num_outer, carried, opset):
-    """Gradients of a Loop node's float initial values (those at indices ``carried``) and float
-    outer values.  ``values``: the Loop's other inputs, then the gradients of those final
-    values (None: zero) and of its seeded scan outputs.  Runs the loop again keeping each
-    iteration's carried values, then the body's backward graph from the last iteration to
-    the first, passing the carried values' gradients back and summing the outer values'.
-    ``opset``: the Loop's."""
+    """Gradients of a Loop node's float initial values (those at indices ``carried``: tensors
+    or sequences) and float outer values.  ``values``: the Loop's other inputs, then the
+    gradients of those final values (None: zero) and of its seeded scan outputs.  Runs the
+    loop again keeping each iteration's carried values, then the body's backward graph from
+    the last iteration to the first, passing the carried values' gradients back and summing
+    the outer values'.  ``opset``: the Loop's."""
     n_carried = len(body.input) - 2
     outer = scope(ctx, (M, cond) + values)
     compiled = body_of(xp, ctx, "body", body, list(outer), opset)
     final, _, history = _run_loop(xp, ctx, compiled, M, cond, list(values[:n_carried]), outer,
                                   keep=True)
     seeds = values[num_outer - 2:]
-    dcarried = [xp.zeros_like(final[k]) if d is None else d for k, d in zip(carried, seeds)]
+    dcarried = [zero_gradient(xp, final[k]) if d is None else d for k, d in zip(carried, seeds)]
     dscans = seeds[len(carried):]
     back = _backward_body(xp, ctx, "backward", backward)
     total = None
@@ -570,7 +625,7 @@ def LoopGrad(xp, M=None, cond=None, *values, ctx, body, backward, num_outer, car
         dcarried = grads[:len(carried)]
         total = _sum_into(total, grads[len(carried):])
     if total is None:
-        total = [xp.zeros_like(outer[w]) for w in backward.wrt[len(carried):]]
+        total = [zero_gradient(xp, outer[w]) for w in backward.wrt[len(carried):]]
     return tuple(dcarried) + tuple(total)
 
 
@@ -650,7 +705,7 @@ def ScanGrad(xp, *values, ctx, body, backward, num_outer, states, scans, scanned
     layout = _layout(body, n_states, xs, scan_input_axes, scan_input_directions,
                      scan_output_axes, scan_output_directions, directions, batched)
     which = (states, scans, scanned)
-    zeros = [xp.zeros_like(outer[w]) for w in backward.wrt[len(states) + len(scans):]]
+    zeros = [zero_gradient(xp, outer[w]) for w in backward.wrt[len(states) + len(scans):]]
     if not batched:
         dstates, dscans, total = _scan_backward(xp, ctx, compiled, back, init, xs, outer, layout,
                                                 which, dfinals, dys)
@@ -672,3 +727,70 @@ def ScanGrad(xp, *values, ctx, body, backward, num_outer, states, scans, scanned
         if part[2] is not None:
             total = _sum_into(total, part[2])
     return tuple(dstates) + tuple(dscans) + tuple(total)
+
+
+@SequenceMap.gradient
+def _(g, node, *douts):
+    body = node.attrs["body"]
+    n_own = len(body.input)  # the sequence, then the additional inputs
+    own = [vi.name for vi in body.input]
+    floats = [i for i in range(n_own) if _is_float_value(g, node.inputs[i])]
+    seeded = [k for k, d in enumerate(douts) if d is not None]
+    outer = _outer_wrt(g, node, n_own, [body])
+    if not seeded or not floats + outer:
+        return (None,) * len(node.inputs)
+    backward = _body_gradient(g, "body", body, seeded, [own[i] for i in floats] + outer)
+    # Where one output's gradient misses an element and another's has it, the first is
+    # written as zeros of the element's shape: recorded when the outputs are made.
+    shapes = [shapes_of(g, node.outputs[k]) for k in seeded] if len(seeded) > 1 else []
+    outs = _emit(g, "SequenceMapGrad", list(node.inputs) + [douts[k] for k in seeded] + shapes,
+                 [node.inputs[i] for i in floats] + outer, body=body, backward=backward,
+                 num_outer=len(node.inputs), floats=floats,
+                 to=[body.output[k].type.tensor_type.elem_type or element_code(g, node.outputs[k])
+                     for k in seeded])
+    return _by_input(g, node, [(i, o) for i, o in zip(floats, outs)] + [
+        (node.inputs.index(w), o) for w, o in zip(outer, outs[len(floats):])])
+
+
+@op("SequenceMapGrad", domain="onnxgrad")
+def SequenceMapGrad(xp, *values, ctx, body, backward, num_outer, floats, to):
+    """Gradients of a SequenceMap node's float inputs (indices ``floats``: the sequence and
+    additional inputs, sequences or tensors) and float outer values.  ``values``: the
+    node's inputs, the gradients of its seeded outputs (sequence gradients, of element type
+    ``to``), then, with more than one seeded output, their element shapes.  The body's
+    backward graph runs once per element that any seed reaches; a sequence input gets its
+    elements' gradients, a tensor input and an outer value the sum over the elements."""
+    own = list(values[:len(body.input)])
+    outer = scope(ctx, values[:num_outer])
+    seeds = values[num_outer:num_outer + len(to)]
+    shapes = [element_shapes(v) for v in values[num_outer + len(to):]]
+    n = len(own[0])
+    for x in own[1:]:
+        if isinstance(x, list) and len(x) != n:
+            raise ModelError(f"SequenceMap node {ctx.node.name!r}: sequences of lengths {n} "
+                             f"and {len(x)}")
+    for seed in seeds:
+        if not isinstance(seed, list) or len(seed) != n:
+            raise ModelError(f"SequenceMapGrad node {ctx.node.name!r}: an output gradient is "
+                             f"not a sequence of {n}")
+    back = _backward_body(xp, ctx, "backward", backward)
+    dtypes = [element_dtype(code) for code in to]
+    grads: list = [[None] * n if isinstance(own[i], list) else None for i in floats]
+    total = None
+    for t in range(n):
+        step = [seed[t] for seed in seeds]
+        if all(d is None for d in step):
+            continue  # no gradient reaches this element
+        step = [xp.zeros(shapes[k][t], dtype=dtypes[k]) if d is None else d
+                for k, d in enumerate(step)]
+        result = back.run([x[t] if isinstance(x, list) else x for x in own] + step, outer)
+        for j, i in enumerate(floats):
+            if isinstance(own[i], list):
+                grads[j][t] = result[j]
+            else:
+                grads[j] = result[j] if grads[j] is None else grads[j] + result[j]
+        total = _sum_into(total, result[len(floats):])
+    grads = [zero_gradient(xp, own[i]) if d is None else d for d, i in zip(grads, floats)]
+    if total is None:
+        total = [zero_gradient(xp, outer[w]) for w in backward.wrt[len(floats):]]
+    return tuple(grads) + tuple(total)

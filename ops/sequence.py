@@ -1,18 +1,36 @@
-"""Sequences and optionals.
+"""Sequences and optionals, and their gradients.
 
 A sequence value is a Python list of arrays; an optional value is its content,
 or ``None`` when empty.  The ops copy lists rather than change them, since a
 value may feed several nodes.  Kernels that make a sequence or an optional
 take ``ctx`` (unused) so that the planner never folds such a value into a
-constant: constants are bound into plans as arrays.  Forward only: tensor
-inputs are declared differentiable without a rule, so a gradient through them
-raises UnsupportedOpError.
+constant: constants are bound into plans as arrays.
+
+Gradients.  The gradient of a sequence is a list as long as the sequence whose
+entry ``i`` is the gradient of element ``i`` (same shape and type), or ``None``
+where no gradient reached that element: zero, not yet written out.  Reading one
+element of a long sequence (SequenceAt) thus costs one entry, not a copy of the
+whole sequence in zeros.  Every kernel that turns a sequence gradient back into
+tensors (the gradients of SequenceConstruct, SequenceInsert's tensor,
+SplitToSequence, SequenceMap's seeds) writes each ``None`` as zeros of the
+element's shape and type, which it knows from the forward value (a shape, or
+the element shapes :func:`SequenceShapes` records right after the sequence is
+made, so that the sequence itself need not stay alive), so no ``None`` reaches a
+tensor.  Two gradients of one sequence add element by element
+(:func:`add_gradients`, the ``SequenceGradSum`` node the gradient builder emits).
+The gradient of an optional is that of its content.
 """
 
 from __future__ import annotations
 
+import numpy as np  # host-side shape values only
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ir import ValueInfo
 from onnxgrad.ops.registry import op
+from onnxgrad.ops.shape import element_dtype, onnx_type
+
+_PRIVATE = "onnxgrad"
 
 
 def _position(position, length: int, op_name: str, insert: bool = False) -> int:
@@ -81,31 +99,47 @@ def ConcatFromSequence(xp, input_sequence, *, axis, new_axis=0):
     return (xp.concatenate(seq, axis=axis),)
 
 
+def _split_lengths(n: int, split, op_name: str) -> list[int] | None:
+    """The lengths of SplitToSequence's parts along an axis of length ``n``; None when
+    ``split`` is absent (one part per index)."""
+    if split is None:
+        return None
+    split = np.asarray(split)
+    if split.ndim == 0:  # equal chunks of this length, the last one shorter
+        size = int(split)
+        if size <= 0:
+            raise ModelError(f"{op_name}: split must be positive, got {size}")
+        return [size] * (n // size) + ([n % size] if n % size else [])
+    lengths = [int(s) for s in split]
+    if sum(lengths) != n:
+        raise ModelError(f"{op_name}: split {lengths} does not add up to the axis length {n}")
+    return lengths
+
+
+def _split_index(ndim: int, axis: int, lengths: list[int] | None, count: int, keepdims: int):
+    """The index into the split tensor of each of its ``count`` parts."""
+    index = [slice(None)] * ndim
+    if lengths is None:
+        for i in range(count):
+            index[axis] = slice(i, i + 1) if keepdims else i
+            yield tuple(index)
+        return
+    start = 0
+    for length in lengths:
+        index[axis] = slice(start, start + length)
+        yield tuple(index)
+        start += length
+
+
 @op("SplitToSequence", since=11, differentiable=("input",), host_inputs=("split",))
 def SplitToSequence(xp, input, split=None, *, axis=0, keepdims=1, ctx):
     axis = axis % input.ndim
     n = input.shape[axis]
-    if split is None:
-        parts = [xp.take(input, i, axis=axis) for i in range(n)] if not keepdims else \
-            [xp.take(input, [i], axis=axis) for i in range(n)]
+    lengths = _split_lengths(n, split, "SplitToSequence")
+    if lengths is None:
+        parts = [xp.take(input, [i] if keepdims else i, axis=axis) for i in range(n)]
         return (parts,)
-    if split.ndim == 0:  # equal chunks of this length, the last one shorter
-        size = int(split)
-        if size <= 0:
-            raise ModelError(f"SplitToSequence: split must be positive, got {size}")
-        lengths = [size] * (n // size) + ([n % size] if n % size else [])
-    else:
-        lengths = [int(s) for s in split]
-        if sum(lengths) != n:
-            raise ModelError(f"SplitToSequence: split {lengths} does not add up to the axis "
-                             f"length {n}")
-    parts, start = [], 0
-    index = [slice(None)] * input.ndim
-    for length in lengths:
-        index[axis] = slice(start, start + length)
-        parts.append(input[tuple(index)])
-        start += length
-    return (parts,)
+    return ([input[index] for index in _split_index(input.ndim, axis, lengths, 0, 1)],)
 
 
 # -- optionals ------------------------------------------------------------------------------
@@ -124,3 +158,271 @@ def OptionalGetElement(xp, input, *, ctx):
     if input is None:
         raise ModelError("OptionalGetElement: the optional is empty")
     return (input,)
+
+
+# -- gradients: helpers ---------------------------------------------------------------------
+def add_gradients(a, b):
+    """The sum of two gradients of one value: arrays add; sequence gradients add element
+    by element, ``None`` (zero) being the identity."""
+    if isinstance(a, list) or isinstance(b, list):
+        if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
+            raise ModelError(f"gradients of one sequence differ in kind or length "
+                             f"({_kind(a)} and {_kind(b)})")
+        return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+    return a + b
+
+
+def _kind(value) -> str:
+    return f"a sequence of {len(value)}" if isinstance(value, list) else "a tensor"
+
+
+def zero_gradient(xp, value):
+    """The zero gradient of ``value``: zeros like an array; for a sequence, ``None`` for
+    every element."""
+    if isinstance(value, list):
+        return [None] * len(value)
+    return xp.zeros_like(value)
+
+
+def _gradient_sequence(value, length: int, op_name: str) -> list:
+    if not isinstance(value, list) or len(value) != length:
+        raise ModelError(f"{op_name}: the gradient of a sequence of {length} tensors is "
+                         f"{_kind(value) if isinstance(value, list) else type(value).__name__}")
+    return value
+
+
+def element_shapes(encoded) -> list[tuple[int, ...]]:
+    """The element shapes that :func:`SequenceShapes` encodes."""
+    flat = [int(v) for v in encoded.tolist()]
+    shapes, i = [], 0
+    while i < len(flat):
+        rank = flat[i]
+        shapes.append(tuple(flat[i + 1:i + 1 + rank]))
+        i += 1 + rank
+    return shapes
+
+
+def _filled(xp, grad, i: int, shapes, dtype):
+    """Entry ``i`` of a sequence gradient, zeros of element ``i``'s shape where ``None``."""
+    return xp.zeros(shapes[i], dtype=dtype) if grad[i] is None else grad[i]
+
+
+# -- gradients: graph-building helpers ------------------------------------------------------
+def sequence_info(graph, like: str) -> ValueInfo:
+    """The type of a gradient of sequence ``like``."""
+    info = graph.info.get(like)
+    if info is not None and info.kind == "optional":
+        info = info.element
+    return ValueInfo(kind="sequence", element=None if info is None else info.element)
+
+
+def element_code(g, value: str) -> int:
+    """The ONNX element type of tensor ``value``, or of the elements of sequence ``value``."""
+    info = g.graph.info.get(value)
+    if info is not None and info.kind == "sequence":
+        if info.element is None or info.element.dtype is None:
+            raise ModelError(f"element type of sequence {value!r} is unknown; run shape "
+                             "inference or give the model value_info")
+        return onnx_type(info.element.dtype)
+    return onnx_type(g.dtype(value))
+
+
+def _as_sequence(g, value: str, like: str) -> str:
+    g.graph.info[value] = sequence_info(g.graph, like)
+    return value
+
+
+def shapes_of(g, sequence: str) -> str:
+    """The element shapes of ``sequence`` (:func:`SequenceShapes`), recorded right after it
+    is made."""
+    return g.early("SequenceShapes", sequence, ValueInfo(np.dtype(np.int64), (None,)),
+                   suffix="shapes", domain=_PRIVATE)
+
+
+@op("SequenceShapes", domain=_PRIVATE, differentiable=())  # constant in the values
+def SequenceShapes(xp, input_sequence):
+    """The shapes of a sequence's elements as one int64 vector: for each element its rank,
+    then its dimensions."""
+    flat: list[int] = []
+    for x in _sequence(input_sequence, "SequenceShapes"):
+        flat += [x.ndim, *x.shape]
+    return (xp.asarray(flat, dtype=xp.int64),)
+
+
+# -- gradients: accumulation ----------------------------------------------------------------
+@op("SequenceGradSum", domain=_PRIVATE)
+def SequenceGradSum(xp, *parts, ctx):
+    """The sum of gradients of one sequence, element by element."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = add_gradients(total, part)
+    return (total,)
+
+
+@SequenceGradSum.gradient
+def _(g, node, dS):
+    return tuple(dS for _ in node.inputs)
+
+
+@op("SequenceGradScale", domain=_PRIVATE)
+def SequenceGradScale(xp, input_sequence, scale, *, ctx):
+    """Each element of a sequence (or sequence gradient) times ``scale``."""
+    return ([None if x is None else x * scale for x in input_sequence],)
+
+
+@op("SequenceZerosLike", domain=_PRIVATE, differentiable=())  # constant in the values
+def SequenceZerosLike(xp, input_sequence, *, ctx):
+    """The zero gradient of a sequence: ``None`` for each element."""
+    return ([None] * len(_sequence(input_sequence, "SequenceZerosLike")),)
+
+
+# -- gradients: rules -----------------------------------------------------------------------
+@SequenceConstruct.gradient
+def _(g, node, dS):
+    outs = g.private("SequenceConstructGrad", dS, shapes_of(g, node.outputs[0]),
+                     num_outputs=len(node.inputs), to=element_code(g, node.inputs[0]))
+    outs = [outs] if isinstance(outs, str) else outs
+    for out, x in zip(outs, node.inputs):
+        g.graph.info[out] = ValueInfo(g.graph.dtype(x), g.graph.shape(x))
+    return tuple(outs)
+
+
+@op("SequenceConstructGrad", domain=_PRIVATE, host_inputs=("shapes",))
+def SequenceConstructGrad(xp, dS, shapes, *, to, ctx):
+    """The gradients of SequenceConstruct's inputs: the elements of ``dS``."""
+    shapes = element_shapes(shapes)
+    grad = _gradient_sequence(dS, len(shapes), "SequenceConstructGrad")
+    dtype = element_dtype(to)
+    return tuple(_filled(xp, grad, i, shapes, dtype) for i in range(len(shapes)))
+
+
+@SequenceAt.gradient
+def _(g, node, dY):
+    seq, position = node.inputs
+    length = g.early("SequenceLength", seq, ValueInfo(np.dtype(np.int64), ()), suffix="length")
+    return (_as_sequence(g, g.private("SequenceAtGrad", length, position, dY), seq), None)
+
+
+@op("SequenceAtGrad", domain=_PRIVATE, host_inputs=("length", "position"))
+def SequenceAtGrad(xp, length, position, dY, *, ctx):
+    """The gradient of SequenceAt's sequence (of ``length`` elements): ``dY`` at
+    ``position``, zero (``None``) elsewhere."""
+    n = int(length)
+    grad = [None] * n
+    grad[_position(position, n, "SequenceAtGrad")] = dY
+    return (grad,)
+
+
+@SequenceInsert.gradient
+def _(g, node, dS):
+    seq, tensor, *rest = node.inputs
+    position = rest[0] if rest and rest[0] else None
+    dseq, dtensor = g.private("SequenceInsertGrad", dS, g.shape_of(tensor), position,
+                              num_outputs=2, to=element_code(g, tensor))
+    _as_sequence(g, dseq, seq)
+    g.graph.info[dtensor] = ValueInfo(g.graph.dtype(tensor), g.graph.shape(tensor))
+    return (dseq, dtensor) + (None,) * len(rest)
+
+
+@op("SequenceInsertGrad", domain=_PRIVATE, host_inputs=("shape", "position"))
+def SequenceInsertGrad(xp, dS, shape, position=None, *, to, ctx):
+    """The gradients of SequenceInsert's sequence (``dS`` without the inserted element)
+    and tensor (the inserted element's gradient; zeros of ``shape`` where there is none)."""
+    if not isinstance(dS, list) or not dS:
+        raise ModelError("SequenceInsertGrad: the gradient of the longer sequence is "
+                         f"{_kind(dS) if isinstance(dS, list) else type(dS).__name__}")
+    n = len(dS) - 1  # the length before the insertion
+    p = n if position is None else _position(position, n, "SequenceInsertGrad", insert=True)
+    dtensor = dS[p]
+    if dtensor is None:
+        dtensor = xp.zeros(tuple(int(d) for d in shape), dtype=element_dtype(to))
+    return dS[:p] + dS[p + 1:], dtensor
+
+
+@SequenceErase.gradient
+def _(g, node, dS):
+    seq, *rest = node.inputs
+    position = rest[0] if rest and rest[0] else None
+    return (_as_sequence(g, g.private("SequenceEraseGrad", dS, position), seq),) + \
+        (None,) * len(rest)
+
+
+@op("SequenceEraseGrad", domain=_PRIVATE, host_inputs=("position",))
+def SequenceEraseGrad(xp, dS, position=None, *, ctx):
+    """The gradient of SequenceErase's sequence: ``dS`` with a zero (``None``) where the
+    erased element was."""
+    if not isinstance(dS, list):
+        raise ModelError(f"SequenceEraseGrad: expected a sequence gradient, got "
+                         f"{type(dS).__name__}")
+    n = len(dS) + 1  # the length before the erasure
+    p = n - 1 if position is None else _position(position, n, "SequenceEraseGrad")
+    return (dS[:p] + [None] + dS[p:],)
+
+
+@SplitToSequence.gradient
+def _(g, node, dS):
+    X, *rest = node.inputs
+    split = rest[0] if rest and rest[0] else None
+    a = g.node.attrs
+    dX = g.private("SplitToSequenceGrad", dS, g.shape_of(X), split, axis=a["axis"],
+                   keepdims=a["keepdims"], to=element_code(g, X))
+    g.graph.info[dX] = ValueInfo(g.graph.dtype(X), g.graph.shape(X))
+    return (dX,) + (None,) * len(rest)
+
+
+@op("SplitToSequenceGrad", domain=_PRIVATE, host_inputs=("shape", "split"))
+def SplitToSequenceGrad(xp, dS, shape, split=None, *, axis=0, keepdims=1, to):
+    """The gradient of SplitToSequence's input (of ``shape``): the parts' gradients written
+    back where the parts came from, zeros where a part has none."""
+    shape = tuple(int(d) for d in shape)
+    axis = axis % len(shape)
+    lengths = _split_lengths(shape[axis], split, "SplitToSequenceGrad")
+    count = shape[axis] if lengths is None else len(lengths)
+    grad = _gradient_sequence(dS, count, "SplitToSequenceGrad")
+    dX = xp.zeros(shape, dtype=element_dtype(to))
+    for index, part in zip(_split_index(len(shape), axis, lengths, count, keepdims), grad):
+        if part is not None:
+            dX[index] = part
+    return (dX,)
+
+
+@ConcatFromSequence.gradient
+def _(g, node, dY):
+    (seq,) = node.inputs
+    a = g.node.attrs
+    shapes = None if a["new_axis"] else shapes_of(g, seq)
+    return (_as_sequence(g, g.private("ConcatFromSequenceGrad", dY, shapes, axis=a["axis"],
+                                      new_axis=a["new_axis"]), seq),)
+
+
+@op("ConcatFromSequenceGrad", domain=_PRIVATE, host_inputs=("shapes",))
+def ConcatFromSequenceGrad(xp, dY, shapes=None, *, axis, new_axis=0, ctx):
+    """The gradient of ConcatFromSequence's sequence: ``dY`` cut back into the elements
+    (views of it), of the element ``shapes`` when they were concatenated."""
+    axis = axis % dY.ndim
+    index = [slice(None)] * dY.ndim
+    parts = []
+    if new_axis:
+        for i in range(dY.shape[axis]):
+            index[axis] = i
+            parts.append(dY[tuple(index)])
+        return (parts,)
+    start = 0
+    for shape in element_shapes(shapes):
+        index[axis] = slice(start, start + shape[axis])
+        parts.append(dY[tuple(index)])
+        start += shape[axis]
+    if start != dY.shape[axis]:
+        raise ModelError(f"ConcatFromSequenceGrad: the elements span {start} along axis "
+                         f"{axis}, the gradient {dY.shape[axis]}")
+    return (parts,)
+
+
+@Optional.gradient
+def _(g, node, dY):
+    return (dY,)
+
+
+@OptionalGetElement.gradient
+def _(g, node, dY):
+    return (dY,)

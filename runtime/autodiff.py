@@ -54,7 +54,7 @@ class GradBuilder:
         self.taken = graph.all_names()
         self.prefix = "grad"
         self.node: Node | None = None
-        self._shape_of: dict[str, str] = {}
+        self._early: dict[tuple[str, str, str], str] = {}
         self._producer_index = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
 
     # -- emitting nodes ------------------------------------------------------------
@@ -141,16 +141,27 @@ class GradBuilder:
         """
         if value in self.graph.initializers:  # known exactly; inferred shapes are not trusted
             return self.ints(self.graph.initializers[value].shape)
-        if value not in self._shape_of:
-            out = self.graph.unique_name(f"{value}_shape", self.taken)
-            node = Node("Shape", [value], [out], {}, out, "", BUILDER_OPSET)
+        return self.early("Shape", value, ValueInfo(np.dtype(np.int64), (self.rank(value),)),
+                          suffix="shape")
+
+    def early(self, op_type: str, value: str, info: ValueInfo, *, suffix: str,
+              domain: str = "") -> str:
+        """The output (typed ``info``, named ``<value>_<suffix>``) of a node ``op_type`` that
+        reads ``value`` alone, placed right after the value's producer and made once per
+        op and value: what a rule needs of a forward value (its shape, a sequence's length
+        or element shapes) without keeping the value alive until the backward pass."""
+        key = (domain, op_type, value)
+        if key not in self._early:
+            out = self.graph.unique_name(f"{value}_{suffix}", self.taken)
+            opset = PRIVATE_OPSET if domain == PRIVATE_DOMAIN else BUILDER_OPSET
+            node = Node(op_type, [value], [out], {}, out, domain, opset)
             at = self._producer_index.get(value, -1) + 1
             self.graph.nodes.insert(at, node)
             self._producer_index = {o: i for i, n in enumerate(self.graph.nodes)
                                     for o in n.outputs if o}
-            self.graph.info[out] = ValueInfo(np.dtype(np.int64), (self.rank(value),))
-            self._shape_of[value] = out
-        return self._shape_of[value]
+            self.graph.info[out] = info
+            self._early[key] = out
+        return self._early[key]
 
     def unbroadcast(self, grad: str, like: str) -> str:
         """Sum ``grad`` down to the shape of ``like``: undoes NumPy broadcasting.
@@ -333,13 +344,40 @@ def expand_for_higher_order(graph: Graph, loss: str, params: list[str]) -> None:
 
 def _total(g: GradBuilder, value: str, contributions: dict[str, list[str]],
            grads: dict[str, str]) -> str:
-    """The gradient of ``value``: its single contribution, or their sum."""
+    """The gradient of ``value``: its single contribution, or their sum (element by element
+    for a sequence, see :mod:`onnxgrad.ops.sequence`)."""
     if value not in grads:
         parts = contributions[value]
         g.prefix = value
-        grads[value] = parts[0] if len(parts) == 1 else g.op("Sum", *parts)
-        g.graph.info[grads[value]] = ValueInfo(g.graph.dtype(value), g.graph.shape(value))
+        info = gradient_info(g.graph, value, parts)
+        if len(parts) == 1:
+            grads[value] = parts[0]
+        elif info.kind == "sequence":
+            grads[value] = g.private("SequenceGradSum", *parts)
+        else:
+            grads[value] = g.op("Sum", *parts)
+        g.graph.info[grads[value]] = info
     return grads[value]
+
+
+def gradient_info(graph: Graph, value: str, parts: Iterable[str] = ()) -> ValueInfo:
+    """What is known of the gradient of ``value`` (``parts``: gradient values that sum to
+    it): the value's own type and shape for a tensor; for a sequence, a sequence of the
+    same elements; an optional's gradient is that of its content."""
+    info = graph.info.get(value)
+    if info is not None and info.kind == "optional" and info.element is not None:
+        info = info.element
+    if info is not None and info.kind == "sequence":
+        return ValueInfo(kind="sequence", element=info.element)
+    sequences = [graph.info[p] for p in parts if p in graph.info
+                 and graph.info[p].kind == "sequence"]
+    if sequences:
+        if len(sequences) < len(list(parts)):
+            raise AssertionError(f"gradients of {value!r} mix sequences and tensors")
+        return ValueInfo(kind="sequence", element=sequences[0].element)
+    if info is None or value in graph.initializers:
+        return ValueInfo(graph.dtype(value), graph.shape(value))
+    return ValueInfo(info.dtype, info.shape)
 
 
 def prune(graph: Graph, keep: Iterable[str]) -> None:
