@@ -228,10 +228,13 @@ def _bn_rule(g, node, dY, *extra):
     _no_grad_for_extra_outputs(node, extra)
     X, scale = node.inputs[:2]
     saved = node.outputs[3:5]
+    saved = list(saved) if len(saved) == 2 and all(saved) else ["", ""]
+    running = (list(node.inputs[3:5]) + ["", ""])[:2]
     dX, dscale, dB = g.private("BatchNormalizationGrad", dY, X, scale,
-                               *(saved if len(saved) == 2 and all(saved) else ()),
+                               *(saved + running if all(running) else saved),
                                num_outputs=3, epsilon=node.attrs["epsilon"],
-                               spatial=node.attrs.get("spatial", 1))
+                               spatial=node.attrs.get("spatial", 1), forward_node=node.name,
+                               training_mode=node.attrs.get("training_mode", 0))
     return (dX, dscale, dB) + _running_statistics_rule(g, node, dY)
 
 
@@ -267,11 +270,19 @@ BatchNormalization14.gradient(_bn_rule)
 
 
 @op("BatchNormalizationGrad", domain="onnxgrad")
-def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *, epsilon=1e-5,
-                           spatial=1):
-    """dX, dscale, dB of a batch-statistics BatchNormalization, from the forward
-    pass's batch mean and variance when given (else computed again)."""
+def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, mean=None,
+                           var=None, *, epsilon=1e-5, spatial=1, forward_node="",
+                           training_mode=0, ctx):
+    """dX, dscale, dB of BatchNormalization node ``forward_node``: of a batch-statistics
+    one, from the forward pass's batch mean and variance when given (else computed
+    again); where the node normalised with its running statistics ``mean`` and ``var``
+    in this run (outside training runs, or as one of the run's ``inference_nodes``,
+    and without ``training_mode``), with those held constant (:func:`_bn_grad_fixed`)."""
     axes, shape = _bn_layout(X, spatial)
+    state = ctx.state
+    if (not training_mode and mean is not None and var is not None
+            and not (state.training and forward_node not in state.inference_nodes)):
+        return _bn_grad_fixed(xp, dY, X, scale, mean, var, epsilon, axes, shape)
     if not spatial and X.ndim > 2:  # per-element statistics (opsets before 9)
         return _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape)
     dtype = _compute_dtype(X)
@@ -323,8 +334,10 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, *,
 
 @BatchNormalizationGrad.in_standard_ops
 def _(g, node):
-    # The batch statistics are computed again from X (two reductions), as the kernel
-    # does when the forward pass's are not given.
+    # With batch statistics: they are computed again from X (two reductions), as the
+    # kernel does when the forward pass's are not given.  Where the node may normalise
+    # with its running statistics (given as inputs 5 and 6), the form the kernel takes
+    # then too, chosen at run time unless the builder knows the kind of run.
     dY, X, scale = node.inputs[:3]
     if not node.attrs.get("spatial", 1):
         return None
@@ -332,16 +345,49 @@ def _(g, node):
     mean = g.ReduceMean(X, axes, keepdims=1)
     centred = g.Sub(X, mean)
     variance = g.ReduceMean(g.Mul(centred, centred), axes, keepdims=1)
+    batch = _standard_bn_grad(g, node, dY, centred, variance, axes, batch=True)
+    running = (list(node.inputs[5:7]) + ["", ""])[:2]
+    if node.attrs.get("training_mode", 0) or not all(running) or g.training_run:
+        return batch
+    shape = g.Shape(variance, dtype="int64")  # (1, C, 1, …)
+    fixed = _standard_bn_grad(g, node, dY, g.Sub(X, g.Reshape(running[0], shape)),
+                              g.Reshape(running[1], shape), axes, batch=False)
+    if g.training_run is False:
+        return fixed
+    uses_batch = g.private("BatchStatisticsRun", forward_node=node.attrs.get("forward_node", ""),
+                           dtype="bool")
+    return tuple(g.Where(uses_batch, b, f) for b, f in zip(batch, fixed))
+
+
+def _standard_bn_grad(g, node, dY, centred, variance, axes, batch):
+    """dX, dscale, dB in standard ops from X less the mean and the variance (each kept
+    as (1, C, 1…)); ``batch``: the statistics are the batch's, so that dX carries their
+    dependence on X."""
+    X, scale = node.inputs[1:3]
     inv = g.Reciprocal(g.Sqrt(g.Add(variance, std.like(g, node.attrs.get("epsilon", 1e-5), X))))
     xhat = g.Mul(centred, inv)
     dB = g.ReduceSum(dY, axes, keepdims=1)
     dscale = g.ReduceSum(g.Mul(dY, xhat), axes, keepdims=1)
-    n = std.cast_like(g, g.Div(g.Size(X, dtype="int64"), g.Size(dB, dtype="int64"),
-                               dtype="int64"), X)
     k = g.Mul(g.Reshape(scale, g.Shape(dB, dtype="int64")), inv)
-    dX = g.Mul(g.Sub(g.Sub(dY, g.Div(dB, n)), g.Div(g.Mul(xhat, dscale), n)), k)
+    if batch:
+        n = std.cast_like(g, g.Div(g.Size(X, dtype="int64"), g.Size(dB, dtype="int64"),
+                                   dtype="int64"), X)
+        dX = g.Mul(g.Sub(g.Sub(dY, g.Div(dB, n)), g.Div(g.Mul(xhat, dscale), n)), k)
+    else:
+        dX = g.Mul(dY, k)
     flat = g.Shape(scale, dtype="int64")
     return (dX, g.Reshape(dscale, flat), g.Reshape(dB, flat))
+
+
+@op("BatchStatisticsRun", domain="onnxgrad")
+def BatchStatisticsRun(xp, *, forward_node="", ctx):
+    """Whether BatchNormalization node ``forward_node`` normalises with batch
+    statistics in this run (a training run, the node not among its
+    ``inference_nodes``), as a bool scalar; what BatchNormalizationGrad's standard
+    form chooses its formula by where the graph may run either way (second-order
+    gradients).  No standard form: the kind of run is not in the graph."""
+    state = ctx.state
+    return (xp.asarray(bool(state.training and forward_node not in state.inference_nodes)),)
 
 
 @op("BatchNormalizationStatisticsGrad", domain="onnxgrad")
@@ -374,6 +420,21 @@ def BatchNormalizationStatisticsGrad(xp, dY, X, scale, mean, var, *, epsilon=1e-
     dvar = -0.5 * (inv * inv) * k.sum(axis=axes, keepdims=True)
     return (_a(xp, dmean.reshape(mean.shape), mean.dtype),
             _a(xp, dvar.reshape(var.shape), var.dtype))
+
+
+def _bn_grad_fixed(xp, dY, X, scale, mean, var, epsilon, axes, shape):
+    """dX, dscale, dB of ``Y = (X - mean)·scale·inv + B`` with constant statistics
+    (``inv = 1/sqrt(var + epsilon)``): ``dX = dY·scale·inv``, ``dscale = Σ dY·(X - mean)·inv``,
+    ``dB = Σ dY``, the sums over ``axes``."""
+    dtype = _compute_dtype(X)
+    inv = 1 / xp.sqrt(var.astype(dtype, copy=False).reshape(shape) + epsilon)
+    d = dY.astype(dtype, copy=False)
+    xhat = (X.astype(dtype, copy=False) - mean.astype(dtype, copy=False).reshape(shape)) * inv
+    dscale = (d * xhat).sum(axis=axes)
+    dB = d.sum(axis=axes)
+    dX = d * (scale.astype(dtype, copy=False).reshape(shape) * inv)
+    return (_a(xp, dX, X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
+            _a(xp, dB.reshape(scale.shape), scale.dtype))
 
 
 def _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape):

@@ -51,6 +51,11 @@ class GradBuilder:
 
     def __init__(self, graph: Graph):
         self.graph = graph
+        #: Whether the graph being written runs as a training step only (True: a step
+        #: model of :mod:`onnxgrad.convert`), outside training only (False), or either
+        #: (None): forms whose semantics follow the kind of run (BatchNormalization's
+        #: gradient) read it.
+        self.training_run: bool | None = None
         self.taken = graph.all_names()
         self.prefix = "grad"
         self.node: Node | None = None

@@ -101,6 +101,7 @@ class _StepGraph:
                                                frozen_batchnorm)
         self.graph = graph = program.graph
         g = GradBuilder(graph)
+        g.training_run = True  # a step model's every run is a training step
         taken = g.taken
         states: dict[str, str] = {}  # state input -> its value after the step
 

@@ -593,6 +593,7 @@ def use_sync_batchnorm(graph: Graph, inference_nodes=frozenset()) -> list[str]:
         if node.op_type == "BatchNormalizationGrad" and node.domain == PRIVATE_DOMAIN \
                 and tuple(node.inputs[3:5]) in synced:
             node.op_type = "SyncBatchNormalizationGrad"
+            node.inputs = node.inputs[:5]  # dY, X, scale and the batch statistics
             node.attrs = {"epsilon": node.attrs.get("epsilon", 1e-5)}
     graph.opsets.setdefault(PRIVATE_DOMAIN, PRIVATE_OPSET)
     return [node.name for node in synced.values()]

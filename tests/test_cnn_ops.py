@@ -443,8 +443,10 @@ def test_batchnorm_gradient_reads_the_forward_batch_statistics(shape, spatial):
     _, (_, _, batch_mean, batch_var) = _batch_norm(np, x, scale, bias, mean, var, 1e-5, 0.9,
                                                    spatial, True, Ctx)
     dy = rng.standard_normal(shape)
+    from types import SimpleNamespace
+    step = SimpleNamespace(state=SimpleNamespace(training=True, inference_nodes=frozenset()))
     with_stats = BatchNormalizationGrad(np, dy, x, scale, batch_mean, batch_var,
-                                        spatial=spatial)
-    again = BatchNormalizationGrad(np, dy, x, scale, spatial=spatial)
+                                        spatial=spatial, ctx=step)
+    again = BatchNormalizationGrad(np, dy, x, scale, spatial=spatial, ctx=step)
     for a, b in zip(with_stats, again):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -125,6 +125,25 @@ def test_batchnorm_running_statistics_gradient(shape, opset, attrs):
                                .reshape(arrays["var"].shape), rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape,opset,attrs", BN_CASES,
+                         ids=[f"{s}-{o}-{a}" for s, o, a in BN_CASES])
+def test_batchnorm_gradient_outside_training_holds_the_statistics_constant(shape, opset, attrs):
+    """Outside training runs the node normalises with its running statistics, which are
+    constants of Y: the Gradient operator's dX, dscale and dB against central
+    differences of Model.run (a batch-statistics gradient would be far off)."""
+    arrays = _bn_arrays(shape, opset, attrs)
+    wrt = ("X", "scale", "B")
+    model = _bn_gradient_model(arrays, opset, attrs, wrt=wrt)
+    out = model.run(arrays)
+    for name in wrt:
+        x, v = arrays[name], _rng("v", name, shape).standard_normal(arrays[name].shape)
+
+        def f(value):
+            return float(model.run({**arrays, name: value})["loss"])
+
+        _close(float(np.sum(out[f"d{name}"] * v)), _directional(f, x, v))
+
+
 def _run_as(model, arrays, fetch, training, inference_nodes=frozenset()):
     """A run of ``model``'s graph with the given run state (as a training step sets it)."""
     state = RunState()
@@ -504,3 +523,40 @@ def test_roi_align_rois_gradient_is_not_zero_everywhere():
     (drois,) = RoiAlignRoisGrad(np, dY, arrays["X"], arrays["rois"], arrays["batch_indices"],
                                 output_height=2, output_width=3)
     assert drois.shape == (len(BOXES), 4) and (np.abs(drois).sum(axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("training", [True, False, None], ids=["training", "inference", "either"])
+def test_batchnorm_gradient_standard_form_follows_the_kind_of_run(training):
+    """BatchNormalizationGrad in standard ops gives the kernel's dX, dscale and dB: the
+    batch-statistics form for a training run, the constant-statistics one outside, and
+    for a graph that may run either way a choice made at run time."""
+    from onnxgrad.autodiff import GradBuilder, expand_in_standard_ops
+    from onnxgrad.ir import Graph
+
+    shape = (4, 3, 2, 2)
+    arrays = _bn_arrays(shape, 15, {})
+    model = _bn_gradient_model(arrays, 15, {}, wrt=("X", "scale", "B"))
+    grad_node = next(n for n in model.graph.nodes if n.op_type == "BatchNormalizationGrad")
+    assert len(grad_node.inputs) == 7  # dY, X, scale, saved statistics, running ones
+    fetch = [f"d{n}" for n in ("X", "scale", "B")]
+    runs = [True, False] if training is None else [training]
+
+    def run_as(training_run):
+        state = RunState()
+        state.training = training_run
+        plan = Model.make_plan(model.graph, get_backend("cpu"), fetch, state=state, weights=())
+        return {k: np.asarray(v) for k, v in plan.run(dict(arrays)).items()}
+
+    want = {run: run_as(run) for run in runs}
+    graph: Graph = model.graph
+    g = GradBuilder(graph)
+    g.training_run = training
+    assert expand_in_standard_ops(g, grad_node)
+    ops = {n.op_type for n in graph.nodes}
+    assert "BatchNormalizationGrad" not in ops
+    assert ("BatchStatisticsRun" in ops) == (training is None)
+    for run in runs:
+        got = run_as(run)
+        for name in fetch:
+            np.testing.assert_allclose(got[name], want[run][name], rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{name}, training run: {run}")
