@@ -26,6 +26,7 @@ from onnxgrad.errors import ModelError, OnnxgradError
 from onnxgrad.ir import Graph, Node, ValueInfo
 from onnxgrad.losses import Loss, add_loss
 from onnxgrad.model import Model, is_weight, trained_by_default
+from onnxgrad.precision import AUTOCAST_OPS, autocast, check_precision
 
 
 @dataclass
@@ -46,6 +47,13 @@ class TrainingProgram:
     grads: dict[str, str]
     #: BatchNormalization nodes that run as in inference (``frozen_batchnorm="eval"``).
     inference_nodes: frozenset[str]
+    #: "fp32", or the mixed precision the products run in (see :mod:`onnxgrad.precision`).
+    precision: str = "fp32"
+    #: The Cast nodes that :func:`~onnxgrad.precision.autocast` added to the forward pass.
+    autocast_nodes: tuple[str, ...] = ()
+    #: With loss scaling, the scalar graph input the backward pass starts from (the loss
+    #: scale, fed in the loss's element type each step): every gradient is scaled by it.
+    scale_input: str | None = None
 
 
 def tied_weights(graph: Graph) -> dict[str, tuple[str, bool]]:
@@ -90,11 +98,18 @@ def _tie(graph: Graph, ties: dict[str, tuple[str, bool]]) -> None:
 def build_program(model: Model, loss: Loss | None, output: str | None = None,
                   trainable: str | Iterable[str] | None = None,
                   frozen_batchnorm: str = "train",
-                  ties: dict[str, tuple[str, bool]] | None = None) -> TrainingProgram:
+                  ties: dict[str, tuple[str, bool]] | None = None,
+                  precision: str = "fp32", scale_loss: bool = False,
+                  autocast_ops: frozenset[str] = AUTOCAST_OPS) -> TrainingProgram:
     """The training program of ``model`` for ``loss`` reading ``output`` (default: the
     first graph output), training ``trainable`` (see :func:`select_trainable`); with
     ``ties`` (see :func:`tied_weights`) each tied copy's readers read the first weight,
-    which then gets the sum of their gradients."""
+    which then gets the sum of their gradients.  With ``precision`` "bf16" or "fp16" the
+    model's products (the op types ``autocast_ops``) run in that type
+    (:func:`onnxgrad.precision.autocast`, applied to the model's nodes before the loss
+    and the gradients are added); with
+    ``scale_loss`` the backward pass starts from a scalar graph input instead of 1
+    (the loss scale, :attr:`TrainingProgram.scale_input`)."""
     graph, where = model.graph, model.where
     if output is None:
         if not graph.outputs:
@@ -107,18 +122,27 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     _check_loss_input(graph, loss, output, where)
     if frozen_batchnorm not in ("train", "eval"):
         raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', got {frozen_batchnorm!r}")
+    precision = check_precision(precision)
     train = graph.copy()
     if ties:
         _tie(train, ties)
+    casts = autocast(train, precision, autocast_ops)
     add_training_outputs(train)
     loss_value, target_input = add_loss(train, loss, output, train.all_names())
     chosen = select_trainable(train, loss_value, output, trainable, where)
-    grads = build_gradients(train, loss_value, chosen)
+    scale = None
+    if scale_loss:
+        scale = train.unique_name("loss_scale", train.all_names())
+        train.inputs.append(scale)
+        train.info[scale] = ValueInfo(train.dtype(loss_value) or np.dtype(np.float32), ())
+    grads = build_gradients(train, loss_value, chosen, seed=scale)
     train.outputs = [loss_value]
     grads = rename_gradients(train, grads)
     prune(train, [loss_value, *grads.values()])
     inference = frozen_batchnorms(train, chosen) if frozen_batchnorm == "eval" else frozenset()
-    return TrainingProgram(train, output, loss_value, target_input, chosen, grads, inference)
+    live = {n.name for n in train.nodes}
+    return TrainingProgram(train, output, loss_value, target_input, chosen, grads, inference,
+                           precision, tuple(c for c in casts if c in live), scale)
 
 
 #: Loss -> ops whose output that loss should not read (it applies them itself).

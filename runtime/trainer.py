@@ -19,6 +19,7 @@ from onnxgrad.losses import Loss, resolve_loss
 from onnxgrad.model import Model, is_weight, prepare_feeds
 from onnxgrad.ops import lookup
 from onnxgrad.optimizers import SGD, DeviceUpdate, Optimizer
+from onnxgrad.precision import LossScaler, autocast_ops, check_device_support, check_precision
 from onnxgrad.profile import Profile
 from onnxgrad.program import build_program, tied_weights, updated_statistics
 
@@ -70,6 +71,24 @@ class Trainer:
     statistics, and keeps running statistics of its own, unless
     ``sync_batchnorm`` all-reduces them (see :mod:`onnxgrad.distributed`).  A
     step is not recorded as a CUDA graph then.
+
+    ``precision`` is ``"fp32"`` (the default), ``"bf16"`` or ``"fp16"``: mixed
+    precision, as ``torch.autocast`` (see :mod:`onnxgrad.precision`).  The weights
+    stay float32 (the optimizer updates them, the model saves them); MatMul, Gemm,
+    Conv, ConvTranspose, Einsum and Attention run in the low type in the training
+    graph only (Einsum stays float32 where the array module's einsum lacks the type:
+    NumPy's and bfloat16); normalisation, its statistics, Softmax and the loss stay
+    float32.
+    With ``"fp16"`` the loss is scaled dynamically by ``loss_scaler`` (default
+    :class:`~onnxgrad.precision.LossScaler`: scale 2**16, doubled after 2000 good
+    steps in a row, halved at an overflow): the gradients are unscaled before
+    clipping and the update, and a step with an infinite or NaN gradient is
+    skipped: no weight, optimizer state or running statistic changes (the running
+    statistics the step's forward passes computed are dropped, unlike PyTorch,
+    which keeps them), ``steps`` and the schedule do not advance, ``skipped_steps``
+    counts it, and the scale is lowered.  :attr:`loss_scale` is the current scale.
+    An fp16 step needs every gradient before its update, so it runs as a step with
+    ``clip_grad_norm`` does (on a GPU: eagerly, not as a CUDA graph).
     """
 
     def __init__(self, model: Model, loss: str | Loss | None = "cross_entropy",
@@ -78,7 +97,8 @@ class Trainer:
                  seed: int | None = None, frozen_batchnorm: str = "train",
                  cuda_graphs: bool = True, detect_anomaly: bool = False,
                  tie_weights: bool = False, comm: distributed.Communicator | None = None,
-                 sync_batchnorm: bool = False):
+                 sync_batchnorm: bool = False, precision: str = "fp32",
+                 loss_scaler: LossScaler | None = None):
         if not isinstance(model, Model):
             raise OnnxgradError(f"Trainer needs an onnxgrad.Model (from onnxgrad.load), "
                                 f"got {type(model).__name__}")
@@ -87,12 +107,27 @@ class Trainer:
         if not isinstance(optimizer, Optimizer):
             raise OnnxgradError(f"optimizer must be onnxgrad.SGD, Adam or AdamW, "
                                 f"got {type(optimizer).__name__}")
+        precision = check_precision(precision)
+        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
+            raise OnnxgradError(f"loss_scaler must be an onnxgrad.precision.LossScaler, "
+                                f"got {type(loss_scaler).__name__}")
+        if loss_scaler is not None and precision != "fp16":
+            raise OnnxgradError(f"loss_scaler scales the loss of precision='fp16' training; "
+                                f"this trainer has precision={precision!r}, which needs none")
         model._weights()  # values an earlier trainer still holds come back into the model
         self.model = model
         self.optimizer = optimizer
         self.loss = resolve_loss(loss)
         self.backend = get_backend(device)
         self.device = self.backend.name
+        check_device_support(precision, self.backend.xp)
+        #: "fp32", "bf16" or "fp16" (see :mod:`onnxgrad.precision`).
+        self.precision = precision
+        #: The dynamic loss scaling of fp16 training, or None.
+        self.loss_scaler: LossScaler | None = (
+            (loss_scaler or LossScaler()) if precision == "fp16" else None)
+        #: fp16 steps skipped because a gradient was not finite.
+        self.skipped_steps = 0
         if trainable is not None and not isinstance(trainable, str):
             trainable = list(trainable)
         #: The communicator of data-parallel training (see :mod:`onnxgrad.distributed`), or None.
@@ -100,7 +135,7 @@ class Trainer:
         if comm is not None:
             _check_ranks(self, comm, output=output, trainable=trainable,
                          frozen_batchnorm=frozen_batchnorm, tie_weights=tie_weights,
-                         sync_batchnorm=sync_batchnorm)
+                         sync_batchnorm=sync_batchnorm, precision=precision)
         elif sync_batchnorm:
             raise OnnxgradError("sync_batchnorm=True all-reduces BatchNormalization's statistics "
                                 "between ranks; it needs comm=onnxgrad.distributed.MPIComm() "
@@ -109,13 +144,17 @@ class Trainer:
         #: Tied copies trained as one weight (``tie_weights``): {copy: (weight, transposed)}.
         self.ties = tied_weights(graph) if tie_weights else {}
         program = build_program(model, self.loss, output, trainable, frozen_batchnorm,
-                                self.ties)
+                                self.ties, precision, scale_loss=self.loss_scaler is not None,
+                                autocast_ops=autocast_ops(precision, self.backend.xp))
         if sync_batchnorm:
             distributed.use_sync_batchnorm(program.graph, program.inference_nodes)
         #: The training program this trainer runs (see :mod:`onnxgrad.program`).
         self.program = program
         self.output = program.output
         self.loss_value, self.target_input = program.loss_value, program.target_input
+        self._scale_input = program.scale_input
+        #: Inputs of the training graph the trainer feeds itself (the target, the loss scale).
+        self._own_inputs = [x for x in (self.target_input, self._scale_input) if x]
         self.trainable = program.trainable
         train = self.graph = program.graph
         grads = self._grad_values = program.grads
@@ -195,7 +234,11 @@ class Trainer:
         #: Check every node's outputs in each step and name the first that is not finite
         #: (forward or backward), before any update; slower (a pass over every value).
         self.detect_anomaly = bool(detect_anomaly)
-        self._forward_nodes = {n.name for n in graph.nodes}
+        self._forward_nodes = {n.name for n in graph.nodes} | set(program.autocast_nodes)
+        # Running statistics, for putting back after a skipped fp16 step.
+        self._statistics = [k for k in updated_statistics(train, program.inference_nodes)
+                            if k in self._weights]
+        self._saved_statistics: dict[str, Any] | None = None
         self._busy = threading.Lock()
         self._evaluator: ShapeSpecializedRunner | None = None
 
@@ -285,13 +328,14 @@ class Trainer:
              on_ready: Callable[[str, Any], None] | None = None,
              before_handoff: Callable[[dict], None] | None = None,
              inspect: Callable | None = None) -> dict[str, Any]:
-        extra = [self.target_input] if self.target_input else []
         env = dict(self._weights)
-        env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
+        env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where,
+                                 self._own_inputs))
         if self.target_input:
             env[self.target_input] = self.backend.asarray(self._target(target))
         else:
             self._target(target)
+        self._feed_scale(env)
         self._state.training = True
         self._state.updates.clear()
         try:
@@ -301,13 +345,32 @@ class Trainer:
 
     def gradients(self, feeds: Mapping[str, Any], target: Any = None) -> dict[str, np.ndarray]:
         """The loss's gradient for each trainable parameter; changes no weight.  With a
-        communicator, their average over the ranks (a collective call)."""
+        communicator, their average over the ranks (a collective call).  With fp16 loss
+        scaling, computed at the current :attr:`loss_scale` and divided by it (an
+        overflow shows as infinite or NaN values)."""
         out = self._run(feeds, target)
         self._state.updates.clear()
         grads = {p: out[g] for p, g in self._grad_values.items()}
         if self._reducer is not None:
             grads = self._reducer.average(grads)
-        return {p: np.array(self.backend.to_host(g), copy=True) for p, g in grads.items()}
+        grads = {p: np.array(self.backend.to_host(g), copy=True) for p, g in grads.items()}
+        if self.loss_scaler is not None:
+            for grad in grads.values():
+                grad *= grad.dtype.type(1.0 / self.loss_scaler.scale)
+        return grads
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current fp16 loss scale (see :class:`~onnxgrad.precision.LossScaler`), or
+        None when the loss is not scaled (fp32, bf16)."""
+        return None if self.loss_scaler is None else self.loss_scaler.scale
+
+    def _feed_scale(self, env: dict[str, Any]) -> None:
+        """Put the loss scale, the seed of the backward pass, into ``env``."""
+        if self._scale_input is not None:
+            dtype = self.graph.dtype(self._scale_input)
+            env[self._scale_input] = self.backend.asarray(
+                np.asarray(self.loss_scaler.scale, dtype=dtype))
 
     def step(self, feeds: Mapping[str, Any], target: Any = None) -> float:
         """Forward, backward and one optimizer update; returns the loss before the update.
@@ -349,8 +412,9 @@ class Trainer:
         total = count = correct = counted = 0
         for feeds, target in batches:
             env = dict(self._weights)
-            extra = [self.target_input] if self.target_input else []
-            env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where, extra))
+            env.update(prepare_feeds(self.graph, feeds, self.backend, self.model.where,
+                                     self._own_inputs))
+            self._feed_scale(env)
             checked = self._target(target)
             if self.target_input:
                 env[self.target_input] = self.backend.asarray(checked)
@@ -377,7 +441,8 @@ class Trainer:
         return result
 
     def _step(self, feeds: Mapping[str, Any], target: Any) -> float:
-        if self.accumulate != 1 or self.clip_grad_norm is not None or self.detect_anomaly:
+        if self.accumulate != 1 or self.clip_grad_norm is not None or self.detect_anomaly \
+                or self.loss_scaler is not None:
             return self._deferred_step(feeds, target)
         if self._reducer is not None:
             return self._distributed_step(feeds, target)
@@ -455,7 +520,16 @@ class Trainer:
                                 f"1; got {self.accumulate!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise OnnxgradError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
-        out = self._run(feeds, target, inspect=self._anomaly if self.detect_anomaly else None)
+        if self.loss_scaler is not None and self._micro == 0 and self._statistics:
+            # A skipped step puts the running statistics back as they were before it.
+            self._saved_statistics = {k: self._weights[k].copy() for k in self._statistics}
+        # fp16 products overflow by design while the loss scale is too large: the step is
+        # then skipped, and NumPy's overflow warnings are noise (silenced in this thread;
+        # the thread pool's helpers keep NumPy's default error state).
+        quiet = np.errstate(over="ignore", invalid="ignore") \
+            if self.loss_scaler is not None else contextlib.nullcontext()
+        with quiet:
+            out = self._run(feeds, target, inspect=self._anomaly if self.detect_anomaly else None)
         if self.comm is not None:
             loss = self._averaged_loss(out)
         else:
@@ -490,6 +564,23 @@ class Trainer:
                 grad /= grad.dtype.type(count)
         if self._reducer is not None:
             grads = self._reducer.average(grads)
+        scaler = self.loss_scaler
+        if scaler is not None:
+            # torch.amp.GradScaler: unscale, then skip the step (and lower the scale) if any
+            # gradient is infinite or NaN; the same on every rank, after the all-reduce.
+            for grad in grads.values():
+                grad *= grad.dtype.type(1.0 / scaler.scale)
+            finite = xp.stack([xp.isfinite(g).all() for g in grads.values()]).all()
+            if not bool(self.backend.to_host(finite)):
+                for name, value in (self._saved_statistics or {}).items():
+                    self._weights[name][...] = value
+                self._saved_statistics = None
+                scaler.update(found_inf=True)
+                self.skipped_steps += 1
+                self._stale = bool(self._copied)
+                return False
+            self._saved_statistics = None
+            scaler.update(found_inf=False)
         if self.clip_grad_norm is not None:
             # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, in the
             # gradients' type; every gradient times min(1, max_norm / (norm + 1e-6)).
@@ -576,12 +667,14 @@ class Trainer:
         draws = self._state.draws
         rng = ({"numpy": self._state.rng.bit_generator.state} if draws is None else
                {"draws": int(host(draws.counter)[0]), "key": draws.key})
+        scaler = None if self.loss_scaler is None else {
+            **self.loss_scaler.state_dict(), "skipped_steps": self.skipped_steps}
         return {"weights": weights,
                 "optimizer": {"type": type(self.optimizer).__name__,
                               "settings": _settings(self.optimizer), "state": state},
                 "steps": self.steps, "epoch": self.epoch, "rng": rng,
                 "schedule": None if self.schedule is None else self.schedule.state_dict(),
-                "loop": dict(self.loop_state)}
+                "loop": dict(self.loop_state), "scaler": scaler}
 
     def load_state_dict(self, state: Mapping[str, Any], where: str = "state") -> None:
         """Continue from ``state`` (as :meth:`state_dict` made it).  Everything is checked
@@ -630,6 +723,9 @@ class Trainer:
                 if mine != value:
                     raise CheckpointError(f"{where}: the run's {schedule['name']} schedule has "
                                           f"{key}={value!r}, this trainer's {key}={mine!r}")
+        scaler = state.get("scaler")
+        if scaler is not None and self.loss_scaler is not None:
+            _check_scaler(scaler, where)
         # All checked: write.
         for name, value in self._weights.items():
             value[...] = self.backend.asarray(np.asarray(weights[name]))
@@ -651,6 +747,11 @@ class Trainer:
         if self.schedule is not None:
             self.schedule.load_state_dict(schedule)
         self.loop_state = dict(state.get("loop") or {})
+        # A run saved without loss scaling continues with this trainer's initial scale; the
+        # scale of an fp16 run is dropped by a trainer that does not scale (bf16, fp32).
+        if scaler is not None and self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(scaler)
+            self.skipped_steps = int(scaler.get("skipped_steps", 0))
         self._stale = bool(self._copied)
 
     def save_checkpoint(self, path) -> None:
@@ -696,8 +797,7 @@ class Trainer:
         if isinstance(feeds, Mapping):
             feeds = {k: self.backend.to_host(v) if hasattr(v, "__cuda_array_interface__") else v
                      for k, v in feeds.items()}
-        extra = [self.target_input] if self.target_input else []
-        inputs = prepare_feeds(self.graph, feeds, _HOST, self.model.where, extra)
+        inputs = prepare_feeds(self.graph, feeds, _HOST, self.model.where, self._own_inputs)
         checked = self._target(target)
         if self.target_input:
             inputs[self.target_input] = checked
@@ -739,6 +839,20 @@ def _settings(optimizer: Optimizer) -> dict[str, Any]:
     """The optimizer's hyper-parameters, JSON-able."""
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in vars(optimizer).items() if k != "state" and not k.startswith("_")}
+
+
+def _check_scaler(scaler: Any, where: str) -> None:
+    """Raise CheckpointError unless ``scaler`` is a loss scaler's saved state."""
+    try:
+        scale, tracker = float(scaler["scale"]), scaler["growth_tracker"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: the loss scaler's state is incomplete ({exc!r}); "
+                              "expected 'scale' and 'growth_tracker'") from exc
+    if not (np.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{where}: the loss scale is {scale!r}; expected a positive number")
+    if not (isinstance(tracker, int) and tracker >= 0):
+        raise CheckpointError(f"{where}: the loss scaler's growth_tracker is {tracker!r}; "
+                              "expected a count of steps")
 
 
 def column_major_weights(graph, weights) -> list[str]:

@@ -241,6 +241,16 @@ threads_option = click.option(
          "ONNXGRAD_NUM_THREADS, else the cores available.")
 
 
+#: ``--precision fp32|bf16|fp16``: mixed-precision training (``Trainer(precision=...)``).
+precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+    show_default=True,
+    help="Run MatMul, Gemm, Conv, ConvTranspose, Einsum and Attention in bfloat16 or float16 "
+         "(mixed precision; weights, normalisation and the loss stay float32, and the saved "
+         "model keeps float32 weights). fp16 scales the loss dynamically and skips steps "
+         "whose gradients overflow.")
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: Default learning rate per optimizer (PyTorch's defaults for Adam/AdamW).
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}

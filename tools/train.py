@@ -28,6 +28,7 @@ from .common import (
     data_source,
     schedule_options,
     optimizer_options,
+    precision_option,
     check_loss,
     choose_batch_size,
     describe,
@@ -210,6 +211,7 @@ def _load_checkpoint(trainer, path: str, comm) -> None:
               help="In data-parallel training (mpiexec -n N onnxgrad train ...): normalise "
                    "BatchNormalization with the statistics of every rank's batch together "
                    "(all-reduced) instead of each rank's own (the default, as PyTorch's DDP).")
+@precision_option
 @threads_option
 @data_parallel
 @boundary
@@ -222,7 +224,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
           checkpoint_dir, save_best, monitor, tie_weights, detect_anomaly, clip_grad_norm,
           accumulate,
           early_stopping,
-          log_path, log_every, tensorboard_dir, plot_path, resume_dir, sync_batchnorm, comm):
+          log_path, log_every, tensorboard_dir, plot_path, resume_dir, sync_batchnorm, precision,
+          comm):
     """Train MODEL on a .npz data file and save the trained model.
 
     Each epoch shuffles the data and takes one optimizer step per batch. A
@@ -268,6 +271,10 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
         raise click.ClickException(f"--val-split must lie between 0 and 1 (got {val_split})")
     if device not in ("cpu", "cuda"):
         raise click.ClickException(f"unknown device {device!r}; choose cpu or cuda")
+    if training_info and precision != "fp32":
+        raise click.ClickException(f"--precision {precision} applies to the built-in loss and "
+                                   "optimizer; --training-info runs the model's own algorithm "
+                                   "as written (leave --precision at fp32)")
     if comm is not None and training_info:
         raise click.ClickException("--training-info runs the model's algorithm in one process; "
                                    f"start it without mpiexec (started as {comm.size} ranks)")
@@ -354,7 +361,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     trainer = onnxgrad.Trainer(m, loss=loss, output=output, optimizer=opt, trainable=names,
                                device=device, seed=seed, frozen_batchnorm=frozen_batchnorm,
                                cuda_graphs=cuda_graphs, tie_weights=tie_weights, comm=comm,
-                               sync_batchnorm=sync_batchnorm and comm is not None)
+                               sync_batchnorm=sync_batchnorm and comm is not None,
+                               precision=precision)
     local = len(ds) if comm is None else -(-len(ds) // comm.size)  # each rank's shard
     drop_last = fixed_batch(m) is not None and local % batch_size != 0
     per_epoch = -(-(local - (local % batch_size if drop_last else 0)) // batch_size)
@@ -376,7 +384,8 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
                f"of batch size {batch_size}" + (
                    "" if comm is None else
                    f" per rank on {comm.size} ranks ({batch_size * comm.size} samples per step)")
-               + f", on {device}")
+               + f", on {device}"
+               + ("" if precision == "fp32" else f", {precision} mixed precision"))
     if root:
         click.echo(describe("before", *before))
     best, stale = None, 0
@@ -423,6 +432,9 @@ def train(model, data, input_keys, target_key, target_column, feature_columns, m
     after = report.after
 
     click.echo(describe("after", *after))
+    if trainer.loss_scaler is not None:
+        click.echo(f"fp16 loss scale {trainer.loss_scale:g}; {trainer.skipped_steps} step(s) "
+                   "skipped for gradients that overflowed")
     if trainer.profile is not None:
         click.echo(trainer.profile.report())
     trainer.model.save(out_path)
