@@ -24,6 +24,8 @@ import os
 import threading
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from onnxgrad.errors import OnnxgradError
 
 _lock = threading.Lock()
@@ -118,19 +120,21 @@ def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
     errors: list[tuple[int, BaseException]] = []
     order = iter(range(len(tasks)))
     take = threading.Lock()
+    floating = np.geterr()  # the caller's handling of floating-point errors, per thread
 
     def work() -> None:
         _local.inside = True
         try:
-            while True:
-                with take:
-                    i = next(order, None)
-                if i is None:
-                    return
-                try:
-                    results[i] = tasks[i]()
-                except BaseException as exc:  # re-raised in the caller below
-                    errors.append((i, exc))
+            with np.errstate(**floating):
+                while True:
+                    with take:
+                        i = next(order, None)
+                    if i is None:
+                        return
+                    try:
+                        results[i] = tasks[i]()
+                    except BaseException as exc:  # re-raised in the caller below
+                        errors.append((i, exc))
         finally:
             _local.inside = False
 

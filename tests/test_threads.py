@@ -467,3 +467,21 @@ def test_view_steps_move_next_to_their_inputs_and_the_order_stays_topological():
     for s in ordered:
         assert all(a in made for a in s.args), s
         made.update(s.outputs)
+
+
+def test_tasks_on_the_pool_handle_floating_point_errors_as_the_caller_does():
+    """np.errstate is per thread: the caller's settings apply in the pool's threads too
+    (an overflow the caller ignores warns nowhere; one it raises on raises)."""
+    import warnings
+    onnxgrad.set_num_threads(2)
+    big = np.full(4, np.finfo(np.float32).max, dtype=np.float32)
+
+    def overflow():
+        return big * np.float32(2)
+
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = parallel([overflow] * 8)
+    assert all(np.isinf(r).all() for r in results)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        parallel([overflow] * 8)
