@@ -442,6 +442,8 @@ def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
 def BiasGrad(xp, dY):
     """The gradient of a per-channel bias: ``dY`` summed over every axis but 1."""
     axes = (0,) + tuple(range(2, dY.ndim))
+    if dY.dtype.itemsize < 4:  # float16, bfloat16: summed in float32, as PyTorch does
+        return (xp.asarray(dY.sum(axis=axes, dtype="float32").astype(dY.dtype)),)
     return (xp.asarray(dY.sum(axis=axes, dtype=dY.dtype)),)
 
 

@@ -197,7 +197,10 @@ def EinsumGrad(xp, dY, *Inputs, equation, wrt=0):
     distinct = "".join(dict.fromkeys(mine))
     kept = "".join(c for c in distinct if c in present)
     spec = ",".join([out] + [t for t, _ in others]) + "->" + kept
-    grad = xp.einsum(spec, dY, *[a for _, a in others])
+    operands = [dY] + [a for _, a in others]
+    if dY.dtype.kind not in "biufc":  # e.g. bfloat16, which einsum does not take (as Einsum)
+        operands = [a.astype("float32") for a in operands]
+    grad = xp.einsum(spec, *operands).astype(dY.dtype, copy=False)
     # Letters only this operand has: the gradient does not vary along them.
     full_shape = tuple(sizes[c] for c in distinct)
     grad = grad.reshape(tuple(sizes[c] if c in kept else 1 for c in distinct))

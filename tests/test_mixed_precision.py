@@ -333,3 +333,27 @@ def test_cli_refuses_a_bad_precision_and_training_info(tmp_path):
         "--training-info", "--precision", "bf16", "--out", str(tmp_path / "t.onnx")])
     assert result.exit_code == 1
     assert "--precision bf16" in result.output and "--training-info" in result.output
+
+
+def test_bias_and_einsum_gradients_of_narrow_floats_accumulate_in_float32():
+    """A bias gradient of bfloat16 or float16 values is summed in float32 (as PyTorch
+    does), then rounded once; EinsumGrad takes bfloat16 as Einsum does."""
+    import ml_dtypes
+    from onnxgrad.ops.conv import BiasGrad
+    from onnxgrad.ops.math import EinsumGrad
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        dY = rng.standard_normal((16, 4, 16, 16)).astype(dtype)
+        (got,) = BiasGrad(np, dY)
+        exact = dY.astype(np.float64).sum(axis=(0, 2, 3))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, exact.astype(np.float32).astype(dtype))
+    a = rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
+    b = rng.standard_normal((5, 2)).astype(ml_dtypes.bfloat16)
+    dy = rng.standard_normal((3, 2)).astype(ml_dtypes.bfloat16)
+    (da,) = EinsumGrad(np, dy, a, b, equation="ij,jk->ik", wrt=0)
+    assert da.dtype == ml_dtypes.bfloat16
+    np.testing.assert_allclose(da.astype(np.float32),
+                               (dy.astype(np.float32) @ b.astype(np.float32).T)
+                               .astype(ml_dtypes.bfloat16).astype(np.float32))
