@@ -731,6 +731,31 @@ def Col2ImGrad(xp, dY, image_shape, block_shape, *, dilations=None, pads=None, s
     return (cols.reshape(n, c * math.prod(block), math.prod(counts)),)
 
 
+@Col2ImGrad.in_standard_ops
+def _(g, node):
+    """Im2Col in standard ops: one strided Slice of the padded ``dY`` per block offset,
+    the offsets stacked in order.  Needs ``image_shape`` and ``block_shape`` static."""
+    dY, image_shape, block_shape = node.inputs
+    image, block = std.shape_value(g, image_shape), std.shape_value(g, block_shape)
+    if image is None or block is None or not all(isinstance(v, int) for v in image + block):
+        return None
+    image, block, dil, pad, stride, counts = _col2im_geometry(
+        image, block, node.attrs.get("dilations"), node.attrs.get("pads"),
+        node.attrs.get("strides"))
+    nd = len(image)
+    spatial = g.ints(range(2, 2 + nd))
+    padded = g.Pad(dY, g.ints(pad), None, spatial, mode="constant") if any(pad) else dY
+    length = math.prod(counts)
+    columns = []
+    for offset, _ in _col2im_windows(block, counts, dil, stride):
+        starts = [offset[i] * dil[i] for i in range(nd)]
+        ends = [starts[i] + (counts[i] - 1) * stride[i] + 1 for i in range(nd)]
+        window = g.Slice(padded, g.ints(starts), g.ints(ends), spatial, g.ints(stride))
+        columns.append(g.Reshape(window, g.ints([0, 0, 1, length])))   # (n, c, 1, L)
+    stacked = columns[0] if len(columns) == 1 else g.Concat(*columns, axis=2)
+    return (g.Reshape(stacked, g.ints([0, -1, length])),)
+
+
 def _product(dims):
     if not dims:
         yield ()

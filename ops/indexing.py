@@ -610,6 +610,35 @@ def CompressGrad(xp, dY, input_shape, condition, *, axis=None):
     return (dX,)
 
 
+@CompressGrad.in_standard_ops
+def _(g, node):
+    """``dY`` scattered into zeros at the positions that ``condition`` (cut to the
+    length it covers) selects: ScatterElements along ``axis``, or of the flat input."""
+    dY, input_shape, condition = node.inputs
+    axis = node.attrs.get("axis")
+    cond = g.Reshape(condition, g.ints([-1]))
+    if g.dtype(condition) != np.bool_:
+        cond = g.Cast(cond, to=std.tensor_type(np.bool_), dtype=np.bool_)
+    dX = std.zeros(g, input_shape, dY)
+    if axis is None:
+        covered = g.ReduceProd(input_shape, keepdims=1)
+        index = g.NonZero(g.Slice(cond, g.ints([0]), covered))          # (1, k)
+        flat = g.ScatterElements(g.Reshape(dX, g.ints([-1])), g.Reshape(index, g.ints([-1])),
+                                 g.Reshape(dY, g.ints([-1])), axis=0)
+        return (g.Reshape(flat, input_shape),)
+    axis = int(axis)
+    end = g.ints([axis + 1 if axis != -1 else std.END])
+    covered = g.Slice(input_shape, g.ints([axis]), end)
+    index = g.Reshape(g.NonZero(g.Slice(cond, g.ints([0]), covered)), g.ints([-1]))  # (k,)
+    # the positions laid along ``axis`` and broadcast over the other axes of dY
+    r = std.rank(g, dY)
+    at = std.i64(g, axis) if axis >= 0 else g.Add(r, std.i64(g, axis), dtype="int64")
+    along = g.Equal(g.Range(std.i64(g, 0), r, std.i64(g, 1), dtype="int64"), at)
+    index = g.Reshape(index, g.Where(along, g.ints([-1]), g.ints([1]), dtype="int64"))
+    index = g.Expand(index, g.Shape(dY, dtype="int64"))
+    return (g.ScatterElements(dX, index, dY, axis=axis),)
+
+
 @op("Unique", since=11)
 def Unique(xp, X, *, axis=None, sorted=1):
     data = X.reshape(-1) if axis is None else X

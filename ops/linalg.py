@@ -255,3 +255,24 @@ def DetGrad(xp, dY, X):
     cofactor = (U * (before * after)[..., None, :]) @ Vt
     dX = (dY.astype(xp.float64) * sign)[..., None, None] * cofactor
     return (dX.astype(dY.dtype),)
+
+
+@DetGrad.in_standard_ops
+def _(g, node):
+    """The cofactors as signed determinants of the minors, all n² of them gathered at
+    once: exact for singular matrices too.  Needs the matrix size n (static)."""
+    dY, X = node.inputs
+    shape = std.tensor_shape(g, X)
+    if shape is None or len(shape) < 2 or not isinstance(shape[-1], int):
+        return None
+    n, r = shape[-1], len(shape)
+    if n == 1:  # the cofactor of a 1×1 matrix is 1
+        return (g.Expand(g.Unsqueeze(dY, g.ints([-2, -1])), g.Shape(X, dtype="int64")),)
+    others = g.ints([[k for k in range(n) if k != i] for i in range(n)])  # (n, n-1)
+    rows = g.Gather(X, others, axis=r - 2)        # (..., n_i, n-1, n)
+    both = g.Gather(rows, others, axis=r)         # (..., n_i, n-1, n_j, n-1)
+    batch = list(range(r - 2))
+    minors = g.Transpose(both, perm=batch + [r - 2, r, r - 1, r + 1])
+    signs = np.array([[(-1.0) ** (i + j) for j in range(n)] for i in range(n)])
+    cofactor = g.Mul(g.Det(minors), g.const(signs, dtype=g.dtype(X)))
+    return (g.Mul(g.Unsqueeze(dY, g.ints([-2, -1])), cofactor),)

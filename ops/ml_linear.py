@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np  # host constants of standard forms
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 ML = "ai.onnx.ml"
@@ -70,7 +73,7 @@ def _gradient_op(forward, vjp):
     kernel.__signature__ = inspect.Signature(
         [P(n, P.POSITIONAL_OR_KEYWORD) for n in ("xp", "dY", "X")] + attrs)
     kernel.__doc__ = f"The gradient of {forward.name} for X."
-    op(f"{forward.name}Grad", domain="onnxgrad")(kernel)
+    definition = op(f"{forward.name}Grad", domain="onnxgrad")(kernel)
 
     @forward.gradient
     def _(g, node, *douts):
@@ -80,6 +83,8 @@ def _gradient_op(forward, vjp):
         X = node.inputs[0]
         attrs = {k: v for k, v in node.attrs.items() if v is not None}
         return (g.private(f"{forward.name}Grad", dY, X, dtype=g.dtype(X), **attrs),)
+
+    return definition
 
 
 # -- Scaler, Normalizer, Imputer ------------------------------------------------------------
@@ -238,8 +243,166 @@ def _linear_classifier_vjp(xp, dZ, X, *, coefficients, classlabels_ints=None,
     return _post_vjp(xp, _post(xp, S, post_transform), dZ, post_transform) @ W
 
 
-_gradient_op(Scaler, _scaler_vjp)
-_gradient_op(Normalizer, _normalizer_vjp)
-_gradient_op(Imputer, _imputer_vjp)
-_gradient_op(LinearRegressor, _linear_regressor_vjp)
-_gradient_op(LinearClassifier, _linear_classifier_vjp)
+ScalerGrad = _gradient_op(Scaler, _scaler_vjp)
+NormalizerGrad = _gradient_op(Normalizer, _normalizer_vjp)
+ImputerGrad = _gradient_op(Imputer, _imputer_vjp)
+LinearRegressorGrad = _gradient_op(LinearRegressor, _linear_regressor_vjp)
+LinearClassifierGrad = _gradient_op(LinearClassifier, _linear_classifier_vjp)
+
+
+# -- the gradients in standard ops ------------------------------------------------------------
+def _cast(g, value, dtype):
+    dtype = np.dtype(dtype)
+    return value if g.dtype(value) == dtype else g.Cast(value, to=std.tensor_type(dtype),
+                                                         dtype=dtype)
+
+
+def _as_input(g, dX, X):
+    """``dX`` shaped and typed as ``X`` (as the kernels return it)."""
+    return _cast(g, g.Reshape(dX, g.Shape(X, dtype="int64")), g.dtype(X))
+
+
+def _score_type(g, X):
+    return np.dtype(np.float64) if g.dtype(X) == np.float64 else np.dtype(np.float32)
+
+
+def _matrix_in_standard_ops(g, X, dtype):
+    """:func:`_matrix`: ``X`` as (N, C) of ``dtype``; None where its rank is unknown."""
+    r = g.rank(X)
+    if r is None:
+        return None
+    return _cast(g, g.Flatten(X, axis=0 if r == 1 else 1), dtype)
+
+
+@ScalerGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    scale = g.const(list(node.attrs.get("scale") or [1.0]), dtype=g.dtype(dY))
+    return (_as_input(g, g.Mul(dY, scale), X),)
+
+
+@ImputerGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    floats = node.attrs.get("imputed_value_floats")
+    if not floats and not node.attrs.get("imputed_value_int64s"):
+        return None  # the kernel refuses it
+    replaced = node.attrs.get("replaced_value_float", 0.0) if floats else \
+        node.attrs.get("replaced_value_int64", 0)
+    if replaced != replaced and g.dtype(X).kind == "f":
+        missing = g.IsNaN(X)
+    else:
+        missing = g.Equal(X, g.const(replaced, dtype=g.dtype(X)))
+    return (_as_input(g, g.Where(missing, std.like(g, 0, dY), dY), X),)
+
+
+@NormalizerGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    norm = node.attrs.get("norm", "MAX")
+    work = g.dtype(dY)
+    Xm = _matrix_in_standard_ops(g, X, work)
+    if Xm is None or norm not in _NORMS:
+        return None
+    dY = g.Reshape(dY, g.Shape(Xm, dtype="int64"))
+    rows = g.ints([1])
+    zero, one = std.like(g, 0, Xm), std.like(g, 1, Xm)
+    if norm == "MAX":   # the first largest value of each row
+        n = g.ReduceMax(Xm, rows, keepdims=1)
+        first = g.ArgMax(Xm, axis=1, keepdims=0, select_last_index=0, dtype="int64")
+        depth = g.Slice(g.Shape(Xm, dtype="int64"), g.ints([1]), g.ints([2]))
+        dn = g.OneHot(first, depth, g.const([0, 1], dtype=work), axis=-1, dtype=work)
+    elif norm == "L1":
+        n = g.ReduceSum(g.Abs(Xm), rows, keepdims=1)
+        dn = g.Sign(Xm)
+    else:
+        n = g.Sqrt(g.ReduceSum(g.Mul(Xm, Xm), rows, keepdims=1))
+    kept = g.Equal(n, zero)
+    n = g.Where(kept, one, n)
+    if norm == "L2":
+        dn = g.Div(Xm, n)
+    dX = g.Sub(g.Div(dY, n), g.Div(g.Mul(dn, g.ReduceSum(g.Mul(dY, Xm), rows, keepdims=1)),
+                                   g.Mul(n, n)))
+    return (_as_input(g, g.Where(kept, dY, dX), X),)
+
+
+def _post_in_standard_ops(g, S, kind):
+    """:func:`_post` of scores ``S`` (N, K)."""
+    if kind == "NONE":
+        return S
+    if kind == "LOGISTIC":
+        one = std.like(g, 1, S)
+        return g.Div(one, g.Add(one, g.Exp(g.Neg(S))))
+    e = g.Exp(g.Sub(S, g.ReduceMax(S, g.ints([1]), keepdims=1)))
+    if kind == "SOFTMAX_ZERO":
+        e = g.Where(g.Equal(S, std.like(g, 0, S)), std.like(g, 0, S), e)
+    return g.Div(e, g.Max(g.ReduceSum(e, g.ints([1]), keepdims=1), std.like(g, 1e-300, S)))
+
+
+def _post_vjp_in_standard_ops(g, P, dP, kind):
+    """:func:`_post_vjp`."""
+    if kind == "NONE":
+        return dP
+    if kind == "LOGISTIC":
+        return g.Mul(g.Mul(dP, P), g.Sub(std.like(g, 1, P), P))
+    return g.Mul(P, g.Sub(dP, g.ReduceSum(g.Mul(dP, P), g.ints([1]), keepdims=1)))
+
+
+_POST = ("NONE", "LOGISTIC", "SOFTMAX", "SOFTMAX_ZERO")
+
+
+def _linear_in_standard_ops(g, X, coefficients, intercepts, rows=None):
+    """:func:`_linear`: the scores (N, K) and ``W`` (K, C); None where X's rank is unknown."""
+    work = _score_type(g, X)
+    Xm = _matrix_in_standard_ops(g, X, work)
+    if Xm is None:
+        return None
+    coef = g.const(list(coefficients), dtype=work)
+    if rows is None:
+        columns = g.Slice(g.Shape(Xm, dtype="int64"), g.ints([1]), g.ints([2]))
+        W = g.Reshape(coef, g.Concat(g.ints([-1]), columns, axis=0, dtype="int64"))
+    else:
+        W = g.Reshape(coef, g.ints([rows, -1]))
+    b = g.const(list(intercepts or [0.0]), dtype=work)
+    return g.Add(g.MatMul(Xm, g.Transpose(W, perm=[1, 0])), b), W
+
+
+@LinearRegressorGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    kind = node.attrs.get("post_transform", "NONE")
+    scores = _linear_in_standard_ops(g, X, node.attrs["coefficients"],
+                                     node.attrs.get("intercepts"), node.attrs.get("targets", 1))
+    if scores is None or kind not in _POST:
+        return None
+    S, W = scores
+    dS = _cast(g, g.Reshape(dY, g.Shape(S, dtype="int64")), g.dtype(S))
+    dS = _post_vjp_in_standard_ops(g, _post_in_standard_ops(g, S, kind), dS, kind)
+    return (_as_input(g, g.MatMul(dS, W), X),)
+
+
+@LinearClassifierGrad.in_standard_ops
+def _(g, node):
+    dZ, X = node.inputs
+    attrs = node.attrs
+    kind = attrs.get("post_transform", "NONE")
+    coefficients = list(attrs["coefficients"])
+    classes = len(attrs.get("classlabels_ints") or attrs.get("classlabels_strings") or [])
+    binary = False
+    if classes == 2:  # binary: one coefficient row, which needs the number of columns
+        shape = std.tensor_shape(g, X)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        columns = shape[0] if len(shape) == 1 else int(np.prod(shape[1:]))
+        binary = len(coefficients) == columns
+    scores = _linear_in_standard_ops(g, X, coefficients, attrs.get("intercepts"))
+    if scores is None or kind not in _POST:
+        return None
+    S, W = scores
+    dZ = _cast(g, dZ, g.dtype(S))
+    if binary:
+        dZ = g.Sub(g.Slice(dZ, g.ints([1]), g.ints([std.END]), g.ints([1])),
+                   g.Slice(dZ, g.ints([0]), g.ints([1]), g.ints([1])))
+        kind = "LOGISTIC" if kind == "LOGISTIC" else "NONE"
+    dS = _post_vjp_in_standard_ops(g, _post_in_standard_ops(g, S, kind), dZ, kind)
+    return (_as_input(g, g.MatMul(dS, W), X),)

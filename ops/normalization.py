@@ -754,6 +754,25 @@ def LpNormalizationGrad(xp, dY, X, *, axis=-1, p=2):
     return (_a(xp, (dY - direction * s) / safe),)
 
 
+@LpNormalizationGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    p = node.attrs.get("p", 2)
+    if p not in (1, 2):
+        return None
+    axes = g.ints([node.attrs.get("axis", -1)])
+    if p == 1:
+        norm = g.ReduceSum(g.Abs(X), axes, keepdims=1)
+    else:
+        norm = g.Sqrt(g.ReduceSum(g.Mul(X, X), axes, keepdims=1))
+    zero, one = std.like(g, 0, X), std.like(g, 1, X)
+    safe = g.Where(g.Equal(norm, zero), one, norm)
+    Y = g.Div(X, safe)
+    s = g.ReduceSum(g.Mul(dY, Y), axes, keepdims=1)
+    direction = Y if p == 2 else g.Sign(X)
+    return (g.Div(g.Sub(dY, g.Mul(direction, s)), safe),)
+
+
 # -- LRN and MeanVarianceNormalization ------------------------------------------------------
 
 def _channel_window_sum(xp, V, before, after):
@@ -792,6 +811,45 @@ def LRNGrad(xp, dY, X, *, size, alpha=0.0001, beta=0.75, bias=1.0):
     return ((dy * D ** -beta - (2 * alpha * beta / size) * x * back).astype(dY.dtype),)
 
 
+def _in_float64(g, value):
+    """``value`` cast to float64 (where the kernels compute), unless it is already."""
+    if g.dtype(value) == np.float64:
+        return value
+    return g.Cast(value, to=std.tensor_type(np.float64), dtype=np.float64)
+
+
+def _back_to(g, value, of):
+    """A float64 ``value`` cast back to the element type of ``of``."""
+    return value if g.dtype(of) == np.float64 else std.cast_like(g, value, of)
+
+
+def _channel_window_sum_in_standard_ops(g, V, before, after):
+    """:func:`_channel_window_sum` as standard nodes: a Pad of axis 1 and its slices."""
+    padded = g.Pad(V, g.ints([before, after]), None, g.ints([1]), mode="constant")
+    width = before + after
+    terms = [g.Slice(padded, g.ints([k]), g.ints([k - width if k < width else std.END]),
+                     g.ints([1])) for k in range(width + 1)]
+    return terms[0] if len(terms) == 1 else g.Sum(*terms)
+
+
+@LRNGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    size = int(node.attrs["size"])
+    alpha = float(node.attrs.get("alpha", 0.0001))
+    beta = float(node.attrs.get("beta", 0.75))
+    bias = float(node.attrs.get("bias", 1.0))
+    before, after = _lrn_window(size)
+    x, dy = _in_float64(g, X), _in_float64(g, dY)
+    total = _channel_window_sum_in_standard_ops(g, g.Mul(x, x), before, after)
+    D = g.Add(std.like(g, bias, x), g.Mul(std.like(g, alpha / size, x), total))
+    weighted = g.Mul(g.Mul(dy, x), g.Pow(D, std.like(g, -beta - 1, x)))
+    back = _channel_window_sum_in_standard_ops(g, weighted, after, before)
+    dX = g.Sub(g.Mul(dy, g.Pow(D, std.like(g, -beta, x))),
+               g.Mul(g.Mul(std.like(g, 2 * alpha * beta / size, x), x), back))
+    return (_back_to(g, dX, dY),)
+
+
 _MVN_EPSILON = 1e-9
 
 
@@ -823,6 +881,22 @@ def MeanVarianceNormalizationGrad(xp, dY, X, *, axes=(0, 2, 3)):
         sigma > 0, sigma, 1.0))
     dX = scaled - xp.mean(scaled, axis=axes, keepdims=True) - centred * spread
     return (dX.astype(dY.dtype),)
+
+
+@MeanVarianceNormalizationGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    axes = g.ints([int(a) for a in node.attrs.get("axes", (0, 2, 3))])
+    x, dy = _in_float64(g, X), _in_float64(g, dY)
+    zero, one = std.like(g, 0.0, x), std.like(g, 1.0, x)
+    centred = g.Sub(x, g.ReduceMean(x, axes, keepdims=1))
+    sigma = g.Sqrt(g.Max(g.ReduceMean(g.Mul(centred, centred), axes, keepdims=1), zero))
+    d = g.Add(sigma, std.like(g, _MVN_EPSILON, x))
+    scaled = g.Div(dy, d)
+    spread = g.Div(g.ReduceMean(g.Mul(dy, centred), axes, keepdims=1),
+                   g.Mul(g.Mul(d, d), g.Where(g.Greater(sigma, zero), sigma, one)))
+    dX = g.Sub(g.Sub(scaled, g.ReduceMean(scaled, axes, keepdims=1)), g.Mul(centred, spread))
+    return (_back_to(g, dX, dY),)
 
 
 # -- BatchNormalization synchronised between the ranks of data-parallel training ----------

@@ -519,6 +519,22 @@ def GlobalLpPoolGrad(xp, dY, X, Y, *, p=2.0):
     return ((share * slope).astype(dY.dtype),)
 
 
+@GlobalLpPoolGrad.in_standard_ops
+def _(g, node):
+    dY, X, Y = node.inputs
+    p = float(node.attrs.get("p", 2.0))
+    f64 = std.tensor_type(np.float64)
+    x, y, dy = (v if g.dtype(v) == np.float64 else g.Cast(v, to=f64, dtype=np.float64)
+                for v in (X, Y, dY))
+    zero, one = std.like(g, 0.0, x), std.like(g, 1.0, x)
+    empty = g.Equal(y, zero)
+    share = g.Where(empty, zero, g.Mul(dy, g.Pow(g.Where(empty, one, y),
+                                                 std.like(g, 1 - p, x))))
+    slope = x if p == 2 else g.Mul(g.Sign(x), g.Pow(g.Abs(x), std.like(g, p - 1, x)))
+    dX = g.Mul(share, slope)
+    return (dX if g.dtype(dY) == np.float64 else std.cast_like(g, dX, dY),)
+
+
 # -- MaxUnpool ------------------------------------------------------------------------------
 
 @op("MaxUnpool", since=9, differentiable=("X",), host_inputs=("output_shape",))

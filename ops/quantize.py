@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np  # host constants of standard forms
+
 from onnxgrad.errors import ModelError
 from onnxgrad.ir import ValueInfo
 from onnxgrad.ops import standard as std
@@ -214,6 +216,53 @@ def DequantizeLinearGrad(xp, dY, x, x_scale, x_zero_point=None, *, axis=1, block
     terms = dY.astype(dx.dtype, copy=False) * dx
     return (_per_scale_sum(xp, terms, x.shape, x_scale.shape, axis, block_size)
             .astype(x_scale.dtype),)
+
+
+@DequantizeLinearGrad.in_standard_ops
+def _(g, node):
+    """``x - x_zero_point`` from a standard DequantizeLinear with unit scales (the same
+    per-tensor, per-axis or per-block zero points), times ``dY``, summed per scale.
+    Needs the scale's shape, and for blocks the input's, static."""
+    dY, x, x_scale, *zero_point = node.inputs
+    zero_point = [z for z in zero_point if z]
+    scale_shape, shape = std.tensor_shape(g, x_scale), std.tensor_shape(g, x)
+    axis, block_size = node.attrs.get("axis", 1), node.attrs.get("block_size", 0) or 0
+    s_type, x_type = g.dtype(x_scale), g.dtype(x)
+    if scale_shape is None or shape is None:
+        return None
+    if s_type == np.float64 and x_type.itemsize >= 4 and x_type.kind in "iu":
+        return None  # the kernel centres in float64 then, wider than float32's 24 bits
+    whole = len(scale_shape) == 0 or math.prod(scale_shape) == 1 and not block_size
+    if block_size and not all(isinstance(d, int) for d in shape):
+        return None
+    ndim = len(shape)
+    if whole:
+        ones = g.const(1.0, dtype=np.float32)
+        zero_point = [g.Reshape(z, g.ints([])) for z in zero_point]
+        centred = g.DequantizeLinear(x, ones, *zero_point, dtype=np.float32)
+    else:
+        ones = g.Expand(g.const(1.0, dtype=np.float32), g.Shape(x_scale, dtype="int64"))
+        attrs = {"axis": axis} if not block_size else {"axis": axis, "block_size": block_size}
+        centred = g.DequantizeLinear(x, ones, *zero_point, dtype=np.float32, **attrs)
+    work = np.dtype(np.float64) if s_type == np.float64 else np.dtype(np.float32)
+    if work != np.float32:
+        centred = g.Cast(centred, to=std.tensor_type(work), dtype=work)
+    d = dY if g.dtype(dY) == work else g.Cast(dY, to=std.tensor_type(work), dtype=work)
+    terms = g.Mul(d, centred)
+    if whole:
+        total = g.Reshape(g.ReduceSum(terms, keepdims=0), g.Shape(x_scale, dtype="int64"))
+    elif not block_size:
+        a = axis % ndim
+        total = g.ReduceSum(terms, g.ints([i for i in range(ndim) if i != a]), keepdims=0)
+    else:
+        a = axis % ndim
+        blocks = int(scale_shape[a])
+        cut = blocks * block_size - shape[a]  # a last block cut short
+        if cut:
+            terms = g.Pad(terms, g.ints([0, cut]), None, g.ints([a]), mode="constant")
+        split = list(shape[:a]) + [blocks, block_size] + list(shape[a + 1:])
+        total = g.ReduceSum(g.Reshape(terms, g.ints(split)), g.ints([a + 1]), keepdims=0)
+    return (total if work == s_type else g.Cast(total, to=std.tensor_type(s_type), dtype=s_type),)
 
 
 def _per_scale_sum(xp, terms, shape, scale_shape, axis, block_size):

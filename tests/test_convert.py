@@ -34,7 +34,7 @@ REF = ROOT / "tests" / "reference"
 
 #: Private ops whose standard form is not written yet: converting a model whose
 #: training graph holds one fails with a message that names it.
-NOT_YET = {"AttentionGrad", "CausalConvWithStateGrad", "LpNormalizationGrad"}
+NOT_YET = {"AttentionGrad", "CausalConvWithStateGrad"}
 
 #: Ops of the other sample databases (tests/op_db_transformer.py, the node-suite ops of
 #: tests/test_more_ops.py) whose gradients pass through private kernels; their samples
@@ -42,6 +42,11 @@ NOT_YET = {"AttentionGrad", "CausalConvWithStateGrad", "LpNormalizationGrad"}
 MORE_OPS = {"Einsum", "Max", "Min", "GatherND", "CumProd", "TensorScatter", "ReduceMax",
             "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare",
             "ReduceProd", "ReduceLogSum", "LpPool", "MaxUnpool", "RotaryEmbedding", "SwiGLU"}
+
+#: Ops of tests/test_vision_gradients.py and tests/test_more_gradients.py whose gradients
+#: have a standard form.
+VISION_OPS = {"LRN", "MeanVarianceNormalization", "Det", "Compress", "Col2Im",
+              "GlobalLpPool", "DequantizeLinear"}
 
 
 def _session(proto):
@@ -58,11 +63,16 @@ def _more_samples():
     MaxPoolGrad."""
     import op_db_transformer
     import test_more_ops
+    import test_more_gradients
+    import test_vision_gradients
     from op_db import Sample
 
     found = [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol)
              for s in op_db_transformer.SAMPLES
              if s.op in MORE_OPS and s.outputs == 1 and s.grad]
+    found += [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol)
+              for s in test_vision_gradients.SAMPLES + test_more_gradients.SAMPLES
+              if s.op in VISION_OPS and s.outputs == 1 and s.grad]
     found += [s for s in test_more_ops.SAMPLES if s.op in MORE_OPS]
     # MaxPool with storage_order 1: its gradient recomputes the argmax (MaxPoolGrad)
     found += [Sample("MaxPool", [("X", ("real", shape))], {**attrs, "storage_order": 1}, 12)
@@ -135,6 +145,45 @@ def test_one_step_moves_weights_by_the_gradient(sample):
         moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
         scale = max(np.abs(want[name]).max(), 1.0)
         np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+def _ml_cases():
+    import test_ml_gradients
+    return [c for c in test_ml_gradients.CASES if not c[0].startswith("SVM")]
+
+
+@pytest.mark.parametrize("case", _ml_cases(), ids=lambda c: f"{c[0]}-{sorted(c[1].items())}")
+def test_ml_linear_gradients_in_onnxruntime(case):
+    """The ai.onnx.ml linear models, Scaler, Normalizer and Imputer (tests/test_ml_gradients.py,
+    float32): one SGD step (lr 1) of the step model in onnxruntime moves X by the gradient
+    onnxgrad computes (NaN entries of Imputer's X stay NaN)."""
+    import test_ml_gradients as ml
+
+    op_type, attrs, outputs = case
+    X = ml._inputs(op_type).astype(np.float32)
+    names = [f"y{k}" for k in range(outputs)]
+    types = ml._types(ml._onnxruntime(op_type, attrs, outputs, X))
+    shape = types[-1][1]
+    graph = helper.make_graph(
+        [helper.make_node(op_type, ["X"], names, domain=ml.ML, **attrs),
+         helper.make_node("Mul", [names[-1], "U"], ["yu"]),
+         helper.make_node("ReduceSum", ["yu"], ["loss"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("U", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(X, "X")],
+        value_info=[helper.make_tensor_value_info(n, t, s) for n, (t, s) in zip(names, types)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid(ml.ML, 3)])
+    U = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    model = onnxgrad.load(proto)
+    trainer = onnxgrad.Trainer(model, loss=None, output="loss", optimizer=onnxgrad.SGD(lr=0.0),
+                               trainable=["X"])
+    want = trainer.gradients({"U": U}, None)["X"]
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=["X"])
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    got = _run(_session(step), {"U": U})["X.next"]
+    np.testing.assert_allclose(got, X.astype(np.float64) - want, rtol=2e-5, atol=2e-5)
 
 
 # -- whole models -----------------------------------------------------------------------
@@ -386,12 +435,16 @@ def test_an_op_without_a_standard_form_is_named(tmp_path):
 
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-             helper.make_node("LpNormalization", ["h"], ["logits"], name="norm")]
+             helper.make_node("Unsqueeze", ["h", "last"], ["h3"], name="unsqueeze"),
+             helper.make_node("DFT", ["h3"], ["spectrum"], name="dft", axis=1),
+             helper.make_node("ReduceSum", ["spectrum", "last"], ["logits"], name="sum",
+                              keepdims=0)]
     proto = make_model(nodes, [("x", np.float32, ["N", 4])], [("logits", np.float32, ["N", 3])],
                        {"w": rng.standard_normal((3, 4)).astype(np.float32),
-                        "b": np.zeros(3, np.float32)}, opset=13)
-    with pytest.raises(ModelError, match=r"node 'norm/LpNormalizationGrad' \(onnxgrad::"
-                                         r"LpNormalizationGrad.*cannot be written in standard "
+                        "b": np.zeros(3, np.float32), "last": np.array([2], np.int64)},
+                       opset=17)
+    with pytest.raises(ModelError, match=r"node 'dft/DFTGrad' \(onnxgrad::"
+                                         r"DFTGrad.*cannot be written in standard "
                                          r"ONNX ops yet"):
         step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=0.1))
 
