@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Iterator, Mapping
 
@@ -338,6 +339,12 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, OnnxgradError) else f"{type(exc).__name__}: {exc}"
 
 
+#: Seconds a failing rank waits between printing its message and ending every rank:
+#: the launcher relays each rank's output through its own processes, and ending the
+#: job at once can drop the message that says why.
+ABORT_GRACE = 0.5
+
+
 @contextlib.contextmanager
 def abort_on_error(comm: Communicator | None,
                    describe: Callable[[BaseException], str] = _describe) -> Iterator[None]:
@@ -371,6 +378,7 @@ def abort_on_error(comm: Communicator | None,
             stream.write(f"Error: rank {comm.rank} of {comm.size}: {message}\n")
         for output in (sys.stdout, sys.stderr, stream):
             output.flush()
+        time.sleep(ABORT_GRACE)  # the launcher forwards output asynchronously
         comm.abort(code)
         os._exit(code)  # MPI_Abort may return before the launcher ends this process
 
