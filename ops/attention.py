@@ -17,12 +17,21 @@ before the softcap's derivative; mode 2 (with the mask's bias) joins the
 softmax's input, for the products and a floating-point mask, except where that
 input is -inf (masked: constant there); mode 3 (the probabilities) joins the
 softmax's output.
+
+Its standard form (``onnxgrad convert``, second derivatives) writes the same
+recomputation and backward pass in standard ops (MatMul, the guarded softmax
+and its gradient, Where for the masks, Expand and ReduceSum for shared heads);
+it needs the head counts statically (3-D inputs give them as attributes) and,
+without a ``scale``, the head size.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np  # host constants for attributes
+
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.shape import ONNX_TYPES
 from onnxgrad.threads import matmul
@@ -269,3 +278,217 @@ def _finite_logits(xp, r, shape):
     if r["bias"] is not None:
         keep = keep & xp.isfinite(r["bias"])
     return keep
+
+
+def _std_heads(g, X, n):
+    """(B, S, n·d) -> (B, n, S, d) in standard ops."""
+    return g.Transpose(g.Reshape(X, g.ints([0, 0, n, -1])), perm=[0, 2, 1, 3])
+
+
+def _std_unheads(g, X):
+    """(B, n, S, d) -> (B, S, n·d) in standard ops."""
+    return g.Reshape(g.Transpose(X, perm=[0, 2, 1, 3]), g.ints([0, 0, -1]))
+
+
+def _std_dim(g, value, axis):
+    """Dimension ``axis`` of ``value`` as a 1-element int64 value."""
+    if axis == -1:
+        return g.Shape(value, start=-1, dtype="int64")
+    return g.Shape(value, start=axis, end=axis + 1, dtype="int64")
+
+
+@AttentionGrad.in_standard_ops
+def _(g, node):
+    # The kernel's recomputation and backward pass, step by step: heads, cache, shared
+    # heads (Expand), the additive bias and boolean frontiers, the guarded softmax
+    # (rows that attend nothing give zeros), then the MatMul and softmax-gradient products.
+    ins = list(node.inputs) + [""] * (11 - len(node.inputs))
+    dY, dPK, dPV, dQK, Q, K, V, mask, pk, pv, nonpad = ins
+    a = node.attrs
+    if bool(pk) != bool(pv):
+        return None
+    rank = g.rank(Q)
+    dtype = g.dtype(Q)
+    three_d = rank == 3
+    if rank not in (3, 4):
+        return None
+    if three_d:
+        hq, hk = a.get("q_num_heads"), a.get("kv_num_heads")
+        if hq is None or hk is None:
+            return None
+        hq, hk = int(hq), int(hk)
+        Q4, K4, V4 = _std_heads(g, Q, hq), _std_heads(g, K, hk), _std_heads(g, V, hk)
+        width = (g.shape(Q) or (None,) * 3)[2]
+        head = width // hq if isinstance(width, int) else None
+    else:
+        Q4, K4, V4 = Q, K, V
+        qs, ks = g.shape(Q) or (None,) * 4, g.shape(pk or K) or (None,) * 4
+        hq, hk, head = qs[1], ks[1], qs[3]
+    if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
+        return None
+    scale = a.get("scale")
+    if scale is None:
+        if not isinstance(head, int):
+            return None
+        scale = 1.0 / math.sqrt(head)
+    scale = float(scale)
+    Kp = g.Concat(pk, K4, axis=2) if pk else K4
+    Vp = g.Concat(pv, V4, axis=2) if pv else V4
+    reps = hq // hk
+
+    def shared(X):  # xp.repeat(X, reps, axis=1)
+        if reps == 1:
+            return X
+        big = g.Expand(g.Unsqueeze(X, g.ints([2])), g.ints([1, 1, reps, 1, 1]))
+        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hq]),
+                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
+        return g.Reshape(big, target)
+
+    Kr, Vr = shared(Kp), shared(Vp)
+    Lq = g.Shape(Q4, start=2, end=3, dtype="int64")
+    Lk = g.Shape(Kp, start=2, end=3, dtype="int64")
+
+    allowed, bias = None, None
+    mask_float = False
+    if mask:
+        mdtype = g.dtype(mask)
+        mask_float = mdtype.kind == "f"
+        mshape = std.tensor_shape(g, mask)
+        width = mshape[-1] if mshape else None
+        kshape, pshape = g.shape(K), (g.shape(pk) if pk else (0,) * 4)
+        keys = kshape[1 if three_d else 2] if kshape else None
+        if isinstance(keys, int) and pshape and isinstance(pshape[2], int):
+            keys += pshape[2]
+        pad_static = keys - width if isinstance(keys, int) and isinstance(width, int) else None
+        boolean = mdtype == np.dtype(bool)
+        m = mask
+        if not boolean and mdtype != dtype:  # an additive bias in the inputs' type
+            m = g.Cast(m, to=std.tensor_type(dtype), dtype=dtype)
+        if pad_static is None or pad_static > 0:  # keys past the mask's width: masked
+            fill = np.array([False]) if boolean else np.array([-np.inf], dtype=dtype)
+            pad = g.Sub(Lk, _std_dim(g, mask, -1), dtype="int64")
+            lead = g.Shape(mask, end=-1, dtype="int64")
+            block = g.ConstantOfShape(g.Concat(lead, pad, axis=0, dtype="int64"), value=fill,
+                                      dtype=fill.dtype)
+            m = g.Concat(m, block, axis=-1, dtype=fill.dtype)
+        if boolean:
+            allowed = m
+        else:
+            bias = m
+    zero64, one64 = std.i64(g, 0), std.i64(g, 1)
+    i = g.Unsqueeze(g.Range(zero64, g.Squeeze(Lq, g.ints([0])), one64, dtype="int64"),
+                    g.ints([1]))
+    j = g.Unsqueeze(g.Range(zero64, g.Squeeze(Lk, g.ints([0])), one64, dtype="int64"),
+                    g.ints([0]))
+    if nonpad:
+        lengths = g.Reshape(g.Cast(nonpad, to=std.tensor_type(np.int64), dtype="int64"),
+                            g.ints([-1, 1, 1, 1]))
+        offset = g.Sub(lengths, Lq, dtype="int64")
+    else:
+        offset = g.Shape(pk, start=2, end=3, dtype="int64") if pk else g.ints([0])
+    frontier = []
+    io = g.Add(i, offset, dtype="int64")
+    if a.get("is_causal", 0):
+        frontier.append(g.LessOrEqual(j, io, dtype="bool"))
+    left, right = a.get("left_window_size", -1), a.get("right_window_size", -1)
+    if left is not None and left >= 0:
+        frontier.append(g.LessOrEqual(g.Sub(io, j, dtype="int64"), std.i64(g, int(left)),
+                                      dtype="bool"))
+    if right is not None and right >= 0:
+        frontier.append(g.LessOrEqual(g.Sub(j, io, dtype="int64"), std.i64(g, int(right)),
+                                      dtype="bool"))
+    if nonpad:
+        frontier.append(g.Less(j, lengths, dtype="bool"))
+    for f in frontier:
+        allowed = f if allowed is None else g.And(allowed, f, dtype="bool")
+
+    def const(value, of=dtype):
+        return g.const(value, dtype=of)
+
+    root = const(dtype.type(math.sqrt(scale)))
+    Qs, Ks = g.Mul(Q4, root), g.Mul(Kr, root)
+    S0 = g.MatMul(Qs, g.Transpose(Ks, perm=[0, 1, 3, 2]))
+    softcap = float(a.get("softcap") or 0.0)
+    if softcap > 0:
+        cap = const(softcap)
+        S1 = g.Mul(cap, g.Tanh(g.Div(S0, cap)))
+    else:
+        S1 = S0
+    S = S1 if bias is None else g.Add(S1, bias)
+    if allowed is not None:
+        S = g.Where(allowed, S, const(-np.inf), dtype=dtype)
+    precision = a.get("softmax_precision")
+    work = S
+    wtype = dtype
+    if precision is not None:
+        wtype = np.dtype(ONNX_TYPES[int(precision)])
+        work = g.Cast(S, to=int(precision), dtype=wtype)
+    last = g.ints([-1])
+    top = g.ReduceMax(work, last, keepdims=1)
+    dead = g.Equal(top, const(-np.inf, wtype), dtype="bool")
+    e = g.Exp(g.Sub(work, g.Where(dead, const(0, wtype), top, dtype=wtype)))
+    total = g.ReduceSum(e, last, keepdims=1)
+    P = g.Div(e, g.Where(g.Equal(total, const(0, wtype), dtype="bool"), const(1, wtype),
+                         total, dtype=wtype))
+    if wtype != dtype:
+        P = g.Cast(P, to=std.tensor_type(dtype), dtype=dtype)
+    P = g.Where(dead, const(0), P, dtype=dtype)
+
+    dY4 = _std_heads(g, dY, hq) if three_d else dY
+    dP = g.MatMul(dY4, g.Transpose(Vr, perm=[0, 1, 3, 2]))
+    dVr = g.MatMul(g.Transpose(P, perm=[0, 1, 3, 2]), dY4)
+    mode = int(a.get("qk_matmul_output_mode", 0))
+    if dQK and g.dtype(dQK) != dtype:
+        dQK = g.Cast(dQK, to=std.tensor_type(dtype), dtype=dtype)
+    if dQK and mode == 3:
+        dP = g.Add(dP, dQK)
+    dS = g.Mul(P, g.Sub(dP, g.ReduceSum(g.Mul(dP, P), last, keepdims=1)))
+    if dQK and mode == 2:
+        keep = allowed
+        if bias is not None:
+            finite = g.Not(g.Or(g.IsInf(bias, dtype="bool"), g.IsNaN(bias, dtype="bool"),
+                                dtype="bool"), dtype="bool")
+            keep = finite if keep is None else g.And(keep, finite, dtype="bool")
+        add = dQK if keep is None else g.Where(keep, dQK, const(0), dtype=dtype)
+        dS = g.Add(dS, add)
+    dS1 = g.Add(dS, dQK) if dQK and mode in (0, 1) else dS
+    dS0 = dS1
+    if softcap > 0:
+        t = g.Div(S1, const(softcap))
+        dS0 = g.Mul(dS1, g.Sub(const(1), g.Mul(t, t)))
+    dQ4 = g.Mul(g.MatMul(dS0, Ks), root)
+    dKr = g.Mul(g.MatMul(g.Transpose(dS0, perm=[0, 1, 3, 2]), Qs), root)
+
+    def collect(X):  # shared heads sum the gradients of their query heads
+        if reps == 1:
+            return X
+        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hk, reps]),
+                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
+        return g.ReduceSum(g.Reshape(X, target), g.ints([2]), keepdims=0)
+
+    dKp, dVp = collect(dKr), collect(dVr)
+    if dPK:
+        dKp = g.Add(dKp, dPK)
+    if dPV:
+        dVp = g.Add(dVp, dPV)
+    two = g.ints([2])
+    if pk:
+        past = g.Shape(pk, start=2, end=3, dtype="int64")
+        dK4 = g.Slice(dKp, past, g.ints([std.END]), two)
+        dV4 = g.Slice(dVp, past, g.ints([std.END]), two)
+        dPastK = g.Slice(dKp, g.ints([0]), past, two)
+        dPastV = g.Slice(dVp, g.ints([0]), past, two)
+    else:
+        dK4, dV4, dPastK, dPastV = dKp, dVp, None, None
+    if three_d:
+        dQ, dK, dV = _std_unheads(g, dQ4), _std_unheads(g, dK4), _std_unheads(g, dV4)
+    else:
+        dQ, dK, dV = dQ4, dK4, dV4
+    dMask = None
+    if mask_float:
+        dB = g.Slice(dS, g.ints([0]), _std_dim(g, mask, -1), g.ints([-1]))
+        dB = g.private("SumToShape", dB, g.Shape(mask, dtype="int64"), dtype=dtype)
+        if g.dtype(mask) != dtype:
+            dB = g.Cast(dB, to=std.tensor_type(g.dtype(mask)), dtype=g.dtype(mask))
+        dMask = dB
+    return (dQ, dK, dV, dMask, dPastK, dPastV)

@@ -13,14 +13,19 @@ interpolation stencil.
 The private ``GridSampleGrad`` walks the same stencil: it adds ``dY`` times
 each tap's weight into ``dX`` and, for ``grid``, differentiates the tap
 weights (zero for nearest, and where border padding clamps a coordinate).
-``AffineGridGrad`` contracts the grid's gradient with the base grid.
+``AffineGridGrad`` contracts the grid's gradient with the base grid; its
+standard form does so with a MatMul against the base grid as a constant, where
+the grid's spatial shape is static.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np  # host constants for attributes
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.indexing import _scatter_add
 from onnxgrad.ops.registry import op
 
@@ -252,3 +257,21 @@ def AffineGridGrad(xp, dgrid, *, align_corners=0):
     dtheta = xp.einsum("npj,pk->njk", dgrid.reshape(dgrid.shape[0], -1, nd).astype(xp.float64),
                        flat)
     return (dtheta.astype(dgrid.dtype),)
+
+
+@AffineGridGrad.in_standard_ops
+def _(g, node):
+    # The base grid is a float64 constant where the grid's spatial shape is static
+    # (None where it is not): dtheta = dgrid (N, P, nd)ᵀ · base (P, nd + 1), in float64.
+    (dgrid,) = node.inputs
+    shape = g.shape(dgrid)
+    if shape is None or len(shape) not in (4, 5) or not all(
+            isinstance(d, int) for d in shape[1:]):
+        return None
+    nd = shape[-1]
+    base = g.const(_base_grid(np, shape[1:-1], node.attrs.get("align_corners", 0)),
+                   dtype=np.float64)
+    flat = g.Reshape(g.Cast(dgrid, to=std.tensor_type(np.float64), dtype=np.float64),
+                     g.ints([0, -1, nd]))
+    dtheta = g.MatMul(g.Transpose(flat, perm=[0, 2, 1]), base)
+    return (g.Cast(dtheta, to=std.tensor_type(g.dtype(dgrid)), dtype=g.dtype(dgrid)),)

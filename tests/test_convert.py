@@ -34,19 +34,20 @@ REF = ROOT / "tests" / "reference"
 
 #: Private ops whose standard form is not written yet: converting a model whose
 #: training graph holds one fails with a message that names it.
-NOT_YET = {"AttentionGrad", "CausalConvWithStateGrad"}
+NOT_YET = {"CausalConvWithStateGrad"}
 
 #: Ops of the other sample databases (tests/op_db_transformer.py, the node-suite ops of
 #: tests/test_more_ops.py) whose gradients pass through private kernels; their samples
 #: join op_db's and op_db_cnn's here.
 MORE_OPS = {"Einsum", "Max", "Min", "GatherND", "CumProd", "TensorScatter", "ReduceMax",
             "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare",
-            "ReduceProd", "ReduceLogSum", "LpPool", "MaxUnpool", "RotaryEmbedding", "SwiGLU"}
+            "ReduceProd", "ReduceLogSum", "LpPool", "MaxUnpool", "RotaryEmbedding", "SwiGLU",
+            "Attention"}
 
 #: Ops of tests/test_vision_gradients.py and tests/test_more_gradients.py whose gradients
 #: have a standard form.
 VISION_OPS = {"LRN", "MeanVarianceNormalization", "Det", "Compress", "Col2Im",
-              "GlobalLpPool", "DequantizeLinear"}
+              "GlobalLpPool", "DequantizeLinear", "AffineGrid"}
 
 
 def _session(proto):
@@ -67,7 +68,9 @@ def _more_samples():
     import test_vision_gradients
     from op_db import Sample
 
-    found = [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol)
+    # an absent input, (None, None) there, is (None, (kind, value)) in op_db's format
+    found = [Sample(s.op, [(n, spec or ("float", 0.0)) for n, spec in s.inputs], s.attrs,
+                    s.opset, tol=s.tol)
              for s in op_db_transformer.SAMPLES
              if s.op in MORE_OPS and s.outputs == 1 and s.grad]
     found += [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol)
@@ -141,6 +144,67 @@ def test_one_step_moves_weights_by_the_gradient(sample):
         got = _run(_session(step), feeds)
     else:
         got = onnxgrad.load(step).run(feeds)
+    for name in names:
+        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+def _attention_multi_output_cases():
+    """Attention samples whose loss reads present_key/present_value or qk_matmul_output
+    too (tests/test_remaining_gradients.py, tests/op_db_transformer.py): the outputs the
+    loss reads, their -inf entries (masked) left out of it."""
+    import op_db_transformer
+    import test_remaining_gradients as rg
+
+    cases = [(s, tuple(range(4))) for s in rg.FINITE] + list(rg.MASKED)
+    cases += [(s, tuple(range(s.outputs))) for s in op_db_transformer.SAMPLES
+              if s.op == "Attention" and s.outputs > 1 and s.grad]
+    return cases
+
+
+@pytest.mark.parametrize("case", _attention_multi_output_cases(),
+                         ids=lambda c: f"{c[0].id}-out{''.join(map(str, c[1]))}")
+def test_attention_outputs_in_onnxruntime(case):
+    """AttentionGrad with gradients from its cache and qk_matmul_output outputs: one SGD
+    step (lr 1) of the step model moves Q, K, V, a float mask and the cache by exactly
+    onnxgrad's gradients."""
+    from test_transformer_ops import make_model, materialize
+
+    sample, outputs = case
+    arrays = materialize(sample, np.float32)
+    names = [n for n, spec in sample.inputs if n is not None and spec[0] == "real"]
+    ins = ["" if n is None else n for n, _ in sample.inputs]
+    outs = [f"y{k}" if k in outputs or k == 0 else "" for k in range(max(outputs) + 1)]
+    forward = onnxgrad.load(make_model(sample, arrays, set(arrays)))  # every output
+    ys = forward.run(dict(arrays), outputs=[f"y{k}" for k in outputs])
+    rng = np.random.default_rng(len(sample.id))
+    nodes, terms, inits = [helper.make_node("Attention", ins, outs, **sample.attrs)], [], []
+    for k in outputs:
+        y = f"y{k}"
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal(ys[y].shape).astype(np.float32), f"U_{y}"))
+        nodes += [helper.make_node("IsInf", [y], [f"{y}_inf"]),
+                  helper.make_node("Where", [f"{y}_inf", "zero", y], [f"{y}_fin"]),
+                  helper.make_node("Mul", [f"{y}_fin", f"U_{y}"], [f"{y}_u"]),
+                  helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
+        terms.append(f"{y}_t")
+    nodes.append(helper.make_node("Sum", terms, ["loss"]))
+    graph = helper.make_graph(
+        nodes, "l", [], [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()] + inits
+        + [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", sample.opset)])
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
+    want = trainer.gradients({}, None)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=names)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    if _refused_by_onnxruntime(proto, {}) is None:
+        got = _run(_session(step), {})
+    else:
+        got = onnxgrad.load(step).run({})
     for name in names:
         moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
         scale = max(np.abs(want[name]).max(), 1.0)

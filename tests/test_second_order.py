@@ -27,7 +27,25 @@ PREVIEW = "ai.onnx.preview.training"
 SAMPLES = [(s, gc.differentiable_inputs(s)[0]) for s in gc.all_samples()
            if gc.differentiable_inputs(s) and gc.definition(s).rule is not None and not s.tol
            and s.opset >= 7]
-#: Samples whose second derivative is exact, at least: 715 of 731 when this was written
+
+
+def _attention_samples():
+    """Attention's one-output samples of tests/op_db_transformer.py in op_db's format
+    (an absent input, (None, None) there, is (None, (kind, value))): AttentionGrad is
+    differentiated again through its standard form, for Q, K and V."""
+    import op_db_transformer
+    from op_db import Sample
+
+    found = [Sample(s.op, [(n, spec or ("float", 0.0)) for n, spec in s.inputs], s.attrs,
+                    s.opset, tol=s.tol)
+             for s in op_db_transformer.SAMPLES
+             if s.op == "Attention" and s.outputs == 1 and s.grad]
+    return [(s, n) for s in found for n in gc.differentiable_inputs(s)[:3]]
+
+
+SAMPLES += _attention_samples()
+
+#: Samples whose second derivative is exact, at least: 748 of 764 when this was written
 #: (the others need the opset-1 softmax gradients again).
 EXACT_FLOOR = 700
 
