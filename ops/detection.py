@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np  # host constants for attributes
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.indexing import _scatter_add
 from onnxgrad.ops.registry import op
 
@@ -313,3 +316,68 @@ def MaxRoiPoolGrad(xp, dY, X, rois, *, pooled_shape, spatial_scale=1.0):
         width = cols.stop - cols.start
         dX[b, channels, rows.start + first // width, cols.start + first % width] += dY[r, :, i, j]
     return (dX,)
+
+
+@MaxRoiPoolGrad.in_standard_ops
+def _(g, node):
+    # Every bin's window as a mask over the whole image (bins in float64, as the kernel
+    # rounds them), its first maximum (row-major) as the ArgMax of "in the window and equal
+    # to its max", and dY added there with ScatterElements.  X's shape must be static.
+    dY, X, rois = node.inputs
+    xs = std.tensor_shape(g, X)
+    pooled = node.attrs.get("pooled_shape")
+    if (xs is None or len(xs) != 4 or not all(isinstance(d, int) and d > 0 for d in xs)
+            or pooled is None or len(pooled) != 2):
+        return None
+    n, c, height, width = xs
+    ph, pw = (int(v) for v in pooled)
+    scale = float(node.attrs.get("spatial_scale", 1.0))
+    f64, i64 = np.float64, np.int64
+
+    def k(v):
+        return g.const(float(v), f64)
+
+    r64 = g.Cast(rois, to=std.tensor_type(f64), dtype=f64)
+    column = [g.Gather(r64, g.const(j, i64), axis=1) for j in range(5)]       # (R,)
+    x0, y0, x1, y1 = (g.Mul(g.Sign(v), g.Floor(g.Add(g.Abs(v), k(0.5))))
+                      for v in (g.Mul(col, k(scale)) for col in column[1:]))
+    bin_h = g.Div(g.Max(g.Add(g.Sub(y1, y0), k(1)), k(1)), k(ph))
+    bin_w = g.Div(g.Max(g.Add(g.Sub(x1, x0), k(1)), k(1)), k(pw))
+
+    def edges(bins, size, start, limit, shape):
+        at = g.const(np.arange(size, dtype=f64).reshape(shape), f64)      # bin numbers
+        b = g.Unsqueeze(bins, g.ints([1, 2]))
+        s = g.Unsqueeze(start, g.ints([1, 2]))
+        lo = g.Clip(g.Add(g.Floor(g.Mul(at, b)), s), k(0), k(limit))
+        hi = g.Clip(g.Add(g.Ceil(g.Mul(g.Add(at, k(1)), b)), s), k(0), k(limit))
+        return lo, hi                                                        # (R, ph|1, pw|1)
+
+    hs, he = edges(bin_h, ph, y0, height, (1, ph, 1))
+    ws, we = edges(bin_w, pw, x0, width, (1, 1, pw))
+    rows = g.const(np.arange(height, dtype=f64).reshape(1, 1, 1, height, 1), f64)
+    cols = g.const(np.arange(width, dtype=f64).reshape(1, 1, 1, 1, width), f64)
+
+    def inside(lo, hi, at):
+        lo, hi = g.Unsqueeze(lo, g.ints([3, 4])), g.Unsqueeze(hi, g.ints([3, 4]))
+        return g.And(g.GreaterOrEqual(at, lo), g.Less(at, hi))
+
+    window = g.And(inside(hs, he, rows), inside(ws, we, cols))           # (R, ph, pw, H, W)
+    window = g.Unsqueeze(window, g.ints([1]))                             # (R, 1, ph, pw, H, W)
+    batch = g.Cast(column[0], to=std.tensor_type(i64), dtype=i64)        # (R,)
+    image = g.Unsqueeze(g.Gather(X, batch, axis=0), g.ints([2, 3]))       # (R, C, 1, 1, H, W)
+    low = g.const(-np.inf, g.dtype(X))
+    peak = g.ReduceMax(g.Where(window, image, low), g.ints([4, 5]), keepdims=1)
+    first = g.And(window, g.Equal(image, peak))
+    flat = g.Cast(first, to=std.tensor_type(f64), dtype=f64)
+    flat = g.Reshape(flat, g.ints([0, 0, 0, 0, height * width]))
+    arg = g.ArgMax(flat, axis=-1, keepdims=0)                             # (R, C, ph, pw)
+    nonempty = g.And(g.Greater(he, hs), g.Greater(we, ws))               # (R, ph, pw)
+    updates = g.Mul(dY, g.Unsqueeze(g.Cast(nonempty, to=std.tensor_type(g.dtype(dY)),
+                                           dtype=g.dtype(dY)), g.ints([1])))
+    plane = g.Add(g.Mul(g.Unsqueeze(batch, g.ints([1])), g.const(c, i64)),
+                  g.const(np.arange(c, dtype=i64).reshape(1, c), i64))   # (R, C)
+    index = g.Add(g.Mul(g.Unsqueeze(plane, g.ints([2, 3])), g.const(height * width, i64)), arg)
+    dX = std.zeros(g, g.ints([n * c * height * width]), dY)
+    dX = g.ScatterElements(dX, g.Reshape(index, g.ints([-1])), g.Reshape(updates, g.ints([-1])),
+                           axis=0, reduction="add")
+    return (g.Reshape(dX, g.ints([n, c, height, width])),)

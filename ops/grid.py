@@ -275,3 +275,174 @@ def _(g, node):
                      g.ints([0, -1, nd]))
     dtheta = g.MatMul(g.Transpose(flat, perm=[0, 2, 1]), base)
     return (g.Cast(dtheta, to=std.tensor_type(g.dtype(dgrid)), dtype=g.dtype(dgrid)),)
+
+
+# -- GridSampleGrad in standard ops ---------------------------------------------------------------
+# The kernel's stencil written as graph nodes, in float64 (as the kernel computes): per spatial
+# axis the taps' indices (as float64 integers), masks, weights and slopes; per corner of the
+# stencil one Gather of X (channels last, flattened to (N·pixels, C)) for dgrid and one
+# ScatterND-add into dX.  The shapes of X and grid must be static.
+
+def _g_reflect(g, x, low: float, high: float, slope: bool = False):
+    """:func:`_reflect` in graph nodes (float64 ``x``)."""
+    f64 = np.float64
+    span = high - low
+    if span <= 0:
+        folded = g.Add(g.Mul(x, g.const(0.0, f64)), g.const(low, f64))
+        return (folded, g.Mul(x, g.const(0.0, f64))) if slope else folded
+    below, above = g.Less(x, g.const(low, f64)), g.Greater(x, g.const(high, f64))
+    d = g.Where(below, g.Sub(g.const(low, f64), x), g.Sub(x, g.const(high, f64)))
+    n = g.Floor(g.Div(d, g.const(span, f64)))  # d >= 0 wherever the result reads it
+    r = g.Sub(d, g.Mul(n, g.const(span, f64)))
+    even = g.Equal(g.Mod(n, g.const(2.0, f64), fmod=1), g.const(0.0, f64))
+    up, down = g.Add(g.const(low, f64), r), g.Sub(g.const(high, f64), r)
+    folded = g.Where(below, g.Where(even, up, down), g.Where(above, g.Where(even, down, up), x))
+    if not slope:
+        return folded
+    flip = g.And(g.Or(below, above), even)
+    return folded, g.Where(flip, g.const(-1.0, f64), g.const(1.0, f64))
+
+
+def _g_poly(g, t, coeffs):
+    """Σ coeffs[k] · t^k by Horner (highest first), float64."""
+    acc = g.const(float(coeffs[0]), np.float64)
+    for c in coeffs[1:]:
+        acc = g.Add(g.Mul(acc, t), g.const(float(c), np.float64))
+    return acc
+
+
+def _g_cubic(g, t):
+    """:func:`_cubic` and :func:`_cubic_slopes` in graph nodes: (weights, slopes)."""
+    one = g.const(1.0, np.float64)
+    near = [_A + 2, -(_A + 3), 0.0, 1.0]            # in s, |s| <= 1
+    far = [_A, -5 * _A, 8 * _A, -4 * _A]            # in s, 1 < |s| < 2
+    dnear = [3 * (_A + 2), -2 * (_A + 3), 0.0]
+    dfar = [3 * _A, -10 * _A, 8 * _A]
+    s = [g.Add(t, one), t, g.Sub(one, t), g.Sub(g.const(2.0, np.float64), t)]
+    weights = [_g_poly(g, s[0], far), _g_poly(g, s[1], near), _g_poly(g, s[2], near),
+               _g_poly(g, s[3], far)]
+    slopes = [_g_poly(g, s[0], dfar), _g_poly(g, s[1], dnear),
+              g.Neg(_g_poly(g, s[2], dnear)), g.Neg(_g_poly(g, s[3], dfar))]
+    return weights, slopes
+
+
+def _g_fix_index(g, idx, size, low, high, padding_mode):
+    """:func:`_fix_index` on float64 integer indices: (index, mask or None)."""
+    f64 = np.float64
+    zero, top = g.const(0.0, f64), g.const(float(size - 1), f64)
+    if padding_mode == "zeros":
+        valid = g.And(g.GreaterOrEqual(idx, zero), g.Less(idx, g.const(float(size), f64)))
+        return g.Clip(idx, zero, top), valid
+    if padding_mode == "border":
+        return g.Clip(idx, zero, top), None
+    # trunc then clip at 0 equals floor then clip at 0
+    return g.Clip(g.Floor(_g_reflect(g, idx, low, high)), zero, top), None
+
+
+def _g_stencil(g, grid64, dims, align_corners, mode, padding_mode):
+    """:func:`_stencil` in graph nodes: per axis, taps (index, mask, weight, slope)."""
+    f64 = np.float64
+    nd = len(dims)
+    taps_per_axis = []
+    for i, size in enumerate(dims):
+        n = g.Gather(grid64, g.const(nd - 1 - i, np.int64), axis=-1)
+        one = g.const(1.0, f64)
+        if align_corners:
+            x = g.Mul(g.Div(g.Add(n, one), g.const(2.0, f64)), g.const(float(size - 1), f64))
+        else:
+            x = g.Div(g.Sub(g.Mul(g.Add(n, one), g.const(float(size), f64)), one),
+                      g.const(2.0, f64))
+        dx = g.const((size - 1) / 2.0 if align_corners else size / 2.0, f64)
+        low, high = (0.0, size - 1.0) if align_corners else (-0.5, size - 0.5)
+        if mode == "nearest":
+            x = g.Round(x)
+        if padding_mode == "border":
+            outside = g.Or(g.Less(x, g.const(low, f64)), g.Greater(x, g.const(high, f64)))
+            x = g.Where(outside, g.Clip(x, g.const(0.0, f64), g.const(float(size - 1), f64)), x)
+            dx = g.Where(outside, g.const(0.0, f64), dx)
+        elif padding_mode == "reflection":
+            x, fold = _g_reflect(g, x, low, high, slope=True)
+            dx = g.Mul(dx, fold)
+        if mode == "nearest":  # x is whole here (border clips to whole bounds)
+            taps = [(x, None, None)]
+        else:
+            base = g.Floor(x)
+            t = g.Sub(x, base)
+            if mode == "linear":
+                taps = [(base, g.Sub(one, t), g.Neg(dx)), (g.Add(base, one), t, dx)]
+            else:
+                weights, slopes = _g_cubic(g, t)
+                taps = [(g.Add(base, g.const(float(k - 1), f64)), w, g.Mul(s, dx))
+                        for k, (w, s) in enumerate(zip(weights, slopes))]
+        taps_per_axis.append([_g_fix_index(g, idx, size, low, high, padding_mode) + (w, s)
+                              for idx, w, s in taps])
+    return taps_per_axis
+
+
+@GridSampleGrad.in_standard_ops
+def _(g, node):
+    dY, X, grid = node.inputs
+    attrs = node.attrs
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(attrs.get("mode", "linear"),
+                                                          attrs.get("mode", "linear"))
+    padding_mode = attrs.get("padding_mode", "zeros")
+    align_corners = attrs.get("align_corners", 0)
+    xs, gs = std.tensor_shape(g, X), std.tensor_shape(g, grid)
+    if (mode not in ("nearest", "linear", "cubic")
+            or padding_mode not in ("zeros", "border", "reflection")
+            or xs is None or gs is None or len(xs) < 3 or len(gs) != len(xs)
+            or not all(isinstance(d, int) and d > 0 for d in xs + gs)
+            or gs[-1] != len(xs) - 2 or gs[0] != xs[0]):
+        return None
+    f64 = np.float64
+    n, c, dims = xs[0], xs[1], list(xs[2:])
+    nd = len(dims)
+    pixels = int(np.prod(dims))
+    to64 = std.tensor_type(f64)
+    grid64 = g.Cast(grid, to=to64, dtype=f64)
+    perm = [0] + list(range(2, nd + 2)) + [1]                       # channels last
+    data = g.Reshape(g.Cast(g.Transpose(X, perm=perm), to=to64, dtype=f64),
+                     g.ints([n * pixels, c]))
+    dy = g.Cast(g.Transpose(dY, perm=perm), to=to64, dtype=f64)     # (N, *out, C)
+    strides = [int(np.prod(dims[k + 1:])) for k in range(nd)]
+    batch = g.const((np.arange(n) * pixels).reshape((n,) + (1,) * nd).astype(f64), f64)
+    dX = std.zeros(g, g.ints([n * pixels, c]), data)
+    totals = [None] * nd                                              # per X axis
+    stencil = _g_stencil(g, grid64, dims, align_corners, mode, padding_mode)
+    for combo in itertools.product(*stencil):
+        position, weight, inside = batch, None, None
+        for (idx, valid, w, _), stride in zip(combo, strides):
+            position = g.Add(position, g.Mul(idx, g.const(float(stride), f64)))
+            if w is not None:
+                weight = w if weight is None else g.Mul(weight, w)
+            if valid is not None:
+                inside = valid if inside is None else g.And(inside, valid)
+        position = g.Cast(position, to=std.tensor_type(np.int64), dtype=np.int64)
+        mask = None if inside is None else g.Cast(inside, to=to64, dtype=f64)
+        share = weight
+        if mask is not None:
+            share = mask if share is None else g.Mul(share, mask)
+        updates = dy if share is None else g.Mul(dy, g.Unsqueeze(share, g.ints([-1])))
+        dX = g.ScatterND(dX, g.Unsqueeze(position, g.ints([-1])), updates, reduction="add")
+        if mode == "nearest":
+            continue
+        value = g.ReduceSum(g.Mul(dy, g.Gather(data, position, axis=0)), g.ints([-1]),
+                            keepdims=0)                               # (N, *out)
+        if mask is not None:
+            value = g.Mul(value, mask)
+        for i, (_, _, _, slope) in enumerate(combo):
+            others = g.Mul(value, slope)
+            for j, (_, _, w, _) in enumerate(combo):
+                if j != i:
+                    others = g.Mul(others, w)
+            totals[i] = others if totals[i] is None else g.Add(totals[i], others)
+    dX = g.Reshape(dX, g.ints([n] + dims + [c]))
+    dX = g.Transpose(dX, perm=[0, nd + 1] + list(range(1, nd + 1)))
+    dX = g.Cast(dX, to=std.tensor_type(g.dtype(X)), dtype=g.dtype(X))
+    if mode == "nearest":
+        dgrid = std.zeros(g, g.ints(gs), grid)
+    else:
+        columns = [g.Unsqueeze(totals[nd - 1 - k], g.ints([-1])) for k in range(nd)]
+        dgrid = columns[0] if nd == 1 else g.Concat(*columns, axis=-1)
+        dgrid = g.Cast(dgrid, to=std.tensor_type(g.dtype(grid)), dtype=g.dtype(grid))
+    return dX, dgrid

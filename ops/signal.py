@@ -10,14 +10,20 @@ complex-linear map ``A`` (an inverse transform for a forward one, with the
 padding or truncation to ``dft_length`` undone), and for a one-sided inverse
 (``irfft``, whose input's bins other than the first and the Nyquist ones count
 twice through their Hermitian mirror images) the weighted one-sided transform.
-A real input's gradient is the real part.
+A real input's gradient is the real part.  Their standard forms (for ``onnxgrad convert``
+and second-order gradients) are the same adjoints in ONNX's own DFT, with the frames of
+STFT gathered and overlap-added by ScatterND; they need the lengths static.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np  # host constants of the standard forms only (weights, frame indices)
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
+from onnxgrad.ops.reduce import constant_value
 from onnxgrad.ops.registry import op
 
 
@@ -127,6 +133,76 @@ def DFTGrad(xp, dY, input_shape, dft_length=None, axis=None, *, inverse=0, onesi
     return (_gradient_of(xp, _fit(xp, grad, shape[axis], axis), shape[-1], dY.dtype),)
 
 
+def _work_type(g, value: str):
+    """The precision the kernels transform ``value`` in: float32 stays single, anything
+    else runs in double (as ``_complex``); None where the element type is unknown."""
+    dtype = g.graph.dtype(value)
+    if dtype is None:
+        return None
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
+
+
+def _to(g, value: str, dtype) -> str:
+    """``value`` cast to ``dtype`` (itself where it already is)."""
+    if g.dtype(value) == np.dtype(dtype):
+        return value
+    return g.Cast(value, to=std.tensor_type(dtype), dtype=dtype)
+
+
+def _standard_dft(g, x: str, n: int, axis: int, inverse: int = 0, onesided: int = 0) -> str:
+    """ONNX DFT of ``x`` along ``axis`` in the graph's own opset: from opset 20 the axis
+    is an input, before it an attribute (step models keep the graph's opset, 18 at least)."""
+    if max(g.graph.opsets.get("", 0), g.graph.opsets.get("ai.onnx", 0)) >= 20:
+        return g.DFT(x, std.i64(g, n), std.i64(g, axis), inverse=inverse, onesided=onesided)
+    out = g.DFT(x, std.i64(g, n), axis=axis, inverse=inverse, onesided=onesided)
+    g.graph.nodes[-1].opset = 17  # the node just appended: run by DFT-17's definition
+    return out
+
+
+@DFTGrad.in_standard_ops
+def _(g, node):
+    """The kernel's adjoint as one standard DFT of the other direction, scaled (weighted
+    for a one-sided inverse), fitted to the input's length along the axis and reduced to
+    its real part for a real input.  Needs the input's rank, its length along the axis
+    and its last axis static, and ``dft_length`` and ``axis`` constant."""
+    dY, input_shape, dft_length, axis = (list(node.inputs) + ["", ""])[:4]
+    shape = std.shape_value(g, input_shape)
+    length = constant_value(g, dft_length) if dft_length else None
+    a = constant_value(g, axis) if axis else np.array(-2)
+    if shape is None or a is None or (dft_length and length is None):
+        return None
+    inverse, onesided = node.attrs.get("inverse", 0), node.attrs.get("onesided", 0)
+    axis, n = _dft_geometry(shape, length, _scalar_int(a), inverse, onesided)
+    if not isinstance(shape[axis], int) or shape[-1] not in (1, 2) or n < 1:
+        return None
+    work = _work_type(g, dY)
+    if work is None:
+        return None
+    dz = _to(g, dY, work)
+    if inverse and onesided:  # y = irfft(x): the weighted one-sided transform of dY
+        weight = np.full(n // 2 + 1, 2.0 / n)
+        weight[0] = 1.0 / n
+        if n % 2 == 0:
+            weight[-1] = 1.0 / n
+        weight = weight.astype(work).reshape([n // 2 + 1] + [1] * (len(shape) - 1 - axis))
+        grad = g.Mul(_standard_dft(g, dz, n, axis, onesided=1), g.const(weight, dtype=work))
+        got = n // 2 + 1
+    elif inverse:  # y = conj(F) x / n
+        grad = g.Div(_standard_dft(g, dz, n, axis), g.const(n, dtype=work))
+        got = n
+    else:  # y = F x: dY (zero-padded past a one-sided spectrum) transformed back
+        grad = g.Mul(_standard_dft(g, dz, n, axis, inverse=1), g.const(n, dtype=work))
+        got = n
+    want = shape[axis]
+    if got > want:
+        grad = g.Slice(grad, g.ints([0]), g.ints([want]), g.ints([axis]))
+    elif got < want:
+        grad = g.Pad(grad, g.ints([0, want - got]), None, g.ints([axis]), mode="constant")
+    if shape[-1] == 1:
+        grad = g.Slice(grad, g.ints([0]), g.ints([1]), g.ints([-1]))
+    return (_to(g, grad, g.dtype(dY)),)
+
+
 def _stft_frames(signal_length: int, step: int, length: int):
     """The start of each frame."""
     frames = 1 + (signal_length - length) // step
@@ -184,6 +260,58 @@ def STFTGrad(xp, dY, signal, frame_step, window=None, frame_length=None, *, ones
     for f, start in enumerate(starts):  # overlapping frames add up
         dz[:, start:start + length] += dframe[:, f]
     return (_gradient_of(xp, dz, signal.shape[-1], signal.dtype), dwindow)
+
+
+@STFTGrad.in_standard_ops
+def _(g, node):
+    """Each frame's gradient by one standard inverse DFT (scaled), the window's gradient
+    as a sum over frames gathered from the signal, and the overlap-add as one ScatterND
+    that adds the frames' samples into zeros.  Needs the signal's length and last axis
+    static and ``frame_step`` and the frame length constant."""
+    dY, signal, frame_step, window, frame_length = (list(node.inputs) + ["", ""])[:5]
+    shape = std.tensor_shape(g, signal)
+    step = constant_value(g, frame_step)
+    if frame_length:
+        length = constant_value(g, frame_length)
+        length = None if length is None else _scalar_int(length)
+    else:
+        length = (std.tensor_shape(g, window) or (None,))[0] if window else None
+    if shape is None or len(shape) != 3 or step is None or not isinstance(length, int):
+        return None
+    samples, last = shape[1], shape[2]
+    step = _scalar_int(step)
+    if not isinstance(samples, int) or last not in (1, 2) or step < 1 or length < 1:
+        return None
+    frames = 1 + (samples - length) // step
+    if frames < 1:
+        return None
+    work = _work_type(g, signal)
+    if work is None or g.graph.dtype(dY) is None or (window and g.graph.dtype(window) is None):
+        return None
+    # [batch, frames, length, 2]: the adjoint of each frame's (one-sided) transform
+    dframe = g.Mul(_standard_dft(g, _to(g, dY, work), length, 2, inverse=1),
+                   g.const(length, dtype=work))
+    starts = np.arange(frames, dtype=np.int64) * step
+    index = starts[:, None] + np.arange(length, dtype=np.int64)[None, :]  # [frames, length]
+    if window:
+        framed = g.Gather(_to(g, signal, work), g.const(index, dtype=np.int64), axis=1)
+        part = dframe if last == 2 else g.Slice(dframe, g.ints([0]), g.ints([1]), g.ints([3]))
+        dwindow = g.ReduceSum(g.Mul(part, framed), g.ints([0, 1, 3]), keepdims=0)
+        dwindow = _to(g, dwindow, g.dtype(window))
+        dframe = g.Mul(dframe, g.Unsqueeze(_to(g, window, work), g.ints([1])))
+    else:
+        dwindow = g.const(np.zeros((0,), dtype=g.dtype(signal)), dtype=g.dtype(signal))
+    # overlap-add: [frames * length, batch, 2] added into zeros of [samples, batch, 2]
+    updates = g.Transpose(g.Reshape(dframe, g.ints([0, frames * length, 2])), perm=[1, 0, 2])
+    batch = g.Shape(signal, start=0, end=1, dtype="int64")
+    zeros = std.zeros(g, g.Concat(g.ints([samples]), batch, g.ints([2]), axis=0,
+                                  dtype="int64"), updates)
+    added = g.ScatterND(zeros, g.const(index.reshape(-1, 1), dtype=np.int64), updates,
+                        reduction="add")
+    dz = g.Transpose(added, perm=[1, 0, 2])
+    if last == 1:
+        dz = g.Slice(dz, g.ints([0]), g.ints([1]), g.ints([2]))
+    return (_to(g, dz, g.dtype(signal)), dwindow)
 
 
 # -- windows --------------------------------------------------------------------------------

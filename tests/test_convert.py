@@ -47,7 +47,8 @@ MORE_OPS = {"Einsum", "Max", "Min", "GatherND", "CumProd", "TensorScatter", "Red
 #: Ops of tests/test_vision_gradients.py and tests/test_more_gradients.py whose gradients
 #: have a standard form.
 VISION_OPS = {"LRN", "MeanVarianceNormalization", "Det", "Compress", "Col2Im",
-              "GlobalLpPool", "DequantizeLinear", "AffineGrid"}
+              "GlobalLpPool", "DequantizeLinear", "AffineGrid", "GridSample",
+              "MaxRoiPool"}
 
 
 def _session(proto):
@@ -73,10 +74,21 @@ def _more_samples():
                     s.opset, tol=s.tol)
              for s in op_db_transformer.SAMPLES
              if s.op in MORE_OPS and s.outputs == 1 and s.grad]
-    found += [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol)
+    def inputs(s):  # op_db_transformer's "unit" kind (in [-0.9, 0.9]) as fixed floats
+        rng = np.random.default_rng(0)
+        return [(n, ("float", rng.uniform(-0.9, 0.9, spec[1]).tolist()))
+                if spec and spec[0] == "unit" else (n, spec) for n, spec in s.inputs]
+
+    found += [Sample(s.op, inputs(s), s.attrs, s.opset, tol=s.tol)
               for s in test_vision_gradients.SAMPLES + test_more_gradients.SAMPLES
               if s.op in VISION_OPS and s.outputs == 1 and s.grad]
     found += [s for s in test_more_ops.SAMPLES if s.op in MORE_OPS]
+    # DFT and STFT (tests/test_signal_attention_gradients.py, op_db_transformer's format)
+    import test_signal_attention_gradients as signal
+
+    found += [Sample(s.op, [(n, spec or ("float", 0.0)) for n, spec in s.inputs], s.attrs,
+                     s.opset, tol=s.tol)
+              for s in signal.SIGNAL_SAMPLES if s.outputs == 1 and s.grad]
     # MaxPool with storage_order 1: its gradient recomputes the argmax (MaxPoolGrad)
     found += [Sample("MaxPool", [("X", ("real", shape))], {**attrs, "storage_order": 1}, 12)
               for shape, attrs in [((2, 2, 7, 6), {"kernel_shape": [3, 3]}),
@@ -498,17 +510,16 @@ def test_an_op_without_a_standard_form_is_named(tmp_path):
     from helpers import helper, make_model
 
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-             helper.make_node("Unsqueeze", ["h", "last"], ["h3"], name="unsqueeze"),
-             helper.make_node("DFT", ["h3"], ["spectrum"], name="dft", axis=1),
-             helper.make_node("ReduceSum", ["spectrum", "last"], ["logits"], name="sum",
-                              keepdims=0)]
+    nodes = [helper.make_node("Unsqueeze", ["x", "first"], ["x3"], name="unsqueeze"),
+             helper.make_node("RNN", ["x3", "W", "R"], ["Y"], name="rnn", hidden_size=3),
+             helper.make_node("Reshape", ["Y", "rows"], ["logits"], name="reshape")]
     proto = make_model(nodes, [("x", np.float32, ["N", 4])], [("logits", np.float32, ["N", 3])],
-                       {"w": rng.standard_normal((3, 4)).astype(np.float32),
-                        "b": np.zeros(3, np.float32), "last": np.array([2], np.int64)},
+                       {"W": rng.standard_normal((1, 3, 4)).astype(np.float32),
+                        "R": rng.standard_normal((1, 3, 3)).astype(np.float32),
+                        "first": np.array([0], np.int64), "rows": np.array([-1, 3], np.int64)},
                        opset=17)
-    with pytest.raises(ModelError, match=r"node 'dft/DFTGrad' \(onnxgrad::"
-                                         r"DFTGrad.*cannot be written in standard "
+    with pytest.raises(ModelError, match=r"node 'rnn/RNNGrad' \(onnxgrad::"
+                                         r"RNNGrad.*cannot be written in standard "
                                          r"ONNX ops yet"):
         step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=0.1))
 
