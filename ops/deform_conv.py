@@ -13,11 +13,15 @@ in a grouped convolution.
 The private ``DeformConvGrad`` recomputes the sampled columns and returns the
 gradients of X, W, offset, B and mask: the weights' and the mask's from the
 columns, X's by adding each tap's bilinear weights times its column gradient
-back into the image, and the offsets' from the slopes of those weights.
+back into the image, and the offsets' from the slopes of those weights.  Its standard
+form (for convert and second order) needs the static shapes of X, W and offset.
 """
 
 from __future__ import annotations
 
+import numpy as np  # host constants for attributes
+
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.conv import _ints
 from onnxgrad.ops.indexing import _scatter_add
 from onnxgrad.ops.registry import op
@@ -145,3 +149,104 @@ def DeformConvGrad(xp, dY, X, W, offset, B=None, mask=None, *, dilations=None, g
     dB = None if B is None else dY.astype(work).sum(axis=(0, 2, 3))
     return tuple(None if grad is None else grad.astype(like.dtype) for grad, like in
                  ((dX.reshape(X.shape), X), (dW, W), (doffset, offset), (dB, B), (dmask, mask)))
+
+
+@DeformConvGrad.in_standard_ops
+def _(g, node):
+    # The kernel's steps as graph nodes, in float64: the sampling points as constant grids
+    # plus the offsets, per bilinear corner one GatherElements of the image (planes of
+    # offset group, flattened) and one ScatterElements-add into dX, the weights' and
+    # columns' gradients as batched MatMuls.  The shapes of X, W and offset must be static.
+    dY, X, W, offset, B, mask = (list(node.inputs) + [""] * 6)[:6]
+    a = node.attrs
+    xs, ws, offs = (std.tensor_shape(g, v) for v in (X, W, offset))
+    if (xs is None or ws is None or offs is None or len(xs) != 4 or len(ws) != 4
+            or not all(isinstance(d, int) and d > 0 for d in xs + ws + offs)):
+        return None
+    N, C, H, Wd = xs
+    M = ws[0]
+    kh, kw = (int(k) for k in (a.get("kernel_shape") or ws[2:]))
+    sh, sw = _ints(a.get("strides"), 2, 1)
+    dh, dw = _ints(a.get("dilations"), 2, 1)
+    top, left, bottom, right = _ints(a.get("pads"), 4, 0)
+    group, og = int(a.get("group", 1)), int(a.get("offset_group", 1))
+    oh = (H + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (Wd + left + right - (kw - 1) * dw - 1) // sw + 1
+    K, P = kh * kw, oh * ow
+    T = K * P
+    if (C != ws[1] * group or M % group or C % og or (kh, kw) != tuple(ws[2:])
+            or tuple(offs) != (N, og * K * 2, oh, ow)):
+        return None
+    f64, i64 = np.float64, np.int64
+    to64 = std.tensor_type(f64)
+    Cg = C // og
+
+    def k(v):
+        return g.const(float(v), f64)
+
+    def cast64(v):
+        return g.Cast(v, to=to64, dtype=f64)
+
+    def back(v, like):
+        return g.Cast(v, to=std.tensor_type(g.dtype(like)), dtype=g.dtype(like))
+
+    off = g.Reshape(cast64(offset), g.ints([N, og, kh, kw, 2, oh, ow]))
+    rows = (np.arange(oh) * sh - top)[None, None, None, None, :, None] + \
+        (np.arange(kh) * dh)[None, None, :, None, None, None]
+    cols = (np.arange(ow) * sw - left)[None, None, None, None, None, :] + \
+        (np.arange(kw) * dw)[None, None, None, :, None, None]
+    py = g.Reshape(g.Add(g.const(rows.astype(f64), f64), g.Gather(off, g.const(0, i64), axis=4)),
+                   g.ints([N, og, T]))
+    px = g.Reshape(g.Add(g.const(cols.astype(f64), f64), g.Gather(off, g.const(1, i64), axis=4)),
+                   g.ints([N, og, T]))
+    y0, x0 = g.Floor(py), g.Floor(px)
+    image = g.Reshape(cast64(X), g.ints([N, og, Cg, H * Wd]))
+    corners = []
+    for ddy in (0, 1):
+        for ddx in (0, 1):
+            y, x = g.Add(y0, k(ddy)), g.Add(x0, k(ddx))
+            wy, wx = g.Sub(k(1), g.Abs(g.Sub(py, y))), g.Sub(k(1), g.Abs(g.Sub(px, x)))
+            inside = g.And(g.And(g.GreaterOrEqual(y, k(0)), g.LessOrEqual(y, k(H - 1))),
+                           g.And(g.GreaterOrEqual(x, k(0)), g.LessOrEqual(x, k(Wd - 1))))
+            at = g.Add(g.Mul(g.Clip(y, k(0), k(H - 1)), k(Wd)), g.Clip(x, k(0), k(Wd - 1)))
+            at = g.Expand(g.Unsqueeze(g.Cast(at, to=std.tensor_type(i64), dtype=i64),
+                                      g.ints([2])), g.ints([N, og, Cg, T]))
+            zero = k(0)
+            corners.append((at, g.Where(inside, g.Mul(wy, wx), zero),
+                            g.Where(inside, g.Mul(k(2 * ddy - 1), wx), zero),
+                            g.Where(inside, g.Mul(wy, k(2 * ddx - 1)), zero)))
+    values = [g.GatherElements(image, at, axis=3) for at, _, _, _ in corners]  # (N,og,Cg,T)
+    sampled = None
+    for v, (_, w, _, _) in zip(values, corners):
+        term = g.Mul(v, g.Unsqueeze(w, g.ints([2])))
+        sampled = term if sampled is None else g.Add(sampled, term)
+    scale = g.Reshape(cast64(mask), g.ints([N, og, 1, T])) if mask else None
+    scaled = g.Mul(sampled, scale) if scale else sampled
+    columns = g.Reshape(scaled, g.ints([N, group, (C // group) * K, P]))
+    weights = g.Reshape(cast64(W), g.ints([group, M // group, (C // group) * K]))
+    dy = g.Reshape(cast64(dY), g.ints([N, group, M // group, P]))
+    dW = g.ReduceSum(g.MatMul(dy, g.Transpose(columns, perm=[0, 1, 3, 2])), g.ints([0]),
+                     keepdims=0)
+    dW = back(g.Reshape(dW, g.ints(ws)), W)
+    dcolumns = g.Reshape(g.MatMul(g.Transpose(weights, perm=[0, 2, 1]), dy),
+                         g.ints([N, og, Cg, T]))
+    dmask = None
+    if mask:
+        dmask = g.ReduceSum(g.Mul(dcolumns, sampled), g.ints([2]), keepdims=0)
+        dmask = back(std.as_shape_of(g, dmask, mask), mask)
+    dS = g.Mul(dcolumns, scale) if scale else dcolumns
+    dX = std.zeros(g, g.ints([N, og, Cg, H * Wd]), image)
+    dpy = dpx = None
+    for v, (at, w, slope_y, slope_x) in zip(values, corners):
+        dX = g.ScatterElements(dX, at, g.Mul(dS, g.Unsqueeze(w, g.ints([2]))), axis=3,
+                               reduction="add")
+        reach = g.ReduceSum(g.Mul(dS, v), g.ints([2]), keepdims=0)      # (N, og, T)
+        ty, tx = g.Mul(reach, slope_y), g.Mul(reach, slope_x)
+        dpy = ty if dpy is None else g.Add(dpy, ty)
+        dpx = tx if dpx is None else g.Add(dpx, tx)
+    dX = back(g.Reshape(dX, g.ints(xs)), X)
+    doffset = g.Concat(g.Reshape(dpy, g.ints([N, og, K, 1, oh, ow])),
+                       g.Reshape(dpx, g.ints([N, og, K, 1, oh, ow])), axis=3)
+    doffset = back(g.Reshape(doffset, g.ints(offs)), offset)
+    dB = back(g.ReduceSum(cast64(dY), g.ints([0, 2, 3]), keepdims=0), B) if B else None
+    return (dX, dW, doffset, dB, dmask)

@@ -136,9 +136,9 @@ def RoiAlignRoisGrad(xp, dY, X, rois, batch_indices, *, half_pixel=1, mode="avg"
     derivative along its position, times the position's derivative with respect to the
     region's corners (see the module docstring).
 
-    No standard form (as RoiAlignGrad): the sample grids' sizes depend on the rois'
-    values where ``sampling_ratio=0``, which a static graph of standard ops cannot
-    follow, so differentiating it again raises UnsupportedOpError."""
+    Its standard form (as RoiAlignGrad's) needs ``sampling_ratio > 0`` and static shapes
+    of X and rois: with ``sampling_ratio=0`` the sample grids' sizes depend on the rois'
+    values, which a static graph of standard ops cannot follow."""
     return (_roi_align(xp, X, rois, batch_indices, bool(half_pixel), mode, output_height,
                        output_width, sampling_ratio, spatial_scale, dY=dY, wrt="rois"),)
 
@@ -257,6 +257,155 @@ def _roi_align(xp, X, rois, batch_indices, half_pixel, mode, oh, ow, sampling_ra
     if dY is None:
         return out.astype(X.dtype)
     return drois.astype(rois.dtype) if wrt == "rois" else dX.astype(X.dtype)
+
+
+# -- RoiAlignGrad and RoiAlignRoisGrad in standard ops -------------------------------------------
+# The kernel's samples as graph nodes, in float64 (as the kernel computes), all regions at once:
+# per axis the samples' positions [R, bins, grid], their low/high pixels and weights; per corner
+# one Gather of X (channels last, flattened to (N·H·W, C)), and for dX one ScatterND-add.  The
+# shapes of X and rois must be static, and sampling_ratio > 0: with sampling_ratio=0 each
+# region's number of samples is ceil(size / bins), which depends on the rois' values at run time
+# (a loop, or a shape no static graph has), so there is no form.
+
+def _g_roi_axis(g, start, size, bins, grid, limit):
+    """:func:`_axis_samples` and :func:`_axis_motion` in graph nodes for ``start`` and
+    ``size`` of shape (R, 1, 1): (low, high, low weight, high weight, outside, c, moves),
+    each (R or 1, bins, grid)."""
+    f64 = np.float64
+
+    def k(v):
+        return g.const(float(v), f64)
+
+    step = g.Div(size, k(bins))
+    at = g.const(np.arange(bins, dtype=f64).reshape(1, bins, 1), f64)
+    half = g.const((np.arange(grid, dtype=f64) + 0.5).reshape(1, 1, grid), f64)
+    pos = g.Add(g.Add(start, g.Mul(at, step)), g.Div(g.Mul(half, step), k(grid)))
+    outside = g.Or(g.Less(pos, k(-1.0)), g.Greater(pos, k(limit)))
+    pos = g.Max(pos, k(0.0))
+    low = g.Floor(pos)
+    at_edge = g.GreaterOrEqual(low, k(limit - 1))
+    low = g.Where(at_edge, k(limit - 1), low)
+    high = g.Where(at_edge, k(limit - 1), g.Add(low, k(1.0)))
+    frac = g.Sub(g.Where(at_edge, low, pos), low)
+    ks = np.arange(bins * grid)
+    c = ((ks // grid) + ((ks % grid) + 0.5) / grid) / bins
+    c = g.const(c.reshape(1, bins, grid), f64)
+    moved = g.Add(start, g.Mul(size, c))
+    moves = g.Cast(g.And(g.GreaterOrEqual(moved, k(0.0)), g.Less(moved, k(limit - 1))),
+                   to=std.tensor_type(f64), dtype=f64)
+    return low, high, g.Sub(k(1.0), frac), frac, outside, c, moves
+
+
+def _g_roi_align(g, node, wrt):
+    dY, X, rois, batch_indices = node.inputs
+    attrs = node.attrs
+    mode = attrs.get("mode", "avg")
+    grid = int(attrs.get("sampling_ratio", 0))
+    xs, rs = std.tensor_shape(g, X), std.tensor_shape(g, rois)
+    if (grid <= 0 or mode not in ("avg", "max") or xs is None or len(xs) != 4
+            or not all(isinstance(d, int) and d > 0 for d in xs) or rs is None
+            or len(rs) != 2 or not all(isinstance(d, int) and d > 0 for d in rs) or rs[1] != 4):
+        return None
+    n, c, height, width = xs
+    n_rois = rs[0]
+    oh, ow = int(attrs.get("output_height", 1)), int(attrs.get("output_width", 1))
+    half_pixel = bool(attrs.get("half_pixel", 1))
+    scale = float(attrs.get("spatial_scale", 1.0))
+    f64, i64 = np.float64, np.int64
+    to64 = std.tensor_type(f64)
+
+    def k(v):
+        return g.const(float(v), f64)
+
+    r64 = g.Cast(rois, to=to64, dtype=f64)
+    x0, y0, x1, y1 = (g.Reshape(g.Sub(g.Mul(g.Gather(r64, g.const(j, i64), axis=1), k(scale)),
+                                      k(0.5 if half_pixel else 0.0)), g.ints([n_rois, 1, 1]))
+                      for j in range(4))
+    roi_w, roi_h = g.Sub(x1, x0), g.Sub(y1, y0)
+    if half_pixel:
+        follows_w = follows_h = k(1.0)
+    else:
+        follows_w = g.Cast(g.GreaterOrEqual(roi_w, k(1.0)), to=to64, dtype=f64)
+        follows_h = g.Cast(g.GreaterOrEqual(roi_h, k(1.0)), to=to64, dtype=f64)
+        roi_w, roi_h = g.Max(roi_w, k(1.0)), g.Max(roi_h, k(1.0))
+    ylo, yhi, wylo, wyhi, yout, cy, my = (
+        g.Unsqueeze(v, g.ints([3, 4]))
+        for v in _g_roi_axis(g, y0, roi_h, oh, grid, height))          # (R|1, oh, G, 1, 1)
+    xlo, xhi, wxlo, wxhi, xout, cx, mx = (
+        g.Unsqueeze(v, g.ints([1, 2]))
+        for v in _g_roi_axis(g, x0, roi_w, ow, grid, width))           # (R|1, 1, 1, ow, G)
+    keep = g.Cast(g.Not(g.Or(yout, xout)), to=to64, dtype=f64)       # (R, oh, G, ow, G)
+    batch = g.Cast(g.Reshape(batch_indices, g.ints([n_rois, 1, 1, 1, 1])), to=to64, dtype=f64)
+    base = g.Mul(batch, k(height * width))
+    corners = [(ylo, xlo, wylo, wxlo), (ylo, xhi, wylo, wxhi),
+               (yhi, xlo, wyhi, wxlo), (yhi, xhi, wyhi, wxhi)]
+    positions, weights = [], []
+    for yi, xi, wy, wx in corners:
+        at = g.Add(base, g.Add(g.Mul(yi, k(width)), xi))
+        positions.append(g.Cast(at, to=std.tensor_type(i64), dtype=i64))
+        weights.append(g.Mul(g.Mul(wy, wx), keep))
+    data = g.Reshape(g.Cast(g.Transpose(X, perm=[0, 2, 3, 1]), to=to64, dtype=f64),
+                     g.ints([n * height * width, c]))
+    values = [g.Gather(data, p, axis=0) for p in positions]            # (R, oh, G, ow, G, C)
+    dy = g.Cast(g.Transpose(dY, perm=[0, 2, 3, 1]), to=to64, dtype=f64)
+    dy = g.Unsqueeze(dy, g.ints([2, 4]))                               # (R, oh, 1, ow, 1, C)
+    if mode == "avg":
+        picks = [g.Div(dy, k(grid * grid))] * 4
+    else:
+        weighted = [g.Mul(v, g.Unsqueeze(w, g.ints([-1]))) for v, w in zip(values, weights)]
+        stacked = g.Concat(*(g.Unsqueeze(v, g.ints([0])) for v in weighted), axis=0)
+        corner = g.ArgMax(stacked, axis=0, keepdims=0)
+        best = g.ReduceMax(stacked, g.ints([0]), keepdims=0)
+        best = g.Reshape(g.Transpose(best, perm=[0, 1, 3, 5, 2, 4]),
+                         g.ints([n_rois, oh, ow, c, grid * grid]))
+        first = g.ArgMax(best, axis=-1, keepdims=1)
+        won = g.Equal(g.const(np.arange(grid * grid, dtype=i64), i64), first)
+        won = g.Transpose(g.Reshape(won, g.ints([n_rois, oh, ow, c, grid, grid])),
+                          perm=[0, 1, 4, 2, 5, 3])                     # (R, oh, G, ow, G, C)
+        picks = [g.Mul(dy, g.Cast(g.And(won, g.Equal(corner, g.const(j, i64))), to=to64,
+                                  dtype=f64)) for j in range(4)]
+    if wrt == "X":
+        dX = std.zeros(g, g.ints([n * height * width, c]), data)
+        for p, pick, w in zip(positions, picks, weights):
+            share = g.Mul(pick, g.Unsqueeze(w, g.ints([-1])))
+            dX = g.ScatterND(dX, g.Unsqueeze(p, g.ints([-1])), share, reduction="add")
+        dX = g.Transpose(g.Reshape(dX, g.ints([n, height, width, c])), perm=[0, 3, 1, 2])
+        return (g.Cast(dX, to=std.tensor_type(g.dtype(X)), dtype=g.dtype(X)),)
+    # d(corner weight)/d(position): -/+ the other axis' weight, where samples move
+    gy = gx = None
+    for j, (v, pick, (_, _, wy, wx)) in enumerate(zip(values, picks, corners)):
+        at = g.ReduceSum(g.Mul(pick, v), g.ints([-1]), keepdims=0)   # (R, oh, G, ow, G)
+        at = g.Mul(at, keep)
+        ty, tx = g.Mul(at, wx), g.Mul(at, wy)
+        if j < 2:
+            ty = g.Neg(ty)
+        if j % 2 == 0:
+            tx = g.Neg(tx)
+        gy = ty if gy is None else g.Add(gy, ty)
+        gx = tx if gx is None else g.Add(gx, tx)
+    gy, gx = g.Mul(g.Mul(gy, my), k(scale)), g.Mul(g.Mul(gx, mx), k(scale))
+    fw = g.Unsqueeze(follows_w, g.ints([3, 4])) if not half_pixel else follows_w
+    fh = g.Unsqueeze(follows_h, g.ints([3, 4])) if not half_pixel else follows_h
+    ends_x, ends_y = g.Mul(cx, fw), g.Mul(cy, fh)
+    axes = g.ints([1, 2, 3, 4])
+
+    def total(v, coeff):
+        return g.ReduceSum(g.Mul(v, coeff), axes, keepdims=0)         # (R,)
+
+    columns = [total(gx, g.Sub(k(1.0), ends_x)), total(gy, g.Sub(k(1.0), ends_y)),
+               total(gx, ends_x), total(gy, ends_y)]
+    drois = g.Concat(*(g.Unsqueeze(col, g.ints([1])) for col in columns), axis=1)
+    return (g.Cast(drois, to=std.tensor_type(g.dtype(rois)), dtype=g.dtype(rois)),)
+
+
+@RoiAlignGrad.in_standard_ops
+def _(g, node):
+    return _g_roi_align(g, node, "X")
+
+
+@RoiAlignRoisGrad.in_standard_ops
+def _(g, node):
+    return _g_roi_align(g, node, "rois")
 
 
 # -- MaxRoiPool ---------------------------------------------------------------------------------

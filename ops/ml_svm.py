@@ -10,9 +10,14 @@ Platt probabilities (``prob_a``, ``prob_b``) are not supported.
 
 from __future__ import annotations
 
+import numpy as np  # host constants of standard forms
+
 from onnxgrad.errors import ModelError
-from onnxgrad.ops.ml_linear import (ML, _array, _class_labels, _gradient_op, _matrix, _post,
-                                    _post_vjp)
+from onnxgrad.ops import standard as std
+from onnxgrad.ops.ml_linear import (_POST, ML, _array, _as_input, _cast, _class_labels,
+                                    _gradient_op, _matrix, _matrix_in_standard_ops, _post,
+                                    _post_in_standard_ops, _post_vjp, _post_vjp_in_standard_ops,
+                                    _score_type)
 from onnxgrad.ops.registry import op
 
 
@@ -121,16 +126,7 @@ class _Classifier:
             self.rho = self.rho[:1]
 
     def _pairwise(self, coef, counts):
-        """Row ``(i, j)`` of ``A``: libsvm's coefficients of classes i and j's vectors."""
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        rows = []
-        for i in range(len(counts)):
-            for j in range(i + 1, len(counts)):
-                row = self.xp.zeros(coef.shape[1], dtype=coef.dtype)
-                row[starts[i]:starts[i] + counts[i]] = coef[j - 1, starts[i]:starts[i] + counts[i]]
-                row[starts[j]:starts[j] + counts[j]] = coef[i, starts[j]:starts[j] + counts[j]]
-                rows.append(row)
-        return self.xp.stack(rows)
+        return _pairwise(self.xp, coef, counts)
 
     def decisions(self):
         return self.kernel(self.X, self.SV) @ self.A.T + self.rho
@@ -146,6 +142,19 @@ class _Classifier:
                 votes[:, j] += S[:, pair] <= 0
                 pair += 1
         return xp.argmax(votes, axis=1)
+
+
+def _pairwise(xp, coef, counts):
+    """Row ``(i, j)`` of ``A``: libsvm's coefficients of classes i and j's vectors."""
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    rows = []
+    for i in range(len(counts)):
+        for j in range(i + 1, len(counts)):
+            row = xp.zeros(coef.shape[1], dtype=coef.dtype)
+            row[starts[i]:starts[i] + counts[i]] = coef[j - 1, starts[i]:starts[i] + counts[i]]
+            row[starts[j]:starts[j] + counts[j]] = coef[i, starts[j]:starts[j] + counts[j]]
+            rows.append(row)
+    return xp.stack(rows)
 
 
 def _classifier(xp, X, attrs):
@@ -192,5 +201,128 @@ def _svm_classifier_vjp(xp, dZ, X, **attrs):
     return model.kernel.vjp(model.X, model.SV, dS @ model.A)
 
 
-_gradient_op(SVMRegressor, _svm_regressor_vjp)
-_gradient_op(SVMClassifier, _svm_classifier_vjp)
+SVMRegressorGrad = _gradient_op(SVMRegressor, _svm_regressor_vjp)
+SVMClassifierGrad = _gradient_op(SVMClassifier, _svm_classifier_vjp)
+
+
+# -- the gradients in standard ops ------------------------------------------------------------
+class _KernelInStandardOps:
+    """:class:`_Kernel` on ``X`` (N, C) and constant support vectors ``SV`` (a host
+    array; None for the identity of a linear SVM without support vectors)."""
+
+    def __init__(self, g, kernel_type, kernel_params, X, SV):
+        self.g, self.X = g, X
+        self.kind = kernel_type.upper()
+        gamma, coef0, degree = (list(kernel_params or []) + [0.0, 0.0, 0.0])[:3]
+        self.gamma, self.coef0, self.degree = gamma, coef0, int(degree)
+        self.SV = None if SV is None else g.const(SV, dtype=g.dtype(X))
+
+    def _c(self, value):
+        return std.like(self.g, value, self.X)
+
+    def _dot(self):  # X @ SV.T
+        return self.g.MatMul(self.X, self.g.Transpose(self.SV, perm=[1, 0]))
+
+    def __call__(self):
+        g = self.g
+        if self.SV is None:
+            return self.X
+        if self.kind == "LINEAR":
+            return self._dot()
+        if self.kind == "RBF":
+            rows = g.ints([1])
+            xx = g.ReduceSum(g.Mul(self.X, self.X), rows, keepdims=1)
+            ss = g.Transpose(g.ReduceSum(g.Mul(self.SV, self.SV), rows, keepdims=1),
+                             perm=[1, 0])
+            d = g.Sub(g.Add(xx, ss), g.Mul(self._c(2), self._dot()))
+            return g.Exp(g.Mul(self._c(-self.gamma), g.Max(d, self._c(0))))
+        t = self._t()
+        return g.Pow(t, self._c(self.degree)) if self.kind == "POLY" else g.Tanh(t)
+
+    def _t(self):
+        return self.g.Add(self.g.Mul(self._c(self.gamma), self._dot()), self._c(self.coef0))
+
+    def vjp(self, dK):
+        g = self.g
+        if self.SV is None:
+            return dK
+        if self.kind == "LINEAR":
+            return g.MatMul(dK, self.SV)
+        if self.kind == "RBF":
+            w = g.Mul(dK, self())
+            rowsum = g.ReduceSum(w, g.ints([1]), keepdims=1)
+            return g.Mul(self._c(-2 * self.gamma),
+                         g.Sub(g.Mul(rowsum, self.X), g.MatMul(w, self.SV)))
+        t = self._t()
+        if self.kind == "POLY":
+            slope = g.Mul(self._c(self.degree), g.Pow(t, self._c(self.degree - 1)))
+        else:
+            th = g.Tanh(t)
+            slope = g.Sub(self._c(1), g.Mul(th, th))
+        return g.MatMul(g.Mul(g.Mul(dK, slope), self._c(self.gamma)), self.SV)
+
+
+_KERNELS = ("LINEAR", "POLY", "RBF", "SIGMOID")
+
+
+@SVMRegressorGrad.in_standard_ops
+def _(g, node):
+    dY, X = node.inputs
+    attrs = node.attrs
+    kind = attrs.get("post_transform") or "NONE"
+    kernel_type = (attrs.get("kernel_type") or "LINEAR").upper()
+    n_supports = int(attrs.get("n_supports") or 0)
+    work = _score_type(g, X)
+    Xm = _matrix_in_standard_ops(g, X, work)
+    if Xm is None or kind not in _POST or (n_supports > 0 and kernel_type not in _KERNELS):
+        return None
+    if attrs.get("one_class"):  # piecewise constant
+        return (std.zeros(g, g.Shape(X, dtype="int64"), X),)
+    SV = None
+    if n_supports > 0:
+        SV = np.asarray(list(attrs["support_vectors"]), dtype=work).reshape(n_supports, -1)
+    kernel = _KernelInStandardOps(g, kernel_type, attrs.get("kernel_params"), Xm, SV)
+    coef = g.const(np.asarray(list(attrs["coefficients"]), dtype=work).reshape(-1, 1))
+    bias = g.const(list(attrs.get("rho") or [0.0])[0], dtype=work)
+    S = g.Add(g.MatMul(kernel(), coef), bias)
+    dS = _cast(g, g.Reshape(dY, g.Shape(S, dtype="int64")), work)
+    dS = _post_vjp_in_standard_ops(g, _post_in_standard_ops(g, S, kind), dS, kind)
+    return (_as_input(g, kernel.vjp(g.MatMul(dS, g.Transpose(coef, perm=[1, 0]))), X),)
+
+
+@SVMClassifierGrad.in_standard_ops
+def _(g, node):
+    dZ, X = node.inputs
+    attrs = node.attrs
+    if attrs.get("prob_a"):
+        return None  # the kernel refuses Platt probabilities
+    kind = attrs.get("post_transform") or "NONE"
+    kernel_type = (attrs.get("kernel_type") or "LINEAR").upper()
+    counts = [int(c) for c in (attrs.get("vectors_per_class") or [])]
+    work = _score_type(g, X)
+    Xm = _matrix_in_standard_ops(g, X, work)
+    if Xm is None or kind not in _POST:
+        return None
+    coef = np.asarray(list(attrs["coefficients"]), dtype=work)
+    rho = np.asarray(list(attrs.get("rho") or [0.0]), dtype=work)
+    if sum(counts) > 0:
+        if kernel_type not in _KERNELS:
+            return None
+        SV = np.asarray(list(attrs["support_vectors"]), dtype=work).reshape(sum(counts), -1)
+        A = _pairwise(np, coef.reshape(-1, sum(counts)), counts)
+    else:  # a linear SVM: one coefficient row per class over X's columns, rho[0] for all
+        shape = std.tensor_shape(g, X)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        columns = shape[0] if len(shape) == 1 else int(np.prod(shape[1:]))
+        kernel_type, SV, A, rho = "LINEAR", None, coef.reshape(-1, columns), rho[:1]
+    kernel = _KernelInStandardOps(g, kernel_type, attrs.get("kernel_params"), Xm, SV)
+    A = g.const(A)
+    S = g.Add(g.MatMul(kernel(), g.Transpose(A, perm=[1, 0])), g.const(rho))
+    dZ = _cast(g, dZ, work)
+    if g.graph.initializers[A].shape[0] == 1:  # the score columns are c - p and p
+        kind = "LOGISTIC" if kind == "LOGISTIC" else "NONE"
+        dZ = g.Sub(g.Slice(dZ, g.ints([1]), g.ints([std.END]), g.ints([1])),
+                   g.Slice(dZ, g.ints([0]), g.ints([1]), g.ints([1])))
+    dS = _post_vjp_in_standard_ops(g, _post_in_standard_ops(g, S, kind), dZ, kind)
+    return (_as_input(g, kernel.vjp(g.MatMul(dS, A)), X),)

@@ -19,7 +19,10 @@ domain lives with the gradient builder.)
 
 from __future__ import annotations
 
+import numpy as np  # host constants of standard forms
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 DOMAIN = "ai.onnx.preview.training"
@@ -189,3 +192,144 @@ def AdamGrad(xp, R, T, *inputs, alpha=0.9, beta=0.999, epsilon=1e-6, norm_coeffi
         dg = (1 - alpha) * dv + 2 * (1 - beta) * g * dh
         per_tensor.append((dinner + norm_coefficient * dg, dg, alpha * dv, beta * dh))
     return _gathered(R, dR, groups, per_tensor)
+
+
+# -- the gradients in standard ops ------------------------------------------------------------
+class _Std:
+    """A gradient kernel's inputs in a standard form: per tensor (X, G, states…) and the
+    gradients of its outputs (absent ones as zeros), ``R`` and ``T`` as float64 scalars,
+    and ``dR`` summed in float64 as the kernels do."""
+
+    def __init__(self, g, name, inputs):
+        self.g = g
+        ins, outs = _ARITY[name]
+        self.R, T, *rest = inputs
+        self.ok = len(rest) % (ins + outs) == 0 and bool(rest)
+        if not self.ok:
+            return
+        n = len(rest) // (ins + outs)
+        self.groups = _groups(name, tuple(rest[:ins * n]), ins)
+        douts = _groups(name, tuple(rest[ins * n:]), outs)
+        self.douts = [tuple(d if d else std.zeros(g, g.Shape(group[0], dtype="int64"), group[0])
+                            for d in ds) for group, ds in zip(self.groups, douts)]
+        self.r64 = self.f64(self.R)
+        self.t64 = self.f64(T)
+        self.positive = g.Greater(self.t64, g.const(0.0, dtype=np.float64))
+        self.dR = g.const(0.0, dtype=np.float64)
+
+    def f64(self, value):
+        g = self.g
+        value = g.Reshape(value, g.ints([]))
+        return value if g.dtype(value) == np.float64 else \
+            g.Cast(value, to=std.tensor_type(np.float64), dtype=np.float64)
+
+    def like(self, value, of):
+        """A host float, or a float64 value, in the element type of ``of``."""
+        g = self.g
+        if not isinstance(value, str):
+            return std.like(g, value, of)
+        return value if g.dtype(value) == g.dtype(of) else std.cast_like(g, value, of)
+
+    def subtract_from_dR(self, total, factor=None):
+        """``dR -= factor * sum(total)`` (factor a float64 value)."""
+        g = self.g
+        term = self.f64(g.ReduceSum(total, keepdims=0))
+        if factor is not None:
+            term = g.Mul(factor, term)
+        self.dR = g.Sub(self.dR, term)
+
+    def outputs(self, per_tensor):
+        g = self.g
+        dR = g.Reshape(self.dR, g.Shape(self.R, dtype="int64"))
+        dR = dR if g.dtype(self.R) == np.float64 else std.cast_like(g, dR, self.R)
+        cast = [tuple(d if g.dtype(d) == g.dtype(x) else std.cast_like(g, d, x)
+                      for d, x in zip(ds, group))
+                for ds, group in zip(per_tensor, self.groups)]
+        return (dR,) + tuple(ds[k] for k in range(len(self.groups[0])) for ds in cast)
+
+
+@MomentumGrad.in_standard_ops
+def _(g, node):
+    a = node.attrs
+    alpha, beta, mode, nc = a["alpha"], a["beta"], a["mode"], a["norm_coefficient"]
+    s = _Std(g, "Momentum", node.inputs)
+    if not s.ok or mode not in ("standard", "nesterov"):
+        return None
+    b64 = g.Where(s.positive, g.const(beta, dtype=np.float64), g.const(1.0, dtype=np.float64))
+    per_tensor = []
+    for (X, G, V), (dx, dv) in zip(s.groups, s.douts):
+        b, r = s.like(b64, X), s.like(s.r64, X)
+        gg = g.Add(g.Mul(s.like(nc, X), X), G)
+        v = g.Add(g.Mul(s.like(alpha, X), V), g.Mul(b, gg))
+        if mode == "standard":           # x = X - r v
+            s.subtract_from_dR(g.Mul(dx, v))
+            dv = g.Sub(dv, g.Mul(r, dx))
+            dg = g.Mul(b, dv)
+        else:                             # x = X - r (g + alpha v)
+            s.subtract_from_dR(g.Mul(dx, g.Add(gg, g.Mul(s.like(alpha, X), v))))
+            r_alpha = s.like(g.Mul(s.r64, g.const(alpha, dtype=np.float64)), X)
+            dv = g.Sub(dv, g.Mul(r_alpha, dx))
+            dg = g.Add(g.Mul(g.Neg(r), dx), g.Mul(b, dv))
+        per_tensor.append((g.Add(dx, g.Mul(s.like(nc, X), dg)), dg,
+                           g.Mul(s.like(alpha, X), dv)))
+    return s.outputs(per_tensor)
+
+
+@AdagradGrad.in_standard_ops
+def _(g, node):
+    a = node.attrs
+    decay_factor = a.get("decay_factor", 0.0)
+    epsilon, nc = a.get("epsilon", 1e-6), a.get("norm_coefficient", 0.0)
+    s = _Std(g, "Adagrad", node.inputs)
+    if not s.ok:
+        return None
+    decay64 = g.Add(g.const(1.0, dtype=np.float64),
+                    g.Mul(s.t64, g.const(decay_factor, dtype=np.float64)))
+    r64 = g.Div(s.r64, decay64)
+    inverse_decay = g.Div(g.const(1.0, dtype=np.float64), decay64)
+    per_tensor = []
+    for (X, G, H), (dx, dh) in zip(s.groups, s.douts):
+        gg = g.Add(g.Mul(s.like(nc, X), X), G)
+        root = g.Sqrt(g.Add(H, g.Mul(gg, gg)))
+        den = g.Add(root, s.like(epsilon, X))
+        s.subtract_from_dR(g.Div(g.Mul(dx, gg), den), inverse_decay)
+        dq = g.Mul(s.like(g.Neg(r64), X), dx)
+        dh = g.Sub(dh, g.Div(g.Div(g.Mul(dq, gg), g.Mul(den, den)),
+                             g.Mul(s.like(2.0, X), root)))
+        dg = g.Add(g.Div(dq, den), g.Mul(g.Mul(s.like(2.0, X), gg), dh))
+        per_tensor.append((g.Add(dx, g.Mul(s.like(nc, X), dg)), dg, dh))
+    return s.outputs(per_tensor)
+
+
+@AdamGrad.in_standard_ops
+def _(g, node):
+    a = node.attrs
+    alpha, beta = a.get("alpha", 0.9), a.get("beta", 0.999)
+    epsilon, nc = a.get("epsilon", 1e-6), a.get("norm_coefficient", 0.0)
+    post = a.get("norm_coefficient_post", 0.0)
+    s = _Std(g, "Adam", node.inputs)
+    if not s.ok:
+        return None
+    one = g.const(1.0, dtype=np.float64)
+    powered = [g.Sub(one, g.Pow(g.const(c, dtype=np.float64), s.t64)) for c in (beta, alpha)]
+    powered = [g.Where(s.positive, p, one) for p in powered]  # no 0/0 where unused
+    correction = g.Where(s.positive, g.Div(g.Sqrt(powered[0]), powered[1]), one)
+    r64 = g.Mul(s.r64, correction)
+    per_tensor = []
+    for (X, G, V, H), (dx, dv, dh) in zip(s.groups, s.douts):
+        gg = g.Add(g.Mul(s.like(nc, X), X), G)
+        v = g.Add(g.Mul(s.like(alpha, X), V), g.Mul(s.like(1 - alpha, X), gg))
+        root = g.Sqrt(g.Add(g.Mul(s.like(beta, X), H), g.Mul(s.like(1 - beta, X),
+                                                              g.Mul(gg, gg))))
+        den = g.Add(root, s.like(epsilon, X))
+        dinner = g.Mul(s.like(1 - post, X), dx)      # x = (1 - post) (X - r v / s)
+        s.subtract_from_dR(g.Div(g.Mul(dinner, v), den), correction)
+        dstep = g.Mul(s.like(g.Neg(r64), X), dinner)
+        dv = g.Add(dv, g.Div(dstep, den))
+        dh = g.Sub(dh, g.Div(g.Div(g.Mul(dstep, v), g.Mul(den, den)),
+                             g.Mul(s.like(2.0, X), root)))
+        dg = g.Add(g.Mul(s.like(1 - alpha, X), dv),
+                   g.Mul(g.Mul(s.like(2 * (1 - beta), X), gg), dh))
+        per_tensor.append((g.Add(dinner, g.Mul(s.like(nc, X), dg)), dg,
+                           g.Mul(s.like(alpha, X), dv), g.Mul(s.like(beta, X), dh)))
+    return s.outputs(per_tensor)

@@ -45,10 +45,17 @@ MORE_OPS = {"Einsum", "Max", "Min", "GatherND", "CumProd", "TensorScatter", "Red
             "Attention"}
 
 #: Ops of tests/test_vision_gradients.py and tests/test_more_gradients.py whose gradients
-#: have a standard form.
+#: have a standard form (RoiAlign's where sampling_ratio > 0: see _has_standard_form).
 VISION_OPS = {"LRN", "MeanVarianceNormalization", "Det", "Compress", "Col2Im",
               "GlobalLpPool", "DequantizeLinear", "AffineGrid", "GridSample",
-              "MaxRoiPool"}
+              "MaxRoiPool", "RoiAlign", "DeformConv"}
+
+
+def _has_standard_form(sample) -> bool:
+    """RoiAlign with sampling_ratio 0 takes ceil(size / bins) samples per bin, a number
+    the rois' values decide at run time: its gradients have no standard form (and
+    converting it is refused, test_roi_align_with_run_time_sample_counts_is_refused)."""
+    return not (sample.op == "RoiAlign" and int(sample.attrs.get("sampling_ratio", 0)) <= 0)
 
 
 def _session(proto):
@@ -77,11 +84,12 @@ def _more_samples():
     def inputs(s):  # op_db_transformer's "unit" kind (in [-0.9, 0.9]) as fixed floats
         rng = np.random.default_rng(0)
         return [(n, ("float", rng.uniform(-0.9, 0.9, spec[1]).tolist()))
-                if spec and spec[0] == "unit" else (n, spec) for n, spec in s.inputs]
+                if spec and spec[0] == "unit" else (n, spec or ("float", 0.0))
+                for n, spec in s.inputs]
 
     found += [Sample(s.op, inputs(s), s.attrs, s.opset, tol=s.tol)
               for s in test_vision_gradients.SAMPLES + test_more_gradients.SAMPLES
-              if s.op in VISION_OPS and s.outputs == 1 and s.grad]
+              if s.op in VISION_OPS and s.outputs == 1 and s.grad and _has_standard_form(s)]
     found += [s for s in test_more_ops.SAMPLES if s.op in MORE_OPS]
     # DFT and STFT (tests/test_signal_attention_gradients.py, op_db_transformer's format)
     import test_signal_attention_gradients as signal
@@ -223,9 +231,50 @@ def test_attention_outputs_in_onnxruntime(case):
         np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
 
 
-def _ml_cases():
+def _roi_align_samples(ratio):
+    """RoiAlign's samples of tests/test_remaining_gradients.py (rois inside, partly outside
+    and across the image's edge), as op_db samples: with sampling_ratio > 0 or 0."""
+    import test_remaining_gradients as rg
+    from op_db import Sample
+
+    return [Sample(s.op, s.inputs, s.attrs, s.opset, tol=s.tol) for s in rg.ROI_SAMPLES
+            if (int(s.attrs.get("sampling_ratio", 0)) > 0) == ratio]
+
+
+@pytest.mark.parametrize("sample", _roi_align_samples(True), ids=lambda s: s.id)
+def test_roi_align_rois_in_onnxruntime(sample):
+    """RoiAlignGrad and RoiAlignRoisGrad in standard ops: one SGD step (lr 1) of the step
+    model, with X and rois both trained, moves each by exactly onnxgrad's gradient."""
+    names = ["X", "rois"]
+    arrays = gc.materialize(sample, np.float32)
+    _, y = gc.run_forward(sample, arrays)
+    u = gc.projection_u(sample, y)
+    want = gc.analytic_gradients(sample, arrays, names, u)
+    model = onnxgrad.load(gc.build_model(sample, arrays, set(), loss_input=u))
+    step = step_model(model, onnxgrad.SGD(lr=1.0), loss=None, output="loss", trainable=names)
+    got = _run(_session(step), {"U": u.reshape(-1, 1)})
+    for name in names:
+        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        assert np.abs(want[name]).max() > 0, name
+        np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("sample", _roi_align_samples(False)[:1], ids=lambda s: s.id)
+def test_roi_align_with_run_time_sample_counts_is_refused(sample):
+    """sampling_ratio=0: the number of samples per bin follows the rois' values, so
+    RoiAlignGrad has no standard form and converting names it."""
+    arrays = gc.materialize(sample, np.float32)
+    u = gc.projection_u(sample, gc.run_forward(sample, arrays)[1])
+    model = onnxgrad.load(gc.build_model(sample, arrays, set(), loss_input=u))
+    with pytest.raises(ModelError, match=r"onnxgrad::RoiAlignGrad.*cannot be written in "
+                                         r"standard ONNX ops yet"):
+        step_model(model, onnxgrad.SGD(lr=1.0), loss=None, output="loss", trainable=["X"])
+
+
+def _ml_cases(svm=False):
     import test_ml_gradients
-    return [c for c in test_ml_gradients.CASES if not c[0].startswith("SVM")]
+    return [c for c in test_ml_gradients.CASES if c[0].startswith("SVM") == svm]
 
 
 @pytest.mark.parametrize("case", _ml_cases(), ids=lambda c: f"{c[0]}-{sorted(c[1].items())}")
@@ -260,6 +309,48 @@ def test_ml_linear_gradients_in_onnxruntime(case):
     assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
     got = _run(_session(step), {"U": U})["X.next"]
     np.testing.assert_allclose(got, X.astype(np.float64) - want, rtol=2e-5, atol=2e-5)
+
+
+def _ml_id(case):
+    import test_ml_gradients
+    return test_ml_gradients._id(case)
+
+
+@pytest.mark.parametrize("case", _ml_cases(svm=True), ids=_ml_id)
+def test_ml_svm_gradients_in_onnxruntime(case):
+    """SVMRegressor and SVMClassifier (every kernel and post-transform of
+    tests/test_ml_gradients.py): as the linear models above."""
+    test_ml_linear_gradients_in_onnxruntime(case)
+
+
+def _optimizer_params():
+    import test_more_gradients
+    return list(test_more_gradients._optimizer_params())
+
+
+@pytest.mark.parametrize("op_type,attrs,states,n,t", _optimizer_params())
+def test_preview_training_gradients_in_the_step_model(op_type, attrs, states, n, t):
+    """Momentum, Adagrad and Adam (ai.onnx.preview.training, the cases of
+    tests/test_more_gradients.py, float64): one SGD step (lr 1) of the step model moves R and
+    every tensor input by the gradient onnxgrad computes.  onnxruntime has no kernels for
+    that domain, so onnxgrad runs the step model; it holds no private op."""
+    import test_more_gradients as tm
+
+    arrays, outputs = tm._optimizer_case(op_type, attrs, states, n, t)
+    floats = [k for k, a in arrays.items() if a.dtype == np.float64]
+    proto = tm._optimizer_model(op_type, attrs, arrays, outputs, wrt=floats)
+    rng = np.random.default_rng(1)
+    feeds = {"T": arrays["T"], **{f"U_{y}": rng.standard_normal((2, 3)) for y in outputs}}
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=floats)
+    want = trainer.gradients(feeds, None)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=floats)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    got = onnxgrad.load(step).run(feeds)
+    for name in floats:
+        np.testing.assert_allclose(got[f"{name}.next"], arrays[name] - want[name], rtol=1e-12,
+                                   atol=1e-12, err_msg=name)
 
 
 # -- whole models -----------------------------------------------------------------------
