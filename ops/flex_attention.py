@@ -23,8 +23,10 @@ import math
 
 from collections import OrderedDict
 
+import numpy as np  # host constants for attributes
 import onnx
 
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.control import body_of, free_names, scope
 from onnxgrad.ops.registry import op
 from onnxgrad.ops.shape import element_dtype
@@ -111,6 +113,71 @@ def FlexAttentionGrad(xp, dY, Q, K, V, *captured, ctx, prob_mod=None, scale=None
         dK = dK.reshape(b, h // a.group, a.group, n, -1).sum(axis=2)
         dV = dV.reshape(b, h // a.group, a.group, n, -1).sum(axis=2)
     return (dQ.astype(Q.dtype), dK.astype(K.dtype), dV.astype(V.dtype))
+
+
+@FlexAttentionGrad.in_standard_ops
+def _(g, node):
+    # The kernel's recomputation and backward pass, without subgraphs: None where score_mod or
+    # prob_mod is set (their bodies and pullbacks would have to be inlined), or where the head
+    # counts (or, for the default scale, the head size) are not static.
+    a = node.attrs
+    if a.get("score_mod") is not None or a.get("prob_mod") is not None:
+        return None
+    dY, Q, K, V = node.inputs[:4]
+    qs, ks = std.tensor_shape(g, Q), std.tensor_shape(g, K)
+    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
+        return None
+    hq, hkv = qs[1], ks[1]
+    if not isinstance(hq, int) or not isinstance(hkv, int) or hkv <= 0 or hq % hkv:
+        return None
+    group = hq // hkv
+    scale = a.get("scale")
+    if scale is None:
+        if not isinstance(qs[3], int):
+            return None
+        scale = 1.0 / math.sqrt(qs[3])
+    qdt = g.dtype(Q)
+    precision = a.get("softmax_precision")
+    work = np.dtype(element_dtype(precision)) if precision is not None else \
+        (qdt if qdt.name == "float64" else np.dtype("float32"))
+    root = np.asarray(math.sqrt(float(scale)), dtype="float32").astype(qdt)
+
+    def cast(x, dt):
+        dt = np.dtype(dt)
+        return x if g.dtype(x) == dt else g.Cast(x, to=std.tensor_type(dt), dtype=dt)
+
+    def shared(X):  # xp.repeat(X, group, axis=1)
+        if group == 1:
+            return X
+        big = g.Expand(g.Unsqueeze(X, g.ints([2])), g.ints([1, 1, group, 1, 1]))
+        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hq]),
+                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
+        return g.Reshape(big, target)
+
+    def swap(x):
+        return g.Transpose(x, perm=[0, 1, 3, 2])
+
+    root_q = g.const(root, dtype=qdt)
+    Qs, Ks, Vr = g.Mul(Q, root_q), g.Mul(shared(K), root_q), shared(V)
+    raw = cast(g.MatMul(Qs, swap(Ks)), work)
+    last = g.ints([-1])
+    P = g.Exp(g.Sub(raw, g.ReduceMax(raw, last, keepdims=1)))
+    softmax = g.Div(P, g.ReduceSum(P, last, keepdims=1))
+    dYw = cast(dY, work)
+    dV = g.MatMul(swap(softmax), dYw)
+    dP = g.MatMul(dYw, swap(cast(Vr, work)))
+    dS = g.Mul(softmax, g.Sub(dP, g.ReduceSum(g.Mul(dP, softmax), last, keepdims=1)))
+    wide = np.promote_types(work, qdt)  # a work-type product times the root, in NumPy's type
+    root_w = g.const(root.astype(wide), dtype=wide)
+    dQ = g.Mul(cast(g.MatMul(dS, cast(Ks, work)), wide), root_w)
+    dK = g.Mul(cast(g.MatMul(swap(dS), cast(Qs, work)), wide), root_w)
+    if group > 1:  # shared key/value heads collect the gradients of their query heads
+        def collect(x):
+            target = g.Concat(g.Shape(x, start=0, end=1, dtype="int64"), g.ints([hkv, group]),
+                              g.Shape(x, start=2, dtype="int64"), axis=0, dtype="int64")
+            return g.ReduceSum(g.Reshape(x, target), g.ints([2]), keepdims=0)
+        dK, dV = collect(dK), collect(dV)
+    return (cast(dQ, qdt), cast(dK, g.dtype(K)), cast(dV, g.dtype(V)))
 
 
 class _Pullback:

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np  # host constants for attributes
+
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -198,6 +201,147 @@ def LinearAttentionGrad(xp, dY, dState, query, key, value, past_state=None, deca
             empty if beta is None else _merge_heads(d_rate).reshape(beta.shape).astype(beta.dtype))
 
 
+@LinearAttentionGrad.in_standard_ops
+def _(g, node):
+    # The kernel unrolled over the T steps (the query's static length): the states recomputed
+    # step by step, then walked backwards, in the work type.  None where T, or a width that
+    # picks a case (decay per head or per key feature, beta per head or shared; d_k for the
+    # default scale), is not static.
+    ins = [n or None for n in list(node.inputs) + [""] * (8 - len(node.inputs))]
+    dY, dState, query, key, value, past, decay, beta = ins
+    a = node.attrs
+    rule = a.get("update_rule", "gated_delta")
+    hq, hkv = int(a["q_num_heads"]), int(a["kv_num_heads"])
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+    if rule not in ("linear", "gated", "delta", "gated_delta") or hq <= 0 or hkv <= 0 \
+            or hq % hkv or gating != (decay is not None) or delta != (beta is not None):
+        return None
+    qshape, kshape = std.tensor_shape(g, query), std.tensor_shape(g, key)
+    t = qshape[1] if qshape is not None and len(qshape) == 3 else None
+    if not isinstance(t, int) or t < 1:
+        return None
+    width = qshape[2]
+    scale = float(a.get("scale", 0.0) or 0.0)
+    if not scale:
+        if not isinstance(width, int) or width % hq:
+            return None
+        scale = 1.0 / math.sqrt(width // hq)
+
+    def last_dim(value):
+        shape = std.tensor_shape(g, value)
+        return shape[-1] if shape else None
+
+    decay_width, beta_width = (last_dim(decay) if decay else 0), (last_dim(beta) if beta else 1)
+    key_width = kshape[-1] if kshape else None
+    if not isinstance(decay_width, int) or beta_width not in (hkv, 1) or (
+            decay and decay_width != hkv and decay_width != key_width):
+        return None
+    dtype = g.dtype(query)
+    work = dtype if dtype.name in ("float32", "float64") else np.dtype("float32")
+
+    def cast(value):
+        return value if g.dtype(value) == work else \
+            g.Cast(value, to=std.tensor_type(work), dtype=work)
+
+    def heads(value, n):  # (B, T, n·D) -> (B, n, T, D)
+        return g.Transpose(g.Reshape(cast(value), g.ints([0, 0, n, -1])), perm=[0, 2, 1, 3])
+
+    def merge(x, dt):  # (B, H, T, D) -> (B, T, H·D), in type dt
+        y = g.Reshape(g.Transpose(x, perm=[0, 2, 1, 3]), g.ints([0, 0, -1]))
+        return y if dt == work else g.Cast(y, to=std.tensor_type(dt), dtype=dt)
+
+    def step_of(x, i, axis):
+        return g.Gather(x, std.i64(g, i), axis=axis)
+
+    def stack(parts, axis):
+        return g.Concat(*[g.Unsqueeze(p, g.ints([axis])) for p in parts], axis=axis)
+
+    group = hq // hkv
+    k4, v4 = heads(key, hkv), heads(value, hkv)
+    q5 = g.Reshape(heads(query, hq), g.ints([0, hkv, group, t, -1]))
+    gate = rate = None
+    if decay:
+        if decay_width == hkv:  # one decay per head: (B, H_kv, T, 1)
+            gate = g.Exp(g.Transpose(g.Reshape(cast(decay), g.ints([0, 0, hkv, 1])),
+                                     perm=[0, 2, 1, 3]))
+        else:
+            gate = g.Exp(heads(decay, hkv))
+    if beta:
+        rate = g.Transpose(g.Reshape(cast(beta), g.ints([0, 0, beta_width, 1])),
+                           perm=[0, 2, 1, 3])
+    ks = [step_of(k4, i, 2) for i in range(t)]
+    vs = [step_of(v4, i, 2) for i in range(t)]
+    gates = [g.Unsqueeze(step_of(gate, i, 2), g.ints([-1])) for i in range(t)] if gate else None
+    rates = [step_of(rate, i, 2) for i in range(t)] if rate else None
+    if past:
+        state = cast(past)
+    else:
+        shape = g.Concat(g.Shape(k4, start=0, end=2, dtype="int64"),
+                         g.Shape(k4, start=3, dtype="int64"),
+                         g.Shape(v4, start=3, dtype="int64"), axis=0, dtype="int64")
+        state = g.ConstantOfShape(shape, value=np.zeros(1, dtype=work), dtype=work)
+
+    def outer(x, y):  # x[..., :, None] * y[..., None, :]
+        return g.Mul(g.Unsqueeze(x, g.ints([-1])), g.Unsqueeze(y, g.ints([-2])))
+
+    states, steps = [state], []
+    for i in range(t):  # _Recurrence.step and .states
+        gated = g.Mul(states[-1], gates[i]) if gates else states[-1]
+        if rates is None:
+            retrieved, u = None, vs[i]
+        else:
+            retrieved = g.Einsum(gated, ks[i], equation="bhdm,bhd->bhm")
+            u = g.Mul(rates[i], g.Sub(vs[i], retrieved))
+        steps.append((gated, retrieved, u))
+        states.append(g.Add(gated, outer(ks[i], u)))
+
+    d_state = cast(dState) if dState else g.ConstantOfShape(
+        g.Shape(state, dtype="int64"), value=np.zeros(1, dtype=work), dtype=work)
+    d_out = None
+    if dY:
+        d_out = g.Mul(g.Reshape(heads(dY, hq), g.ints([0, hkv, group, t, -1])),
+                      g.const(scale, dtype=work))
+    dq, dk, dv = [None] * t, [None] * t, [None] * t
+    d_gate, d_rate = [None] * t, [None] * t
+    for i in reversed(range(t)):
+        if d_out is not None:
+            d_out_i, q_i = step_of(d_out, i, 3), step_of(q5, i, 3)
+            dq[i] = g.Einsum(states[i + 1], d_out_i, equation="bhdm,bhgm->bhgd")
+            d_state = g.Add(d_state, g.Einsum(q_i, d_out_i, equation="bhgd,bhgm->bhdm"))
+        gated, retrieved, u = steps[i]
+        dk[i] = g.Einsum(d_state, u, equation="bhdm,bhm->bhd")
+        du = g.Einsum(d_state, ks[i], equation="bhdm,bhd->bhm")
+        if rates is None:
+            dv[i] = du
+        else:  # u = rate · (v - gatedᵀ k)
+            dv[i] = g.Mul(rates[i], du)
+            d_r = g.ReduceSum(g.Mul(du, g.Sub(vs[i], retrieved)), g.ints([-1]), keepdims=1)
+            d_rate[i] = g.ReduceSum(d_r, g.ints([1]), keepdims=1) if beta_width == 1 else d_r
+            d_state = g.Sub(d_state, outer(ks[i], dv[i]))
+            dk[i] = g.Sub(dk[i], g.Einsum(gated, dv[i], equation="bhdm,bhm->bhd"))
+        if gates:  # gated = exp(decay) · state
+            gate_i = gates[i]  # (B, H_kv, d_k or 1, 1)
+            d_log = g.Mul(g.ReduceSum(g.Mul(d_state, states[i]), g.ints([-1]), keepdims=0),
+                          g.Squeeze(gate_i, g.ints([-1])))
+            d_gate[i] = d_log if decay_width != hkv else \
+                g.ReduceSum(d_log, g.ints([-1]), keepdims=1)
+            d_state = g.Mul(d_state, gate_i)
+    if d_out is not None:
+        dQ = merge(g.Reshape(stack(dq, 3), g.ints([0, hq, t, -1])), dtype)
+    else:
+        dQ = std.zeros(g, g.Shape(query, dtype="int64"), query)
+    state_dtype = dtype if past is None else g.dtype(past)
+    dS = d_state if state_dtype == work else \
+        g.Cast(d_state, to=std.tensor_type(state_dtype), dtype=state_dtype)
+    empty = g.const(np.zeros((0,), dtype=dtype))
+    dDecay = empty if decay is None else std.as_shape_of(
+        g, merge(stack(d_gate, 2), g.dtype(decay)), decay)
+    dBeta = empty if beta is None else std.as_shape_of(
+        g, merge(stack(d_rate, 2), g.dtype(beta)), beta)
+    return (dQ, merge(stack(dk, 2), g.dtype(key)), merge(stack(dv, 2), g.dtype(value)), dS,
+            dDecay, dBeta)
+
+
 # -- CausalConvWithState ----------------------------------------------------------------------
 
 _ACTIVATIONS = ("none", "silu", "swish")
@@ -283,3 +427,61 @@ def CausalConvWithStateGrad(xp, dY=None, dState=None, input=None, weight=None, b
         dP[:, :, padded.shape[2] - (k - 1):] += dState
     return (xp.ascontiguousarray(dP[:, :, k - 1:]), dW, dB,
             xp.ascontiguousarray(dP[:, :, :k - 1]))
+
+
+@CausalConvWithStateGrad.in_standard_ops
+def _(g, node):
+    # The kernel in the input's type, unrolled over the k taps (the weight's static width;
+    # None where it is unknown): tap j reads padded[:, :, j:j + L], and its gradient is
+    # padded back into place (Pad), so that the length L may be known at run time only.
+    ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    dY, dState, x, w, bias, past = (n or None for n in ins)
+    activation = node.attrs.get("activation", "none")
+    wshape = std.tensor_shape(g, w)
+    k = wshape[2] if wshape is not None and len(wshape) == 3 else None
+    if activation not in _ACTIVATIONS or not isinstance(k, int) or k < 1:
+        return None
+    if k == 1:
+        padded = x
+    else:
+        if past is None:
+            shape = g.Concat(g.Shape(x, start=0, end=2, dtype="int64"), g.ints([k - 1]), axis=0,
+                             dtype="int64")
+            past = std.zeros(g, shape, x)
+        elif g.dtype(past) != g.dtype(x):
+            past = std.cast_like(g, past, x)
+        padded = g.Concat(past, x, axis=2)
+    axis2 = g.ints([2])
+    windows = [g.Slice(padded, g.ints([j]), g.ints([j - (k - 1) if j < k - 1 else std.END]),
+                       axis2) for j in range(k)]
+    taps = [g.Reshape(g.Slice(w, g.ints([j]), g.ints([j + 1]), axis2), g.ints([1, -1, 1]))
+            for j in range(k)]
+    dP = std.zeros(g, g.Shape(padded, dtype="int64"), x)
+    if dY is not None:
+        dz = dY
+        if activation != "none":  # the SiLU's slope at z, recomputed without rounding
+            z = None
+            for window, tap in zip(windows, taps):
+                term = g.Mul(window, tap)
+                z = term if z is None else g.Add(z, term)
+            if bias is not None:
+                z = g.Add(z, g.Reshape(bias, g.ints([1, -1, 1])))
+            sig = g.Sigmoid(z)
+            one = std.like(g, 1, x)
+            dz = g.Mul(dY, g.Mul(sig, g.Add(one, g.Mul(z, g.Sub(one, sig)))))
+        batch_and_time = g.ints([0, 2])
+        for j, (window, tap) in enumerate(zip(windows, taps)):
+            dP = g.Add(dP, g.Pad(g.Mul(dz, tap), g.ints([0, 0, j, 0, 0, k - 1 - j])))
+        dW = g.Concat(*[g.Unsqueeze(g.ReduceSum(g.Mul(dz, window), batch_and_time, keepdims=0),
+                                    g.ints([1])) for window in windows], axis=1)
+        dW = g.Unsqueeze(dW, g.ints([1]))
+        dB = g.ReduceSum(dz, batch_and_time, keepdims=0)
+    else:
+        dW = std.zeros(g, g.Shape(w, dtype="int64"), w)
+        dB = std.zeros(g, g.Shape(x, start=1, end=2, dtype="int64"), x)
+    if dState is not None and k > 1:
+        pads = g.Concat(g.ints([0, 0]), g.Shape(x, start=2, end=3, dtype="int64"),
+                        g.ints([0, 0, 0]), axis=0, dtype="int64")
+        dP = g.Add(dP, g.Pad(dState, pads))
+    return (g.Slice(dP, g.ints([k - 1]), g.ints([std.END]), axis2), dW, dB,
+            g.Slice(dP, g.ints([0]), g.ints([k - 1]), axis2))

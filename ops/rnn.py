@@ -13,11 +13,18 @@ return the gradients of X, W, R, B, the initial states and the peepholes.  A
 cell's forward and backward are written side by side (``_rnn_cell``,
 ``_gru_cell``, ``_lstm_cell``), on the activations' derivatives in
 :func:`_activation`; ``clip`` passes the gradient where it did not clip.
+
+Their standard forms (for ``onnxgrad convert`` and second-order gradients) are the
+same walk unrolled into standard ops, one set of nodes per time step: they need the
+number of steps static and return None without it (or for an unknown activation).
 """
 
 from __future__ import annotations
 
+import numpy as np  # host constants for the standard forms
+
 from onnxgrad.errors import ModelError
+from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 
 
@@ -451,3 +458,399 @@ def LSTMGrad(xp, dY, dY_h, dY_c, X, W, R, B=None, sequence_lens=None, initial_h=
                          activation_alpha=activation_alpha, activation_beta=activation_beta,
                          activations=activations, clip=clip, direction=direction,
                          hidden_size=hidden_size, layout=layout, input_forget=input_forget))
+
+
+# -- standard forms: backpropagation through time unrolled into standard ops ---------------------
+# The kernel's arithmetic step by step, one set of nodes per time step (the number of steps
+# must be static): the forward recurrence again, keeping each step's gate values, then the
+# backward walk.  ``sequence_lens`` is a per-item permutation of the steps (reversed within
+# each length, an involution) applied with GatherElements, and the alive masks with Where.
+
+def _std_activation(g, name, alpha, beta, like):
+    """``(f, df)`` in standard ops, as :func:`_activation`; None for an unknown name."""
+    name = name.lower()
+    n_params = {"affine": 2, "leakyrelu": 1, "thresholdedrelu": 1, "scaledtanh": 2,
+                "hardsigmoid": 2, "elu": 1}.get(name, 0)
+    if name not in ("relu", "tanh", "sigmoid", "affine", "leakyrelu", "thresholdedrelu",
+                    "scaledtanh", "hardsigmoid", "elu", "softsign", "softplus"):
+        return None
+    defaults = {"leakyrelu": (0.01, 0.0), "thresholdedrelu": (1.0, 0.0), "elu": (1.0, 0.0),
+                "hardsigmoid": (0.2, 0.5), "affine": (1.0, 0.0), "scaledtanh": (1.0, 1.0)}
+    a, b = defaults.get(name, (0.0, 0.0))
+    if n_params >= 1 and alpha:
+        a = alpha.pop(0)
+    if n_params >= 2 and beta:
+        b = beta.pop(0)
+    a, b = float(a), float(b)
+
+    def c(v):
+        return g.scalar(v, like=like)
+
+    def mask(cond):
+        return g.Cast(cond, to=std.tensor_type(g.dtype(like)), dtype=g.dtype(like))
+
+    fns = {
+        "relu": (lambda x: g.Relu(x), lambda x, y: mask(g.Greater(x, c(0.0)))),
+        "tanh": (lambda x: g.Tanh(x), lambda x, y: g.Sub(c(1.0), g.Mul(y, y))),
+        "sigmoid": (lambda x: g.Sigmoid(x), lambda x, y: g.Mul(y, g.Sub(c(1.0), y))),
+        "affine": (lambda x: g.Add(g.Mul(c(a), x), c(b)), lambda x, y: c(a)),
+        "leakyrelu": (lambda x: g.Where(g.GreaterOrEqual(x, c(0.0)), x, g.Mul(c(a), x)),
+                      lambda x, y: g.Where(g.GreaterOrEqual(x, c(0.0)), c(1.0), c(a))),
+        "thresholdedrelu": (lambda x: g.Where(g.Greater(x, c(a)), x, c(0.0)),
+                            lambda x, y: mask(g.Greater(x, c(a)))),
+        "scaledtanh": (lambda x: g.Mul(c(a), g.Tanh(g.Mul(c(b), x))),
+                       lambda x, y: g.Mul(c(a * b), g.Sub(c(1.0), g.Mul(
+                           *(2 * [g.Tanh(g.Mul(c(b), x))]))))),
+        "hardsigmoid": (lambda x: g.Clip(g.Add(g.Mul(c(a), x), c(b)), c(0.0), c(1.0)),
+                        lambda x, y: _std_hardsigmoid_df(g, x, c(a), c(b), c)),
+        "elu": (lambda x: g.Where(g.GreaterOrEqual(x, c(0.0)), x,
+                                  g.Mul(c(a), g.Sub(g.Exp(x), c(1.0)))),
+                lambda x, y: g.Where(g.GreaterOrEqual(x, c(0.0)), c(1.0), g.Add(y, c(a)))),
+        "softsign": (lambda x: g.Div(x, g.Add(c(1.0), g.Abs(x))),
+                     lambda x, y: g.Div(c(1.0), g.Mul(*(2 * [g.Add(c(1.0), g.Abs(x))])))),
+        "softplus": (lambda x: g.Log(g.Add(g.Exp(x), c(1.0))), lambda x, y: g.Sigmoid(x)),
+    }
+    return fns[name]
+
+
+def _std_hardsigmoid_df(g, x, a, b, c):
+    w = g.Add(g.Mul(a, x), b)
+    return g.Where(g.And(g.Greater(w, c(0.0)), g.Less(w, c(1.0))), a, c(0.0))
+
+
+class _StdGate:
+    """:class:`_Gate` in standard ops."""
+
+    def __init__(self, g, act, clip, like):
+        self.g, (self.f, self.df), self.clip, self.like = g, act, clip, like
+
+    def __call__(self, v):
+        g = self.g
+        u = v if self.clip is None else g.Clip(v, g.scalar(-self.clip, like=self.like),
+                                               g.scalar(self.clip, like=self.like))
+        return self.f(u), (v, u)
+
+    def unclipped(self):
+        return _StdGate(self.g, (self.f, self.df), None, self.like)
+
+    def grad(self, dy, y, saved):
+        g = self.g
+        v, u = saved
+        dv = g.Mul(dy, self.df(u, y))
+        if self.clip is not None:
+            keep = g.LessOrEqual(g.Abs(v), g.scalar(self.clip, like=self.like))
+            dv = g.Mul(dv, std.cast_like(g, keep, self.like))
+        return dv
+
+
+class _StdOps:
+    """Static slices, sums and products of one direction's weights."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def cols(self, x, start, end):
+        return self.g.Slice(x, self.g.ints([start]), self.g.ints([end]), self.g.ints([1]))
+
+    def rows(self, x, start, end):
+        return self.g.Slice(x, self.g.ints([start]), self.g.ints([end]), self.g.ints([0]))
+
+    def colsum(self, x):  # x.sum(axis=0)
+        return self.g.ReduceSum(x, self.g.ints([0]), keepdims=0)
+
+    def outer(self, dv, h):  # dv.T @ h
+        return self.g.MatMul(self.g.Transpose(dv, perm=[1, 0]), h)
+
+    def mmT(self, h, R):  # h @ R.T
+        return self.g.MatMul(h, self.g.Transpose(R, perm=[1, 0]))
+
+
+def _std_rnn_cell(g, s, gates, n, R, rb, P=None, **_):
+    (act,) = gates
+
+    def forward(x_t, state):
+        (h,) = state
+        y, sv = act(_add_bias(g, g.Add(x_t, s.mmT(h, R)), rb))
+        return [y], (h, y, sv)
+
+    def backward(saved, dstate, acc):
+        h, y, sv = saved
+        dv = act.grad(dstate[0], y, sv)
+        acc["R"].append(s.outer(dv, h))
+        acc["rb"].append(s.colsum(dv))
+        return dv, [g.MatMul(dv, R)]
+
+    return forward, backward
+
+
+def _std_gru_cell(g, s, gates, n, R, rb, P=None, linear_before_reset=0, **_):
+    f, gg = gates
+    Rz, Rr, Rh, Rzr = s.rows(R, 0, n), s.rows(R, n, 2 * n), s.rows(R, 2 * n, 3 * n), \
+        s.rows(R, 0, 2 * n)
+    rbz, rbr, rbh = [None if rb is None else s.rows(rb, k * n, (k + 1) * n) for k in range(3)]
+
+    def forward(x_t, state):
+        (h,) = state
+        z, sz = f(_add_bias(g, g.Add(s.cols(x_t, 0, n), s.mmT(h, Rz)), rbz))
+        r, sr = f(_add_bias(g, g.Add(s.cols(x_t, n, 2 * n), s.mmT(h, Rr)), rbr))
+        if linear_before_reset:
+            q = _add_bias(g, s.mmT(h, Rh), rbh)
+            cand, sc = gg(g.Add(s.cols(x_t, 2 * n, 3 * n), g.Mul(r, q)))
+        else:
+            q = g.Mul(r, h)
+            cand, sc = gg(_add_bias(g, g.Add(s.cols(x_t, 2 * n, 3 * n), s.mmT(q, Rh)), rbh))
+        one = g.scalar(1.0, like=h)
+        new = g.Add(g.Mul(g.Sub(one, z), cand), g.Mul(z, h))
+        return [new], (h, z, sz, r, sr, q, cand, sc)
+
+    def backward(saved, dstate, acc):
+        h, z, sz, r, sr, q, cand, sc = saved
+        (dnew,) = dstate
+        one = g.scalar(1.0, like=h)
+        dvc = gg.grad(g.Mul(dnew, g.Sub(one, z)), cand, sc)
+        dh = g.Mul(dnew, z)
+        if linear_before_reset:
+            dr = g.Mul(dvc, q)
+            dq = g.Mul(dvc, r)
+            acc["Rh"].append(s.outer(dq, h))
+            acc["rbh"].append(s.colsum(dq))
+            dh = g.Add(dh, g.MatMul(dq, Rh))
+        else:
+            drh = g.MatMul(dvc, Rh)
+            acc["Rh"].append(s.outer(dvc, q))
+            acc["rbh"].append(s.colsum(dvc))
+            dr = g.Mul(drh, h)
+            dh = g.Add(dh, g.Mul(drh, r))
+        dvz = f.grad(g.Mul(dnew, g.Sub(h, cand)), z, sz)
+        dvr = f.grad(dr, r, sr)
+        dzr = g.Concat(dvz, dvr, axis=1)
+        acc["Rzr"].append(s.outer(dzr, h))
+        acc["rbzr"].append(s.colsum(dzr))
+        dh = g.Add(dh, g.MatMul(dzr, Rzr))
+        return g.Concat(dzr, dvc, axis=1), [dh]
+
+    return forward, backward
+
+
+def _std_lstm_cell(g, s, gates, n, R, rb, P=None, input_forget=0, **_):
+    f, gg, hf = gates
+    hf = hf.unclipped()
+    peep = P is not None
+    if peep:
+        pi, po, pf = s.rows(P, 0, n), s.rows(P, n, 2 * n), s.rows(P, 2 * n, 3 * n)
+
+    def forward(x_t, state):
+        h, c = state
+        pre = _add_bias(g, g.Add(x_t, s.mmT(h, R)), rb)
+        gi, go, gf, gc = [s.cols(pre, k * n, (k + 1) * n) for k in range(4)]
+        i, si = f(g.Add(gi, g.Mul(pi, c)) if peep else gi)
+        if input_forget:
+            fg, sf = g.Sub(g.scalar(1.0, like=h), i), None
+        else:
+            fg, sf = f(g.Add(gf, g.Mul(pf, c)) if peep else gf)
+        cand, sc = gg(gc)
+        new_c = g.Add(g.Mul(fg, c), g.Mul(i, cand))
+        o, so = f(g.Add(go, g.Mul(po, new_c)) if peep else go)
+        hc, shc = hf(new_c)
+        return [g.Mul(o, hc), new_c], (h, c, i, si, fg, sf, cand, sc, new_c, o, so, hc, shc)
+
+    def backward(saved, dstate, acc):
+        h, c, i, si, fg, sf, cand, sc, new_c, o, so, hc, shc = saved
+        dh_new, dc_new = dstate
+        dvo = f.grad(g.Mul(dh_new, hc), o, so)
+        dc = g.Add(dc_new, hf.grad(g.Mul(dh_new, o), hc, shc))
+        if peep:
+            dc = g.Add(dc, g.Mul(dvo, po))
+            acc["Po"].append(s.colsum(g.Mul(dvo, new_c)))
+        dc_old = g.Mul(dc, fg)
+        di = g.Mul(dc, cand)
+        dvc = gg.grad(g.Mul(dc, i), cand, sc)
+        if input_forget:
+            di = g.Sub(di, g.Mul(dc, c))
+            dvf = g.Mul(dvo, g.scalar(0.0, like=h))
+        else:
+            dvf = f.grad(g.Mul(dc, c), fg, sf)
+        dvi = f.grad(di, i, si)
+        if peep:
+            dc_old = g.Add(g.Add(dc_old, g.Mul(dvi, pi)), g.Mul(dvf, pf))
+            acc["Pi"].append(s.colsum(g.Mul(dvi, c)))
+            acc["Pf"].append(s.colsum(g.Mul(dvf, c)))
+        dpre = g.Concat(dvi, dvo, dvf, dvc, axis=1)
+        acc["R"].append(s.outer(dpre, h))
+        acc["rb"].append(s.colsum(dpre))
+        return dpre, [g.MatMul(dpre, R), dc_old]
+
+    return forward, backward
+
+
+def _add_bias(g, x, b):
+    return x if b is None else g.Add(x, b)
+
+
+_STD_CELLS = {"RNN": _std_rnn_cell, "GRU": _std_gru_cell, "LSTM": _std_lstm_cell}
+
+
+def _sum_chain(g, parts):
+    """``0 + parts[0] + parts[1] + …`` in that order (the kernel's ``+=``)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = g.Add(total, p)
+    return total
+
+
+def _std_backward(kind, g, node):
+    n_states = _STATES[kind]
+    ins = list(node.inputs) + [""] * (11 - len(node.inputs))
+    dY, dfinals, (X, W, R, B, lens) = ins[0], ins[1:1 + n_states], ins[3:8]
+    states = ins[8:8 + n_states]
+    P = ins[10] if kind == "LSTM" else ""
+    a = {k: v for k, v in node.attrs.items() if v is not None}
+    layout = int(a.get("layout") or 0)
+    direction = a.get("direction") or "forward"
+    if isinstance(direction, bytes):
+        direction = direction.decode()
+    n_dir = 2 if direction == "bidirectional" else 1
+    xshape = std.tensor_shape(g, X)
+    rshape = std.tensor_shape(g, R)
+    if xshape is None or len(xshape) != 3 or rshape is None or len(rshape) != 3:
+        return None
+    steps = xshape[1 if layout else 0]
+    hidden = a.get("hidden_size") or rshape[-1]
+    if not isinstance(steps, int) or not isinstance(hidden, int) or rshape[0] != n_dir:
+        return None
+    n_gates = _CELLS[kind][1]
+    size = n_gates * hidden
+    names = a.get("activations")
+    names = [v.decode() if isinstance(v, bytes) else v for v in names] if names else \
+        list(_CELLS[kind][2]) * n_dir
+    k = len(_CELLS[kind][2])
+    if len(names) == k and n_dir == 2:
+        names = names * 2
+    if len(names) != k * n_dir:
+        return None
+    alpha, beta = list(a.get("activation_alpha") or []), list(a.get("activation_beta") or [])
+    acts = [_std_activation(g, name, alpha, beta, X) for name in names]
+    if any(x is None for x in acts):
+        return None
+    clip = a.get("clip")
+    clip = None if clip is None else float(clip)
+    options = {k_: int(a.get(k_) or 0) for k_ in ("linear_before_reset", "input_forget")}
+    s = _StdOps(g)
+
+    def swap(v):
+        return v if not v or not layout else g.Transpose(v, perm=[1, 0, 2])
+
+    Xt = swap(X)
+    states = [swap(v) for v in states]
+    dfinals = [swap(v) for v in dfinals]
+    if dY and layout:
+        dY = g.Transpose(dY, perm=[1, 2, 0, 3])
+    zero_state = std.zeros(g, g.Concat(g.Slice(g.Shape(Xt, dtype="int64"), g.ints([1]),
+                                                   g.ints([2]), g.ints([0])),
+                                           g.ints([hidden]), axis=0, dtype="int64"), X)
+    zero = g.scalar(0.0, like=X)
+    if lens:
+        lens64 = g.Cast(lens, to=std.tensor_type(np.int64), dtype="int64")
+        lens_row = g.Unsqueeze(lens64, g.ints([0]))  # (1, batch)
+        t_col = g.const(np.arange(steps, dtype=np.int64).reshape(steps, 1))
+        inside = g.Less(t_col, lens_row)  # (steps, batch)
+        forwards = g.Add(t_col, g.Mul(lens_row, g.ints([0])))  # t, (steps, batch)
+        # reversed within each item's length; past it t, a step whose values are masked
+        backwards = g.Where(inside, g.Sub(g.Sub(lens_row, g.ints([1])), t_col), forwards)
+
+    def permute(v, index):
+        """v (steps, batch, width) with v[index[t, b], b] at [t, b]."""
+        where = g.Expand(g.Unsqueeze(index, g.ints([2])), g.Shape(v, dtype="int64"))
+        return g.GatherElements(v, where, axis=0)
+
+    def step(v, t):
+        return g.Gather(v, std.i64(g, t), axis=0)
+
+    dX, dWs, dRs, dBs, dPs, dinits = None, [], [], [], [], []
+    for d in range(n_dir):
+        reverse = direction == "reverse" or d == 1
+        Wd, Rd = step(W, d), step(R, d)
+        Bd = step(B, d) if B else None
+        Pd = step(P, d) if P else None
+        bias_w = None if Bd is None else s.rows(Bd, 0, size)
+        rb = None if Bd is None else s.rows(Bd, size, 2 * size)
+        gates = [_StdGate(g, act, clip, X) for act in acts[d * k:(d + 1) * k]]
+        forward, backward = _STD_CELLS[kind](g, s, gates, hidden, Rd, rb, P=Pd, **options)
+        xw = _add_bias(g, s.mmT(Xt, Wd), bias_w)
+        dy_d = g.Gather(dY, std.i64(g, d), axis=1) if dY else None  # (steps, batch, hidden)
+        index = None
+        if lens:
+            index = backwards if reverse else forwards
+            xw = permute(xw, index)
+            if dy_d:
+                dy_d = permute(dy_d, index)
+        order = [steps - 1 - t if reverse and not lens else t for t in range(steps)]
+        state = [step(v, d) if v else zero_state for v in states]
+        tape = []
+        for t in range(steps):
+            x_t = step(xw, order[t])
+            new, saved = forward(x_t, state)
+            alive = g.Unsqueeze(g.Less(std.i64(g, t), lens64), g.ints([1])) if lens else None
+            if alive is not None:
+                new = [g.Where(alive, n_, s_) for n_, s_ in zip(new, state)]
+            tape.append((t, alive, saved))
+            state = new
+        acc = {key: [] for key in ("R", "rb", "Rh", "rbh", "Rzr", "rbzr", "Pi", "Po", "Pf")}
+        dstate = [step(v, d) if v else zero_state for v in dfinals]
+        dxs = [None] * steps
+        for t, alive, saved in reversed(tape):
+            dnew = list(dstate)
+            if dy_d:
+                dy = step(dy_d, order[t])
+                if alive is not None:
+                    dy = g.Where(alive, dy, zero)
+                dnew[0] = g.Add(dnew[0], dy)
+            if alive is not None:
+                dnew = [g.Where(alive, v, zero) for v in dnew]
+            dx, dold = backward(saved, dnew, acc)
+            if alive is not None:
+                dold = [g.Where(alive, v_old, v) for v_old, v in zip(dold, dstate)]
+                dx = g.Where(alive, dx, zero)
+            dxs[order[t]] = g.Unsqueeze(dx, g.ints([0]))
+            dstate = dold
+        dxw = g.Concat(*dxs, axis=0) if steps > 1 else dxs[0]
+        if lens:
+            dxw = permute(dxw, index)
+        part = g.MatMul(dxw, Wd)
+        dX = part if dX is None else g.Add(dX, part)
+        dWs.append(g.Einsum(dxw, Xt, equation="tbg,tbi->gi"))
+        if kind == "GRU":
+            dR = g.Concat(_sum_chain(g, acc["Rzr"]), _sum_chain(g, acc["Rh"]), axis=0)
+            drb = g.Concat(_sum_chain(g, acc["rbzr"]), _sum_chain(g, acc["rbh"]), axis=0)
+        else:
+            dR, drb = _sum_chain(g, acc["R"]), _sum_chain(g, acc["rb"])
+        dRs.append(dR)
+        dBs.append(g.Concat(g.ReduceSum(dxw, g.ints([0, 1]), keepdims=0), drb, axis=0))
+        if P:
+            dPs.append(g.Concat(*(_sum_chain(g, acc[key]) for key in ("Pi", "Po", "Pf")), axis=0))
+        dinits.append(dstate)
+
+    def stack(values):
+        return g.Concat(*(g.Unsqueeze(v, g.ints([0])) for v in values), axis=0)
+
+    dX = swap(dX)
+    dinit = [swap(stack([dinits[d][j] for d in range(n_dir)])) for j in range(n_states)]
+    out = [dX, stack(dWs), stack(dRs), stack(dBs) if B else None] + dinit
+    if kind == "LSTM":
+        out.append(stack(dPs) if P else None)
+    return out
+
+
+@RNNGrad.in_standard_ops
+def _(g, node):
+    return _std_backward("RNN", g, node)
+
+
+@GRUGrad.in_standard_ops
+def _(g, node):
+    return _std_backward("GRU", g, node)
+
+
+@LSTMGrad.in_standard_ops
+def _(g, node):
+    return _std_backward("LSTM", g, node)

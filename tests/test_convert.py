@@ -34,7 +34,7 @@ REF = ROOT / "tests" / "reference"
 
 #: Private ops whose standard form is not written yet: converting a model whose
 #: training graph holds one fails with a message that names it.
-NOT_YET = {"CausalConvWithStateGrad"}
+NOT_YET: set[str] = set()
 
 #: Ops of the other sample databases (tests/op_db_transformer.py, the node-suite ops of
 #: tests/test_more_ops.py) whose gradients pass through private kernels; their samples
@@ -199,7 +199,7 @@ def test_attention_outputs_in_onnxruntime(case):
     forward = onnxgrad.load(make_model(sample, arrays, set(arrays)))  # every output
     ys = forward.run(dict(arrays), outputs=[f"y{k}" for k in outputs])
     rng = np.random.default_rng(len(sample.id))
-    nodes, terms, inits = [helper.make_node("Attention", ins, outs, **sample.attrs)], [], []
+    nodes, terms, inits = [helper.make_node(sample.op, ins, outs, **sample.attrs)], [], []
     for k in outputs:
         y = f"y{k}"
         inits.append(numpy_helper.from_array(
@@ -229,6 +229,140 @@ def test_attention_outputs_in_onnxruntime(case):
         moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
         scale = max(np.abs(want[name]).max(), 1.0)
         np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+def _recurrent_cases():
+    """The RNN, GRU and LSTM samples of tests/op_db_transformer.py, with a loss on Y and
+    on the final states."""
+    import op_db_transformer
+
+    return [(s._replace(opset=max(s.opset, 14)), tuple(range(s.outputs)))  # the loss's IsInf
+            for s in op_db_transformer.SAMPLES if s.op in ("RNN", "GRU", "LSTM") and s.grad]
+
+
+@pytest.mark.parametrize("case", _recurrent_cases(),
+                         ids=lambda c: f"{c[0].id}-out{''.join(map(str, c[1]))}")
+def test_recurrent_outputs_in_onnxruntime(case):
+    """RNNGrad, GRUGrad and LSTMGrad (backpropagation through time, unrolled): one SGD
+    step of the step model moves X, W, R, B, the initial states and P by onnxgrad's
+    gradients."""
+    test_attention_outputs_in_onnxruntime(case)
+
+
+def _recurrent_cases():
+    """LinearAttention (tests/test_signal_attention_gradients.py) and CausalConvWithState
+    (tests/test_more_ops.py) samples, with the outputs the loss reads: Y, the carried state,
+    or both (their gradients' standard forms take dY and dState, either one absent)."""
+    import test_more_ops
+    import test_signal_attention_gradients as signal
+
+    samples = signal.LINEAR_SAMPLES + [s for s in test_more_ops.SAMPLES
+                                        if s.op == "CausalConvWithState"]
+    return [(s, outs) for s in samples for outs in ((0,), (1,), (0, 1))]
+
+
+@pytest.mark.parametrize("case", _recurrent_cases(),
+                         ids=lambda c: f"{c[0].id}-out{''.join(map(str, c[1]))}")
+def test_recurrent_state_ops_in_the_step_model(case):
+    """LinearAttentionGrad and CausalConvWithStateGrad in standard ops: one SGD step (lr 1)
+    of the step model, which holds no private op, moves every float input by onnxgrad's
+    gradients (in onnxgrad's runtime where onnxruntime lacks the opset-27 op)."""
+    sample, outputs = case
+    rng = np.random.default_rng(len(sample.id))
+    low = {"real": -2.0, "pos": 0.5}
+    arrays = {n: rng.uniform(low[spec[0]], 2.0, spec[1]).astype(np.float32)
+              for n, spec in sample.inputs if n is not None}
+    names = list(arrays)
+    ins = ["" if n is None else n for n, _ in sample.inputs]
+    while ins[-1] == "":
+        ins.pop()
+    node = helper.make_node(sample.op, ins, ["y0", "y1"], **sample.attrs)
+    opsets = [helper.make_opsetid("", sample.opset)]
+
+    def model(nodes, outs, inits):
+        graph = helper.make_graph(nodes, "l", [], outs, [numpy_helper.from_array(a, n)
+                                                         for n, a in inits.items()])
+        return helper.make_model(graph, opset_imports=opsets)
+
+    ranks = (3, 4 if sample.op == "LinearAttention" else 3)
+    ys = onnxgrad.load(model([node], [helper.make_tensor_value_info(f"y{k}", onnx.TensorProto.FLOAT,
+                                                                    [None] * r)
+                                      for k, r in enumerate(ranks)], arrays)).run({})
+    nodes, terms, us = [node], [], {}
+    for k in outputs:
+        y = f"y{k}"
+        us[f"U_{y}"] = rng.standard_normal(ys[y].shape).astype(np.float32)
+        nodes += [helper.make_node("Mul", [y, f"U_{y}"], [f"{y}_u"]),
+                  helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
+        terms.append(f"{y}_t")
+    nodes.append(helper.make_node("Sum", terms, ["loss"]))
+    proto = model(nodes, [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
+                  {**arrays, **us})
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
+    want = trainer.gradients({}, None)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=names)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    if _refused_by_onnxruntime(proto, {}) is None:
+        got = _run(_session(step), {})
+    else:
+        got = onnxgrad.load(step).run({})
+    for name in names:
+        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+
+
+def _flex_cases():
+    """FlexAttention cases of tests/test_signal_attention_gradients.py, with float32 and
+    softmax_precision variants of those without subgraphs."""
+    import test_signal_attention_gradients as signal
+
+    cases = [(hq, hkv, attrs, np.float64) for hq, hkv, attrs in signal.FLEX_CASES]
+    cases += [(2, 2, {}, np.float32), (4, 2, {"scale": 0.3}, np.float32),
+              (2, 1, {"softmax_precision": onnx.TensorProto.DOUBLE}, np.float32),
+              (2, 2, {"softmax_precision": onnx.TensorProto.FLOAT}, np.float64)]
+    return cases
+
+
+@pytest.mark.parametrize("case", _flex_cases(),
+                         ids=lambda c: f"{c[0]}x{c[1]}-{sorted(c[2])}-{np.dtype(c[3]).name}")
+def test_flex_attention_in_the_step_model(case):
+    """FlexAttentionGrad in standard ops: one SGD step (lr 1) of the step model, which holds
+    no private op, moves Q, K and V by onnxgrad's gradients.  With score_mod or prob_mod
+    (subgraphs) it has no standard form yet, and converting is refused by name."""
+    import test_signal_attention_gradients as signal
+
+    hq, hkv, attrs, dtype = case
+    arrays = signal._flex_arrays(hq, hkv)
+    if attrs.get("score_mod") is signal.CAUSAL:
+        arrays = signal._causal_mask(arrays)
+    arrays = {n: a.astype(dtype) if a.dtype.kind == "f" else a for n, a in arrays.items()}
+    proto = signal._flex_model(arrays, attrs)
+    if dtype == np.float32:
+        proto.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    names = ["Q", "K", "V"]
+    if "score_mod" in attrs or "prob_mod" in attrs:
+        with pytest.raises(ModelError, match="FlexAttentionGrad"):
+            step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                       trainable=names)
+        return
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
+    want = trainer.gradients({}, None)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=names)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    if _refused_by_onnxruntime(proto, {}) is None:
+        got = _run(_session(step), {})
+    else:
+        got = onnxgrad.load(step).run({})
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    for name in names:
+        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(moved, want[name], rtol=tol, atol=tol * scale, err_msg=name)
 
 
 def _roi_align_samples(ratio):
@@ -601,16 +735,21 @@ def test_an_op_without_a_standard_form_is_named(tmp_path):
     from helpers import helper, make_model
 
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Unsqueeze", ["x", "first"], ["x3"], name="unsqueeze"),
-             helper.make_node("RNN", ["x3", "W", "R"], ["Y"], name="rnn", hidden_size=3),
-             helper.make_node("Reshape", ["Y", "rows"], ["logits"], name="reshape")]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Tanh", ["v_in"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", onnx.TensorProto.FLOAT, ["N", 3])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["v0"], name="matmul"),
+             helper.make_node("Loop", ["trips", "", "v0"], ["logits"], name="loop", body=body)]
     proto = make_model(nodes, [("x", np.float32, ["N", 4])], [("logits", np.float32, ["N", 3])],
-                       {"W": rng.standard_normal((1, 3, 4)).astype(np.float32),
-                        "R": rng.standard_normal((1, 3, 3)).astype(np.float32),
-                        "first": np.array([0], np.int64), "rows": np.array([-1, 3], np.int64)},
-                       opset=17)
-    with pytest.raises(ModelError, match=r"node 'rnn/RNNGrad' \(onnxgrad::"
-                                         r"RNNGrad.*cannot be written in standard "
+                       {"W": rng.standard_normal((4, 3)).astype(np.float32),
+                        "trips": np.array(2, np.int64)}, opset=17)
+    with pytest.raises(ModelError, match=r"node 'loop/LoopGrad' \(onnxgrad::"
+                                         r"LoopGrad.*cannot be written in standard "
                                          r"ONNX ops yet"):
         step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=0.1))
 
