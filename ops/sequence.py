@@ -24,6 +24,7 @@ The gradient of an optional is that of its content.
 from __future__ import annotations
 
 import numpy as np  # host-side shape values only
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxgrad.errors import ModelError
 from onnxgrad.ir import ValueInfo
@@ -343,14 +344,15 @@ def SequenceInsertGrad(xp, dS, shape, position=None, *, to, ctx):
 def _(g, node, dS):
     seq, *rest = node.inputs
     position = rest[0] if rest and rest[0] else None
-    return (_as_sequence(g, g.private("SequenceEraseGrad", dS, position), seq),) + \
-        (None,) * len(rest)
+    return (_as_sequence(g, g.private("SequenceEraseGrad", dS, position, sequence=seq), seq),) \
+        + (None,) * len(rest)
 
 
 @op("SequenceEraseGrad", domain=_PRIVATE, host_inputs=("position",))
-def SequenceEraseGrad(xp, dS, position=None, *, ctx):
+def SequenceEraseGrad(xp, dS, position=None, *, sequence="", ctx):
     """The gradient of SequenceErase's sequence: ``dS`` with a zero (``None``) where the
-    erased element was."""
+    erased element was.  ``sequence`` names the forward input sequence, which only the
+    standard form reads (for the erased element's shape)."""
     if not isinstance(dS, list):
         raise ModelError(f"SequenceEraseGrad: expected a sequence gradient, got "
                          f"{type(dS).__name__}")
@@ -426,3 +428,252 @@ def _(g, node, dY):
 @OptionalGetElement.gradient
 def _(g, node, dY):
     return (dY,)
+
+
+# -- gradients in standard ops --------------------------------------------------------------
+# A standard graph has no ``None``: each sequence gradient the forms below read or write
+# holds every element, zeros where the kernels above write ``None`` (more memory, the same
+# values).  An element-wise pass is a Loop over the sequence's length that carries the
+# sequences it reads (so that its body reads no outer value) and builds its result with
+# SequenceInsert.
+def _producer(g, value: str, op_type: str, domain: str = ""):
+    """The node of ``op_type`` that makes ``value``, or None."""
+    for node in g.graph.nodes:
+        if value in node.outputs and node.op_type == op_type and node.domain == domain:
+            return node
+    return None
+
+
+def _seq_type(code: int):
+    return helper.make_sequence_type_proto(helper.make_tensor_type_proto(code, None))
+
+
+def _loop(g, length: str, carried: list[tuple[str, object]], body_nodes, outputs,
+          infos: list[ValueInfo]) -> list[str]:
+    """A Loop of ``length`` iterations (body iteration ``i``) over the loop-carried values
+    ``carried`` (outer name, TypeProto), whose body inputs are ``in<k>`` and outputs (the
+    next values) the body names ``outputs``; returns the final values, typed ``infos``."""
+    b_inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    b_inputs += [helper.make_value_info(f"in{k}", t) for k, (_, t) in enumerate(carried)]
+    b_outputs = [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])]
+    b_outputs += [helper.make_value_info(o, t) for o, (_, t) in zip(outputs, carried)]
+    nodes = [helper.make_node("Identity", ["cond"], ["cond_out"])] + list(body_nodes)
+    # A body's names must differ from every name outside it (and in other bodies).
+    tag = g.graph.unique_name(f"{g.prefix}/loop", g.taken)
+
+    def scoped(name: str) -> str:
+        return f"{tag}/{name}" if name else name
+
+    for n in nodes:
+        n.input[:] = [scoped(x) for x in n.input]
+        n.output[:] = [scoped(x) for x in n.output]
+    for v in b_inputs + b_outputs:
+        v.name = scoped(v.name)
+    body = helper.make_graph(nodes, tag, b_inputs, b_outputs)
+    outs = g.op("Loop", length, "", *[name for name, _ in carried], body=body,
+                num_outputs=len(carried))
+    outs = [outs] if isinstance(outs, str) else outs
+    for out, info in zip(outs, infos):
+        g.graph.info[out] = info
+    return outs
+
+
+def _code_of(g, *values: str) -> int | None:
+    """The element type of the first of ``values`` (sequences or tensors) whose type is
+    known, or None."""
+    for value in values:
+        try:
+            return element_code(g, value)
+        except ModelError:
+            continue
+    return None
+
+
+def _length(g, sequence: str) -> str:
+    return g.SequenceLength(sequence, dtype=np.int64)
+
+
+def _elementwise(g, sequences: list[str], code: int, element_nodes, like: str,
+                 extra: list[tuple[str, object]] = ()) -> str:
+    """A sequence whose element ``i`` is made from element ``i`` of each of ``sequences``
+    (body values ``x<k>``) and the ``extra`` values (body values ``in<len+1+j>``) by
+    ``element_nodes``, which end in value ``y``; typed like a gradient of ``like``."""
+    st = _seq_type(code)
+    carried = [(s, st) for s in sequences] + list(extra)
+    empty = g.SequenceEmpty()
+    g.graph.nodes[-1].attrs["dtype"] = code  # ``dtype`` is also g.op's own keyword
+    g.graph.info[empty] = sequence_info(g.graph, like)
+    carried.append((empty, st))
+    acc = len(carried) - 1
+    nodes = [helper.make_node("SequenceAt", [f"in{k}", "i"], [f"x{k}"])
+             for k in range(len(sequences))]
+    nodes += element_nodes
+    nodes.append(helper.make_node("SequenceInsert", [f"in{acc}", "y"], [f"out{acc}"]))
+    nodes += [helper.make_node("Identity", [f"in{k}"], [f"out{k}"]) for k in range(acc)]
+    infos = [sequence_info(g.graph, like)] * len(carried)
+    outs = _loop(g, _length(g, sequences[0]), carried, nodes,
+                 [f"out{k}" for k in range(len(carried))], infos)
+    return outs[-1]
+
+
+def _zeros_like_elements(g, sequence: str, code: int) -> str:
+    """Zeros of each element's shape and type, as a sequence."""
+    zero = numpy_helper.from_array(np.zeros(1, dtype=element_dtype(code)), "zero")
+    nodes = [helper.make_node("Shape", ["x0"], ["shape"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["y"], value=zero)]
+    return _elementwise(g, [sequence], code, nodes, sequence)
+
+
+def _position_in(g, position: str, n: str) -> str:
+    """A position counted from the back (negative) as one from the front, for a sequence
+    of ``n`` (0-d int64) tensors."""
+    p = g.Reshape(g.Cast(position, to=TensorProto.INT64, dtype=np.int64), g.ints([]),
+                  dtype=np.int64)
+    return g.Where(g.Less(p, g.const(0, dtype=np.int64)), g.Add(p, n, dtype=np.int64), p,
+                   dtype=np.int64)
+
+
+@SequenceShapes.in_standard_ops
+def _(g, node):
+    (seq,) = node.inputs
+    i64 = helper.make_tensor_type_proto(TensorProto.INT64, None)
+    nodes = [helper.make_node("Constant", [], ["axis0"], value_ints=[0]),
+             helper.make_node("SequenceAt", ["in0", "i"], ["x"]),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Size", ["shape"], ["rank0"]),
+             helper.make_node("Unsqueeze", ["rank0", "axis0"], ["rank"]),
+             helper.make_node("Concat", ["in1", "rank", "shape"], ["out1"], axis=0),
+             helper.make_node("Identity", ["in0"], ["out0"])]
+    code = _code_of(g, seq)
+    if code is None:
+        return None
+    st = _seq_type(code)
+    outs = _loop(g, _length(g, seq), [(seq, st), (g.ints([]), i64)], nodes, ["out0", "out1"],
+                 [sequence_info(g.graph, seq), ValueInfo(np.dtype(np.int64), (None,))])
+    return (outs[1],)
+
+
+@SequenceZerosLike.in_standard_ops
+def _(g, node):
+    (seq,) = node.inputs
+    code = _code_of(g, seq)
+    return None if code is None else (_zeros_like_elements(g, seq, code),)
+
+
+@SequenceGradSum.in_standard_ops
+def _(g, node):
+    parts = list(node.inputs)
+    code = _code_of(g, *parts)
+    if code is None:
+        return None
+    if len(parts) == 1:
+        return (parts[0],)
+    nodes = [helper.make_node("Sum", [f"x{k}" for k in range(len(parts))], ["y"])]
+    return (_elementwise(g, parts, code, nodes, parts[0]),)
+
+
+@SequenceGradScale.in_standard_ops
+def _(g, node):
+    seq, scale = node.inputs
+    code = _code_of(g, seq, scale)
+    tt = helper.make_tensor_type_proto(onnx_type(g.dtype(scale)), None)
+    nodes = [helper.make_node("Mul", ["x0", "in1"], ["y"])]
+    return (_elementwise(g, [seq], code, nodes, seq, extra=[(scale, tt)]),)
+
+
+@SequenceConstructGrad.in_standard_ops
+def _(g, node):
+    dS = node.inputs[0]
+    n = len(node.outputs)
+    return tuple(g.SequenceAt(dS, g.const(i, dtype=np.int64), dtype=element_dtype(node.attrs["to"]))
+                 for i in range(n))
+
+
+@SequenceAtGrad.in_standard_ops
+def _(g, node):
+    length, position, dY = node.inputs
+    producer = _producer(g, length, "SequenceLength")
+    if producer is None:  # the elements' shapes (for the zeros) are unknown
+        return None
+    seq = producer.inputs[0]
+    p = _position_in(g, position, length)
+    code = _code_of(g, seq, dY)
+    if code is None:
+        return None
+    zeros = _zeros_like_elements(g, seq, code)
+    rest = g.SequenceErase(zeros, p)
+    out = g.SequenceInsert(rest, dY, p)
+    g.graph.info[rest] = g.graph.info[out] = sequence_info(g.graph, seq)
+    return (out,)
+
+
+@SequenceInsertGrad.in_standard_ops
+def _(g, node):
+    dS, _shape, *rest = node.inputs
+    position = rest[0] if rest and rest[0] else None
+    dtype = element_dtype(node.attrs["to"])
+    if position is None:
+        dtensor = g.SequenceAt(dS, g.const(-1, dtype=np.int64), dtype=dtype)
+        dseq = g.SequenceErase(dS)
+    else:
+        n = g.Sub(_length(g, dS), g.const(1, dtype=np.int64), dtype=np.int64)
+        p = _position_in(g, position, n)
+        dtensor = g.SequenceAt(dS, p, dtype=dtype)
+        dseq = g.SequenceErase(dS, p)
+    g.graph.info[dseq] = g.graph.info[dS]
+    return (dseq, dtensor)
+
+
+@SplitToSequenceGrad.in_standard_ops
+def _(g, node):
+    dS = node.inputs[0]
+    split = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    a = node.attrs
+    new_axis = 0 if split is not None or a.get("keepdims", 1) else 1
+    return (g.ConcatFromSequence(dS, axis=a.get("axis", 0), new_axis=new_axis,
+                                 dtype=element_dtype(a["to"])),)
+
+
+@ConcatFromSequenceGrad.in_standard_ops
+def _(g, node):
+    dY = node.inputs[0]
+    a = node.attrs
+    axis = a["axis"]
+    if a.get("new_axis", 0):
+        out = g.SplitToSequence(dY, axis=axis, keepdims=0)
+    else:
+        # Every element has dY's rank r: the encoding is rows of [r, dims…].
+        shapes = node.inputs[1]
+        r = g.rank(dY)
+        if r is None:
+            return None
+        rows = g.Reshape(shapes, g.ints([-1, 1 + r]), dtype=np.int64)
+        lengths = g.Gather(rows, g.const(1 + axis % r, dtype=np.int64), axis=1, dtype=np.int64)
+        out = g.SplitToSequence(dY, lengths, axis=axis)
+    g.graph.info[out] = ValueInfo(kind="sequence", element=ValueInfo(g.dtype(dY), None))
+    return (out,)
+
+
+@SequenceEraseGrad.in_standard_ops
+def _(g, node):
+    dS, *rest = node.inputs
+    position = rest[0] if rest and rest[0] else None
+    # The erased element's zeros take its shape from the forward input sequence.
+    seq = node.attrs.get("sequence") or None
+    if seq is None:
+        return None
+    code = _code_of(g, seq, dS)
+    if code is None:
+        return None
+    if position is None:
+        p = g.Sub(_length(g, seq), g.const(1, dtype=np.int64), dtype=np.int64)
+    else:
+        p = _position_in(g, position, _length(g, seq))
+    erased = g.SequenceAt(seq, p, dtype=element_dtype(code))
+    zeros = g.ConstantOfShape(g.Shape(erased, dtype=np.int64),
+                              value=np.zeros(1, dtype=element_dtype(code)),
+                              dtype=element_dtype(code))
+    out = g.SequenceInsert(dS, zeros, p)
+    g.graph.info[out] = sequence_info(g.graph, seq)
+    return (out,)

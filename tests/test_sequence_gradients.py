@@ -464,3 +464,176 @@ def test_torch_export_gradients_on_the_gpu_equal_the_cpu():
                            trainable=PARAMETERS, device="cuda").gradients(feeds, label)
     for name in PARAMETERS:
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# -- the step model in standard ops --------------------------------------------------------------
+def _erase_nodes():
+    return [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]), _const("pos", -2),
+            helper.make_node("SequenceErase", ["seq", "pos"], ["shorter"]),
+            helper.make_node("ConcatFromSequence", ["shorter"], ["cat"], axis=0),
+            helper.make_node("Tanh", ["cat"], ["y0"])]
+
+
+def _insert_nodes(position):
+    nodes = [helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]), _const("one", 1)]
+    inputs = ["seq", "c"] + ([] if position is None else ["pos"])
+    nodes += [] if position is None else [_const("pos", position)]
+    return nodes + [helper.make_node("SequenceInsert", inputs, ["longer"]),
+                    helper.make_node("ConcatFromSequence", ["longer"], ["y0"], axis=0),
+                    helper.make_node("SequenceAt", ["longer", "one"], ["at1"]),
+                    helper.make_node("Mul", ["at1", "at1"], ["y1"])]
+
+
+def _split_nodes(attrs, split):
+    nodes, inputs = [_const("one", 1), _const("last", -1)], ["x"]
+    if split is not None:
+        nodes.append(_const("split", split))
+        inputs.append("split")
+    stacked = split is None and attrs.get("keepdims", 1) == 0
+    return nodes + [helper.make_node("SplitToSequence", inputs, ["parts"], **attrs),
+                    helper.make_node("ConcatFromSequence", ["parts"], ["joined"],
+                                     axis=attrs.get("axis", 0), new_axis=int(stacked)),
+                    helper.make_node("Tanh", ["joined"], ["y0"]),
+                    helper.make_node("SequenceAt", ["parts", "one"], ["p1"]),
+                    helper.make_node("SequenceAt", ["parts", "last"], ["p2"]),
+                    helper.make_node("Mul", ["p1", "p2"], ["y1"])]
+
+
+_CONVERT_CASES = {  # name: (nodes, outputs, parameters)
+    "construct_at_unread": (
+        [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]),
+         _const("zero", 0), _const("last", -1),
+         helper.make_node("SequenceAt", ["seq", "zero"], ["first"]),
+         helper.make_node("SequenceAt", ["seq", "last"], ["y1"]),
+         helper.make_node("Tanh", ["first"], ["y0"])], ["y0", "y1"], _abc()),
+    "two_readers_add": (
+        [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]), _const("one", 1),
+         helper.make_node("SequenceAt", ["seq", "one"], ["b1"]),
+         helper.make_node("Mul", ["b1", "b1"], ["y0"]),
+         helper.make_node("ConcatFromSequence", ["seq"], ["y1"], axis=0)], ["y0", "y1"], _abc()),
+    "concat_axis_-1": (
+        [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]),
+         helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=-1),
+         helper.make_node("Sin", ["cat"], ["y0"])], ["y0"],
+        {"a": _rand(3, 2), "b": _rand(3, 4, seed=1), "c": _rand(3, 1, seed=2)}),
+    "stack_axis_1": (
+        [helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+         helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=1, new_axis=1),
+         helper.make_node("Sin", ["cat"], ["y0"])], ["y0"],
+        {"a": _rand(2, 3), "b": _rand(2, 3, seed=1)}),
+    "insert_none": (_insert_nodes(None), ["y0", "y1"], _abc()),
+    "insert_-1": (_insert_nodes(-1), ["y0", "y1"], _abc()),
+    "erase_-2": (_erase_nodes(), ["y0"], _abc()),
+    "split_keepdims_0": (_split_nodes({"axis": 1, "keepdims": 0}, None), ["y0", "y1"],
+                         {"x": _rand(5, 4)}),
+    "split_list": (_split_nodes({"axis": 0}, [1, 3, 1]), ["y0", "y1"], {"x": _rand(5, 4)}),
+    "split_scalar": (_split_nodes({}, 2), ["y0", "y1"], {"x": _rand(5, 4)}),
+}
+
+
+def _step_moves(proto, names, feeds=None, label=None, loss=None, output="loss"):
+    """What one SGD step (lr 1) of the converted step model moves each weight by: in
+    onnxruntime where it runs the model, else in onnxgrad (the model holding no private
+    node)."""
+    import onnx
+
+    from onnxgrad.convert import step_model
+
+    model = onnxgrad.load(proto)
+    step = step_model(model, onnxgrad.SGD(lr=1.0), loss=loss, output=output, trainable=names)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    onnx.checker.check_model(step)
+    feeds = dict(feeds or {})
+    step_inputs = {i.name for i in step.graph.input}
+    params = model.parameters()
+    feeds.update({k: v for k, v in params.items() if k in step_inputs})
+    if label is not None:
+        target = next(i.name for i in step.graph.input if i.name not in feeds and
+                      i.type.tensor_type.elem_type == TensorProto.INT64)
+        feeds[target] = label
+    for init in step.graph.initializer:  # state inputs with their initial values
+        feeds.pop(init.name, None)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
+    names_out = [o.name for o in session.get_outputs()]
+    got = dict(zip(names_out, session.run(None, feeds)))
+    return {n: params[n] - got[f"{n}.next"] for n in names}
+
+
+@pytest.mark.parametrize("case", list(_CONVERT_CASES))
+def test_sequence_gradients_convert_to_standard_ops(case):
+    """The step model of onnxgrad convert holds only standard ops and moves the weights by
+    onnxgrad's own gradients, in onnxruntime."""
+    nodes, ys, params = _CONVERT_CASES[case]
+    probe = _loss_model(nodes, ys, params, {}, 17)
+    shapes = [y.shape for y in ReferenceEvaluator(probe).run(None, {})]
+    proto = _loss_model(nodes, ys, params, {}, 17, shapes)
+    want = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                            trainable=list(params)).gradients({}, None)
+    moved = _step_moves(proto, list(params))
+    for name in params:
+        np.testing.assert_allclose(moved[name], want[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+
+
+def test_sequence_gradient_helpers_in_standard_ops_run_in_onnxruntime():
+    """SequenceGradScale, SequenceZerosLike, SequenceGradSum and SequenceShapes (which the
+    gradients of Loop, If and SequenceMap emit) expanded into standard ops: the same
+    values in onnxruntime and onnxgrad as the private kernels'."""
+    import onnx
+
+    from onnxgrad.autodiff import GradBuilder, expand_in_standard_ops
+    from onnxgrad.convert import _to_proto
+    from onnxgrad.loader import load_model
+
+    private = "onnxgrad"
+    nodes = [helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+             helper.make_node("SequenceGradScale", ["seq", "s"], ["scaled"], domain=private),
+             helper.make_node("SequenceZerosLike", ["seq"], ["zeros"], domain=private),
+             helper.make_node("SequenceGradSum", ["scaled", "zeros", "seq"], ["total"],
+                              domain=private),
+             helper.make_node("SequenceShapes", ["seq"], ["shapes"], domain=private),
+             helper.make_node("ConcatFromSequence", ["total"], ["y"], axis=0)]
+    graph = helper.make_graph(
+        nodes, "helpers", [vi("a", D, [2, 3]), vi("b", D, [4, 3]), vi("s", D, [])],
+        [vi("y", D, [6, 3]), vi("shapes", I64, [None])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(private, 1)])
+    feeds = {"a": _rand(2, 3), "b": _rand(4, 3, seed=1), "s": np.array(3.0)}
+    want = onnxgrad.load(proto).run(dict(feeds))
+    np.testing.assert_allclose(want["y"], 4 * np.concatenate([feeds["a"], feeds["b"]]))
+    np.testing.assert_array_equal(want["shapes"], [2, 2, 3, 2, 4, 3])
+    _, ir_graph, _ = load_model(proto)
+    g = GradBuilder(ir_graph)
+    for node in [n for n in ir_graph.nodes if n.domain == private]:
+        assert expand_in_standard_ops(g, node), node.op_type
+    standard = _to_proto(ir_graph, proto, "helpers")
+    onnx.checker.check_model(standard)
+    assert {n.domain for n in standard.graph.node} == {""}
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(standard.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for got in (dict(zip(["y", "shapes"], session.run(["y", "shapes"], feeds))),
+                onnxgrad.load(standard).run(dict(feeds))):
+        np.testing.assert_allclose(got["y"], want["y"], rtol=1e-15)
+        np.testing.assert_array_equal(got["shapes"], want["shapes"])
+
+
+def test_torch_export_converts_to_standard_ops():
+    """The scripted PyTorch model's step model moves the weights by onnxgrad's gradients
+    (skipped while its Loop's gradient, LoopGrad, has no standard form)."""
+    from onnxgrad.convert import step_model
+    from onnxgrad.errors import ModelError
+
+    model = onnxgrad.load(REF / "sequence_torchscript.onnx")
+    try:
+        step_model(model, onnxgrad.SGD(lr=1.0), loss="cross_entropy", trainable=PARAMETERS)
+    except ModelError as exc:
+        if "(onnxgrad::LoopGrad," in str(exc):
+            pytest.skip("no standard form yet for LoopGrad")
+        raise
+    want = _torch_trainer().gradients({"x": TORCH["x"]}, TORCH["label"])
+    moved = _step_moves(model.to_proto(), PARAMETERS, {"x": TORCH["x"]}, TORCH["label"],
+                        loss="cross_entropy", output=None)
+    for name in PARAMETERS:
+        np.testing.assert_allclose(moved[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
