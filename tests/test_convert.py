@@ -117,6 +117,27 @@ SAMPLES = [s for s in gc.all_samples() + _more_samples()
 KNOWN_FAILURES: dict[str, str] = {}
 
 
+def _assert_one_step_moves_by_the_gradients(proto, arrays, names, tol=2e-4):
+    """The step model of ``proto`` (a model whose inputs are all initializers, its
+    output ``loss``) holds no private op, and one SGD step (lr 1) of it, in onnxruntime
+    where onnxruntime runs the model's own ops, moves each of ``names`` by exactly the
+    gradient ``Trainer.gradients`` gives."""
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
+    want = trainer.gradients({}, None)
+    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
+                      trainable=names)
+    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
+    if _refused_by_onnxruntime(proto, {}) is None:
+        got = _run(_session(step), {})
+    else:
+        got = onnxgrad.load(step).run({})
+    for name in names:
+        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(moved, want[name], rtol=tol, atol=tol * scale, err_msg=name)
+
+
 def _params():
     for sample in SAMPLES:
         marks = ()
@@ -215,20 +236,7 @@ def test_attention_outputs_in_onnxruntime(case):
         [numpy_helper.from_array(a, n) for n, a in arrays.items()] + inits
         + [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", sample.opset)])
-    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
-                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
-    want = trainer.gradients({}, None)
-    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
-                      trainable=names)
-    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
-    if _refused_by_onnxruntime(proto, {}) is None:
-        got = _run(_session(step), {})
-    else:
-        got = onnxgrad.load(step).run({})
-    for name in names:
-        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
-        scale = max(np.abs(want[name]).max(), 1.0)
-        np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+    _assert_one_step_moves_by_the_gradients(proto, arrays, names)
 
 
 def _recurrent_cases():
@@ -298,20 +306,7 @@ def test_recurrent_state_ops_in_the_step_model(case):
     nodes.append(helper.make_node("Sum", terms, ["loss"]))
     proto = model(nodes, [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
                   {**arrays, **us})
-    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
-                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
-    want = trainer.gradients({}, None)
-    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
-                      trainable=names)
-    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
-    if _refused_by_onnxruntime(proto, {}) is None:
-        got = _run(_session(step), {})
-    else:
-        got = onnxgrad.load(step).run({})
-    for name in names:
-        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
-        scale = max(np.abs(want[name]).max(), 1.0)
-        np.testing.assert_allclose(moved, want[name], rtol=2e-4, atol=2e-4 * scale, err_msg=name)
+    _assert_one_step_moves_by_the_gradients(proto, arrays, names)
 
 
 def _flex_cases():
@@ -348,21 +343,8 @@ def test_flex_attention_in_the_step_model(case):
             step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
                        trainable=names)
         return
-    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
-                               optimizer=onnxgrad.SGD(lr=0.0), trainable=names)
-    want = trainer.gradients({}, None)
-    step = step_model(onnxgrad.load(proto), onnxgrad.SGD(lr=1.0), loss=None, output="loss",
-                      trainable=names)
-    assert not [n.op_type for n in step.graph.node if n.domain == "onnxgrad"]
-    if _refused_by_onnxruntime(proto, {}) is None:
-        got = _run(_session(step), {})
-    else:
-        got = onnxgrad.load(step).run({})
-    tol = 2e-4 if dtype == np.float32 else 1e-10
-    for name in names:
-        moved = arrays[name].astype(np.float64) - got[f"{name}.next"]
-        scale = max(np.abs(want[name]).max(), 1.0)
-        np.testing.assert_allclose(moved, want[name], rtol=tol, atol=tol * scale, err_msg=name)
+    _assert_one_step_moves_by_the_gradients(proto, arrays, names,
+                                            tol=2e-4 if dtype == np.float32 else 1e-10)
 
 
 def _roi_align_samples(ratio):
