@@ -336,15 +336,7 @@ def _(g, node):
     Vp = g.Concat(pv, V4, axis=2) if pv else V4
     reps = hq // hk
 
-    def shared(X):  # xp.repeat(X, reps, axis=1)
-        if reps == 1:
-            return X
-        big = g.Expand(g.Unsqueeze(X, g.ints([2])), g.ints([1, 1, reps, 1, 1]))
-        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hq]),
-                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
-        return g.Reshape(big, target)
-
-    Kr, Vr = shared(Kp), shared(Vp)
+    Kr, Vr = std.repeat_heads(g, Kp, hk, reps), std.repeat_heads(g, Vp, hk, reps)
     Lq = g.Shape(Q4, start=2, end=3, dtype="int64")
     Lk = g.Shape(Kp, start=2, end=3, dtype="int64")
 
@@ -459,14 +451,8 @@ def _(g, node):
     dQ4 = g.Mul(g.MatMul(dS0, Ks), root)
     dKr = g.Mul(g.MatMul(g.Transpose(dS0, perm=[0, 1, 3, 2]), Qs), root)
 
-    def collect(X):  # shared heads sum the gradients of their query heads
-        if reps == 1:
-            return X
-        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hk, reps]),
-                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
-        return g.ReduceSum(g.Reshape(X, target), g.ints([2]), keepdims=0)
-
-    dKp, dVp = collect(dKr), collect(dVr)
+    # shared heads sum the gradients of their query heads
+    dKp, dVp = std.collect_heads(g, dKr, hk, reps), std.collect_heads(g, dVr, hk, reps)
     if dPK:
         dKp = g.Add(dKp, dPK)
     if dPV:

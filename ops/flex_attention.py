@@ -146,19 +146,12 @@ def _(g, node):
         dt = np.dtype(dt)
         return x if g.dtype(x) == dt else g.Cast(x, to=std.tensor_type(dt), dtype=dt)
 
-    def shared(X):  # xp.repeat(X, group, axis=1)
-        if group == 1:
-            return X
-        big = g.Expand(g.Unsqueeze(X, g.ints([2])), g.ints([1, 1, group, 1, 1]))
-        target = g.Concat(g.Shape(X, start=0, end=1, dtype="int64"), g.ints([hq]),
-                          g.Shape(X, start=2, dtype="int64"), axis=0, dtype="int64")
-        return g.Reshape(big, target)
-
     def swap(x):
         return g.Transpose(x, perm=[0, 1, 3, 2])
 
     root_q = g.const(root, dtype=qdt)
-    Qs, Ks, Vr = g.Mul(Q, root_q), g.Mul(shared(K), root_q), shared(V)
+    Ks = g.Mul(std.repeat_heads(g, K, hkv, group), root_q)
+    Qs, Vr = g.Mul(Q, root_q), std.repeat_heads(g, V, hkv, group)
     raw = cast(g.MatMul(Qs, swap(Ks)), work)
     last = g.ints([-1])
     P = g.Exp(g.Sub(raw, g.ReduceMax(raw, last, keepdims=1)))
@@ -171,12 +164,8 @@ def _(g, node):
     root_w = g.const(root.astype(wide), dtype=wide)
     dQ = g.Mul(cast(g.MatMul(dS, cast(Ks, work)), wide), root_w)
     dK = g.Mul(cast(g.MatMul(swap(dS), cast(Qs, work)), wide), root_w)
-    if group > 1:  # shared key/value heads collect the gradients of their query heads
-        def collect(x):
-            target = g.Concat(g.Shape(x, start=0, end=1, dtype="int64"), g.ints([hkv, group]),
-                              g.Shape(x, start=2, dtype="int64"), axis=0, dtype="int64")
-            return g.ReduceSum(g.Reshape(x, target), g.ints([2]), keepdims=0)
-        dK, dV = collect(dK), collect(dV)
+    # shared key/value heads collect the gradients of their query heads
+    dK, dV = std.collect_heads(g, dK, hkv, group), std.collect_heads(g, dV, hkv, group)
     return (cast(dQ, qdt), cast(dK, g.dtype(K)), cast(dV, g.dtype(V)))
 
 

@@ -96,3 +96,25 @@ def shape_value(g, value: str) -> tuple | None:
             if node.attrs.get("start") is None and node.attrs.get("end") is None:
                 return tensor_shape(g, node.inputs[0])
     return None
+
+
+def repeat_heads(g, value: str, heads: int, reps: int) -> str:
+    """``value`` (batch, ``heads``, …) with each head repeated ``reps`` times in a row, as
+    ``xp.repeat(value, reps, axis=1)``: grouped-query attention's shared key and value
+    heads, one per query head."""
+    if reps == 1:
+        return value
+    big = g.Expand(g.Unsqueeze(value, g.ints([2])), g.ints([1, 1, reps, 1, 1]))
+    target = g.Concat(g.Shape(value, start=0, end=1, dtype="int64"), g.ints([heads * reps]),
+                      g.Shape(value, start=2, dtype="int64"), axis=0, dtype="int64")
+    return g.Reshape(big, target)
+
+
+def collect_heads(g, value: str, heads: int, reps: int) -> str:
+    """The adjoint of :func:`repeat_heads`: ``value`` (batch, heads·reps, …) summed over
+    each run of ``reps`` heads, down to ``heads`` heads."""
+    if reps == 1:
+        return value
+    target = g.Concat(g.Shape(value, start=0, end=1, dtype="int64"), g.ints([heads, reps]),
+                      g.Shape(value, start=2, dtype="int64"), axis=0, dtype="int64")
+    return g.ReduceSum(g.Reshape(value, target), g.ints([2]), keepdims=0)
