@@ -29,6 +29,27 @@ from onnxgrad.ops.registry import op
 
 
 # -- activations (ONNX's names; alpha/beta consumed in order by those that take them) ---------
+#: Each activation's parameters: how many of alpha and beta it takes, and their defaults.
+_PARAMETERS = {"relu": (0, 0.0, 0.0), "tanh": (0, 0.0, 0.0), "sigmoid": (0, 0.0, 0.0),
+               "affine": (2, 1.0, 0.0), "leakyrelu": (1, 0.01, 0.0),
+               "thresholdedrelu": (1, 1.0, 0.0), "scaledtanh": (2, 1.0, 1.0),
+               "hardsigmoid": (2, 0.2, 0.5), "elu": (1, 1.0, 0.0), "softsign": (0, 0.0, 0.0),
+               "softplus": (0, 0.0, 0.0)}
+
+
+def _parameters(name: str, alpha: list, beta: list) -> tuple[float, float] | None:
+    """Activation ``name``'s (alpha, beta), taking the next of ``alpha`` and ``beta`` (in
+    place) where it takes them; None for an unknown name."""
+    if name not in _PARAMETERS:
+        return None
+    count, a, b = _PARAMETERS[name]
+    if count >= 1 and alpha:
+        a = alpha.pop(0)
+    if count >= 2 and beta:
+        b = beta.pop(0)
+    return a, b
+
+
 def _activation(xp, name: str, alpha, beta):
     """``(f, df)``: the activation and its derivative, ``df(x, y)`` with ``y = f(x)``."""
     name = name.lower()
@@ -37,35 +58,29 @@ def _activation(xp, name: str, alpha, beta):
         return 1 / (1 + xp.exp(-x))
 
     table = {
-        "relu": (0, lambda x, a, b: xp.maximum(x, 0), lambda x, y, a, b: (x > 0).astype(x.dtype)),
-        "tanh": (0, lambda x, a, b: xp.tanh(x), lambda x, y, a, b: 1 - y * y),
-        "sigmoid": (0, lambda x, a, b: sigmoid(x), lambda x, y, a, b: y * (1 - y)),
-        "affine": (2, lambda x, a, b: a * x + b, lambda x, y, a, b: xp.full_like(x, a)),
-        "leakyrelu": (1, lambda x, a, b: xp.where(x >= 0, x, a * x),
+        "relu": (lambda x, a, b: xp.maximum(x, 0), lambda x, y, a, b: (x > 0).astype(x.dtype)),
+        "tanh": (lambda x, a, b: xp.tanh(x), lambda x, y, a, b: 1 - y * y),
+        "sigmoid": (lambda x, a, b: sigmoid(x), lambda x, y, a, b: y * (1 - y)),
+        "affine": (lambda x, a, b: a * x + b, lambda x, y, a, b: xp.full_like(x, a)),
+        "leakyrelu": (lambda x, a, b: xp.where(x >= 0, x, a * x),
                       lambda x, y, a, b: xp.where(x >= 0, 1, a).astype(x.dtype)),
-        "thresholdedrelu": (1, lambda x, a, b: xp.where(x > a, x, 0),
+        "thresholdedrelu": (lambda x, a, b: xp.where(x > a, x, 0),
                             lambda x, y, a, b: (x > a).astype(x.dtype)),
-        "scaledtanh": (2, lambda x, a, b: a * xp.tanh(b * x),
+        "scaledtanh": (lambda x, a, b: a * xp.tanh(b * x),
                        lambda x, y, a, b: a * b * (1 - xp.tanh(b * x) ** 2)),
-        "hardsigmoid": (2, lambda x, a, b: xp.clip(a * x + b, 0, 1),
+        "hardsigmoid": (lambda x, a, b: xp.clip(a * x + b, 0, 1),
                         lambda x, y, a, b: xp.where((a * x + b > 0) & (a * x + b < 1), a, 0
                                                     ).astype(x.dtype)),
-        "elu": (1, lambda x, a, b: xp.where(x >= 0, x, a * (xp.exp(x) - 1)),
+        "elu": (lambda x, a, b: xp.where(x >= 0, x, a * (xp.exp(x) - 1)),
                 lambda x, y, a, b: xp.where(x >= 0, 1, y + a).astype(x.dtype)),
-        "softsign": (0, lambda x, a, b: x / (1 + xp.abs(x)),
+        "softsign": (lambda x, a, b: x / (1 + xp.abs(x)),
                      lambda x, y, a, b: 1 / (1 + xp.abs(x)) ** 2),
-        "softplus": (0, lambda x, a, b: xp.log1p(xp.exp(x)), lambda x, y, a, b: sigmoid(x)),
+        "softplus": (lambda x, a, b: xp.log1p(xp.exp(x)), lambda x, y, a, b: sigmoid(x)),
     }
     if name not in table:
         raise ModelError(f"recurrent layer: unknown activation {name!r}")
-    n_params, fn, dfn = table[name]
-    defaults = {"leakyrelu": (0.01, 0.0), "thresholdedrelu": (1.0, 0.0), "elu": (1.0, 0.0),
-                "hardsigmoid": (0.2, 0.5), "affine": (1.0, 0.0), "scaledtanh": (1.0, 1.0)}
-    a, b = defaults.get(name, (0.0, 0.0))
-    if n_params >= 1 and alpha:
-        a = alpha.pop(0)
-    if n_params >= 2 and beta:
-        b = beta.pop(0)
+    fn, dfn = table[name]
+    a, b = _parameters(name, alpha, beta)
     return (lambda x: fn(x, a, b)), (lambda x, y: dfn(x, y, a, b))
 
 
@@ -469,19 +484,10 @@ def LSTMGrad(xp, dY, dY_h, dY_c, X, W, R, B=None, sequence_lens=None, initial_h=
 def _std_activation(g, name, alpha, beta, like):
     """``(f, df)`` in standard ops, as :func:`_activation`; None for an unknown name."""
     name = name.lower()
-    n_params = {"affine": 2, "leakyrelu": 1, "thresholdedrelu": 1, "scaledtanh": 2,
-                "hardsigmoid": 2, "elu": 1}.get(name, 0)
-    if name not in ("relu", "tanh", "sigmoid", "affine", "leakyrelu", "thresholdedrelu",
-                    "scaledtanh", "hardsigmoid", "elu", "softsign", "softplus"):
+    parameters = _parameters(name, alpha, beta)
+    if parameters is None:
         return None
-    defaults = {"leakyrelu": (0.01, 0.0), "thresholdedrelu": (1.0, 0.0), "elu": (1.0, 0.0),
-                "hardsigmoid": (0.2, 0.5), "affine": (1.0, 0.0), "scaledtanh": (1.0, 1.0)}
-    a, b = defaults.get(name, (0.0, 0.0))
-    if n_params >= 1 and alpha:
-        a = alpha.pop(0)
-    if n_params >= 2 and beta:
-        b = beta.pop(0)
-    a, b = float(a), float(b)
+    a, b = map(float, parameters)
 
     def c(v):
         return g.scalar(v, like=like)
