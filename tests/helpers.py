@@ -61,3 +61,18 @@ def model_of(nodes, inputs, outputs, inits=(), opset=21):
 
 __all__ = ["make_model", "mlp_model", "model_of", "tensor_type", "vi", "TensorProto", "helper",
            "numpy_helper"]
+
+
+def finite_projection_loss(outputs) -> list:
+    """Nodes of ``loss = Σ_y sum(where(isinf(y), 0, y) · U_y)`` over the value names
+    ``outputs``, each projected on ``U_<y>`` (an input or initializer the caller adds),
+    with ``zero`` a scalar the caller adds too: infinite entries (masked scores) are
+    constants and left out."""
+    nodes, terms = [], []
+    for y in outputs:
+        nodes += [helper.make_node("IsInf", [y], [f"{y}_inf"]),
+                  helper.make_node("Where", [f"{y}_inf", "zero", y], [f"{y}_fin"]),
+                  helper.make_node("Mul", [f"{y}_fin", f"U_{y}"], [f"{y}_u"]),
+                  helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
+        terms.append(f"{y}_t")
+    return nodes + [helper.make_node("Sum", terms, ["loss"])]

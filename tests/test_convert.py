@@ -220,17 +220,12 @@ def test_attention_outputs_in_onnxruntime(case):
     forward = onnxgrad.load(make_model(sample, arrays, set(arrays)))  # every output
     ys = forward.run(dict(arrays), outputs=[f"y{k}" for k in outputs])
     rng = np.random.default_rng(len(sample.id))
-    nodes, terms, inits = [helper.make_node(sample.op, ins, outs, **sample.attrs)], [], []
-    for k in outputs:
-        y = f"y{k}"
-        inits.append(numpy_helper.from_array(
-            rng.standard_normal(ys[y].shape).astype(np.float32), f"U_{y}"))
-        nodes += [helper.make_node("IsInf", [y], [f"{y}_inf"]),
-                  helper.make_node("Where", [f"{y}_inf", "zero", y], [f"{y}_fin"]),
-                  helper.make_node("Mul", [f"{y}_fin", f"U_{y}"], [f"{y}_u"]),
-                  helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
-        terms.append(f"{y}_t")
-    nodes.append(helper.make_node("Sum", terms, ["loss"]))
+    from helpers import finite_projection_loss
+
+    inits = [numpy_helper.from_array(rng.standard_normal(ys[f"y{k}"].shape).astype(np.float32),
+                                     f"U_y{k}") for k in outputs]
+    nodes = [helper.make_node(sample.op, ins, outs, **sample.attrs)] + \
+        finite_projection_loss([f"y{k}" for k in outputs])
     graph = helper.make_graph(
         nodes, "l", [], [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
         [numpy_helper.from_array(a, n) for n, a in arrays.items()] + inits

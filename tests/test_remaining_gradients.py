@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxgrad
+from helpers import finite_projection_loss
 from onnxgrad.backend import get_backend
 from onnxgrad.errors import ModelError
 from onnxgrad.executor import RunState
@@ -423,14 +424,7 @@ def _attention_check(sample, name, outputs):
     ys = forward.run(dict(arrays), outputs=[f"y{k}" for k in outputs])
     rng = _rng("U", sample.id)
     us = {y: rng.standard_normal(v.shape) for y, v in ys.items()}
-    nodes, terms = [plain], []
-    for y, u in us.items():
-        nodes += [helper.make_node("IsInf", [y], [f"{y}_inf"]),
-                  helper.make_node("Where", [f"{y}_inf", "zero", y], [f"{y}_fin"]),
-                  helper.make_node("Mul", [f"{y}_fin", f"U_{y}"], [f"{y}_u"]),
-                  helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
-        terms.append(f"{y}_t")
-    nodes.append(helper.make_node("Sum", terms, ["loss"]))
+    nodes = [plain] + finite_projection_loss(us)
     graph = helper.make_graph(
         nodes, "l", [_info(f"U_{y}", u) for y, u in us.items()],
         [helper.make_tensor_value_info("loss", D, [])],
