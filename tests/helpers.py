@@ -76,3 +76,19 @@ def finite_projection_loss(outputs) -> list:
                   helper.make_node("ReduceSum", [f"{y}_u"], [f"{y}_t"], keepdims=0)]
         terms.append(f"{y}_t")
     return nodes + [helper.make_node("Sum", terms, ["loss"])]
+
+
+def central_differences(model, feeds, name: str, value, eps: float):
+    """d loss / d ``name`` by central differences of ``model.run(feeds)["loss"]``, one
+    element of the parameter ``value`` at a time (``name`` is set back to ``value``)."""
+    numeric = np.zeros_like(value)
+    for index in np.ndindex(value.shape):
+        losses = []
+        for step in (eps, -eps):
+            moved = value.copy()
+            moved[index] += step
+            model.set_parameters({name: moved})
+            losses.append(float(model.run(dict(feeds))["loss"]))
+        numeric[index] = (losses[0] - losses[1]) / (2 * eps)
+    model.set_parameters({name: value})
+    return numeric

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxgrad
-from helpers import make_model, vi
+from helpers import central_differences, make_model, vi
 
 D, I64, B = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 EPS = 1e-6
@@ -43,16 +43,7 @@ def check_gradients(nodes, outputs, feeds, params, opset=17):
     analytic = trainer.gradients(feeds, None)
     model = onnxgrad.load(proto)
     for name, value in params.items():
-        numeric = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            losses = []
-            for step in (EPS, -EPS):
-                moved = value.copy()
-                moved[index] += step
-                model.set_parameters({name: moved})
-                losses.append(float(model.run(feeds)["loss"]))
-            numeric[index] = (losses[0] - losses[1]) / (2 * EPS)
-        model.set_parameters({name: value})
+        numeric = central_differences(model, feeds, name, value, EPS)
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
     return analytic
 

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxgrad
-from helpers import make_model, model_of, tensor_type, vi
+from helpers import central_differences, make_model, model_of, tensor_type, vi
 
 D, I64, B = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 EPS = 1e-6
@@ -82,16 +82,7 @@ def check_gradients(nodes, ys, params, feeds=None, opset=17, want=None):
     analytic = trainer.gradients(dict(feeds), None)
     for name, value in params.items():
         assert analytic[name].shape == value.shape and analytic[name].dtype == value.dtype, name
-        numeric = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            losses = []
-            for step in (EPS, -EPS):
-                moved = value.copy()
-                moved[index] += step
-                model.set_parameters({name: moved})
-                losses.append(float(model.run(dict(feeds))["loss"]))
-            numeric[index] = (losses[0] - losses[1]) / (2 * EPS)
-        model.set_parameters({name: value})
+        numeric = central_differences(model, feeds, name, value, EPS)
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
     return analytic
 
