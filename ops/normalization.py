@@ -33,10 +33,12 @@ gradient asked for by name (the ``Gradient`` operator's ``xs``, or
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError, UnsupportedOpError
-from onnxgrad.ops import fused
+from onnxgrad.ops import compiled, fused
 from onnxgrad.ops.elementwise import SumToShape
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
@@ -150,6 +152,9 @@ def _bn_standardize(xp, X, gain, B, epsilon):
     variance (the statistics as (1, C, 1)), on one fresh array; each pass in
     parts of the batch on the thread pool."""
     X3 = X.astype(_compute_dtype(X), copy=False).reshape(X.shape[0], X.shape[1], -1)
+    if _compiled_bn(xp, X3):
+        Y, mean, var = _bn_compiled(X3, gain, B, epsilon)
+        return Y.reshape(X.shape), mean.reshape(1, -1, 1), var.reshape(1, -1, 1)
     if fused.on_device(xp):  # two reductions and one pass
         mean, var = fused.bn_statistics(xp, X3)
         gain3 = gain.astype(X3.dtype, copy=False).reshape(1, -1, 1)
@@ -170,6 +175,103 @@ def _bn_standardize(xp, X, gain, B, epsilon):
 
     by_rows(xp, X3.shape[0], X3.size, finish)
     return Y.reshape(X.shape), guess + shift, var
+
+
+def _compiled_bn(xp, X3) -> bool:
+    """Whether BatchNormalization of ``X3`` (N, C, P) runs its compiled kernels."""
+    return X3.size > 0 and compiled.available(xp)
+
+
+@compiled.kernel(reassociate=True)
+def _bn_kernel(X3, gain, bias, epsilon, Y, mean, var, start, stop):
+    """For the channels ``c`` in ``[start, stop)`` of ``X3`` (N, C, P): the batch mean
+    and biased variance (float64 sums over the channel, the second of its values
+    less the mean, while the channel is in cache) into ``mean[c]`` and ``var[c]``;
+    where ``Y`` is not empty, ``Y = (X - mean)·gain/sqrt(var + epsilon) + bias``."""
+    N, _, P = X3.shape
+    n = N * P
+    for c in range(start, stop):
+        total = 0.0
+        for i in range(N):
+            for p in range(P):
+                total += X3[i, c, p]
+        m = total / n
+        squares = 0.0
+        for i in range(N):
+            for p in range(P):
+                d = X3[i, c, p] - m
+                squares += d * d
+        v = squares / n
+        mean[c] = m
+        var[c] = v
+        if Y.size:
+            a = gain[c] / math.sqrt(v + epsilon)
+            b = bias[c] - m * a
+            for i in range(N):
+                for p in range(P):
+                    Y[i, c, p] = X3[i, c, p] * a + b
+
+
+@compiled.kernel(reassociate=True)
+def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, start, stop):
+    """BatchNormalizationGrad for the channels in ``[start, stop)`` of ``X3`` (N, C, P)
+    given the batch ``mean`` and ``var`` (float64 sums).  A saved mean is rounded to
+    X's type: the sum of ``X - mean`` measures that rounding, and it is taken out."""
+    N, _, P = X3.shape
+    n = N * P
+    for c in range(start, stop):
+        m = mean[c]
+        sum_d = 0.0
+        sum_dx = 0.0
+        sum_x = 0.0
+        for i in range(N):
+            for p in range(P):
+                d = dY[i, c, p]
+                x = X3[i, c, p] - m
+                sum_d += d
+                sum_dx += d * x
+                sum_x += x
+        inv = 1.0 / math.sqrt(var[c] + epsilon)
+        shift = sum_x / n
+        ds = (sum_dx - shift * sum_d) * inv
+        dscale[c] = ds
+        dB[c] = sum_d
+        # dX = k·(dY - dB/n - xhat·dscale/n), xhat = (X - m - shift)·inv, k = gain·inv
+        k = gain[c] * inv
+        centre = m + shift
+        b1 = k * inv * ds / n
+        b0 = k * sum_d / n
+        for i in range(N):
+            for p in range(P):
+                dX[i, c, p] = k * dY[i, c, p] - b1 * (X3[i, c, p] - centre) - b0
+
+
+def _bn_compiled(X3, gain, bias, epsilon, normalize=True):
+    """Y (or None), batch mean and biased variance (float64, per channel) of
+    ``X3`` (N, C, P) through :func:`_bn_kernel`, channels split over the pool."""
+    X3 = np.ascontiguousarray(X3)
+    C = X3.shape[1]
+    Y = np.empty(X3.shape if normalize else (0, 0, 0), dtype=X3.dtype)
+    mean, var = np.empty(C), np.empty(C)
+    gain, bias = ((np.zeros(C) if a is None else np.ascontiguousarray(a, dtype=np.float64).reshape(C))
+                  for a in (gain, bias))
+    compiled.by_parts(C, X3.size, lambda start, stop: _bn_kernel(
+        X3, gain, bias, float(epsilon), Y, mean, var, start, stop))
+    return (Y if normalize else None), mean, var
+
+
+def _bn_grad_compiled(d, X3, mean, var, scale, epsilon):
+    """dX, dscale, dB (float64) of batch-statistics BatchNormalization through
+    :func:`_bn_grad_kernel`, channels split over the pool."""
+    X3, d = np.ascontiguousarray(X3), np.ascontiguousarray(d, dtype=X3.dtype)
+    C = X3.shape[1]
+    dX = np.empty(X3.shape, dtype=X3.dtype)
+    dscale, dB = np.empty(C), np.empty(C)
+    mean, var, gain = (np.ascontiguousarray(a, dtype=np.float64).reshape(C)
+                       for a in (mean, var, scale))
+    compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_kernel(
+        d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, start, stop))
+    return dX, dscale, dB
 
 
 def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
@@ -287,6 +389,13 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, me
         return _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape)
     dtype = _compute_dtype(X)
     X3 = X.astype(dtype, copy=False).reshape(X.shape[0], X.shape[1], -1)
+    if _compiled_bn(xp, X3):
+        if batch_mean is None or batch_var is None:
+            _, batch_mean, batch_var = _bn_compiled(X3, None, None, epsilon, normalize=False)
+        dX, dscale, dB = _bn_grad_compiled(dY.astype(dtype, copy=False).reshape(X3.shape), X3,
+                                           batch_mean, batch_var, scale, epsilon)
+        return (_a(xp, dX.reshape(X.shape), X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
+                _a(xp, dB.reshape(scale.shape), scale.dtype))
     if fused.on_device(xp) and batch_mean is not None and batch_var is not None:
         mean = batch_mean.astype(dtype, copy=False).reshape(1, -1, 1)
         inv = 1 / xp.sqrt(batch_var.astype(dtype, copy=False).reshape(1, -1, 1) + epsilon)

@@ -137,6 +137,8 @@ def get_backend(device: str) -> Backend:
     if device == "cpu":
         get_num_threads()  # the thread count (ONNXGRAD_NUM_THREADS) is checked and set here first
         keep_freed_memory()
+        from onnxgrad.ops import compiled  # noqa: PLC0415 - ops import the runtime
+        compiled.prepare()
         return _CPU
     if device in ("cuda", "gpu"):
         if _CUDA is not None:

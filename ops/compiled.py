@@ -1,0 +1,126 @@
+"""Compiled CPU kernels: loops that make one pass over memory where NumPy needs several.
+
+A NumPy expression runs as one pass over memory per operation, each with its
+own temporary; a normalisation or a 3×3 tile transform is a chain of them, and
+on tensors larger than the cache the chain is bound by memory traffic.  The
+kernels written with :func:`kernel` are plain Python loops that numba compiles
+to machine code on their first call (and caches on disk, so that later
+processes load them in milliseconds).  They release the interpreter lock, so
+that the thread pool runs their parts on every core (:func:`by_parts`).
+
+Each op that has such a kernel keeps its NumPy form, which runs where numba is
+missing, on other array modules (CuPy), and where compiled kernels are switched
+off: ``ONNXGRAD_COMPILED=0`` in the environment, or :data:`ENABLED` set to
+False (the tests run both forms against each other).  A kernel's parts depend
+on the shapes only, so its result does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from onnxgrad.errors import OnnxgradError
+from onnxgrad.threads import parallel, split
+
+
+def _from_environment() -> bool:
+    text = os.environ.get("ONNXGRAD_COMPILED", "").strip()
+    if text not in ("", "0", "1"):
+        raise OnnxgradError(f"ONNXGRAD_COMPILED={text!r}: expected 1 (the default) or 0")
+    return text != "0"
+
+
+#: Whether ops run their compiled kernels where numba is installed.
+ENABLED = _from_environment()
+
+_numba: Any = None  # the module once imported; False where it cannot be
+_prepared = False
+
+
+def _load_numba():
+    global _numba
+    if _numba is None:
+        try:
+            import numba  # noqa: PLC0415
+        except Exception:  # not installed, or built for another NumPy
+            numba = False
+        _numba = numba
+    return _numba
+
+
+def prepare() -> None:
+    """Load numba and its code generator (some 120 MiB, once per process) if
+    compiled kernels are to run: called when the CPU backend is first used, so
+    that this fixed cost is paid on setting up, not inside a training step."""
+    global _prepared
+    if not _prepared and available():
+        _ready(np.empty(0))
+        _prepared = True
+
+
+def available(xp=None) -> bool:
+    """Whether compiled kernels run here: switched on, numba importable, and (when
+    given) ``xp`` is NumPy."""
+    if not ENABLED or (xp is not None and xp.__name__ != "numpy"):
+        return False
+    return bool(_load_numba())
+
+
+class Kernel:
+    """A Python function compiled by numba on its first call, for each new set of
+    argument types.  Compiled without the interpreter lock and cached on disk;
+    ``reassociate`` lets sums be vectorised (their order then follows the
+    machine's vector width, the same on every call)."""
+
+    def __init__(self, function: Callable, reassociate: bool):
+        self.function = function
+        self.reassociate = reassociate
+        self._compiled: Any = None
+        self.__doc__ = function.__doc__
+        self.__name__ = function.__name__
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            numba = _load_numba()
+            if not numba:
+                raise OnnxgradError(f"compiled kernel {self.__name__}: numba is not installed")
+            self._compiled = numba.njit(nogil=True, cache=True, error_model="numpy",
+                                        fastmath={"reassoc"} if self.reassociate else False,
+                                        )(self.function)
+        return self._compiled(*args)
+
+
+def kernel(function: Callable | None = None, *, reassociate: bool = False):
+    """Decorator: ``function`` becomes a :class:`Kernel`.  Kernels are written as
+    loops over NumPy arrays, in the subset of Python numba compiles; they write
+    into arrays they are given and take the range of their outer loop as
+    arguments, so that :func:`by_parts` can split them."""
+    if function is None:
+        return lambda f: Kernel(f, reassociate)
+    return Kernel(function, reassociate)
+
+
+#: Elements per part of a compiled kernel split on the pool, at least: a part
+#: of a smaller pass costs more to hand over than it saves.
+PART = 1 << 17
+
+#: A compiled kernel is split into this many parts at most.
+MAX_PARTS = 16
+
+
+def by_parts(count: int, size: int, work: Callable[[int, int], Any]) -> list:
+    """``work(start, stop)`` over ranges of ``range(count)`` (the kernel's outer
+    loop, ``size`` elements in all), on the pool in parts of :data:`PART`
+    elements or more; the results in order."""
+    parts = min(MAX_PARTS, size // PART, count)
+    ranges: Sequence[slice] = split(count, parts)
+    return parallel([lambda r=r: work(r.start, r.stop) for r in ranges])
+
+
+@kernel
+def _ready(a):
+    """The smallest kernel: its first call loads the code generator."""
+    return a.size

@@ -1,0 +1,191 @@
+"""The compiled CPU kernels (``ops/compiled.py``) against the NumPy forms they replace.
+
+Each case is one node at a realistic size whose forward pass or gradient runs
+compiled kernels (``kernels``, looked up in their modules).  For each:
+
+* the forward output and the gradients of every differentiable input, through
+  the public API, agree in float64 (rtol 1e-10) between compiled kernels
+  switched on and off, and the kernels run only when on;
+* the float32 forward equals onnx's reference evaluator's (or onnxruntime's
+  where the sample names it);
+* with the kernels split into parts of one channel or row on 3 threads, the
+  results are bit-identical to one thread;
+* float64 central differences check the gradients at a small size, on the
+  compiled path (the node-suite check, ``tests/test_node_gradients.py``, runs
+  them too, as compiled kernels are on by default).
+
+Where numba cannot be imported, ops run their NumPy forms.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import gradcheck as gc
+from onnxgrad import threads
+from onnxgrad.ops import compiled, normalization
+from op_db import Sample
+
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
+
+
+class Case(NamedTuple):
+    id: str
+    sample: Sample
+    kernels: tuple          # (module, name) of the compiled kernels the case runs
+    small: Sample | None = None  # the same node at a size for central differences
+
+
+def _bn(x, attrs=None, opset=15):
+    c = x[1]
+    return Sample("BatchNormalization", [("X", ("real", x)), ("scale", ("real", (c,))),
+                                         ("B", ("real", (c,))), ("mean", ("real", (c,))),
+                                         ("var", ("pos", (c,)))],
+                  {"training_mode": 1, **(attrs or {})}, opset)
+
+
+_BN_KERNELS = ((normalization, "_bn_kernel"), (normalization, "_bn_grad_kernel"))
+
+CASES = [
+    Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((3, 4, 3, 2))),
+    Case("batchnorm_2d", _bn((64, 200)), _BN_KERNELS, small=_bn((6, 3))),
+    Case("batchnorm_3d_eps", _bn((4, 8, 4, 8, 8), {"epsilon": 0.1, "momentum": 0.7}, 14),
+         _BN_KERNELS, small=_bn((2, 3, 2, 2, 3), {"epsilon": 0.1}, 14)),
+]
+
+
+def _outputs(sample, arrays) -> dict[str, np.ndarray]:
+    """Y and the gradients of ``sum(Y * u)`` for each differentiable input."""
+    _, y = gc.run_forward(sample, arrays)
+    u = gc.projection_u(sample, y)
+    names = gc.differentiable_inputs(sample)
+    return {"Y": y, **gc.analytic_gradients(sample, arrays, names, u)}
+
+
+def _spy(monkeypatch, kernels) -> dict[str, int]:
+    counts = {}
+    for module, name in kernels:
+        counts[name] = 0
+
+        def spy(*args, _real=getattr(module, name), _name=name):
+            counts[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_compiled_equals_numpy_in_float64(case, monkeypatch):
+    arrays = gc.materialize(case.sample, np.float64)
+    counts = _spy(monkeypatch, case.kernels)
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    want = _outputs(case.sample, arrays)
+    assert not any(counts.values()), f"switched off, yet called: {counts}"
+    monkeypatch.setattr(compiled, "ENABLED", True)
+    got = _outputs(case.sample, arrays)
+    assert all(counts.values()), f"switched on, yet not called: {counts}"
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def _reference(sample, arrays) -> np.ndarray:
+    """The forward output of onnx's reference evaluator, or onnxruntime's where the
+    sample names it."""
+    model = gc.build_model(sample, arrays, set(arrays))
+    if sample.ref == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        return session.run([gc.OUT], arrays)[0]
+    return ReferenceEvaluator(model).run([gc.OUT], arrays)[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_float32_forward_matches_the_reference(case):
+    arrays = gc.materialize(case.sample, np.float32)
+    _, got = gc.run_forward(case.sample, arrays)
+    want = _reference(case.sample, arrays)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_parts_on_threads_are_bit_identical(case, monkeypatch):
+    """Kernels in parts as small as they go, on 3 threads, give the bits of one thread."""
+    arrays = gc.materialize(case.sample, np.float32)
+    monkeypatch.setattr(compiled, "PART", 1)
+    before = threads.get_num_threads()
+    try:
+        threads.set_num_threads(1)
+        one = _outputs(case.sample, arrays)
+        threads.set_num_threads(3)
+        three = _outputs(case.sample, arrays)
+    finally:
+        threads.set_num_threads(before)
+    for key in one:
+        np.testing.assert_array_equal(three[key], one[key], err_msg=key)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.small], ids=lambda c: c.id)
+def test_gradients_by_central_differences(case, monkeypatch):
+    monkeypatch.setattr(compiled, "PART", 1)
+    counts = _spy(monkeypatch, case.kernels)
+    for name in gc.differentiable_inputs(case.small):
+        gc.check_gradient(case.small, name)
+    assert all(counts.values()), f"not called: {counts}"
+
+
+def test_float32_statistics_are_accurate():
+    """The compiled BatchNormalization sums in float64: a channel whose values sit far
+    from zero and close together gets its float64 mean and variance to float32's
+    precision."""
+    rng = np.random.default_rng(0)
+    X = (1000 + rng.standard_normal((16, 8, 32, 32))).astype(np.float32)
+    _, mean, var = normalization._bn_compiled(X.reshape(16, 8, -1), None, None, 1e-5,
+                                              normalize=False)
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(mean, X64.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(var, X64.var(axis=(0, 2, 3)), rtol=1e-9)
+
+
+def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
+    case = CASES[0]
+    arrays = gc.materialize(case.sample, np.float64)
+    want = _outputs(case.sample, arrays)
+    monkeypatch.setattr(compiled, "_numba", False)
+    assert not compiled.available()
+    compiled.prepare()  # nothing to load
+    counts = _spy(monkeypatch, case.kernels)
+    got = _outputs(case.sample, arrays)
+    assert not any(counts.values())
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("value,enabled", [("0", False), ("1", True), ("", True)])
+def test_environment_switch(value, enabled):
+    code = "from onnxgrad.ops import compiled; print(compiled.ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ONNXGRAD_COMPILED": value}, check=True)
+    assert out.stdout.strip() == str(enabled)
+
+
+def test_environment_switch_refuses_other_values():
+    code = "from onnxgrad.ops import compiled"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ONNXGRAD_COMPILED": "yes"})
+    assert out.returncode != 0
+    assert "ONNXGRAD_COMPILED='yes': expected 1 (the default) or 0" in out.stderr
