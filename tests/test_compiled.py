@@ -1,6 +1,6 @@
 """The compiled CPU kernels (``ops/compiled.py``) against the NumPy forms they replace.
 
-Each case is one node at a realistic size whose forward pass or gradient runs
+Each case (``tests/compiled_cases*.py``, one file per op family) is one node at a realistic size whose forward pass or gradient runs
 compiled kernels (``kernels``, looked up in their modules).  For each:
 
 * the forward output and the gradients of every differentiable input, through
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -31,34 +30,14 @@ from onnx.reference import ReferenceEvaluator
 import gradcheck as gc
 from onnxgrad import threads
 from onnxgrad.ops import compiled, normalization
-from op_db import Sample
+import compiled_cases
+import compiled_cases_depthwise
+import compiled_cases_winograd
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
 
 
-class Case(NamedTuple):
-    id: str
-    sample: Sample
-    kernels: tuple          # (module, name) of the compiled kernels the case runs
-    small: Sample | None = None  # the same node at a size for central differences
-
-
-def _bn(x, attrs=None, opset=15):
-    c = x[1]
-    return Sample("BatchNormalization", [("X", ("real", x)), ("scale", ("real", (c,))),
-                                         ("B", ("real", (c,))), ("mean", ("real", (c,))),
-                                         ("var", ("pos", (c,)))],
-                  {"training_mode": 1, **(attrs or {})}, opset)
-
-
-_BN_KERNELS = ((normalization, "_bn_kernel"), (normalization, "_bn_grad_kernel"))
-
-CASES = [
-    Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((3, 4, 3, 2))),
-    Case("batchnorm_2d", _bn((64, 200)), _BN_KERNELS, small=_bn((6, 3))),
-    Case("batchnorm_3d_eps", _bn((4, 8, 4, 8, 8), {"epsilon": 0.1, "momentum": 0.7}, 14),
-         _BN_KERNELS, small=_bn((2, 3, 2, 2, 3), {"epsilon": 0.1}, 14)),
-]
+CASES = compiled_cases.CASES + compiled_cases_winograd.CASES + compiled_cases_depthwise.CASES
 
 
 def _outputs(sample, arrays) -> dict[str, np.ndarray]:
@@ -162,7 +141,7 @@ def test_float32_statistics_are_accurate():
 
 
 def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
-    case = CASES[0]
+    case = compiled_cases.CASES[0]
     arrays = gc.materialize(case.sample, np.float64)
     want = _outputs(case.sample, arrays)
     monkeypatch.setattr(compiled, "_numba", False)
