@@ -8,7 +8,7 @@ Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
 
 from __future__ import annotations
 
-from onnxgrad.ops import fused
+from onnxgrad.ops import compiled, fused
 from onnxgrad.ops.elementwise import BOUND_ROW, clamp
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op, reusable
@@ -20,10 +20,20 @@ from onnxgrad.threads import by_rows
 @op("Relu", since=6, differentiable=("X",), reuse=("X",))
 def Relu(xp, X, *, out=None):
     out = reusable(out, X.shape, X.dtype)
+    if compiled.available(xp, X) and X.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        return (compiled.elementwise(_relu_kernel, out if out is not None else xp.empty_like(X), X),)
     if (X.size <= BOUND_ROW or not X.flags.c_contiguous
             or (out is not None and not out.flags.c_contiguous)):
         return (xp.asarray(xp.maximum(X, 0, out=out)),)
     return (clamp(xp, X, lo=0, out=out),)            # against rows of zeros: faster
+
+
+@compiled.kernel
+def _relu_kernel(x, out):
+    """``out = max(x, 0)`` in one pass (``out`` may be ``x``); NaN stays NaN."""
+    for i in range(out.size):
+        v = x[i]
+        out[i] = 0.0 if v < 0 else v
 
 
 @Relu.gradient
@@ -45,6 +55,8 @@ def ReluGrad(xp, dY, Y, *, out=None):
         mask = xp.asarray(Y > 0).astype(dY.dtype)
         return (xp.asarray(xp.multiply(dY, mask, out=out if out is not None else mask)),)
     dX = out if out is not None else xp.empty_like(dY)
+    if compiled.available(xp, dY, Y, dX):
+        return (compiled.elementwise(_relu_grad_kernel, dX, dY, Y),)
     d1, y1, x1 = dY.reshape(-1), Y.reshape(-1), dX.reshape(-1)
 
     def work(part):
@@ -53,6 +65,13 @@ def ReluGrad(xp, dY, Y, *, out=None):
 
     by_rows(xp, d1.size, d1.size, work)
     return (dX,)
+
+
+@compiled.kernel
+def _relu_grad_kernel(d, y, out):
+    """``out = d`` where ``y > 0``, else 0, in one pass (``out`` may be ``d``)."""
+    for i in range(out.size):
+        out[i] = d[i] if y[i] > 0 else 0.0
 
 
 @ReluGrad.in_standard_ops

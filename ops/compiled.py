@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
-from onnxgrad.threads import parallel, split
+from onnxgrad.threads import parallel, single_threaded_blas, split
 
 
 def _from_environment() -> bool:
@@ -61,12 +61,17 @@ def prepare() -> None:
         _prepared = True
 
 
-def available(xp=None) -> bool:
+def available(xp=None, *arrays) -> bool:
     """Whether compiled kernels run here: switched on, numba importable, and (when
-    given) ``xp`` is NumPy."""
+    given) ``xp`` is NumPy and ``arrays`` are float32 or float64."""
     if not ENABLED or (xp is not None and xp.__name__ != "numpy"):
         return False
+    if any(a.dtype not in _FLOATS for a in arrays):
+        return False
     return bool(_load_numba())
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Kernel:
@@ -90,6 +95,11 @@ class Kernel:
             self._compiled = numba.njit(nogil=True, cache=True, error_model="numpy",
                                         fastmath={"reassoc"} if self.reassociate else False,
                                         )(self.function)
+            result = self._compiled(*args)
+            # numba's code generator loads SciPy's BLAS where SciPy is installed; it
+            # runs single-threaded too
+            single_threaded_blas()
+            return result
         return self._compiled(*args)
 
 
@@ -109,6 +119,22 @@ PART = 1 << 17
 
 #: A compiled kernel is split into this many parts at most.
 MAX_PARTS = 16
+
+
+def elementwise(kernel: Kernel, out, *arrays_and_scalars) -> Any:
+    """``kernel(*flat parts of arrays_and_scalars, flat part of out)`` over parts of
+    the flattened arrays (each C-contiguous, all of ``out``'s size) on the pool;
+    scalars are passed whole.  Returns ``out``.  Kernels loop over ``range(size)``
+    of their parts: indices numba knows to be non-negative, which it vectorises."""
+    flat = [a.reshape(-1) if isinstance(a, np.ndarray) else a for a in arrays_and_scalars]
+    o = out.reshape(-1)
+
+    def work(start, stop):
+        kernel(*[a[start:stop] if isinstance(a, np.ndarray) else a for a in flat],
+               o[start:stop])
+
+    by_parts(o.size, o.size, work)
+    return out
 
 
 def by_parts(count: int, size: int, work: Callable[[int, int], Any]) -> list:

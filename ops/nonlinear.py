@@ -18,7 +18,7 @@ import math
 
 import numpy as np  # the host array module, for blockwise evaluation on the CPU
 
-from onnxgrad.ops import fused
+from onnxgrad.ops import compiled, fused
 from onnxgrad.ops.elementwise import SumToShape, clamp
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
@@ -194,6 +194,8 @@ def _(g, node):
 
 
 def _clip(xp, X, lo, hi):
+    if compiled.available(xp, X) and X.ndim and X.flags.c_contiguous:
+        return compiled.elementwise(_clip_kernel, xp.empty_like(X), X, *_bounds(X.dtype, lo, hi))
     if X.ndim == 0 or not X.flags.c_contiguous or lo is None or hi is None or X.dtype.kind != "f":
         Y = X
         if lo is not None:
@@ -241,6 +243,11 @@ def ClipGrad(xp, dY, X, min=None, max=None):
         X = xp.broadcast_to(X, dY.shape)
     if fused.on_device(xp):
         return (_a(xp, fused.clip_grad(xp, dY, X, min, max), dY),)
+    if compiled.available(xp, dY, X):
+        low, high = _bounds(X.dtype, min, max)
+        dX = compiled.elementwise(_clip_grad_kernel, xp.empty(dY.shape, dtype=dY.dtype),
+                                  xp.ascontiguousarray(dY), xp.ascontiguousarray(X), low, high)
+        return (dX,)
     d1 = xp.ascontiguousarray(dY).reshape(-1)
     x1 = xp.ascontiguousarray(X).reshape(-1)
     dX = xp.empty(d1.shape, dtype=dY.dtype)
@@ -254,6 +261,28 @@ def ClipGrad(xp, dY, X, min=None, max=None):
 
     by_rows(xp, d1.size, d1.size, work)
     return (_a(xp, dX.reshape(dY.shape), dY),)
+
+
+def _bounds(dtype, low, high):
+    """Clip's bounds as scalars of ``dtype``, infinite where not given."""
+    return (dtype.type(-math.inf if low is None else low),
+            dtype.type(math.inf if high is None else high))
+
+
+@compiled.kernel
+def _clip_kernel(x, low, high, out):
+    """``out = x`` clipped to ``[low, high]`` in one pass; NaN stays NaN."""
+    for i in range(out.size):
+        v = x[i]
+        out[i] = low if v < low else (high if v > high else v)
+
+
+@compiled.kernel
+def _clip_grad_kernel(d, x, low, high, out):
+    """``out = d`` where ``low <= x <= high``, else 0, in one pass."""
+    for i in range(out.size):
+        v = x[i]
+        out[i] = d[i] if v >= low and v <= high else 0.0
 
 
 @ClipGrad.in_standard_ops

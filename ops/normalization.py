@@ -709,11 +709,116 @@ def _trailing(X, axis):
     return tuple(range(axis, X.ndim))
 
 
+def _compiled_ln(xp, X, axes, *per_position) -> bool:
+    """Whether LayerNormalization of ``X`` over ``axes`` runs its compiled kernels:
+    ``per_position`` (Scale, B) each None or of the normalised axes' shape."""
+    return (X.size > 0 and compiled.available(xp)
+            and all(p is None or p.shape == X.shape[axes[0]:] for p in per_position))
+
+
+def _rows(X, axes):
+    """``X`` as (rows, normalised values) in its compute type."""
+    return np.ascontiguousarray(X, dtype=_compute_dtype(X)).reshape(
+        -1, int(np.prod(X.shape[axes[0]:], dtype=np.int64)))
+
+
+@compiled.kernel(reassociate=True)
+def _ln_kernel(X2, scale, bias, epsilon, Y, mean, inv, start, stop):
+    """For the rows ``r`` in ``[start, stop)`` of ``X2``: mean and 1/sqrt(biased
+    variance + epsilon) (float64 sums, the second of the values less the mean) into
+    ``mean[r]`` and ``inv[r]``; where ``Y`` is not empty, ``Y = (X - mean)·inv·scale
+    + bias``."""
+    W = X2.shape[1]
+    for r in range(start, stop):
+        total = 0.0
+        for j in range(W):
+            total += X2[r, j]
+        m = total / W
+        squares = 0.0
+        for j in range(W):
+            d = X2[r, j] - m
+            squares += d * d
+        k = 1.0 / math.sqrt(squares / W + epsilon)
+        mean[r] = m
+        inv[r] = k
+        if Y.size:
+            for j in range(W):
+                Y[r, j] = (X2[r, j] - m) * k * scale[j] + bias[j]
+
+
+@compiled.kernel(reassociate=True)
+def _ln_grad_kernel(dY2, X2, scale, mean, inv, dX, dscale, start, stop):
+    """LayerNormalizationGrad for the rows in ``[start, stop)`` of ``X2``, given each
+    row's ``mean`` and ``inv``; adds the rows' ``dY·xhat`` to ``dscale``.  A saved
+    mean is rounded to X's type: the sum of ``X - mean`` measures that rounding,
+    and it is taken out."""
+    W = X2.shape[1]
+    for r in range(start, stop):
+        m = mean[r]
+        k = inv[r]
+        shift = 0.0
+        for j in range(W):
+            shift += X2[r, j] - m
+        centre = m + shift / W
+        sum_g = 0.0
+        sum_gx = 0.0
+        for j in range(W):
+            g = dY2[r, j] * scale[j]
+            xhat = (X2[r, j] - centre) * k
+            sum_g += g
+            sum_gx += g * xhat
+            dscale[j] += dY2[r, j] * xhat
+        m1 = sum_g / W
+        m2 = sum_gx / W
+        # dX = inv · (dxhat - mean(dxhat) - xhat · mean(dxhat · xhat)), dxhat = dY·scale
+        for j in range(W):
+            dX[r, j] = k * (dY2[r, j] * scale[j] - m1 - (X2[r, j] - centre) * k * m2)
+
+
+def _ln_compiled(X, axes, Scale, B, epsilon, normalize=True):
+    """Y (or None), mean and inv of LayerNormalization through :func:`_ln_kernel`,
+    rows split over the pool; the statistics shaped as the ONNX outputs (kept
+    axes), in X's compute type."""
+    X2 = _rows(X, axes)
+    R, W = X2.shape
+    Y = np.empty(X2.shape if normalize else (0, 0), dtype=X2.dtype)
+    mean, inv = np.empty(R), np.empty(R)
+    scale, bias = ((np.zeros(W) if a is None else np.ascontiguousarray(a, dtype=np.float64).reshape(W))
+                   for a in (Scale, B))
+    compiled.by_parts(R, X2.size, lambda start, stop: _ln_kernel(
+        X2, scale, bias, float(epsilon), Y, mean, inv, start, stop))
+    stats = X.shape[:axes[0]] + (1,) * len(axes)
+    return ((Y.reshape(X.shape) if normalize else None),
+            mean.astype(X2.dtype).reshape(stats), inv.astype(X2.dtype).reshape(stats))
+
+
+def _ln_grad_compiled(dY, X, axes, Scale, mean, inv):
+    """dX and dScale of LayerNormalization through :func:`_ln_grad_kernel`, rows
+    split over the pool; each part's dScale sums are added in part order."""
+    X2 = _rows(X, axes)
+    d = np.ascontiguousarray(dY, dtype=X2.dtype).reshape(X2.shape)
+    dX = np.empty(X2.shape, dtype=X2.dtype)
+    scale = np.ascontiguousarray(Scale, dtype=np.float64).reshape(-1)
+    mean, inv = (np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in (mean, inv))
+
+    def part(start, stop):
+        dscale = np.zeros(X2.shape[1])
+        _ln_grad_kernel(d, X2, scale, mean, inv, dX, dscale, start, stop)
+        return dscale
+
+    dscale = sum_in_order(compiled.by_parts(X2.shape[0], X2.size, part))
+    return dX.reshape(X.shape), dscale.reshape(Scale.shape)
+
+
 # Training graphs carry Mean and InvStdDev (train_outputs=3): the gradient reads
 # them instead of computing the statistics again.
 @op("LayerNormalization", since=17, differentiable=("X", "Scale", "B"), train_outputs=3)
 def LayerNormalization(xp, X, Scale, B=None, *, axis=-1, epsilon=1e-5, stash_type=1):
-    Y, mean, _, inv = _standardize(xp, X, _trailing(X, axis), epsilon)
+    axes = _trailing(X, axis)
+    if _compiled_ln(xp, X, axes, Scale, B):
+        Y, mean, inv = _ln_compiled(X, axes, Scale, B, epsilon)
+        return _a(xp, Y, X.dtype), mean, inv
+    Y, mean, _, inv = _standardize(xp, X, axes, epsilon)
     Y *= Scale  # in place: Y is the standardized input, a fresh array
     if B is not None:
         Y += B
@@ -739,6 +844,11 @@ def LayerNormalizationGrad(xp, dY, X, Scale, mean=None, inv_std=None, *, axis=-1
     """dX and dScale of LayerNormalization, from the forward pass's statistics when
     given (else computed again), in place on two temporaries."""
     axes = _trailing(X, axis)
+    if _compiled_ln(xp, X, axes, Scale) and dY.shape == X.shape:
+        if mean is None or inv_std is None:
+            _, mean, inv_std = _ln_compiled(X, axes, None, None, epsilon, normalize=False)
+        dX, dScale = _ln_grad_compiled(dY, X, axes, Scale, mean, inv_std)
+        return _a(xp, dX, X.dtype), _a(xp, dScale, Scale.dtype)
     if mean is None or inv_std is None:
         xhat, _, _, inv_std = _standardize(xp, X, axes, epsilon)
     else:

@@ -93,6 +93,15 @@ def _blas_controllers() -> list:
     return _blas
 
 
+def single_threaded_blas() -> None:
+    """Set every BLAS loaded so far to one thread, those loaded since the last call
+    included (SciPy's, which numba imports where SciPy is installed, starts with
+    its own count)."""
+    global _blas
+    _blas = None
+    _set_blas_threads(1)
+
+
 def _set_blas_threads(count: int) -> None:
     for controller in _blas_controllers():
         controller.set_num_threads(count)
