@@ -3,5 +3,42 @@
 from __future__ import annotations
 
 from compiled_cases import Case
+from onnxgrad.ops import depthwise
+from op_db import Sample
 
-CASES: list[Case] = []
+
+def _conv(x, w, attrs):
+    return Sample("Conv", [("X", ("real", x)), ("W", ("real", w)), ("B", ("real", (w[0],)))],
+                  attrs, 11)
+
+
+_DW_KERNELS = ((depthwise, "_dw_forward_kernel"), (depthwise, "_dw_input_grad_kernel"),
+               (depthwise, "_dw_weight_grad_kernel"))
+
+# The first two layers have enough work (depthwise.PARALLEL_MIN_WORK) for their tiles of
+# channels to run on the thread pool.  The small samples have outputs of more than 10
+# positions per kernel tap, which the NumPy form runs by the taps method, where the
+# compiled kernels are.
+CASES = [
+    Case("depthwise_asym_pads", _conv((32, 64, 16, 16), (64, 1, 3, 3),
+                                      {"group": 64, "pads": [1, 0, 2, 1]}),
+         _DW_KERNELS, small=_conv((2, 2, 12, 12), (2, 1, 3, 3),
+                                  {"group": 2, "pads": [1, 0, 2, 1]})),
+    Case("depthwise_stride2_asym_pads", _conv((32, 64, 33, 32), (64, 1, 3, 3),
+                                              {"group": 64, "strides": [2, 2],
+                                               "pads": [1, 0, 0, 1]}),
+         _DW_KERNELS, small=_conv((1, 2, 21, 20), (2, 1, 3, 3),
+                                  {"group": 2, "strides": [2, 2], "pads": [1, 0, 0, 1]})),
+    Case("depthwise_x2", _conv((8, 16, 16, 16), (32, 1, 3, 3),
+                               {"group": 16, "pads": [1, 1, 1, 1]}),
+         _DW_KERNELS, small=_conv((2, 2, 12, 12), (4, 1, 3, 3),
+                                  {"group": 2, "pads": [1, 1, 1, 1]})),
+    Case("depthwise_dilated", _conv((8, 16, 20, 20), (16, 1, 3, 3),
+                                    {"group": 16, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+         _DW_KERNELS, small=_conv((1, 2, 12, 12), (2, 1, 3, 3),
+                                  {"group": 2, "dilations": [2, 1], "pads": [2, 1, 1, 0]})),
+    Case("depthwise_1d_stride2", _conv((16, 32, 200), (64, 1, 5),
+                                       {"group": 32, "strides": [2], "pads": [2, 1]}),
+         _DW_KERNELS, small=_conv((1, 2, 110), (4, 1, 5),
+                                  {"group": 2, "strides": [2], "pads": [2, 1]})),
+]

@@ -183,6 +183,9 @@ SWITCHES = [
     Switch(winograd, "WEIGHT_GRAD_MAX_POSITIONS", BIG, 0,
            "3x3 stride-1 weight gradient by Winograd, against im2col (the rest by Winograd)",
            applies=_winograd_shape, also=_WINOGRAD_ON[:2], calls=((winograd, "weight_grad3x3"),)),
+    Switch(winograd, "F4_MIN_TILES", 0, BIG,
+           "3x3 stride-1 Winograd as F(4x4, 3x3), against F(2x2, 3x3)",
+           applies=_winograd_shape, also=_WINOGRAD_ON),
     Switch(winograd, "CHUNK_BUDGET", 1, BIG,
            "Winograd tiles transformed one batch item at a time, against the whole batch",
            applies=_winograd_shape, also=_WINOGRAD_ON + ((winograd, "MIN_TILES", 1),),
@@ -194,7 +197,8 @@ SWITCHES = [
     Switch(depthwise, "DENSE_MAX_PAIRS", BIG, 0,
            "direct depthwise Conv by dense BLAS products, against the taps method",
            applies=lambda case: case.depthwise,
-           also=_DIRECT_ON + ((depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG),),
+           also=_DIRECT_ON + ((depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG),
+                              (depthwise, "COMPILED_MIN_OUTPUTS", BIG)),
            params=("DENSE_MAX_PAIRS", "DENSE_MAX_OUTPUTS_PER_TAP"),
            calls=((depthwise, "_dense_forward"), (depthwise, "_dense_input_grad"),
                   (depthwise, "_dense_weight_grad"))),
@@ -206,7 +210,19 @@ SWITCHES = [
            "direct dense method one group per tile, against one tile",
            applies=lambda case: case.depthwise,
            also=_DIRECT_ON + ((depthwise, "DENSE_MAX_PAIRS", BIG),
-                              (depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG))),
+                              (depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG),
+                              (depthwise, "COMPILED_MIN_OUTPUTS", BIG))),
+    Switch(depthwise, "COMPILED_PASS", 1, BIG,
+           "compiled depthwise kernels one batch item per pass, against the whole batch",
+           applies=lambda case: case.depthwise,
+           also=_DIRECT_ON + ((depthwise, "DENSE_MAX_PAIRS", 0),)),
+    Switch(depthwise, "COMPILED_MIN_OUTPUTS", 0, BIG,
+           "compiled taps method on planes the dense method would take, against the dense method",
+           applies=lambda case: case.depthwise,
+           also=_DIRECT_ON + ((depthwise, "DENSE_MAX_PAIRS", BIG),
+                              (depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG)),
+           calls=((depthwise, "_compiled_forward"), (depthwise, "_compiled_input_grad"),
+                  (depthwise, "_compiled_weight_grad"))),
     Switch(depthwise, "PARALLEL_MIN_WORK", 0, BIG,
            "direct kernels' tiles in 3 tasks on the thread pool, against one task",
            applies=lambda case: case.grouped,
@@ -393,19 +409,22 @@ def test_uneven_chunks_equal_one_chunk(case, monkeypatch):
                       what=f"chunks of 3, 3 and 2 items ({case.id})")
 
 
+@pytest.mark.parametrize("f4_min_tiles,tiles", [(BIG, 64), (0, 16)], ids=["F2", "F4"])
 @pytest.mark.parametrize("case", [c for c in LAYERS if c.x[0] == 8 and _winograd_shape(c)],
                          ids=lambda c: c.id)
-def test_uneven_winograd_chunks_equal_one_chunk(case, monkeypatch):
+def test_uneven_winograd_chunks_equal_one_chunk(case, f4_min_tiles, tiles, monkeypatch):
     """Winograd over a batch of 8 in chunks of 3, 3 and 2 items (on the thread pool)
     gives the forward and both gradients of one chunk (float64, rtol 1e-10)."""
     sample, arrays, u = _arrays_and_u(case)
     for module, name, value in _WINOGRAD_ON:
         monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(winograd, "F4_MIN_TILES", f4_min_tiles)
     monkeypatch.setattr(winograd, "CHUNK_BUDGET", BIG)
     whole = _outputs(sample, arrays, u)
-    # Every product of these layers has 8 x 8 tiles of 2 x 2 output positions per item.
+    # Every product of these layers has 8 x 8 tiles of 2 x 2 output positions per
+    # item, or 4 x 4 tiles of 4 x 4.
     monkeypatch.setattr(winograd, "CHUNK_BUDGET", 1)
-    monkeypatch.setattr(winograd, "MIN_TILES", 3 * 64)
+    monkeypatch.setattr(winograd, "MIN_TILES", 3 * tiles)
     sizes = []
     monkeypatch.setattr(winograd, "each", lambda xp, parts, work: sizes.append(len(parts)) or
                         threads.each(xp, parts, work))
