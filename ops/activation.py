@@ -21,6 +21,8 @@ from onnxgrad.threads import by_rows
 def Relu(xp, X, *, out=None):
     out = reusable(out, X.shape, X.dtype)
     if compiled.available(xp, X) and X.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        if out is not None and compiled.same_memory(out, X):
+            return (compiled.elementwise(_relu_in_place_kernel, out),)
         return (compiled.elementwise(_relu_kernel, out if out is not None else xp.empty_like(X), X),)
     if (X.size <= BOUND_ROW or not X.flags.c_contiguous
             or (out is not None and not out.flags.c_contiguous)):
@@ -30,10 +32,19 @@ def Relu(xp, X, *, out=None):
 
 @compiled.kernel
 def _relu_kernel(x, out):
-    """``out = max(x, 0)`` in one pass (``out`` may be ``x``); NaN stays NaN."""
+    """``out = max(x, 0)`` in one pass; NaN stays NaN."""
     for i in range(out.size):
         v = x[i]
         out[i] = 0.0 if v < 0 else v
+
+
+@compiled.kernel
+def _relu_in_place_kernel(x):
+    """:func:`_relu_kernel` on ``x`` itself (one array: vectorised, where an output
+    that may be the input keeps the loop scalar)."""
+    for i in range(x.size):
+        v = x[i]
+        x[i] = 0.0 if v < 0 else v
 
 
 @Relu.gradient
@@ -56,6 +67,8 @@ def ReluGrad(xp, dY, Y, *, out=None):
         return (xp.asarray(xp.multiply(dY, mask, out=out if out is not None else mask)),)
     dX = out if out is not None else xp.empty_like(dY)
     if compiled.available(xp, dY, Y, dX):
+        if compiled.same_memory(dX, dY):
+            return (compiled.elementwise(_relu_grad_in_place_kernel, dX, Y),)
         return (compiled.elementwise(_relu_grad_kernel, dX, dY, Y),)
     d1, y1, x1 = dY.reshape(-1), Y.reshape(-1), dX.reshape(-1)
 
@@ -69,9 +82,16 @@ def ReluGrad(xp, dY, Y, *, out=None):
 
 @compiled.kernel
 def _relu_grad_kernel(d, y, out):
-    """``out = d`` where ``y > 0``, else 0, in one pass (``out`` may be ``d``)."""
+    """``out = d`` where ``y > 0``, else 0, in one pass."""
     for i in range(out.size):
         out[i] = d[i] if y[i] > 0 else 0.0
+
+
+@compiled.kernel
+def _relu_grad_in_place_kernel(y, d):
+    """:func:`_relu_grad_kernel` with ``d`` as its output."""
+    for i in range(d.size):
+        d[i] = d[i] if y[i] > 0 else 0.0
 
 
 @ReluGrad.in_standard_ops

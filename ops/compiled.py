@@ -121,11 +121,20 @@ PART = 1 << 17
 MAX_PARTS = 16
 
 
+def same_memory(a, b) -> bool:
+    """Whether arrays ``a`` and ``b`` may overlap in memory."""
+    return bool(np.may_share_memory(a, b))
+
+
 def elementwise(kernel: Kernel, out, *arrays_and_scalars) -> Any:
     """``kernel(*flat parts of arrays_and_scalars, flat part of out)`` over parts of
     the flattened arrays (each C-contiguous, all of ``out``'s size) on the pool;
     scalars are passed whole.  Returns ``out``.  Kernels loop over ``range(size)``
-    of their parts: indices numba knows to be non-negative, which it vectorises."""
+    of their parts: indices numba knows to be non-negative, which it vectorises.
+
+    ``out`` must not overlap the arrays (:func:`same_memory`): the loop of a
+    kernel whose output may be one of its inputs stays scalar, some 20× slower.
+    An in-place kernel takes the array it updates as its ``out``."""
     flat = [a.reshape(-1) if isinstance(a, np.ndarray) else a for a in arrays_and_scalars]
     o = out.reshape(-1)
 

@@ -29,7 +29,7 @@ from onnx.reference import ReferenceEvaluator
 
 import gradcheck as gc
 from onnxgrad import threads
-from onnxgrad.ops import compiled, normalization
+from onnxgrad.ops import activation, compiled, normalization
 import compiled_cases
 import compiled_cases_depthwise
 import compiled_cases_winograd
@@ -138,6 +138,30 @@ def test_float32_statistics_are_accurate():
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(mean, X64.mean(axis=(0, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(var, X64.var(axis=(0, 2, 3)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_kernels_equal_numpy(dtype, monkeypatch):
+    """Relu and ReluGrad writing over their input (the executor hands them its
+    buffer) run their in-place kernels and equal the NumPy forms."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 16, 40, 40)).astype(dtype)
+    dY = rng.standard_normal(X.shape).astype(dtype)
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    (want_y,) = activation.Relu(np, X)
+    (want_dx,) = activation.ReluGrad(np, dY, want_y)
+    monkeypatch.setattr(compiled, "ENABLED", True)
+    counts = _spy(monkeypatch, [(activation, "_relu_in_place_kernel"),
+                                (activation, "_relu_grad_in_place_kernel")])
+    buffer = X.copy()
+    (y,) = activation.Relu(np, buffer, out=buffer)
+    assert y is buffer
+    buffer = dY.copy()
+    (dx,) = activation.ReluGrad(np, buffer, want_y, out=buffer)
+    assert dx is buffer
+    assert all(counts.values()), counts
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dx, want_dx)
 
 
 def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
