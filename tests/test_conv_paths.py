@@ -178,7 +178,7 @@ SWITCHES = [
     Switch(winograd, "MIN_CHANNELS", 1, BIG,
            "3x3 stride-1 products by Winograd F(2x2, 3x3), against im2col products",
            applies=_winograd_shape, also=_WINOGRAD_ON[1:], diverts=True,
-           params=("MIN_CHANNELS", "MIN_POSITIONS"),
+           params=("MIN_CHANNELS", "MIN_POSITIONS", "MIN_BATCH_POSITIONS"),
            calls=((winograd, "conv3x3"), (winograd, "weight_grad3x3"))),
     Switch(winograd, "WEIGHT_GRAD_MAX_POSITIONS", BIG, 0,
            "3x3 stride-1 weight gradient by Winograd, against im2col (the rest by Winograd)",
