@@ -355,7 +355,7 @@ def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
                          f"do not fit group={group}")
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, W.shape, auto_pad, dilations, pads, strides)
-    if depthwise.applies(W.shape, group, begin, end):
+    if depthwise.applies(W.shape, group, begin, end, xp, X.dtype):
         Y = depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out)
     else:
         Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
@@ -418,7 +418,7 @@ def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         x_shape, W.shape, auto_pad, dilations, pads, strides)
-    if depthwise.applies(W.shape, group, begin, end):
+    if depthwise.applies(W.shape, group, begin, end, xp, dY.dtype):
         return (depthwise.input_grad(xp, dY, W, group, sp, strides, dilations, begin, end),)
     if all(s == 1 for s in strides) and W.shape[1] >= FLIPPED_MIN_CHANNELS:
         return (flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group),)
@@ -432,7 +432,7 @@ def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, w_shape, auto_pad, dilations, pads, strides)
-    if depthwise.applies(w_shape, group, begin, end):
+    if depthwise.applies(w_shape, group, begin, end, xp, X.dtype):
         return (depthwise.weight_grad(xp, dY, X, group, kernel, strides, dilations, begin, end),)
     Xp = pad_spatial(xp, X, begin, end)
     return (conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group),)

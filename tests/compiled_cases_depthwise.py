@@ -37,6 +37,8 @@ CASES = [
                                     {"group": 16, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
          _DW_KERNELS, small=_conv((1, 2, 12, 12), (2, 1, 3, 3),
                                   {"group": 2, "dilations": [2, 1], "pads": [2, 1, 1, 0]})),
+    Case("one_channel_to_6", _conv((16, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+         _DW_KERNELS, small=_conv((1, 1, 14, 14), (6, 1, 5, 5), {"pads": [2, 1, 2, 1]})),
     Case("depthwise_1d_stride2", _conv((16, 32, 200), (64, 1, 5),
                                        {"group": 32, "strides": [2], "pads": [2, 1]}),
          _DW_KERNELS, small=_conv((1, 2, 110), (4, 1, 5),

@@ -88,6 +88,7 @@ LAYERS = [
          {"group": 32, "pads": [1, 1, 1, 1]}),
     Case("depthwise3x3_stride2", "Conv", (8, 32, 16, 16), (32, 1, 3, 3),
          {"group": 32, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    Case("conv5x5_one_channel_to_6", "Conv", (8, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
     Case("conv3x3_256ch", "Conv", (2, 256, 4, 4), (256, 256, 3, 3), {"pads": [1, 1, 1, 1]}),
     Case("convT3x3", "ConvTranspose", (8, 32, 16, 16), (32, 32, 3, 3), {"pads": [1, 1, 1, 1]}),
     Case("convT3x3_stride2", "ConvTranspose", (8, 32, 8, 8), (32, 16, 3, 3),
@@ -212,6 +213,13 @@ SWITCHES = [
            also=_DIRECT_ON + ((depthwise, "DENSE_MAX_PAIRS", BIG),
                               (depthwise, "DENSE_MAX_OUTPUTS_PER_TAP", BIG),
                               (depthwise, "COMPILED_MIN_OUTPUTS", BIG))),
+    Switch(depthwise, "COMPILED_MAX_OUTPUTS_PER_GROUP", BIG, 0,
+           "Conv of one input channel per group and many outputs by the compiled direct "
+           "kernels, against column products",
+           applies=lambda case: case.op == "Conv" and case.w[1] == 1
+           and case.w[0] // case.attrs.get("group", 1) > depthwise.DIRECT_MAX_OUTPUTS_PER_GROUP,
+           diverts=True, calls=((depthwise, "_compiled_forward"), (depthwise, "_compiled_input_grad"),
+                                (depthwise, "_compiled_weight_grad"))),
     Switch(depthwise, "COMPILED_PASS", 1, BIG,
            "compiled depthwise kernels one batch item per pass, against the whole batch",
            applies=lambda case: case.depthwise,
