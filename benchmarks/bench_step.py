@@ -7,7 +7,8 @@ median step time of each and the ratio onnxgrad / PyTorch, at each thread
 count asked for (onnxgrad's kernel pool and PyTorch both get that many
 threads; onnxgrad runs NumPy's BLAS single-threaded inside its pool).  With --memory it also measures, at each thread count, the peak
 resident memory that a training run adds, each framework in a process of its
-own.  The header names the BLAS, the kernel it runs on this CPU and the cores.
+own.  The header names the BLAS, the kernel it runs on this CPU, whether
+onnxgrad's compiled kernels run, and the cores.
 
     python benchmarks/bench_step.py                       # all models, 1 and 2 threads
     python benchmarks/bench_step.py --models mlp --threads 1 --seconds 5
@@ -60,6 +61,19 @@ def blas_name() -> str:
     libs = [f"{i['internal_api']} {i.get('architecture', '?')}" for i in threadpool_info()
             if i["user_api"] == "blas"]
     return ", ".join(libs) or "no BLAS found"
+
+
+def compiled_name() -> str:
+    """Whether onnxgrad's compiled CPU kernels run, and numba's version."""
+    from onnxgrad.ops import compiled
+
+    if not compiled.ENABLED:
+        return "compiled kernels off (ONNXGRAD_COMPILED=0)"
+    if not compiled.available():
+        return "compiled kernels off (numba not importable)"
+    import numba
+
+    return f"compiled kernels: numba {numba.__version__}"
 
 
 def setup(name: str, device: str, onnx_path: str | None = None, cuda_graphs: bool = True):
@@ -186,7 +200,7 @@ def main() -> None:
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + (", PyTorch convolutions " + ("float32" if args.torch_fp32_conv else "TF32 (default)")
              if args.device == "cuda" else "")
-          + f", BLAS {blas_name()}, {available_cores()} cores")
+          + f", BLAS {blas_name()}, {compiled_name()}, {available_cores()} cores")
     column = "graphs" if args.device == "cuda" else "threads"
     print(f"{'model':<12} {column:>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
     for name in names:
