@@ -271,10 +271,12 @@ def _bounds(dtype, low, high):
 
 @compiled.kernel
 def _clip_kernel(x, low, high, out):
-    """``out = x`` clipped to ``[low, high]`` in one pass; NaN stays NaN."""
+    """``out = min(max(x, low), high)`` in one pass (all ``high`` where ``low > high``,
+    as the ONNX spec says); NaN stays NaN."""
     for i in range(out.size):
         v = x[i]
-        out[i] = low if v < low else (high if v > high else v)
+        v = low if v < low else v
+        out[i] = high if v > high else v
 
 
 @compiled.kernel
