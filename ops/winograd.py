@@ -161,7 +161,9 @@ def _input_tiles(xp, Xc, to_tiles, m, th, tw):
 # so that the inner loop over a row's tiles is the same everywhere.  The tile
 # ``(a, b)`` of item ``i`` of a chunk starting at item ``start`` is column
 # ``((i - start)·th + a)·tw + b`` of the transformed arrays, as in the NumPy
-# forms.
+# forms.  Each kernel transforms the channels ``[first, last)`` (its last two
+# arguments): input channels for the input tiles, output channels for the
+# others, so that :func:`_in_parts` can split it.
 
 
 def _planes(xp, count, rows, cols, dtype):
@@ -176,7 +178,7 @@ def _planes(xp, count, rows, cols, dtype):
 
 
 @compiled.kernel
-def _input_kernel(Xp, start, stop, th, tw, V):
+def _input_kernel(Xp, start, stop, th, tw, V, first, last):
     """``Bᵀ d B`` of the ``th × tw`` 4×4 input tiles ``d`` (stride 2) of the items
     ``[start, stop)`` of ``Xp`` (N, C, …) into ``V`` (16, C, (stop - start)·th·tw);
     rows and columns past the edge of ``Xp`` read as zeros.
@@ -192,7 +194,7 @@ def _input_kernel(Xp, start, stop, th, tw, V):
     R = np.empty((4, 2 * th + 2, tw), dtype=V.dtype)
     for i in range(start, stop):
         base = (i - start) * th * tw
-        for c in range(C):
+        for c in range(first, last):
             for r in range(2 * th + 2):
                 if r >= H:
                     R[:, r, :] = 0
@@ -226,14 +228,14 @@ def _input_kernel(Xp, start, stop, th, tw, V):
 
 
 @compiled.kernel
-def _output_kernel(P, start, stop, th, tw, Y):
+def _output_kernel(P, start, stop, th, tw, Y, first, last):
     """``Aᵀ p A`` of the transformed products ``p`` in ``P`` (16, M, (stop - start)·th·tw)
     into the 2×2 output tiles of the items ``[start, stop)`` of ``Y`` (N, M, oh, ow),
     cropped at its edge."""
     M, oh, ow = Y.shape[1], Y.shape[2], Y.shape[3]
     rows = np.empty((2, 2 * tw), dtype=Y.dtype)
     for i in range(start, stop):
-        for m in range(M):
+        for m in range(first, last):
             for a in range(th):
                 r = 2 * a
                 inside = r + 2 <= oh and ow == 2 * tw
@@ -265,14 +267,14 @@ def _output_kernel(P, start, stop, th, tw, Y):
 
 
 @compiled.kernel
-def _grad_tiles_kernel(dY, start, stop, th, tw, D):
+def _grad_tiles_kernel(dY, start, stop, th, tw, D, first, last):
     """``A g Aᵀ`` of the 2×2 output-gradient tiles ``g`` of the items ``[start, stop)``
     of ``dY`` (N, M, oh, ow) into ``D`` (16, M, (stop - start)·th·tw); rows and
     columns past the edge of ``dY`` read as zeros."""
     M, oh, ow = dY.shape[1], dY.shape[2], dY.shape[3]
     rows = np.zeros((2, 2 * tw), dtype=D.dtype)
     for i in range(start, stop):
-        for m in range(M):
+        for m in range(first, last):
             for a in range(th):
                 r = 2 * a
                 if r + 2 <= oh and ow == 2 * tw:
@@ -319,7 +321,7 @@ def _constants(dtype):
 
 
 @compiled.kernel
-def _input_kernel4(Xp, start, stop, th, tw, k, V):
+def _input_kernel4(Xp, start, stop, th, tw, k, V, first, last):
     """``Bᵀ d B`` of F(4×4) of the ``th × tw`` 6×6 input tiles ``d`` (stride 4) of
     the items ``[start, stop)`` of ``Xp`` (N, C, …) into ``V`` (36, C,
     (stop - start)·th·tw); rows and columns past the edge of ``Xp`` read as
@@ -336,7 +338,7 @@ def _input_kernel4(Xp, start, stop, th, tw, k, V):
     R = np.empty((6, 4 * th + 2, tw), dtype=V.dtype)
     for i in range(start, stop):
         base = (i - start) * th * tw
-        for c in range(C):
+        for c in range(first, last):
             for r in range(4 * th + 2):
                 if r >= H:
                     R[:, r, :] = 0
@@ -381,7 +383,7 @@ def _input_kernel4(Xp, start, stop, th, tw, k, V):
 
 
 @compiled.kernel
-def _output_kernel4(P, start, stop, th, tw, k, Y):
+def _output_kernel4(P, start, stop, th, tw, k, Y, first, last):
     """``Aᵀ p A`` of F(4×4) of the transformed products ``p`` in ``P`` (36, M,
     (stop - start)·th·tw) into the 4×4 output tiles of the items ``[start, stop)``
     of ``Y`` (N, M, oh, ow), cropped at its edge; ``k`` holds :func:`_constants`."""
@@ -390,7 +392,7 @@ def _output_kernel4(P, start, stop, th, tw, k, Y):
     rows = np.empty((4, 4 * tw), dtype=Y.dtype)
     S = np.empty((4, 6), dtype=Y.dtype)
     for i in range(start, stop):
-        for m in range(M):
+        for m in range(first, last):
             for a in range(th):
                 r = 4 * a
                 inside = r + 4 <= oh and ow == 4 * tw
@@ -429,7 +431,7 @@ def _output_kernel4(P, start, stop, th, tw, k, Y):
 
 
 @compiled.kernel
-def _grad_tiles_kernel4(dY, start, stop, th, tw, k, D):
+def _grad_tiles_kernel4(dY, start, stop, th, tw, k, D, first, last):
     """``A g Aᵀ`` of F(4×4) of the 4×4 output-gradient tiles ``g`` of the items
     ``[start, stop)`` of ``dY`` (N, M, oh, ow) into ``D`` (36, M, (stop - start)·th·tw);
     rows and columns past the edge of ``dY`` read as zeros; ``k`` holds
@@ -439,7 +441,7 @@ def _grad_tiles_kernel4(dY, start, stop, th, tw, k, D):
     rows = np.zeros((4, 4 * tw), dtype=D.dtype)
     Z = np.empty((6, 4), dtype=D.dtype)
     for i in range(start, stop):
-        for m in range(M):
+        for m in range(first, last):
             for a in range(th):
                 r = 4 * a
                 if r + 4 <= oh and ow == 4 * tw:
@@ -477,6 +479,14 @@ def _grad_tiles_kernel4(dY, start, stop, th, tw, k, D):
                         D[6 * h + 5, m, t] = u3
 
 
+def _in_parts(kernel, channels, size, *args):
+    """``kernel(*args, first, last)`` over ranges ``[first, last)`` of its ``channels``,
+    in parts on the thread pool (by the shapes alone): a batch taken in one chunk
+    transforms its tiles on every core too.  Inside a chunk that already runs on the
+    pool the parts run one after another."""
+    compiled.by_parts(channels, size, lambda first, last: kernel(*args, first, last))
+
+
 def _chunks(xp, N, C, count, th, tw, chunk):
     """Run ``chunk(part)`` over slices of the batch (see :data:`CHUNK_BUDGET`; ``count``
     planes of transformed tiles), on the thread pool for NumPy; returns the
@@ -508,14 +518,16 @@ def conv3x3(xp, Xp, W, out):
             T = (part.stop - part.start) * th * tw
             V = _planes(xp, count, C, T, Xp.dtype)
             if m == 4:
-                _input_kernel4(Xp, part.start, part.stop, th, tw, k, V)
+                _in_parts(_input_kernel4, C, V.size, Xp, part.start, part.stop, th, tw, k, V)
             else:
-                _input_kernel(Xp, part.start, part.stop, th, tw, V)
+                _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, th, tw, V)
             products = matmul(xp, U, V, out=_planes(xp, count, M, T, Xp.dtype))  # (count, M, T)
             if m == 4:
-                _output_kernel4(products, part.start, part.stop, th, tw, k, Y)
+                _in_parts(_output_kernel4, M, products.size, products, part.start, part.stop, th,
+                          tw, k, Y)
             else:
-                _output_kernel(products, part.start, part.stop, th, tw, Y)
+                _in_parts(_output_kernel, M, products.size, products, part.start, part.stop, th,
+                          tw, Y)
 
         _chunks(xp, N, C, count, th, tw, chunk)
         return Y
@@ -557,11 +569,14 @@ def weight_grad3x3(xp, dY, Xp):
             V = _planes(xp, count, C, T, Xp.dtype)
             dhat = _planes(xp, count, M, T, dtype)
             if m == 4:
-                _input_kernel4(Xp, part.start, part.stop, th, tw, k.astype(Xp.dtype), V)
-                _grad_tiles_kernel4(dY, part.start, part.stop, th, tw, k, dhat)
+                _in_parts(_input_kernel4, C, V.size, Xp, part.start, part.stop, th, tw,
+                          k.astype(Xp.dtype), V)
+                _in_parts(_grad_tiles_kernel4, M, dhat.size, dY, part.start, part.stop, th, tw,
+                          k, dhat)
             else:
-                _input_kernel(Xp, part.start, part.stop, th, tw, V)
-                _grad_tiles_kernel(dY, part.start, part.stop, th, tw, dhat)
+                _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, th, tw, V)
+                _in_parts(_grad_tiles_kernel, M, dhat.size, dY, part.start, part.stop, th, tw,
+                          dhat)
             return matmul(xp, dhat, xp.swapaxes(V, 1, 2))            # (count, M, C)
     else:
         Xp = _grown(xp, Xp, m * th + 2, m * tw + 2)
