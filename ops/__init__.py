@@ -29,4 +29,5 @@ from onnxgrad.ops import (  # noqa: F401,E402
     rnn, sequence, signal, text,  # conformance
     deform_conv, flex_attention, gated, linear_attention, rotary,  # conformance follow-ups
     ml_linear, ml_svm, ml_tree,  # ai.onnx.ml linear models, scalers, SVMs and tree ensembles
+    ml_maps,  # ai.onnx.ml ZipMap, DictVectorizer and CastMap
 )

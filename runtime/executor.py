@@ -624,9 +624,11 @@ def _viewed(env: dict[str, Any], weight: Any) -> bool:
 
 def _shape_key(value: Any) -> Any:
     """An input's part of a specialisation's key: its shape; for a sequence (a list), its
-    elements' shapes; None for an empty optional."""
+    elements' shapes; None for an empty optional; for a map (a dict), its size."""
     if value is None:
         return None
+    if isinstance(value, dict):
+        return ("map", len(value))
     if isinstance(value, (list, tuple)):
         return ("sequence",) + tuple(_shape_key(v) for v in value)
     return tuple(value.shape)

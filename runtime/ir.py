@@ -24,20 +24,39 @@ class ValueInfo:
     """What is known statically about a value: element type and shape.
 
     ``shape`` is ``None`` when unknown; a dimension is an ``int``, a symbolic
-    name (``"N"``) or ``None``.  ``kind`` is ``"tensor"``, ``"sequence"`` or
-    ``"optional"``; a sequence or an optional has no dtype or shape of its own
-    (both ``None``, as for a tensor of unknown type), and ``element`` describes
-    what it holds, where known.
+    name (``"N"``) or ``None``.  ``kind`` is ``"tensor"``, ``"sequence"``,
+    ``"optional"`` or ``"map"``; a sequence, an optional or a map has no dtype or
+    shape of its own (both ``None``, as for a tensor of unknown type), and
+    ``element`` describes what it holds, where known: for a map, its values, with
+    ``key`` the element type of its keys (int64 or a string type).  At run time a
+    map is a Python dict and a sequence a list.
     """
 
     dtype: np.dtype | None = None
     shape: tuple[int | str | None, ...] | None = None
     kind: str = "tensor"
     element: "ValueInfo | None" = None
+    key: np.dtype | None = None
 
     @property
     def fully_static(self) -> bool:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape)
+
+    def type_str(self) -> str:
+        """The type in ONNX's notation with NumPy element names: ``float32`` for a
+        tensor, ``seq(map(int64, float32))`` for ZipMap's output; ``?`` where unknown."""
+        if self.kind == "tensor":
+            return _element_name(self.dtype)
+        inner = "?" if self.element is None else self.element.type_str()
+        if self.kind == "map":
+            return f"map({_element_name(self.key)}, {inner})"
+        return f"{'seq' if self.kind == 'sequence' else self.kind}({inner})"
+
+
+def _element_name(dtype: np.dtype | None) -> str:
+    if dtype is None:
+        return "?"
+    return "string" if np.dtype(dtype).kind in "OSU" else np.dtype(dtype).name
 
 
 @dataclass

@@ -117,14 +117,18 @@ def _value_info(vi: onnx.ValueInfoProto) -> ValueInfo | None:
 
 
 def _type_info(t: onnx.TypeProto) -> ValueInfo | None:
-    """A tensor's type and shape; a sequence's or an optional's kind and element; else None."""
+    """A tensor's type and shape; a sequence's, an optional's or a map's kind and element
+    (and a map's key type); else None."""
     which = t.WhichOneof("value")
     if which == "sequence_type":
         return ValueInfo(kind="sequence", element=_type_info(t.sequence_type.elem_type))
     if which == "optional_type":
         return ValueInfo(kind="optional", element=_type_info(t.optional_type.elem_type))
+    if which == "map_type":
+        return ValueInfo(kind="map", key=_np_dtype(t.map_type.key_type),
+                         element=_type_info(t.map_type.value_type))
     if which != "tensor_type":
-        return None  # maps and sparse tensors
+        return None  # sparse tensors
     tt = t.tensor_type
     dtype = _np_dtype(tt.elem_type) if tt.elem_type else None
     shape = None

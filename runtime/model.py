@@ -109,7 +109,8 @@ class Model:
         ``outputs`` may name any value of the graph (default: the graph outputs).
         Dropout is off and normalisation uses running statistics.  A sequence
         value (fed or returned) is a Python list of arrays; an empty optional is
-        ``None``.
+        ``None``; a map is a dict (int or str keys, scalar values), so ZipMap's
+        ``seq(map)`` is a list of dicts, as onnxruntime returns it.
         """
         fetch = tuple(self.graph.outputs if outputs is None else outputs)
         known = self.graph.all_names()
@@ -154,7 +155,7 @@ def prepare_feeds(graph: Graph, feeds: Mapping[str, Any], backend: Backend, wher
 
     ``extra`` names inputs that the caller feeds itself (e.g. a loss target).
     A sequence input takes a list (or tuple) of arrays, an optional input
-    ``None`` when empty.
+    ``None`` when empty, a map input a dict.
     """
     if not isinstance(feeds, Mapping):
         raise DataError(f"{where}: feeds must be a dict of input name -> array, "
@@ -189,19 +190,62 @@ def _feed_value(info: ValueInfo | None, label: str, value: Any, backend: Backend
                             f"got {type(value).__name__}")
         return [_feed_value(info.element, f"{label}[{i}]", v, backend, where)
                 for i, v in enumerate(value)]
+    if kind == "map":
+        return _feed_map(info, label, value, where)
     if value is None:
         raise DataError(f"{where}: input {label!r} expects a tensor, got None")
     dtype, shape = (None, None) if info is None else (info.dtype, info.shape)
     return backend.asarray(_check_tensor(label, value, dtype, shape, where))
 
 
+def _feed_map(info: ValueInfo, label: str, value: Any, where: str) -> dict:
+    """A map feed: a dict whose keys fit the map's key type (int64 or string) and whose
+    values are scalars of its value type, held as NumPy scalars of that type (see
+    :mod:`onnxgrad.ops.ml_maps`)."""
+    if not isinstance(value, Mapping):
+        raise DataError(f"{where}: input {label!r} is a map: expected a dict, "
+                        f"got {type(value).__name__}")
+    strings = info.key is not None and info.key.kind in "OSU"
+    element = info.element
+    want = element.dtype if element is not None and element.kind == "tensor" else None
+    out = {}
+    for key, v in value.items():
+        if isinstance(key, bytes):
+            key = key.decode("utf-8")
+        if info.key is not None and (isinstance(key, str) != strings or isinstance(key, bool)
+                                     or not isinstance(key, (str, int, np.integer))):
+            raise DataError(f"{where}: input {label!r} is a map with "
+                            f"{'string' if strings else 'integer'} keys, got key {key!r}")
+        key = key if isinstance(key, str) else int(key)
+        if np.ndim(v) or want is None:
+            v = _check_tensor(f"{label}[{key!r}]", v, want, None, where)
+        elif want.kind in "OSU":
+            if not isinstance(v, (str, bytes, np.str_, np.bytes_)):
+                raise DataError(f"{where}: input {label!r} is a map of strings, got value "
+                                f"{v!r} for key {key!r}")
+            v = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        else:
+            if isinstance(v, (str, bytes)) or (want.kind in "iu" and _kind(np.asarray(v).dtype)
+                                               != "integer"):
+                raise DataError(f"{where}: input {label!r} is a map of {want}, got value {v!r} "
+                                f"for key {key!r}")
+            v = want.type(v)
+        out[key] = v
+    return out
+
+
 def host_value(value: Any) -> Any:
     """A result of a CPU run as the API returns it: a NumPy array, a list of them for a
-    sequence, None for an empty optional."""
+    sequence, None for an empty optional, a dict for a map (its values Python scalars, as
+    onnxruntime gives them)."""
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
         return [host_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: v.item() if isinstance(v, np.generic) else
+                v if isinstance(v, (str, int, float)) else host_value(v)
+                for k, v in value.items()}
     return np.asarray(value)
 
 

@@ -119,6 +119,7 @@ def build_program(model: Model, loss: Loss | None, output: str | None = None,
     if output not in graph.all_names():
         raise ModelError(f"{where}: output {output!r} is not a value of the graph; "
                          f"graph outputs are {graph.outputs}")
+    _check_tensor_output(graph, output, where)
     _check_loss_input(graph, loss, output, where)
     if frozen_batchnorm not in ("train", "eval"):
         raise OnnxgradError(f"frozen_batchnorm must be 'train' or 'eval', got {frozen_batchnorm!r}")
@@ -163,6 +164,22 @@ def _check_loss_input(graph: Graph, loss: Loss | None, output: str, where: str) 
                   f"{'log-softmax' if loss.name != 'bce_with_logits' else 'the sigmoid'} itself, "
                   f"so give it that node's input: output={producer.inputs[0]!r}",
                   LossInputWarning, stacklevel=3)
+
+
+def _check_tensor_output(graph: Graph, output: str, where: str) -> None:
+    """Refuse a map, or a sequence of maps (ZipMap's output), as the value a loss reads."""
+    info = graph.info.get(output)
+    inner = info.element if info is not None and info.kind == "sequence" else info
+    if inner is None or inner.kind != "map":
+        return
+    producer = next((n for n in graph.nodes if output in n.outputs), None)
+    made = "" if producer is None else f" (made by {producer.op_type} node {producer.name!r})"
+    hint = ""
+    if producer is not None and producer.op_type == "ZipMap" and producer.inputs[0]:
+        hint = (f"; train on the tensor the ZipMap reads: output={producer.inputs[0]!r} "
+                "(or on the scores before it)")
+    raise ModelError(f"{where}: output {output!r} is a {info.type_str()}{made}, not a tensor; "
+                     f"a loss reads a tensor and no gradient flows through maps{hint}")
 
 
 class LossInputWarning(UserWarning):

@@ -108,6 +108,9 @@ def inspect(model, trainable, freeze, output, list_params):
     def value_rows(names):
         for name in names:
             vi = graph.info.get(name)
+            if vi is not None and vi.kind != "tensor":  # seq(map(int64, float32)) for ZipMap
+                echo(f"  {name:<{width}}  {vi.type_str()}")
+                continue
             dtype = fmt_dtype(vi.dtype if vi else graph.dtype(name))
             shape = fmt_shape(vi.shape if vi else graph.shape(name))
             echo(f"  {name:<{width}}  {dtype:<8} {shape}")

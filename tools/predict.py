@@ -51,6 +51,9 @@ def predict(model, data, out_path, input_keys, feature_columns, mean, std, outpu
     For a classifier (an output of shape [N, C]): the row's index, the class
     index with the highest score, and the probability of each class (the
     softmax of the scores; the output itself where the model ends in Softmax).
+    For a sequence of maps (a scikit-learn classifier's ZipMap output, e.g.
+    --output output_probability): the class with the highest probability and
+    the probability of each class, in columns named after the map's keys.
     For other models: the output's values, flattened per sample.
 
     \b
@@ -71,10 +74,18 @@ def predict(model, data, out_path, input_keys, feature_columns, mean, std, outpu
     n = len(ds)
     for start in range(0, n, batch_size):
         index = np.arange(start, min(start + batch_size, n))
-        values.append(np.asarray(run({k: v[index] for k, v in ds.feeds.items()})))
-    result = np.concatenate(values)
+        values.append(run({k: v[index] for k, v in ds.feeds.items()}))
+    info = m.graph.info.get(output)
+    if any(isinstance(v, (list, tuple, dict)) or v is None for v in values) or (
+            info is not None and info.kind != "tensor"):
+        buffer, as_classes = _write_maps(m, output, values, classes)
+        write_atomic(out_path, buffer.getvalue().encode(), "the predictions")
+        kind = "class predictions" if as_classes else f"values of {output!r}"
+        click.echo(f"wrote {out_path}: {kind} for {n} samples of {ds.path}")
+        return
+    result = np.concatenate([np.asarray(v) for v in values])
     as_classes = classes == "yes" or (classes == "auto" and result.ndim == 2
-                                      and result.shape[1] > 1)
+                                      and result.shape[1] > 1 and result.dtype.kind in "fiu")
     if as_classes and result.ndim != 2:
         raise DataError(f"--classes yes needs an output of shape [N, C]; {output!r} has shape "
                         f"{list(result.shape)}")
@@ -93,8 +104,48 @@ def predict(model, data, out_path, input_keys, feature_columns, mean, std, outpu
     else:
         flat = result.reshape(len(result), -1)
         writer.writerow(["index"] + [f"{output}_{j}" for j in range(flat.shape[1])])
+        text = flat.dtype.kind in "OSUb"  # string labels (skl2onnx), booleans
         for i, row in enumerate(flat):
-            writer.writerow([i] + [f"{v:.7g}" for v in row])
+            writer.writerow([i] + [str(v) if text else f"{v:.7g}" for v in row])
     write_atomic(out_path, buffer.getvalue().encode(), "the predictions")
     kind = "class predictions" if as_classes else f"values of {output!r}"
     click.echo(f"wrote {out_path}: {kind} for {n} samples of {ds.path}")
+
+
+def _write_maps(model, output: str, batches: list, classes: str) -> tuple[io.StringIO, bool]:
+    """The CSV of a sequence of maps, one per sample (ZipMap's class -> probability): the
+    class with the highest value and each class's value (with --classes no: the values
+    only); any other non-tensor output is refused by name."""
+    info = model.graph.info.get(output)
+    described = info.type_str() if info is not None else "not a tensor"
+    rows = [row for batch in batches if isinstance(batch, (list, tuple)) for row in batch]
+    if (not all(isinstance(b, (list, tuple)) for b in batches)
+            or not all(isinstance(r, dict) for r in rows)):
+        raise DataError(f"predict writes a tensor or a sequence of maps (ZipMap's output); "
+                        f"{output!r} is a {described}: choose another --output")
+    keys = list(rows[0]) if rows else []
+    for i, row in enumerate(rows):
+        if list(row) != keys:
+            raise DataError(f"{output!r}: the map of sample {i} has keys {list(row)}, the first "
+                            f"has {keys}; predict writes maps with the same keys")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                  for row in rows for v in row.values())
+    if classes == "yes" and not numeric:
+        raise DataError(f"--classes yes needs numeric values; {output!r} maps to strings")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    as_classes = classes != "no" and numeric
+
+    def fmt(v):
+        return f"{v:.7g}" if isinstance(v, float) else str(v)
+
+    if as_classes:
+        writer.writerow(["index", "class"] + [f"prob_{k}" for k in keys])
+        for i, row in enumerate(rows):
+            best = max(keys, key=lambda k: row[k]) if keys else ""
+            writer.writerow([i, best] + [f"{row[k]:.6g}" for k in keys])
+    else:
+        writer.writerow(["index"] + [f"{output}_{k}" for k in keys])
+        for i, row in enumerate(rows):
+            writer.writerow([i] + [fmt(row[k]) for k in keys])
+    return buffer, as_classes
