@@ -74,11 +74,25 @@ def BitShift(xp, X, Y, *, direction):
 
 # -- Mod ----------------------------------------------------------------------------------------
 
-@op("Mod", since=10)
+@op("Mod", since=10, differentiable=("A", "B"))
 def Mod(xp, A, B, *, fmod=0):
     mod, (a, b) = on(xp, A, B)
     # fmod=0: the remainder takes the divisor's sign (NumPy's mod); fmod=1: the dividend's.
     return (mod.asarray(mod.fmod(a, b) if fmod else mod.mod(a, b)),)
+
+
+@Mod.gradient
+def _(g, node, dY):
+    # C = A - B·q with q = trunc(A/B) (fmod=1) or floor(A/B) (fmod=0), piecewise
+    # constant: dA = dY and dB = -q·dY wherever q does not jump (as torch.fmod's and
+    # torch.remainder's gradients).  Integer inputs get no gradient.
+    A, B = node.inputs
+    ratio = g.Div(A, B)
+    if node.attrs.get("fmod", 0):
+        q = g.Mul(g.Sign(ratio), g.Floor(g.Abs(ratio)))
+    else:
+        q = g.Floor(ratio)
+    return (g.unbroadcast(dY, like=A), g.unbroadcast(g.Neg(g.Mul(dY, q)), like=B))
 
 
 # -- rounding (piecewise constant: zero gradient almost everywhere) ---------------------------------

@@ -538,7 +538,7 @@ def _(g, node):
 
 # -- Hardmax, Shrink, ThresholdedRelu -------------------------------------------------------
 
-@op("Hardmax", since=13)  # piecewise constant: no gradient anywhere it exists
+@op("Hardmax", since=13, differentiable=("input",))
 def Hardmax(xp, input, *, axis=-1):
     if input.size == 0:
         return (input,)
@@ -549,7 +549,7 @@ def Hardmax(xp, input, *, axis=-1):
     return ((positions == hot).astype(input.dtype),)
 
 
-@op("Hardmax", since=1)
+@op("Hardmax", since=1, differentiable=("input",))
 def Hardmax1(xp, input, *, axis=1):
     """Before opset 13 the input is seen as a 2-D matrix [prod(:axis), prod(axis:)]."""
     shape = input.shape
@@ -557,6 +557,18 @@ def Hardmax1(xp, input, *, axis=1):
     rows = math.prod(shape[:axis])
     (y,) = Hardmax(xp, input.reshape(rows, -1), axis=1)
     return (y.reshape(shape),)
+
+
+def _hardmax_rule(g, node, dY):
+    # Piecewise constant: its derivative is zero wherever it exists (everywhere but
+    # at ties), exactly, as argmax's is.
+    from onnxgrad.ops.tensor import zeros_like_value  # noqa: PLC0415
+
+    return (zeros_like_value(g, node.inputs[0]),)
+
+
+Hardmax.gradient(_hardmax_rule)
+Hardmax1.gradient(_hardmax_rule)
 
 
 @op("Shrink", since=9, differentiable=("input",))

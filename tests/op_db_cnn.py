@@ -298,6 +298,9 @@ SAMPLES += [
     S("Celu", [("X", _K)], {"alpha": 2.0}, 12),
     S("Softplus", [("X", _A)], {}, 1),
     S("Softsign", [("input", _K)], {}, 1),
+    S("Hardmax", [("input", _K)], {}, 13),       # piecewise constant: a zero gradient
+    # Opset 11 flattens to 2-D at axis: the reference evaluator takes axis as opset 13 does.
+    S("Hardmax", [("input", _K)], {"axis": 0}, 11, ref="onnxruntime"),
     S("Mish", [("X", _A)], {}, 18),
     S("Gelu", [("X", _A)], {}, 20),
     S("Gelu", [("X", _A)], {"approximate": "tanh"}, 20),

@@ -284,6 +284,9 @@ SAMPLES += [
     S("Mod", [("A", ("int64", _I)), ("B", ("int64", _J))], {}, 13),
     S("Mod", [("A", ("int64", _I)), ("B", ("int64", _J))], {"fmod": 1}, 13),
     S("Mod", [("A", ("float", _A)), ("B", ("float", [1.5, -0.75, 2.0, 0.3]))], {"fmod": 1}, 10),
+    # float remainders (fmod=1, as the spec asks of floats): dA = dY, dB = -trunc(A/B)·dY
+    S("Mod", [("A", ("real", (3, 4))), ("B", ("away0", (3, 4)))], {"fmod": 1}, 13),
+    S("Mod", [("A", ("real", (3, 4))), ("B", ("away0", (4,)))], {"fmod": 1}, 13),
 ]
 _R = [[-2.5, -1.5, -0.5, 0.5], [1.5, 2.5, 2.7, -2.2]]
 SAMPLES += [S(o, [("X", ("float", _R))], {}, v) for o, v in

@@ -29,7 +29,6 @@ ELSEWHERE = {
     "Col2Im", "LRN", "MeanVarianceNormalization",      # tests/test_vision_gradients.py
     "LpPool", "GlobalLpPool", "MaxUnpool",             # tests/test_more_ops.py
     "CenterCropPad", "Shrink", "ThresholdedRelu",      # tests/test_extra_ops.py (gradients)
-    "Hardmax",                                         # forward only: the node suite
 }
 
 
