@@ -10,24 +10,32 @@ constants):
 * :meth:`Optimizer.rule`: the update of one parameter and its state, element
   by element, in the parameter's own precision.
 
-Three algebras run them:
+These algebras run them:
 
 * :class:`_Arrays` on NumPy or CuPy arrays, in place (an operation given
   ``out`` writes there), with the scalars computed on the host
-  (:class:`_HostDoubles`): :meth:`Optimizer.update`;
-* :class:`_CUDA` writes the rule as the body of one CUDA kernel per parameter,
-  which reads the step's scalars from a small device array, so that a step
-  recorded as a CUDA graph replays with each later step's learning rate and
-  bias corrections (:class:`DeviceUpdate`);
+  (:class:`_HostDoubles`): :meth:`Optimizer.update` where no compiled loop
+  runs;
+* :class:`_Loop` writes the rule as the body of a loop that numba compiles
+  (one pass over memory per parameter, split in parts on the thread pool):
+  :meth:`Optimizer.update` on NumPy float32 and float64 arrays where compiled
+  kernels run (see :mod:`onnxgrad.ops.compiled`);
+* :class:`_CUDA` writes the rule as the body of a CUDA kernel, which reads the
+  step's scalars from a small device array, so that a step recorded as a CUDA
+  graph replays with each later step's learning rate and bias corrections
+  (:class:`DeviceUpdate`): one kernel over every parameter (a multi-tensor
+  update, :func:`multi_tensor_source`), or one per parameter
+  (:func:`kernel_source`);
 * :class:`_Nodes` and :class:`_NodeDoubles` append the update and its scalars
   as standard ONNX nodes, the scalars computed from the model's ``lr`` and
   ``step`` inputs (:meth:`Optimizer.update_nodes`, for :mod:`onnxgrad.convert`).
 
 Each algebra performs the operations in the order the rule states them, each
-rounded to the parameter's type (the CUDA kernel is compiled without fused
-multiply-adds), so the forms agree bit for bit given the same scalars.  The
-order follows PyTorch's single-tensor implementations, so that results agree
-with ``torch.optim`` to the last few bits.
+rounded to the parameter's type (the CUDA kernels are compiled without fused
+multiply-adds, the compiled loop without fast-math), so the forms agree bit for
+bit given the same scalars.  The order follows PyTorch's single-tensor
+implementations, so that results agree with ``torch.optim`` to the last few
+bits.
 """
 
 from __future__ import annotations
@@ -78,13 +86,19 @@ class Optimizer:
 
     # -- on arrays ------------------------------------------------------------------------
     def update(self, xp: Any, params: dict[str, Any], grads: dict[str, Any]) -> None:
-        """Apply one step to every parameter of ``params`` that has a gradient, in place."""
+        """Apply one step to every parameter of ``params`` that has a gradient, in place:
+        one compiled pass over each parameter where :func:`_loop_applies`, the rule
+        on whole arrays otherwise (the same numbers, bit for bit)."""
         for name, grad in grads.items():
             param = params[name]
             state = self.state.setdefault(name, {})
             k = self.host_scalars(xp, param, state)
+            states = [state[key] for key in self.STATE]
+            if _loop_applies(xp, param, grad, states):
+                _run_loop(self, param, grad, states, k)
+                continue
             new_param, new_state = self.rule(_Arrays(xp, param.dtype), param, grad,
-                                             {key: state[key] for key in self.STATE}, k)
+                                             dict(zip(self.STATE, states)), k)
             _assign(param, new_param)
             for key in self.STATE:
                 _assign(state[key], new_state[key])
@@ -472,7 +486,222 @@ def kernel_source(optimizer: Optimizer) -> tuple[str, str, str, tuple[str, ...]]
     return "T g, raw float64 h, int64 row", outputs, body, names
 
 
-_KERNELS: dict[str, Any] = {}  # body -> compiled kernel (compiled on first use)
+_KERNELS: dict[Any, Any] = {}  # source -> compiled CUDA kernel (compiled on first use)
+
+
+class _Loop(_CUDA):
+    """The rule as the Python statements of a loop body that numba compiles, in the
+    type ``T`` (a NumPy scalar type): each operation one statement, as :class:`_CUDA`
+    writes them.  Step scalars and hyper-parameters are items of the loop's tuple
+    argument ``r``: the step scalars first, then the constants in the order the
+    rule states them (:attr:`constants`), so that a schedule that changes a
+    hyper-parameter (OneCycleLR's momentum) runs the loop compiled before."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = first
+        #: The rule's constants, in the order of their items of ``r``.
+        self.constants: list[float] = []
+
+    def _emit(self, expr: str, out: str | None) -> str:
+        if out is None:
+            out = f"t{len(self.lines)}"
+        self.lines.append(f"{out} = {expr}")
+        return out
+
+    def const(self, value):
+        self.constants.append(float(value))
+        return f"T(r[{self.first + len(self.constants) - 1}])"
+
+    @staticmethod
+    def scalar(value):
+        return f"T({value})"
+
+    def sqrt(self, a):
+        return self._emit(f"np.sqrt({a})", None)
+
+    def select(self, flag, a, b, out=None):
+        return self._emit(f"{a} if {flag} != 0.0 else {b}", out)
+
+
+def loop_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+    """The update of one parameter as the source of a Python function for numba,
+    ``update(P, G, S0, ..., r)``: a loop over the flat parameter, gradient and state
+    arrays, all of the type ``T`` (a name the source is run with), which reads the
+    step's scalars and then the hyper-parameters from the tuple ``r``.  Returns the
+    source, the state arrays in the order of its ``S`` arguments and the
+    hyper-parameters' values.  The source depends on the rule's choices (which
+    terms are present, which form a formula takes), not on the values of the
+    hyper-parameters."""
+    keys = list(optimizer.step_scalars(_HostDoubles(optimizer.lr, 0)))
+    names = tuple(optimizer.STATE)
+    code = _Loop(len(keys))
+    state = {name: f"s{i}" for i, name in enumerate(names)}
+    p, new = optimizer.rule(code, "p", "g", dict(state),
+                            {key: f"r[{i}]" for i, key in enumerate(keys)})
+    if p != "p":
+        code.lines.append(f"p = {p}")
+    for name in names:
+        if new[name] != state[name]:
+            code.lines.append(f"{state[name]} = {new[name]}")
+    arrays = ["P", "G"] + [f"S{i}" for i in range(len(names))]
+    lines = [f"def update({', '.join(arrays)}, r):",
+             "    for i in range(P.size):",
+             "        g = G[i]",
+             "        p = P[i]"]
+    lines += [f"        s{i} = S{i}[i]" for i in range(len(names))]
+    lines += [f"        {line}" for line in code.lines]
+    lines += ["        P[i] = p"]
+    lines += [f"        S{i}[i] = s{i}" for i in range(len(names))]
+    return "\n".join(lines) + "\n", names, tuple(code.constants)
+
+
+_compiled: Any = None  # onnxgrad.ops.compiled, imported on first use (ops import the runtime)
+_LOOP_SOURCES: dict[tuple, tuple[str, tuple[float, ...]]] = {}  # settings -> loop_source
+_LOOPS: dict[tuple[str, np.dtype], Any] = {}  # (source, type) -> numba dispatcher
+
+
+def _loop_applies(xp: Any, param: Any, grad: Any, states: list) -> bool:
+    """Whether the compiled loop updates ``param``: compiled kernels run for NumPy
+    arrays of its type (float32 or float64), the gradient and the state have its
+    type and shape, all of them are C-contiguous, and the gradient does not
+    overlap the parameter or its state (the loop reads each element before it
+    writes it, but an overlap shifted by some elements would read written ones)."""
+    global _compiled
+    if _compiled is None:
+        from onnxgrad.ops import compiled  # noqa: PLC0415
+
+        _compiled = compiled
+    if not _compiled.available(xp, param):
+        return False
+    dtype, shape = param.dtype, param.shape
+    for a in (param, grad, *states):
+        if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+            return False
+    return not any(np.may_share_memory(grad, a) for a in (param, *states))
+
+
+def _loop_of(optimizer: Optimizer) -> tuple[str, tuple[float, ...]]:
+    """:func:`loop_source` of ``optimizer``'s present settings (its source and its
+    hyper-parameters), remembered for the settings."""
+    settings = tuple((k, v) for k, v in vars(optimizer).items() if k not in ("state", "lr"))
+    key = (type(optimizer), settings)
+    try:
+        found = _LOOP_SOURCES.get(key)
+    except TypeError:  # a setting that cannot be a key: the source is made each time
+        key, found = None, None
+    if found is None:
+        source, _, constants = loop_source(optimizer)
+        found = (source, constants)
+        if key is not None:
+            if len(_LOOP_SOURCES) >= 256:  # settings that change at every step
+                _LOOP_SOURCES.clear()
+            _LOOP_SOURCES[key] = found
+    return found
+
+
+def _run_loop(optimizer: Optimizer, param: Any, grad: Any, states: list,
+              k: dict[str, Any]) -> None:
+    """One step of ``param`` by the compiled loop, over parts of the flat arrays on
+    the thread pool (each element on its own, so any split gives the same numbers).
+    The loop is compiled on its first use in the process, for each source and type:
+    numba cannot cache a function made from source text on disk."""
+    source, constants = _loop_of(optimizer)
+    flat = [a.reshape(-1) for a in (param, grad, *states)]
+    r = tuple(float(v) for v in k.values()) + constants
+    loop = _LOOPS.get((source, param.dtype))
+    if loop is None:
+        import numba  # noqa: PLC0415 - available() has imported it
+
+        from onnxgrad.threads import single_threaded_blas  # noqa: PLC0415
+
+        namespace = {"np": np, "T": param.dtype.type}
+        exec(compile(source, f"<onnxgrad {type(optimizer).__name__} update>", "exec"),  # noqa: S102
+             namespace)
+        loop = numba.njit(nogil=True, error_model="numpy")(namespace["update"])
+        loop(*[a[:0] for a in flat], r)  # compiled here, not in the pool's threads
+        single_threaded_blas()  # numba's code generator may have loaded SciPy's BLAS
+        _LOOPS[(source, param.dtype)] = loop
+    size = flat[0].size
+    if size < _compiled.PART:
+        loop(*flat, r)
+        return
+
+    def work(start: int, stop: int) -> None:
+        loop(*[a[start:stop] for a in flat], r)
+
+    _compiled.by_parts(size, size, work)
+
+
+#: Whether :class:`DeviceUpdate` updates the parameters of a step with one kernel
+#: launch per element type (a multi-tensor update, as PyTorch's fused optimizers
+#: do) rather than one launch per parameter.
+MULTI_TENSOR = True
+
+_KERNEL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def multi_tensor_name(optimizer: Optimizer, dtype: Any) -> str:
+    """The name of the multi-tensor kernel of ``optimizer`` for elements of ``dtype``."""
+    return f"onnxgrad_{type(optimizer).__name__.lower()}_multi_tensor_{np.dtype(dtype).name}"
+
+
+def multi_tensor_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...]]:
+    """The update of many parameters in one launch, as CUDA source for
+    ``cupy.RawKernel``: a kernel for float32 and one for float64 elements (named by
+    :func:`multi_tensor_name`), and the state arrays they update, in order.
+
+    Each kernel takes ``(blocks, meta, h, chunk)``.  Block ``b`` updates the
+    elements ``[start, start + chunk)`` of tensor ``t``, where ``(t, start)`` is row
+    ``b`` of ``blocks`` (int64, two columns); row ``t`` of ``meta`` (int64) holds the
+    tensor's size, its row of the step scalars ``h`` (doubles, as for
+    :func:`kernel_source`) and the addresses of its parameter, its gradient and its
+    state arrays, in that order (contiguous arrays of the kernel's type).  The
+    threads of a block take the chunk's elements in turn; each element is updated
+    by the body of :func:`kernel_source`.  The source is C++ that a host compiler
+    runs as well, given stand-ins for CUDA's keywords and block indices (see the
+    tests)."""
+    _, _, body, names = kernel_source(optimizer)
+    fields = 4 + len(names)
+    pointers = ["    T* P = (T*)m[2];", "    const T* G = (const T*)m[3];"]
+    pointers += [f"    T* S{i} = (T*)m[{4 + i}];" for i in range(len(names))]
+    loads = ["        T g = G[i];", "        T p = P[i];"]
+    loads += [f"        T s{i} = S{i}[i];" for i in range(len(names))]
+    stores = ["        P[i] = p;"] + [f"        S{i}[i] = s{i};" for i in range(len(names))]
+    lines = [
+        "template <typename T>",
+        "__device__ void onnxgrad_multi_tensor_chunk(const long long* blocks,",
+        "        const long long* meta, const double* h, long long chunk) {",
+        "    const long long b = 2 * (long long)blockIdx.x;",
+        "    const long long start = blocks[b + 1];",
+        f"    const long long* m = &meta[{fields} * blocks[b]];",
+        "    const long long n = m[0], row = m[1];",
+        "    const long long stop = n - start < chunk ? n : start + chunk;",
+        *pointers,
+        "    for (long long i = start + threadIdx.x; i < stop; i += blockDim.x) {",
+        *loads,
+        "        {",
+        *[f"            {line}" for line in body.splitlines()],
+        "        }",
+        *stores,
+        "    }",
+        "}",
+    ]
+    for dtype, ctype in _KERNEL_TYPES.items():
+        lines += ["",
+                  f'extern "C" __global__ void {multi_tensor_name(optimizer, dtype)}(',
+                  "        const long long* blocks, const long long* meta, const double* h,",
+                  "        long long chunk) {",
+                  f"    onnxgrad_multi_tensor_chunk<{ctype}>(blocks, meta, h, chunk);",
+                  "}"]
+    return "\n".join(lines) + "\n", names
+
+
+def _address(array: Any) -> int:
+    """Where ``array``'s first element lies: device memory for CuPy, host for NumPy."""
+    data = getattr(array, "data", None)
+    pointer = getattr(data, "ptr", None)
+    return int(pointer) if pointer is not None else int(array.ctypes.data)
 
 
 def _tensor_type(dtype: Any) -> int:
@@ -482,22 +711,42 @@ def _tensor_type(dtype: Any) -> int:
 
 
 class DeviceUpdate:
-    """An optimizer's steps on a GPU: one fused kernel launch per parameter.
+    """An optimizer's steps on a GPU, as fused kernels.
 
     :meth:`begin_step` is the host's part of a step (new state arrays, step
-    counts, this step's scalars written to a device array); calling the object
-    with a parameter's gradient launches that parameter's kernel, which reads its
-    scalars from the device array.  A step recorded as a CUDA graph thus replays
-    with the learning rate and bias corrections of each later step, as long as
-    :meth:`begin_step` runs before each replay.
+    counts, this step's scalars written to a device array); :meth:`apply` then
+    launches the update of the parameters given their gradients, and calling the
+    object with one parameter's gradient launches that parameter's own kernel.
+    The kernels read the scalars from the device array.  A step recorded as a
+    CUDA graph thus replays with the learning rate and bias corrections of each
+    later step, as long as :meth:`begin_step` runs before each replay.
+
+    With :attr:`multi_tensor` (the default, :data:`MULTI_TENSOR`), :meth:`apply`
+    updates all the parameters of one element type with one launch of the
+    kernel of :func:`multi_tensor_source`, which reads the parameters', the
+    gradients' and the state's addresses from a small table that each launch
+    uploads (while a step is recorded, the upload is held with the recorded
+    step; see :meth:`onnxgrad.backend.CudaBackend.recording`).  Parameters that
+    table cannot describe (a gradient of another type or layout) get their own
+    kernel.
     """
 
-    def __init__(self, optimizer: Optimizer, xp: Any, params: dict[str, Any]):
+    #: Elements of one tensor that one block of the multi-tensor kernel updates.
+    CHUNK = 1 << 13
+    #: Threads per block of the multi-tensor kernel.
+    THREADS = 256
+
+    def __init__(self, optimizer: Optimizer, xp: Any, params: dict[str, Any],
+                 multi_tensor: bool | None = None):
         self.optimizer = optimizer
         self.xp = xp
         self.params = params
         self.rows = {name: i for i, name in enumerate(params)}
         self.source = kernel_source(optimizer)
+        #: Whether :meth:`apply` launches one multi-tensor kernel per element type.
+        self.multi_tensor = MULTI_TENSOR if multi_tensor is None else bool(multi_tensor)
+        self.multi_source = multi_tensor_source(optimizer)
+        self.chunk = self.CHUNK
         count = len(optimizer.step_scalars(_HostDoubles(optimizer.lr, 0)))
         self.host = np.zeros((len(params), count))
         self.device = xp.zeros(self.host.shape)
@@ -532,3 +781,57 @@ class DeviceUpdate:
                 options=("--fmad=false",))
         kernel(grad, self.device, self.rows[name], self.params[name],
                *(state[n] for n in names))
+
+    def apply(self, grads: dict[str, Any]) -> None:
+        """Launch the update of each parameter named in ``grads`` (name -> gradient)
+        after :meth:`begin_step`: one multi-tensor kernel per element type where
+        :attr:`multi_tensor`, one kernel per parameter otherwise."""
+        if not self.multi_tensor:
+            for name, grad in grads.items():
+                self(name, grad)
+            return
+        tables, alone = self.multi_tensor_tables(grads)
+        for name in alone:
+            self(name, grads[name])
+        source, _ = self.multi_source
+        for dtype, (blocks, meta) in tables.items():
+            name = multi_tensor_name(self.optimizer, dtype)
+            kernel = _KERNELS.get((source, name))
+            if kernel is None:
+                kernel = _KERNELS[(source, name)] = self.xp.RawKernel(
+                    source, name, options=("--fmad=false",))
+            table = self.xp.asarray(np.concatenate([blocks.reshape(-1), meta.reshape(-1)]))
+            kernel((len(blocks),), (self.THREADS,),
+                   (table[:blocks.size], table[blocks.size:], self.device, np.int64(self.chunk)))
+
+    def multi_tensor_tables(self, grads: dict[str, Any]
+                            ) -> tuple[dict[np.dtype, tuple[np.ndarray, np.ndarray]], list[str]]:
+        """The host's tables for the multi-tensor launches over ``grads``, by element
+        type: ``(blocks, meta)`` as :func:`multi_tensor_source` reads them (chunks of
+        :attr:`chunk` elements); and the names of the parameters that need their own
+        kernel: those whose parameter, gradient and state are not contiguous arrays
+        of one shape and of type float32 or float64.  Empty parameters are in
+        neither."""
+        _, names = self.multi_source
+        rows: dict[np.dtype, list] = {}
+        alone = []
+        for name, grad in grads.items():
+            param = self.params[name]
+            state = self.optimizer.state[name]
+            arrays = (param, grad, *(state[n] for n in names))
+            if param.dtype not in _KERNEL_TYPES or any(
+                    a.dtype != param.dtype or a.shape != param.shape or not a.flags.c_contiguous
+                    for a in arrays):
+                alone.append(name)
+            elif param.size:
+                rows.setdefault(param.dtype, []).append(
+                    [param.size, self.rows[name], *map(_address, arrays)])
+        tables = {}
+        for dtype, found in rows.items():
+            meta = np.array(found, dtype=np.int64)
+            counts = -(-meta[:, 0] // self.chunk)
+            first = np.repeat(np.cumsum(counts) - counts, counts)  # each block's tensor's first
+            blocks = np.stack([np.repeat(np.arange(len(found)), counts),
+                               (np.arange(int(counts.sum())) - first) * self.chunk], axis=1)
+            tables[dtype] = (blocks.astype(np.int64), meta)
+        return tables, alone

@@ -606,8 +606,7 @@ class Trainer:
                 update = self._device_update = DeviceUpdate(self.optimizer, xp, trained)
             with self.backend.stream:
                 update.begin_step()
-                for name, grad in grads.items():
-                    update(name, grad)
+                update.apply(grads)
         self._stale = bool(self._copied)
         self._advance()
 
@@ -805,18 +804,30 @@ class Trainer:
 
     def _launch(self, inputs: dict[str, Any]) -> Any:
         """Launch one training step on the device (the work a CUDA graph records):
-        forward, backward, each parameter's fused update as soon as its gradient is
-        ready, and the new running statistics; returns the loss (a device scalar)."""
+        forward, backward, the fused update (of all parameters at once after the
+        backward pass, or of each as soon as its gradient is ready where the update
+        is not multi-tensor), and the new running statistics; returns the loss (a
+        device scalar)."""
         env = dict(self._weights)
         env.update(inputs)
         update, profile = self._device_update, self.profile
-        on_ready = update if profile is None else self._timed(update)
+        ready: dict[str, Any] = {}
+        if update.multi_tensor:
+            on_ready = ready.__setitem__
+        else:
+            on_ready = update if profile is None else self._timed(update)
         self._state.training = True
         self._state.updates.clear()
         try:
             out = self._runner.run(env, profile, on_ready)
         finally:
             self._state.training = False
+        if ready:
+            start = time.perf_counter()
+            update.apply(ready)
+            if profile is not None:
+                self.backend.synchronize()
+                profile.optimizer_seconds += time.perf_counter() - start
         for name, value in self._state.updates.items():  # e.g. running statistics
             if name in self._weights:
                 self._weights[name][...] = value

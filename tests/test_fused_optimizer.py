@@ -4,7 +4,9 @@ it is compiled by the host's C++ compiler (no fused multiply-adds, as nvcc is
 told) and run on the scalars that ``begin_step`` writes for the device.  It
 reproduces ``Optimizer.update`` bit for bit, through learning-rate changes, the
 first momentum step and every weight-decay form.  The CUDA kernels themselves are
-compared with ``Optimizer.update`` in test_gpu_graphs.py."""
+compared with ``Optimizer.update`` in test_gpu_graphs.py; the multi-tensor kernel
+that runs this body over many parameters at once, and the compiled CPU loop, are
+tested in test_multi_tensor_optimizer.py."""
 
 from __future__ import annotations
 
