@@ -21,11 +21,11 @@ These algebras run them:
   :meth:`Optimizer.update` on NumPy float32 and float64 arrays where compiled
   kernels run (see :mod:`onnxgrad.ops.compiled`);
 * :class:`_CUDA` writes the rule as the body of a CUDA kernel, which reads the
-  step's scalars from a small device array, so that a step recorded as a CUDA
-  graph replays with each later step's learning rate and bias corrections
-  (:class:`DeviceUpdate`): one kernel over every parameter (a multi-tensor
-  update, :func:`multi_tensor_source`), or one per parameter
-  (:func:`kernel_source`);
+  step's scalars and the hyper-parameters from a small device array, so that a
+  step recorded as a CUDA graph replays with each later step's learning rate,
+  bias corrections and scheduled hyper-parameters (:class:`DeviceUpdate`): one
+  kernel over every parameter (a multi-tensor update,
+  :func:`multi_tensor_source`), or one per parameter (:func:`kernel_source`);
 * :class:`_Nodes` and :class:`_NodeDoubles` append the update and its scalars
   as standard ONNX nodes, the scalars computed from the model's ``lr`` and
   ``step`` inputs (:meth:`Optimizer.update_nodes`, for :mod:`onnxgrad.convert`).
@@ -425,10 +425,19 @@ class _NodeDoubles:
 class _CUDA:
     """The rule as CUDA C statements for ``cupy.ElementwiseKernel``, in the type
     placeholder ``T``: each operation one statement (a temporary, or an assignment
-    to its ``out``); step scalars are read from the double row ``r``."""
+    to its ``out``).  Step scalars and hyper-parameters are items of the double row
+    ``r``: the ``first`` step scalars, then the constants in the order the rule
+    states them (:attr:`constants`), so that the kernel depends on the rule's
+    choices, not on the hyper-parameters' values, and a schedule that changes one
+    (OneCycleLR's momentum) runs the kernel compiled before.  A constant is
+    converted to ``T`` where it is read, as a literal of its double value would
+    be (rounded to nearest), which is how :class:`_Arrays` rounds it."""
 
-    def __init__(self):
+    def __init__(self, first: int):
         self.lines: list[str] = []
+        self.first = first
+        #: The rule's constants, in the order of their items of ``r`` after the step scalars.
+        self.constants: list[float] = []
 
     def _emit(self, expr: str, out: str | None) -> str:
         if out is None:
@@ -438,9 +447,13 @@ class _CUDA:
             self.lines.append(f"{out} = {expr};")
         return out
 
-    @staticmethod
-    def const(value):
-        return f"(T){float(value)!r}"
+    def _item(self, value) -> int:
+        """The item of ``r`` that holds the constant ``value`` (a new one each time)."""
+        self.constants.append(float(value))
+        return self.first + len(self.constants) - 1
+
+    def const(self, value):
+        return f"(T)r[{self._item(value)}]"
 
     @staticmethod
     def scalar(value):
@@ -465,25 +478,43 @@ class _CUDA:
         return self._emit(f"{flag} != 0.0 ? {a} : {b}", out)
 
 
-def kernel_source(optimizer: Optimizer) -> tuple[str, str, str, tuple[str, ...]]:
-    """The fused update of one parameter as a ``cupy.ElementwiseKernel``: its input
-    and output parameters and its body, which reads row ``row`` of the step scalars
-    ``h``; and the state arrays it updates, in the order of its outputs after the
-    parameter.  The body is C that a host compiler runs as well (see the tests)."""
+def _written(optimizer: Optimizer, algebra: type, end: str
+             ) -> tuple[_CUDA, int, tuple[str, ...], dict[str, str]]:
+    """The rule of ``optimizer`` written as statements by ``algebra`` (:class:`_CUDA`
+    or :class:`_Loop`, each statement ending in ``end``) over the parameter ``p``,
+    the gradient ``g`` and the state values ``s0, s1, ...``, reading the step
+    scalars and then the constants from ``r``.  Returns the algebra (its lines and
+    constants), the number of step scalars, the state arrays in order and their
+    values' names."""
     keys = list(optimizer.step_scalars(_HostDoubles(optimizer.lr, 0)))
     names = tuple(optimizer.STATE)
-    code = _CUDA()
+    code = algebra(len(keys))
     state = {name: f"s{i}" for i, name in enumerate(names)}
     p, new = optimizer.rule(code, "p", "g", dict(state),
                             {key: f"r[{i}]" for i, key in enumerate(keys)})
     if p != "p":
-        code.lines.append(f"p = {p};")
+        code.lines.append(f"p = {p}{end}")
     for name in names:
         if new[name] != state[name]:
-            code.lines.append(f"{state[name]} = {new[name]};")
-    body = "\n".join([f"const double* r = &h[row * {len(keys)}];"] + code.lines)
+            code.lines.append(f"{state[name]} = {new[name]}{end}")
+    return code, len(keys), names, state
+
+
+def kernel_source(optimizer: Optimizer
+                  ) -> tuple[str, str, str, tuple[str, ...], tuple[float, ...]]:
+    """The fused update of one parameter as a ``cupy.ElementwiseKernel``: its input
+    and output parameters and its body, which reads row ``row`` of the double array
+    ``h`` (the step scalars, then the hyper-parameters); the state arrays it
+    updates, in the order of its outputs after the parameter; and the
+    hyper-parameters' values, which follow the step scalars in each row.  The
+    source depends on the rule's choices (which terms are present, which form a
+    formula takes), not on the values of the hyper-parameters.  The body is C that
+    a host compiler runs as well (see the tests)."""
+    code, count, names, state = _written(optimizer, _CUDA, ";")
+    width = count + len(code.constants)
+    body = "\n".join([f"const double* r = &h[row * {width}];"] + code.lines)
     outputs = ", ".join(["T p"] + [f"T {state[name]}" for name in names])
-    return "T g, raw float64 h, int64 row", outputs, body, names
+    return "T g, raw float64 h, int64 row", outputs, body, names, tuple(code.constants)
 
 
 _KERNELS: dict[Any, Any] = {}  # source -> compiled CUDA kernel (compiled on first use)
@@ -493,15 +524,9 @@ class _Loop(_CUDA):
     """The rule as the Python statements of a loop body that numba compiles, in the
     type ``T`` (a NumPy scalar type): each operation one statement, as :class:`_CUDA`
     writes them.  Step scalars and hyper-parameters are items of the loop's tuple
-    argument ``r``: the step scalars first, then the constants in the order the
-    rule states them (:attr:`constants`), so that a schedule that changes a
-    hyper-parameter (OneCycleLR's momentum) runs the loop compiled before."""
-
-    def __init__(self, first: int):
-        super().__init__()
-        self.first = first
-        #: The rule's constants, in the order of their items of ``r``.
-        self.constants: list[float] = []
+    argument ``r``, laid out as :class:`_CUDA` lays out its row, so that a schedule
+    that changes a hyper-parameter (OneCycleLR's momentum) runs the loop compiled
+    before."""
 
     def _emit(self, expr: str, out: str | None) -> str:
         if out is None:
@@ -510,8 +535,7 @@ class _Loop(_CUDA):
         return out
 
     def const(self, value):
-        self.constants.append(float(value))
-        return f"T(r[{self.first + len(self.constants) - 1}])"
+        return f"T(r[{self._item(value)}])"
 
     @staticmethod
     def scalar(value):
@@ -533,17 +557,7 @@ def loop_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...], tuple[float
     hyper-parameters' values.  The source depends on the rule's choices (which
     terms are present, which form a formula takes), not on the values of the
     hyper-parameters."""
-    keys = list(optimizer.step_scalars(_HostDoubles(optimizer.lr, 0)))
-    names = tuple(optimizer.STATE)
-    code = _Loop(len(keys))
-    state = {name: f"s{i}" for i, name in enumerate(names)}
-    p, new = optimizer.rule(code, "p", "g", dict(state),
-                            {key: f"r[{i}]" for i, key in enumerate(keys)})
-    if p != "p":
-        code.lines.append(f"p = {p}")
-    for name in names:
-        if new[name] != state[name]:
-            code.lines.append(f"{state[name]} = {new[name]}")
+    code, _, names, _ = _written(optimizer, _Loop, "")
     arrays = ["P", "G"] + [f"S{i}" for i in range(len(names))]
     lines = [f"def update({', '.join(arrays)}, r):",
              "    for i in range(P.size):",
@@ -557,7 +571,7 @@ def loop_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...], tuple[float
 
 
 _compiled: Any = None  # onnxgrad.ops.compiled, imported on first use (ops import the runtime)
-_LOOP_SOURCES: dict[tuple, tuple[str, tuple[float, ...]]] = {}  # settings -> loop_source
+_SOURCES: dict[tuple, Any] = {}  # (form, optimizer type, settings) -> sources
 _LOOPS: dict[tuple[str, np.dtype], Any] = {}  # (source, type) -> numba dispatcher
 
 
@@ -581,23 +595,35 @@ def _loop_applies(xp: Any, param: Any, grad: Any, states: list) -> bool:
     return not any(np.may_share_memory(grad, a) for a in (param, *states))
 
 
-def _loop_of(optimizer: Optimizer) -> tuple[str, tuple[float, ...]]:
-    """:func:`loop_source` of ``optimizer``'s present settings (its source and its
-    hyper-parameters), remembered for the settings."""
+def _remembered(form: str, optimizer: Optimizer, make: Any) -> Any:
+    """``make(optimizer)`` (a source and its constants, for the compiled ``form``) for
+    ``optimizer``'s present settings, its hyper-parameters other than the learning
+    rate, remembered for the settings.  A schedule that changes a hyper-parameter
+    at every step makes a new source each step, which is the same text, so the
+    compiled code is found by its text."""
     settings = tuple((k, v) for k, v in vars(optimizer).items() if k not in ("state", "lr"))
-    key = (type(optimizer), settings)
+    key = (form, type(optimizer), settings)
     try:
-        found = _LOOP_SOURCES.get(key)
+        found = _SOURCES.get(key)
     except TypeError:  # a setting that cannot be a key: the source is made each time
         key, found = None, None
     if found is None:
-        source, _, constants = loop_source(optimizer)
-        found = (source, constants)
+        found = make(optimizer)
         if key is not None:
-            if len(_LOOP_SOURCES) >= 256:  # settings that change at every step
-                _LOOP_SOURCES.clear()
-            _LOOP_SOURCES[key] = found
+            if len(_SOURCES) >= 256:  # settings that change at every step
+                _SOURCES.clear()
+            _SOURCES[key] = found
     return found
+
+
+def _loop_of(optimizer: Optimizer) -> tuple[str, tuple[float, ...]]:
+    """:func:`loop_source` of ``optimizer``'s present settings (its source and its
+    hyper-parameters), remembered for the settings."""
+    def make(opt: Optimizer) -> tuple[str, tuple[float, ...]]:
+        source, _, constants = loop_source(opt)
+        return source, constants
+
+    return _remembered("loop", optimizer, make)
 
 
 def _run_loop(optimizer: Optimizer, param: Any, grad: Any, states: list,
@@ -646,22 +672,31 @@ def multi_tensor_name(optimizer: Optimizer, dtype: Any) -> str:
     return f"onnxgrad_{type(optimizer).__name__.lower()}_multi_tensor_{np.dtype(dtype).name}"
 
 
-def multi_tensor_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...]]:
+def multi_tensor_source(optimizer: Optimizer
+                        ) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
     """The update of many parameters in one launch, as CUDA source for
     ``cupy.RawKernel``: a kernel for float32 and one for float64 elements (named by
-    :func:`multi_tensor_name`), and the state arrays they update, in order.
+    :func:`multi_tensor_name`), the state arrays they update, in order, and the
+    hyper-parameters' values (as for :func:`kernel_source`).
 
     Each kernel takes ``(blocks, meta, h, chunk)``.  Block ``b`` updates the
     elements ``[start, start + chunk)`` of tensor ``t``, where ``(t, start)`` is row
     ``b`` of ``blocks`` (int64, two columns); row ``t`` of ``meta`` (int64) holds the
-    tensor's size, its row of the step scalars ``h`` (doubles, as for
-    :func:`kernel_source`) and the addresses of its parameter, its gradient and its
-    state arrays, in that order (contiguous arrays of the kernel's type).  The
-    threads of a block take the chunk's elements in turn; each element is updated
-    by the body of :func:`kernel_source`.  The source is C++ that a host compiler
-    runs as well, given stand-ins for CUDA's keywords and block indices (see the
-    tests)."""
-    _, _, body, names = kernel_source(optimizer)
+    tensor's size, its row of ``h`` (doubles: the step scalars, then the
+    hyper-parameters, as for :func:`kernel_source`) and the addresses of its
+    parameter, its gradient and its state arrays, in that order (contiguous arrays
+    of the kernel's type).  The threads of a block take the chunk's elements in
+    turn; each element is updated by the body of :func:`kernel_source`.  The source
+    depends on the rule's choices, not on the hyper-parameters' values.  It is C++
+    that a host compiler runs as well, given stand-ins for CUDA's keywords and
+    block indices (see the tests)."""
+    _, _, body, names, constants = kernel_source(optimizer)
+    return _multi_tensor_text(optimizer, body, names), names, constants
+
+
+def _multi_tensor_text(optimizer: Optimizer, body: str, names: tuple[str, ...]) -> str:
+    """The source of :func:`multi_tensor_source` around the body of
+    :func:`kernel_source` (which updates the state arrays ``names``)."""
     fields = 4 + len(names)
     pointers = ["    T* P = (T*)m[2];", "    const T* G = (const T*)m[3];"]
     pointers += [f"    T* S{i} = (T*)m[{4 + i}];" for i in range(len(names))]
@@ -694,7 +729,15 @@ def multi_tensor_source(optimizer: Optimizer) -> tuple[str, tuple[str, ...]]:
                   "        long long chunk) {",
                   f"    onnxgrad_multi_tensor_chunk<{ctype}>(blocks, meta, h, chunk);",
                   "}"]
-    return "\n".join(lines) + "\n", names
+    return "\n".join(lines) + "\n"
+
+
+def _device_sources(optimizer: Optimizer) -> tuple[tuple, tuple]:
+    """:func:`kernel_source` and :func:`multi_tensor_source` of ``optimizer``'s
+    present settings, from one writing of its rule."""
+    single = kernel_source(optimizer)
+    _, _, body, names, constants = single
+    return single, (_multi_tensor_text(optimizer, body, names), names, constants)
 
 
 def _address(array: Any) -> int:
@@ -714,12 +757,22 @@ class DeviceUpdate:
     """An optimizer's steps on a GPU, as fused kernels.
 
     :meth:`begin_step` is the host's part of a step (new state arrays, step
-    counts, this step's scalars written to a device array); :meth:`apply` then
+    counts, this step's scalars and the optimizer's present hyper-parameters
+    written to a device array, one row per parameter); :meth:`apply` then
     launches the update of the parameters given their gradients, and calling the
     object with one parameter's gradient launches that parameter's own kernel.
-    The kernels read the scalars from the device array.  A step recorded as a
-    CUDA graph thus replays with the learning rate and bias corrections of each
-    later step, as long as :meth:`begin_step` runs before each replay.
+    The kernels read the scalars and the hyper-parameters from the device array.
+    A step recorded as a CUDA graph thus replays with the learning rate, the bias
+    corrections and the hyper-parameters (a momentum that a schedule changes) of
+    each later step, as long as :meth:`begin_step` runs before each replay.
+
+    A kernel is compiled once per rule structure (see :func:`kernel_source`) and
+    element type, whatever the hyper-parameters' values.  Where a change of a
+    hyper-parameter changes the structure (a term that appears or goes, a
+    formula that takes its other form), :meth:`begin_step` takes the kernels of
+    the new structure and a new device array for the rows, so that a step
+    recorded with the former kernels, which holds the former array (see
+    :meth:`arrays`), is not replayed.
 
     With :attr:`multi_tensor` (the default, :data:`MULTI_TENSOR`), :meth:`apply`
     updates all the parameters of one element type with one launch of the
@@ -742,21 +795,42 @@ class DeviceUpdate:
         self.xp = xp
         self.params = params
         self.rows = {name: i for i, name in enumerate(params)}
-        self.source = kernel_source(optimizer)
         #: Whether :meth:`apply` launches one multi-tensor kernel per element type.
         self.multi_tensor = MULTI_TENSOR if multi_tensor is None else bool(multi_tensor)
-        self.multi_source = multi_tensor_source(optimizer)
         self.chunk = self.CHUNK
-        count = len(optimizer.step_scalars(_HostDoubles(optimizer.lr, 0)))
-        self.host = np.zeros((len(params), count))
-        self.device = xp.zeros(self.host.shape)
+        #: :func:`kernel_source` and :func:`multi_tensor_source` of the settings of
+        #: the latest :meth:`begin_step` (of the optimizer's settings until then).
+        self.source: tuple = ()
+        self.multi_source: tuple = ()
+        self._follow_settings()
+
+    def _follow_settings(self) -> None:
+        """Take the sources of the optimizer's present settings.  Those of the same
+        structure differ in their constants only, which :meth:`begin_step` writes
+        to the rows; another structure gets new rows (``host`` and ``device``),
+        whose width is its number of step scalars and constants."""
+        source, multi_source = _remembered("cuda", self.optimizer, _device_sources)
+        same = source[:4] == self.source[:4]
+        self.source, self.multi_source = source, multi_source
+        if same:
+            return
+        opt = self.optimizer
+        count = len(opt.step_scalars(_HostDoubles(opt.lr, 0)))
+        self.host = np.zeros((len(self.params), count + len(source[4])))
+        self.device = self.xp.zeros(self.host.shape)
 
     def begin_step(self, names: Iterable[str] | None = None) -> None:
+        """The host's part of a step of the parameters ``names`` (all by default):
+        their state created, their step counts advanced, and their rows of the
+        device array set to this step's scalars followed by the optimizer's
+        present hyper-parameters (an upload in stream order)."""
+        self._follow_settings()
         opt = self.optimizer
+        constants = list(self.source[4])
         for name in self.params if names is None else names:
             state = opt.state.setdefault(name, {})
             scalars = opt.host_scalars(self.xp, self.params[name], state)
-            self.host[self.rows[name]] = [float(v) for v in scalars.values()]
+            self.host[self.rows[name]] = [float(v) for v in scalars.values()] + constants
         if isinstance(self.device, np.ndarray):
             self.device[...] = self.host
         else:
@@ -773,7 +847,7 @@ class DeviceUpdate:
     def __call__(self, name: str, grad: Any) -> None:
         opt, xp = self.optimizer, self.xp
         state = opt.state[name]
-        in_params, out_params, body, names = self.source
+        in_params, out_params, body, names, _ = self.source
         kernel = _KERNELS.get(body)
         if kernel is None:
             kernel = _KERNELS[body] = xp.ElementwiseKernel(
@@ -793,7 +867,7 @@ class DeviceUpdate:
         tables, alone = self.multi_tensor_tables(grads)
         for name in alone:
             self(name, grads[name])
-        source, _ = self.multi_source
+        source = self.multi_source[0]
         for dtype, (blocks, meta) in tables.items():
             name = multi_tensor_name(self.optimizer, dtype)
             kernel = _KERNELS.get((source, name))
@@ -812,7 +886,7 @@ class DeviceUpdate:
         kernel: those whose parameter, gradient and state are not contiguous arrays
         of one shape and of type float32 or float64.  Empty parameters are in
         neither."""
-        _, names = self.multi_source
+        names = self.multi_source[1]
         rows: dict[np.dtype, list] = {}
         alone = []
         for name, grad in grads.items():

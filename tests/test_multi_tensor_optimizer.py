@@ -10,13 +10,16 @@ launch for all parameters on a GPU, against ``Optimizer.update`` on whole arrays
   Here that kernel's C++ is compiled by the host's compiler (no fused
   multiply-adds, as nvcc is told) and its blocks and threads are run one after
   another over the tables ``DeviceUpdate`` uploads, on tensors of sizes that
-  are and are not multiples of the chunk.  The real kernel is compared on a
-  device at the end (marked ``gpu``).
+  are and are not multiples of the chunk, and with a momentum or beta1 that a
+  schedule changes at every step, replayed from tables "recorded" once as a
+  CUDA graph replays them.  The real kernel is compared on a device at the end
+  (marked ``gpu``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import shutil
 import subprocess
 
@@ -27,7 +30,7 @@ import onnxgrad
 from onnxgrad import optimizers
 from onnxgrad.ops import compiled
 from onnxgrad.optimizers import DeviceUpdate, loop_source, multi_tensor_name, multi_tensor_source
-from test_fused_optimizer import OPTIMIZERS
+from test_fused_optimizer import CYCLED, OPTIMIZERS, _cycling
 
 DTYPES = [np.float32, np.float64]
 
@@ -128,12 +131,14 @@ def test_arrays_the_loop_cannot_take_run_the_rule_on_whole_arrays(monkeypatch):
     assert not ran
 
 
-def test_hyper_parameters_are_arguments_of_the_loop_not_part_of_its_source():
-    """A schedule that changes momentum at every step (OneCycleLR) runs one loop."""
-    a, _, ca = loop_source(onnxgrad.SGD(lr=0.1, momentum=0.9))
-    b, _, cb = loop_source(onnxgrad.SGD(lr=0.2, momentum=0.85))
+@pytest.mark.parametrize("source", [loop_source, multi_tensor_source])
+def test_hyper_parameters_are_arguments_of_the_update_not_part_of_its_source(source):
+    """A schedule that changes momentum at every step (OneCycleLR) runs one loop on
+    the CPU and one multi-tensor kernel on a GPU."""
+    a, _, ca = source(onnxgrad.SGD(lr=0.1, momentum=0.9))
+    b, _, cb = source(onnxgrad.SGD(lr=0.2, momentum=0.85))
     assert a == b and ca == (0.9,) and cb == (0.85,)
-    decayed, _, _ = loop_source(onnxgrad.SGD(lr=0.1, momentum=0.9, weight_decay=0.1))
+    decayed, _, _ = source(onnxgrad.SGD(lr=0.1, momentum=0.9, weight_decay=0.1))
     assert decayed != a  # which terms the rule has is part of the source
 
 
@@ -180,8 +185,8 @@ _LIBRARIES: dict[str, ctypes.CDLL] = {}
 
 
 def _compiled_kernels(optimizer, where) -> ctypes.CDLL:
-    """The multi-tensor kernels of ``optimizer``, compiled for the host."""
-    source, _ = multi_tensor_source(optimizer)
+    """The multi-tensor kernels of ``optimizer``'s present settings, compiled for the host."""
+    source = multi_tensor_source(optimizer)[0]
     if source in _LIBRARIES:
         return _LIBRARIES[source]
     compiler = shutil.which("g++") or shutil.which("c++")
@@ -191,11 +196,13 @@ def _compiled_kernels(optimizer, where) -> ctypes.CDLL:
     for dtype in DTYPES:
         name = np.dtype(dtype).name
         text += _LAUNCH.replace("DTYPE", name).replace("NAME", multi_tensor_name(optimizer, dtype))
-    (where / "kernel.cpp").write_text(text)
+    # one file per source: a library loaded again from the same path is the one loaded first
+    stem = "kernel_" + hashlib.sha1(source.encode()).hexdigest()[:12]
+    (where / f"{stem}.cpp").write_text(text)
     subprocess.run([compiler, "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
-                    str(where / "kernel.cpp"), "-o", str(where / "kernel.so")],
+                    str(where / f"{stem}.cpp"), "-o", str(where / f"{stem}.so")],
                    check=True, capture_output=True, text=True)
-    _LIBRARIES[source] = library = ctypes.CDLL(str(where / "kernel.so"))
+    _LIBRARIES[source] = library = ctypes.CDLL(str(where / f"{stem}.so"))
     return library
 
 
@@ -206,6 +213,10 @@ GPU_SHAPES = {"w": (7, 5), "one": (1,), "chunk": (64,), "more": (65,), "b": (3, 
 def _launch(library, update, grads, threads=32):
     tables, alone = update.multi_tensor_tables(grads)
     assert not alone
+    _launch_tables(library, update, tables, threads)
+
+
+def _launch_tables(library, update, tables, threads=32):
     for dtype, (blocks, meta) in tables.items():
         launch = getattr(library, f"launch_{np.dtype(dtype).name}")
         pointer = ctypes.c_void_p
@@ -237,6 +248,39 @@ def test_the_multi_tensor_kernel_compiled_for_the_cpu_equals_update(name, dtype,
     _assert_same(a, b, plain, fused)
 
 
+@pytest.mark.parametrize("name", CYCLED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_momentum_that_changes_every_step_is_honoured_by_a_replayed_launch(name, dtype, tmp_path,
+                                                                              monkeypatch):
+    """OneCycleLR sets a new momentum or beta1 at every step.  The launch is recorded
+    once (its tables, over static gradient buffers) and replayed after each
+    begin_step, as a CUDA graph replays it: the same kernel reads each step's
+    values from the rows."""
+    rng = np.random.default_rng(6)
+    (plain, plain_schedule), (fused, fused_schedule) = _cycling(name), _cycling(name)
+    a = _arrays(rng, GPU_SHAPES, dtype)
+    b = {k: v.copy() for k, v in a.items()}
+    buffers = {k: np.empty_like(v) for k, v in a.items()}
+    update = DeviceUpdate(fused, np, b)
+    update.chunk = 64
+    source, device, recorded = update.multi_source[0], update.device, None
+    library = _compiled_kernels(fused, tmp_path)
+    for step in range(9):
+        grads = _arrays(rng, GPU_SHAPES, dtype)
+        _on_whole_arrays(monkeypatch, plain, a, grads)
+        update.begin_step()
+        assert update.multi_source[0] == source and update.device is device
+        for k, grad in grads.items():
+            buffers[k][...] = grad
+        if recorded is None:
+            recorded, alone = update.multi_tensor_tables(buffers)
+            assert not alone
+        _launch_tables(library, update, recorded)
+        plain_schedule.step()
+        fused_schedule.step()
+    _assert_same(a, b, plain, fused)
+
+
 def test_the_tables_cover_each_tensor_in_chunks():
     params = {"a": np.zeros(130, np.float32), "b": np.zeros(64, np.float32),
               "c": np.zeros(3), "empty": np.zeros(0, np.float32),
@@ -263,8 +307,8 @@ def test_the_tables_cover_each_tensor_in_chunks():
 def test_the_multi_tensor_kernel_runs_the_per_parameter_body():
     optimizer = onnxgrad.SGD(lr=0.1, momentum=0.9, dampening=0.2)
     body = DeviceUpdate(optimizer, np, {"w": np.zeros(2)}).source[2]
-    source, names = multi_tensor_source(optimizer)
-    assert names == ("momentum_buffer",)
+    source, names, constants = multi_tensor_source(optimizer)
+    assert names == ("momentum_buffer",) and constants == (0.9, 0.8)
     assert all(line.strip() in source for line in body.splitlines())
     assert f"{multi_tensor_name(optimizer, np.float32)}(" in source
     assert f"{multi_tensor_name(optimizer, np.float64)}(" in source
@@ -311,3 +355,67 @@ def test_the_multi_tensor_kernel_on_a_device_equals_update(name, dtype, monkeypa
         np.testing.assert_array_equal(cp.asnumpy(multi[k]), cp.asnumpy(single[k]), err_msg=k)
         np.testing.assert_allclose(cp.asnumpy(multi[k]), cpu[k], rtol=2e-7 if dtype == np.float32
                                    else 1e-15, atol=0, err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CYCLED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_scheduled_momentum_on_a_device_equals_update(name, dtype, monkeypatch):
+    """OneCycleLR's momentum or beta1, new at every step, with one kernel per rule
+    structure (a multi-tensor kernel and a per-parameter one) for all the steps."""
+    from onnxgrad.backend import get_backend  # noqa: PLC0415
+
+    cp = get_backend("cuda").xp
+    rng = np.random.default_rng(8)
+    cpu = _arrays(rng, GPU_SHAPES, dtype)
+    multi = {k: cp.asarray(v) for k, v in cpu.items()}
+    single = {k: cp.asarray(v) for k, v in cpu.items()}
+    (reference, a), (fused, b), (alone, c) = _cycling(name), _cycling(name), _cycling(name)
+    update = DeviceUpdate(fused, cp, multi)
+    one_by_one = DeviceUpdate(alone, cp, single, multi_tensor=False)
+    kernels = set(optimizers._KERNELS)
+    for step in range(9):
+        grads = _arrays(rng, GPU_SHAPES, dtype)
+        _on_whole_arrays(monkeypatch, reference, cpu, grads)
+        on_device = {k: cp.asarray(v) for k, v in grads.items()}
+        update.begin_step()
+        update.apply(on_device)
+        one_by_one.begin_step()
+        one_by_one.apply(on_device)
+        for schedule in (a, b, c):
+            schedule.step()
+    assert len(set(optimizers._KERNELS) - kernels) <= 2  # compiled once, not once per momentum
+    for k in GPU_SHAPES:
+        np.testing.assert_array_equal(cp.asnumpy(multi[k]), cp.asnumpy(single[k]), err_msg=k)
+        np.testing.assert_allclose(cp.asnumpy(multi[k]), cpu[k], rtol=2e-7 if dtype == np.float32
+                                   else 1e-15, atol=0, err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CYCLED)
+def test_a_recorded_step_replays_with_each_steps_momentum(name, monkeypatch):
+    """The update recorded as a CUDA graph (as the trainer records a step) and
+    replayed: each replay reads the momentum or beta1 that begin_step wrote."""
+    from onnxgrad.backend import get_backend  # noqa: PLC0415
+    from onnxgrad.capture import StepGraphs  # noqa: PLC0415
+
+    backend = get_backend("cuda")
+    cp = backend.xp
+    rng = np.random.default_rng(9)
+    cpu = _arrays(rng, GPU_SHAPES, np.float32)
+    params = {k: cp.asarray(v) for k, v in cpu.items()}
+    (reference, a), (fused, b) = _cycling(name), _cycling(name)
+    update = DeviceUpdate(fused, cp, params)
+    graphs = StepGraphs(backend)
+    for step in range(9):
+        grads = _arrays(rng, GPU_SHAPES, np.float32)
+        _on_whole_arrays(monkeypatch, reference, cpu, grads)
+        with backend.stream:
+            update.begin_step()
+            graphs.run(grads, update.apply, [*params.values(), *update.arrays()])
+        a.step()
+        b.step()
+    backend.stream.synchronize()
+    assert not graphs.refused and graphs.recorded == 1 and graphs.replayed == 6
+    for k in GPU_SHAPES:
+        np.testing.assert_allclose(cp.asnumpy(params[k]), cpu[k], rtol=2e-7, atol=0, err_msg=k)
