@@ -30,10 +30,11 @@ replace them, chosen per layer by size (:func:`applies`, :func:`_dense`):
   entries each tap reads).  ``T`` holds about ``positions_in / taps`` products per
   useful one, which BLAS repays on small planes only.
 
-Depthwise layers of one or two spatial axes run the taps method as compiled loops
-where compiled kernels are available (``ops/compiled.py``; see "taps method: compiled
-kernels" below), and take planes of :data:`COMPILED_MIN_OUTPUTS` output positions or
-more from the dense method.
+Layers of one or two spatial axes and up to :data:`COMPILED_MAX_CHANNELS_PER_GROUP`
+input channels per group (depthwise and small-group layers) run the taps method as
+compiled loops where compiled kernels are available (``ops/compiled.py``; see "taps
+method: compiled kernels" below), and take planes of :data:`COMPILED_MIN_OUTPUTS`
+output positions or more from the dense method.
 
 Work runs in tiles of groups sized to stay in cache.  Tiles share their buffers: a
 buffer's padding positions are zeroed once and stay zero, since every tile writes the
@@ -65,6 +66,16 @@ DIRECT_MAX_OUTPUTS_PER_GROUP = 4
 #: outputs per group forward and gradients 1.3-2.8× faster than column products, even
 #: with 16, slower from 32).
 COMPILED_MAX_OUTPUTS_PER_GROUP = 8
+#: Input channels per group up to which the compiled kernels run a layer that comes
+#: here (they sum over a group's channels; measured at batch 32, 1 thread, against the
+#: NumPy taps method on 2 and 4 channels and outputs per group: forward 2.5×, input
+#: gradient 1.4-1.9×, weight gradient 3.5-4.5× faster).
+COMPILED_MAX_CHANNELS_PER_GROUP = 16
+#: (Layers of several input channels per group and many outputs stay with the column
+#: products: measured at batch 32-64 on 1 and 2 threads (6 → 16 channels 5×5 on 14×14
+#: and on 28×28, 3 → 64 and 3 → 16 at stride 2 on 32×32 and 64×64, 8 → 16 and 16 → 16
+#: 3×3 on 32×32), the compiled kernels' forward pass and input gradient run 0.3-1.0×
+#: as fast, and the weight gradient 0.5-1.05×.)
 #: A layer runs by the dense method when the matrix of a group has at most this many
 #: (input channel and position, output channel and position) pairs and the planes at
 #: most :data:`DENSE_MAX_OUTPUTS_PER_TAP` output positions per kernel tap (the matrix
@@ -75,9 +86,10 @@ DENSE_MAX_OUTPUTS_PER_TAP = 10
 #: Buffer elements per tile of the taps method and of the dense method's matrices.
 TAPS_TILE = 1 << 20
 DENSE_TILE = 1 << 16
-#: Elements of row-phase planes per pass of the compiled depthwise kernels: the planes
-#: of several batch items, so that each tap's run is long, while a pass's buffers
-#: stay in the first-level cache.
+#: Elements of row-phase planes per pass of the compiled kernels (the planes of a
+#: group's input channels, or of its output channels for the input gradient) for
+#: several batch items, so that each tap's run is long, while a pass's buffers stay
+#: in the first-level cache.
 COMPILED_PASS = 1 << 12
 #: Output positions per plane from which the compiled taps method runs a layer that the
 #: dense method would take (measured at batch 32: 2.5× faster on 16×16 planes at stride
@@ -91,16 +103,16 @@ MAX_TASKS = 16
 
 def applies(w_shape, group, begin, end, xp=None, dtype=None):
     """Whether a Conv of weight shape ``w_shape`` with these pads runs here: few
-    channels per group (or, where the compiled kernels run it, one input channel
-    per group and up to :data:`COMPILED_MAX_OUTPUTS_PER_GROUP` outputs, as in a
-    network's first layer on one-channel images) and non-negative pads."""
+    channels per group, or where the compiled kernels run it, one input channel per
+    group and up to :data:`COMPILED_MAX_OUTPUTS_PER_GROUP` outputs (as in a network's
+    first layer on one-channel images); and non-negative pads."""
     if min(begin) < 0 or min(end) < 0:
         return False
     outputs = w_shape[0] // group
     if w_shape[1] <= DIRECT_MAX_CHANNELS_PER_GROUP and outputs <= DIRECT_MAX_OUTPUTS_PER_GROUP:
         return True
-    return (outputs <= COMPILED_MAX_OUTPUTS_PER_GROUP and xp is not None
-            and _compiled(xp, w_shape, dtype))
+    return (w_shape[1] == 1 and outputs <= COMPILED_MAX_OUTPUTS_PER_GROUP
+            and xp is not None and _compiled(xp, w_shape, dtype))
 
 
 def _dense(xp, sp, out, w_shape, group, dtype):
@@ -403,26 +415,38 @@ def _taps_weight_grad(xp, dY, X, group, pl, dW):
 
 # -- taps method: compiled kernels ------------------------------------------------------------
 #
-# Depthwise layers (one input channel per group) run, where compiled kernels are
+# Layers of few input channels per group (up to :data:`COMPILED_MAX_CHANNELS_PER_GROUP`:
+# depthwise and small-group layers) run, where compiled kernels are
 # available, as loops over each channel's planes, a few batch items at a time.  Their
-# input rows are copied behind their padding into row-phase planes (row ``iy`` to
-# phase ``(iy + ph) % sh``, row ``(iy + ph) // sh``; columns keep their padded place),
-# one buffer per kernel call whose padding positions stay zero, and every tap adds its
-# weight times one flat run of a phase plane into extended output planes: output
-# column ``ox`` at place ``ox·sw``, the places between computed and not read (along
-# columns the kernels compute ``sw`` times the outputs, which lets every run read
-# consecutive positions).  The runs span the planes of several items, so that the
-# loops are long and vectorised.  Kernels take a range of input channels; tiles of
-# channels run on the thread pool (:func:`_run`), and no sum crosses a channel, so
-# results do not depend on the number of threads.
+# input rows are copied behind their padding into row-phase planes (row ``iy`` to phase
+# ``(iy + ph) % sh``, row ``(iy + ph) // sh``; columns keep their padded place), one
+# buffer per kernel call whose padding positions stay zero.  A *tap* is an input
+# channel of the group and a kernel position: it reads one flat run of a phase plane
+# for the extended output planes (output column ``ox`` at place ``ox·sw``, the places
+# between computed and not read: along columns the kernels compute ``sw`` times the
+# outputs, which lets every run read consecutive positions).  The runs span the planes
+# of several items, so that the loops are long and vectorised.
+#
+# The forward pass sums the weighted runs of a group's taps into each output channel,
+# four taps and two output channels per loop, so that a loop loads and stores its
+# outputs once per four taps and loads each run once for two outputs; the input
+# gradient is the adjoint, each tap of each of the group's output channels adding its
+# weight times the output-gradient planes into the run it read; the weight gradient
+# is, per tap, the dot product of an output channel's gradient planes with the run the
+# tap read, four taps per loop.  Every sum runs in a fixed order: taps in the order of
+# the weight's axes, output channels in order, passes in batch order.  The kernels
+# take a range of output channels (forward pass, weight gradient) or of input channels
+# (input gradient), and the first two a range of batch items; parts of these ranges
+# run on the thread pool (:func:`_run_compiled`), no part writes another's outputs
+# and no sum crosses parts, so results do not depend on the number of threads.
 
 
 def _compiled(xp, w_shape, dtype):
-    """Whether the taps method runs a layer as compiled loops: depthwise (one input
-    channel per group, any multiplier), 1-D or 2-D, float32 or float64, with compiled
-    kernels available."""
-    return (w_shape[1] == 1 and len(w_shape) in (3, 4) and compiled.available(xp)
-            and np.dtype(dtype) in (np.float32, np.float64))
+    """Whether the taps method runs a layer as compiled loops: up to
+    :data:`COMPILED_MAX_CHANNELS_PER_GROUP` input channels per group (any number of
+    outputs), 1-D or 2-D, float32 or float64, with compiled kernels available."""
+    return (w_shape[1] <= COMPILED_MAX_CHANNELS_PER_GROUP and len(w_shape) in (3, 4)
+            and compiled.available(xp) and np.dtype(dtype) in (np.float32, np.float64))
 
 
 def _row_table(H, sh, ph, qh, wp, pw):
@@ -437,132 +461,208 @@ def _row_table(H, sh, ph, qh, wp, pw):
 
 
 @compiled.kernel
-def _dw_forward_kernel(X, W, Y, sh, sw, dh, dw, rows, qh, wp, items, start, stop):
-    """Depthwise Conv of the input channels in ``[start, stop)``: ``X`` ``(N, C, H, W)``,
-    ``W`` ``(C·m, kh, kw)``, ``Y`` ``(N, C·m, OH, OW)``; strides ``sh, sw``, dilations
-    ``dh, dw``; row-phase planes of ``qh × wp`` positions (``rows`` from
+def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, stop, n_start,
+                           n_stop):
+    """Conv of the output channels in ``[start, stop)`` for the batch items in
+    ``[n_start, n_stop)``: ``X`` ``(N, C, H, W)``, ``W`` ``(M, c·K)`` (``c`` input
+    channels per group, ``K`` kernel positions), ``Y`` ``(N, M, OH, OW)``; per kernel
+    position its phase and its flat offset in the phase plane (``taps`` ``(K, 2)``),
+    strides ``sh, sw``; row-phase planes of ``qh × wp`` positions (``rows`` from
     :func:`_row_table`), ``items`` batch items per pass."""
-    N, C, H, Wd = X.shape
-    M, kh, kw = W.shape
-    m = M // C
+    C, H, Wd = X.shape[1], X.shape[2], X.shape[3]
+    M, T = W.shape
     OH, OW = Y.shape[2], Y.shape[3]
+    K = taps.shape[0]
+    c = T // K
+    m = M // (C // c)
     plane = qh * wp
-    xph = np.zeros((sh, items * plane), dtype=X.dtype)
-    yext = np.empty(items * plane, dtype=Y.dtype)
-    for c in range(start, stop):
-        for n0 in range(0, N, items):
-            nb = min(items, N - n0)
+    xph = np.zeros((c * sh, items * plane), dtype=X.dtype)
+    yext = np.empty((2, items * plane), dtype=Y.dtype)
+    src = np.empty((T, 2), dtype=np.int64)              # per tap: its row of xph, offset
+    for t in range(T):
+        src[t, 0] = t // K * sh + taps[t % K, 0]
+        src[t, 1] = taps[t % K, 1]
+    fours = T - T % 4
+    oc0 = start
+    while oc0 < stop:
+        g = oc0 // m
+        oc1 = min(stop, (g + 1) * m)
+        for n0 in range(n_start, n_stop, items):
+            nb = min(items, n_stop - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
-            for b in range(nb):
-                for iy in range(H):
-                    x = X[n0 + b, c, iy]
-                    first = b * plane + rows[iy, 1]
-                    dst = xph[rows[iy, 0], first:first + Wd]
-                    for t in range(Wd):
-                        dst[t] = x[t]
-            for j in range(m):
-                oc = c * m + j
-                for ky in range(kh):
-                    for kx in range(kw):
-                        ry = ky * dh
-                        offset = ry // sh * wp + kx * dw
-                        src = xph[ry % sh, offset:offset + length]
-                        w = W[oc, ky, kx]
-                        if ky == 0 and kx == 0:
-                            for i in range(length):
-                                yext[i] = w * src[i]
-                        else:
-                            for i in range(length):
-                                yext[i] += w * src[i]
+            for ci in range(c):
                 for b in range(nb):
-                    for oy in range(OH):
-                        y = Y[n0 + b, oc, oy]
-                        out = yext[b * plane + oy * wp:]
-                        if sw == 1:
-                            for ox in range(OW):
-                                y[ox] = out[ox]
+                    for iy in range(H):
+                        x = X[n0 + b, g * c + ci, iy]
+                        first = b * plane + rows[iy, 1]
+                        dst = xph[ci * sh + rows[iy, 0], first:first + Wd]
+                        for i in range(Wd):
+                            dst[i] = x[i]
+            for oc in range(oc0, oc1, 2):
+                w = W[oc]
+                if oc + 1 < oc1:                        # two output channels
+                    v = W[oc + 1]
+                    for t in range(0, fours, 4):
+                        s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                        s1 = xph[src[t + 1, 0], src[t + 1, 1]:src[t + 1, 1] + length]
+                        s2 = xph[src[t + 2, 0], src[t + 2, 1]:src[t + 2, 1] + length]
+                        s3 = xph[src[t + 3, 0], src[t + 3, 1]:src[t + 3, 1] + length]
+                        w0, w1, w2, w3 = w[t], w[t + 1], w[t + 2], w[t + 3]
+                        v0, v1, v2, v3 = v[t], v[t + 1], v[t + 2], v[t + 3]
+                        if t == 0:
+                            for i in range(length):
+                                a0, a1, a2, a3 = s0[i], s1[i], s2[i], s3[i]
+                                yext[0, i] = w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+                                yext[1, i] = v0 * a0 + v1 * a1 + v2 * a2 + v3 * a3
                         else:
-                            for ox in range(OW):
-                                y[ox] = out[ox * sw]
+                            for i in range(length):
+                                a0, a1, a2, a3 = s0[i], s1[i], s2[i], s3[i]
+                                yext[0, i] = yext[0, i] + w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+                                yext[1, i] = yext[1, i] + v0 * a0 + v1 * a1 + v2 * a2 + v3 * a3
+                    for t in range(fours, T):
+                        s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                        w0, v0 = w[t], v[t]
+                        if t == 0:
+                            for i in range(length):
+                                yext[0, i] = w0 * s0[i]
+                                yext[1, i] = v0 * s0[i]
+                        else:
+                            for i in range(length):
+                                yext[0, i] += w0 * s0[i]
+                                yext[1, i] += v0 * s0[i]
+                else:
+                    y0 = yext[0]
+                    for t in range(0, fours, 4):
+                        s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                        s1 = xph[src[t + 1, 0], src[t + 1, 1]:src[t + 1, 1] + length]
+                        s2 = xph[src[t + 2, 0], src[t + 2, 1]:src[t + 2, 1] + length]
+                        s3 = xph[src[t + 3, 0], src[t + 3, 1]:src[t + 3, 1] + length]
+                        w0, w1, w2, w3 = w[t], w[t + 1], w[t + 2], w[t + 3]
+                        if t == 0:
+                            for i in range(length):
+                                y0[i] = w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i]
+                        else:
+                            for i in range(length):
+                                y0[i] = y0[i] + w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i]
+                    for t in range(fours, T):
+                        s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                        w0 = w[t]
+                        if t == 0:
+                            for i in range(length):
+                                y0[i] = w0 * s0[i]
+                        else:
+                            for i in range(length):
+                                y0[i] += w0 * s0[i]
+                for o in range(oc, min(oc + 2, oc1)):
+                    for b in range(nb):
+                        for oy in range(OH):
+                            y = Y[n0 + b, o, oy]
+                            out = yext[o - oc, b * plane + oy * wp:]
+                            if sw == 1:
+                                for ox in range(OW):
+                                    y[ox] = out[ox]
+                            else:
+                                for ox in range(OW):
+                                    y[ox] = out[ox * sw]
+        oc0 = oc1
 
 
 @compiled.kernel
-def _dw_input_grad_kernel(dY, W, dX, sh, sw, dh, dw, rows, qh, wp, items, start, stop):
-    """The input gradient ``dX`` ``(N, C, H, W)`` of :func:`_dw_forward_kernel` for the
-    channels in ``[start, stop)``, given ``dY``: the adjoint, each tap adding its weight
-    times the extended output-gradient planes (zero at the places of no output) into
-    the run of the row-phase planes it read, whose rows then go back in place."""
+def _direct_input_grad_kernel(dY, W, dX, taps, sh, sw, rows, qh, wp, items, start, stop,
+                              n_start, n_stop):
+    """The input gradient ``dX`` ``(N, C, H, W)`` of :func:`_direct_forward_kernel` for
+    the input channels in ``[start, stop)`` and the batch items in ``[n_start, n_stop)``,
+    given ``dY``: the adjoint, each tap of each of the group's output channels adding
+    its weight times the extended output-gradient planes (zero at the places of no
+    output) into the run of the row-phase planes it read, whose rows then go back in
+    place."""
     N, M, OH, OW = dY.shape
     C, H, Wd = dX.shape[1], dX.shape[2], dX.shape[3]
-    kh, kw = W.shape[1], W.shape[2]
-    m = M // C
+    K = taps.shape[0]
+    c = W.shape[1] // K
+    m = M // (C // c)
     plane = qh * wp
-    dyext = np.zeros(items * plane, dtype=dY.dtype)
+    dyext = np.zeros((m, items * plane), dtype=dY.dtype)
     dxph = np.empty((sh, items * plane), dtype=dX.dtype)
-    for c in range(start, stop):
-        for n0 in range(0, N, items):
-            nb = min(items, N - n0)
+    ci0 = start
+    while ci0 < stop:
+        g = ci0 // c
+        ci1 = min(stop, (g + 1) * c)
+        for n0 in range(n_start, n_stop, items):
+            nb = min(items, n_stop - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
-            dxph[:, :nb * plane] = 0
             for j in range(m):
-                oc = c * m + j
                 for b in range(nb):
                     for oy in range(OH):
-                        d = dY[n0 + b, oc, oy]
-                        out = dyext[b * plane + oy * wp:]
+                        d = dY[n0 + b, g * m + j, oy]
+                        out = dyext[j, b * plane + oy * wp:]
                         if sw == 1:
                             for ox in range(OW):
                                 out[ox] = d[ox]
                         else:
                             for ox in range(OW):
                                 out[ox * sw] = d[ox]
-                for ky in range(kh):
-                    for kx in range(kw):
-                        ry = ky * dh
-                        offset = ry // sh * wp + kx * dw
-                        dst = dxph[ry % sh, offset:offset + length]
-                        w = W[oc, ky, kx]
+            for ci in range(ci0, ci1):
+                column = (ci - g * c) * K
+                dxph[:, :nb * plane] = 0
+                for j in range(m):
+                    w = W[g * m + j]
+                    src = dyext[j]
+                    for k in range(K):
+                        offset = taps[k, 1]
+                        dst = dxph[taps[k, 0], offset:offset + length]
+                        wk = w[column + k]
                         for i in range(length):
-                            dst[i] += w * dyext[i]
-            for b in range(nb):
-                for iy in range(H):
-                    x = dX[n0 + b, c, iy]
-                    first = b * plane + rows[iy, 1]
-                    src = dxph[rows[iy, 0], first:first + Wd]
-                    for t in range(Wd):
-                        x[t] = src[t]
+                            dst[i] += wk * src[i]
+                for b in range(nb):
+                    for iy in range(H):
+                        x = dX[n0 + b, ci, iy]
+                        first = b * plane + rows[iy, 1]
+                        ph = dxph[rows[iy, 0], first:first + Wd]
+                        for i in range(Wd):
+                            x[i] = ph[i]
+        ci0 = ci1
 
 
 @compiled.kernel(reassociate=True)
-def _dw_weight_grad_kernel(dY, X, dW, zero, sh, sw, dh, dw, rows, qh, wp, items, start,
-                           stop):
-    """The weight gradient ``dW`` ``(C·m, kh, kw)`` of :func:`_dw_forward_kernel` for the
-    input channels in ``[start, stop)``: per tap and pass, the dot product of the
+def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, items, start,
+                               stop):
+    """The weight gradient ``dW`` ``(M, c·K)`` of :func:`_direct_forward_kernel` for the
+    output channels in ``[start, stop)``: per tap and pass, the dot product of the
     extended output-gradient planes (zero at the places of no output) with the run of
-    the row-phase planes the tap read, summed in ``X``'s type (``zero``, vectorised);
-    the passes' sums in float64 in batch order."""
+    the row-phase planes the tap read, four taps per loop, summed in ``X``'s type
+    (``zero``, vectorised); the passes' sums in float64 in batch order."""
     N, M, OH, OW = dY.shape
     C, H, Wd = X.shape[1], X.shape[2], X.shape[3]
-    kh, kw = dW.shape[1], dW.shape[2]
-    m = M // C
+    T = dW.shape[1]
+    K = taps.shape[0]
+    c = T // K
+    m = M // (C // c)
     plane = qh * wp
-    xph = np.zeros((sh, items * plane), dtype=X.dtype)
+    xph = np.zeros((c * sh, items * plane), dtype=X.dtype)
     dyext = np.zeros(items * plane, dtype=dY.dtype)
-    acc = np.empty((m, kh, kw))
-    for c in range(start, stop):
-        acc[...] = 0.0
+    src = np.empty((T, 2), dtype=np.int64)              # per tap: its row of xph, offset
+    for t in range(T):
+        src[t, 0] = t // K * sh + taps[t % K, 0]
+        src[t, 1] = taps[t % K, 1]
+    fours = T - T % 4
+    oc0 = start
+    while oc0 < stop:
+        g = oc0 // m
+        oc1 = min(stop, (g + 1) * m)
+        acc = np.zeros((oc1 - oc0, T))
         for n0 in range(0, N, items):
             nb = min(items, N - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
-            for b in range(nb):
-                for iy in range(H):
-                    x = X[n0 + b, c, iy]
-                    first = b * plane + rows[iy, 1]
-                    dst = xph[rows[iy, 0], first:first + Wd]
-                    for t in range(Wd):
-                        dst[t] = x[t]
-            for j in range(m):
-                oc = c * m + j
+            for ci in range(c):
+                for b in range(nb):
+                    for iy in range(H):
+                        x = X[n0 + b, g * c + ci, iy]
+                        first = b * plane + rows[iy, 1]
+                        dst = xph[ci * sh + rows[iy, 0], first:first + Wd]
+                        for i in range(Wd):
+                            dst[i] = x[i]
+            for oc in range(oc0, oc1):
                 for b in range(nb):
                     for oy in range(OH):
                         d = dY[n0 + b, oc, oy]
@@ -573,19 +673,33 @@ def _dw_weight_grad_kernel(dY, X, dW, zero, sh, sw, dh, dw, rows, qh, wp, items,
                         else:
                             for ox in range(OW):
                                 out[ox * sw] = d[ox]
-                for ky in range(kh):
-                    for kx in range(kw):
-                        ry = ky * dh
-                        offset = ry // sh * wp + kx * dw
-                        src = xph[ry % sh, offset:offset + length]
-                        s = zero
-                        for i in range(length):
-                            s += dyext[i] * src[i]
-                        acc[j, ky, kx] += s
-        for j in range(m):
-            for ky in range(kh):
-                for kx in range(kw):
-                    dW[c * m + j, ky, kx] = acc[j, ky, kx]
+                a = acc[oc - oc0]
+                for t in range(0, fours, 4):
+                    s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                    s1 = xph[src[t + 1, 0], src[t + 1, 1]:src[t + 1, 1] + length]
+                    s2 = xph[src[t + 2, 0], src[t + 2, 1]:src[t + 2, 1] + length]
+                    s3 = xph[src[t + 3, 0], src[t + 3, 1]:src[t + 3, 1] + length]
+                    r0 = r1 = r2 = r3 = zero
+                    for i in range(length):
+                        d = dyext[i]
+                        r0 += d * s0[i]
+                        r1 += d * s1[i]
+                        r2 += d * s2[i]
+                        r3 += d * s3[i]
+                    a[t] += r0
+                    a[t + 1] += r1
+                    a[t + 2] += r2
+                    a[t + 3] += r3
+                for t in range(fours, T):
+                    s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
+                    r0 = zero
+                    for i in range(length):
+                        r0 += dyext[i] * s0[i]
+                    a[t] += r0
+        for oc in range(oc0, oc1):
+            for t in range(T):
+                dW[oc, t] = acc[oc - oc0, t]
+        oc0 = oc1
 
 
 def _planes_2d(A):
@@ -596,54 +710,76 @@ def _planes_2d(A):
 
 
 def _weights_2d(W):
-    """``W`` ``(M, 1, *kernel)`` as a contiguous ``(M, kh, kw)`` array."""
-    W4 = _planes_2d(W)
-    return W4.reshape(W4.shape[:1] + W4.shape[2:])
+    """``W`` ``(M, c, *kernel)`` as a contiguous ``(M, c·K)`` array, a view of ``W``
+    where it is contiguous."""
+    return np.ascontiguousarray(W).reshape(W.shape[0], -1)
 
 
-def _geometry_2d(pl):
-    """The kernels' arguments after the arrays: strides and dilations (along rows, then
-    columns), the table of :func:`_row_table`, the extent of the row-phase planes
-    (``qh`` rows of ``wp`` padded columns, and more) and the batch items per pass, whose
-    planes hold about :data:`COMPILED_PASS` elements (a 1-D layout has rows of one)."""
+def _geometry_2d(pl, kernel, planes):
+    """The kernels' arguments after the arrays: per kernel position its phase and flat
+    offset in the phase plane (a ``(K, 2)`` table), strides along rows and columns, the
+    table of :func:`_row_table`, the extent of the row-phase planes (``qh`` rows of
+    ``wp`` padded columns, and more) and the batch items per pass, whose ``planes``
+    channel planes (of every phase) hold about :data:`COMPILED_PASS` elements; a 1-D
+    layout has rows of one."""
     s, d, b, q = (tuple(v) for v in (pl.strides, pl.dilations, pl.begin, pl.q))
     H = pl.sp[0] if len(s) == 2 else 1
+    kernel = tuple(kernel)
     if len(s) == 1:
-        s, d, b, q = (1,) + s, (1,) + d, (0,) + b, (1,) + q
+        s, d, b, q, kernel = (1,) + s, (1,) + d, (0,) + b, (1,) + q, (1,) + kernel
     wp = q[1] * s[1]
+    taps = np.array([((ky * d[0]) % s[0], (ky * d[0]) // s[0] * wp + kx * d[1])
+                     for ky in range(kernel[0]) for kx in range(kernel[1])], dtype=np.int64)
     batch = pl.size // math.prod(pl.q)
-    items = max(1, min(batch, COMPILED_PASS // (s[0] * q[0] * wp)))
-    return (s[0], s[1], d[0], d[1], _row_table(H, s[0], b[0], q[0], wp, b[1]), q[0], wp, items)
+    items = max(1, min(batch, COMPILED_PASS // (planes * s[0] * q[0] * wp)))
+    return (taps.reshape(-1, 2), s[0], s[1], _row_table(H, s[0], b[0], q[0], wp, b[1]), q[0], wp,
+            items)
 
 
-def _run_compiled(xp, kernel, arrays, pl, group, planes, work):
-    """``kernel(*arrays, *geometry, start, stop)`` over ranges of the groups (input
-    channels) as tiles of :func:`_run` on the thread pool: of at most
-    :data:`TAPS_TILE` elements of ``planes`` (the input and output planes of a group),
-    and at least :data:`MAX_TASKS` tiles where there are as many groups; sized by the
-    shapes only."""
-    args = arrays + _geometry_2d(pl)
-    tile = max(1, min(TAPS_TILE // planes, -(-group // MAX_TASKS)))
-    _run(xp, group, tile, work, lambda tile: None,
-         lambda gs, _: kernel(*args, gs.start, gs.stop))
+def _run_compiled(kernel, args, channels, batch, planes, work):
+    """``kernel(*args, start, stop[, n_start, n_stop])`` over ranges of ``channels``
+    (and, where ``batch`` is not None, of its items): tiles of channels of at most
+    :data:`TAPS_TILE` elements of ``planes`` (the planes of a channel), at least
+    :data:`MAX_TASKS` tiles where there are as many channels, and with fewer, the
+    batch in as many ranges as make that many parts.  With enough ``work`` the parts
+    run as up to :data:`MAX_TASKS` parallel tasks; parts depend on the shapes only."""
+    tile = max(1, min(TAPS_TILE // planes, -(-channels // MAX_TASKS)))
+    ranges = [(i, min(i + tile, channels)) for i in range(0, channels, tile)]
+    if batch is not None:
+        pieces = split(batch, -(-MAX_TASKS // len(ranges)))
+        ranges = [r + (p.start, p.stop) for r in ranges for p in pieces]
+    tasks = min(len(ranges), MAX_TASKS) if work >= PARALLEL_MIN_WORK else 1
+
+    def run(part):
+        for r in ranges[part]:
+            kernel(*args, *r)
+
+    parallel([functools.partial(run, part) for part in split(len(ranges), tasks)])
 
 
 def _compiled_forward(xp, X, W, group, pl, Y):
-    X4, W3, Y4 = _planes_2d(X), _weights_2d(W), _planes_2d(Y)
-    _run_compiled(xp, _dw_forward_kernel, (X4, W3, Y4), pl, group,
-                  (X.size + Y.size) // group, Y.size * W3[0].size)
+    M, c = W.shape[:2]
+    _run_compiled(_direct_forward_kernel,
+                  (_planes_2d(X), _weights_2d(W), _planes_2d(Y)) + _geometry_2d(pl, W.shape[2:], c),
+                  M, X.shape[0], X.size // group + Y.size // M, Y.size * W[0].size)
 
 
 def _compiled_input_grad(xp, dY, W, group, pl, dX):
-    dY4, W3, dX4 = _planes_2d(dY), _weights_2d(W), _planes_2d(dX)
-    _run_compiled(xp, _dw_input_grad_kernel, (dY4, W3, dX4), pl, group,
-                  (dX.size + dY.size) // group, dY.size * W3[0].size)
+    M, c = W.shape[:2]
+    m = M // group
+    _run_compiled(_direct_input_grad_kernel,
+                  (_planes_2d(dY), _weights_2d(W), _planes_2d(dX))
+                  + _geometry_2d(pl, W.shape[2:], m),
+                  dX.shape[1], dY.shape[0], dX.size // dX.shape[1] + dY.size // group,
+                  dY.size * W[0].size)
 
 
 def _compiled_weight_grad(xp, dY, X, group, pl, dW):
-    dY4, X4, dW3 = _planes_2d(dY), _planes_2d(X), _weights_2d(dW)
-    _run_compiled(xp, _dw_weight_grad_kernel, (dY4, X4, dW3, X.dtype.type(0)), pl, group,
-                  (X.size + dY.size) // group, dY.size * dW3[0].size)
+    M, c = dW.shape[:2]
+    _run_compiled(_direct_weight_grad_kernel,
+                  (_planes_2d(dY), _planes_2d(X), _weights_2d(dW), X.dtype.type(0))
+                  + _geometry_2d(pl, dW.shape[2:], c),
+                  M, None, X.size // group + dY.size // M, dY.size * dW[0].size)
 
 
 # -- dense method ----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ def _conv(x, w, attrs):
                   attrs, 11)
 
 
-_DW_KERNELS = ((depthwise, "_dw_forward_kernel"), (depthwise, "_dw_input_grad_kernel"),
-               (depthwise, "_dw_weight_grad_kernel"))
+_DW_KERNELS = ((depthwise, "_direct_forward_kernel"), (depthwise, "_direct_input_grad_kernel"),
+               (depthwise, "_direct_weight_grad_kernel"))
 
 # The first two layers have enough work (depthwise.PARALLEL_MIN_WORK) for their tiles of
 # channels to run on the thread pool.  The small samples have outputs of more than 10
@@ -43,4 +43,14 @@ CASES = [
                                        {"group": 32, "strides": [2], "pads": [2, 1]}),
          _DW_KERNELS, small=_conv((1, 2, 110), (4, 1, 5),
                                   {"group": 2, "strides": [2], "pads": [2, 1]})),
+    Case("group8_4ch", _conv((16, 32, 16, 16), (32, 4, 3, 3), {"group": 8, "pads": [1, 1, 1, 1]}),
+         _DW_KERNELS, small=_conv((2, 4, 10, 10), (4, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]})),
+    Case("group16_2ch_stride2_dilated", _conv((16, 32, 31, 30), (48, 2, 3, 3),
+                                              {"group": 16, "strides": [2, 2], "dilations": [1, 2],
+                                               "pads": [1, 2, 0, 1]}),
+         _DW_KERNELS, small=_conv((1, 4, 21, 20), (6, 2, 3, 3),
+                                  {"group": 2, "strides": [2, 2], "dilations": [1, 2],
+                                   "pads": [1, 2, 0, 1]})),
+    Case("group4_3ch_1d", _conv((16, 12, 120), (8, 3, 5), {"group": 4, "pads": [2, 1]}),
+         _DW_KERNELS, small=_conv((1, 6, 80), (4, 3, 5), {"group": 2, "pads": [2, 1]})),
 ]

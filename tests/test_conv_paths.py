@@ -33,7 +33,7 @@ from onnx.reference import ReferenceEvaluator
 
 import gradcheck as gc
 from onnxgrad import threads
-from onnxgrad.ops import conv, depthwise, winograd
+from onnxgrad.ops import compiled, conv, depthwise, winograd
 from op_db import Sample
 
 BIG = 1 << 40  # a threshold no size reaches
@@ -89,6 +89,10 @@ LAYERS = [
     Case("depthwise3x3_stride2", "Conv", (8, 32, 16, 16), (32, 1, 3, 3),
          {"group": 32, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     Case("conv5x5_one_channel_to_6", "Conv", (8, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+    Case("lenet_conv2_6_to_16", "Conv", (8, 6, 14, 14), (16, 6, 5, 5), {}),
+    Case("stem3x3_3_to_16", "Conv", (4, 3, 32, 32), (16, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+    Case("conv3x3_group8_4ch", "Conv", (8, 32, 16, 16), (32, 4, 3, 3),
+         {"group": 8, "pads": [1, 1, 1, 1]}),
     Case("conv3x3_256ch", "Conv", (2, 256, 4, 4), (256, 256, 3, 3), {"pads": [1, 1, 1, 1]}),
     Case("convT3x3", "ConvTranspose", (8, 32, 16, 16), (32, 32, 3, 3), {"pads": [1, 1, 1, 1]}),
     Case("convT3x3_stride2", "ConvTranspose", (8, 32, 8, 8), (32, 16, 3, 3),
@@ -104,6 +108,8 @@ SMALL = [
          {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
     Case("conv_group2_asym", "Conv", (3, 6, 5, 5), (4, 3, 3, 3),
          {"group": 2, "pads": [0, 1, 1, 2]}),
+    Case("conv_3ch_stride2_dilated", "Conv", (2, 3, 9, 8), (5, 3, 3, 3),
+         {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 0, 1]}),
     Case("depthwise_x2_stride2_asym", "Conv", (3, 4, 7, 6), (8, 1, 3, 3),
          {"group": 4, "strides": [2, 2], "pads": [1, 0, 2, 1]}),
     Case("depthwise_dilated", "Conv", (2, 3, 7, 7), (3, 1, 3, 3),
@@ -220,6 +226,12 @@ SWITCHES = [
            and case.w[0] // case.attrs.get("group", 1) > depthwise.DIRECT_MAX_OUTPUTS_PER_GROUP,
            diverts=True, calls=((depthwise, "_compiled_forward"), (depthwise, "_compiled_input_grad"),
                                 (depthwise, "_compiled_weight_grad"))),
+    Switch(depthwise, "COMPILED_MAX_CHANNELS_PER_GROUP", BIG, 0,
+           "direct grouped Conv by the compiled kernels, against the NumPy taps method",
+           applies=lambda case: case.grouped,
+           also=_DIRECT_ON + ((depthwise, "DENSE_MAX_PAIRS", 0), (depthwise, "COMPILED_MIN_OUTPUTS", 0)),
+           calls=((depthwise, "_compiled_forward"), (depthwise, "_compiled_input_grad"),
+                  (depthwise, "_compiled_weight_grad"))),
     Switch(depthwise, "COMPILED_PASS", 1, BIG,
            "compiled depthwise kernels one batch item per pass, against the whole batch",
            applies=lambda case: case.depthwise,
@@ -244,7 +256,10 @@ KERNEL_MODULES = ("onnxgrad.ops.conv", "onnxgrad.ops.winograd", "onnxgrad.ops.de
 
 
 def _force(monkeypatch, switch: Switch, value) -> None:
-    """Every diverting switch but ``switch`` off, ``switch``'s settings, then ``value``."""
+    """Every diverting switch but ``switch`` off, ``switch``'s settings, then ``value``.
+    A switch whose path is the compiled kernels' skips where they cannot run."""
+    if switch.name.startswith("COMPILED_") and not compiled.available():
+        pytest.skip("the compiled kernels do not run here (numba missing or ONNXGRAD_COMPILED=0)")
     for other in SWITCHES:
         if other.diverts and other is not switch:
             monkeypatch.setattr(other.module, other.name, other.off)
