@@ -79,7 +79,7 @@ def set_num_threads(count: int) -> None:
             _pool.close()
             _pool = None
         _num_threads = count
-        _set_blas_threads(1)
+        single_threaded_blas()  # every BLAS loaded by now, SciPy's included
 
 
 def _blas_controllers() -> list:
