@@ -52,7 +52,7 @@ def _load_numba():
 
 
 def prepare() -> None:
-    """Load numba and its code generator (some 120 MiB, once per process) if
+    """Load numba and its code generator (some 110 MiB, once per process) if
     compiled kernels are to run: called when the CPU backend is first used, so
     that this fixed cost is paid on setting up, not inside a training step."""
     global _prepared
