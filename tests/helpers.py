@@ -92,3 +92,18 @@ def central_differences(model, feeds, name: str, value, eps: float):
         numeric[index] = (losses[0] - losses[1]) / (2 * eps)
     model.set_parameters({name: value})
     return numeric
+
+
+def count_calls(monkeypatch, functions) -> dict[str, int]:
+    """Wrap each function ``(module, name)`` (which its callers look up in the module
+    when they call it) so that its calls are counted; the counts, by ``name``."""
+    counts = {}
+    for module, name in functions:
+        counts[name] = 0
+
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts

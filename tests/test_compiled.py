@@ -28,6 +28,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import gradcheck as gc
+from helpers import count_calls
 from onnxgrad import threads
 from onnxgrad.ops import activation, compiled, normalization
 import compiled_cases
@@ -48,23 +49,10 @@ def _outputs(sample, arrays) -> dict[str, np.ndarray]:
     return {"Y": y, **gc.analytic_gradients(sample, arrays, names, u)}
 
 
-def _spy(monkeypatch, kernels) -> dict[str, int]:
-    counts = {}
-    for module, name in kernels:
-        counts[name] = 0
-
-        def spy(*args, _real=getattr(module, name), _name=name):
-            counts[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(module, name, spy)
-    return counts
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_compiled_equals_numpy_in_float64(case, monkeypatch):
     arrays = gc.materialize(case.sample, np.float64)
-    counts = _spy(monkeypatch, case.kernels)
+    counts = count_calls(monkeypatch, case.kernels)
     monkeypatch.setattr(compiled, "ENABLED", False)
     want = _outputs(case.sample, arrays)
     assert not any(counts.values()), f"switched off, yet called: {counts}"
@@ -121,7 +109,7 @@ def test_parts_on_threads_are_bit_identical(case, monkeypatch):
 @pytest.mark.parametrize("case", [c for c in CASES if c.small], ids=lambda c: c.id)
 def test_gradients_by_central_differences(case, monkeypatch):
     monkeypatch.setattr(compiled, "PART", 1)
-    counts = _spy(monkeypatch, case.kernels)
+    counts = count_calls(monkeypatch, case.kernels)
     for name in gc.differentiable_inputs(case.small):
         gc.check_gradient(case.small, name)
     assert all(counts.values()), f"not called: {counts}"
@@ -151,7 +139,7 @@ def test_in_place_kernels_equal_numpy(dtype, monkeypatch):
     (want_y,) = activation.Relu(np, X)
     (want_dx,) = activation.ReluGrad(np, dY, want_y)
     monkeypatch.setattr(compiled, "ENABLED", True)
-    counts = _spy(monkeypatch, [(activation, "_relu_in_place_kernel"),
+    counts = count_calls(monkeypatch, [(activation, "_relu_in_place_kernel"),
                                 (activation, "_relu_grad_in_place_kernel")])
     buffer = X.copy()
     (y,) = activation.Relu(np, buffer, out=buffer)
@@ -171,7 +159,7 @@ def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
     monkeypatch.setattr(compiled, "_numba", False)
     assert not compiled.available()
     compiled.prepare()  # nothing to load
-    counts = _spy(monkeypatch, case.kernels)
+    counts = count_calls(monkeypatch, case.kernels)
     got = _outputs(case.sample, arrays)
     assert not any(counts.values())
     for key in want:

@@ -32,6 +32,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import gradcheck as gc
+from helpers import count_calls
 from onnxgrad import threads
 from onnxgrad.ops import compiled, conv, depthwise, winograd
 from op_db import Sample
@@ -268,20 +269,6 @@ def _force(monkeypatch, switch: Switch, value) -> None:
     monkeypatch.setattr(switch.module, switch.name, value)
 
 
-def _spy(monkeypatch, calls) -> dict[str, int]:
-    """Count the calls of each ``(module, function)`` (the kernels look them up in
-    their module at call time)."""
-    counts = {}
-    for module, name in calls:
-        key = f"{module.__name__}.{name}"
-        counts[key] = 0
-
-        def spy(*args, _real=getattr(module, name), _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, spy)
-    return counts
 
 
 def _pairs(cases):
@@ -353,7 +340,7 @@ def test_paths_agree_in_float64(switch, case, monkeypatch):
     switch's path forced on and forced off; the functions of the path run only when on."""
     sample, arrays, u = _arrays_and_u(case)
     _force(monkeypatch, switch, switch.off)
-    counts = _spy(monkeypatch, switch.calls)
+    counts = count_calls(monkeypatch, switch.calls)
     off = _outputs(sample, arrays, u)
     assert not any(counts.values()), f"forced off, yet called: {counts}"
     _force(monkeypatch, switch, switch.on)

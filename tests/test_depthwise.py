@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import gradcheck as gc
+from helpers import count_calls
 import onnxgrad
 from onnxgrad import threads
 from onnxgrad.ops import conv, depthwise
@@ -85,17 +86,9 @@ def _force(monkeypatch, method):
 
 def _spy(monkeypatch):
     """Counts calls of the kernels of each method."""
-    counts = {}
-    for name in ("_taps_forward", "_taps_input_grad", "_taps_weight_grad",
-                 "_dense_forward", "_dense_input_grad", "_dense_weight_grad"):
-        counts[name] = 0
-
-        def spy(*args, _real=getattr(depthwise, name), _name=name):
-            counts[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(depthwise, name, spy)
-    return counts
+    return count_calls(monkeypatch, [(depthwise, name) for name in (
+        "_taps_forward", "_taps_input_grad", "_taps_weight_grad",
+        "_dense_forward", "_dense_input_grad", "_dense_weight_grad")])
 
 
 def _three(x, w, dy, attrs):
