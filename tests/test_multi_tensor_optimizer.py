@@ -346,12 +346,21 @@ def test_the_multi_tensor_kernel_on_a_device_equals_update(name, dtype, monkeypa
         _on_whole_arrays(monkeypatch, reference, cpu, grads)
         on_device = {k: cp.asarray(v) for k, v in grads.items()}
         on_device["strided"] = cp.asarray(np.repeat(grads["strided"], 2, axis=1))[:, ::2]
-        update.begin_step()
-        update.apply(on_device)
-        one_by_one.begin_step()
-        one_by_one.apply(on_device)
-    for k in shapes:
-        # the same body, compiled alike: the same bits as one kernel per parameter
+        _apply_both(update, one_by_one, on_device)
+    _assert_same_on_device(cp, multi, single, cpu, dtype)
+
+
+def _apply_both(update, one_by_one, grads):
+    """One step of the multi-tensor and of the per-parameter device updates."""
+    for each in (update, one_by_one):
+        each.begin_step()
+        each.apply(grads)
+
+
+def _assert_same_on_device(cp, multi, single, cpu, dtype):
+    """The multi-tensor kernel's parameters equal the per-parameter kernels' bit for bit
+    (the same body, compiled alike), and the CPU's within the device's rounding."""
+    for k in cpu:
         np.testing.assert_array_equal(cp.asnumpy(multi[k]), cp.asnumpy(single[k]), err_msg=k)
         np.testing.assert_allclose(cp.asnumpy(multi[k]), cpu[k], rtol=2e-7 if dtype == np.float32
                                    else 1e-15, atol=0, err_msg=k)
@@ -377,18 +386,11 @@ def test_a_scheduled_momentum_on_a_device_equals_update(name, dtype, monkeypatch
     for step in range(9):
         grads = _arrays(rng, GPU_SHAPES, dtype)
         _on_whole_arrays(monkeypatch, reference, cpu, grads)
-        on_device = {k: cp.asarray(v) for k, v in grads.items()}
-        update.begin_step()
-        update.apply(on_device)
-        one_by_one.begin_step()
-        one_by_one.apply(on_device)
+        _apply_both(update, one_by_one, {k: cp.asarray(v) for k, v in grads.items()})
         for schedule in (a, b, c):
             schedule.step()
     assert len(set(optimizers._KERNELS) - kernels) <= 2  # compiled once, not once per momentum
-    for k in GPU_SHAPES:
-        np.testing.assert_array_equal(cp.asnumpy(multi[k]), cp.asnumpy(single[k]), err_msg=k)
-        np.testing.assert_allclose(cp.asnumpy(multi[k]), cpu[k], rtol=2e-7 if dtype == np.float32
-                                   else 1e-15, atol=0, err_msg=k)
+    _assert_same_on_device(cp, multi, single, cpu, dtype)
 
 
 @pytest.mark.gpu
