@@ -27,10 +27,10 @@ the products of a batch taken in one chunk are split there
 (:func:`onnxgrad.threads.matmul`).  Where
 compiled kernels run (``ops/compiled.py``), the transforms are loops of
 additions that read the input where it lies and write the output in place
-(:func:`_input_kernel`, :func:`_output_kernel`, :func:`_grad_tiles_kernel`
-and their F(4×4) forms :func:`_input_kernel4`, :func:`_output_kernel4`,
-:func:`_grad_tiles_kernel4`); elsewhere they are products with the Kronecker
-matrices and layout copies.  The products are BLAS calls either way.
+(:func:`_input_kernel` and :func:`_output_kernel`, for both tile sizes, and
+:func:`_grad_tiles_kernel` with its F(4×4) form :func:`_grad_tiles_kernel4`);
+elsewhere they are products with the Kronecker matrices and layout copies.  The
+products are BLAS calls either way.
 
 Conv's forward pass and its stride-1 input gradient (a Conv with the flipped
 kernel, see ``conv.flipped_input_grad``) come here from ``conv.conv_forward``
@@ -163,7 +163,10 @@ def _input_tiles(xp, Xc, to_tiles, m, th, tw):
 # ``((i - start)·th + a)·tw + b`` of the transformed arrays, as in the NumPy
 # forms.  Each kernel transforms the channels ``[first, last)`` (its last two
 # arguments): input channels for the input tiles, output channels for the
-# others, so that :func:`_in_parts` can split it.
+# others, so that :func:`_in_parts` can split it.  The input and output transforms
+# serve both tile sizes: they take ``m`` and branch on it outside their loops over
+# a row's tiles.  (The output-gradient transform, written so, ran 4-15% slower for
+# F(4×4), measured; it stays two kernels.)
 
 
 def _planes(xp, count, rows, cols, dtype):
@@ -177,25 +180,37 @@ def _planes(xp, count, rows, cols, dtype):
     return xp.empty((count, plane // itemsize), dtype=dtype)[:, :rows * cols].reshape(count, rows, cols)
 
 
+def _constants(dtype):
+    """The constants of the F(4×4) transforms in ``dtype``, so that the kernels'
+    arithmetic stays in the arrays' float type: 1/2, 1/4, 1/8, 3/2, 5/2, 2, 4, 8."""
+    k = np.empty(8, dtype=dtype)
+    k[0], k[1], k[2], k[3] = .5, .25, .125, 1.5
+    k[4], k[5], k[6], k[7] = 2.5, 2, 4, 8
+    return k
+
+
 @compiled.kernel
-def _input_kernel(Xp, start, stop, th, tw, V, first, last):
-    """``Bᵀ d B`` of the ``th × tw`` 4×4 input tiles ``d`` (stride 2) of the items
-    ``[start, stop)`` of ``Xp`` (N, C, …) into ``V`` (16, C, (stop - start)·th·tw);
-    rows and columns past the edge of ``Xp`` read as zeros.
+def _input_kernel(Xp, start, stop, m, th, tw, k, V, first, last):
+    """``Bᵀ d B`` of F(m×m, 3×3) (``m`` = 2 or 4) of the ``th × tw`` (m+2)×(m+2)
+    input tiles ``d`` (stride ``m``) of the items ``[start, stop)`` of ``Xp``
+    (N, C, …) into ``V`` ((m+2)², C, (stop - start)·th·tw); rows and columns past
+    the edge of ``Xp`` read as zeros; ``k`` holds :func:`_constants`.
 
     Per channel, a first pass applies ``B`` to the columns of every input row
-    (``R[j, r, b]``: column ``j`` of the transform of the 4 values of row ``r``
+    (``R[j, r, b]``: column ``j`` of the transform of the m+2 values of row ``r``
     under tile ``b``, computed once for the two tile rows that share the input
-    row); a second applies ``Bᵀ`` down the rows of ``R``, writing 4 planes of
-    ``V`` at a time."""
+    row); a second applies ``Bᵀ`` down the rows of ``R``, writing m+2 planes of
+    ``V`` at a time.  (The branches on ``m`` stand outside the loops over a row's
+    tiles.)"""
     C, H, W = Xp.shape[1], Xp.shape[2], Xp.shape[3]
-    width = 2 * tw + 2
+    half, three_halves, five_halves, two = k[0], k[3], k[4], k[5]
+    width = m * tw + 2
     row = np.zeros(width, dtype=V.dtype)
-    R = np.empty((4, 2 * th + 2, tw), dtype=V.dtype)
+    R = np.empty((m + 2, m * th + 2, tw), dtype=V.dtype)
     for i in range(start, stop):
         base = (i - start) * th * tw
         for c in range(first, last):
-            for r in range(2 * th + 2):
+            for r in range(m * th + 2):
                 if r >= H:
                     R[:, r, :] = 0
                     continue
@@ -205,65 +220,130 @@ def _input_kernel(Xp, start, stop, th, tw, V, first, last):
                     for q in range(W):
                         row[q] = Xp[i, c, r, q]
                     x = row
-                for b in range(tw):
-                    # d B: columns x0 - x2, x1 + x2, x2 - x1, x1 - x3 of the 4 values
-                    q = 2 * b
-                    R[0, r, b] = x[q] - x[q + 2]
-                    R[1, r, b] = x[q + 1] + x[q + 2]
-                    R[2, r, b] = x[q + 2] - x[q + 1]
-                    R[3, r, b] = x[q + 1] - x[q + 3]
-            for j in range(4):
-                for a in range(th):
-                    t = base + a * tw
+                if m == 2:
                     for b in range(tw):
-                        # Bᵀ (d B): the same down the 4 rows of the tile
-                        d0 = R[j, 2 * a, b]
-                        d1 = R[j, 2 * a + 1, b]
-                        d2 = R[j, 2 * a + 2, b]
-                        d3 = R[j, 2 * a + 3, b]
-                        V[j, c, t + b] = d0 - d2
-                        V[4 + j, c, t + b] = d1 + d2
-                        V[8 + j, c, t + b] = d2 - d1
-                        V[12 + j, c, t + b] = d1 - d3
+                        # d B: columns x0 - x2, x1 + x2, x2 - x1, x1 - x3 of the 4 values
+                        q = 2 * b
+                        R[0, r, b] = x[q] - x[q + 2]
+                        R[1, r, b] = x[q + 1] + x[q + 2]
+                        R[2, r, b] = x[q + 2] - x[q + 1]
+                        R[3, r, b] = x[q + 1] - x[q + 3]
+                else:
+                    for b in range(tw):
+                        # d B: the 6 values x0 … x5 times the rows of Bᵀ
+                        q = 4 * b
+                        x0, x1, x2 = x[q], x[q + 1], x[q + 2]
+                        x3, x4, x5 = x[q + 3], x[q + 4], x[q + 5]
+                        e = x4 - x2
+                        f = x3 - x1
+                        R[0, r, b] = x0 + x4 - two * x2 + three_halves * f
+                        R[1, r, b] = x4 - x1 + half * x2 + five_halves * x3
+                        R[2, r, b] = x4 + x1 - five_halves * x2 + half * x3
+                        R[3, r, b] = e + two * f
+                        R[4, r, b] = e - half * f
+                        R[5, r, b] = x5 + x1 - two * x3 + three_halves * e
+            if m == 2:
+                for j in range(4):
+                    for a in range(th):
+                        t = base + a * tw
+                        r = 2 * a
+                        for b in range(tw):
+                            # Bᵀ (d B): the same down the 4 rows of the tile
+                            d0, d1 = R[j, r, b], R[j, r + 1, b]
+                            d2, d3 = R[j, r + 2, b], R[j, r + 3, b]
+                            V[j, c, t + b] = d0 - d2
+                            V[4 + j, c, t + b] = d1 + d2
+                            V[8 + j, c, t + b] = d2 - d1
+                            V[12 + j, c, t + b] = d1 - d3
+            else:
+                for j in range(6):
+                    for a in range(th):
+                        t = base + a * tw
+                        r = 4 * a
+                        for b in range(tw):
+                            # Bᵀ (d B): the same down the 6 rows of the tile
+                            x0, x1, x2 = R[j, r, b], R[j, r + 1, b], R[j, r + 2, b]
+                            x3, x4, x5 = R[j, r + 3, b], R[j, r + 4, b], R[j, r + 5, b]
+                            e = x4 - x2
+                            f = x3 - x1
+                            V[j, c, t + b] = x0 + x4 - two * x2 + three_halves * f
+                            V[6 + j, c, t + b] = x4 - x1 + half * x2 + five_halves * x3
+                            V[12 + j, c, t + b] = x4 + x1 - five_halves * x2 + half * x3
+                            V[18 + j, c, t + b] = e + two * f
+                            V[24 + j, c, t + b] = e - half * f
+                            V[30 + j, c, t + b] = x5 + x1 - two * x3 + three_halves * e
 
 
 @compiled.kernel
-def _output_kernel(P, start, stop, th, tw, Y, first, last):
-    """``Aᵀ p A`` of the transformed products ``p`` in ``P`` (16, M, (stop - start)·th·tw)
-    into the 2×2 output tiles of the items ``[start, stop)`` of ``Y`` (N, M, oh, ow),
-    cropped at its edge."""
+def _output_kernel(P, start, stop, m, th, tw, k, Y, first, last):
+    """``Aᵀ p A`` of F(m×m, 3×3) (``m`` = 2 or 4) of the transformed products ``p``
+    in ``P`` ((m+2)², M, (stop - start)·th·tw) into the m×m output tiles of the
+    items ``[start, stop)`` of ``Y`` (N, M, oh, ow), cropped at its edge (a tile
+    row that crosses it is written into a row buffer first); ``k`` holds
+    :func:`_constants`."""
     M, oh, ow = Y.shape[1], Y.shape[2], Y.shape[3]
-    rows = np.empty((2, 2 * tw), dtype=Y.dtype)
+    half, quarter, eighth, two, four, eight = k[0], k[1], k[2], k[5], k[6], k[7]
+    rows = np.empty((m, m * tw), dtype=Y.dtype)
+    S = np.empty((4, 6), dtype=Y.dtype)
     for i in range(start, stop):
-        for m in range(first, last):
+        for o in range(first, last):
             for a in range(th):
-                r = 2 * a
-                inside = r + 2 <= oh and ow == 2 * tw
-                if inside:
-                    y0, y1 = Y[i, m, r], Y[i, m, r + 1]
-                else:
-                    y0, y1 = rows[0], rows[1]
+                r = m * a
+                inside = r + m <= oh and ow == m * tw
                 base = ((i - start) * th + a) * tw
-                for b in range(tw):
-                    t = base + b
-                    # Aᵀ p: rows p0 + p1 + p2 and p1 - p2 - p3, for each of the 4 columns
-                    s00 = P[0, m, t] + P[4, m, t] + P[8, m, t]
-                    s01 = P[1, m, t] + P[5, m, t] + P[9, m, t]
-                    s02 = P[2, m, t] + P[6, m, t] + P[10, m, t]
-                    s03 = P[3, m, t] + P[7, m, t] + P[11, m, t]
-                    s10 = P[4, m, t] - P[8, m, t] - P[12, m, t]
-                    s11 = P[5, m, t] - P[9, m, t] - P[13, m, t]
-                    s12 = P[6, m, t] - P[10, m, t] - P[14, m, t]
-                    s13 = P[7, m, t] - P[11, m, t] - P[15, m, t]
-                    # (Aᵀ p) A: the same on the columns of each row
-                    y0[2 * b] = s00 + s01 + s02
-                    y0[2 * b + 1] = s01 - s02 - s03
-                    y1[2 * b] = s10 + s11 + s12
-                    y1[2 * b + 1] = s11 - s12 - s13
+                if m == 2:
+                    if inside:
+                        y0, y1 = Y[i, o, r], Y[i, o, r + 1]
+                    else:
+                        y0, y1 = rows[0], rows[1]
+                    for b in range(tw):
+                        t = base + b
+                        # Aᵀ p: rows p0 + p1 + p2 and p1 - p2 - p3, for each of the 4 columns
+                        s00 = P[0, o, t] + P[4, o, t] + P[8, o, t]
+                        s01 = P[1, o, t] + P[5, o, t] + P[9, o, t]
+                        s02 = P[2, o, t] + P[6, o, t] + P[10, o, t]
+                        s03 = P[3, o, t] + P[7, o, t] + P[11, o, t]
+                        s10 = P[4, o, t] - P[8, o, t] - P[12, o, t]
+                        s11 = P[5, o, t] - P[9, o, t] - P[13, o, t]
+                        s12 = P[6, o, t] - P[10, o, t] - P[14, o, t]
+                        s13 = P[7, o, t] - P[11, o, t] - P[15, o, t]
+                        # (Aᵀ p) A: the same on the columns of each row
+                        y0[2 * b] = s00 + s01 + s02
+                        y0[2 * b + 1] = s01 - s02 - s03
+                        y1[2 * b] = s10 + s11 + s12
+                        y1[2 * b + 1] = s11 - s12 - s13
+                else:
+                    if inside:
+                        y0, y1, y2, y3 = Y[i, o, r], Y[i, o, r + 1], Y[i, o, r + 2], Y[i, o, r + 3]
+                    else:
+                        y0, y1, y2, y3 = rows[0], rows[1], rows[2], rows[3]
+                    for b in range(tw):
+                        t = base + b
+                        for j in range(6):
+                            # Aᵀ p: the 4 rows of Aᵀ times column j of the tile
+                            p0, p1, p2 = P[j, o, t], P[6 + j, o, t], P[12 + j, o, t]
+                            p3, p4, p5 = P[18 + j, o, t], P[24 + j, o, t], P[30 + j, o, t]
+                            s = p1 + p2
+                            d = p1 - p2
+                            S[0, j] = p0 + s + p3 + p4
+                            S[1, j] = d + half * p3 - two * p4
+                            S[2, j] = s + quarter * p3 + four * p4
+                            S[3, j] = d + eighth * p3 - eight * p4 + p5
+                        q = 4 * b
+                        for u in range(4):
+                            # (Aᵀ p) A: the same along each row
+                            y = y0 if u == 0 else y1 if u == 1 else y2 if u == 2 else y3
+                            s = S[u, 1] + S[u, 2]
+                            d = S[u, 1] - S[u, 2]
+                            p3, p4 = S[u, 3], S[u, 4]
+                            y[q] = S[u, 0] + s + p3 + p4
+                            y[q + 1] = d + half * p3 - two * p4
+                            y[q + 2] = s + quarter * p3 + four * p4
+                            y[q + 3] = d + eighth * p3 - eight * p4 + S[u, 5]
                 if not inside:
-                    for k in range(min(2, oh - r)):
+                    for h in range(min(m, oh - r)):
                         for q in range(ow):
-                            Y[i, m, r + k, q] = rows[k, q]
+                            Y[i, o, r + h, q] = rows[h, q]
 
 
 @compiled.kernel
@@ -309,125 +389,6 @@ def _grad_tiles_kernel(dY, start, stop, th, tw, D, first, last):
                     D[13, m, t] = -u3 - v3
                     D[14, m, t] = v3 - u3
                     D[15, m, t] = v3
-
-
-def _constants(dtype):
-    """The constants of the F(4×4) transforms in ``dtype``, so that the kernels'
-    arithmetic stays in the arrays' float type: 1/2, 1/4, 1/8, 3/2, 5/2, 2, 4, 8."""
-    k = np.empty(8, dtype=dtype)
-    k[0], k[1], k[2], k[3] = .5, .25, .125, 1.5
-    k[4], k[5], k[6], k[7] = 2.5, 2, 4, 8
-    return k
-
-
-@compiled.kernel
-def _input_kernel4(Xp, start, stop, th, tw, k, V, first, last):
-    """``Bᵀ d B`` of F(4×4) of the ``th × tw`` 6×6 input tiles ``d`` (stride 4) of
-    the items ``[start, stop)`` of ``Xp`` (N, C, …) into ``V`` (36, C,
-    (stop - start)·th·tw); rows and columns past the edge of ``Xp`` read as
-    zeros; ``k`` holds :func:`_constants`.
-
-    As :func:`_input_kernel`: per channel, a first pass applies ``B`` to the
-    columns of every input row (``R[j, r, b]``), once for the two tile rows
-    that share the row at their edge; a second applies ``Bᵀ`` down the rows of
-    ``R``, writing 6 planes of ``V`` at a time."""
-    C, H, W = Xp.shape[1], Xp.shape[2], Xp.shape[3]
-    half, three_halves, five_halves, two = k[0], k[3], k[4], k[5]
-    width = 4 * tw + 2
-    row = np.zeros(width, dtype=V.dtype)
-    R = np.empty((6, 4 * th + 2, tw), dtype=V.dtype)
-    for i in range(start, stop):
-        base = (i - start) * th * tw
-        for c in range(first, last):
-            for r in range(4 * th + 2):
-                if r >= H:
-                    R[:, r, :] = 0
-                    continue
-                if W >= width:
-                    x = Xp[i, c, r]
-                else:
-                    for q in range(W):
-                        row[q] = Xp[i, c, r, q]
-                    x = row
-                for b in range(tw):
-                    # d B: the 6 values x0 … x5 times the rows of Bᵀ
-                    q = 4 * b
-                    x0, x1, x2, x3, x4, x5 = x[q], x[q + 1], x[q + 2], x[q + 3], x[q + 4], x[q + 5]
-                    e = x4 - x2
-                    f = x3 - x1
-                    R[0, r, b] = x0 + x4 - two * x2 + three_halves * f
-                    R[1, r, b] = x4 - x1 + half * x2 + five_halves * x3
-                    R[2, r, b] = x4 + x1 - five_halves * x2 + half * x3
-                    R[3, r, b] = e + two * f
-                    R[4, r, b] = e - half * f
-                    R[5, r, b] = x5 + x1 - two * x3 + three_halves * e
-            for j in range(6):
-                for a in range(th):
-                    t = base + a * tw
-                    for b in range(tw):
-                        # Bᵀ (d B): the same down the 6 rows of the tile
-                        x0 = R[j, 4 * a, b]
-                        x1 = R[j, 4 * a + 1, b]
-                        x2 = R[j, 4 * a + 2, b]
-                        x3 = R[j, 4 * a + 3, b]
-                        x4 = R[j, 4 * a + 4, b]
-                        x5 = R[j, 4 * a + 5, b]
-                        e = x4 - x2
-                        f = x3 - x1
-                        V[j, c, t + b] = x0 + x4 - two * x2 + three_halves * f
-                        V[6 + j, c, t + b] = x4 - x1 + half * x2 + five_halves * x3
-                        V[12 + j, c, t + b] = x4 + x1 - five_halves * x2 + half * x3
-                        V[18 + j, c, t + b] = e + two * f
-                        V[24 + j, c, t + b] = e - half * f
-                        V[30 + j, c, t + b] = x5 + x1 - two * x3 + three_halves * e
-
-
-@compiled.kernel
-def _output_kernel4(P, start, stop, th, tw, k, Y, first, last):
-    """``Aᵀ p A`` of F(4×4) of the transformed products ``p`` in ``P`` (36, M,
-    (stop - start)·th·tw) into the 4×4 output tiles of the items ``[start, stop)``
-    of ``Y`` (N, M, oh, ow), cropped at its edge; ``k`` holds :func:`_constants`."""
-    M, oh, ow = Y.shape[1], Y.shape[2], Y.shape[3]
-    half, quarter, eighth, two, four, eight = k[0], k[1], k[2], k[5], k[6], k[7]
-    rows = np.empty((4, 4 * tw), dtype=Y.dtype)
-    S = np.empty((4, 6), dtype=Y.dtype)
-    for i in range(start, stop):
-        for m in range(first, last):
-            for a in range(th):
-                r = 4 * a
-                inside = r + 4 <= oh and ow == 4 * tw
-                if inside:
-                    y0, y1, y2, y3 = Y[i, m, r], Y[i, m, r + 1], Y[i, m, r + 2], Y[i, m, r + 3]
-                else:
-                    y0, y1, y2, y3 = rows[0], rows[1], rows[2], rows[3]
-                base = ((i - start) * th + a) * tw
-                for b in range(tw):
-                    t = base + b
-                    for j in range(6):
-                        # Aᵀ p: the 4 rows of Aᵀ times column j of the tile
-                        p0, p1, p2 = P[j, m, t], P[6 + j, m, t], P[12 + j, m, t]
-                        p3, p4, p5 = P[18 + j, m, t], P[24 + j, m, t], P[30 + j, m, t]
-                        s = p1 + p2
-                        d = p1 - p2
-                        S[0, j] = p0 + s + p3 + p4
-                        S[1, j] = d + half * p3 - two * p4
-                        S[2, j] = s + quarter * p3 + four * p4
-                        S[3, j] = d + eighth * p3 - eight * p4 + p5
-                    q = 4 * b
-                    for u in range(4):
-                        # (Aᵀ p) A: the same along each row
-                        y = y0 if u == 0 else y1 if u == 1 else y2 if u == 2 else y3
-                        s = S[u, 1] + S[u, 2]
-                        d = S[u, 1] - S[u, 2]
-                        p3, p4 = S[u, 3], S[u, 4]
-                        y[q] = S[u, 0] + s + p3 + p4
-                        y[q + 1] = d + half * p3 - two * p4
-                        y[q + 2] = s + quarter * p3 + four * p4
-                        y[q + 3] = d + eighth * p3 - eight * p4 + S[u, 5]
-                if not inside:
-                    for h in range(min(4, oh - r)):
-                        for q in range(ow):
-                            Y[i, m, r + h, q] = rows[h, q]
 
 
 @compiled.kernel
@@ -500,8 +461,8 @@ def conv3x3(xp, Xp, W, out):
     """Conv of an already padded input ``Xp`` (N, C, H+2, W+2) with a 3×3 ``W``,
     stride 1: ``(N, M, *out)``, by F(4×4, 3×3) or F(2×2, 3×3) (:func:`_tile`).
     With compiled kernels the transforms read ``Xp`` and write ``Y`` in place
-    (:func:`_input_kernel`, :func:`_output_kernel` or their F(4×4) forms);
-    otherwise they are products with the Kronecker matrices."""
+    (:func:`_input_kernel`, :func:`_output_kernel`); otherwise they are products
+    with the Kronecker matrices."""
     N, C = Xp.shape[:2]
     M = W.shape[0]
     oh, ow = out
@@ -517,17 +478,10 @@ def conv3x3(xp, Xp, W, out):
         def chunk(part):
             T = (part.stop - part.start) * th * tw
             V = _planes(xp, count, C, T, Xp.dtype)
-            if m == 4:
-                _in_parts(_input_kernel4, C, V.size, Xp, part.start, part.stop, th, tw, k, V)
-            else:
-                _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, th, tw, V)
+            _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, m, th, tw, k, V)
             products = matmul(xp, U, V, out=_planes(xp, count, M, T, Xp.dtype))  # (count, M, T)
-            if m == 4:
-                _in_parts(_output_kernel4, M, products.size, products, part.start, part.stop, th,
-                          tw, k, Y)
-            else:
-                _in_parts(_output_kernel, M, products.size, products, part.start, part.stop, th,
-                          tw, Y)
+            _in_parts(_output_kernel, M, products.size, products, part.start, part.stop, m, th,
+                      tw, k, Y)
 
         _chunks(xp, N, C, count, th, tw, chunk)
         return Y
@@ -553,7 +507,7 @@ def weight_grad3x3(xp, dY, Xp):
     ⊙ (Bᵀ d_t B)] G``, that is (m+2)² products ``dŶ_ξ (M×tiles) @ V_ξᵀ (tiles×C)``
     summed over the chunks in batch order.  With compiled kernels both transforms
     read their arrays in place (:func:`_input_kernel`, :func:`_grad_tiles_kernel`
-    or their F(4×4) forms)."""
+    or its F(4×4) form)."""
     N, M, oh, ow = dY.shape
     C = Xp.shape[1]
     m = _tile(N, (oh, ow))
@@ -568,13 +522,12 @@ def weight_grad3x3(xp, dY, Xp):
             T = (part.stop - part.start) * th * tw
             V = _planes(xp, count, C, T, Xp.dtype)
             dhat = _planes(xp, count, M, T, dtype)
+            _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, m, th, tw,
+                      k.astype(Xp.dtype), V)
             if m == 4:
-                _in_parts(_input_kernel4, C, V.size, Xp, part.start, part.stop, th, tw,
-                          k.astype(Xp.dtype), V)
                 _in_parts(_grad_tiles_kernel4, M, dhat.size, dY, part.start, part.stop, th, tw,
                           k, dhat)
             else:
-                _in_parts(_input_kernel, C, V.size, Xp, part.start, part.stop, th, tw, V)
                 _in_parts(_grad_tiles_kernel, M, dhat.size, dY, part.start, part.stop, th, tw,
                           dhat)
             return matmul(xp, dhat, xp.swapaxes(V, 1, 2))            # (count, M, C)

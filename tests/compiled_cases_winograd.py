@@ -20,7 +20,7 @@ def _conv(x, w, bias=False):
 
 _KERNELS = ((winograd, "_input_kernel"), (winograd, "_output_kernel"),
             (winograd, "_grad_tiles_kernel"))
-_KERNELS4 = ((winograd, "_input_kernel4"), (winograd, "_output_kernel4"),
+_KERNELS4 = ((winograd, "_input_kernel"), (winograd, "_output_kernel"),
              (winograd, "_grad_tiles_kernel4"))
 
 CASES = [
