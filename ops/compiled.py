@@ -18,6 +18,7 @@ on the shapes only, so its result does not depend on the thread count.
 from __future__ import annotations
 
 import os
+import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -94,13 +95,52 @@ class Kernel:
                 raise OnnxgradError(f"compiled kernel {self.__name__}: numba is not installed")
             self._compiled = numba.njit(nogil=True, cache=True, error_model="numpy",
                                         fastmath={"reassoc"} if self.reassociate else False,
-                                        )(self.function)
+                                        )(_with_helpers(self.function, numba))
             result = self._compiled(*args)
             # numba's code generator loads SciPy's BLAS where SciPy is installed; it
             # runs single-threaded too
             single_threaded_blas()
             return result
         return self._compiled(*args)
+
+
+class Helper:
+    """A function that kernels call: compiled into each kernel that calls it (numba
+    inlines it there, so that it costs no call and takes that kernel's settings).
+    Kernels name it as a module global, as any function."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.__doc__ = function.__doc__
+        self.__name__ = function.__name__
+        self._compiled: Any = None
+
+    def compiled(self, numba):
+        if self._compiled is None:
+            self._compiled = numba.njit(inline="always", error_model="numpy")(
+                _with_helpers(self.function, numba))
+        return self._compiled
+
+
+def helper(function: Callable) -> Helper:
+    """Decorator: ``function`` becomes a :class:`Helper` of the kernels."""
+    return Helper(function)
+
+
+def _with_helpers(function: Callable, numba) -> Callable:
+    """``function``, reading the compiled form of each :class:`Helper` it names where
+    it names one (a copy of the function with those globals replaced)."""
+    scope = function.__globals__
+    helpers = {name: scope[name] for name in function.__code__.co_names
+               if isinstance(scope.get(name), Helper)}
+    if not helpers:
+        return function
+    scope = {**scope, **{name: h.compiled(numba) for name, h in helpers.items()}}
+    copy = types.FunctionType(function.__code__, scope, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__, copy.__module__ = function.__qualname__, function.__module__
+    copy.__doc__ = function.__doc__
+    return copy
 
 
 def kernel(function: Callable | None = None, *, reassociate: bool = False):

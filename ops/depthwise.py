@@ -460,6 +460,52 @@ def _row_table(H, sh, ph, qh, wp, pw):
     return rows
 
 
+@compiled.helper
+def _load_rows(X, n0, nb, channel, rows, plane, xph, phase0):
+    """The rows of input ``channel`` of the items ``[n0, n0 + nb)`` of ``X`` into the
+    row-phase planes ``xph`` (rows ``phase0 + phase``), behind their padding: item
+    ``b``'s plane starts at ``b·plane`` (:func:`_row_table` places each row)."""
+    Wd = X.shape[3]
+    for b in range(nb):
+        for iy in range(X.shape[2]):
+            x = X[n0 + b, channel, iy]
+            first = b * plane + rows[iy, 1]
+            dst = xph[phase0 + rows[iy, 0], first:first + Wd]
+            for i in range(Wd):
+                dst[i] = x[i]
+
+
+@compiled.helper
+def _lay_rows(dY, n0, nb, channel, plane, wp, sw, out):
+    """The output-gradient rows of ``channel`` of the items ``[n0, n0 + nb)`` of ``dY``
+    into the extended planes ``out`` (1-D): output column ``ox`` of row ``oy`` of item
+    ``b`` at ``b·plane + oy·wp + ox·sw``; the places between are left as they are
+    (zero)."""
+    OH, OW = dY.shape[2], dY.shape[3]
+    for b in range(nb):
+        for oy in range(OH):
+            d = dY[n0 + b, channel, oy]
+            row = out[b * plane + oy * wp:]
+            if sw == 1:
+                for ox in range(OW):
+                    row[ox] = d[ox]
+            else:
+                for ox in range(OW):
+                    row[ox * sw] = d[ox]
+
+
+@compiled.helper
+def _tap_sources(taps, T, sh):
+    """Per column ``t`` of a group's weights (input channel ``t // K``, kernel position
+    ``t % K``): the row of the row-phase planes it reads and its offset there."""
+    K = taps.shape[0]
+    src = np.empty((T, 2), dtype=np.int64)
+    for t in range(T):
+        src[t, 0] = t // K * sh + taps[t % K, 0]
+        src[t, 1] = taps[t % K, 1]
+    return src
+
+
 @compiled.kernel
 def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, stop, n_start,
                            n_stop):
@@ -469,7 +515,7 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
     position its phase and its flat offset in the phase plane (``taps`` ``(K, 2)``),
     strides ``sh, sw``; row-phase planes of ``qh × wp`` positions (``rows`` from
     :func:`_row_table`), ``items`` batch items per pass."""
-    C, H, Wd = X.shape[1], X.shape[2], X.shape[3]
+    C = X.shape[1]
     M, T = W.shape
     OH, OW = Y.shape[2], Y.shape[3]
     K = taps.shape[0]
@@ -478,10 +524,7 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
     plane = qh * wp
     xph = np.zeros((c * sh, items * plane), dtype=X.dtype)
     yext = np.empty((2, items * plane), dtype=Y.dtype)
-    src = np.empty((T, 2), dtype=np.int64)              # per tap: its row of xph, offset
-    for t in range(T):
-        src[t, 0] = t // K * sh + taps[t % K, 0]
-        src[t, 1] = taps[t % K, 1]
+    src = _tap_sources(taps, T, sh)                     # per column: its row of xph, offset
     fours = T - T % 4
     oc0 = start
     while oc0 < stop:
@@ -491,13 +534,7 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
             nb = min(items, n_stop - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
             for ci in range(c):
-                for b in range(nb):
-                    for iy in range(H):
-                        x = X[n0 + b, g * c + ci, iy]
-                        first = b * plane + rows[iy, 1]
-                        dst = xph[ci * sh + rows[iy, 0], first:first + Wd]
-                        for i in range(Wd):
-                            dst[i] = x[i]
+                _load_rows(X, n0, nb, g * c + ci, rows, plane, xph, ci * sh)
             for oc in range(oc0, oc1, 2):
                 w = W[oc]
                 if oc + 1 < oc1:                        # two output channels
@@ -592,16 +629,7 @@ def _direct_input_grad_kernel(dY, W, dX, taps, sh, sw, rows, qh, wp, items, star
             nb = min(items, n_stop - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
             for j in range(m):
-                for b in range(nb):
-                    for oy in range(OH):
-                        d = dY[n0 + b, g * m + j, oy]
-                        out = dyext[j, b * plane + oy * wp:]
-                        if sw == 1:
-                            for ox in range(OW):
-                                out[ox] = d[ox]
-                        else:
-                            for ox in range(OW):
-                                out[ox * sw] = d[ox]
+                _lay_rows(dY, n0, nb, g * m + j, plane, wp, sw, dyext[j])
             for ci in range(ci0, ci1):
                 column = (ci - g * c) * K
                 dxph[:, :nb * plane] = 0
@@ -633,7 +661,7 @@ def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, item
     the row-phase planes the tap read, four taps per loop, summed in ``X``'s type
     (``zero``, vectorised); the passes' sums in float64 in batch order."""
     N, M, OH, OW = dY.shape
-    C, H, Wd = X.shape[1], X.shape[2], X.shape[3]
+    C = X.shape[1]
     T = dW.shape[1]
     K = taps.shape[0]
     c = T // K
@@ -641,10 +669,7 @@ def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, item
     plane = qh * wp
     xph = np.zeros((c * sh, items * plane), dtype=X.dtype)
     dyext = np.zeros(items * plane, dtype=dY.dtype)
-    src = np.empty((T, 2), dtype=np.int64)              # per tap: its row of xph, offset
-    for t in range(T):
-        src[t, 0] = t // K * sh + taps[t % K, 0]
-        src[t, 1] = taps[t % K, 1]
+    src = _tap_sources(taps, T, sh)                     # per column: its row of xph, offset
     fours = T - T % 4
     oc0 = start
     while oc0 < stop:
@@ -655,24 +680,9 @@ def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, item
             nb = min(items, N - n0)
             length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
             for ci in range(c):
-                for b in range(nb):
-                    for iy in range(H):
-                        x = X[n0 + b, g * c + ci, iy]
-                        first = b * plane + rows[iy, 1]
-                        dst = xph[ci * sh + rows[iy, 0], first:first + Wd]
-                        for i in range(Wd):
-                            dst[i] = x[i]
+                _load_rows(X, n0, nb, g * c + ci, rows, plane, xph, ci * sh)
             for oc in range(oc0, oc1):
-                for b in range(nb):
-                    for oy in range(OH):
-                        d = dY[n0 + b, oc, oy]
-                        out = dyext[b * plane + oy * wp:]
-                        if sw == 1:
-                            for ox in range(OW):
-                                out[ox] = d[ox]
-                        else:
-                            for ox in range(OW):
-                                out[ox * sw] = d[ox]
+                _lay_rows(dY, n0, nb, oc, plane, wp, sw, dyext)
                 a = acc[oc - oc0]
                 for t in range(0, fours, 4):
                     s0 = xph[src[t, 0], src[t, 1]:src[t, 1] + length]
