@@ -93,9 +93,13 @@ class Kernel:
             numba = _load_numba()
             if not numba:
                 raise OnnxgradError(f"compiled kernel {self.__name__}: numba is not installed")
-            self._compiled = numba.njit(nogil=True, cache=True, error_model="numpy",
-                                        fastmath={"reassoc"} if self.reassociate else False,
-                                        )(_with_helpers(self.function, numba))
+            function = _with_helpers(self.function, numba)
+            options = dict(nogil=True, error_model="numpy",
+                           fastmath={"reassoc"} if self.reassociate else False)
+            try:
+                self._compiled = numba.njit(cache=True, **options)(function)
+            except RuntimeError:  # no writable cache (a read-only install and home)
+                self._compiled = numba.njit(**options)(function)
             result = self._compiled(*args)
             # numba's code generator loads SciPy's BLAS where SciPy is installed; it
             # runs single-threaded too

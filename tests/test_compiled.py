@@ -152,6 +152,22 @@ def test_in_place_kernels_equal_numpy(dtype, monkeypatch):
     np.testing.assert_array_equal(dx, want_dx)
 
 
+def _total(a):
+    t = 0.0
+    for i in range(a.size):
+        t += a[i]
+    return t
+
+
+def test_a_kernel_runs_where_no_cache_can_be_written(monkeypatch):
+    """With nowhere to keep compiled code (a read-only install and home directory),
+    a kernel is compiled for the process alone."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    assert compiled.kernel(_total)(np.arange(5.0)) == 10.0
+
+
 def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
     case = compiled_cases.CASES[0]
     arrays = gc.materialize(case.sample, np.float64)
