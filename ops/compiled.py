@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -55,10 +56,18 @@ def _load_numba():
 def prepare() -> None:
     """Load numba and its code generator (some 110 MiB, once per process) if
     compiled kernels are to run: called when the CPU backend is first used, so
-    that this fixed cost is paid on setting up, not inside a training step."""
-    global _prepared
+    that this fixed cost is paid on setting up, not inside a training step.
+    Where numba imports but cannot compile (a broken installation), compiled
+    kernels are switched off with a warning, and the NumPy forms run."""
+    global _prepared, ENABLED
     if not _prepared and available():
-        _ready(np.empty(0))
+        try:
+            _ready(np.empty(0))
+        except Exception as exc:  # numba's own errors: nothing of onnxgrad's is wrong
+            ENABLED = False
+            warnings.warn(f"onnxgrad's compiled CPU kernels are off: numba cannot compile "
+                          f"({type(exc).__name__}: {exc}); the NumPy forms run instead",
+                          RuntimeWarning, stacklevel=2)
         _prepared = True
 
 

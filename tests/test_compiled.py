@@ -168,6 +168,22 @@ def test_a_kernel_runs_where_no_cache_can_be_written(monkeypatch):
     assert compiled.kernel(_total)(np.arange(5.0)) == 10.0
 
 
+def test_a_numba_that_cannot_compile_switches_the_kernels_off(monkeypatch):
+    """A numba that imports but fails to compile: a warning, then the NumPy forms."""
+    class Broken:
+        @staticmethod
+        def njit(*args, **kwargs):
+            raise OSError("no code generator")
+
+    monkeypatch.setattr(compiled, "_numba", Broken)
+    monkeypatch.setattr(compiled, "_prepared", False)
+    monkeypatch.setattr(compiled, "ENABLED", True)
+    monkeypatch.setattr(compiled._ready, "_compiled", None)
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernels are off: numba cannot compile"):
+        compiled.prepare()
+    assert not compiled.available()
+
+
 def test_without_numba_ops_run_their_numpy_forms(monkeypatch):
     case = compiled_cases.CASES[0]
     arrays = gc.materialize(case.sample, np.float64)
