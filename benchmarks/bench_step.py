@@ -67,10 +67,9 @@ def compiled_name() -> str:
     """Whether onnxgrad's compiled CPU kernels run, and numba's version."""
     from onnxgrad.ops import compiled
 
-    if not compiled.ENABLED:
-        return "compiled kernels off (ONNXGRAD_COMPILED=0)"
     if not compiled.available():
-        return "compiled kernels off (numba not importable)"
+        return ("compiled kernels off (ONNXGRAD_COMPILED=0)" if compiled.ENABLED is False
+                else "compiled kernels off (numba not importable)")
     import numba
 
     return f"compiled kernels: numba {numba.__version__}"

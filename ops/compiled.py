@@ -35,8 +35,9 @@ def _from_environment() -> bool:
     return text != "0"
 
 
-#: Whether ops run their compiled kernels where numba is installed.
-ENABLED = _from_environment()
+#: Whether ops run their compiled kernels where numba is installed: None until the
+#: first use, which reads ``ONNXGRAD_COMPILED``.
+ENABLED: bool | None = None
 
 _numba: Any = None  # the module once imported; False where it cannot be
 _prepared = False
@@ -74,6 +75,9 @@ def prepare() -> None:
 def available(xp=None, *arrays) -> bool:
     """Whether compiled kernels run here: switched on, numba importable, and (when
     given) ``xp`` is NumPy and ``arrays`` are float32 or float64."""
+    global ENABLED
+    if ENABLED is None:
+        ENABLED = _from_environment()
     if not ENABLED or (xp is not None and xp.__name__ != "numpy"):
         return False
     if any(a.dtype not in _FLOATS for a in arrays):
