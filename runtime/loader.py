@@ -13,6 +13,7 @@ after their producers and keeps them alive until it ran.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -199,6 +200,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
             proto = onnx.inliner.inline_local_functions(proto)
         except Exception as exc:
             raise ModelError(f"{where}: cannot inline the model's local functions ({exc})") from exc
+    proto = own_running_statistics(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # onnx.checker.ValidationError and friends
@@ -212,6 +214,66 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     expand_gradient_ops(graph)
     skeleton = _strip_weights(proto)
     return skeleton, graph, path
+
+
+def own_running_statistics(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, or a copy in which each BatchNormalization of the main graph reads its
+    running mean and variance from initializers of its own.
+
+    Exporters store equal initializers once (torch.onnx does: in a freshly initialised
+    network every BatchNormalization's scale and running variance are ones, its bias
+    and running mean zeros), so that one tensor, directly or through Identity nodes,
+    is several nodes' statistics and parameters at once.  A training step overwrites a
+    node's running statistics; shared, they would overwrite a parameter or another
+    node's statistics, and one read through an Identity could not be written at all.
+    A statistic read through an Identity, or an initializer read by any other input,
+    gets a copy of its value under a new name (``<node>.running_mean`` or
+    ``<node>.running_var``); the model computes the same function, and saved models
+    keep the copies."""
+    graph = proto.graph
+    tensors = {t.name: t for t in graph.initializer}
+    identity_of = {n.output[0]: n.input[0] for n in graph.node
+                   if n.op_type == "Identity" and canonical_domain(n.domain) == "" and n.input
+                   and n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    for name in graph.output:
+        readers[name.name] = readers.get(name.name, 0) + 1
+    plan = []  # (node index, input index, source initializer)
+    for index, n in enumerate(graph.node):
+        if n.op_type != "BatchNormalization" or canonical_domain(n.domain) != "":
+            continue
+        for slot in (3, 4):
+            if slot >= len(n.input) or not n.input[slot]:
+                continue
+            name = source = n.input[slot]
+            while source in identity_of and source not in tensors:
+                source = identity_of[source]
+            if source not in tensors:
+                continue  # a graph input or a computed value: not the model's to copy
+            if source == name and readers.get(name, 0) == 1:
+                continue  # its own already
+            plan.append((index, slot, source))
+    if not plan:
+        return proto
+    proto = copy.deepcopy(proto)
+    graph = proto.graph
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {
+        o for n in graph.node for o in n.output}
+    for index, slot, source in plan:
+        node = graph.node[index]
+        base = f"{node.name or f'BatchNormalization_{index}'}.running_{'mean' if slot == 3 else 'var'}"
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        tensor = copy.deepcopy(tensors[source])
+        tensor.name = name
+        graph.initializer.append(tensor)
+        node.input[slot] = name
+    return proto
 
 
 def _strip_weights(proto: onnx.ModelProto) -> onnx.ModelProto:

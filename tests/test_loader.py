@@ -135,3 +135,62 @@ def test_constant_nodes_and_unnamed_nodes_load():
     model = onnxgrad.load(proto)
     assert all(n.name for n in model.graph.nodes)
     np.testing.assert_array_equal(model.run({"x": np.ones(3, np.float32)})["y"], [2, 3, 4])
+
+
+def _shared_statistics_model():
+    """Two BatchNormalizations whose parameters and running statistics are a few shared
+    tensors, directly and through Identity nodes, as torch.onnx writes a freshly
+    initialised network (it stores equal initializers once)."""
+    C = 3
+    nodes = [
+        helper.make_node("Identity", ["ones"], ["ones_a"], name="id_a"),
+        helper.make_node("Identity", ["zeros"], ["zeros_a"], name="id_b"),
+        helper.make_node("BatchNormalization", ["X", "ones", "zeros", "zeros_a", "ones_a"],
+                         ["H"], name="bn1", momentum=0.5),
+        helper.make_node("BatchNormalization", ["H", "ones_a", "zeros_a", "zeros", "ones"],
+                         ["Y"], name="bn2", momentum=0.5),
+    ]
+    inits = {"ones": np.ones(C, np.float32), "zeros": np.zeros(C, np.float32)}
+    return make_model(nodes, [("X", np.float32, ["N", C, 4])], [("Y", np.float32, ["N", C, 4])],
+                      inits, opset=15)
+
+
+def test_shared_running_statistics_get_tensors_of_their_own(tmp_path):
+    """Each BatchNormalization's running statistics become initializers of its own: the
+    model computes the same, a training step (batch statistics) updates each node's
+    running statistics (and no parameter), and the saved model keeps them and runs in
+    onnxruntime."""
+    import onnxruntime
+
+    proto = _shared_statistics_model()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((5, 3, 4)) * 2 + 1).astype(np.float32)
+    model = onnxgrad.load(proto)
+    want = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, {"X": x})[0]
+    np.testing.assert_allclose(model.run({"X": x})["Y"], want, rtol=1e-5, atol=1e-5)
+    own = {"bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"}
+    assert own <= set(model.parameters())
+
+    trainer = onnxgrad.Trainer(model, loss="mse", optimizer=onnxgrad.SGD(lr=0.0))
+    trainer.step({"X": x}, np.zeros((5, 3, 4), np.float32))
+    params = model.parameters()
+    np.testing.assert_array_equal(params["ones"], np.ones(3, np.float32))
+    np.testing.assert_array_equal(params["zeros"], np.zeros(3, np.float32))
+    mean = x.mean(axis=(0, 2))  # momentum 0.5: half the batch mean, half the initial zero
+    np.testing.assert_allclose(params["bn1.running_mean"], 0.5 * mean, rtol=1e-5, atol=1e-6)
+    var = x.var(axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(params["bn1.running_var"], 0.5 + 0.5 * var, rtol=1e-5)
+    # bn2 normalises bn1's output: mean 0 and (unbiased) variance near 1 per channel
+    np.testing.assert_allclose(params["bn2.running_mean"], 0.0, atol=1e-5)
+    assert np.all(np.abs(params["bn2.running_var"] - 1.0) < 0.1)
+
+    path = tmp_path / "trained.onnx"
+    model.save(path)
+    saved = onnx.load(path)
+    stored = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    for name in own:
+        np.testing.assert_array_equal(stored[name], params[name])
+    # inference: the saved statistics, in onnxruntime and in onnxgrad alike
+    got = onnxgrad.load(saved).run({"X": x})["Y"]
+    want = onnxruntime.InferenceSession(saved.SerializeToString()).run(None, {"X": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
