@@ -495,6 +495,28 @@ def _lay_rows(dY, n0, nb, channel, plane, wp, sw, out):
 
 
 @compiled.helper
+def _group_ranges(start, stop, per):
+    """The channels ``[start, stop)`` cut at group bounds (``per`` channels a group):
+    rows ``(group, first, past the last)``."""
+    groups = np.empty(((stop - 1) // per - start // per + 1 if stop > start else 0, 3),
+                      dtype=np.int64)
+    lo = start
+    for r in range(groups.shape[0]):
+        g = lo // per
+        hi = min(stop, (g + 1) * per)
+        groups[r, 0], groups[r, 1], groups[r, 2] = g, lo, hi
+        lo = hi
+    return groups
+
+
+@compiled.helper
+def _run_length(nb, plane, OH, OW, wp, sw):
+    """The positions a tap's run spans over the extended planes of ``nb`` items: up to
+    the place of the last item's last output."""
+    return (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
+
+
+@compiled.helper
 def _tap_sources(taps, T, sh):
     """Per column ``t`` of a group's weights (input channel ``t // K``, kernel position
     ``t % K``): the row of the row-phase planes it reads and its offset there."""
@@ -526,13 +548,12 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
     yext = np.empty((2, items * plane), dtype=Y.dtype)
     src = _tap_sources(taps, T, sh)                     # per column: its row of xph, offset
     fours = T - T % 4
-    oc0 = start
-    while oc0 < stop:
-        g = oc0 // m
-        oc1 = min(stop, (g + 1) * m)
+    groups = _group_ranges(start, stop, m)
+    for r in range(groups.shape[0]):
+        g, oc0, oc1 = groups[r, 0], groups[r, 1], groups[r, 2]
         for n0 in range(n_start, n_stop, items):
             nb = min(items, n_stop - n0)
-            length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
+            length = _run_length(nb, plane, OH, OW, wp, sw)
             for ci in range(c):
                 _load_rows(X, n0, nb, g * c + ci, rows, plane, xph, ci * sh)
             for oc in range(oc0, oc1, 2):
@@ -601,7 +622,6 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
                             else:
                                 for ox in range(OW):
                                     y[ox] = out[ox * sw]
-        oc0 = oc1
 
 
 @compiled.kernel
@@ -621,13 +641,12 @@ def _direct_input_grad_kernel(dY, W, dX, taps, sh, sw, rows, qh, wp, items, star
     plane = qh * wp
     dyext = np.zeros((m, items * plane), dtype=dY.dtype)
     dxph = np.empty((sh, items * plane), dtype=dX.dtype)
-    ci0 = start
-    while ci0 < stop:
-        g = ci0 // c
-        ci1 = min(stop, (g + 1) * c)
+    groups = _group_ranges(start, stop, c)
+    for r in range(groups.shape[0]):
+        g, ci0, ci1 = groups[r, 0], groups[r, 1], groups[r, 2]
         for n0 in range(n_start, n_stop, items):
             nb = min(items, n_stop - n0)
-            length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
+            length = _run_length(nb, plane, OH, OW, wp, sw)
             for j in range(m):
                 _lay_rows(dY, n0, nb, g * m + j, plane, wp, sw, dyext[j])
             for ci in range(ci0, ci1):
@@ -649,7 +668,6 @@ def _direct_input_grad_kernel(dY, W, dX, taps, sh, sw, rows, qh, wp, items, star
                         ph = dxph[rows[iy, 0], first:first + Wd]
                         for i in range(Wd):
                             x[i] = ph[i]
-        ci0 = ci1
 
 
 @compiled.kernel(reassociate=True)
@@ -671,14 +689,13 @@ def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, item
     dyext = np.zeros(items * plane, dtype=dY.dtype)
     src = _tap_sources(taps, T, sh)                     # per column: its row of xph, offset
     fours = T - T % 4
-    oc0 = start
-    while oc0 < stop:
-        g = oc0 // m
-        oc1 = min(stop, (g + 1) * m)
+    groups = _group_ranges(start, stop, m)
+    for r in range(groups.shape[0]):
+        g, oc0, oc1 = groups[r, 0], groups[r, 1], groups[r, 2]
         acc = np.zeros((oc1 - oc0, T))
         for n0 in range(0, N, items):
             nb = min(items, N - n0)
-            length = (nb - 1) * plane + (OH - 1) * wp + (OW - 1) * sw + 1
+            length = _run_length(nb, plane, OH, OW, wp, sw)
             for ci in range(c):
                 _load_rows(X, n0, nb, g * c + ci, rows, plane, xph, ci * sh)
             for oc in range(oc0, oc1):
@@ -709,7 +726,6 @@ def _direct_weight_grad_kernel(dY, X, dW, zero, taps, sh, sw, rows, qh, wp, item
         for oc in range(oc0, oc1):
             for t in range(T):
                 dW[oc, t] = acc[oc - oc0, t]
-        oc0 = oc1
 
 
 def _planes_2d(A):
