@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import types
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
-from onnxgrad.threads import parallel, single_threaded_blas, split
+from onnxgrad.threads import parallel, single_threaded_blas, sized_parts
 
 
 def _from_environment() -> bool:
@@ -207,9 +207,8 @@ def by_parts(count: int, size: int, work: Callable[[int, int], Any]) -> list:
     """``work(start, stop)`` over ranges of ``range(count)`` (the kernel's outer
     loop, ``size`` elements in all), on the pool in parts of :data:`PART`
     elements or more; the results in order."""
-    parts = min(MAX_PARTS, size // PART, count)
-    ranges: Sequence[slice] = split(count, parts)
-    return parallel([lambda r=r: work(r.start, r.stop) for r in ranges])
+    return parallel([lambda r=r: work(r.start, r.stop)
+                     for r in sized_parts(count, size, PART, MAX_PARTS)])
 
 
 @kernel

@@ -312,10 +312,17 @@ ELEMENTWISE_PART = 1 << 18
 ELEMENTWISE_MAX_PARTS = 16
 
 
+def sized_parts(count: int, size: int, least: int, most: int) -> list[slice]:
+    """``range(count)`` (the leading axis of a pass over ``size`` elements in all) as
+    slices of ``least`` elements or more, ``most`` slices at most."""
+    return split(count, min(most, size // least, count))
+
+
 def by_rows(xp, count: int, size: int, work: Callable[[slice], Any]) -> None:
     """Run ``work(part)`` for slices ``part`` of ``range(count)`` (the leading axis
     of the arrays ``work`` reads and writes, ``size`` elements in all): on the
     pool in parts of :data:`ELEMENTWISE_PART` elements or more for NumPy arrays,
     else once over everything."""
-    parts = min(ELEMENTWISE_MAX_PARTS, size // ELEMENTWISE_PART, count)
-    each(xp, split(count, parts) if xp.__name__ == "numpy" else [slice(None)], work)
+    parts = (sized_parts(count, size, ELEMENTWISE_PART, ELEMENTWISE_MAX_PARTS)
+             if xp.__name__ == "numpy" else [slice(None)])
+    each(xp, parts, work)
