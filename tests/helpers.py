@@ -107,3 +107,26 @@ def count_calls(monkeypatch, functions) -> dict[str, int]:
 
         monkeypatch.setattr(module, name, counted)
     return counts
+
+
+def uniform(*shape, seed=0):
+    """Float64 values uniform in [-1, 1) from a generator seeded with ``seed``."""
+    return np.random.default_rng(seed).uniform(-1, 1, size=shape)
+
+
+def check_against_central_differences(proto, feeds, params, eps, model=None):
+    """``Trainer.gradients`` of every parameter of ``params`` in ``proto`` (a model whose
+    output ``loss`` is a scalar), each of the parameter's shape and type, against
+    central differences of that loss (rtol 1e-6, atol 1e-7; ``model``: ``proto``
+    loaded, where the caller has it); returns the analytic gradients."""
+    import onnxgrad  # noqa: PLC0415
+
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=list(params))
+    analytic = trainer.gradients(dict(feeds), None)
+    model = model if model is not None else onnxgrad.load(proto)
+    for name, value in params.items():
+        assert analytic[name].shape == value.shape and analytic[name].dtype == value.dtype, name
+        numeric = central_differences(model, feeds, name, value, eps)
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
+    return analytic

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxgrad
-from helpers import central_differences, make_model, vi
+from helpers import check_against_central_differences, make_model, uniform, vi
 
 D, I64, B = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 EPS = 1e-6
@@ -38,18 +38,7 @@ def _loss_model(nodes, outputs: dict[str, tuple], feeds: dict, params: dict, ops
 def check_gradients(nodes, outputs, feeds, params, opset=17):
     """Analytic gradients of every parameter against central differences."""
     proto = _loss_model(nodes, outputs, feeds, params, opset)
-    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
-                               trainable=list(params))
-    analytic = trainer.gradients(feeds, None)
-    model = onnxgrad.load(proto)
-    for name, value in params.items():
-        numeric = central_differences(model, feeds, name, value, EPS)
-        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
-    return analytic
-
-
-def _rand(*shape, seed=0):
-    return np.random.default_rng(seed).uniform(-1, 1, size=shape)
+    return check_against_central_differences(proto, feeds, params, EPS)
 
 
 # -- If ---------------------------------------------------------------------------------------
@@ -67,7 +56,7 @@ def _if_nodes():
 
 @pytest.mark.parametrize("taken", [True, False])
 def test_if_gradient_flows_through_the_branch_taken(taken):
-    params = {"a0": _rand(3), "b": _rand(3, seed=1), "w": _rand(3, seed=2)}
+    params = {"a0": uniform(3), "b": uniform(3, seed=1), "w": uniform(3, seed=2)}
     grads = check_gradients(_if_nodes(), {"y": (3,)}, {"c": np.array(taken)}, params)
     if taken:  # b is read by the other branch only
         np.testing.assert_array_equal(grads["b"], np.zeros(3))
@@ -87,8 +76,8 @@ def _recurrence_body(cond_out_nodes, cond_out="cond_in"):
 
 
 def _recurrence_params():
-    return {"h0": _rand(2, 3), "W": _rand(3, 3, seed=1), "X": _rand(4, 3, seed=2),
-            "v": _rand(3, seed=3)}
+    return {"h0": uniform(2, 3), "W": uniform(3, 3, seed=1), "X": uniform(4, 3, seed=2),
+            "v": uniform(3, seed=3)}
 
 
 def test_loop_recurrence_over_a_fixed_trip_count():
@@ -147,15 +136,15 @@ def _scan_body():
      "scan_output_directions": [1]},
 ], ids=["forward", "reverse", "axes-and-directions"])
 def test_scan_with_directions_axes_and_a_scan_output(attrs):
-    xs = _rand(4, 3, seed=4) if attrs.get("scan_input_axes") != [1] else _rand(3, 4, seed=4)
-    params = {"s0": _rand(3), "xs": xs, "w": _rand(3, seed=5)}
+    xs = uniform(4, 3, seed=4) if attrs.get("scan_input_axes") != [1] else uniform(3, 4, seed=4)
+    params = {"s0": uniform(3), "xs": xs, "w": uniform(3, seed=5)}
     nodes = [helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=_scan_body(),
                               num_scan_inputs=1, **attrs)]
     check_gradients(nodes, {"s": (3,), "ys": xs.shape}, {}, params)
 
 
 def test_scan_opset8_with_a_batch_axis():
-    params = {"s0": _rand(2, 3), "xs": _rand(2, 4, 3, seed=4), "w": _rand(3, seed=5)}
+    params = {"s0": uniform(2, 3), "xs": uniform(2, 4, 3, seed=4), "w": uniform(3, seed=5)}
     nodes = [helper.make_node("Scan", ["", "s0", "xs"], ["s", "ys"], name="scan",
                               body=_scan_body(), num_scan_inputs=1, directions=[1])]
     check_gradients(nodes, {"s": (2, 3), "ys": (2, 4, 3)}, {}, params, opset=8)
@@ -173,7 +162,7 @@ def test_scan_whose_body_holds_an_if():
          helper.make_node("Tanh", ["pre"], ["s_out"]),
          helper.make_node("Identity", ["s_out"], ["y_t"])],
         "body", [vi("s_in", D, [3]), vi("x_t", D, [3])], [vi("s_out", D, [3]), vi("y_t", D, [3])])
-    params = {"s0": _rand(3), "xs": _rand(4, 3, seed=4), "w": _rand(3, seed=5)}
+    params = {"s0": uniform(3), "xs": uniform(4, 3, seed=4), "w": uniform(3, seed=5)}
     nodes = [helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], body=body, num_scan_inputs=1)]
     for c in (True, False):
         check_gradients(nodes, {"ys": (4, 3)}, {"c": np.array(c)}, params)
@@ -189,6 +178,6 @@ def test_a_body_without_a_gradient_rule_raises_naming_the_node():
                               [vi("e", D, [3])])
     nodes = [helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then,
                               else_branch=other)]
-    proto = _loss_model(nodes, {"y": (3,)}, {"c": np.array(True)}, {"w": _rand(3)}, 17)
+    proto = _loss_model(nodes, {"y": (3,)}, {"c": np.array(True)}, {"w": uniform(3)}, 17)
     with pytest.raises(onnxgrad.UnsupportedOpError, match="DynamicQuantizeLinear.*'branch'"):
         onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss", trainable=["w"])

@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxgrad
-from helpers import central_differences, make_model, model_of, tensor_type, vi
+from helpers import (check_against_central_differences, make_model, model_of, tensor_type,
+                     uniform, vi)
 
 D, I64, B = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 EPS = 1e-6
@@ -77,23 +78,12 @@ def check_gradients(nodes, ys, params, feeds=None, opset=17, want=None):
         np.testing.assert_allclose(got["loss"], ref[0], rtol=1e-12, atol=1e-12)
     for name, value in zip(ys, want):
         np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
-    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss",
-                               optimizer=onnxgrad.SGD(lr=0.0), trainable=list(params))
-    analytic = trainer.gradients(dict(feeds), None)
-    for name, value in params.items():
-        assert analytic[name].shape == value.shape and analytic[name].dtype == value.dtype, name
-        numeric = central_differences(model, feeds, name, value, EPS)
-        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
-    return analytic
-
-
-def _rand(*shape, seed=0):
-    return np.random.default_rng(seed).uniform(-1, 1, size=shape)
+    return check_against_central_differences(proto, feeds, params, EPS, model)
 
 
 def _abc():
     """Three tensors of 3 columns and 2, 4 and 1 rows."""
-    return {"a": _rand(2, 3), "b": _rand(4, 3, seed=1), "c": _rand(1, 3, seed=2)}
+    return {"a": uniform(2, 3), "b": uniform(4, 3, seed=1), "c": uniform(1, 3, seed=2)}
 
 
 # -- SequenceConstruct, SequenceAt -------------------------------------------------------------
@@ -140,11 +130,11 @@ def test_identity_and_optional_pass_a_sequence_gradient_through():
 @pytest.mark.parametrize("axis,new_axis", [(0, 0), (-1, 0), (1, 1), (-1, 1), (0, 1)])
 def test_concat_from_sequence(axis, new_axis):
     if new_axis:  # stacked: elements of one shape
-        params = {"a": _rand(2, 3), "b": _rand(2, 3, seed=1), "c": _rand(2, 3, seed=2)}
+        params = {"a": uniform(2, 3), "b": uniform(2, 3, seed=1), "c": uniform(2, 3, seed=2)}
     elif axis == 0:
         params = _abc()
     else:
-        params = {"a": _rand(3, 2), "b": _rand(3, 4, seed=1), "c": _rand(3, 1, seed=2)}
+        params = {"a": uniform(3, 2), "b": uniform(3, 4, seed=1), "c": uniform(3, 1, seed=2)}
     nodes = [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]),
              helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=axis,
                               new_axis=new_axis),
@@ -226,7 +216,7 @@ def test_split_to_sequence(attrs, split):
               helper.make_node("SequenceAt", ["parts", "one"], ["p1"]),
               helper.make_node("SequenceAt", ["parts", "last"], ["p2"]),
               helper.make_node("Mul", ["p1", "p2"], ["y1"])]
-    check_gradients(nodes, ["y0", "y1"], {"x": _rand(5, 4)})
+    check_gradients(nodes, ["y0", "y1"], {"x": uniform(5, 4)})
 
 
 def test_split_to_sequence_parts_no_output_reads_get_zeros():
@@ -234,7 +224,7 @@ def test_split_to_sequence_parts_no_output_reads_get_zeros():
              helper.make_node("SplitToSequence", ["x", "split"], ["parts"]),
              helper.make_node("SequenceAt", ["parts", "one"], ["middle"]),
              helper.make_node("Exp", ["middle"], ["y0"])]
-    grads = check_gradients(nodes, ["y0"], {"x": _rand(5, 4)})
+    grads = check_gradients(nodes, ["y0"], {"x": uniform(5, 4)})
     np.testing.assert_array_equal(grads["x"][[0, 1, 3, 4]], np.zeros((4, 4)))
     assert np.all(grads["x"][2] != 0)
 
@@ -255,7 +245,7 @@ def test_sequence_map_with_a_tensor_input_and_an_outer_value():
              helper.make_node("SplitToSequence", ["x", "split"], ["xs"]),
              helper.make_node("SequenceMap", ["xs", "w"], ["outs"], name="map", body=_map_body()),
              helper.make_node("ConcatFromSequence", ["outs"], ["y0"], axis=0)]
-    p = {"x": _rand(6, 3), "w": _rand(3, seed=1), "v": _rand(3, seed=2)}
+    p = {"x": uniform(6, 3), "w": uniform(3, seed=1), "v": uniform(3, seed=2)}
     # onnx's reference evaluator does not pass outer values into SequenceMap's body
     want = np.tanh(p["x"] * p["w"]) + p["v"]
     check_gradients(nodes, ["y0"], p, want=[want])
@@ -275,7 +265,7 @@ def test_sequence_map_over_two_sequences_with_two_outputs():
              helper.make_node("ConcatFromSequence", ["abs"], ["y0"], axis=0),
              helper.make_node("SequenceAt", ["sums", "one"], ["s1"]),
              helper.make_node("Mul", ["s1", "s1"], ["y1"])]
-    check_gradients(nodes, ["y0", "y1"], {"a": _rand(6, 2), "b": _rand(6, 2, seed=1)})
+    check_gradients(nodes, ["y0", "y1"], {"a": uniform(6, 2), "b": uniform(6, 2, seed=1)})
 
 
 def test_sequence_map_elements_no_output_reads_get_zeros():
@@ -283,7 +273,7 @@ def test_sequence_map_elements_no_output_reads_get_zeros():
              helper.make_node("SplitToSequence", ["x"], ["xs"], axis=0),
              helper.make_node("SequenceMap", ["xs", "w"], ["outs"], body=_map_body()),
              helper.make_node("SequenceAt", ["outs", "zero"], ["y0"])]
-    p = {"x": _rand(4, 3), "w": _rand(3, seed=1), "v": _rand(3, seed=2)}
+    p = {"x": uniform(4, 3), "w": uniform(3, seed=1), "v": uniform(3, seed=2)}
     want = np.tanh(p["x"][:1] * p["w"]) + p["v"]  # see the test above
     grads = check_gradients(nodes, ["y0"], p, want=[want])
     np.testing.assert_array_equal(grads["x"][1:], np.zeros((3, 3)))
@@ -299,7 +289,7 @@ def test_sequence_map_whose_body_lacks_a_rule_raises_naming_the_node():
              helper.make_node("ConcatFromSequence", ["outs"], ["y"], axis=0),
              helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
     proto = make_model(nodes, [], [("loss", np.float32, [])],
-                       {"x": _rand(3, 2).astype(np.float32)})
+                       {"x": uniform(3, 2).astype(np.float32)})
     with pytest.raises(onnxgrad.UnsupportedOpError, match="DynamicQuantizeLinear.*'map'"):
         onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss", trainable=["x"])
 
@@ -328,7 +318,7 @@ def test_loop_carrying_a_sequence_and_reading_one():
              helper.make_node("Loop", ["n", "yes", "h0", "empty"], ["h", "hs"], name="rnn",
                               body=body),
              helper.make_node("ConcatFromSequence", ["hs"], ["y0"], axis=0)]
-    params = {"x": _rand(4, 3), "h0": _rand(1, 3, seed=1), "w": _rand(3, seed=2)}
+    params = {"x": uniform(4, 3), "h0": uniform(1, 3, seed=1), "w": uniform(3, seed=2)}
     check_gradients(nodes, ["y0", "h"], params)
 
 
@@ -344,7 +334,7 @@ def test_if_with_a_sequence_output():
                               else_branch=other),
              helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=0),
              helper.make_node("Tanh", ["cat"], ["y0"])]
-    params = {"a": _rand(2, 3), "b": _rand(1, 3, seed=1), "w": _rand(3, seed=2)}
+    params = {"a": uniform(2, 3), "b": uniform(1, 3, seed=1), "w": uniform(3, seed=2)}
     for taken in (True, False):
         check_gradients(nodes, ["y0"], params, {"c": np.array(taken)})
 
@@ -361,7 +351,7 @@ def test_bodies_reading_an_outer_sequence():
              helper.make_node("SplitToSequence", ["y"], ["ys"]),
              helper.make_node("SequenceMap", ["xs"], ["outs"], body=body),
              helper.make_node("ConcatFromSequence", ["outs"], ["r"], axis=0)]
-    p = {"x": _rand(3, 2), "y": _rand(2, 2, seed=1)}
+    p = {"x": uniform(3, 2), "y": uniform(2, 2, seed=1)}
     grads = check_gradients(nodes, ["r"], p, want=[p["x"] * p["y"][:1]])
     np.testing.assert_array_equal(grads["y"][1], np.zeros(2))
 
@@ -374,7 +364,7 @@ def test_bodies_reading_an_outer_sequence():
         [vi("s_out", D, [1, 2]), vi("o_t", D, [1, 2])])
     nodes = [helper.make_node("SplitToSequence", ["y"], ["ys"]),
              helper.make_node("Scan", ["s0", "xs"], ["s", "os"], body=body, num_scan_inputs=1)]
-    p = {"y": _rand(3, 2), "s0": _rand(1, 2, seed=2), "xs": _rand(4, 1, 2, seed=3)}
+    p = {"y": uniform(3, 2), "s0": uniform(1, 2, seed=2), "xs": uniform(4, 1, 2, seed=3)}
     state, outs = p["s0"], []
     for x_t in p["xs"]:
         state = state * p["y"][1:2] + x_t
@@ -400,7 +390,7 @@ def test_loop_carrying_an_optional_refuses_naming_the_node():
              helper.make_node("OptionalGetElement", ["last"], ["y"]),
              helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
     proto = make_model(nodes, [("n", np.int64, [])], [("loss", np.float64, [])],
-                       {"x": _rand(3), "w": _rand(3, seed=1)})
+                       {"x": uniform(3), "w": uniform(3, seed=1)})
     with pytest.raises(onnxgrad.UnsupportedOpError, match="carried value 'last'.*'loop'"):
         onnxgrad.Trainer(onnxgrad.load(proto), loss=None, output="loss", trainable=["x", "w"])
 
@@ -506,19 +496,19 @@ _CONVERT_CASES = {  # name: (nodes, outputs, parameters)
         [helper.make_node("SequenceConstruct", ["a", "b", "c"], ["seq"]),
          helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=-1),
          helper.make_node("Sin", ["cat"], ["y0"])], ["y0"],
-        {"a": _rand(3, 2), "b": _rand(3, 4, seed=1), "c": _rand(3, 1, seed=2)}),
+        {"a": uniform(3, 2), "b": uniform(3, 4, seed=1), "c": uniform(3, 1, seed=2)}),
     "stack_axis_1": (
         [helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
          helper.make_node("ConcatFromSequence", ["seq"], ["cat"], axis=1, new_axis=1),
          helper.make_node("Sin", ["cat"], ["y0"])], ["y0"],
-        {"a": _rand(2, 3), "b": _rand(2, 3, seed=1)}),
+        {"a": uniform(2, 3), "b": uniform(2, 3, seed=1)}),
     "insert_none": (_insert_nodes(None), ["y0", "y1"], _abc()),
     "insert_-1": (_insert_nodes(-1), ["y0", "y1"], _abc()),
     "erase_-2": (_erase_nodes(), ["y0"], _abc()),
     "split_keepdims_0": (_split_nodes({"axis": 1, "keepdims": 0}, None), ["y0", "y1"],
-                         {"x": _rand(5, 4)}),
-    "split_list": (_split_nodes({"axis": 0}, [1, 3, 1]), ["y0", "y1"], {"x": _rand(5, 4)}),
-    "split_scalar": (_split_nodes({}, 2), ["y0", "y1"], {"x": _rand(5, 4)}),
+                         {"x": uniform(5, 4)}),
+    "split_list": (_split_nodes({"axis": 0}, [1, 3, 1]), ["y0", "y1"], {"x": uniform(5, 4)}),
+    "split_scalar": (_split_nodes({}, 2), ["y0", "y1"], {"x": uniform(5, 4)}),
 }
 
 
@@ -590,7 +580,7 @@ def test_sequence_gradient_helpers_in_standard_ops_run_in_onnxruntime():
         [vi("y", D, [6, 3]), vi("shapes", I64, [None])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid(private, 1)])
-    feeds = {"a": _rand(2, 3), "b": _rand(4, 3, seed=1), "s": np.array(3.0)}
+    feeds = {"a": uniform(2, 3), "b": uniform(4, 3, seed=1), "s": np.array(3.0)}
     want = onnxgrad.load(proto).run(dict(feeds))
     np.testing.assert_allclose(want["y"], 4 * np.concatenate([feeds["a"], feeds["b"]]))
     np.testing.assert_array_equal(want["shapes"], [2, 2, 3, 2, 4, 3])
