@@ -58,6 +58,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from torch_training import cross_entropy_steps
+
 HERE = pathlib.Path(__file__).resolve().parent
 SGD_KW, SGD_STEPS = dict(lr=0.05, momentum=0.9), 2
 ADAMW_KW, ADAMW_STEPS = dict(lr=0.01), 3
@@ -184,13 +186,7 @@ def run_torch(net, x, y, opt_cls, kw, steps):
     tracked = {n: b.clone() for n, b in net.named_buffers()}
     net.train()
     opt = opt_cls(net.parameters(), foreach=False, **kw)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
+    losses = cross_entropy_steps(net, x, y, opt, steps)
     after = state(net)
     restore(net, snapshot)
     with torch.no_grad():

@@ -33,6 +33,8 @@ import pathlib
 import numpy as np
 import torch
 
+from torch_training import cross_entropy_steps
+
 HERE = pathlib.Path(__file__).resolve().parent
 STEPS, LR, MOMENTUM = 3, 0.1, 0.9
 BATCH, SEQ, FEATURES, HIDDEN, CLASSES = 4, 5, 4, 6, 3
@@ -69,13 +71,7 @@ def main() -> None:
             [p.grad.numpy().ravel() for p in model.parameters()]))
         model.zero_grad()
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        losses = []
-        for _ in range(STEPS):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), label)
-            losses.append(loss.item())
-            loss.backward()
-            optimizer.step()
+        losses = cross_entropy_steps(model, x, label, optimizer, STEPS)
         with torch.no_grad():
             out[f"{kind}/trained_logits"] = model(x).numpy()
         out[f"{kind}/x"], out[f"{kind}/label"] = x.numpy(), label.numpy()

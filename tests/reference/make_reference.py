@@ -80,6 +80,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from torch_training import run_torch
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
@@ -190,26 +192,6 @@ def map_initializers(net, model):
         n in {h[0] for h in mapping.values()} or inits[n].dtype.kind != "f"
         for n in inits), f"unmatched float initializers in {model.graph.name}"
     return mapping
-
-
-def run_torch(net, x, y, opt_cls, kw, steps):
-    """Train `steps` steps on (x, y); return the weights after them and the
-    losses before each, then put the initial weights back."""
-    params = dict(net.named_parameters())
-    snapshot = {n: p.detach().clone() for n, p in params.items()}
-    opt = opt_cls(params.values(), foreach=False, **kw)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-    after = {n: p.detach().numpy().copy() for n, p in params.items()}
-    with torch.no_grad():                  # restore the initial weights
-        for n, p in params.items():
-            p.copy_(snapshot[n])
-    return after, np.array(losses, np.float32)
 
 
 def make_mlp():

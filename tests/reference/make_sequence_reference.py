@@ -33,6 +33,8 @@ from typing import List
 import numpy as np
 import torch
 
+from torch_training import cross_entropy_steps
+
 HERE = pathlib.Path(__file__).resolve().parent
 STEPS, LR, MOMENTUM = 3, 0.1, 0.9
 BATCH, FEATURES, HIDDEN, CLASSES = 5, 6, 8, 3
@@ -73,13 +75,7 @@ def main() -> None:
         out[f"grad/{name}"] = param.grad.numpy().copy()
     model.zero_grad()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    losses = []
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), label)
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
+    losses = cross_entropy_steps(model, x, label, optimizer, STEPS)
     out["losses"] = np.array(losses)
     for name, param in model.named_parameters():
         out[f"trained/{name}"] = param.detach().numpy().copy()

@@ -64,6 +64,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from torch_training import run_torch
+
 HERE = pathlib.Path(__file__).resolve().parent
 VOCAB, D_MODEL, HEADS, SEQ, FF, CLASSES, BATCH = 20, 16, 2, 8, 32, 3, 4
 FILES = {"torchscript": "transformer_torchscript.onnx", "dynamo": "transformer_dynamo.onnx"}
@@ -133,25 +135,6 @@ def map_initializers(net, model):
         assert len(hits) == 1, (pname, hits)
         mapping[pname] = hits[0]
     return mapping
-
-
-def run_torch(net, x, y, opt_cls, kw, steps):
-    params = dict(net.named_parameters())
-    snapshot = {n: p.detach().clone() for n, p in params.items()}
-    opt = opt_cls(params.values(), foreach=False, **kw)
-    losses = []
-    net.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-    after = {n: p.detach().numpy().copy() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(snapshot[n])
-    return after, np.array(losses, np.float32)
 
 
 def main():
