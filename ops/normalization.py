@@ -177,6 +177,12 @@ def _bn_standardize(xp, X, gain, B, epsilon):
     return Y.reshape(X.shape), guess + shift, var
 
 
+def _doubles(a, n: int):
+    """``a`` (n values: per channel or position) as a contiguous float64 vector for a
+    compiled kernel; zeros where ``a`` is None."""
+    return np.zeros(n) if a is None else np.ascontiguousarray(a, dtype=np.float64).reshape(n)
+
+
 def _compiled_bn(xp, X3) -> bool:
     """Whether BatchNormalization of ``X3`` (N, C, P) runs its compiled kernels."""
     return X3.size > 0 and compiled.available(xp)
@@ -253,8 +259,7 @@ def _bn_compiled(X3, gain, bias, epsilon, normalize=True):
     C = X3.shape[1]
     Y = np.empty(X3.shape if normalize else (0, 0, 0), dtype=X3.dtype)
     mean, var = np.empty(C), np.empty(C)
-    gain, bias = ((np.zeros(C) if a is None else np.ascontiguousarray(a, dtype=np.float64).reshape(C))
-                  for a in (gain, bias))
+    gain, bias = (_doubles(a, C) for a in (gain, bias))
     compiled.by_parts(C, X3.size, lambda start, stop: _bn_kernel(
         X3, gain, bias, float(epsilon), Y, mean, var, start, stop))
     return (Y if normalize else None), mean, var
@@ -267,8 +272,7 @@ def _bn_grad_compiled(d, X3, mean, var, scale, epsilon):
     C = X3.shape[1]
     dX = np.empty(X3.shape, dtype=X3.dtype)
     dscale, dB = np.empty(C), np.empty(C)
-    mean, var, gain = (np.ascontiguousarray(a, dtype=np.float64).reshape(C)
-                       for a in (mean, var, scale))
+    mean, var, gain = (_doubles(a, C) for a in (mean, var, scale))
     compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_kernel(
         d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, start, stop))
     return dX, dscale, dB
@@ -783,8 +787,7 @@ def _ln_compiled(X, axes, Scale, B, epsilon, normalize=True):
     R, W = X2.shape
     Y = np.empty(X2.shape if normalize else (0, 0), dtype=X2.dtype)
     mean, inv = np.empty(R), np.empty(R)
-    scale, bias = ((np.zeros(W) if a is None else np.ascontiguousarray(a, dtype=np.float64).reshape(W))
-                   for a in (Scale, B))
+    scale, bias = (_doubles(a, W) for a in (Scale, B))
     compiled.by_parts(R, X2.size, lambda start, stop: _ln_kernel(
         X2, scale, bias, float(epsilon), Y, mean, inv, start, stop))
     stats = X.shape[:axes[0]] + (1,) * len(axes)
@@ -798,8 +801,8 @@ def _ln_grad_compiled(dY, X, axes, Scale, mean, inv):
     X2 = _rows(X, axes)
     d = np.ascontiguousarray(dY, dtype=X2.dtype).reshape(X2.shape)
     dX = np.empty(X2.shape, dtype=X2.dtype)
-    scale = np.ascontiguousarray(Scale, dtype=np.float64).reshape(-1)
-    mean, inv = (np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in (mean, inv))
+    scale = _doubles(Scale, X2.shape[1])
+    mean, inv = (_doubles(a, X2.shape[0]) for a in (mean, inv))
 
     def part(start, stop):
         dscale = np.zeros(X2.shape[1])
