@@ -88,6 +88,12 @@ def available(xp=None, *arrays) -> bool:
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def numba_version() -> str | None:
+    """The version of numba that compiles the kernels, or None where it cannot be imported."""
+    numba = _load_numba()
+    return numba.__version__ if numba else None
+
+
 class Kernel:
     """A Python function compiled by numba on its first call, for each new set of
     argument types.  Compiled without the interpreter lock and cached on disk;

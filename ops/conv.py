@@ -347,6 +347,19 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, pads, strides):
     return sp, kernel, strides, dilations, begin, end, out
 
 
+def _on_cudnn(xp, kind, a, b, shape, dtype, begin, end, strides, dilations):
+    """The result (of ``shape``) of a convolution's forward pass or gradient (``kind``,
+    a method of :class:`~onnxgrad.cudnn_conv.Convolutions`) run by cuDNN on the CUDA
+    backend; None where cuDNN does not run it (no cuDNN, or it declined the layer)."""
+    engine = getattr(xp, "cudnn_convolutions", None)
+    if engine is None:
+        return None
+    result = xp.empty(shape, dtype=dtype)
+    done = getattr(engine, kind)(xp.ascontiguousarray(a), xp.ascontiguousarray(b), result,
+                                 begin, end, strides, dilations)
+    return result if done else None
+
+
 @op("Conv", since=1, differentiable=("X", "W", "B"))
 def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None):
@@ -355,9 +368,11 @@ def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
                          f"do not fit group={group}")
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, W.shape, auto_pad, dilations, pads, strides)
-    if depthwise.applies(W.shape, group, begin, end, xp, X.dtype):
+    Y = _on_cudnn(xp, "forward", X, W, (X.shape[0], W.shape[0]) + out, X.dtype, begin, end,
+                  strides, dilations)
+    if Y is None and depthwise.applies(W.shape, group, begin, end, xp, X.dtype):
         Y = depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out)
-    else:
+    elif Y is None:
         Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
     if B is not None:
         Y += B.reshape(_bias_shape(B, Y.ndim))
@@ -418,6 +433,10 @@ def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         x_shape, W.shape, auto_pad, dilations, pads, strides)
+    dX = _on_cudnn(xp, "input_grad", dY, W, tuple(int(d) for d in x_shape), dY.dtype, begin, end,
+                   strides, dilations)
+    if dX is not None:
+        return (dX,)
     if depthwise.applies(W.shape, group, begin, end, xp, dY.dtype):
         return (depthwise.input_grad(xp, dY, W, group, sp, strides, dilations, begin, end),)
     if all(s == 1 for s in strides) and W.shape[1] >= FLIPPED_MIN_CHANNELS:
@@ -432,6 +451,10 @@ def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
               strides=None):
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, w_shape, auto_pad, dilations, pads, strides)
+    dW = _on_cudnn(xp, "weight_grad", X, dY, tuple(int(d) for d in w_shape), X.dtype, begin, end,
+                   strides, dilations)
+    if dW is not None:
+        return (dW,)
     if depthwise.applies(w_shape, group, begin, end, xp, X.dtype):
         return (depthwise.weight_grad(xp, dY, X, group, kernel, strides, dilations, begin, end),)
     Xp = pad_spatial(xp, X, begin, end)

@@ -33,6 +33,18 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU)."""
 
+    def describe(self) -> list[str]:
+        """Lines on what runs this device's kernels, for ``inspect`` and profiles."""
+        from onnxgrad.ops import compiled  # noqa: PLC0415 - ops import the runtime
+
+        if compiled.available():
+            kernels = f"compiled by numba {compiled.numba_version()}"
+        elif compiled.ENABLED:
+            kernels = "NumPy only (numba is not installed)"
+        else:
+            kernels = "NumPy only (turned off by ONNXGRAD_COMPILED=0 or a numba that cannot compile)"
+        return [f"device: cpu, {get_num_threads()} thread(s); kernels {kernels}"]
+
 
 class CudaBackend(Backend):
     """CuPy on the current CUDA device.
@@ -45,12 +57,18 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, cupy: Any):
-        from onnxgrad.cublas import array_module  # noqa: PLC0415 - needs CuPy loaded
+        from onnxgrad import cudnn_conv  # noqa: PLC0415 - needs CuPy loaded
+        from onnxgrad.cublas import array_module  # noqa: PLC0415
 
         #: CuPy, with its matrix products done through cuBLAS by onnxgrad (see
         #: :mod:`onnxgrad.cublas`), so that they can be recorded in a CUDA graph,
         #: and host arrays uploaded as :meth:`recording` says.
         self.xp = array_module(cupy)
+        #: What runs convolutions: cuDNN (a :class:`~onnxgrad.cudnn_conv.Convolutions`,
+        #: which Conv's kernels find as ``xp.cudnn_convolutions``) or, as a phrase, why not.
+        self.convolutions = cudnn_conv.start(cupy)
+        self.xp.cudnn_convolutions = (None if isinstance(self.convolutions, str)
+                                      else self.convolutions)
         self._cupy = cupy
         self._stream = None
         self._side = None
@@ -123,6 +141,15 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
+
+    def describe(self) -> list[str]:
+        """Lines on what runs this device's kernels, for ``inspect`` and profiles."""
+        from onnxgrad import cudnn_conv  # noqa: PLC0415
+
+        device = self._cupy.cuda.Device()
+        name = self._cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return [f"device: cuda {device.id} ({name})"] + cudnn_conv.describe(self.convolutions)
 
 
 _CPU = Backend()

@@ -787,6 +787,7 @@ class Trainer:
             profile.steps += 1
             profile.notes = ["kernel by kernel: steps ran eagerly (a CUDA graph is not timed "
                              "per kernel)"] + (self.graphs.describe() if self.graphs else [])
+            profile.notes += backend.describe()
         self._stale = True
         self._advance()
         return loss

@@ -77,8 +77,11 @@ def main():
               help="The value a loss would read, for the gradient check. Default: first output.")
 @click.option("--parameters", "-p", "list_params", is_flag=True,
               help="List every parameter (implied by --trainable/--freeze).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Also say what would run the model's kernels there (on cuda: the GPU, and "
+                   "whether cuDNN runs the convolutions, or why not).")
 @boundary
-def inspect(model, trainable, freeze, output, list_params):
+def inspect(model, trainable, freeze, output, list_params, device):
     """Show a model's inputs, outputs, parameters and ops.
 
     For every op type in the graph: how many nodes use it, whether onnxgrad
@@ -92,7 +95,9 @@ def inspect(model, trainable, freeze, output, list_params):
       onnxgrad inspect models/digits_mlp.onnx
       onnxgrad inspect models/digits_mlp.onnx --parameters
       onnxgrad inspect models/digits_mlp.onnx --freeze '*0.weight' --freeze '*0.bias'
+      onnxgrad inspect resnet.onnx --device cuda
     """
+    from onnxgrad.backend import get_backend
     from onnxgrad.ops import lookup
 
     m = load_model(model)
@@ -162,6 +167,9 @@ def inspect(model, trainable, freeze, output, list_params):
             echo(f"training towards {out!r} would fail at: {names}")
         else:
             echo(f"none of them lies between the trainable parameters and {out!r}")
+    if device is not None:
+        for line in get_backend(device).describe():
+            echo(line)
 
 
 def _op_name(row) -> str:
