@@ -210,6 +210,24 @@ def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how, monkey
     np.testing.assert_array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("rows,parts", [(95, 1), (96, 2), (159, 2), (160, 3)])
+def test_products_split_into_the_nearest_number_of_parts(rows, parts, monkeypatch):
+    """A product of ``rows × 64 × 256`` multiply-adds, with parts of 64·64·256 of them:
+    one part below one and a half parts' worth (95 rows), two from there (96 rows),
+    three from two and a half (160)."""
+    from onnxgrad import threads
+
+    monkeypatch.setattr(threads, "MATMUL_PART", 64 * 64 * 256)
+    handed: list[int] = []
+    real = threads.parallel
+    monkeypatch.setattr(threads, "parallel", lambda tasks: handed.append(len(tasks)) or real(tasks))
+    onnxgrad.set_num_threads(2)
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((rows, 64)), rng.standard_normal((64, 256))
+    np.testing.assert_allclose(threads.matmul(np, a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert handed == ([parts] if parts > 1 else [])
+
+
 def test_split_product_writes_into_out(monkeypatch):
     from onnxgrad import threads
     from onnxgrad.threads import matmul
