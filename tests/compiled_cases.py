@@ -58,6 +58,8 @@ CASES = [
     Case("clip_max", _clip((1000, 300), None, 0.25), _CLIP_KERNELS, small=_clip((7, 4), None, 0.25)),
     Case("clip6_attributes", Sample("Clip", [("input", ("real", (64, 96, 9, 9)))],
                                     {"min": 0.0, "max": 1.0}, 6), _CLIP_KERNELS),
+    Case("erf", Sample("Erf", [("input", ("real", (16, 64, 512)))], {}, 13),
+         ((nonlinear, "_erf64_kernel"),), small=Sample("Erf", [("input", ("real", (3, 7)))], {}, 13)),
     Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((3, 4, 3, 2))),
     Case("batchnorm_2d", _bn((64, 200)), _BN_KERNELS, small=_bn((6, 3))),
     Case("batchnorm_3d_eps", _bn((4, 8, 4, 8, 8), {"epsilon": 0.1, "momentum": 0.7}, 14),

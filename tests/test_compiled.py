@@ -116,6 +116,22 @@ def test_gradients_by_central_differences(case, monkeypatch):
     assert all(counts.values()), f"not called: {counts}"
 
 
+def test_float32_erf_equals_the_array_form_bit_for_bit(monkeypatch):
+    """The compiled float32 erf does the array form's float32 operations in its order,
+    over values from -6 to 6 (past the clamp at ±4), NaN and infinities included."""
+    from onnxgrad.ops import nonlinear
+
+    x = np.concatenate([np.linspace(-6, 6, 300001, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)])
+    counts = count_calls(monkeypatch, [(nonlinear, "_erf32_kernel")])
+    got = nonlinear.erf(np, x)
+    assert counts["_erf32_kernel"] > 0
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    want = nonlinear.erf(np, x)
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
 def test_float32_statistics_are_accurate():
     """The compiled BatchNormalization sums in float64: a channel whose values sit far
     from zero and close together gets its float64 mean and variance to float32's
