@@ -8,6 +8,10 @@ Tanh, Softmax, LogSoftmax) so the input can be freed after the forward pass.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np  # the compiled kernels' arrays (CPU only)
+
 from onnxgrad.ops import compiled, fused
 from onnxgrad.ops.elementwise import BOUND_ROW, clamp
 from onnxgrad.ops import standard as std
@@ -178,10 +182,66 @@ def _axes(ndim: int, axis: int, coerce: int) -> tuple[int, ...]:
     return tuple(range(a, ndim)) if coerce else (a,)
 
 
+#: The softmax kernels' passes take about a quarter of the time per element of the
+#: passes :data:`onnxgrad.ops.compiled.PART` was measured on: their parts are this
+#: many times larger (measured: a 262,144-element softmax is slower in two parts
+#: on two threads than in one).
+SOFTMAX_PART_SCALE = 4
+
+
+def _rows(xp, axes, *arrays):
+    """Where compiled kernels run a softmax pass: ``arrays`` as 2-D row views
+    ``(rows, row)`` when ``axes`` are the trailing axes and the arrays are
+    C-contiguous float32 or float64; else None."""
+    A = arrays[0]
+    if (A.ndim == 0 or axes != tuple(range(axes[0], A.ndim)) or A.size == 0
+            or not compiled.available(xp, *arrays)
+            or not all(a.flags.c_contiguous for a in arrays)):
+        return None
+    row = math.prod(A.shape[axes[0]:])
+    return [a.reshape(-1, row) for a in arrays]
+
+
 def _softmax(xp, X, axes):
+    rows = _rows(xp, axes, X)
+    if rows is not None:  # shift by the row's maximum, NumPy's exp, then scale
+        e = np.empty(X.shape, dtype=X.dtype)
+        (x,), out = rows, e.reshape(rows[0].shape)
+        compiled.by_parts(x.shape[0], x.size, lambda start, stop: _shift_kernel(x, out, start, stop),
+                          SOFTMAX_PART_SCALE)
+        np.exp(e, out=e)
+        compiled.by_parts(x.shape[0], x.size, lambda start, stop: _scale_kernel(out, start, stop),
+                          SOFTMAX_PART_SCALE)
+        return e
     e = xp.exp(X - X.max(axis=axes, keepdims=True))
     e /= e.sum(axis=axes, keepdims=True)
     return e
+
+
+@compiled.kernel
+def _shift_kernel(x, out, start, stop):
+    """Rows ``[start, stop)`` of ``x`` less their maximum (all NaN where a NaN is in
+    the row, as NumPy's maximum propagates it)."""
+    for r in range(start, stop):
+        m = x[r, 0]
+        nan = m != m
+        for i in range(1, x.shape[1]):
+            v = x[r, i]
+            m = v if v > m else m
+            nan = nan | (v != v)
+        for i in range(x.shape[1]):
+            out[r, i] = np.nan if nan else x[r, i] - m
+
+
+@compiled.kernel(reassociate=True)
+def _scale_kernel(e, start, stop):
+    """Rows ``[start, stop)`` of ``e`` divided by their sum (summed in float64)."""
+    for r in range(start, stop):
+        total = 0.0
+        for i in range(e.shape[1]):
+            total += e[r, i]
+        for i in range(e.shape[1]):
+            e[r, i] = e[r, i] / total
 
 
 def _log_softmax(xp, X, axes):
@@ -226,6 +286,15 @@ LogSoftmax13.gradient(_softmax_rule("LogSoftmaxGrad", 0))
 def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
     """``Y · (dY - Σ dY·Y)``, and zero in rows that nothing reads (see below)."""
     axes = _axes(Y.ndim, axis, coerce)
+    rows = _rows(xp, axes, dY, Y)
+    if rows is not None and dY.dtype == Y.dtype:
+        dX = np.empty(Y.shape, dtype=Y.dtype)
+        d, y = rows
+        out = dX.reshape(y.shape)
+        compiled.by_parts(y.shape[0], y.size,
+                          lambda start, stop: _softmax_grad_kernel(d, y, out, start, stop),
+                          SOFTMAX_PART_SCALE)
+        return (dX,)
     s = (dY * Y).sum(axis=axes, keepdims=True)
     dX = Y * (dY - s)
     # A row whose every input is -inf (a fully masked attention row) has a NaN
@@ -237,6 +306,20 @@ def SoftmaxGrad(xp, dY, Y, *, axis=-1, coerce=0):
         return (xp.asarray(dX),)
     unread &= (dY == 0).all(axis=axes, keepdims=True)
     return (xp.asarray(xp.where(unread, Y.dtype.type(0), dX)),)
+
+
+@compiled.kernel(reassociate=True)
+def _softmax_grad_kernel(dY, Y, dX, start, stop):
+    """:func:`SoftmaxGrad` of rows ``[start, stop)``, ``Σ dY·Y`` summed in float64."""
+    for r in range(start, stop):
+        total = 0.0
+        for i in range(Y.shape[1]):
+            total += dY[r, i] * Y[r, i]
+        unread = total != total
+        for i in range(Y.shape[1]):
+            unread = unread and dY[r, i] == 0
+        for i in range(Y.shape[1]):
+            dX[r, i] = 0.0 if unread else Y[r, i] * (dY[r, i] - total)
 
 
 def _standard_axes(g, node):

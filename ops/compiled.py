@@ -209,12 +209,13 @@ def elementwise(kernel: Kernel, out, *arrays_and_scalars) -> Any:
     return out
 
 
-def by_parts(count: int, size: int, work: Callable[[int, int], Any]) -> list:
+def by_parts(count: int, size: int, work: Callable[[int, int], Any], scale: int = 1) -> list:
     """``work(start, stop)`` over ranges of ``range(count)`` (the kernel's outer
-    loop, ``size`` elements in all), on the pool in parts of :data:`PART`
-    elements or more; the results in order."""
+    loop, ``size`` elements in all), on the pool in parts of ``scale`` ×
+    :data:`PART` elements or more (a larger ``scale`` for kernels that take
+    less time per element); the results in order."""
     return parallel([lambda r=r: work(r.start, r.stop)
-                     for r in sized_parts(count, size, PART, MAX_PARTS)])
+                     for r in sized_parts(count, size, scale * PART, MAX_PARTS)])
 
 
 @kernel

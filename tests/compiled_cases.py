@@ -45,6 +45,9 @@ def _clip(x, low, high):
 
 _CLIP_KERNELS = ((nonlinear, "_clip_kernel"), (nonlinear, "_clip_grad_kernel"))
 
+_SOFTMAX_KERNELS = ((activation, "_shift_kernel"), (activation, "_scale_kernel"),
+                    (activation, "_softmax_grad_kernel"))
+
 CASES = [
     Case("layernorm", _ln((16, 64, 128)), _LN_KERNELS, small=_ln((3, 2, 5))),
     Case("layernorm_two_axes_no_bias", _ln((8, 32, 8, 16), axis=-2, bias=False, epsilon=0.1),
@@ -60,6 +63,12 @@ CASES = [
                                     {"min": 0.0, "max": 1.0}, 6), _CLIP_KERNELS),
     Case("erf", Sample("Erf", [("input", ("real", (16, 64, 512)))], {}, 13),
          ((nonlinear, "_erf64_kernel"),), small=Sample("Erf", [("input", ("real", (3, 7)))], {}, 13)),
+    Case("softmax", Sample("Softmax", [("input", ("real", (16, 4, 64, 64)))], {"axis": -1}, 13),
+         _SOFTMAX_KERNELS, small=Sample("Softmax", [("input", ("real", (3, 2, 5)))], {"axis": -1}, 13)),
+    Case("softmax_coerced_trailing_axes",
+         Sample("Softmax", [("input", ("real", (8, 6, 5, 7)))], {"axis": 1}, 11, ref="onnxruntime"),
+         _SOFTMAX_KERNELS,
+         small=Sample("Softmax", [("input", ("real", (2, 3, 4)))], {"axis": 1}, 11)),
     Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((3, 4, 3, 2))),
     Case("batchnorm_2d", _bn((64, 200)), _BN_KERNELS, small=_bn((6, 3))),
     Case("batchnorm_3d_eps", _bn((4, 8, 4, 8, 8), {"epsilon": 0.1, "momentum": 0.7}, 14),

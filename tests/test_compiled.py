@@ -132,6 +132,33 @@ def test_float32_erf_equals_the_array_form_bit_for_bit(monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_rows_with_nan_and_infinities_as_numpy(dtype, monkeypatch):
+    """A fully masked row (all -inf) and a row holding a NaN give NaN softmax rows;
+    the gradient is zero in such a row when its dY is zero and NaN where the loss read
+    it; +inf and finite rows as NumPy's forms."""
+    x = np.random.default_rng(4).standard_normal((6, 9)).astype(dtype)
+    x[1] = -np.inf
+    x[2, 3] = np.nan
+    x[3, 4] = np.inf
+    x[4, :4] = -np.inf
+    dy = np.random.default_rng(5).standard_normal(x.shape).astype(dtype)
+    dy[1] = 0
+    counts = count_calls(monkeypatch, [(activation, "_shift_kernel"),
+                                       (activation, "_softmax_grad_kernel")])
+    with np.errstate(invalid="ignore"):
+        y = activation.Softmax13(np, x)[0]
+        dx = activation.SoftmaxGrad(np, dy, y)[0]
+        assert all(counts.values())
+        monkeypatch.setattr(compiled, "ENABLED", False)
+        want_y = activation.Softmax13(np, x)[0]
+        want_dx = activation.SoftmaxGrad(np, dy, want_y)[0]
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all() and not np.isnan(y[[0, 4, 5]]).any()
+    assert (dx[1] == 0).all() and np.isnan(dx[2]).all()
+    np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+
+
 def test_float32_statistics_are_accurate():
     """The compiled BatchNormalization sums in float64: a channel whose values sit far
     from zero and close together gets its float64 mean and variance to float32's
