@@ -2,7 +2,9 @@
 
 For each model (see benchmarks/models.py) the same weights train in both:
 one step is forward, mean cross-entropy, backward and an SGD(momentum=0.9)
-update.  After a warm-up the two alternate step by step; the script prints the
+update.  After a warm-up the two take turns in rounds of a quarter second,
+the first step of each round untimed (``--interleave steps``: step by step,
+all timed); the script prints the
 median step time of each and the ratio onnxgrad / PyTorch, at each thread
 count asked for (onnxgrad's kernel pool and PyTorch both get that many
 threads; onnxgrad runs NumPy's BLAS single-threaded inside its pool).  With --memory it also measures, at each thread count, the peak
@@ -108,21 +110,44 @@ def setup(name: str, device: str, onnx_path: str | None = None, cuda_graphs: boo
     return trainer, onnxgrad_step, torch_step
 
 
-def time_pair(step_a, step_b, warmup: float, seconds: float) -> tuple[list[float], list[float]]:
+#: Seconds each framework runs per round when steps alternate in rounds.
+ROUND_SECONDS = 0.25
+
+
+def time_pair(step_a, step_b, warmup: float, seconds: float,
+              interleave: str = "rounds") -> tuple[list[float], list[float]]:
+    """Step times of two training steps that take turns on the machine.
+
+    ``rounds``: each framework runs for :data:`ROUND_SECONDS` (two steps at least)
+    at a time, and the first step after a switch is not timed: PyTorch's OpenMP
+    threads spin for a while after its steps (onnxgrad's pool threads block), and
+    that step absorbs the other framework's spinning threads and cache contents.
+    ``steps``: one step of each in turn, all timed."""
     end = time.perf_counter() + warmup
     while time.perf_counter() < end:
         step_a()
         step_b()
     a, b = [], []
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(a) < 5:
-        t0 = time.perf_counter()
-        step_a()
-        t1 = time.perf_counter()
-        step_b()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
+    while time.perf_counter() < end or min(len(a), len(b)) < 5:
+        if interleave == "steps":
+            t0 = time.perf_counter()
+            step_a()
+            t1 = time.perf_counter()
+            step_b()
+            t2 = time.perf_counter()
+            a.append(t1 - t0)
+            b.append(t2 - t1)
+            continue
+        for step, times in ((step_a, a), (step_b, b)):
+            step()  # not timed: the first step after the other framework's
+            stop = time.perf_counter() + ROUND_SECONDS
+            while True:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+                if t0 >= stop:
+                    break
     return a, b
 
 
@@ -176,6 +201,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per case")
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of timing per case")
+    parser.add_argument("--interleave", default="rounds", choices=["rounds", "steps"],
+                        help="rounds: each framework runs %.2f s at a time, the first step after "
+                             "a switch untimed; steps: one step of each in turn, all timed"
+                             % ROUND_SECONDS)
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (CPU)")
     parser.add_argument("--profile", action="store_true", help="print onnxgrad's time by op type")
     parser.add_argument("--torch-fp32-conv", action="store_true",
@@ -199,7 +228,8 @@ def main() -> None:
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + (", PyTorch convolutions " + ("float32" if args.torch_fp32_conv else "TF32 (default)")
              if args.device == "cuda" else "")
-          + f", BLAS {blas_name()}, {compiled_name()}, {available_cores()} cores")
+          + f", BLAS {blas_name()}, {compiled_name()}, {available_cores()} cores, "
+          + ("steps alternate in rounds" if args.interleave == "rounds" else "steps alternate"))
     column = "graphs" if args.device == "cuda" else "threads"
     print(f"{'model':<12} {column:>7} {'onnxgrad ms':>12} {'torch ms':>10} {'ratio':>7}")
     for name in names:
@@ -207,7 +237,7 @@ def main() -> None:
             with threadpool_limits(n or None):
                 set_threads(n)
                 trainer, og_step, torch_step = setup(name, args.device, cuda_graphs=graphs)
-                a, b = time_pair(og_step, torch_step, args.warmup, args.seconds)
+                a, b = time_pair(og_step, torch_step, args.warmup, args.seconds, args.interleave)
                 ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
                 label = ("on" if graphs else "off") if args.device == "cuda" else n
                 print(f"{name:<12} {label:>7} {ma:12.2f} {mb:10.2f} {ma / mb:7.2f}", flush=True)
