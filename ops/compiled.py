@@ -18,6 +18,7 @@ on the shapes only, so its result does not depend on the thread count.
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
 from typing import Any, Callable
@@ -205,17 +206,25 @@ def elementwise(kernel: Kernel, out, *arrays_and_scalars) -> Any:
         kernel(*[a[start:stop] if isinstance(a, np.ndarray) else a for a in flat],
                o[start:stop])
 
-    by_parts(o.size, o.size, work)
+    by_parts(o.size, o.size, work, key=(kernel.__name__, o.size))
     return out
 
 
-def by_parts(count: int, size: int, work: Callable[[int, int], Any], scale: int = 1) -> list:
+def by_parts(count: int, size: int, work: Callable[[int, int], Any], scale: int = 1,
+             key: Any = None) -> list:
     """``work(start, stop)`` over ranges of ``range(count)`` (the kernel's outer
-    loop, ``size`` elements in all), on the pool in parts of ``scale`` ×
-    :data:`PART` elements or more (a larger ``scale`` for kernels that take
-    less time per element); the results in order."""
-    return parallel([lambda r=r: work(r.start, r.stop)
-                     for r in sized_parts(count, size, scale * PART, MAX_PARTS)])
+    loop, ``size`` elements in all), in parts of ``scale`` × :data:`PART`
+    elements or more (a larger ``scale`` for kernels that take less time per
+    element); the results in order.  The parts run on the pool where that has
+    been measured to pay for this call (:func:`onnxgrad.threads.parallel`; its
+    ``key`` is the place of the call and the sizes unless given)."""
+    parts = sized_parts(count, size, scale * PART, MAX_PARTS)
+    if len(parts) < 2:
+        return [work(r.start, r.stop) for r in parts]
+    if key is None:
+        caller = sys._getframe(1)
+        key = (caller.f_code, caller.f_lineno, count, size)
+    return parallel([lambda r=r: work(r.start, r.stop) for r in parts], key)
 
 
 @kernel

@@ -228,7 +228,7 @@ def _im2col_inner(xp, Xt, kernel, strides, dilations, out, group):
     def copy(part):
         cols[part] = view[part]
 
-    each(xp, _channel_parts(xp, C, cols.size), copy)
+    each(xp, _channel_parts(xp, C, cols.size), copy, ("im2col", Xt.shape, shape))
     return cols.reshape(group, (C // group) * math.prod(kernel), -1)
 
 
@@ -251,7 +251,8 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
 
-        each(xp, _chunks(xp, N, W3.shape[2] * group * math.prod(out)), chunk)
+        each(xp, _chunks(xp, N, W3.shape[2] * group * math.prod(out)), chunk,
+             ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group))
         return Y.reshape((N, M) + tuple(out))
     cols = _im2col_inner(xp, _batch_last(xp, Xp), W.shape[2:], strides, dilations, out, group)
     Y = matmul(xp, W3, cols).reshape((M,) + tuple(out) + (N,))    # (g, M/g, P·N)
@@ -287,7 +288,9 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
             return product(d[part], cols).sum(axis=0)
 
         per_item = Xp.shape[1] * math.prod(kernel) * math.prod(out)
-        dW = sum_in_order(each(xp, _chunks(xp, N, per_item), chunk))
+        dW = sum_in_order(each(xp, _chunks(xp, N, per_item), chunk,
+                               ("conv weight grad", dY.shape, Xp.shape, tuple(kernel),
+                                tuple(strides), tuple(dilations), group)))
     else:
         cols = _im2col_inner(xp, _batch_last(xp, Xp), kernel, strides, dilations, out, group)
         dW = product(_rows_inner(xp, dY, group), cols)
@@ -312,7 +315,9 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
             cols = cols.reshape((cols.shape[0], C) + kernel + out)
             col2im(xp, cols, full, strides, dilations, img[part])
 
-        each(xp, _chunks(xp, N, Wt.shape[1] * group * math.prod(out)), chunk)
+        each(xp, _chunks(xp, N, Wt.shape[1] * group * math.prod(out)), chunk,
+             ("conv input grad", dY.shape, W.shape, tuple(full), tuple(strides), tuple(dilations),
+              group))
         return img
     cols = matmul(xp, Wt, _rows_inner(xp, dY, group))              # (g, C/g·K, P·N)
     cols = cols.reshape((C,) + kernel + out + (N,))
@@ -321,7 +326,7 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     def scatter(part):
         col2im(xp, cols[part], full, strides, dilations, img[part], lead=1)
 
-    each(xp, _channel_parts(xp, C, img.size), scatter)
+    each(xp, _channel_parts(xp, C, img.size), scatter, ("col2im", cols.shape, img.shape))
     return _batch_first(xp, img)                                   # from (C, *full, N)
 
 

@@ -148,7 +148,8 @@ def _run(xp, groups, tile, work, buffers, task):
         with lock:
             free.append(bufs)
 
-    parallel([functools.partial(run, part) for part in split(len(tiles), parts)])
+    parallel([functools.partial(run, part) for part in split(len(tiles), parts)],
+             (task.__code__, groups, tile, work))
 
 
 def _matmul(xp, a, b, out):
@@ -780,7 +781,8 @@ def _run_compiled(kernel, args, channels, batch, planes, work):
         for r in ranges[part]:
             kernel(*args, *r)
 
-    parallel([functools.partial(run, part) for part in split(len(ranges), tasks)])
+    parallel([functools.partial(run, part) for part in split(len(ranges), tasks)],
+             (kernel.__name__, channels, batch, planes, work))
 
 
 def _compiled_forward(xp, X, W, group, pl, Y):

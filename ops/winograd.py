@@ -445,7 +445,8 @@ def _in_parts(kernel, channels, size, *args):
     in parts on the thread pool (by the shapes alone): a batch taken in one chunk
     transforms its tiles on every core too.  Inside a chunk that already runs on the
     pool the parts run one after another."""
-    compiled.by_parts(channels, size, lambda first, last: kernel(*args, first, last))
+    compiled.by_parts(channels, size, lambda first, last: kernel(*args, first, last),
+                      key=(kernel.__name__, channels, size))
 
 
 def _chunks(xp, N, C, count, th, tw, chunk):
@@ -454,7 +455,8 @@ def _chunks(xp, N, C, count, th, tw, chunk):
     results in batch order."""
     per_item = th * tw
     step = max(1, CHUNK_BUDGET // (count * C * per_item), -(-MIN_TILES // per_item))
-    return each(xp, [slice(i, min(i + step, N)) for i in range(0, N, step)], chunk)
+    return each(xp, [slice(i, min(i + step, N)) for i in range(0, N, step)], chunk,
+                (chunk.__code__, N, C, count, th, tw))
 
 
 def conv3x3(xp, Xp, W, out):

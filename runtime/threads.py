@@ -13,6 +13,14 @@ waiting actively between calls, and those take the cores from the pool's
 threads (measured: a chunked copy that runs twice as fast on two threads
 gains nothing right after a two-threaded product).
 
+Handing chunks to the pool costs a wake-up of each helper thread, which
+varies by machine (15 to 60 microseconds measured; more in virtual machines
+whose idle cores sleep).  So a call that names what it runs (a ``key``: the
+kernel and its shapes) is timed both ways, on the pool and in the calling
+thread, for its first :data:`TRIALS` runs of each, and from then on runs the
+faster way.  Only where the chunks run is chosen so: the chunks themselves
+depend on the shapes alone, so results stay the same.
+
 The count is the cores this process may use, as PyTorch's default is; the
 environment variable ``ONNXGRAD_NUM_THREADS`` or :func:`set_num_threads`
 changes it.
@@ -21,8 +29,11 @@ changes it.
 from __future__ import annotations
 
 import os
+import statistics
+import sys
 import threading
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -107,17 +118,64 @@ def _set_blas_threads(count: int) -> None:
         controller.set_num_threads(count)
 
 
-def parallel(tasks: Sequence[Callable[[], Any]]) -> list:
+#: Runs of a keyed call timed each way (on the pool, in the calling thread)
+#: before it settles on the faster.
+TRIALS = 3
+
+#: Keyed calls remembered, at most (then forgotten, and timed again).
+CHOICES_KEPT = 4096
+
+_choices: dict[tuple, "_Choice"] = {}
+
+
+class _Choice:
+    """Timings of one keyed call each way, until it has settled."""
+
+    __slots__ = ("pool", "alone", "on_pool")
+
+    def __init__(self):
+        self.pool: list[float] = []
+        self.alone: list[float] = []
+        self.on_pool: bool | None = None  # None: still being timed
+
+    def run(self, tasks, count) -> list:
+        on_pool = len(self.pool) <= len(self.alone)
+        start = time.perf_counter()
+        results = _on_pool(tasks, count) if on_pool else [task() for task in tasks]
+        (self.pool if on_pool else self.alone).append(time.perf_counter() - start)
+        if len(self.alone) >= TRIALS and len(self.pool) >= TRIALS:
+            self.on_pool = statistics.median(self.pool) < statistics.median(self.alone)
+        return results
+
+
+def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     """Run ``tasks`` (independent callables) and return their results in order.
 
     The calling thread and the pool's threads take tasks in turn when there is
     more than one task and more than one thread; otherwise, and inside a task
-    (nested calls never wait on the pool), they run in the calling thread.  An
-    exception in a task is raised here, after every task has finished.
+    (nested calls never wait on the pool), they run in the calling thread.  A
+    call with a ``key`` (what it runs: a kernel and its shapes) runs on the
+    pool only where that has been measured to pay (see the module's docstring).
+    An exception in a task is raised here, after every task has finished.
     """
     count = get_num_threads()
     if count == 1 or len(tasks) < 2 or getattr(_local, "inside", False):
         return [task() for task in tasks]
+    if key is not None:
+        choice = _choices.get((key, count))
+        if choice is None:
+            if len(_choices) >= CHOICES_KEPT:
+                _choices.clear()
+            choice = _choices[(key, count)] = _Choice()
+        if choice.on_pool is None:
+            return choice.run(tasks, count)
+        if not choice.on_pool:
+            return [task() for task in tasks]
+    return _on_pool(tasks, count)
+
+
+def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
+    """Run ``tasks`` in the calling thread and the pool's helper threads."""
     global _pool
     with _lock:
         if _pool is None:
@@ -208,12 +266,13 @@ class _Pool:
                 thread.join()
 
 
-def each(xp, parts: Sequence[Any], work: Callable[[Any], Any]) -> list:
-    """``[work(part) for part in parts]``: on the pool for NumPy arrays, one after
-    another in the calling thread for any other array module."""
+def each(xp, parts: Sequence[Any], work: Callable[[Any], Any], key: Hashable = None) -> list:
+    """``[work(part) for part in parts]``: on the pool for NumPy arrays (where that
+    pays, for a call with a ``key``: see :func:`parallel`), one after another in
+    the calling thread for any other array module."""
     if xp.__name__ != "numpy":
         return [work(part) for part in parts]
-    return parallel([lambda part=part: work(part) for part in parts])
+    return parallel([lambda part=part: work(part) for part in parts], key)
 
 
 def sum_in_order(partials: Sequence[Any]) -> Any:
@@ -290,7 +349,8 @@ def matmul(xp, a, b, out=None):
         x, y, z = cut(part)
         xp.matmul(x, y, out=z)
 
-    parallel([lambda part=part: product(part) for part in split(total, parts)])
+    parallel([lambda part=part: product(part) for part in split(total, parts)],
+             ("matmul", a.shape, a.strides, b.shape, b.strides, a.dtype.char))
     return out
 
 
@@ -321,11 +381,15 @@ def sized_parts(count: int, size: int, least: int, most: int) -> list[slice]:
     return split(count, min(most, size // least, count))
 
 
-def by_rows(xp, count: int, size: int, work: Callable[[slice], Any]) -> None:
+def by_rows(xp, count: int, size: int, work: Callable[[slice], Any], key: Hashable = None) -> None:
     """Run ``work(part)`` for slices ``part`` of ``range(count)`` (the leading axis
-    of the arrays ``work`` reads and writes, ``size`` elements in all): on the
-    pool in parts of :data:`ELEMENTWISE_PART` elements or more for NumPy arrays,
-    else once over everything."""
+    of the arrays ``work`` reads and writes, ``size`` elements in all): in parts
+    of :data:`ELEMENTWISE_PART` elements or more for NumPy arrays, on the pool
+    where that pays (:func:`parallel`; the ``key`` is the place of the call and
+    the sizes unless given), else once over everything."""
     parts = (sized_parts(count, size, ELEMENTWISE_PART, ELEMENTWISE_MAX_PARTS)
              if xp.__name__ == "numpy" else [slice(None)])
-    each(xp, parts, work)
+    if key is None and len(parts) > 1:
+        caller = sys._getframe(1)
+        key = (caller.f_code, caller.f_lineno, count, size)
+    each(xp, parts, work, key)

@@ -436,8 +436,8 @@ def test_uneven_winograd_chunks_equal_one_chunk(case, f4_min_tiles, tiles, monke
     monkeypatch.setattr(winograd, "CHUNK_BUDGET", 1)
     monkeypatch.setattr(winograd, "MIN_TILES", 3 * tiles)
     sizes = []
-    monkeypatch.setattr(winograd, "each", lambda xp, parts, work: sizes.append(len(parts)) or
-                        threads.each(xp, parts, work))
+    monkeypatch.setattr(winograd, "each", lambda xp, parts, work, key=None: sizes.append(len(parts))
+                        or threads.each(xp, parts, work, key))
     _assert_all_close(_outputs(sample, arrays, u), whole, rtol=1e-10, atol=1e-10,
                       what=f"Winograd chunks of 3, 3 and 2 items ({case.id})")
     assert sizes and set(sizes) == {3}, f"chunks per product: {sizes}"

@@ -215,7 +215,7 @@ def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
     monkeypatch.setattr(depthwise, "MAX_TASKS", 5)
     tasks = []
     monkeypatch.setattr(depthwise, "parallel",
-                        lambda calls: tasks.append(len(calls)) or threads.parallel(calls))
+                        lambda calls, key=None: tasks.append(len(calls)) or threads.parallel(calls))
     before = onnxgrad.get_num_threads()
     try:
         onnxgrad.set_num_threads(1)

@@ -220,12 +220,69 @@ def test_products_split_into_the_nearest_number_of_parts(rows, parts, monkeypatc
     monkeypatch.setattr(threads, "MATMUL_PART", 64 * 64 * 256)
     handed: list[int] = []
     real = threads.parallel
-    monkeypatch.setattr(threads, "parallel", lambda tasks: handed.append(len(tasks)) or real(tasks))
+    monkeypatch.setattr(threads, "parallel",
+                        lambda tasks, key=None: handed.append(len(tasks)) or real(tasks, key))
     onnxgrad.set_num_threads(2)
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((rows, 64)), rng.standard_normal((64, 256))
     np.testing.assert_allclose(threads.matmul(np, a, b), a @ b, rtol=1e-12, atol=1e-12)
     assert handed == ([parts] if parts > 1 else [])
+
+
+def _sleepers(seconds, done):
+    """Two tasks that each sleep (releasing the interpreter) and record their thread."""
+    def task(i):
+        time.sleep(seconds)
+        done.append(threading.get_ident())
+        return i
+    return [lambda i=i: task(i) for i in range(2)]
+
+
+def test_a_keyed_call_settles_on_the_pool_where_it_pays(monkeypatch):
+    """Two 20 ms tasks that sleep run side by side on the pool: after TRIALS timed
+    runs each way the call stays on the pool."""
+    from onnxgrad import threads
+
+    monkeypatch.setattr(threads, "_choices", {})
+    onnxgrad.set_num_threads(2)
+    done: list[int] = []
+    for _ in range(2 * threads.TRIALS + 2):
+        assert threads.parallel(_sleepers(0.02, done), key="sleepers") == [0, 1]
+    choice = threads._choices[("sleepers", 2)]
+    assert choice.on_pool is True
+    assert len(choice.pool) == len(choice.alone) == threads.TRIALS
+    assert len(set(done[-4:])) == 2, "the last calls ran on two threads"
+
+
+def test_a_keyed_call_settles_in_the_calling_thread_where_the_pool_costs(monkeypatch):
+    """A pool that takes 20 ms to hand over loses to running the tasks in the calling
+    thread: after TRIALS timed runs each way the call no longer goes to the pool;
+    calls without a key still do, and each thread count is timed on its own."""
+    from onnxgrad import threads
+
+    monkeypatch.setattr(threads, "_choices", {})
+    handed: list[int] = []
+    real = threads._on_pool
+
+    def slow_pool(tasks, count):
+        handed.append(count)
+        time.sleep(0.02)
+        return real(tasks, count)
+
+    monkeypatch.setattr(threads, "_on_pool", slow_pool)
+    onnxgrad.set_num_threads(2)
+    done: list[int] = []
+    for _ in range(2 * threads.TRIALS):
+        assert threads.parallel(_sleepers(0, done), key="quick") == [0, 1]
+    assert threads._choices[("quick", 2)].on_pool is False
+    assert len(handed) == threads.TRIALS
+    threads.parallel(_sleepers(0, done), key="quick")
+    assert len(handed) == threads.TRIALS, "settled: the pool is not asked again"
+    threads.parallel(_sleepers(0, done))
+    assert len(handed) == threads.TRIALS + 1, "a call without a key runs on the pool"
+    onnxgrad.set_num_threads(3)
+    threads.parallel(_sleepers(0, done), key="quick")
+    assert ("quick", 3) in threads._choices and threads._choices[("quick", 3)].on_pool is None
 
 
 def test_split_product_writes_into_out(monkeypatch):
