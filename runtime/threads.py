@@ -17,9 +17,10 @@ Handing chunks to the pool costs a wake-up of each helper thread, which
 varies by machine (15 to 60 microseconds measured; more in virtual machines
 whose idle cores sleep).  So a call that names what it runs (a ``key``: the
 kernel and its shapes) is timed both ways, on the pool and in the calling
-thread, for its first :data:`TRIALS` runs of each, and from then on runs the
-faster way.  Only where the chunks run is chosen so: the chunks themselves
-depend on the shapes alone, so results stay the same.
+thread, on its first runs, and from then on runs in the calling thread if
+that was clearly faster (:data:`ALONE_BELOW`), else on the pool.  Only where
+the chunks run is chosen so: the chunks themselves depend on the shapes
+alone, so results stay the same.
 
 The count is the cores this process may use, as PyTorch's default is; the
 environment variable ``ONNXGRAD_NUM_THREADS`` or :func:`set_num_threads`
@@ -29,7 +30,6 @@ changes it.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import threading
 import time
@@ -119,8 +119,14 @@ def _set_blas_threads(count: int) -> None:
 
 
 #: Runs of a keyed call timed each way (on the pool, in the calling thread)
-#: before it settles on the faster.
+#: before it settles, after one untimed run each way (the first runs pay for
+#: compiling, first touches of memory and a cold pool).
 TRIALS = 3
+
+#: A keyed call leaves the pool when its best time in the calling thread is at
+#: most this fraction of its best time on the pool: a split whose gain is
+#: within the machine's noise stays on the pool.
+ALONE_BELOW = 0.8
 
 #: Keyed calls remembered, at most (then forgotten, and timed again).
 CHOICES_KEPT = 4096
@@ -143,8 +149,8 @@ class _Choice:
         start = time.perf_counter()
         results = _on_pool(tasks, count) if on_pool else [task() for task in tasks]
         (self.pool if on_pool else self.alone).append(time.perf_counter() - start)
-        if len(self.alone) >= TRIALS and len(self.pool) >= TRIALS:
-            self.on_pool = statistics.median(self.pool) < statistics.median(self.alone)
+        if len(self.alone) > TRIALS and len(self.pool) > TRIALS:  # the first of each untimed
+            self.on_pool = min(self.alone[1:]) > ALONE_BELOW * min(self.pool[1:])
         return results
 
 

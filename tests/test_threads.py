@@ -239,25 +239,26 @@ def _sleepers(seconds, done):
 
 
 def test_a_keyed_call_settles_on_the_pool_where_it_pays(monkeypatch):
-    """Two 20 ms tasks that sleep run side by side on the pool: after TRIALS timed
-    runs each way the call stays on the pool."""
+    """Two 20 ms tasks that sleep run side by side on the pool: after an untimed run
+    and TRIALS timed runs each way the call stays on the pool."""
     from onnxgrad import threads
 
     monkeypatch.setattr(threads, "_choices", {})
     onnxgrad.set_num_threads(2)
     done: list[int] = []
-    for _ in range(2 * threads.TRIALS + 2):
+    for _ in range(2 * threads.TRIALS + 4):
         assert threads.parallel(_sleepers(0.02, done), key="sleepers") == [0, 1]
     choice = threads._choices[("sleepers", 2)]
     assert choice.on_pool is True
-    assert len(choice.pool) == len(choice.alone) == threads.TRIALS
+    assert len(choice.pool) == len(choice.alone) == threads.TRIALS + 1
     assert len(set(done[-4:])) == 2, "the last calls ran on two threads"
 
 
 def test_a_keyed_call_settles_in_the_calling_thread_where_the_pool_costs(monkeypatch):
     """A pool that takes 20 ms to hand over loses to running the tasks in the calling
-    thread: after TRIALS timed runs each way the call no longer goes to the pool;
-    calls without a key still do, and each thread count is timed on its own."""
+    thread: after an untimed run and TRIALS timed runs each way the call no longer
+    goes to the pool; calls without a key still do, and each thread count is timed
+    on its own."""
     from onnxgrad import threads
 
     monkeypatch.setattr(threads, "_choices", {})
@@ -272,14 +273,14 @@ def test_a_keyed_call_settles_in_the_calling_thread_where_the_pool_costs(monkeyp
     monkeypatch.setattr(threads, "_on_pool", slow_pool)
     onnxgrad.set_num_threads(2)
     done: list[int] = []
-    for _ in range(2 * threads.TRIALS):
+    for _ in range(2 * threads.TRIALS + 2):
         assert threads.parallel(_sleepers(0, done), key="quick") == [0, 1]
     assert threads._choices[("quick", 2)].on_pool is False
-    assert len(handed) == threads.TRIALS
+    assert len(handed) == threads.TRIALS + 1
     threads.parallel(_sleepers(0, done), key="quick")
-    assert len(handed) == threads.TRIALS, "settled: the pool is not asked again"
+    assert len(handed) == threads.TRIALS + 1, "settled: the pool is not asked again"
     threads.parallel(_sleepers(0, done))
-    assert len(handed) == threads.TRIALS + 1, "a call without a key runs on the pool"
+    assert len(handed) == threads.TRIALS + 2, "a call without a key runs on the pool"
     onnxgrad.set_num_threads(3)
     threads.parallel(_sleepers(0, done), key="quick")
     assert ("quick", 3) in threads._choices and threads._choices[("quick", 3)].on_pool is None
