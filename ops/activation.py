@@ -315,9 +315,12 @@ def _softmax_grad_kernel(dY, Y, dX, start, stop):
         total = 0.0
         for i in range(Y.shape[1]):
             total += dY[r, i] * Y[r, i]
-        unread = total != total
-        for i in range(Y.shape[1]):
-            unread = unread and dY[r, i] == 0
+        unread = False
+        if total != total:  # a NaN row: zero where its dY is all zero, as the NumPy form
+            unread = True
+            for i in range(Y.shape[1]):
+                if dY[r, i] != 0:
+                    unread = False
         for i in range(Y.shape[1]):
             dX[r, i] = 0.0 if unread else Y[r, i] * (dY[r, i] - total)
 

@@ -357,12 +357,13 @@ def _on_cudnn(xp, kind, a, b, shape, dtype, begin, end, strides, dilations):
     a method of :class:`~onnxgrad.cudnn_conv.Convolutions`) run by cuDNN on the CUDA
     backend; None where cuDNN does not run it (no cuDNN, or it declined the layer)."""
     engine = getattr(xp, "cudnn_convolutions", None)
-    if engine is None:
+    if engine is None or not engine.runs(kind, a.shape, b.shape, shape, dtype, begin, end,
+                                         strides, dilations):
         return None
     result = xp.empty(shape, dtype=dtype)
-    done = getattr(engine, kind)(xp.ascontiguousarray(a), xp.ascontiguousarray(b), result,
-                                 begin, end, strides, dilations)
-    return result if done else None
+    getattr(engine, kind)(xp.ascontiguousarray(a), xp.ascontiguousarray(b), result,
+                          begin, end, strides, dilations)
+    return result
 
 
 @op("Conv", since=1, differentiable=("X", "W", "B"))

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 #: Set to 0 to run convolutions without cuDNN.
 ENVIRONMENT = "ONNXGRAD_CUDNN"
 
@@ -85,23 +87,37 @@ class Convolutions:
         """How many convolutions (kinds and shapes) run on cuDNN plans so far."""
         return sum(isinstance(plan, _Plan) for plan in self._plans.values())
 
-    def _run(self, kind, a, b, out, begin, end, strides, dilations) -> bool:
-        if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
-            raise ValueError("cuDNN convolutions take C-contiguous operands")
-        geometry = tuple(tuple(int(v) for v in values) for values in (begin, end, strides, dilations))
+    def runs(self, kind, a_shape, b_shape, out_shape, dtype, begin, end, strides,
+             dilations) -> bool:
+        """Whether cuDNN runs this convolution (its plan is built here on first asking)."""
+        return isinstance(self._plan(kind, a_shape, b_shape, out_shape, dtype,
+                                     (begin, end, strides, dilations)), _Plan)
+
+    def _plan(self, kind, a_shape, b_shape, out_shape, dtype, geometry) -> _Plan | str:
+        geometry = tuple(tuple(int(v) for v in values) for values in geometry)
         if len(geometry[0]) == 1:  # a 1-D convolution as a 2-D one over rows of one
-            a, b, out = (x.reshape(x.shape[:2] + (1,) + x.shape[2:]) for x in (a, b, out))
+            a_shape, b_shape, out_shape = (tuple(s[:2]) + (1,) + tuple(s[2:])
+                                           for s in (a_shape, b_shape, out_shape))
             geometry = tuple((fill,) + values for fill, values in zip((0, 0, 1, 1), geometry))
-        key = (kind, out.dtype.name, a.shape, b.shape, out.shape, geometry)
+        key = (kind, np.dtype(dtype).name, tuple(a_shape), tuple(b_shape), tuple(out_shape),
+               geometry)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._build(key)
+        return plan
+
+    def _run(self, kind, a, b, out, begin, end, strides, dilations) -> bool:
+        if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError("cuDNN convolutions take C-contiguous operands")
+        plan = self._plan(kind, a.shape, b.shape, out.shape, out.dtype,
+                          (begin, end, strides, dilations))
         if isinstance(plan, str):
             return False
         stream = self._stream()
         if stream != self._bound:
             self._fe.set_stream(handle=self._handle, stream=stream)
             self._bound = stream
+        # by address: the plan of a 1-D convolution describes its arrays as 4-D, in place
         pack = {tensor: self._address(x) for tensor, x in zip(plan.tensors, (a, b, out))}
         plan.graph.execute(pack, None if plan.workspace is None else self._address(plan.workspace),
                            handle=self._handle)
