@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,8 +241,9 @@ def test_start_says_why_cudnn_does_not_run(monkeypatch):
     assert cudnn_conv.describe(reason)[0].startswith("convolutions without cuDNN (im2col")
 
 
-def test_inspect_says_what_runs_the_kernels(tmp_path):
-    result = CliRunner().invoke(main, ["inspect", "models/digits_mlp.onnx", "--device", "cpu"])
+def test_inspect_says_what_runs_the_kernels():
+    model = Path(__file__).resolve().parents[1] / "models" / "digits_mlp.onnx"
+    result = CliRunner().invoke(main, ["inspect", str(model), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("device: cpu, ") and "thread(s); kernels " in last
