@@ -301,11 +301,12 @@ def split(total: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-#: Multiply-adds per part of a split product: a product is cut into the nearest
-#: whole number of parts of this size, so from one and a half parts' worth (a
-#: third of a millisecond on one core).  A product of two parts costs 3-6% more
-#: on one thread than one BLAS call and runs 1.35-1.6× faster on two; one of
-#: fewer multiply-adds gains nothing from a second thread (measured).
+#: Multiply-adds per part of a split product: a product of this many or more
+#: (a quarter of a millisecond on one core) is cut into the nearest whole
+#: number of parts of this size, two at least.  A product of two parts costs
+#: 3-6% more on one thread than one BLAS call and runs 1.35-1.6× faster on two;
+#: one of half as many multiply-adds gains nothing from a second thread
+#: (measured).
 MATMUL_PART = 1 << 25
 
 #: A product is split into this many parts at most.
@@ -315,9 +316,9 @@ MATMUL_MAX_PARTS = 8
 def matmul(xp, a, b, out=None):
     """``xp.matmul(a, b, out=out)``, split into parts on the pool when large.
 
-    A product of NumPy arrays (both at least 2-D) of one and a half
-    :data:`MATMUL_PART` multiply-adds or more is cut into the nearest whole
-    number of parts of that size, along the leading batch axis, the rows of
+    A product of NumPy arrays (both at least 2-D) of :data:`MATMUL_PART`
+    multiply-adds or more is cut into the nearest whole number of parts of
+    that size (two at least), along the leading batch axis, the rows of
     ``a`` or the columns of ``b``, whichever has room; each part is one BLAS
     call writing its share of the result.  The parts depend on the shapes
     only, so the result does not depend on the thread count (it may differ
@@ -333,7 +334,10 @@ def matmul(xp, a, b, out=None):
     batch = 1
     for d in lead:
         batch *= d
-    parts = min(MATMUL_MAX_PARTS, (batch * M * N * K + MATMUL_PART // 2) // MATMUL_PART)
+    macs = batch * M * N * K
+    parts = min(MATMUL_MAX_PARTS, (macs + MATMUL_PART // 2) // MATMUL_PART)
+    if macs >= MATMUL_PART:
+        parts = max(parts, 2)
     if parts < 2:
         return xp.matmul(a, b, out=out)
     if out is None:

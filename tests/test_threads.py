@@ -210,11 +210,11 @@ def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how, monkey
     np.testing.assert_array_equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("rows,parts", [(95, 1), (96, 2), (159, 2), (160, 3)])
+@pytest.mark.parametrize("rows,parts", [(63, 1), (64, 2), (159, 2), (160, 3)])
 def test_products_split_into_the_nearest_number_of_parts(rows, parts, monkeypatch):
     """A product of ``rows × 64 × 256`` multiply-adds, with parts of 64·64·256 of them:
-    one part below one and a half parts' worth (95 rows), two from there (96 rows),
-    three from two and a half (160)."""
+    one part below one part's worth (63 rows), two from there (64 rows) up to two and
+    a half parts' worth, three from there (160)."""
     from onnxgrad import threads
 
     monkeypatch.setattr(threads, "MATMUL_PART", 64 * 64 * 256)
