@@ -18,7 +18,6 @@ on the shapes only, so its result does not depend on the thread count.
 from __future__ import annotations
 
 import os
-import sys
 import types
 import warnings
 from typing import Any, Callable
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
-from onnxgrad.threads import parallel, single_threaded_blas, sized_parts
+from onnxgrad.threads import parallel, place_key, single_threaded_blas, sized_parts
 
 
 def _from_environment() -> bool:
@@ -222,8 +221,7 @@ def by_parts(count: int, size: int, work: Callable[[int, int], Any], scale: int 
     if len(parts) < 2:
         return [work(r.start, r.stop) for r in parts]
     if key is None:
-        caller = sys._getframe(1)
-        key = (caller.f_code, caller.f_lineno, count, size)
+        key = place_key(count, size)
     return parallel([lambda r=r: work(r.start, r.stop) for r in parts], key)
 
 

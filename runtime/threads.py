@@ -154,6 +154,13 @@ class _Choice:
         return results
 
 
+def place_key(*sizes: int) -> tuple:
+    """A :func:`parallel` key for the caller's caller: the place in the code that
+    called it (function and line) and ``sizes``, the sizes of the work there."""
+    caller = sys._getframe(2)
+    return (caller.f_code, caller.f_lineno) + sizes
+
+
 def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     """Run ``tasks`` (independent callables) and return their results in order.
 
@@ -400,6 +407,5 @@ def by_rows(xp, count: int, size: int, work: Callable[[slice], Any], key: Hashab
     parts = (sized_parts(count, size, ELEMENTWISE_PART, ELEMENTWISE_MAX_PARTS)
              if xp.__name__ == "numpy" else [slice(None)])
     if key is None and len(parts) > 1:
-        caller = sys._getframe(1)
-        key = (caller.f_code, caller.f_lineno, count, size)
+        key = place_key(count, size)
     each(xp, parts, work, key)
