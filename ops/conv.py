@@ -353,16 +353,18 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, pads, strides):
 
 
 def _on_cudnn(xp, kind, a, b, shape, dtype, begin, end, strides, dilations):
-    """The result (of ``shape``) of a convolution's forward pass or gradient (``kind``,
-    a method of :class:`~onnxgrad.cudnn_conv.Convolutions`) run by cuDNN on the CUDA
-    backend; None where cuDNN does not run it (no cuDNN, or it declined the layer)."""
+    """The result (of ``shape``) of a convolution's forward pass or gradient (``kind``:
+    forward, input_grad or weight_grad) run by cuDNN on the CUDA backend; None where
+    cuDNN does not run it (no cuDNN, or it declined the layer): nothing is allocated
+    then."""
     engine = getattr(xp, "cudnn_convolutions", None)
-    if engine is None or not engine.runs(kind, a.shape, b.shape, shape, dtype, begin, end,
-                                         strides, dilations):
+    if engine is None:
+        return None
+    plan = engine.plan(kind, a.shape, b.shape, shape, dtype, begin, end, strides, dilations)
+    if plan is None:
         return None
     result = xp.empty(shape, dtype=dtype)
-    getattr(engine, kind)(xp.ascontiguousarray(a), xp.ascontiguousarray(b), result,
-                          begin, end, strides, dilations)
+    engine.execute(plan, xp.ascontiguousarray(a), xp.ascontiguousarray(b), result)
     return result
 
 

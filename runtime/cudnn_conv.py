@@ -87,11 +87,13 @@ class Convolutions:
         """How many convolutions (kinds and shapes) run on cuDNN plans so far."""
         return sum(isinstance(plan, _Plan) for plan in self._plans.values())
 
-    def runs(self, kind, a_shape, b_shape, out_shape, dtype, begin, end, strides,
-             dilations) -> bool:
-        """Whether cuDNN runs this convolution (its plan is built here on first asking)."""
-        return isinstance(self._plan(kind, a_shape, b_shape, out_shape, dtype,
-                                     (begin, end, strides, dilations)), _Plan)
+    def plan(self, kind, a_shape, b_shape, out_shape, dtype, begin, end, strides,
+             dilations) -> _Plan | None:
+        """The plan that runs this convolution (``kind``: forward, input_grad or
+        weight_grad), built on first asking; None where cuDNN does not run it."""
+        plan = self._plan(kind, a_shape, b_shape, out_shape, dtype,
+                          (begin, end, strides, dilations))
+        return plan if isinstance(plan, _Plan) else None
 
     def _plan(self, kind, a_shape, b_shape, out_shape, dtype, geometry) -> _Plan | str:
         geometry = tuple(tuple(int(v) for v in values) for values in geometry)
@@ -107,12 +109,18 @@ class Convolutions:
         return plan
 
     def _run(self, kind, a, b, out, begin, end, strides, dilations) -> bool:
+        plan = self.plan(kind, a.shape, b.shape, out.shape, out.dtype, begin, end, strides,
+                         dilations)
+        if plan is None:
+            return False
+        self.execute(plan, a, b, out)
+        return True
+
+    def execute(self, plan: _Plan, a, b, out) -> None:
+        """Run ``plan`` on its two operands, into ``out`` (C-contiguous arrays of the
+        plan's shapes)."""
         if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError("cuDNN convolutions take C-contiguous operands")
-        plan = self._plan(kind, a.shape, b.shape, out.shape, out.dtype,
-                          (begin, end, strides, dilations))
-        if isinstance(plan, str):
-            return False
         stream = self._stream()
         if stream != self._bound:
             self._fe.set_stream(handle=self._handle, stream=stream)
@@ -121,7 +129,6 @@ class Convolutions:
         pack = {tensor: self._address(x) for tensor, x in zip(plan.tensors, (a, b, out))}
         plan.graph.execute(pack, None if plan.workspace is None else self._address(plan.workspace),
                            handle=self._handle)
-        return True
 
     def _build(self, key: tuple) -> _Plan | str:
         """The plan of one convolution, or (recorded in :attr:`declined`) why cuDNN
