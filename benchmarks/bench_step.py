@@ -69,12 +69,7 @@ def compiled_name() -> str:
     """Whether onnxgrad's compiled CPU kernels run, and numba's version."""
     from onnxgrad.ops import compiled
 
-    if not compiled.available():
-        return ("compiled kernels off (ONNXGRAD_COMPILED=0)" if compiled.ENABLED is False
-                else "compiled kernels off (numba not importable)")
-    import numba
-
-    return f"compiled kernels: numba {numba.__version__}"
+    return f"kernels {compiled.status()}"
 
 
 def setup(name: str, device: str, onnx_path: str | None = None, cuda_graphs: bool = True):

@@ -88,10 +88,13 @@ def available(xp=None, *arrays) -> bool:
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def numba_version() -> str | None:
-    """The version of numba that compiles the kernels, or None where it cannot be imported."""
-    numba = _load_numba()
-    return numba.__version__ if numba else None
+def status() -> str:
+    """What runs the CPU kernels, as a phrase (for ``inspect`` and the benchmark)."""
+    if available():
+        return f"compiled by numba {_load_numba().__version__}"
+    if ENABLED:
+        return "NumPy forms only (numba cannot be imported)"
+    return "NumPy forms only (switched off by ONNXGRAD_COMPILED=0 or a numba that cannot compile)"
 
 
 class Kernel:

@@ -37,13 +37,7 @@ class Backend:
         """Lines on what runs this device's kernels, for ``inspect`` and profiles."""
         from onnxgrad.ops import compiled  # noqa: PLC0415 - ops import the runtime
 
-        if compiled.available():
-            kernels = f"compiled by numba {compiled.numba_version()}"
-        elif compiled.ENABLED:
-            kernels = "NumPy only (numba is not installed)"
-        else:
-            kernels = "NumPy only (turned off by ONNXGRAD_COMPILED=0 or a numba that cannot compile)"
-        return [f"device: cpu, {get_num_threads()} thread(s); kernels {kernels}"]
+        return [f"device: cpu, {get_num_threads()} thread(s); kernels {compiled.status()}"]
 
 
 class CudaBackend(Backend):
