@@ -147,13 +147,15 @@ def _shifted_moments(xp, D3, n):
     return shift, var
 
 
-def _bn_standardize(xp, X, gain, B, epsilon):
+def _bn_standardize(xp, X, gain, B, epsilon, activation=None):
     """Batch-statistics BatchNormalization over every axis but 1: Y, mean, biased
     variance (the statistics as (1, C, 1)), on one fresh array; each pass in
-    parts of the batch on the thread pool."""
+    parts of the batch on the thread pool.  The compiled kernel applies an
+    ``activation`` (:class:`Activation`) in its pass where Y is of X's type."""
     X3 = X.astype(_compute_dtype(X), copy=False).reshape(X.shape[0], X.shape[1], -1)
     if _compiled_bn(xp, X3):
-        Y, mean, var = _bn_compiled(X3, gain, B, epsilon)
+        Y, mean, var = _bn_compiled(X3, gain, B, epsilon,
+                                    activation=activation if X3.dtype == X.dtype else None)
         return Y.reshape(X.shape), mean.reshape(1, -1, 1), var.reshape(1, -1, 1)
     if fused.on_device(xp):  # two reductions and one pass
         mean, var = fused.bn_statistics(xp, X3)
@@ -189,11 +191,16 @@ def _compiled_bn(xp, X3) -> bool:
 
 
 @compiled.kernel(reassociate=True)
-def _bn_kernel(X3, gain, bias, epsilon, Y, mean, var, start, stop):
+def _bn_kernel(X3, gain, bias, epsilon, Y, mean, var, clip, low, high, mask, start, stop):
     """For the channels ``c`` in ``[start, stop)`` of ``X3`` (N, C, P): the batch mean
     and biased variance (float64 sums over the channel, the second of its values
     less the mean, while the channel is in cache) into ``mean[c]`` and ``var[c]``;
-    where ``Y`` is not empty, ``Y = (X - mean)·gain/sqrt(var + epsilon) + bias``."""
+    where ``Y`` is not empty, ``Y = (X - mean)·gain/sqrt(var + epsilon) + bias``.
+
+    With ``clip``, ``Y`` is then clipped to ``[low, high]`` (scalars of Y's type) in
+    the same pass, as :func:`~onnxgrad.ops.nonlinear.Clip` clips (NaN stays NaN), and
+    where ``mask`` is not empty, ``mask`` is 1 where ``low <= Y <= high`` before the
+    clip, else 0: Clip's gradient, without keeping Y."""
     N, _, P = X3.shape
     n = N * P
     for c in range(start, stop):
@@ -216,13 +223,24 @@ def _bn_kernel(X3, gain, bias, epsilon, Y, mean, var, start, stop):
             for i in range(N):
                 for p in range(P):
                     Y[i, c, p] = X3[i, c, p] * a + b
+                    if clip:
+                        y = Y[i, c, p]  # rounded to Y's type, as Clip reads it
+                        if mask.size:
+                            mask[i, c, p] = 1 if y >= low and y <= high else 0
+                        y = low if y < low else y
+                        Y[i, c, p] = high if y > high else y
 
 
 @compiled.kernel(reassociate=True)
-def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, start, stop):
+def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, gate, kind, start, stop):
     """BatchNormalizationGrad for the channels in ``[start, stop)`` of ``X3`` (N, C, P)
     given the batch ``mean`` and ``var`` (float64 sums).  A saved mean is rounded to
-    X's type: the sum of ``X - mean`` measures that rounding, and it is taken out."""
+    X's type: the sum of ``X - mean`` measures that rounding, and it is taken out.
+
+    ``kind`` 1 or 2: ``dY`` is the gradient of an activation of the normalised values,
+    taken back through it here in the same passes: ``dY`` where ``gate`` (the same
+    shape) is non-zero (kind 1: Clip's mask from :func:`_bn_kernel`) or positive
+    (kind 2: Relu's output), else 0, as ClipGrad and ReluGrad do."""
     N, _, P = X3.shape
     n = N * P
     for c in range(start, stop):
@@ -232,7 +250,7 @@ def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, start, sto
         sum_x = 0.0
         for i in range(N):
             for p in range(P):
-                d = dY[i, c, p]
+                d = _gated(dY[i, c, p], gate[i, c, p], kind)
                 x = X3[i, c, p] - m
                 sum_d += d
                 sum_dx += d * x
@@ -249,48 +267,139 @@ def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, start, sto
         b0 = k * sum_d / n
         for i in range(N):
             for p in range(P):
-                dX[i, c, p] = k * dY[i, c, p] - b1 * (X3[i, c, p] - centre) - b0
+                d = _gated(dY[i, c, p], gate[i, c, p], kind)
+                dX[i, c, p] = k * d - b1 * (X3[i, c, p] - centre) - b0
 
 
-def _bn_compiled(X3, gain, bias, epsilon, normalize=True):
+@compiled.helper
+def _gated(d, g, kind):
+    """``d`` where the gate ``g`` lets it through (see :func:`_bn_grad_kernel`), else 0."""
+    if kind == 1:
+        return d if g != 0 else 0.0
+    if kind == 2:
+        return d if g > 0 else 0.0
+    return d
+
+
+def _bn_compiled(X3, gain, bias, epsilon, normalize=True, activation=None):
     """Y (or None), batch mean and biased variance (float64, per channel) of
-    ``X3`` (N, C, P) through :func:`_bn_kernel`, channels split over the pool."""
+    ``X3`` (N, C, P) through :func:`_bn_kernel`, channels split over the pool;
+    Y clipped as ``activation`` says (an :class:`Activation`), which receives its mask."""
     X3 = np.ascontiguousarray(X3)
     C = X3.shape[1]
     Y = np.empty(X3.shape if normalize else (0, 0, 0), dtype=X3.dtype)
     mean, var = np.empty(C), np.empty(C)
     gain, bias = (_doubles(a, C) for a in (gain, bias))
+    clip = activation is not None and normalize
+    low, high = (activation.bounds(X3.dtype) if clip else (X3.dtype.type(0),) * 2)
+    mask = np.empty(X3.shape if clip and activation.keep_mask else (0, 0, 0), dtype=np.uint8)
     compiled.by_parts(C, X3.size, lambda start, stop: _bn_kernel(
-        X3, gain, bias, float(epsilon), Y, mean, var, start, stop))
+        X3, gain, bias, float(epsilon), Y, mean, var, clip, low, high, mask, start, stop))
+    if clip:
+        activation.done(mask if activation.keep_mask else None)
     return (Y if normalize else None), mean, var
 
 
-def _bn_grad_compiled(d, X3, mean, var, scale, epsilon):
+def _bn_grad_compiled(d, X3, mean, var, scale, epsilon, gate=None):
     """dX, dscale, dB (float64) of batch-statistics BatchNormalization through
-    :func:`_bn_grad_kernel`, channels split over the pool."""
+    :func:`_bn_grad_kernel`, channels split over the pool; with a ``gate`` (a
+    :class:`Gate`), ``d`` is the gradient of the activation that followed."""
     X3, d = np.ascontiguousarray(X3), np.ascontiguousarray(d, dtype=X3.dtype)
     C = X3.shape[1]
     dX = np.empty(X3.shape, dtype=X3.dtype)
     dscale, dB = np.empty(C), np.empty(C)
     mean, var, gain = (_doubles(a, C) for a in (mean, var, scale))
+    kind, g = (0, d) if gate is None else (gate.kind, np.ascontiguousarray(gate.values).reshape(X3.shape))
     compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_kernel(
-        d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, start, stop))
+        d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, g, kind, start, stop))
     return dX, dscale, dB
 
 
-def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx):
-    """Y, and (new running mean, new running var, batch mean, batch var) in batch mode."""
+class Activation:
+    """A Clip or Relu that BatchNormalization applies to its output itself (the
+    planner fuses the two steps where nothing else reads the normalised values:
+    :mod:`onnxgrad.fusion`): in its compiled kernel's pass, or after it where
+    another path runs, as the op would.  For Clip, with ``keep_mask``, the mask
+    of its gradient (where ``low <= Y <= high``, one byte per value) is kept in
+    place of Y for the backward pass (:class:`Gate`)."""
+
+    def __init__(self, op_type: str, low, high, keep_mask: bool):
+        self.op_type, self.low, self.high, self.keep_mask = op_type, low, high, keep_mask
+        self.applied = False
+        self.mask = None
+
+    def bounds(self, dtype):
+        """The bounds as scalars of ``dtype``, infinite where not given."""
+        from onnxgrad.ops.nonlinear import _bounds  # noqa: PLC0415 - a sibling family
+
+        return _bounds(np.dtype(dtype), self.low, self.high)
+
+    def done(self, mask) -> None:
+        """Called by the compiled kernel once it has applied the activation."""
+        self.applied, self.mask = True, mask
+
+    def apply(self, xp, Y):
+        """The op on ``Y``, the mask first (as ClipGrad reads Y)."""
+        from onnxgrad.ops.activation import Relu  # noqa: PLC0415
+        from onnxgrad.ops.nonlinear import _clip  # noqa: PLC0415
+
+        if self.op_type == "Relu":
+            return Relu(xp, Y)[0]
+        if self.keep_mask:
+            inside = xp.ones(Y.shape, dtype=bool)
+            if self.low is not None:
+                inside &= Y >= self.low
+            if self.high is not None:
+                inside &= Y <= self.high
+            self.mask = inside.view(np.uint8) if xp is np else inside.astype(np.uint8)
+        return _clip(xp, Y, self.low, self.high)
+
+
+class Gate:
+    """What lets the gradient of a fused :class:`Activation` through: ``kind`` 1,
+    Clip's mask (non-zero where it passes); ``kind`` 2, Relu's output (positive
+    where it passes)."""
+
+    def __init__(self, kind: int, values):
+        self.kind, self.values = kind, values
+
+    def apply(self, xp, dY):
+        """The activation's gradient op on ``dY``, as ReluGrad and ClipGrad compute it."""
+        from onnxgrad.ops.activation import ReluGrad  # noqa: PLC0415
+
+        if self.kind == 2:
+            return ReluGrad(xp, dY, self.values)[0]
+        if compiled.available(xp, dY) and dY.flags.c_contiguous:
+            return compiled.elementwise(_masked_kernel, xp.empty_like(dY), dY,
+                                        xp.ascontiguousarray(self.values))
+        return _a(xp, dY * (self.values != 0).astype(dY.dtype), dY.dtype)
+
+
+@compiled.kernel
+def _masked_kernel(d, mask, out):
+    """``out = d`` where ``mask`` is non-zero, else 0, in one pass (as ClipGrad's kernel)."""
+    for i in range(out.size):
+        out[i] = d[i] if mask[i] != 0 else 0.0
+
+
+def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx,
+                activation=None):
+    """Y, and (new running mean, new running var, batch mean, batch var) in batch mode;
+    Y through ``activation`` (an :class:`Activation`) where one is given."""
     axes, shape = _bn_layout(X, spatial)
     if not batch:
         inv = 1 / xp.sqrt(var + epsilon)
         Y = (X - mean.reshape(shape)) * (scale * inv).reshape(shape) + B.reshape(shape)
-        return _a(xp, Y, X.dtype), None
+        Y = _a(xp, Y, X.dtype)
+        return (Y if activation is None else activation.apply(xp, Y)), None
     if spatial or X.ndim == 2:
-        Y, bmean, bvar = _bn_standardize(xp, X, scale, B, epsilon)
+        Y, bmean, bvar = _bn_standardize(xp, X, scale, B, epsilon, activation)
     else:
         Y, bmean, bvar, _ = _standardize(xp, X, axes, epsilon, gain=scale.reshape(shape))
         Y += B.reshape(shape)  # in place: Y is the scaled standardized input, a fresh array
     Y = _a(xp, Y, X.dtype)
+    if activation is not None and not activation.applied:
+        Y = activation.apply(xp, Y)
     bmean = bmean.reshape(mean.shape).astype(mean.dtype, copy=False)
     bvar = bvar.reshape(var.shape).astype(var.dtype, copy=False)
     new_mean = mean * momentum + bmean * (1 - momentum)
@@ -312,22 +421,57 @@ def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, c
 def BatchNormalization(xp, X, scale, B, mean, var, *, consumed_inputs=None, epsilon=1e-5,
                        is_test=0, momentum=0.9, spatial=1, ctx):
     # Opsets 1-9: outputs Y, mean, var, saved_mean, saved_var (the last four in training).
-    Y, stats = _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial,
-                           ctx.training, ctx)
-    if stats is None:
-        return Y, mean, var, mean, var
-    return (Y,) + stats
+    return _bn_outputs(xp, X, scale, B, mean, var, ctx, epsilon=epsilon, momentum=momentum,
+                       spatial=spatial)
 
 
 @op("BatchNormalization", since=14, differentiable=("X", "scale", "B"), train_outputs=5)
 def BatchNormalization14(xp, X, scale, B, input_mean, input_var, *, epsilon=1e-5,
                          momentum=0.9, training_mode=0, ctx):
-    batch = bool(training_mode) or ctx.training
-    Y, stats = _batch_norm(xp, X, scale, B, input_mean, input_var, epsilon, momentum, 1,
-                           batch, ctx)
+    return _bn_outputs(xp, X, scale, B, input_mean, input_var, ctx, epsilon=epsilon,
+                       momentum=momentum, training_mode=training_mode, opset14=True)
+
+
+def _bn_outputs(xp, X, scale, B, mean, var, ctx, *, epsilon, momentum, spatial=1,
+                training_mode=0, opset14=False, activation=None):
+    """The outputs of a BatchNormalization node of either form (``opset14``: 14 on)."""
+    batch = (bool(training_mode) or ctx.training) if opset14 else ctx.training
+    Y, stats = _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum,
+                           1 if opset14 else spatial, batch, ctx, activation)
     if stats is None:
-        stats = (input_mean, input_var, input_mean, input_var)
-    return ((Y,) + stats)[:max(ctx.num_outputs, 1)]
+        stats = (mean, var, mean, var)
+    return ((Y,) + stats)[:max(ctx.num_outputs, 1)] if opset14 else (Y,) + stats
+
+
+def fused_forward(op_type: str, keep_mask: bool, opset14: bool):
+    """The kernel of a BatchNormalization step that applies the Clip or Relu
+    (``op_type``) that followed it (see :class:`Activation`): its inputs are the
+    node's, then the activation's bounds (None where absent); its outputs the
+    node's, the activation's in place of Y, and Clip's mask after them where
+    ``keep_mask``."""
+
+    def kernel(xp, X, scale, B, mean, var, low=None, high=None, *, ctx, consumed_inputs=None,
+               is_test=0, **attrs):
+        activation = Activation(op_type, low, high, keep_mask)
+        outs = _bn_outputs(xp, X, scale, B, mean, var, ctx, opset14=opset14,
+                           activation=activation, **attrs)[:max(ctx.num_outputs, 1)]
+        return outs + ((activation.mask,) if keep_mask else ())
+
+    return kernel
+
+
+def fused_grad(kind: int):
+    """The kernel of a BatchNormalizationGrad step that takes the gradient back
+    through the fused activation first (see :class:`Gate`): its inputs are the
+    activation's output gradient and the gate, then BatchNormalizationGrad's but
+    the first."""
+
+    def kernel(xp, dY, gate, X, scale, batch_mean=None, batch_var=None, mean=None, var=None, *,
+               epsilon=1e-5, spatial=1, forward_node="", training_mode=0, ctx):
+        return _bn_grad(xp, dY, X, scale, batch_mean, batch_var, mean, var, epsilon, spatial,
+                        forward_node, training_mode, ctx.state, Gate(kind, gate))
+
+    return kernel
 
 
 def _bn_rule(g, node, dY, *extra):
@@ -384,10 +528,22 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, me
     again); where the node normalised with its running statistics ``mean`` and ``var``
     in this run (outside training runs, or as one of the run's ``inference_nodes``,
     and without ``training_mode``), with those held constant (:func:`_bn_grad_fixed`)."""
+    return _bn_grad(xp, dY, X, scale, batch_mean, batch_var, mean, var, epsilon, spatial,
+                    forward_node, training_mode, ctx.state)
+
+
+def _bn_grad(xp, dY, X, scale, batch_mean, batch_var, mean, var, epsilon, spatial,
+             forward_node, training_mode, state, gate=None):
+    """:func:`BatchNormalizationGrad`; with a ``gate`` (:class:`Gate`), ``dY`` is the
+    gradient of the Clip or Relu that followed the node, taken back through it in
+    the compiled kernel's passes, or first where another path runs."""
     axes, shape = _bn_layout(X, spatial)
-    state = ctx.state
-    if (not training_mode and mean is not None and var is not None
-            and not (state.training and forward_node not in state.inference_nodes)):
+    fixed = (not training_mode and mean is not None and var is not None
+             and not (state.training and forward_node not in state.inference_nodes))
+    if gate is not None and (fixed or (not spatial and X.ndim > 2) or X.size == 0
+                             or _compute_dtype(X) != X.dtype or not compiled.available(xp)):
+        dY, gate = gate.apply(xp, dY), None  # the compiled kernel does not run
+    if fixed:
         return _bn_grad_fixed(xp, dY, X, scale, mean, var, epsilon, axes, shape)
     if not spatial and X.ndim > 2:  # per-element statistics (opsets before 9)
         return _bn_grad_elementwise(xp, dY, X, scale, batch_mean, batch_var, epsilon, axes, shape)
@@ -397,7 +553,7 @@ def BatchNormalizationGrad(xp, dY, X, scale, batch_mean=None, batch_var=None, me
         if batch_mean is None or batch_var is None:
             _, batch_mean, batch_var = _bn_compiled(X3, None, None, epsilon, normalize=False)
         dX, dscale, dB = _bn_grad_compiled(dY.astype(dtype, copy=False).reshape(X3.shape), X3,
-                                           batch_mean, batch_var, scale, epsilon)
+                                           batch_mean, batch_var, scale, epsilon, gate)
         return (_a(xp, dX.reshape(X.shape), X.dtype), _a(xp, dscale.reshape(scale.shape), scale.dtype),
                 _a(xp, dB.reshape(scale.shape), scale.dtype))
     if fused.on_device(xp) and batch_mean is not None and batch_var is not None:

@@ -21,7 +21,8 @@ import numpy as np
 from onnxgrad.backend import Backend
 from onnxgrad.errors import ModelError, OnnxgradError, ShapeError
 from onnxgrad.ir import Graph, Node
-from onnxgrad.ops import fused, lookup
+from onnxgrad.fusion import fuse_activations
+from onnxgrad.ops import compiled, fused, lookup
 from onnxgrad.profile import Profile
 from onnxgrad.threads import get_num_threads, parallel
 
@@ -153,6 +154,8 @@ class Plan:
                               list(node.outputs), ()))
             definitions.append(definition)
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
+        if backend.xp is np and compiled.available():
+            steps, definitions = fuse_activations(steps, definitions, set(self.fetch))
         steps, definitions = _hoist_views(steps, definitions)
         self.steps = self._assign_frees(steps, set(self.fetch))
         self._assign_donors(definitions)
