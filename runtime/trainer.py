@@ -548,6 +548,8 @@ class Trainer:
         self._micro += 1
         if self._micro == self.accumulate:
             self.finish_accumulation()
+        if self.profile is not None:
+            self.profile.steps += 1
         return loss
 
     def finish_accumulation(self) -> bool:
@@ -591,7 +593,11 @@ class Trainer:
                               total.dtype.type(1.0))
             for grad in grads.values():
                 grad *= coef
+        start = time.perf_counter() if self.profile is not None else 0.0
         self._apply(grads)
+        if self.profile is not None:
+            self.backend.synchronize()
+            self.profile.optimizer_seconds += time.perf_counter() - start
         return True
 
     def _apply(self, grads: dict[str, Any]) -> None:

@@ -81,3 +81,19 @@ def test_bad_settings_are_refused(attr, value, message):
     setattr(trainer, attr, value)
     with pytest.raises(onnxgrad.OnnxgradError, match=message):
         trainer.step({"input": DATA["input"][:4]}, DATA["label"][:4])
+
+
+@pytest.mark.parametrize("setting", [("clip_grad_norm", 1.0), ("accumulate", 2),
+                                     ("detect_anomaly", True)])
+def test_a_profile_counts_the_steps_that_clip_accumulate_or_check(setting):
+    """These settings take every gradient before the update: the profile still counts
+    each step (one run of the kernels) and times the optimizer's updates."""
+    trainer = _trainer()
+    setattr(trainer, *setting)
+    trainer.profile = onnxgrad.Profile()
+    for i in range(4):
+        trainer.step({"input": DATA["input"][32 * i:32 * (i + 1)]},
+                     DATA["label"][32 * i:32 * (i + 1)])
+    assert trainer.profile.steps == 4
+    assert trainer.profile.optimizer_seconds > 0
+    assert "profile over 4 step(s)" in str(trainer.profile)
