@@ -109,25 +109,30 @@ _ERF_P32 = tuple(np.float32(c) for c in _ERF_P)
 _ERF_Q32 = tuple(np.float32(c) for c in _ERF_Q)
 
 
+@compiled.helper
+def _erf32(v):
+    """:func:`_erf_float32` of one float32 value."""
+    P, Q = _ERF_P32, _ERF_Q32
+    z = min(max(v, np.float32(-4.0)), np.float32(4.0))
+    z2 = z * z
+    p = z2 * P[0] + P[1]
+    p = p * z2 + P[2]
+    p = p * z2 + P[3]
+    p = p * z2 + P[4]
+    p = p * z2 + P[5]
+    p = p * z2 + P[6]
+    q = z2 * Q[0] + Q[1]
+    q = q * z2 + Q[2]
+    q = q * z2 + Q[3]
+    q = q * z2 + Q[4]
+    return p * z / q
+
+
 @compiled.kernel
 def _erf32_kernel(x, out):
     """:func:`_erf_float32` of a float32 array, one element at a time."""
-    P, Q = _ERF_P32, _ERF_Q32
-    low, high = np.float32(-4.0), np.float32(4.0)
     for i in range(x.size):
-        z = min(max(x[i], low), high)
-        z2 = z * z
-        p = z2 * P[0] + P[1]
-        p = p * z2 + P[2]
-        p = p * z2 + P[3]
-        p = p * z2 + P[4]
-        p = p * z2 + P[5]
-        p = p * z2 + P[6]
-        q = z2 * Q[0] + Q[1]
-        q = q * z2 + Q[2]
-        q = q * z2 + Q[3]
-        q = q * z2 + Q[4]
-        out[i] = p * z / q
+        out[i] = _erf32(x[i])
 
 
 @compiled.kernel
@@ -186,6 +191,95 @@ def _(g, node):
     dY, X = node.inputs
     bell = g.Exp(g.Neg(g.Mul(X, X)))
     return (g.Mul(dY, g.Mul(bell, std.like(g, 2 / _SQRT_PI, X))),)
+
+
+# -- Gelu as exporters write it -------------------------------------------------------------
+#
+# torch.onnx (before opset 20) writes GELU as Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5), and
+# its gradient is then nine nodes.  CPU plans run the chain as one step and its gradient as
+# another where nothing else reads its values (onnxgrad.fusion): the same operations in the
+# same order, in one pass over memory (the gradient: two, around NumPy's exp), so that the
+# results are those of the nodes one by one, bit for bit.
+
+
+def gelu_erf_forward(keep_d: bool, keep_a: bool):
+    """The kernel of the merged chain: inputs x and the constants ``c1`` (Div's), ``c2``
+    (Add's) and ``c3`` (the last Mul's); outputs the chain's, and before it Div's
+    output where ``keep_d`` and Add's where ``keep_a`` (which its gradient reads)."""
+
+    def kernel(xp, x, c1, c2, c3):
+        t = x.dtype.type
+        x = np.ascontiguousarray(x)
+        d = np.empty(x.shape if keep_d else (0,), dtype=x.dtype)
+        a = np.empty(x.shape if keep_a else (0,), dtype=x.dtype)
+        y = np.empty(x.shape, dtype=x.dtype)
+        chain = _gelu_erf32_kernel if x.dtype == np.float32 else _gelu_erf64_kernel
+        compiled.elementwise(chain, y, x, t(c1), t(c2), t(c3), d.reshape(-1), a.reshape(-1))
+        return ((d,) if keep_d else ()) + ((a,) if keep_a else ()) + (y,)
+
+    return kernel
+
+
+@compiled.kernel
+def _gelu_erf32_kernel(x, c1, c2, c3, d, a, out):
+    """The chain on float32 values (Erf as :func:`_erf32_kernel`), Div's and Add's
+    outputs into ``d`` and ``a`` where they are not empty."""
+    for i in range(out.size):
+        v = x[i]
+        u = v / c1
+        if d.size:
+            d[i] = u
+        w = _erf32(u) + c2
+        if a.size:
+            a[i] = w
+        out[i] = (v * w) * c3
+
+
+@compiled.kernel
+def _gelu_erf64_kernel(x, c1, c2, c3, d, a, out):
+    """The chain on float64 values (Erf by the C library)."""
+    for i in range(out.size):
+        v = x[i]
+        u = v / c1
+        if d.size:
+            d[i] = u
+        w = math.erf(u) + c2
+        if a.size:
+            a[i] = w
+        out[i] = (v * w) * c3
+
+
+def gelu_erf_grad(xp, g, x, a, d, c1, c3):
+    """The merged gradient of the chain (see :func:`gelu_erf_forward`): ``g`` the
+    chain's output gradient, ``x`` its input, ``a`` and ``d`` Add's and Div's
+    outputs.  The nodes' gradients are ``g1 = g·c3``, ``g1·a`` and ``g1·x`` (the
+    Mul's), ``ErfGrad`` (``exp(-d·d)·(2/√π)·(g1·x)``), its quotient by ``c1`` (the
+    Div's) and the sum of the two contributions to x."""
+    t = x.dtype.type
+    out = np.empty(x.shape, dtype=x.dtype)
+    bell = compiled.elementwise(_negated_square_kernel, np.empty(d.shape, dtype=d.dtype),
+                                np.ascontiguousarray(d))
+    flat = bell.reshape(-1)  # NumPy's exp, as ErfGrad's, in parts on the pool
+    by_rows(np, flat.size, flat.size, lambda part: np.exp(flat[part], out=flat[part]))
+    compiled.elementwise(_gelu_erf_grad_kernel, out, np.ascontiguousarray(g),
+                         np.ascontiguousarray(x), np.ascontiguousarray(a), bell, t(c1), t(c3),
+                         t(2 / _SQRT_PI))
+    return (out,)
+
+
+@compiled.kernel
+def _negated_square_kernel(d, out):
+    """``out = -(d·d)``."""
+    for i in range(out.size):
+        out[i] = -(d[i] * d[i])
+
+
+@compiled.kernel
+def _gelu_erf_grad_kernel(g, x, a, bell, c1, c3, k, out):
+    """The chain's gradient, given ``bell = exp(-d·d)`` (see :func:`gelu_erf_grad`)."""
+    for i in range(out.size):
+        g1 = g[i] * c3
+        out[i] = g1 * a[i] + ((bell[i] * k) * (g1 * x[i])) / c1
 
 
 # -- Gelu ----------------------------------------------------------------------------------

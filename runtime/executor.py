@@ -155,7 +155,8 @@ class Plan:
             definitions.append(definition)
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}
         if backend.xp is np and compiled.available():
-            steps, definitions = fuse_activations(steps, definitions, set(self.fetch))
+            scalars = frozenset(k for k, v in graph.initializers.items() if np.ndim(v) == 0)
+            steps, definitions = fuse_activations(steps, definitions, set(self.fetch), scalars)
         steps, definitions = _hoist_views(steps, definitions)
         self.steps = self._assign_frees(steps, set(self.fetch))
         self._assign_donors(definitions)
@@ -168,7 +169,7 @@ class Plan:
         weight), read once by the step and dying there."""
         made: set[str] = set()
         for step, definition in zip(self.steps, definitions):
-            if definition.reuse:
+            if definition is not None and definition.reuse:
                 names = [a for a in step.args if type(a) is str]
                 step.donors = tuple(
                     i for i, a in enumerate(step.args)

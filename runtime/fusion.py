@@ -31,11 +31,15 @@ ENABLED = True
 _STANDARD = ("", "ai.onnx")
 
 
-def fuse_activations(steps: list, definitions: list, keep: set[str]) -> tuple[list, list]:
+def fuse_activations(steps: list, definitions: list, keep: set[str],
+                     scalars: frozenset[str] = frozenset()) -> tuple[list, list]:
     """``steps`` (with their op ``definitions``) with each BatchNormalization whose
     output only a Relu or Clip reads merged with it, and where the gradient of that
     activation only feeds the node's BatchNormalizationGrad, the two gradient steps
-    merged too.  ``keep``: values the plan returns, which stay as they are."""
+    merged too; and likewise GELU's chain as exporters write it, and its gradient.
+    ``keep``: values the plan returns, which stay as they are; ``scalars``: weights
+    that hold one number (no axes), read in the run.  A merged step's definition is
+    None (its kernel takes no storage of its inputs)."""
     if not ENABLED:
         return steps, definitions
     readers: dict[str, list[int]] = {}
@@ -48,12 +52,13 @@ def fuse_activations(steps: list, definitions: list, keep: set[str]) -> tuple[li
     names = set(made) | set(readers)
     replaced: dict[int, Any] = {}  # index -> the step in its place, or None
     for index, step in enumerate(steps):
-        merge = _merge(steps, index, readers, made, keep, names)
-        if merge is not None:
+        merge = (_merge(steps, index, readers, made, keep, names)
+                 or _merge_gelu(steps, index, readers, keep, scalars))
+        if merge is not None and not set(merge) & set(replaced):
             replaced.update(merge)
     if not replaced:
         return steps, definitions
-    kept = [(replaced.get(i, step), definition)
+    kept = [(replaced[i], None) if i in replaced else (step, definition)
             for i, (step, definition) in enumerate(zip(steps, definitions))
             if replaced.get(i, step) is not None]
     return [step for step, _ in kept], [definition for _, definition in kept]
@@ -157,3 +162,159 @@ def _fresh(name: str, names: set[str]) -> str:
         name += "_"
     names.add(name)
     return name
+
+
+# -- GELU as torch.onnx writes it ----------------------------------------------------------
+
+
+def _merge_gelu(steps, index, readers, keep, scalars) -> dict[int, Any] | None:
+    """Where the step at ``index`` starts Mul(Mul(x, Add(Erf(Div(x, c1)), c2)), c3)
+    (scalar constants; onnxgrad.ops.nonlinear.gelu_erf_forward), the chain as one
+    step, and where its gradient is the steps the gradient rules make, read by
+    nothing else, those as one step too; None where it is not so."""
+    from onnxgrad.ops import nonlinear  # noqa: PLC0415
+
+    div = steps[index]
+    if not _op(div, "Div") or len(div.args) != 2 or type(div.args[0]) is not str:
+        return None
+    x, d, c1 = div.args[0], div.outputs[0], _scalar(div.args[1], scalars)
+    erf = _sole_reader(steps, readers, d, "Erf", besides="ErfGrad")
+    if c1 is None or erf is None:
+        return None
+    e = steps[erf].outputs[0]
+    add = _sole_reader(steps, readers, e, "Add")
+    c2 = None if add is None else _scalar(_other(steps[add], e), scalars)
+    if c2 is None:
+        return None
+    a = steps[add].outputs[0]
+    muls = [j for j in readers.get(a, ()) if _op(steps[j], "Mul") and _other(steps[j], a) == x]
+    if len(muls) != 1:
+        return None
+    m = steps[muls[0]].outputs[0]
+    last = _sole_reader(steps, readers, m, "Mul")
+    c3 = None if last is None else _scalar(_other(steps[last], m), scalars)
+    if c3 is None or any(v in keep for v in (d, e, a, m)):
+        return None
+    chain = [index, erf, add, muls[0], last]
+    grad = _gelu_gradient(steps, readers, keep, scalars, x, d, a, c1, c3, chain)
+    if grad is None and any(j not in chain for v in (d, a) for j in readers.get(v, ())):
+        return None  # d or a read by steps that are not the chain's gradient
+    y = steps[last].outputs[0]
+    outputs = ([d, a] if grad is not None else []) + [y]
+    merged = {i: None for i in chain}
+    merged[index] = replace(
+        steps[last], node=replace(steps[last].node, op_type="Gelu(Div,Erf,Add,Mul,Mul)",
+                                  outputs=outputs),
+        kernel=nonlinear.gelu_erf_forward(grad is not None, grad is not None), attrs={},
+        args=[x, c1, c2, c3], host_args=(),
+        device_args=tuple(i for i, v in enumerate([x, c1, c2, c3]) if type(v) is str),
+        outputs=outputs, free=(), donors=())
+    if grad is not None:
+        total, drop, g = grad
+        dx = steps[total].outputs[0]
+        merged.update({i: None for i in drop})
+        merged[total] = replace(
+            steps[total], node=replace(steps[total].node, outputs=[dx],
+                                       op_type="GeluGrad(Div,Erf,Add,Mul,Mul)"),
+            kernel=nonlinear.gelu_erf_grad, attrs={}, args=[g, x, a, d, c1, c3], host_args=(),
+            device_args=tuple(i for i, v in enumerate([g, x, a, d, c1, c3]) if type(v) is str),
+            outputs=[dx], free=(), donors=())
+    return merged
+
+
+def _gelu_gradient(steps, readers, keep, scalars, x, d, a, c1, c3, chain):
+    """The chain's gradient steps as the rules of Mul, Add, Erf and Div make them:
+    ``g1 = Mul(g, c3)``, ``Mul(g1, a)``, ``Mul(g1, x)``, ``ErfGrad(…, d)``, ``Div(…, c1)``
+    and the ``Sum`` of the two contributions to x, with SumToShape steps between
+    them (identities: every constant is a scalar); each value read by the next step
+    alone.  Returns (the Sum's index, the other steps' indices, g), or None."""
+    made = {o: j for j, step in enumerate(steps) for o in step.outputs if o}
+    b1 = [j for j in readers.get(a, ()) if j not in chain]
+    if len(b1) != 1 or not _op(steps[b1[0]], "Mul"):
+        return None
+    b1 = b1[0]
+    g1 = _other(steps[b1], a)
+    b2 = [j for j in readers.get(g1, ()) if j != b1]
+    if len(b2) != 1 or not _op(steps[b2[0]], "Mul") or _other(steps[b2[0]], g1) != x:
+        return None
+    b2 = b2[0]
+    de, s2 = _through_identity(steps, readers, steps[b2].outputs[0])
+    eg = _sole_reader(steps, readers, de, "ErfGrad", domain="onnxgrad")
+    if eg is None or steps[eg].args != [de, d]:
+        return None
+    dv = _sole_reader(steps, readers, steps[eg].outputs[0], "Div")
+    if (dv is None or steps[dv].args[0] != steps[eg].outputs[0]
+            or not _same(_scalar(steps[dv].args[1], scalars), c1)):
+        return None
+    dx2, s3 = _through_identity(steps, readers, steps[dv].outputs[0])
+    dx1 = steps[b1].outputs[0]
+    total = _sole_reader(steps, readers, dx2, "Sum")
+    if (total is None or sorted(steps[total].args) != sorted([dx1, dx2])
+            or readers.get(dx1) != [total]):
+        return None
+    s1 = made.get(g1)
+    if s1 is not None and _op(steps[s1], "SumToShape", "onnxgrad"):
+        source = steps[s1].args[0]
+        if readers.get(source) != [s1]:
+            return None
+    else:
+        s1, source = None, g1
+    mul = made.get(source)
+    if mul is None or not _op(steps[mul], "Mul") or len(steps[mul].args) != 2:
+        return None
+    g = next((v for v in steps[mul].args if not _same(v, c3)), None)
+    if g is None or type(g) is not str or not _same(_scalar(_other(steps[mul], g), scalars), c3):
+        return None
+    drop = [mul, b1, b2, eg, dv] + [i for i in (s1, s2, s3) if i is not None]
+    if any(o in keep for i in drop for o in steps[i].outputs):
+        return None
+    return total, drop, g
+
+
+def _op(step, op_type: str, domain: str = "") -> bool:
+    return step.node.op_type == op_type and step.node.domain in (
+        (domain,) if domain else _STANDARD)
+
+
+def _scalar(arg, scalars):
+    """``arg`` where it is a scalar (no axes): a bound constant, or one of ``scalars``
+    (weights of one number); else None."""
+    if type(arg) is str:
+        return arg if arg in scalars else None
+    value = getattr(arg, "value", None)
+    return arg if value is not None and getattr(value, "ndim", None) == 0 else None
+
+
+def _same(a, b) -> bool:
+    """Whether two scalar arguments are the same value (the same weight, or bound
+    constants that hold the same number)."""
+    if a is None or b is None or type(a) is str or type(b) is str:
+        return a is not None and a == b
+    return a.value.item() == b.value.item()
+
+
+def _other(step, value):
+    """The other argument of a step of two arguments, one of them ``value``."""
+    if len(step.args) != 2 or value not in step.args:
+        return None
+    return step.args[1] if step.args[0] == value else step.args[0]
+
+
+def _sole_reader(steps, readers, value, op_type, domain="", besides=None):
+    """The step of ``op_type`` that reads ``value``, where no other step does (but steps
+    of ``besides``, an onnxgrad op); else None."""
+    users = [j for j in readers.get(value, ())
+             if besides is None or not _op(steps[j], besides, "onnxgrad")]
+    if len(users) != 1 or not _op(steps[users[0]], op_type, domain):
+        return None
+    return users[0]
+
+
+def _through_identity(steps, readers, value):
+    """``value``, or the output of the SumToShape that alone reads it, and that step's
+    index (None where there is none)."""
+    users = readers.get(value, ())
+    if len(users) == 1 and _op(steps[users[0]], "SumToShape", "onnxgrad") \
+            and steps[users[0]].args[0] == value:
+        return steps[users[0]].outputs[0], users[0]
+    return value, None

@@ -14,7 +14,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxgrad
-from helpers import check_against_central_differences, make_model
+from helpers import central_differences, check_against_central_differences, make_model
 from onnxgrad import fusion
 from onnxgrad.ops import compiled, normalization
 
@@ -206,3 +206,123 @@ def test_merged_gradients_by_central_differences(activation, monkeypatch):
     grads = check_against_central_differences(model, {"x": x}, params, eps=1e-6)
     assert all(np.abs(g).max() > 0 for g in grads.values())
     assert gates == [2 if activation.startswith("relu") else 1] * 2  # both merged
+
+
+# -- GELU as torch.onnx writes it ------------------------------------------------------------
+
+
+def _gelu_mlp(dtype=np.float32, shape=(4, 6, 10), hidden=12, extra_reader=False, c2=1.0, c3=0.5):
+    """x @ W1 → Mul(Mul(h, Add(Erf(Div(h, √2)), c2)), c3) → @ W2, then a mean over the
+    middle axis; with ``extra_reader``, Erf's output also feeds the result."""
+    rng = np.random.default_rng(1)
+    n, t, f = shape
+    inits = {"w1": rng.standard_normal((f, hidden)) * 0.5, "w2": rng.standard_normal((hidden, 5)) * 0.5,
+             "c1": np.array(np.sqrt(2.0)), "c2": np.array(c2), "c3": np.array(c3),
+             "axes": np.array([1], dtype=np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Div", ["h", "c1"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "c2"], ["a"]),
+             helper.make_node("Mul", ["h", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "c3"], ["g"]),
+             helper.make_node("MatMul", ["g", "w2"], ["o"]),
+             helper.make_node("ReduceMean", ["o", "axes"], ["y0" if extra_reader else "y"],
+                              keepdims=0)]
+    if extra_reader:
+        nodes += [helper.make_node("ReduceMean", ["e", "axes"], ["r"], keepdims=0),
+                  helper.make_node("ReduceMean", ["r", "axes"], ["r1"], keepdims=1),
+                  helper.make_node("Add", ["y0", "r1"], ["y"])]
+    inits = {k: (v if v.dtype == np.int64 else v.astype(dtype)) for k, v in inits.items()}
+    model = make_model(nodes, [("x", dtype, ["N", t, f])], [("y", dtype, ["N", 5])], inits,
+                       opset=18)
+    return model, rng.standard_normal(shape).astype(dtype), rng.integers(0, 5, n)
+
+
+def _gelu_train(model, x, t, merge, steps=4):
+    before = fusion.ENABLED
+    fusion.ENABLED = merge
+    try:
+        trainer = onnxgrad.Trainer(onnxgrad.load(model), loss="cross_entropy",
+                                   optimizer=onnxgrad.SGD(lr=0.1, momentum=0.9))
+        losses = [trainer.step({"x": x}, t) for _ in range(steps)]
+    finally:
+        fusion.ENABLED = before
+    return losses, trainer.model.parameters(), trainer
+
+
+def _merged_kinds(trainer) -> list[str]:
+    return [s.node.op_type for plan in trainer._runner._plans.values() for s in plan.steps
+            if "(" in s.node.op_type]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_chain_and_its_gradient_train_as_the_nodes_one_by_one(dtype):
+    model, x, t = _gelu_mlp(dtype)
+    merged = _gelu_train(model, x, t, merge=True)
+    _assert_same(merged, _gelu_train(model, x, t, merge=False))
+    # the plan specialised to the input shapes (the first one reads shapes as it runs)
+    assert sorted(_merged_kinds(merged[2])) == ["Gelu(Div,Erf,Add,Mul,Mul)",
+                                                "GeluGrad(Div,Erf,Add,Mul,Mul)"]
+    assert merged[0][-1] != merged[0][0]
+
+
+def test_gelu_parts_on_threads_give_the_bits_of_the_nodes(monkeypatch):
+    """Odd sizes in parts of a few elements, on 3 threads: the merged kernels and the
+    split exp give the nodes' bits (with constants whose products round, unlike 0.5
+    and 1, so that any other order of the operations shows)."""
+    from onnxgrad import threads
+    monkeypatch.setattr(compiled, "PART", 7)
+    monkeypatch.setattr(threads, "ELEMENTWISE_PART", 13)
+    model, x, t = _gelu_mlp(shape=(3, 7, 11), hidden=33, c2=0.9, c3=0.3)
+    before = threads.get_num_threads()
+    try:
+        threads.set_num_threads(3)
+        merged = _gelu_train(model, x, t, merge=True)
+        _assert_same(merged, _gelu_train(model, x, t, merge=False))
+    finally:
+        threads.set_num_threads(before)
+    assert len(_merged_kinds(merged[2])) == 2
+
+
+def test_no_gelu_merge_where_a_value_of_the_chain_is_read_elsewhere():
+    model, x, t = _gelu_mlp(extra_reader=True)
+    merged = _gelu_train(model, x, t, merge=True)
+    _assert_same(merged, _gelu_train(model, x, t, merge=False))
+    assert _merged_kinds(merged[2]) == []
+
+
+def test_inference_runs_the_gelu_chain_as_one_step():
+    model, x, _ = _gelu_mlp()
+    loaded = onnxgrad.load(model)
+    got = [loaded.run({"x": x})["y"] for _ in range(2)]  # the second through the specialised plan
+    fusion.ENABLED = False
+    try:
+        want = onnxgrad.load(model).run({"x": x})["y"]
+    finally:
+        fusion.ENABLED = True
+    for value in got:
+        np.testing.assert_array_equal(value, want)
+
+
+def test_gelu_gradients_by_central_differences():
+    """float64 weight gradients through the merged chain (the trainer's second run, in
+    the plan specialised to the input shapes) against central differences."""
+    model, x, _ = _gelu_mlp(np.float64)
+    graph = model.graph
+    u = np.random.default_rng(4).standard_normal((4, 5))
+    graph.node.append(helper.make_node("Mul", ["y", "u"], ["yu"]))
+    graph.node.append(helper.make_node("ReduceSum", ["yu"], ["loss"], keepdims=0))
+    graph.initializer.append(numpy_helper.from_array(u, "u"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("loss", 11, []))
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    trainer = onnxgrad.Trainer(onnxgrad.load(model), loss=None, output="loss",
+                               optimizer=onnxgrad.SGD(lr=0.0), trainable=["w1", "w2"])
+    first = trainer.gradients({"x": x}, None)
+    analytic = trainer.gradients({"x": x}, None)
+    assert len(_merged_kinds(trainer)) == 2
+    loaded = onnxgrad.load(model)
+    for name in ("w1", "w2"):
+        np.testing.assert_array_equal(analytic[name], first[name])
+        numeric = central_differences(loaded, {"x": x}, name, weights[name], 1e-6)
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
