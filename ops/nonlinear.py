@@ -202,33 +202,33 @@ def _(g, node):
 # results are those of the nodes one by one, bit for bit.
 
 
-def gelu_erf_forward(keep_d: bool, keep_a: bool):
+def gelu_erf_forward(keep: bool):
     """The kernel of the merged chain: inputs x and the constants ``c1`` (Div's), ``c2``
-    (Add's) and ``c3`` (the last Mul's); outputs the chain's, and before it Div's
-    output where ``keep_d`` and Add's where ``keep_a`` (which its gradient reads)."""
+    (Add's) and ``c3`` (the last Mul's); outputs the chain's, and before it, where
+    ``keep``, what its gradient reads: ``-(d·d)`` of Div's output d (ErfGrad's first
+    operations) and Add's output."""
 
     def kernel(xp, x, c1, c2, c3):
         t = x.dtype.type
         x = np.ascontiguousarray(x)
-        d = np.empty(x.shape if keep_d else (0,), dtype=x.dtype)
-        a = np.empty(x.shape if keep_a else (0,), dtype=x.dtype)
+        q, a = (np.empty(x.shape if keep else (0,), dtype=x.dtype) for _ in range(2))
         y = np.empty(x.shape, dtype=x.dtype)
         chain = _gelu_erf32_kernel if x.dtype == np.float32 else _gelu_erf64_kernel
-        compiled.elementwise(chain, y, x, t(c1), t(c2), t(c3), d.reshape(-1), a.reshape(-1))
-        return ((d,) if keep_d else ()) + ((a,) if keep_a else ()) + (y,)
+        compiled.elementwise(chain, y, x, t(c1), t(c2), t(c3), q.reshape(-1), a.reshape(-1))
+        return ((q, a) if keep else ()) + (y,)
 
     return kernel
 
 
 @compiled.kernel
-def _gelu_erf32_kernel(x, c1, c2, c3, d, a, out):
-    """The chain on float32 values (Erf as :func:`_erf32_kernel`), Div's and Add's
-    outputs into ``d`` and ``a`` where they are not empty."""
+def _gelu_erf32_kernel(x, c1, c2, c3, q, a, out):
+    """The chain on float32 values (Erf as :func:`_erf32_kernel`); where ``q`` and ``a``
+    are not empty, ``-(d·d)`` of Div's output d into ``q`` and Add's output into ``a``."""
     for i in range(out.size):
         v = x[i]
         u = v / c1
-        if d.size:
-            d[i] = u
+        if q.size:
+            q[i] = -(u * u)
         w = _erf32(u) + c2
         if a.size:
             a[i] = w
@@ -236,42 +236,35 @@ def _gelu_erf32_kernel(x, c1, c2, c3, d, a, out):
 
 
 @compiled.kernel
-def _gelu_erf64_kernel(x, c1, c2, c3, d, a, out):
+def _gelu_erf64_kernel(x, c1, c2, c3, q, a, out):
     """The chain on float64 values (Erf by the C library)."""
     for i in range(out.size):
         v = x[i]
         u = v / c1
-        if d.size:
-            d[i] = u
+        if q.size:
+            q[i] = -(u * u)
         w = math.erf(u) + c2
         if a.size:
             a[i] = w
         out[i] = (v * w) * c3
 
 
-def gelu_erf_grad(xp, g, x, a, d, c1, c3):
+def gelu_erf_grad(xp, g, x, q, a, c1, c3):
     """The merged gradient of the chain (see :func:`gelu_erf_forward`): ``g`` the
-    chain's output gradient, ``x`` its input, ``a`` and ``d`` Add's and Div's
-    outputs.  The nodes' gradients are ``g1 = g·c3``, ``g1·a`` and ``g1·x`` (the
-    Mul's), ``ErfGrad`` (``exp(-d·d)·(2/√π)·(g1·x)``), its quotient by ``c1`` (the
-    Div's) and the sum of the two contributions to x."""
+    chain's output gradient, ``x`` its input, ``q`` and ``a`` what the forward step
+    kept.  The nodes' gradients are ``g1 = g·c3``, ``g1·a`` and ``g1·x`` (the Mul's),
+    ``ErfGrad`` (``exp(-(d·d))·(2/√π)·(g1·x)``), its quotient by ``c1`` (the Div's)
+    and the sum of the two contributions to x."""
     t = x.dtype.type
     out = np.empty(x.shape, dtype=x.dtype)
-    bell = compiled.elementwise(_negated_square_kernel, np.empty(d.shape, dtype=d.dtype),
-                                np.ascontiguousarray(d))
-    flat = bell.reshape(-1)  # NumPy's exp, as ErfGrad's, in parts on the pool
-    by_rows(np, flat.size, flat.size, lambda part: np.exp(flat[part], out=flat[part]))
+    bell = np.empty(q.shape, dtype=q.dtype)
+    flat, source = bell.reshape(-1), np.ascontiguousarray(q).reshape(-1)
+    # NumPy's exp, as ErfGrad's, in parts on the pool
+    by_rows(np, flat.size, flat.size, lambda part: np.exp(source[part], out=flat[part]))
     compiled.elementwise(_gelu_erf_grad_kernel, out, np.ascontiguousarray(g),
                          np.ascontiguousarray(x), np.ascontiguousarray(a), bell, t(c1), t(c3),
                          t(2 / _SQRT_PI))
     return (out,)
-
-
-@compiled.kernel
-def _negated_square_kernel(d, out):
-    """``out = -(d·d)``."""
-    for i in range(out.size):
-        out[i] = -(d[i] * d[i])
 
 
 @compiled.kernel

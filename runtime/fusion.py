@@ -53,7 +53,7 @@ def fuse_activations(steps: list, definitions: list, keep: set[str],
     replaced: dict[int, Any] = {}  # index -> the step in its place, or None
     for index, step in enumerate(steps):
         merge = (_merge(steps, index, readers, made, keep, names)
-                 or _merge_gelu(steps, index, readers, keep, scalars))
+                 or _merge_gelu(steps, index, readers, keep, scalars, names))
         if merge is not None and not set(merge) & set(replaced):
             replaced.update(merge)
     if not replaced:
@@ -167,7 +167,7 @@ def _fresh(name: str, names: set[str]) -> str:
 # -- GELU as torch.onnx writes it ----------------------------------------------------------
 
 
-def _merge_gelu(steps, index, readers, keep, scalars) -> dict[int, Any] | None:
+def _merge_gelu(steps, index, readers, keep, scalars, names) -> dict[int, Any] | None:
     """Where the step at ``index`` starts Mul(Mul(x, Add(Erf(Div(x, c1)), c2)), c3)
     (scalar constants; onnxgrad.ops.nonlinear.gelu_erf_forward), the chain as one
     step, and where its gradient is the steps the gradient rules make, read by
@@ -200,12 +200,13 @@ def _merge_gelu(steps, index, readers, keep, scalars) -> dict[int, Any] | None:
     if grad is None and any(j not in chain for v in (d, a) for j in readers.get(v, ())):
         return None  # d or a read by steps that are not the chain's gradient
     y = steps[last].outputs[0]
-    outputs = ([d, a] if grad is not None else []) + [y]
+    q = _fresh(f"{d}/negated_square", names) if grad is not None else None
+    outputs = ([q, a] if grad is not None else []) + [y]
     merged = {i: None for i in chain}
     merged[index] = replace(
         steps[last], node=replace(steps[last].node, op_type="Gelu(Div,Erf,Add,Mul,Mul)",
                                   outputs=outputs),
-        kernel=nonlinear.gelu_erf_forward(grad is not None, grad is not None), attrs={},
+        kernel=nonlinear.gelu_erf_forward(grad is not None), attrs={},
         args=[x, c1, c2, c3], host_args=(),
         device_args=tuple(i for i, v in enumerate([x, c1, c2, c3]) if type(v) is str),
         outputs=outputs, free=(), donors=())
@@ -216,8 +217,8 @@ def _merge_gelu(steps, index, readers, keep, scalars) -> dict[int, Any] | None:
         merged[total] = replace(
             steps[total], node=replace(steps[total].node, outputs=[dx],
                                        op_type="GeluGrad(Div,Erf,Add,Mul,Mul)"),
-            kernel=nonlinear.gelu_erf_grad, attrs={}, args=[g, x, a, d, c1, c3], host_args=(),
-            device_args=tuple(i for i, v in enumerate([g, x, a, d, c1, c3]) if type(v) is str),
+            kernel=nonlinear.gelu_erf_grad, attrs={}, args=[g, x, q, a, c1, c3], host_args=(),
+            device_args=tuple(i for i, v in enumerate([g, x, q, a, c1, c3]) if type(v) is str),
             outputs=[dx], free=(), donors=())
     return merged
 
