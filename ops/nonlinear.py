@@ -19,7 +19,7 @@ import math
 import numpy as np  # the host array module, for blockwise evaluation on the CPU
 
 from onnxgrad.ops import compiled, fused
-from onnxgrad.ops.elementwise import SumToShape, clamp
+from onnxgrad.ops.elementwise import Add, Div, Mul, Sum, SumToShape, clamp
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import by_rows
@@ -202,13 +202,24 @@ def _(g, node):
 # results are those of the nodes one by one, bit for bit.
 
 
+def _gelu_compiled(xp, x) -> bool:
+    """Whether the merged chain and its gradient run their compiled kernels on ``x``
+    (else each node's own kernel runs, one after another)."""
+    return compiled.available(xp, x)
+
+
 def gelu_erf_forward(keep: bool):
     """The kernel of the merged chain: inputs x and the constants ``c1`` (Div's), ``c2``
     (Add's) and ``c3`` (the last Mul's); outputs the chain's, and before it, where
-    ``keep``, what its gradient reads: ``-(d·d)`` of Div's output d (ErfGrad's first
-    operations) and Add's output."""
+    ``keep``, what its gradient reads: ``q``, ``-(d·d)`` of Div's output d (ErfGrad's
+    first operations; d itself where the nodes' own kernels run) and Add's output."""
 
     def kernel(xp, x, c1, c2, c3):
+        if not _gelu_compiled(xp, x):
+            d = Div(xp, x, c1)[0]
+            a = Add(xp, Erf(xp, d)[0], c2)[0]
+            y = Mul(xp, Mul(xp, x, a)[0], c3)[0]
+            return ((d, a) if keep else ()) + (y,)
         t = x.dtype.type
         x = np.ascontiguousarray(x)
         q, a = (np.empty(x.shape if keep else (0,), dtype=x.dtype) for _ in range(2))
@@ -255,6 +266,10 @@ def gelu_erf_grad(xp, g, x, q, a, c1, c3):
     kept.  The nodes' gradients are ``g1 = g·c3``, ``g1·a`` and ``g1·x`` (the Mul's),
     ``ErfGrad`` (``exp(-(d·d))·(2/√π)·(g1·x)``), its quotient by ``c1`` (the Div's)
     and the sum of the two contributions to x."""
+    if not _gelu_compiled(xp, x):  # q is Div's output d (see gelu_erf_forward)
+        g1 = Mul(xp, g, c3)[0]
+        dd = ErfGrad(xp, Mul(xp, g1, x)[0], q)[0]
+        return Sum(xp, Mul(xp, g1, a)[0], Div(xp, dd, c1)[0])
     t = x.dtype.type
     out = np.empty(x.shape, dtype=x.dtype)
     bell = np.empty(q.shape, dtype=q.dtype)

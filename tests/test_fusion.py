@@ -326,3 +326,20 @@ def test_gelu_gradients_by_central_differences():
         np.testing.assert_array_equal(analytic[name], first[name])
         numeric = central_differences(loaded, {"x": x}, name, weights[name], 1e-6)
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_where_compiled_kernels_do_not_run_the_merged_gelu_steps_run_the_nodes_kernels(
+        dtype, monkeypatch):
+    """float16 (no compiled kernels), or float32 with them switched off after the plans
+    were merged: the merged steps run each node's own kernel, with the nodes' results."""
+    model, x, t = _gelu_mlp(dtype)
+    results = []
+    for merge in (True, False):
+        monkeypatch.setattr(compiled, "ENABLED", True)
+        losses, _, trainer = _gelu_train(model, x, t, merge=merge, steps=2)
+        monkeypatch.setattr(compiled, "ENABLED", False)
+        losses += [trainer.step({"x": x}, t) for _ in range(2)]
+        results.append((losses, trainer.model.parameters(), trainer))
+    _assert_same(*results)
+    assert len(_merged_kinds(results[0][2])) == 2
