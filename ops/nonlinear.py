@@ -272,22 +272,22 @@ def gelu_erf_grad(xp, g, x, q, a, c1, c3):
         return Sum(xp, Mul(xp, g1, a)[0], Div(xp, dd, c1)[0])
     t = x.dtype.type
     out = np.empty(x.shape, dtype=x.dtype)
-    bell = np.empty(q.shape, dtype=q.dtype)
-    flat, source = bell.reshape(-1), np.ascontiguousarray(q).reshape(-1)
-    # NumPy's exp, as ErfGrad's, in parts on the pool
+    flat, source = out.reshape(-1), np.ascontiguousarray(q).reshape(-1)
+    # NumPy's exp, as ErfGrad's, in parts on the pool, into the gradient's storage
     by_rows(np, flat.size, flat.size, lambda part: np.exp(source[part], out=flat[part]))
     compiled.elementwise(_gelu_erf_grad_kernel, out, np.ascontiguousarray(g),
-                         np.ascontiguousarray(x), np.ascontiguousarray(a), bell, t(c1), t(c3),
+                         np.ascontiguousarray(x), np.ascontiguousarray(a), t(c1), t(c3),
                          t(2 / _SQRT_PI))
     return (out,)
 
 
 @compiled.kernel
-def _gelu_erf_grad_kernel(g, x, a, bell, c1, c3, k, out):
-    """The chain's gradient, given ``bell = exp(-d·d)`` (see :func:`gelu_erf_grad`)."""
+def _gelu_erf_grad_kernel(g, x, a, c1, c3, k, out):
+    """The chain's gradient, ``out`` holding ``exp(-(d·d))`` on entry (see
+    :func:`gelu_erf_grad`)."""
     for i in range(out.size):
         g1 = g[i] * c3
-        out[i] = g1 * a[i] + ((bell[i] * k) * (g1 * x[i])) / c1
+        out[i] = g1 * a[i] + ((out[i] * k) * (g1 * x[i])) / c1
 
 
 # -- Gelu ----------------------------------------------------------------------------------
