@@ -1,4 +1,4 @@
-"""Steps of a CPU plan merged so that a pass over memory does two ops' work.
+"""Steps of a CPU plan merged so that a pass over memory does several ops' work.
 
 A CNN normalises and then activates: BatchNormalization, then Relu or Clip
 (ReLU6), and in the backward pass ReluGrad or ClipGrad, then
@@ -14,9 +14,16 @@ back through the activation in its passes
 (:func:`onnxgrad.ops.normalization.fused_forward` and ``fused_grad``).  The
 results are those of the steps run one by one, bit for bit: the compiled
 kernels apply the same operations in the same order, and every other path
-runs the activation's own kernel.  The training program is unchanged (the
-merge is the plan's), so ``convert``, the profile's graph and exported models
-see the ops as they are.
+runs the activation's own kernel.
+
+Transformers exported by torch.onnx before opset 20 write GELU as five nodes,
+Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5), whose gradient the rules make of
+nine; each chain runs as one step, and its gradient as another
+(:func:`onnxgrad.ops.nonlinear.gelu_erf_forward` and ``gelu_erf_grad``), with
+the nodes' operations in the nodes' order.
+
+The training program is unchanged (the merge is the plan's), so ``convert``,
+the profile's graph and exported models see the ops as they are.
 """
 
 from __future__ import annotations
