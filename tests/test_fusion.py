@@ -68,13 +68,13 @@ def _cnn(activation: str, dtype=np.float32, extra_reader: bool = False, **bn_att
     return model, x, t
 
 
-def _train(model, x, t, merge: bool, steps: int = 3, **options):
+def _train(model, x, t, merge: bool, steps: int = 3, lr: float = 0.05, **options):
     """Losses of SGD-momentum steps, the weights after, and the trainer."""
     before = fusion.ENABLED
     fusion.ENABLED = merge
     try:
         trainer = onnxgrad.Trainer(onnxgrad.load(model), loss="cross_entropy",
-                                   optimizer=onnxgrad.SGD(lr=0.05, momentum=0.9), **options)
+                                   optimizer=onnxgrad.SGD(lr=lr, momentum=0.9), **options)
         losses = [trainer.step({"x": x}, t) for _ in range(steps)]
     finally:
         fusion.ENABLED = before
@@ -90,8 +90,34 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
 
 
+def _with_projected_loss(model) -> dict:
+    """Make ``model`` (float64, output y of 4×5) output ``loss = sum(y * u)`` for a fixed
+    random u; its initializers, by name."""
+    graph = model.graph
+    u = np.random.default_rng(3).standard_normal((4, 5))
+    graph.node.append(helper.make_node("Mul", ["y", "u"], ["yu"]))
+    graph.node.append(helper.make_node("ReduceSum", ["yu"], ["loss"], keepdims=0))
+    graph.initializer.append(numpy_helper.from_array(u, "u"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("loss", 11, []))
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
 def _steps(trainer) -> list:
     return trainer._runner.generic.steps
+
+
+def _merged_then_uncompiled(monkeypatch, model, x, t, steps=1, **options) -> list:
+    """Trainings with the merge on and off, whose first ``steps`` run with compiled
+    kernels and two more without them: (losses, weights, trainer) of each."""
+    results = []
+    for merge in (True, False):
+        monkeypatch.setattr(compiled, "ENABLED", True)
+        losses, _, trainer = _train(model, x, t, merge=merge, steps=steps, **options)
+        monkeypatch.setattr(compiled, "ENABLED", False)
+        losses += [trainer.step({"x": x}, t) for _ in range(2)]
+        results.append((losses, trainer.model.parameters(), trainer))
+    return results
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -126,13 +152,7 @@ def test_after_the_compiled_kernels_are_switched_off_the_merged_steps_run_the_op
     """Plans merged while compiled kernels ran, run with them off: each merged step takes
     the NumPy paths, applying the activation and its gradient as the ops do."""
     model, x, t = _cnn("clip-14")
-    results = []
-    for merge in (True, False):
-        monkeypatch.setattr(compiled, "ENABLED", True)
-        losses, _, trainer = _train(model, x, t, merge=merge, steps=1)
-        monkeypatch.setattr(compiled, "ENABLED", False)
-        losses += [trainer.step({"x": x}, t) for _ in range(2)]
-        results.append((losses, trainer.model.parameters(), trainer))
+    results = _merged_then_uncompiled(monkeypatch, model, x, t)
     _assert_same(*results)
     assert any("+" in s.node.op_type for s in _steps(results[0][2]))
 
@@ -189,15 +209,7 @@ def test_merged_gradients_by_central_differences(activation, monkeypatch):
     (BatchNormalization with ``training_mode=1``, so that a plain run of the model, as
     central differences make, normalises with batch statistics as training does)."""
     model, x, _ = _cnn(activation, np.float64, training_mode=1)
-    graph = model.graph
-    rng = np.random.default_rng(3)
-    u = rng.standard_normal((4, 5))
-    graph.node.append(helper.make_node("Mul", ["y", "u"], ["yu"]))
-    graph.node.append(helper.make_node("ReduceSum", ["yu"], ["loss"], keepdims=0))
-    graph.initializer.append(numpy_helper.from_array(u, "u"))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("loss", 11, []))
-    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = _with_projected_loss(model)
     params = {name: weights[name] for name in ("w0", "w1", "s0", "o0", "s1", "o1")}
     gates = []
     gate = normalization.Gate.__init__
@@ -238,16 +250,8 @@ def _gelu_mlp(dtype=np.float32, shape=(4, 6, 10), hidden=12, extra_reader=False,
     return model, rng.standard_normal(shape).astype(dtype), rng.integers(0, 5, n)
 
 
-def _gelu_train(model, x, t, merge, steps=4):
-    before = fusion.ENABLED
-    fusion.ENABLED = merge
-    try:
-        trainer = onnxgrad.Trainer(onnxgrad.load(model), loss="cross_entropy",
-                                   optimizer=onnxgrad.SGD(lr=0.1, momentum=0.9))
-        losses = [trainer.step({"x": x}, t) for _ in range(steps)]
-    finally:
-        fusion.ENABLED = before
-    return losses, trainer.model.parameters(), trainer
+def _gelu_train(model, x, t, merge):
+    return _train(model, x, t, merge, steps=4, lr=0.1)
 
 
 def _merged_kinds(trainer) -> list[str]:
@@ -308,14 +312,7 @@ def test_gelu_gradients_by_central_differences():
     """float64 weight gradients through the merged chain (the trainer's second run, in
     the plan specialised to the input shapes) against central differences."""
     model, x, _ = _gelu_mlp(np.float64)
-    graph = model.graph
-    u = np.random.default_rng(4).standard_normal((4, 5))
-    graph.node.append(helper.make_node("Mul", ["y", "u"], ["yu"]))
-    graph.node.append(helper.make_node("ReduceSum", ["yu"], ["loss"], keepdims=0))
-    graph.initializer.append(numpy_helper.from_array(u, "u"))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("loss", 11, []))
-    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = _with_projected_loss(model)
     trainer = onnxgrad.Trainer(onnxgrad.load(model), loss=None, output="loss",
                                optimizer=onnxgrad.SGD(lr=0.0), trainable=["w1", "w2"])
     first = trainer.gradients({"x": x}, None)
@@ -334,12 +331,6 @@ def test_where_compiled_kernels_do_not_run_the_merged_gelu_steps_run_the_nodes_k
     """float16 (no compiled kernels), or float32 with them switched off after the plans
     were merged: the merged steps run each node's own kernel, with the nodes' results."""
     model, x, t = _gelu_mlp(dtype)
-    results = []
-    for merge in (True, False):
-        monkeypatch.setattr(compiled, "ENABLED", True)
-        losses, _, trainer = _gelu_train(model, x, t, merge=merge, steps=2)
-        monkeypatch.setattr(compiled, "ENABLED", False)
-        losses += [trainer.step({"x": x}, t) for _ in range(2)]
-        results.append((losses, trainer.model.parameters(), trainer))
+    results = _merged_then_uncompiled(monkeypatch, model, x, t, steps=2, lr=0.1)
     _assert_same(*results)
     assert len(_merged_kinds(results[0][2])) == 2
