@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-#: Whether CPU plans merge activations into BatchNormalization (tests and
-#: benchmarks switch it off to compare).
+#: Whether CPU plans merge steps (BatchNormalization with its activation, GELU's
+#: chain; tests and benchmarks switch it off to compare).
 ENABLED = True
 
 _STANDARD = ("", "ai.onnx")
