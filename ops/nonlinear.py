@@ -198,8 +198,8 @@ def _(g, node):
 # torch.onnx (before opset 20) writes GELU as Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5), and
 # its gradient is then nine nodes.  CPU plans run the chain as one step and its gradient as
 # another where nothing else reads its values (onnxgrad.fusion): the same operations in the
-# same order, in one pass over memory (the gradient: two, around NumPy's exp), so that the
-# results are those of the nodes one by one, bit for bit.
+# same order, in one pass over memory (the gradient: NumPy's exp, then one pass), so that
+# the results are those of the nodes one by one, bit for bit.
 
 
 def _gelu_compiled(xp, x) -> bool:
