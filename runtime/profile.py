@@ -50,7 +50,7 @@ class Profile:
         lines.append(f"  top {top} nodes:")
         slowest = sorted(self.node_seconds.items(), key=lambda kv: -kv[1])[:top]
         for (name, op_type), s in slowest:
-            lines.append(f"  {name[:50]:<50} {op_type:<24} {1e3 * s / steps:9.3f} ms")
+            lines.append(f"  {name[:50]:<50} {op_type:<32} {1e3 * s / steps:9.3f} ms")
         lines += self.notes
         return "\n".join(lines)
 
