@@ -120,9 +120,11 @@ def _merged_then_uncompiled(monkeypatch, model, x, t, steps=1, **options) -> lis
     return results
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_merged_steps_train_as_the_steps_one_by_one(activation, dtype):
+    """float16 normalises in float32 and rounds: the activation then runs after, as the
+    op's own kernel."""
     model, x, t = _cnn(activation, dtype)
     merged = _train(model, x, t, merge=True)
     _assert_same(merged, _train(model, x, t, merge=False))
