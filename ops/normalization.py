@@ -364,22 +364,16 @@ class Gate:
         self.kind, self.values = kind, values
 
     def apply(self, xp, dY):
-        """The activation's gradient op on ``dY``, as ReluGrad and ClipGrad compute it."""
-        from onnxgrad.ops.activation import ReluGrad  # noqa: PLC0415
+        """The activation's gradient op on ``dY``, as ReluGrad and ClipGrad compute it
+        (a mask of ones and zeros lets through where it is positive, as Relu's output)."""
+        from onnxgrad.ops.activation import ReluGrad, _relu_grad_kernel  # noqa: PLC0415
 
-        if self.kind == 2:
-            return ReluGrad(xp, dY, self.values)[0]
-        if compiled.available(xp, dY) and dY.flags.c_contiguous:
-            return compiled.elementwise(_masked_kernel, xp.empty_like(dY), dY,
+        if self.kind == 1 and compiled.available(xp, dY) and dY.flags.c_contiguous:
+            # ClipGrad's compiled kernel selects, as Relu's does (ReluGrad itself takes
+            # this kernel for a floating-point Y only)
+            return compiled.elementwise(_relu_grad_kernel, xp.empty_like(dY), dY,
                                         xp.ascontiguousarray(self.values))
-        return _a(xp, dY * (self.values != 0).astype(dY.dtype), dY.dtype)
-
-
-@compiled.kernel
-def _masked_kernel(d, mask, out):
-    """``out = d`` where ``mask`` is non-zero, else 0, in one pass (as ClipGrad's kernel)."""
-    for i in range(out.size):
-        out[i] = d[i] if mask[i] != 0 else 0.0
+        return ReluGrad(xp, dY, self.values)[0]
 
 
 def _batch_norm(xp, X, scale, B, mean, var, epsilon, momentum, spatial, batch, ctx,
@@ -540,9 +534,10 @@ def _bn_grad(xp, dY, X, scale, batch_mean, batch_var, mean, var, epsilon, spatia
     axes, shape = _bn_layout(X, spatial)
     fixed = (not training_mode and mean is not None and var is not None
              and not (state.training and forward_node not in state.inference_nodes))
-    if gate is not None and (fixed or (not spatial and X.ndim > 2) or X.size == 0
-                             or _compute_dtype(X) != X.dtype or not compiled.available(xp)):
-        dY, gate = gate.apply(xp, dY), None  # the compiled kernel does not run
+    in_kernel = (not fixed and (spatial or X.ndim <= 2) and _compute_dtype(X) == X.dtype
+                 and _compiled_bn(xp, X))
+    if gate is not None and not in_kernel:
+        dY, gate = gate.apply(xp, dY), None
     if fixed:
         return _bn_grad_fixed(xp, dY, X, scale, mean, var, epsilon, axes, shape)
     if not spatial and X.ndim > 2:  # per-element statistics (opsets before 9)

@@ -97,6 +97,12 @@ class Step:
     donors: tuple[int, ...] = ()
 
 
+def device_args(args: list, host: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The indices of a step's arguments that are values of the run (names) and not
+    read on the host."""
+    return tuple(i for i, a in enumerate(args) if type(a) is str and i not in host)
+
+
 class Plan:
     """An executable schedule for ``graph``.
 
@@ -149,8 +155,7 @@ class Plan:
                     args.append(_Bound(value))
                 else:
                     args.append(x)
-            device = tuple(i for i, a in enumerate(args) if isinstance(a, str) and i not in host)
-            steps.append(Step(node, definition.kernel, attrs, args, host, device,
+            steps.append(Step(node, definition.kernel, attrs, args, host, device_args(args, host),
                               list(node.outputs), ()))
             definitions.append(definition)
         self._fetch_consts = {f: consts[f] for f in self.fetch if f in consts}

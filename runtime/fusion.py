@@ -59,8 +59,8 @@ def fuse_activations(steps: list, definitions: list, keep: set[str],
     names = set(made) | set(readers)
     replaced: dict[int, Any] = {}  # index -> the step in its place, or None
     for index, step in enumerate(steps):
-        merge = (_merge(steps, index, readers, made, keep, names)
-                 or _merge_gelu(steps, index, readers, keep, scalars, names))
+        merge = (_merge_normalization(steps, index, readers, made, keep, names)
+                 or _merge_gelu(steps, index, readers, made, keep, scalars, names))
         if merge is not None and not set(merge) & set(replaced):
             replaced.update(merge)
     if not replaced:
@@ -71,10 +71,11 @@ def fuse_activations(steps: list, definitions: list, keep: set[str],
     return [step for step, _ in kept], [definition for _, definition in kept]
 
 
-def _merge(steps, index, readers, made, keep, names) -> dict[int, Any] | None:
+def _merge_normalization(steps, index, readers, made, keep, names) -> dict[int, Any] | None:
     """The steps that replace (a new step) or disappear (None) when the step at
     ``index`` takes the activation after it; None where it cannot.  ``readers``:
     the steps that read each value; ``made``: the step that computes it."""
+    from onnxgrad.executor import device_args  # noqa: PLC0415 - the executor imports this module
     from onnxgrad.ops import normalization  # noqa: PLC0415
 
     bn = steps[index]
@@ -115,8 +116,7 @@ def _merge(steps, index, readers, made, keep, names) -> dict[int, Any] | None:
     kernel = normalization.fused_forward(act.node.op_type, keep_mask, opset14)
     args = list(bn.args) + bounds
     merged = {index: replace(bn, node=node, kernel=kernel, args=args, outputs=outputs, free=(),
-                             donors=(), device_args=tuple(
-                                 i for i, a in enumerate(args) if type(a) is str and i not in bn.host_args)),
+                             donors=(), device_args=device_args(args, bn.host_args)),
               forward[0]: None}
     if chain is not None:
         grad_index, bn_grad_index = chain
@@ -126,8 +126,7 @@ def _merge(steps, index, readers, made, keep, names) -> dict[int, Any] | None:
         merged[bn_grad_index] = replace(
             bn_grad, node=replace(bn_grad.node, op_type=f"{bn_grad.node.op_type}+{grad.node.op_type}"),
             kernel=normalization.fused_grad(2 if relu else 1), args=args, host_args=host,
-            device_args=tuple(i for i, a in enumerate(args) if type(a) is str and i not in host),
-            free=(), donors=())
+            device_args=device_args(args, host), free=(), donors=())
         merged[grad_index] = None
     return merged
 
@@ -174,11 +173,12 @@ def _fresh(name: str, names: set[str]) -> str:
 # -- GELU as torch.onnx writes it ----------------------------------------------------------
 
 
-def _merge_gelu(steps, index, readers, keep, scalars, names) -> dict[int, Any] | None:
+def _merge_gelu(steps, index, readers, made, keep, scalars, names) -> dict[int, Any] | None:
     """Where the step at ``index`` starts Mul(Mul(x, Add(Erf(Div(x, c1)), c2)), c3)
     (scalar constants; onnxgrad.ops.nonlinear.gelu_erf_forward), the chain as one
     step, and where its gradient is the steps the gradient rules make, read by
     nothing else, those as one step too; None where it is not so."""
+    from onnxgrad.executor import device_args  # noqa: PLC0415 - the executor imports this module
     from onnxgrad.ops import nonlinear  # noqa: PLC0415
 
     div = steps[index]
@@ -203,7 +203,7 @@ def _merge_gelu(steps, index, readers, keep, scalars, names) -> dict[int, Any] |
     if c3 is None or any(v in keep for v in (d, e, a, m)):
         return None
     chain = [index, erf, add, muls[0], last]
-    grad = _gelu_gradient(steps, readers, keep, scalars, x, d, a, c1, c3, chain)
+    grad = _gelu_gradient(steps, readers, made, keep, scalars, x, d, a, c1, c3, chain)
     if grad is None and any(j not in chain for v in (d, a) for j in readers.get(v, ())):
         return None  # d or a read by steps that are not the chain's gradient
     y = steps[last].outputs[0]
@@ -214,8 +214,7 @@ def _merge_gelu(steps, index, readers, keep, scalars, names) -> dict[int, Any] |
         steps[last], node=replace(steps[last].node, op_type="Gelu(Div,Erf,Add,Mul,Mul)",
                                   outputs=outputs),
         kernel=nonlinear.gelu_erf_forward(grad is not None), attrs={},
-        args=[x, c1, c2, c3], host_args=(),
-        device_args=tuple(i for i, v in enumerate([x, c1, c2, c3]) if type(v) is str),
+        args=[x, c1, c2, c3], host_args=(), device_args=device_args([x, c1, c2, c3]),
         outputs=outputs, free=(), donors=())
     if grad is not None:
         total, drop, g = grad
@@ -225,18 +224,17 @@ def _merge_gelu(steps, index, readers, keep, scalars, names) -> dict[int, Any] |
             steps[total], node=replace(steps[total].node, outputs=[dx],
                                        op_type="GeluGrad(Div,Erf,Add,Mul,Mul)"),
             kernel=nonlinear.gelu_erf_grad, attrs={}, args=[g, x, q, a, c1, c3], host_args=(),
-            device_args=tuple(i for i, v in enumerate([g, x, q, a, c1, c3]) if type(v) is str),
+            device_args=device_args([g, x, q, a, c1, c3]),
             outputs=[dx], free=(), donors=())
     return merged
 
 
-def _gelu_gradient(steps, readers, keep, scalars, x, d, a, c1, c3, chain):
+def _gelu_gradient(steps, readers, made, keep, scalars, x, d, a, c1, c3, chain):
     """The chain's gradient steps as the rules of Mul, Add, Erf and Div make them:
     ``g1 = Mul(g, c3)``, ``Mul(g1, a)``, ``Mul(g1, x)``, ``ErfGrad(…, d)``, ``Div(…, c1)``
     and the ``Sum`` of the two contributions to x, with SumToShape steps between
     them (identities: every constant is a scalar); each value read by the next step
     alone.  Returns (the Sum's index, the other steps' indices, g), or None."""
-    made = {o: j for j, step in enumerate(steps) for o in step.outputs if o}
     b1 = [j for j in readers.get(a, ()) if j not in chain]
     if len(b1) != 1 or not _op(steps[b1[0]], "Mul"):
         return None
