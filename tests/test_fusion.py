@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not i
 
 ACTIVATIONS = {
     # name: (opset, activation nodes reading "b{i}" and writing "a{i}")
+    "relu-8": (8, lambda i: [helper.make_node("Relu", [f"b{i}"], [f"a{i}"])]),
+    "clip6-8": (8, lambda i: [helper.make_node("Clip", [f"b{i}"], [f"a{i}"], min=0.0, max=6.0)]),
     "relu-9": (9, lambda i: [helper.make_node("Relu", [f"b{i}"], [f"a{i}"])]),
     "relu-14": (14, lambda i: [helper.make_node("Relu", [f"b{i}"], [f"a{i}"])]),
     "clip6-9": (9, lambda i: [helper.make_node("Clip", [f"b{i}"], [f"a{i}"], min=0.0, max=6.0)]),
@@ -43,8 +45,10 @@ def _cnn(activation: str, dtype=np.float32, extra_reader: bool = False, **bn_att
     channels = {0: 6, 1: 8}
     for i in (0, 1):
         c = channels[i]
-        inits.update({f"s{i}": 1 + 0.1 * rng.standard_normal(c), f"o{i}": 0.1 * rng.standard_normal(c),
-                      f"m{i}": np.zeros(c), f"v{i}": np.ones(c)})
+        per = (c,) if bn_attrs.get("spatial", 1) else (c, 8, 8)  # per channel, or per element
+        inits.update({f"s{i}": 1 + 0.1 * rng.standard_normal(per),
+                      f"o{i}": 0.1 * rng.standard_normal(per),
+                      f"m{i}": np.zeros(per), f"v{i}": np.ones(per)})
         nodes.append(helper.make_node("Conv", ["x" if i == 0 else "a0", f"w{i}"], [f"c{i}"],
                                       pads=[1, 1, 1, 1]))
         nodes.append(helper.make_node("BatchNormalization",
@@ -159,14 +163,15 @@ def test_after_the_compiled_kernels_are_switched_off_the_merged_steps_run_the_op
     assert any("+" in s.node.op_type for s in _steps(results[0][2]))
 
 
-def test_frozen_normalisation_takes_the_gradient_through_the_activation_first():
-    """With frozen_batchnorm="eval" and the normalisation's weights not trained, its
-    gradient holds the running statistics constant: a path of its own, not the
-    compiled kernel's, which the merged step takes after the activation's gradient."""
-    model, x, t = _cnn("relu-14")
-    options = dict(frozen_batchnorm="eval", trainable=["w0", "w1", "wl"])
-    _assert_same(_train(model, x, t, merge=True, **options),
-                 _train(model, x, t, merge=False, **options))
+@pytest.mark.parametrize("activation", ["relu-8", "clip6-8"])
+def test_statistics_per_element_take_the_gradient_through_the_activation_first(activation):
+    """BatchNormalization with ``spatial=0`` (opsets 7 and 8: statistics per element, not
+    per channel) runs a path of its own, not the compiled kernel's: the merged step
+    applies the activation's gradient first, as its own op does."""
+    model, x, t = _cnn(activation, spatial=0)
+    merged = _train(model, x, t, merge=True)
+    _assert_same(merged, _train(model, x, t, merge=False))
+    assert sum("Grad+" in s.node.op_type for s in _steps(merged[2])) == 2
 
 
 def test_evaluation_runs_merged_forward_steps():
