@@ -224,6 +224,24 @@ class _NCCLPending(Pending):
         return bool(self._event.done)
 
 
+def _unique_id_slots(unique: Any) -> np.ndarray:
+    """NCCL's unique id as MPI broadcasts it: its 128 bytes, then 1 where CuPy gives ids
+    as ``bytes`` (CuPy 14) and 0 where as a tuple of ints (earlier CuPy).  ``unique`` is
+    rank 0's id; the other ranks pass None and receive it."""
+    slots = np.zeros(129, dtype=np.int64)
+    if unique is not None:
+        as_bytes = isinstance(unique, (bytes, bytearray))
+        slots[:128] = np.frombuffer(bytes(unique), dtype=np.int8) if as_bytes else unique
+        slots[128] = as_bytes
+    return slots
+
+
+def _unique_id(slots: np.ndarray) -> Any:
+    """The id in the form this CuPy's ``NcclCommunicator`` takes (see _unique_id_slots)."""
+    values = slots[:128]
+    return values.astype(np.int8).tobytes() if slots[128] else tuple(int(v) for v in values)
+
+
 class NCCLComm(Communicator):
     """NCCL between GPUs, one process (rank) per GPU, over CuPy arrays.
 
@@ -267,11 +285,9 @@ class NCCLComm(Communicator):
         cupy.cuda.Device(self.device).use()
         get_backend("cuda")
         self._cupy, self._nccl = cupy, nccl
-        uid = np.zeros(128, dtype=np.int64)
-        if self.rank == 0:
-            uid[:] = nccl.get_unique_id()
+        uid = _unique_id_slots(nccl.get_unique_id() if self.rank == 0 else None)
         self.mpi.broadcast(uid)
-        self.comm = nccl.NcclCommunicator(self.size, tuple(int(v) for v in uid), self.rank)
+        self.comm = nccl.NcclCommunicator(self.size, _unique_id(uid), self.rank)
         self._stream = cupy.cuda.Stream(non_blocking=True)
 
     def _start(self, array: Any, call: Callable[[Any, int, int], None]) -> Pending:

@@ -233,6 +233,19 @@ def test_misuse_is_refused_clearly():
         onnxgrad.Trainer(model, comm=object())
 
 
+@pytest.mark.parametrize("form", ["bytes", "tuple"])
+def test_nccl_unique_ids_cross_mpi_in_the_form_cupy_gives(form):
+    """CuPy 14 gives NCCL's unique id as 128 bytes, earlier CuPy as a tuple of 128 signed
+    ints; the other ranks hand NcclCommunicator the same form, with the same values."""
+    raw = bytes(np.random.default_rng(0).integers(0, 256, 128, dtype=np.uint8))
+    unique = raw if form == "bytes" else tuple(int(v) for v in np.frombuffer(raw, np.int8))
+    sent = distributed._unique_id_slots(unique)
+    received = distributed._unique_id_slots(None)
+    received[:] = sent  # what the broadcast does
+    assert distributed._unique_id(received) == unique
+    assert type(distributed._unique_id(received)) is type(unique)
+
+
 def test_ranks_without_mpi4py_get_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
     monkeypatch.setenv("PMI_SIZE", "2")
