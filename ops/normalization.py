@@ -218,8 +218,7 @@ def _bn_kernel(X3, gain, bias, epsilon, Y, mean, var, clip, low, high, mask, sta
         mean[c] = m
         var[c] = v
         if Y.size:
-            a = gain[c] / math.sqrt(v + epsilon)
-            b = bias[c] - m * a
+            a, b = _bn_affine(m, v, gain[c], bias[c], epsilon)
             for i in range(N):
                 for p in range(P):
                     Y[i, c, p] = X3[i, c, p] * a + b
@@ -255,20 +254,156 @@ def _bn_grad_kernel(dY, X3, mean, var, gain, epsilon, dX, dscale, dB, gate, kind
                 sum_d += d
                 sum_dx += d * x
                 sum_x += x
-        inv = 1.0 / math.sqrt(var[c] + epsilon)
-        shift = sum_x / n
-        ds = (sum_dx - shift * sum_d) * inv
-        dscale[c] = ds
-        dB[c] = sum_d
-        # dX = k·(dY - dB/n - xhat·dscale/n), xhat = (X - m - shift)·inv, k = gain·inv
-        k = gain[c] * inv
-        centre = m + shift
-        b1 = k * inv * ds / n
-        b0 = k * sum_d / n
+        dscale[c], dB[c], k, centre, b1, b0 = _bn_grad_terms(
+            m, var[c], gain[c], epsilon, sum_d, sum_dx, sum_x, n)
         for i in range(N):
             for p in range(P):
                 d = _gated(dY[i, c, p], gate[i, c, p], kind)
                 dX[i, c, p] = k * d - b1 * (X3[i, c, p] - centre) - b0
+
+
+@compiled.helper
+def _bn_affine(m, v, gain, bias, epsilon):
+    """``a, b`` of a channel's normalised values ``X·a + b``, from its batch mean ``m``
+    and biased variance ``v``."""
+    a = gain / math.sqrt(v + epsilon)
+    return a, bias - m * a
+
+
+@compiled.helper
+def _bn_grad_terms(m, v, gain, epsilon, sum_d, sum_dx, sum_x, n):
+    """A channel's dscale and dB, and the terms of its ``dX = k·d - b1·(X - centre) - b0``,
+    from the sums over its ``n`` values of ``d`` (the gradient), ``d·(X - m)`` and
+    ``X - m``: dX = k·(d - dB/n - xhat·dscale/n), xhat = (X - m - shift)·inv, k = gain·inv."""
+    inv = 1.0 / math.sqrt(v + epsilon)
+    shift = sum_x / n
+    ds = (sum_dx - shift * sum_d) * inv
+    k = gain * inv
+    return ds, sum_d, k, m + shift, k * inv * ds / n, k * sum_d / n
+
+
+#: Channels with fewer positions than this (per batch item) are normalised by the
+#: row kernel, and their gradients by the row gradient kernel below
+#: :data:`GRAD_ROWS_BELOW`: it streams whole rows of channels where the
+#: per-channel kernels' inner loops would be a few elements long, each ending in
+#: a sum across a vector (measured on AVX-512: the forward 1.3× faster at 64
+#: positions and 3× at 16, the gradient 1.4× at 16, even at 32, slower at 64).
+ROWS_BELOW = 128
+GRAD_ROWS_BELOW = 64
+
+#: Elements that the row kernels take at once, at most (as many whole channels as
+#: fit, one at least): their passes then find them in cache.
+ROWS_BLOCK = 1 << 15
+
+
+@compiled.kernel(reassociate=True)
+def _bn_rows_kernel(X2, P, block, gain, bias, epsilon, Y2, mean, var, clip, low, high, mask2,
+                    start, stop):
+    """:func:`_bn_kernel` for channels of few positions: ``X2`` is X as (N, C·P), and
+    blocks of whole channels are summed row by row into a sum per (channel,
+    position), then per channel, ``block`` elements (:data:`ROWS_BLOCK`) at a time.
+    ``Y2`` and ``mask2`` are (N, C·P), or (N, 0) where not made."""
+    N = X2.shape[0]
+    n = N * P
+    step = max(1, block // n)
+    for c0 in range(start, stop, step):
+        c1 = min(c0 + step, stop)
+        j0 = c0 * P
+        L = (c1 - c0) * P
+        acc = np.zeros(L)
+        for i in range(N):
+            x = X2[i, j0:j0 + L]
+            for j in range(L):
+                acc[j] += x[j]
+        shift = np.empty(L)
+        for c in range(c1 - c0):
+            total = 0.0
+            for p in range(P):
+                total += acc[c * P + p]
+            mean[c0 + c] = total / n
+            for p in range(P):
+                shift[c * P + p] = total / n
+        acc[:] = 0.0
+        for i in range(N):
+            x = X2[i, j0:j0 + L]
+            for j in range(L):
+                d = x[j] - shift[j]
+                acc[j] += d * d
+        for c in range(c1 - c0):
+            squares = 0.0
+            for p in range(P):
+                squares += acc[c * P + p]
+            var[c0 + c] = squares / n
+            if Y2.size:
+                a, b = _bn_affine(mean[c0 + c], squares / n, gain[c0 + c], bias[c0 + c], epsilon)
+                for p in range(P):
+                    acc[c * P + p] = a
+                    shift[c * P + p] = b
+        if Y2.size:
+            for i in range(N):
+                x = X2[i, j0:j0 + L]
+                y = Y2[i, j0:j0 + L]
+                keep = mask2[i, j0:j0 + L]
+                for j in range(L):
+                    y[j] = x[j] * acc[j] + shift[j]
+                    if clip:
+                        v = y[j]  # rounded to Y's type, as Clip reads it
+                        if keep.size:
+                            keep[j] = 1 if v >= low and v <= high else 0
+                        v = low if v < low else v
+                        y[j] = high if v > high else v
+
+
+@compiled.kernel(reassociate=True)
+def _bn_grad_rows_kernel(dY2, X2, P, block, mean, var, gain, epsilon, dX2, dscale, dB, gate2,
+                         kind, start, stop):
+    """:func:`_bn_grad_kernel` for channels of few positions, row by row as
+    :func:`_bn_rows_kernel` (every array (N, C·P))."""
+    N = X2.shape[0]
+    n = N * P
+    step = max(1, block // n)
+    for c0 in range(start, stop, step):
+        c1 = min(c0 + step, stop)
+        j0 = c0 * P
+        L = (c1 - c0) * P
+        centre = np.empty(L)
+        for c in range(c1 - c0):
+            for p in range(P):
+                centre[c * P + p] = mean[c0 + c]
+        sum_d = np.zeros(L)
+        sum_dx = np.zeros(L)
+        sum_x = np.zeros(L)
+        for i in range(N):
+            dy = dY2[i, j0:j0 + L]
+            g = gate2[i, j0:j0 + L]
+            x = X2[i, j0:j0 + L]
+            for j in range(L):
+                d = _gated(dy[j], g[j], kind)
+                xc = x[j] - centre[j]
+                sum_d[j] += d
+                sum_dx[j] += d * xc
+                sum_x[j] += xc
+        for c in range(c1 - c0):
+            t_d, t_dx, t_x = 0.0, 0.0, 0.0
+            for p in range(P):
+                t_d += sum_d[c * P + p]
+                t_dx += sum_dx[c * P + p]
+                t_x += sum_x[c * P + p]
+            dscale[c0 + c], dB[c0 + c], k, at, b1, b0 = _bn_grad_terms(
+                mean[c0 + c], var[c0 + c], gain[c0 + c], epsilon, t_d, t_dx, t_x, n)
+            for p in range(P):
+                sum_d[c * P + p] = k
+                sum_dx[c * P + p] = b1
+                sum_x[c * P + p] = b0
+                centre[c * P + p] = at
+        for i in range(N):
+            dy = dY2[i, j0:j0 + L]
+            g = gate2[i, j0:j0 + L]
+            x = X2[i, j0:j0 + L]
+            out = dX2[i, j0:j0 + L]
+            for j in range(L):
+                d = _gated(dy[j], g[j], kind)
+                out[j] = sum_d[j] * d - sum_dx[j] * (x[j] - centre[j]) - sum_x[j]
 
 
 @compiled.helper
@@ -293,8 +428,15 @@ def _bn_compiled(X3, gain, bias, epsilon, normalize=True, activation=None):
     clip = activation is not None and normalize
     low, high = (activation.bounds(X3.dtype) if clip else (X3.dtype.type(0),) * 2)
     mask = np.empty(X3.shape if clip and activation.keep_mask else (0, 0, 0), dtype=np.uint8)
-    compiled.by_parts(C, X3.size, lambda start, stop: _bn_kernel(
-        X3, gain, bias, float(epsilon), Y, mean, var, clip, low, high, mask, start, stop))
+    N, P = X3.shape[0], X3.shape[2]
+    if P < ROWS_BELOW:
+        rows = [a.reshape(N, -1) for a in (X3, Y, mask)]
+        compiled.by_parts(C, X3.size, lambda start, stop: _bn_rows_kernel(
+            rows[0], P, ROWS_BLOCK, gain, bias, float(epsilon), rows[1], mean, var, clip, low, high,
+            rows[2], start, stop))
+    else:
+        compiled.by_parts(C, X3.size, lambda start, stop: _bn_kernel(
+            X3, gain, bias, float(epsilon), Y, mean, var, clip, low, high, mask, start, stop))
     if clip:
         activation.done(mask if activation.keep_mask else None)
     return (Y if normalize else None), mean, var
@@ -310,8 +452,14 @@ def _bn_grad_compiled(d, X3, mean, var, scale, epsilon, gate=None):
     dscale, dB = np.empty(C), np.empty(C)
     mean, var, gain = (_doubles(a, C) for a in (mean, var, scale))
     kind, g = (0, d) if gate is None else (gate.kind, np.ascontiguousarray(gate.values).reshape(X3.shape))
-    compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_kernel(
-        d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, g, kind, start, stop))
+    N, P = X3.shape[0], X3.shape[2]
+    if P < GRAD_ROWS_BELOW:
+        d2, X2, dX2, g2 = (a.reshape(N, -1) for a in (d, X3, dX, g))
+        compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_rows_kernel(
+            d2, X2, P, ROWS_BLOCK, mean, var, gain, float(epsilon), dX2, dscale, dB, g2, kind, start, stop))
+    else:
+        compiled.by_parts(C, X3.size, lambda start, stop: _bn_grad_kernel(
+            d, X3, mean, var, gain, float(epsilon), dX, dscale, dB, g, kind, start, stop))
     return dX, dscale, dB
 
 

@@ -24,6 +24,9 @@ def _bn(x, attrs=None, opset=15):
 
 
 _BN_KERNELS = ((normalization, "_bn_kernel"), (normalization, "_bn_grad_kernel"))
+# channels of few positions (normalization.ROWS_BELOW, GRAD_ROWS_BELOW)
+_BN_ROWS = ((normalization, "_bn_rows_kernel"), (normalization, "_bn_grad_rows_kernel"))
+_BN_ROWS_FORWARD = ((normalization, "_bn_rows_kernel"), (normalization, "_bn_grad_kernel"))
 
 def _ln(x, axis=-1, bias=True, epsilon=1e-5):
     trailing = x[axis:]
@@ -69,8 +72,10 @@ CASES = [
          Sample("Softmax", [("input", ("real", (8, 6, 5, 7)))], {"axis": 1}, 11, ref="onnxruntime"),
          _SOFTMAX_KERNELS,
          small=Sample("Softmax", [("input", ("real", (2, 3, 4)))], {"axis": 1}, 11)),
-    Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((3, 4, 3, 2))),
-    Case("batchnorm_2d", _bn((64, 200)), _BN_KERNELS, small=_bn((6, 3))),
+    Case("batchnorm", _bn((8, 48, 16, 16)), _BN_KERNELS, small=_bn((2, 2, 8, 16))),
+    Case("batchnorm_2d", _bn((64, 200)), _BN_ROWS, small=_bn((6, 3))),
+    Case("batchnorm_16_positions", _bn((32, 96, 4, 4)), _BN_ROWS, small=_bn((3, 5, 2, 2))),
+    Case("batchnorm_64_positions", _bn((16, 40, 8, 8)), _BN_ROWS_FORWARD),
     Case("batchnorm_3d_eps", _bn((4, 8, 4, 8, 8), {"epsilon": 0.1, "momentum": 0.7}, 14),
-         _BN_KERNELS, small=_bn((2, 3, 2, 2, 3), {"epsilon": 0.1}, 14)),
+         _BN_KERNELS, small=_bn((2, 2, 4, 4, 8), {"epsilon": 0.1}, 14)),
 ]

@@ -116,6 +116,42 @@ def test_gradients_by_central_differences(case, monkeypatch):
     assert all(counts.values()), f"not called: {counts}"
 
 
+@pytest.mark.parametrize("shape", [(32, 96, 4, 4), (8, 24, 16, 16)], ids=["P16", "P256"])
+def test_batchnorm_row_and_channel_kernels_agree(shape, monkeypatch):
+    """BatchNormalization's row kernels (channels of few positions) and per-channel
+    kernels, each forced at both sizes, agree in float64 with Clip applied in the
+    pass and its mask gating the gradient; the row kernels give the same bits
+    whatever number of channels they take at once."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal(shape) * 3 + 1).reshape(shape[0], shape[1], -1)
+    C = shape[1]
+    gain, bias = rng.standard_normal(C), rng.standard_normal(C)
+    dY = rng.standard_normal(X.shape)
+    kernels = [(normalization, k) for k in ("_bn_kernel", "_bn_grad_kernel", "_bn_rows_kernel",
+                                             "_bn_grad_rows_kernel")]
+    counts = count_calls(monkeypatch, kernels)
+
+    def run(rows: bool, block: int = normalization.ROWS_BLOCK):
+        monkeypatch.setattr(normalization, "ROWS_BELOW", 1 << 30 if rows else 0)
+        monkeypatch.setattr(normalization, "GRAD_ROWS_BELOW", 1 << 30 if rows else 0)
+        monkeypatch.setattr(normalization, "ROWS_BLOCK", block)
+        clip = normalization.Activation("Clip", 0.0, 6.0, keep_mask=True)
+        Y, mean, var = normalization._bn_compiled(X, gain, bias, 1e-5, activation=clip)
+        gate = normalization.Gate(1, clip.mask)
+        return (Y, mean, var, clip.mask) + normalization._bn_grad_compiled(
+            dY, X, mean, var, gain, 1e-5, gate)
+
+    by_channel = run(False)
+    assert counts["_bn_kernel"] and counts["_bn_grad_kernel"] and not counts["_bn_rows_kernel"]
+    by_rows = run(True)
+    assert counts["_bn_rows_kernel"] and counts["_bn_grad_rows_kernel"]
+    assert 0 < by_rows[3].mean() < 1, "the clip should bind somewhere, not everywhere"
+    for got, want in zip(by_rows, by_channel):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(run(True, block=1), by_rows):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_float32_erf_equals_the_array_form_bit_for_bit(monkeypatch):
     """The compiled float32 erf does the array form's float32 operations in its order,
     over values from -6 to 6 (past the clamp at ±4), NaN and infinities included."""
