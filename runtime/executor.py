@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -24,7 +25,7 @@ from onnxgrad.ir import Graph, Node
 from onnxgrad.fusion import fuse_activations
 from onnxgrad.ops import compiled, fused, lookup
 from onnxgrad.profile import Profile
-from onnxgrad.threads import get_num_threads, parallel
+from onnxgrad.threads import begin, get_num_threads
 
 
 class RunState:
@@ -166,7 +167,7 @@ class Plan:
         self.steps = self._assign_frees(steps, set(self.fetch))
         self._assign_donors(definitions)
         self._schedule_handoff(handoff or {})
-        self._pairing = _Pairing(self.steps)
+        self._overlap = _Overlap(self.steps)
 
     def _assign_donors(self, definitions: list) -> None:
         """Mark the inputs each step's kernel may write its output into: inputs it
@@ -251,21 +252,71 @@ class Plan:
         if profile is not None:
             sync = self.backend.synchronize
             sync()
-        pairing = self._pairing
-        pairs, seconds = ({}, None) if on_device or profile is not None else pairing.begin()
-        ahead: dict[int, tuple] = {}  # outputs of steps run beside an earlier one
-        for index, step in enumerate(self.steps):
-            try:
-                if index in ahead:
-                    outs = ahead.pop(index)
-                elif index in pairs:
-                    later = pairs[index]
-                    start = time.perf_counter()
-                    outs, ahead[later] = parallel([
-                        lambda: self._alone(step, env, xp),
-                        lambda: self._alone(self.steps[later], env, xp)])
-                    pairing.took(index, time.perf_counter() - start)
+        overlap = self._overlap
+        side, seconds = (frozenset(), None) if on_device or profile is not None else overlap.begin()
+        sides = _SideRun(self, side, xp) if side else None
+        handoff_ready = before_handoff
+
+        def settle(step: Step, outs: tuple) -> None:
+            """A step's outputs into the value table."""
+            if inspect is not None:
+                inspect(step.node, step.outputs, outs)
+            for name, value in zip(step.outputs, outs):
+                if name:
+                    env[name] = value
+                    if record is not None and name in self.recordable:
+                        record[name] = to_host(value)
+
+        def release(index: int, step: Step) -> None:
+            """What follows a step: the values it read last are freed, and the values
+            due then are handed over (once no side step is queued or running)."""
+            for name in step.free:
+                env.pop(name, None)
+            if on_ready is not None and self._handoff_at[index]:
+                if sides is not None and sides.busy:
+                    sides.handoffs.append(index)
                 else:
+                    hand_over(index)
+
+        def hand_over(index: int) -> None:
+            nonlocal handoff_ready
+            if handoff_ready is not None:
+                handoff_ready(env)
+                handoff_ready = None
+            for name, weight in self._handoff_at[index]:
+                if _viewed(env, weights[weight]):  # a live view still reads the weight
+                    deferred.append((weight, env.pop(name)))
+                else:
+                    on_ready(weight, env.pop(name))
+
+        def take(now: int) -> None:
+            """The effects of the side steps that have finished, the plan being at step
+            ``now``; then, if the side is idle, the hand-overs that waited for it."""
+            for j, (outs, error) in sides.take():
+                if error is not None:
+                    raise error
+                settle(self.steps[j], outs)
+                if now > j:
+                    release(j, self.steps[j])
+                else:
+                    sides.joined.add(j)
+            if sides.handoffs and not sides.busy:
+                waiting, sides.handoffs = sides.handoffs, []
+                for index in sorted(waiting):
+                    hand_over(index)
+
+        begun = time.perf_counter()
+        try:
+            for index, step in enumerate(self.steps):
+                try:
+                    if sides is not None:
+                        take(index)
+                        for j in sides.starts.get(index, ()):
+                            sides.submit(j, env)
+                        if index in sides.started:  # its effects come when it is taken
+                            if index in sides.joined:
+                                release(index, step)
+                            continue
                     args = self._gather(step, env)
                     attrs = step.attrs
                     if step.donors:
@@ -284,31 +335,22 @@ class Plan:
                         seconds[index] = time.perf_counter() - start
                     else:
                         outs = self._call(step.node, step.kernel, xp, args, attrs)
-                if inspect is not None:
-                    inspect(step.node, step.outputs, outs)
-                for name, value in zip(step.outputs, outs):
-                    if name:
-                        env[name] = value
-                        if record is not None and name in self.recordable:
-                            record[name] = to_host(value)
-                # Hold no array past its step: env's references are the ones _donated counts.
-                args = attrs = outs = value = None
-                for name in step.free:
-                    env.pop(name, None)
-                if on_ready is not None and self._handoff_at[index]:
-                    if before_handoff is not None:
-                        before_handoff(env)
-                        before_handoff = None
-                    for name, weight in self._handoff_at[index]:
-                        if _viewed(env, weights[weight]):  # a live view still reads the weight
-                            deferred.append((weight, env.pop(name)))
-                        else:
-                            on_ready(weight, env.pop(name))
-            except Exception as exc:
-                _blame(exc, step.node)
-                raise
+                    settle(step, outs)
+                    # Hold no array past its step: env's references are the ones _donated counts.
+                    args = attrs = outs = None
+                    release(index, step)
+                except Exception as exc:
+                    _blame(exc, step.node)
+                    raise
+            if sides is not None:
+                sides.wait()
+                take(len(self.steps))
+        finally:
+            if sides is not None:
+                sides.wait_quietly()
         if not on_device and profile is None:
-            pairing.end()
+            overlap.end(time.perf_counter() - begun)
+        before_handoff = handoff_ready
         if on_ready is not None:
             if before_handoff is not None and (deferred or self._handoff_end):
                 before_handoff(env)
@@ -328,11 +370,11 @@ class Plan:
                 raise ModelError(f"value {f!r} is not computed by graph {self.graph.name!r}")
         return result
 
-    def _alone(self, step: Step, env: dict[str, Any], xp: Any) -> tuple:
-        """Run one step of a pair: its kernel on its own arguments, with no donated
-        storage; an error names the step's node."""
+    def _alone(self, step: Step, args: list, xp: Any) -> tuple:
+        """Run a side step: its kernel on its arguments, with no donated storage; an
+        error names the step's node."""
         try:
-            return self._call(step.node, step.kernel, xp, self._gather(step, env), step.attrs)
+            return self._call(step.node, step.kernel, xp, args, step.attrs)
         except Exception as exc:
             _blame(exc, step.node)
             raise
@@ -379,7 +421,7 @@ def _hoist_views(steps: list[Step], definitions: list) -> tuple[list[Step], list
     A gradient rule writes its shape ops next to the product that needs them, e.g.
     a product's input gradient, two Reshapes, then its weight gradient; hoisted,
     the Reshapes no longer stand between the two products, which can then run at
-    the same time (see :class:`_Pairing`).  A view holds its input's storage, which
+    the same time (see :class:`_Overlap`).  A view holds its input's storage, which
     must live until the view's original place anyway, so memory stays the same.
 
     Each step gets a sort key: ``(i,)`` for step ``i`` that stays, the key of the
@@ -400,55 +442,75 @@ def _hoist_views(steps: list[Step], definitions: list) -> tuple[list[Step], list
     return [steps[i] for i in order], [definitions[i] for i in order]
 
 
-class _Pairing:
-    """Which steps of a plan run at the same time, two by two, on the pool's threads.
+class _Overlap:
+    """Which steps of a plan run on a second thread while the plan goes on.
 
-    Small kernels gain nothing from splitting their work: handing a part to
-    another thread costs tens of microseconds.  Two independent kernels, each
-    whole on its own thread, keep two cores busy instead (the two gradients of
-    a convolution or of a product).  Step ``j`` may run beside an earlier step
-    ``i`` (within :data:`WINDOW` steps) when it reads nothing that steps ``i``
-    to ``j - 1`` write and neither takes a kernel context (random numbers and
-    running statistics keep their order); its outputs are then held until its
-    own turn.  Its inputs are all computed before ``i``, none is freed before
-    ``j`` (``j`` reads it), and no weight it reads is updated before ``j``.
+    Small kernels gain little from splitting their work: handing a part to
+    another thread costs tens of microseconds.  Independent kernels, each whole
+    on its own thread, keep two cores busy instead: above all the weight
+    gradients of a backward pass, which no step reads (the optimizer takes
+    them), beside the chain of input gradients that every later step waits
+    for.  Such a *side step* ``j``, one whose outputs no step reads and that
+    takes no kernel context (random numbers and running statistics keep their
+    order), is queued as soon as the plan reaches :attr:`start` ``[j]`` (the
+    step after the last one making its inputs, at most :data:`WINDOW` steps
+    before ``j``); the pool's first helper thread runs the queue in order
+    (:func:`~onnxgrad.threads.begin`), and the plan goes on without it.
 
-    Which pairs pay is measured on the CPU, on a plan's own runs: :data:`ROUNDS`
-    runs from run :data:`CALIBRATION` on time every step; each step that took
-    :data:`MIN_SECONDS` or more is then matched with the longest of its
-    possible partners that did too, the next :data:`ROUNDS` runs try those
-    pairs, and the pairs whose best time was at most :data:`GAIN` of their
-    steps' best times one after another run together from then on.  Results do
-    not depend on it: kernels split their work by shape alone (a nested split
-    runs in the kernel's own thread), and a paired step writes a fresh output
-    instead of an input's storage.
+    A side step's effects on the run come when the plan takes its result, at
+    a later step or at the end: its outputs enter the value table then; the
+    values it was the last to read are freed, and the values due to be handed
+    over after it are handed over, at the later of then and its own turn.
+    Hand-overs due while side steps are queued or running wait until none is,
+    so that no weight changes while a side step may read it.  A side step
+    runs with no donated storage, and while its arguments are held for it no
+    other step can take their storage either (:func:`_donated` counts
+    references).
+
+    Whether side steps pay is measured on the CPU, on a plan's own runs:
+    :data:`ROUNDS` runs from run :data:`CALIBRATION` on time every step; the
+    side steps that took :data:`MIN_SECONDS` or more run on the side in the
+    next :data:`ROUNDS` runs, and from then on if the best of those runs took
+    at most :data:`GAIN` of the best timed one.  Results do not depend on it:
+    kernels split their work by shape alone (a nested split runs in the
+    kernel's own thread), and a side step computes what it computes in turn.
     """
 
     CALIBRATION = 2
-    ROUNDS = 2
+    ROUNDS = 3
     WINDOW = 8
     MIN_SECONDS = 50e-6
-    GAIN = 0.9
+    GAIN = 0.95
 
     def __init__(self, steps: list):
-        #: For each step, the later steps that may run beside it.
-        self.options: dict[int, list[int]] = {}
-        for i, first in enumerate(steps):
-            if "ctx" in first.attrs:
+        made: dict[str, int] = {}
+        readers: dict[str, list[int]] = {}
+        for index, step in enumerate(steps):
+            for a in step.args:
+                if type(a) is str:
+                    readers.setdefault(a, []).append(index)
+            for name in step.outputs:
+                if name:
+                    made[name] = index
+        #: Side step -> the first step at which it may start.
+        self.start: dict[int, int] = {}
+        #: Side step -> the first step that reads one of its outputs (or the step count).
+        self.need: dict[int, int] = {}
+        for j, step in enumerate(steps):
+            if "ctx" in step.attrs:
                 continue
-            written = {name for name in first.outputs if name}
-            for j in range(i + 1, min(len(steps), i + 1 + self.WINDOW)):
-                second = steps[j]
-                if "ctx" not in second.attrs and not any(
-                        type(a) is str and a in written for a in second.args):
-                    self.options.setdefault(i, []).append(j)
-                written.update(name for name in second.outputs if name)
+            inputs = [made[a] for a in step.args if type(a) is str and a in made]
+            start = max([j - self.WINDOW, 0] + [i + 1 for i in inputs])
+            need = min((r for name in step.outputs if name for r in readers.get(name, ())
+                        if r > j), default=len(steps))
+            if need == len(steps):  # nothing reads its outputs: a weight's gradient
+                self.start[j], self.need[j] = start, need
         self.count = len(steps)
         self.runs = 0
         self.seconds: list[float] | None = None  # per step, the best of the timed runs
-        self.tried: dict[int, float] = {}        # first step of a pair -> its best time
-        self.trial: dict[int, int] = {}          # first step -> second, being tried
-        self.pairs: dict[int, int] = {}          # the pairs that paid
+        self.walls: dict[str, float] = {}        # phase -> its best run
+        self.trial: frozenset[int] | None = None
+        self.side: frozenset[int] = frozenset()  # the side steps that paid
         self._timing: list[float] | None = None
 
     def _phase(self) -> str:
@@ -456,49 +518,111 @@ class _Pairing:
         return ("time" if 0 <= first < self.ROUNDS else
                 "try" if self.ROUNDS <= first < 2 * self.ROUNDS else "run")
 
-    def begin(self) -> tuple[dict[int, int], list[float] | None]:
-        """This run's pairs (first step -> second), and a list to time each step into
-        (or None)."""
+    def begin(self) -> tuple[frozenset[int], list[float] | None]:
+        """This run's side steps, and a list to time each step into (or None)."""
         self.runs += 1
-        if not self.options or get_num_threads() < 2:
-            return {}, None
+        if not self.start or get_num_threads() < 2:
+            return frozenset(), None
         phase = self._phase()
         if phase == "time":
             self._timing = [0.0] * self.count
-            return {}, self._timing
+            return frozenset(), self._timing
         if phase == "try" and self.seconds is not None:
-            if not self.trial:
-                self.trial = self._match(self.seconds)
+            if self.trial is None:
+                self.trial = frozenset(j for j in self.start if self.seconds[j] >= self.MIN_SECONDS)
             return self.trial, None
-        return self.pairs, None
+        return self.side, None
 
-    def _match(self, t: list[float]) -> dict[int, int]:
-        """Each step long enough, in order, with the longest free partner long enough."""
-        pairs: dict[int, int] = {}
-        used: set[int] = set()
-        for i, later in self.options.items():
-            if i in used or t[i] < self.MIN_SECONDS:
-                continue
-            free = [j for j in later if j not in used and t[j] >= self.MIN_SECONDS]
-            if free:
-                j = max(free, key=lambda j: t[j])
-                pairs[i] = j
-                used.update((i, j))
-        return pairs
-
-    def took(self, first: int, seconds: float) -> None:
-        if self._phase() == "try":
-            self.tried[first] = min(seconds, self.tried.get(first, seconds))
-
-    def end(self) -> None:
-        """Record what a run (that :meth:`begin` started and that finished) measured."""
+    def end(self, seconds: float) -> None:
+        """Record what a run (that :meth:`begin` started and that finished) measured:
+        its steps' times, or ``seconds``, its own."""
+        if not self.start or get_num_threads() < 2:
+            return
+        phase = self._phase()
         if self._timing is not None:
             t, self._timing = self._timing, None
             self.seconds = t if self.seconds is None else list(map(min, self.seconds, t))
-        if self.runs == self.CALIBRATION + 2 * self.ROUNDS - 1 and self.seconds is not None:
-            t = self.seconds
-            self.pairs = {i: j for i, j in self.trial.items()
-                          if self.tried.get(i, math.inf) <= self.GAIN * (t[i] + t[j])}
+        if phase in ("time", "try"):
+            self.walls[phase] = min(seconds, self.walls.get(phase, math.inf))
+        if self.runs == self.CALIBRATION + 2 * self.ROUNDS - 1 and self.trial:
+            if self.walls.get("try", math.inf) <= self.GAIN * self.walls.get("time", 0.0):
+                self.side = self.trial
+
+
+class _SideRun:
+    """The side steps of one run (see :class:`_Overlap`): one helper thread runs them
+    one after another, in the order they became ready, while the plan goes on."""
+
+    def __init__(self, plan: "Plan", side: frozenset[int], xp: Any):
+        self.plan, self.xp = plan, xp
+        self.starts: dict[int, list[int]] = {}
+        for j in sorted(side):
+            self.starts.setdefault(plan._overlap.start[j], []).append(j)
+        self.started: set[int] = set()
+        self.joined: set[int] = set()            # joined before their turn
+        self.handoffs: list[int] = []            # steps whose hand-overs wait for the side
+        self.finished: dict[int, tuple] = {}     # step -> (outputs, error), not yet taken
+        self._queue: deque = deque()
+        self._lock = threading.Lock()
+        self._active = False                     # the helper is taking steps from the queue
+        self._worker: Any = None                 # its Running
+
+    def submit(self, j: int, env: dict[str, Any]) -> None:
+        """Queue side step ``j`` (its arguments are taken now) and make sure the helper
+        runs."""
+        step = self.plan.steps[j]
+        with self._lock:
+            self._queue.append((j, step, self.plan._gather(step, env)))
+            self.started.add(j)
+            if self._active:
+                return
+            self._active = True
+        if self._worker is not None:
+            self._worker.result()  # the last helper task, returning
+        self._worker = begin(self._work)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._active = False
+                    return
+                j, step, args = self._queue.popleft()
+            try:
+                result = (self.plan._alone(step, args, self.xp), None)
+            except Exception as exc:  # raised in the plan's thread when taken
+                result = (None, exc)
+            args = None
+            with self._lock:
+                self.finished[j] = result
+            result = None
+
+    def take(self) -> list[tuple[int, tuple]]:
+        """The side steps that have finished since the last call, in order."""
+        with self._lock:
+            done = sorted(self.finished.items())
+            self.finished.clear()
+        return done
+
+    @property
+    def busy(self) -> bool:
+        """Whether side steps are queued or running."""
+        return self._active
+
+    def wait(self) -> None:
+        """Wait until every queued side step has run."""
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.result()
+
+    def wait_quietly(self) -> None:
+        """:meth:`wait`, after a run that failed: the run's own error is the one raised."""
+        with self._lock:
+            self._queue.clear()
+        try:
+            self.wait()
+        except Exception:
+            pass
 
 
 class ShapeSpecializedRunner:

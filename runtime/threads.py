@@ -172,7 +172,8 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     An exception in a task is raised here, after every task has finished.
     """
     count = get_num_threads()
-    if count == 1 or len(tasks) < 2 or getattr(_local, "inside", False):
+    if (count == 1 or len(tasks) < 2 or getattr(_local, "inside", False)
+            or (_pool is not None and _pool.busy.locked())):  # e.g. a task of begin() runs
         return [task() for task in tasks]
     if key is not None:
         choice = _choices.get((key, count))
@@ -187,13 +188,17 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     return _on_pool(tasks, count)
 
 
-def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
-    """Run ``tasks`` in the calling thread and the pool's helper threads."""
+def _the_pool(count: int) -> "_Pool":
     global _pool
     with _lock:
         if _pool is None:
             _pool = _Pool(count - 1)
-        pool = _pool
+        return _pool
+
+
+def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
+    """Run ``tasks`` in the calling thread and the pool's helper threads."""
+    pool = _the_pool(count)
     if not pool.busy.acquire(blocking=False):  # another thread of the application has it
         return [task() for task in tasks]
     results: list = [None] * len(tasks)
@@ -227,6 +232,60 @@ def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
     return results
 
 
+class Running:
+    """A task that :func:`begin` started on the pool's first helper thread, or ran
+    at once where the pool was not free (one thread, inside a task, or in use)."""
+
+    __slots__ = ("_pool", "_value", "_error")
+
+    def __init__(self, task: Callable[[], Any]):
+        self._pool: _Pool | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None
+        count = get_num_threads()
+        pool = None if count == 1 or getattr(_local, "inside", False) else _the_pool(count)
+        if pool is None or not pool.busy.acquire(blocking=False):
+            self._run(task)
+            return
+        self._pool = pool
+        floating = np.geterr()
+
+        def job() -> None:
+            _local.inside = True
+            try:
+                with np.errstate(**floating):
+                    self._run(task)
+            finally:
+                _local.inside = False
+
+        pool.start(job)
+
+    def _run(self, task: Callable[[], Any]) -> None:
+        try:
+            self._value = task()
+        except BaseException as exc:  # re-raised by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        """Wait for the task and free the pool; its result, or its exception raised."""
+        if self._pool is not None:
+            self._pool.finish()
+            self._pool.busy.release()
+            self._pool = None
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def begin(task: Callable[[], Any]) -> Running:
+    """Start ``task`` on the pool's first helper thread and return at once, so that
+    the caller goes on while it runs; :meth:`Running.result` waits for it.  The
+    pool's other threads stay idle meanwhile, and :func:`parallel` called in the
+    meantime runs its tasks in the calling thread.  With one thread, inside a pool
+    task, or while the pool is in use, ``task`` runs here, before this returns."""
+    return Running(task)
+
+
 class _Pool:
     """Helper threads that each run the job they are handed, woken by a lock.
 
@@ -256,6 +315,7 @@ class _Pool:
             try:
                 job()
             finally:
+                job = None  # nor hold the arrays a job's tasks read while waiting
                 self._done[i].release()
 
     def run(self, job: Callable[[], None], helpers: int) -> None:
@@ -269,6 +329,18 @@ class _Pool:
         finally:
             for i in range(helpers):
                 self._done[i].acquire()
+            self._job = None
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Hand ``job`` to the first helper thread and return (the caller holds
+        :attr:`busy` until :meth:`finish`)."""
+        self._job = job
+        self._go[0].release()
+
+    def finish(self) -> None:
+        """Wait for the job of :meth:`start` to return."""
+        self._done[0].acquire()
+        self._job = None
 
     def close(self) -> None:
         with self.busy:

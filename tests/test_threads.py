@@ -411,41 +411,47 @@ def _split_everything(monkeypatch):
     monkeypatch.setattr(conv, "PARALLEL_COPY", 0)
 
 
-def _pair_everything(monkeypatch) -> list[int]:
-    """Every step that may run beside a later one does so from the first run on;
-    returns the list that records each pair run."""
+def _side_everything(monkeypatch) -> list[int]:
+    """Every step that may run on the side does so from the first run on; returns the
+    list that records each side step queued."""
     from onnxgrad import executor
-    ran: list[int] = []
+    queued: list[int] = []
 
     def begin(self):
         self.runs += 1
         if onnxgrad.get_num_threads() < 2:
-            return {}, None
-        return self._match([1.0] * self.count), None
+            return frozenset(), None
+        return frozenset(self.start), None
 
-    monkeypatch.setattr(executor._Pairing, "begin", begin)
-    monkeypatch.setattr(executor._Pairing, "took", lambda self, first, seconds: ran.append(first))
-    return ran
+    submit = executor._SideRun.submit
+
+    def record(self, j, env):
+        queued.append(j)
+        submit(self, j, env)
+
+    monkeypatch.setattr(executor._Overlap, "begin", begin)
+    monkeypatch.setattr(executor._SideRun, "submit", record)
+    return queued
 
 
-@pytest.mark.parametrize("mode", ["default", "split_everything", "pair_everything"])
+@pytest.mark.parametrize("mode", ["default", "split_everything", "side_everything"])
 @pytest.mark.parametrize("make", [_cnn, _transformer], ids=["cnn", "transformer"])
 def test_training_at_4_threads_equals_1_thread(make, mode, monkeypatch):
     """Losses and every initializer after 3 steps (weights, momentum-updated, and
     BatchNormalization's running statistics) are the same at 1 and 4 threads: work
-    is split by shape, never by thread count, and a step run beside another computes
-    what it computes alone, so not even the rounding differs."""
+    is split by shape, never by thread count, and a step run on the side computes
+    what it computes in turn, so not even the rounding differs."""
     split_all = mode == "split_everything"
     if split_all:
         _split_everything(monkeypatch)
-    paired = _pair_everything(monkeypatch) if mode == "pair_everything" else None
+    queued = _side_everything(monkeypatch) if mode == "side_everything" else None
     losses1, params1 = _train(make, 1)
     assert not _pool_threads()
-    assert not paired  # one thread: no pairs
+    assert not queued  # one thread: no side steps
     losses4, params4 = _train(make, 4)
-    if paired is not None:
-        assert len(paired) >= 3 * 4, "too few steps ran in pairs"
-    if make is _cnn or split_all or paired:  # Winograd, conv chunks, splits and pairs: the pool
+    if queued is not None:
+        assert len(queued) >= 3 * 4, "too few steps ran on the side"
+    if make is _cnn or split_all or queued:  # Winograd, conv chunks, splits, side steps: the pool
         assert _pool_threads(), "no task ran on the pool at 4 threads"
     assert all(np.isfinite(losses1)) and losses1[-1] != losses1[0]
     assert losses4 == losses1
@@ -454,7 +460,7 @@ def test_training_at_4_threads_equals_1_thread(make, mode, monkeypatch):
         np.testing.assert_array_equal(params4[name], params1[name], err_msg=name)
 
 
-# -- pairs of steps ------------------------------------------------------------------------
+# -- side steps ----------------------------------------------------------------------------
 
 
 def _steps(*specs):
@@ -465,64 +471,204 @@ def _steps(*specs):
             for inputs, outputs, ctx in specs]
 
 
-def test_a_step_may_run_beside_a_later_one_that_reads_nothing_written_in_between():
-    from onnxgrad.executor import _Pairing
-    steps = _steps((["dy", "w"], ["t"], False),    # 0: Transpose of a weight
-                   (["dy", "t"], ["dx"], False),   # 1: reads 0
-                   (["dy", "x"], ["dw"], False),   # 2: independent of 0 and 1
-                   (["dw"], ["g"], False),         # 3: reads 2
-                   (["x"], ["m"], True),           # 4: takes a context (random numbers)
-                   (["g"], ["h"], False))          # 5: reads 3
-    # 5 reads what 3 writes, and 3 comes between 5 and any earlier step
-    assert _Pairing(steps).options == {0: [2], 1: [2]}
-    pairing = _Pairing(steps)
-    assert pairing._match([1.0] * 6) == {0: 2}           # in order: 0 takes 2, 1 then none
-    assert pairing._match([1e-6, 1.0, 1.0, 1.0, 1.0, 1.0]) == {1: 2}   # 0 too short
+def test_side_steps_are_those_nothing_reads_and_start_once_their_inputs_are_made():
+    from onnxgrad.executor import _Overlap
+    steps = _steps((["x"], ["dy"], False),         # 0
+                   (["dy", "w"], ["dx"], False),   # 1: read by 4
+                   (["dy", "x"], ["dw"], False),   # 2: nothing reads dw: from 1, after dy
+                   (["x"], ["m"], True),           # 3: nothing reads m, but takes a context
+                   (["dx"], ["h"], False),         # 4: reads 1
+                   (["h"], ["dh"], False))         # 5: nothing reads dh: from 5, after h
+    overlap = _Overlap(steps)
+    assert overlap.start == {2: 1, 5: 5}
+    assert overlap.need == {2: 6, 5: 6}
+    far = _steps(*([(["x"], ["dy"], False)] + [([f"a{k}"], [f"b{k}"], False) for k in range(10)]
+                   + [(["dy"], ["dw"], False)] + [([f"b{k}"], [f"c{k}"], False) for k in range(10)]))
+    assert _Overlap(far).start[11] == 11 - _Overlap.WINDOW  # at most WINDOW steps early
 
 
-def test_pairs_are_kept_where_they_measured_faster():
-    """Timed runs, then trial runs, then the pairs that took at most GAIN of their
-    steps' best times; short steps are never tried."""
-    from onnxgrad.executor import _Pairing
-    onnxgrad.set_num_threads(2)
-    steps = _steps(*[([f"i{k}"], [f"o{k}"], False) for k in range(6)])
-    pairing = _Pairing(steps)
-    step_seconds = [400e-6, 300e-6, 10e-6, 500e-6, 500e-6, 300e-6]
-    pair_seconds = {0: 450e-6, 1: 1.0}  # 0 with 3 pays; 1 with 4 does not
-    tried = []
-    for run in range(1, 10):
-        pairs, timing = pairing.begin()
-        phase = pairing._phase()
-        if phase == "time":
-            assert not pairs
+def _measure(overlap, step_seconds, try_seconds, runs=12):
+    """Runs of ``overlap``'s calibration with the given times; the runs that tried side
+    steps, and each run's side steps."""
+    tried, sides = [], []
+    for run in range(1, runs + 1):
+        side, timing = overlap.begin()
+        phase = overlap._phase()
+        sides.append(side)
+        if timing is not None:
             timing[:] = [t * (1 + 0.5 * (run % 2)) for t in step_seconds]  # noisy runs
+            overlap.end(sum(timing))
         else:
-            assert timing is None
-        if phase == "try":
-            # in order, each with its longest free partner; step 2 too short to try
-            assert pairs == {0: 3, 1: 4}
-            for first in sorted(pairs):
-                pairing.took(first, pair_seconds[first])
-            tried.append(run)
-        pairing.end()
-    assert tried == [4, 5]
-    assert pairing.pairs == {0: 3}
-    assert pairing.begin()[0] == {0: 3}
+            if phase == "try":
+                tried.append(run)
+            overlap.end(try_seconds if side else sum(step_seconds))
+    return tried, sides
 
 
-def test_one_thread_runs_no_pairs():
-    from onnxgrad.executor import _Pairing
+def test_side_steps_are_kept_where_the_runs_measured_faster():
+    """Timed runs, then trial runs with the side steps long enough to pay (not the
+    short one), kept where the best trial run took at most GAIN of the best timed one."""
+    from onnxgrad.executor import _Overlap
+    onnxgrad.set_num_threads(2)
+    steps = _steps(*[([f"i{k}"], [f"o{k}"], False) for k in range(4)])
+    step_seconds = [400e-6, 10e-6, 500e-6, 300e-6]
+    fast = _Overlap(steps)
+    tried, sides = _measure(fast, step_seconds, 0.9 * sum(step_seconds))
+    assert tried == [5, 6, 7]  # timed from run CALIBRATION on, ROUNDS times
+    assert sides[4] == frozenset({0, 2, 3})  # step 1 too short to try
+    assert fast.side == frozenset({0, 2, 3}) and sides[-1] == fast.side
+    slow = _Overlap(steps)
+    _measure(slow, step_seconds, 0.97 * sum(step_seconds))
+    assert slow.side == frozenset() and slow.begin() == (frozenset(), None)
+
+
+def test_one_thread_runs_no_side_steps():
+    from onnxgrad.executor import _Overlap
     onnxgrad.set_num_threads(1)
-    pairing = _Pairing(_steps((["a"], ["b"], False), (["c"], ["d"], False)))
-    for _ in range(8):
-        assert pairing.begin() == ({}, None)
-        pairing.end()
+    overlap = _Overlap(_steps((["a"], ["b"], False), (["c"], ["d"], False)))
+    for _ in range(12):
+        assert overlap.begin() == (frozenset(), None)
+        overlap.end(1.0)
+
+
+def test_begin_runs_a_task_on_a_helper_while_the_caller_goes_on():
+    from onnxgrad.threads import begin
+    onnxgrad.set_num_threads(2)
+    release = threading.Event()
+
+    def task():
+        assert release.wait(5), "the caller did not go on"
+        return threading.current_thread().name
+
+    running = begin(task)
+    # while it runs, parallel() runs its tasks in the calling thread (the pool is taken)
+    assert parallel([threading.current_thread for _ in range(3)]) == [threading.current_thread()] * 3
+    release.set()
+    assert running.result().startswith("onnxgrad")
+
+    def fail():
+        raise KeyError("side")
+
+    with pytest.raises(KeyError, match="side"):
+        begin(fail).result()
+    assert parallel([lambda: 1, lambda: 2]) == [1, 2]  # the pool is free again
+    onnxgrad.set_num_threads(1)
+    assert begin(lambda: threading.current_thread()).result() is threading.current_thread()
+
+
+def _side_cnn_trainer(monkeypatch):
+    queued = _side_everything(monkeypatch)
+    onnxgrad.set_num_threads(2)
+    proto, batches = _cnn()
+    trainer = onnxgrad.Trainer(onnxgrad.load(proto), loss="cross_entropy",
+                               optimizer=onnxgrad.SGD(lr=0.01, momentum=0.9))
+    return trainer, batches, queued
+
+
+def _on_the_side() -> bool:
+    return threading.current_thread().name.startswith("onnxgrad")
+
+
+def test_a_side_step_that_fails_names_its_node_and_the_next_run_goes_on(monkeypatch):
+    from onnxgrad import executor
+    trainer, batches, queued = _side_cnn_trainer(monkeypatch)
+    call = executor.Plan._call
+    failed = []
+
+    def flaky(node, kernel, xp, args, attrs):
+        if not failed and _on_the_side():
+            failed.append(node)
+            raise RuntimeError("side step failed")
+        return call(node, kernel, xp, args, attrs)
+
+    monkeypatch.setattr(executor.Plan, "_call", staticmethod(flaky))
+    x, y = batches[0]
+    with pytest.raises(RuntimeError, match="side step failed") as info:
+        trainer.step({"x": x}, y)
+    assert queued and failed
+    assert info.value.onnxgrad_node is failed[0]
+    assert np.isfinite(trainer.step({"x": x}, y))
+
+
+def test_a_failing_step_waits_for_the_side_step_then_raises(monkeypatch):
+    """The run's own error is raised once the side step has finished: no thread is
+    left reading the run's arrays, and the pool is free for the next run."""
+    from onnxgrad import executor
+    trainer, batches, queued = _side_cnn_trainer(monkeypatch)
+    call = executor.Plan._call
+    running = []
+
+    def slow_side_then_fail(node, kernel, xp, args, attrs):
+        if _on_the_side():
+            running.append(node.name)
+            time.sleep(0.05)
+            result = call(node, kernel, xp, args, attrs)
+            running.remove(node.name)
+            return result
+        if running:
+            raise RuntimeError("main step failed")
+        return call(node, kernel, xp, args, attrs)
+
+    monkeypatch.setattr(executor.Plan, "_call", staticmethod(slow_side_then_fail))
+    x, y = batches[0]
+    with pytest.raises(RuntimeError, match="main step failed"):
+        trainer.step({"x": x}, y)
+    assert queued and not running  # the side step had finished
+    monkeypatch.setattr(executor.Plan, "_call", staticmethod(call))
+    assert parallel([lambda: 1, lambda: 2]) == [1, 2]
+    assert np.isfinite(trainer.step({"x": x}, y))
+
+
+def test_hand_overs_wait_while_side_steps_may_read_a_weight(monkeypatch):
+    """No weight changes while side steps are queued or running (here slowed down, so
+    that the weights' gradients are due meanwhile): the updates come when none is."""
+    from onnxgrad import executor
+    trainer, batches, queued = _side_cnn_trainer(monkeypatch)
+    call = executor.Plan._call
+
+    def slow_side(node, kernel, xp, args, attrs):
+        if _on_the_side():
+            time.sleep(0.01)
+        return call(node, kernel, xp, args, attrs)
+
+    side_runs = []
+    start = executor._SideRun.__init__
+
+    def keep(self, *args):
+        start(self, *args)
+        side_runs.append(self)
+
+    run = executor.Plan.run
+    busy_at_update = []
+
+    def watching(self, env, profile=None, record=None, on_ready=None, *args):
+        def watched(weight, value):
+            busy_at_update.append(any(side.busy for side in side_runs))
+            return on_ready(weight, value)
+        return run(self, env, profile, record, watched if on_ready else None, *args)
+
+    waiting = []
+    busy = executor._SideRun.busy
+
+    def watched_busy(self):
+        waiting.append(len(self.handoffs))
+        return busy.fget(self)
+
+    monkeypatch.setattr(executor.Plan, "_call", staticmethod(slow_side))
+    monkeypatch.setattr(executor._SideRun, "__init__", keep)
+    monkeypatch.setattr(executor._SideRun, "busy", property(watched_busy))
+    monkeypatch.setattr(executor.Plan, "run", watching)
+    x, y = batches[0]
+    trainer.step({"x": x}, y)
+    assert queued and side_runs
+    assert max(waiting) > 0, "no hand-over was due while a side step ran"
+    assert busy_at_update and not any(busy_at_update)
 
 
 def test_view_steps_move_next_to_their_inputs_and_the_order_stays_topological():
     """A product's input gradient, two Reshapes of other values, then its weight gradient:
     the Reshapes move up to just after what they read, so that the two products become
-    neighbours that may pair; every step still comes after the steps making its inputs."""
+    neighbours; every step still comes after the steps making its inputs."""
     from types import SimpleNamespace
     from onnxgrad.executor import _hoist_views
 
