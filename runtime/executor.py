@@ -455,7 +455,8 @@ class _Overlap:
     order), is queued as soon as the plan reaches :attr:`start` ``[j]`` (the
     step after the last one making its inputs, at most :data:`WINDOW` steps
     before ``j``); the pool's first helper thread runs the queue in order
-    (:func:`~onnxgrad.threads.begin`), and the plan goes on without it.
+    (:func:`~onnxgrad.threads.begin`), and the plan goes on without it, its
+    kernels splitting their work over the other helpers.
 
     A side step's effects on the run come when the plan takes its result, at
     a later step or at the end: its outputs enter the value table then; the

@@ -22,6 +22,11 @@ that was clearly faster (:data:`ALONE_BELOW`), else on the pool.  Only where
 the chunks run is chosen so: the chunks themselves depend on the shapes
 alone, so results stay the same.
 
+A plan also runs whole steps on the pool's first helper thread while it goes
+on (:func:`begin`; the weight gradients of a backward pass, see
+``onnxgrad.executor``); the other helpers keep taking the parts of
+:func:`parallel` meanwhile.
+
 The count is the cores this process may use, as PyTorch's default is; the
 environment variable ``ONNXGRAD_NUM_THREADS`` or :func:`set_num_threads`
 changes it.
@@ -173,7 +178,7 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     """
     count = get_num_threads()
     if (count == 1 or len(tasks) < 2 or getattr(_local, "inside", False)
-            or (_pool is not None and _pool.busy.locked())):  # e.g. a task of begin() runs
+            or (_pool is not None and not _pool.free())):  # in use, or begin() took the last helper
         return [task() for task in tasks]
     if key is not None:
         choice = _choices.get((key, count))
@@ -201,6 +206,8 @@ def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
     pool = _the_pool(count)
     if not pool.busy.acquire(blocking=False):  # another thread of the application has it
         return [task() for task in tasks]
+    first = 1 if pool.side.locked() else 0  # the first helper runs a task of begin()
+    helpers = range(first, min(pool.size, first + len(tasks) - 1))
     results: list = [None] * len(tasks)
     errors: list[tuple[int, BaseException]] = []
     order = iter(range(len(tasks)))
@@ -224,7 +231,7 @@ def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
             _local.inside = False
 
     try:
-        pool.run(work, min(count, len(tasks)) - 1)
+        pool.run(work, helpers)
     finally:
         pool.busy.release()
     if errors:
@@ -244,7 +251,11 @@ class Running:
         self._error: BaseException | None = None
         count = get_num_threads()
         pool = None if count == 1 or getattr(_local, "inside", False) else _the_pool(count)
-        if pool is None or not pool.busy.acquire(blocking=False):
+        if pool is None or not pool.side.acquire(blocking=False):
+            self._run(task)
+            return
+        if not pool.busy.acquire(blocking=False):  # a parallel() of another thread runs
+            pool.side.release()
             self._run(task)
             return
         self._pool = pool
@@ -258,7 +269,10 @@ class Running:
             finally:
                 _local.inside = False
 
-        pool.start(job)
+        try:
+            pool.start(job)
+        finally:
+            pool.busy.release()
 
     def _run(self, task: Callable[[], Any]) -> None:
         try:
@@ -270,7 +284,7 @@ class Running:
         """Wait for the task and free the pool; its result, or its exception raised."""
         if self._pool is not None:
             self._pool.finish()
-            self._pool.busy.release()
+            self._pool.side.release()
             self._pool = None
         if self._error is not None:
             raise self._error
@@ -280,9 +294,10 @@ class Running:
 def begin(task: Callable[[], Any]) -> Running:
     """Start ``task`` on the pool's first helper thread and return at once, so that
     the caller goes on while it runs; :meth:`Running.result` waits for it.  The
-    pool's other threads stay idle meanwhile, and :func:`parallel` called in the
-    meantime runs its tasks in the calling thread.  With one thread, inside a pool
-    task, or while the pool is in use, ``task`` runs here, before this returns."""
+    other helpers take the parts of :func:`parallel` meanwhile (with two threads,
+    there are none: the caller runs them).  With one thread, inside a pool task,
+    or while the pool or its first helper is in use, ``task`` runs here, before
+    this returns."""
     return Running(task)
 
 
@@ -295,8 +310,10 @@ class _Pool:
     """
 
     def __init__(self, size: int):
-        self.busy = threading.Lock()          # one parallel() at a time uses the helpers
-        self._job: Callable[[], None] | None = None
+        self.size = size
+        self.busy = threading.Lock()  # one parallel() or start() at a time hands out jobs
+        self.side = threading.Lock()  # held while the first helper runs a job of start()
+        self._jobs: list[Callable[[], None] | None] = [None] * size
         self._go = [threading.Lock() for _ in range(size)]
         self._done = [threading.Lock() for _ in range(size)]
         for lock in self._go + self._done:
@@ -306,45 +323,47 @@ class _Pool:
         for thread in self._threads:
             thread.start()
 
+    def free(self) -> bool:
+        """Whether a parallel() would find a helper to hand parts to now."""
+        return not self.busy.locked() and (self.size > 1 or not self.side.locked())
+
     def _serve(self, i: int) -> None:
         while True:
             self._go[i].acquire()
-            job = self._job
+            job = self._jobs[i]
             if job is None:  # closed
                 return
             try:
                 job()
             finally:
-                job = None  # nor hold the arrays a job's tasks read while waiting
+                job = self._jobs[i] = None  # nor hold the arrays its tasks read
                 self._done[i].release()
 
-    def run(self, job: Callable[[], None], helpers: int) -> None:
-        """Run ``job`` in the calling thread and in ``helpers`` helper threads, and
+    def run(self, job: Callable[[], None], helpers: Sequence[int]) -> None:
+        """Run ``job`` in the calling thread and in the ``helpers`` (indices), and
         return when every copy has returned (``job`` catches its own errors)."""
-        self._job = job
-        for i in range(helpers):
+        for i in helpers:
+            self._jobs[i] = job
             self._go[i].release()
         try:
             job()
         finally:
-            for i in range(helpers):
+            for i in helpers:
                 self._done[i].acquire()
-            self._job = None
 
     def start(self, job: Callable[[], None]) -> None:
         """Hand ``job`` to the first helper thread and return (the caller holds
-        :attr:`busy` until :meth:`finish`)."""
-        self._job = job
+        :attr:`side` until :meth:`finish`)."""
+        self._jobs[0] = job
         self._go[0].release()
 
     def finish(self) -> None:
         """Wait for the job of :meth:`start` to return."""
         self._done[0].acquire()
-        self._job = None
 
     def close(self) -> None:
-        with self.busy:
-            self._job = None
+        with self.side, self.busy:
+            self._jobs = [None] * self.size
             for lock in self._go:
                 lock.release()
             for thread in self._threads:

@@ -556,6 +556,23 @@ def test_begin_runs_a_task_on_a_helper_while_the_caller_goes_on():
     assert begin(lambda: threading.current_thread()).result() is threading.current_thread()
 
 
+def test_parallel_uses_the_other_helpers_while_a_task_of_begin_runs():
+    from onnxgrad.threads import begin
+    onnxgrad.set_num_threads(3)
+    release = threading.Event()
+    running = begin(lambda: (release.wait(5), threading.current_thread().name)[1])
+    arrived = threading.Barrier(2, timeout=5)
+
+    def meet():  # two tasks that wait for each other: they must run at the same time
+        arrived.wait()
+        return threading.current_thread().name
+
+    names = parallel([meet, meet])
+    release.set()
+    assert running.result() == "onnxgrad-0"
+    assert "onnxgrad-0" not in names and len(set(names)) == 2
+
+
 def _side_cnn_trainer(monkeypatch):
     queued = _side_everything(monkeypatch)
     onnxgrad.set_num_threads(2)
