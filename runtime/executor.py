@@ -470,9 +470,10 @@ class _Overlap:
 
     Whether side steps pay is measured on the CPU, on a plan's own runs:
     :data:`ROUNDS` runs from run :data:`CALIBRATION` on time every step; the
-    side steps that took :data:`MIN_SECONDS` or more run on the side in the
-    next :data:`ROUNDS` runs, and from then on if the best of those runs took
-    at most :data:`GAIN` of the best timed one.  Results do not depend on it:
+    side steps that, by those times, would hide enough of their time behind the
+    plan's other steps (:meth:`_choose`) run on the side in the next
+    :data:`ROUNDS` runs, and from then on if the best of those runs took at
+    most :data:`GAIN` of the best timed one.  Results do not depend on it:
     kernels split their work by shape alone (a nested split runs in the
     kernel's own thread), and a side step computes what it computes in turn.
     """
@@ -481,7 +482,8 @@ class _Overlap:
     ROUNDS = 3
     WINDOW = 8
     MIN_SECONDS = 50e-6
-    GAIN = 0.95
+    HIDDEN = 0.25
+    GAIN = 0.97
 
     def __init__(self, steps: list):
         made: dict[str, int] = {}
@@ -530,9 +532,38 @@ class _Overlap:
             return frozenset(), self._timing
         if phase == "try" and self.seconds is not None:
             if self.trial is None:
-                self.trial = frozenset(j for j in self.start if self.seconds[j] >= self.MIN_SECONDS)
+                self.trial = self._choose(self.seconds)
             return self.trial, None
         return self.side, None
+
+    def _finish(self, t: list[float], side: set[int]) -> float:
+        """When a run with these step times and these side steps would end: the plan's
+        thread runs the other steps one after another, the helper the side steps
+        in the order they are queued, each once it is queued and the helper free."""
+        plan = helper = 0.0
+        queued = sorted(side, key=lambda j: (self.start[j], j))
+        for index in range(self.count):
+            while queued and self.start[queued[0]] == index:
+                j = queued.pop(0)
+                helper = max(helper, plan) + t[j]
+            if index not in side:
+                plan += t[index]
+        return max(plan, helper)
+
+    def _choose(self, t: list[float]) -> frozenset[int]:
+        """The side steps to try: in order, each that took :data:`MIN_SECONDS` or more
+        and, with the times measured, would hide at least :data:`HIDDEN` of its time
+        behind the plan's other steps (:meth:`_finish`)."""
+        side: set[int] = set()
+        end = self._finish(t, side)
+        for j in sorted(self.start):
+            if t[j] < self.MIN_SECONDS:
+                continue
+            with_j = self._finish(t, side | {j})
+            if with_j <= end - self.HIDDEN * t[j]:
+                side.add(j)
+                end = with_j
+        return frozenset(side)
 
     def end(self, seconds: float) -> None:
         """Record what a run (that :meth:`begin` started and that finished) measured:
