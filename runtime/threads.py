@@ -177,8 +177,9 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     An exception in a task is raised here, after every task has finished.
     """
     count = get_num_threads()
-    if (count == 1 or len(tasks) < 2 or getattr(_local, "inside", False)
-            or (_pool is not None and not _pool.free())):  # in use, or begin() took the last helper
+    if count == 1 or len(tasks) < 2 or getattr(_local, "inside", False):
+        return [task() for task in tasks]
+    if _pool is not None and _pool.busy.locked():  # another thread of the application has it
         return [task() for task in tasks]
     if key is not None:
         choice = _choices.get((key, count))
@@ -187,6 +188,8 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
                 _choices.clear()
             choice = _choices[(key, count)] = _Choice()
         if choice.on_pool is None:
+            if _pool is not None and _pool.side.locked():  # no fair trial while begin() runs
+                return _on_pool(tasks, count)
             return choice.run(tasks, count)
         if not choice.on_pool:
             return [task() for task in tasks]
@@ -202,16 +205,21 @@ def _the_pool(count: int) -> "_Pool":
 
 
 def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
-    """Run ``tasks`` in the calling thread and the pool's helper threads."""
+    """Run ``tasks`` in the calling thread and the pool's helper threads.  While the
+    first helper runs a task of :func:`begin`, the others take part, and it joins
+    in when that task is done."""
     pool = _the_pool(count)
     if not pool.busy.acquire(blocking=False):  # another thread of the application has it
         return [task() for task in tasks]
-    first = 1 if pool.side.locked() else 0  # the first helper runs a task of begin()
+    side = pool.side.locked()
+    first = 1 if side else 0
     helpers = range(first, min(pool.size, first + len(tasks) - 1))
     results: list = [None] * len(tasks)
     errors: list[tuple[int, BaseException]] = []
     order = iter(range(len(tasks)))
     take = threading.Lock()
+    idle = threading.Condition(take)
+    running = [0]  # tasks being run
     floating = np.geterr()  # the caller's handling of floating-point errors, per thread
 
     def work() -> None:
@@ -221,18 +229,31 @@ def _on_pool(tasks: Sequence[Callable[[], Any]], count: int) -> list:
                 while True:
                     with take:
                         i = next(order, None)
-                    if i is None:
-                        return
+                        if i is None:
+                            return
+                        running[0] += 1
                     try:
                         results[i] = tasks[i]()
                     except BaseException as exc:  # re-raised in the caller below
                         errors.append((i, exc))
+                    finally:
+                        with take:
+                            running[0] -= 1
+                            if not running[0]:
+                                idle.notify_all()
         finally:
             _local.inside = False
 
+    if side:
+        pool.offer(work)
     try:
         pool.run(work, helpers)
     finally:
+        if side:
+            pool.offer(None)
+            with take:  # the first helper may have joined in late
+                while running[0]:
+                    idle.wait()
         pool.busy.release()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
@@ -268,6 +289,7 @@ class Running:
                     self._run(task)
             finally:
                 _local.inside = False
+            pool.join_in()
 
         try:
             pool.start(job)
@@ -295,7 +317,8 @@ def begin(task: Callable[[], Any]) -> Running:
     """Start ``task`` on the pool's first helper thread and return at once, so that
     the caller goes on while it runs; :meth:`Running.result` waits for it.  The
     other helpers take the parts of :func:`parallel` meanwhile (with two threads,
-    there are none: the caller runs them).  With one thread, inside a pool task,
+    there are none: the caller runs them), and the first joins in once ``task``
+    is done.  With one thread, inside a pool task,
     or while the pool or its first helper is in use, ``task`` runs here, before
     this returns."""
     return Running(task)
@@ -313,6 +336,7 @@ class _Pool:
         self.size = size
         self.busy = threading.Lock()  # one parallel() or start() at a time hands out jobs
         self.side = threading.Lock()  # held while the first helper runs a job of start()
+        self._offered: Callable[[], None] | None = None
         self._jobs: list[Callable[[], None] | None] = [None] * size
         self._go = [threading.Lock() for _ in range(size)]
         self._done = [threading.Lock() for _ in range(size)]
@@ -323,9 +347,16 @@ class _Pool:
         for thread in self._threads:
             thread.start()
 
-    def free(self) -> bool:
-        """Whether a parallel() would find a helper to hand parts to now."""
-        return not self.busy.locked() and (self.size > 1 or not self.side.locked())
+    def offer(self, work: Callable[[], None] | None) -> None:
+        """The work of a parallel() in flight that the first helper joins in once its
+        task of :func:`begin` is done (None: none now)."""
+        self._offered = work
+
+    def join_in(self) -> None:
+        """Take part in the work offered now, if any (in the first helper)."""
+        work = self._offered
+        if work is not None:
+            work()
 
     def _serve(self, i: int) -> None:
         while True:
