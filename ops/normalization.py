@@ -296,6 +296,14 @@ GRAD_ROWS_BELOW = 64
 ROWS_BLOCK = 1 << 15
 
 
+@compiled.helper
+def _channel_block(c0, stop, step, P):
+    """The row kernels' block of channels from ``c0``: its end, its first column and
+    its width in the (N, C·P) rows."""
+    c1 = min(c0 + step, stop)
+    return c1, c0 * P, (c1 - c0) * P
+
+
 @compiled.kernel(reassociate=True)
 def _bn_rows_kernel(X2, P, block, gain, bias, epsilon, Y2, mean, var, clip, low, high, mask2,
                     start, stop):
@@ -307,9 +315,7 @@ def _bn_rows_kernel(X2, P, block, gain, bias, epsilon, Y2, mean, var, clip, low,
     n = N * P
     step = max(1, block // n)
     for c0 in range(start, stop, step):
-        c1 = min(c0 + step, stop)
-        j0 = c0 * P
-        L = (c1 - c0) * P
+        c1, j0, L = _channel_block(c0, stop, step, P)
         acc = np.zeros(L)
         for i in range(N):
             x = X2[i, j0:j0 + L]
@@ -363,9 +369,7 @@ def _bn_grad_rows_kernel(dY2, X2, P, block, mean, var, gain, epsilon, dX2, dscal
     n = N * P
     step = max(1, block // n)
     for c0 in range(start, stop, step):
-        c1 = min(c0 + step, stop)
-        j0 = c0 * P
-        L = (c1 - c0) * P
+        c1, j0, L = _channel_block(c0, stop, step, P)
         centre = np.empty(L)
         for c in range(c1 - c0):
             for p in range(P):

@@ -497,17 +497,11 @@ class _Overlap:
                     made[name] = index
         #: Side step -> the first step at which it may start.
         self.start: dict[int, int] = {}
-        #: Side step -> the first step that reads one of its outputs (or the step count).
-        self.need: dict[int, int] = {}
         for j, step in enumerate(steps):
-            if "ctx" in step.attrs:
-                continue
+            if "ctx" in step.attrs or any(readers.get(name) for name in step.outputs if name):
+                continue  # a kernel context, or a step reads its outputs
             inputs = [made[a] for a in step.args if type(a) is str and a in made]
-            start = max([j - self.WINDOW, 0] + [i + 1 for i in inputs])
-            need = min((r for name in step.outputs if name for r in readers.get(name, ())
-                        if r > j), default=len(steps))
-            if need == len(steps):  # nothing reads its outputs: a weight's gradient
-                self.start[j], self.need[j] = start, need
+            self.start[j] = max([j - self.WINDOW, 0] + [i + 1 for i in inputs])
         self.count = len(steps)
         self.runs = 0
         self.seconds: list[float] | None = None  # per step, the best of the timed runs

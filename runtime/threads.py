@@ -318,9 +318,8 @@ def begin(task: Callable[[], Any]) -> Running:
     the caller goes on while it runs; :meth:`Running.result` waits for it.  The
     other helpers take the parts of :func:`parallel` meanwhile (with two threads,
     there are none: the caller runs them), and the first joins in once ``task``
-    is done.  With one thread, inside a pool task,
-    or while the pool or its first helper is in use, ``task`` runs here, before
-    this returns."""
+    is done.  With one thread, inside a pool task, or while the pool or its
+    first helper is in use, ``task`` runs here, before this returns."""
     return Running(task)
 
 

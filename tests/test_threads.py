@@ -481,7 +481,6 @@ def test_side_steps_are_those_nothing_reads_and_start_once_their_inputs_are_made
                    (["h"], ["dh"], False))         # 5: nothing reads dh: from 5, after h
     overlap = _Overlap(steps)
     assert overlap.start == {2: 1, 5: 5}
-    assert overlap.need == {2: 6, 5: 6}
     far = _steps(*([(["x"], ["dy"], False)] + [([f"a{k}"], [f"b{k}"], False) for k in range(10)]
                    + [(["dy"], ["dw"], False)] + [([f"b{k}"], [f"c{k}"], False) for k in range(10)]))
     assert _Overlap(far).start[11] == 11 - _Overlap.WINDOW  # at most WINDOW steps early
