@@ -95,13 +95,17 @@ COMPILED_PASS = 1 << 12
 #: dense method would take (measured at batch 32: 2.5× faster on 16×16 planes at stride
 #: 2, 1.2× on 8×8; slower on 4×4).
 COMPILED_MIN_OUTPUTS = 64
-#: Multiply-adds (outputs × taps) from which NumPy runs tiles as parallel tasks (about
+#: Multiply-adds (outputs × taps) from which a layer's kernels run in parallel (about
 #: a quarter of a millisecond compiled: MobileNetV2's 8×8 stride-2 layers are past it,
-#: and its training step at 2 threads 3 % faster than from 4 Mi), and the most tasks
-#: one call makes.  Tasks group the same tiles however many there are, so one thread
-#: does the same work either way.
+#: and its training step at 2 threads 3 % faster than from 4 Mi): the compiled kernels
+#: in parts of :data:`COMPILED_PART`, the NumPy forms in tasks of whole tiles, in
+#: :data:`MAX_TASKS` tasks at most.  Tasks group the same tiles however many there are, so one thread does the
+#: same work either way.
 PARALLEL_MIN_WORK = 1 << 20
 MAX_TASKS = 16
+#: Multiply-adds per part of a compiled kernel's call, about (some 20-50 microseconds:
+#: a part costs a call, and on the pool a hand-over, of a few microseconds).
+COMPILED_PART = 1 << 20
 
 
 def applies(w_shape, group, begin, end, xp=None, dtype=None):
@@ -766,33 +770,28 @@ def _geometry_2d(pl, kernel, planes):
             items)
 
 
-def _run_compiled(kernel, args, channels, batch, planes, work):
-    """``kernel(*args, start, stop[, n_start, n_stop])`` over ranges of ``channels``
-    (and, where ``batch`` is not None, of its items): tiles of channels of at most
-    :data:`TAPS_TILE` elements of ``planes`` (the planes of a channel), at least
-    :data:`MAX_TASKS` tiles where there are as many channels, and with fewer, the
-    batch in as many ranges as make that many parts.  With enough ``work`` the parts
-    run as up to :data:`MAX_TASKS` parallel tasks; parts depend on the shapes only."""
-    tile = max(1, min(TAPS_TILE // planes, -(-channels // MAX_TASKS)))
-    ranges = [(i, min(i + tile, channels)) for i in range(0, channels, tile)]
-    if batch is not None:
-        pieces = split(batch, -(-MAX_TASKS // len(ranges)))
-        ranges = [r + (p.start, p.stop) for r in ranges for p in pieces]
-    tasks = min(len(ranges), MAX_TASKS) if work >= PARALLEL_MIN_WORK else 1
-
-    def run(part):
-        for r in ranges[part]:
-            kernel(*args, *r)
-
-    parallel([functools.partial(run, part) for part in split(len(ranges), tasks)],
-             (kernel.__name__, channels, batch, planes, work))
+def _run_compiled(kernel, args, channels, batch, work):
+    """``kernel(*args, start, stop[, n_start, n_stop])`` over ``channels`` and, where
+    ``batch`` is not None, its items: in one call, or with :data:`PARALLEL_MIN_WORK`
+    multiply-adds of ``work`` or more, in parts of about :data:`COMPILED_PART`
+    (:data:`MAX_TASKS` at most) run as parallel tasks, each a range of the batch's
+    items (every channel), and ranges of the channels as well where there is no batch
+    to split or fewer items than parts.  The kernels compute each output element by the
+    same loop whichever part holds it, and no sum crosses parts, so results do not
+    depend on the parts, nor on the threads that run them."""
+    count = max(1, min(MAX_TASKS, work // COMPILED_PART)) if work >= PARALLEL_MIN_WORK else 1
+    items = [None] if batch is None else split(batch, count)
+    ranges = [(c.start, c.stop) + (() if n is None else (n.start, n.stop))
+              for n in items for c in split(channels, -(-count // len(items)))]
+    parallel([functools.partial(kernel, *args, *r) for r in ranges],
+             (kernel.__name__, channels, batch, work))
 
 
 def _compiled_forward(xp, X, W, group, pl, Y):
     M, c = W.shape[:2]
     _run_compiled(_direct_forward_kernel,
                   (_planes_2d(X), _weights_2d(W), _planes_2d(Y)) + _geometry_2d(pl, W.shape[2:], c),
-                  M, X.shape[0], X.size // group + Y.size // M, Y.size * W[0].size)
+                  M, X.shape[0], Y.size * W[0].size)
 
 
 def _compiled_input_grad(xp, dY, W, group, pl, dX):
@@ -801,8 +800,7 @@ def _compiled_input_grad(xp, dY, W, group, pl, dX):
     _run_compiled(_direct_input_grad_kernel,
                   (_planes_2d(dY), _weights_2d(W), _planes_2d(dX))
                   + _geometry_2d(pl, W.shape[2:], m),
-                  dX.shape[1], dY.shape[0], dX.size // dX.shape[1] + dY.size // group,
-                  dY.size * W[0].size)
+                  dX.shape[1], dY.shape[0], dY.size * W[0].size)
 
 
 def _compiled_weight_grad(xp, dY, X, group, pl, dW):
@@ -810,7 +808,7 @@ def _compiled_weight_grad(xp, dY, X, group, pl, dW):
     _run_compiled(_direct_weight_grad_kernel,
                   (_planes_2d(dY), _planes_2d(X), _weights_2d(dW), X.dtype.type(0))
                   + _geometry_2d(pl, dW.shape[2:], c),
-                  M, None, X.size // group + dY.size // M, dY.size * dW[0].size)
+                  M, None, dY.size * dW[0].size)
 
 
 # -- dense method ----------------------------------------------------------------------------

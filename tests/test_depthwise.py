@@ -7,7 +7,8 @@
 * Central differences (``tests/gradcheck.py``) of X, W and B through the public API
   on each method.
 * The float32 forward against onnxruntime at realistic sizes, on each method.
-* Tiles run as tasks on the thread pool, at 1 and 2 threads, equal one task bit for bit.
+* Tiles run as tasks on the thread pool, at 1 and 2 threads, equal one task bit for bit;
+  so do the compiled kernels' calls cut into parts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import gradcheck as gc
 from helpers import count_calls
 import onnxgrad
 from onnxgrad import threads
-from onnxgrad.ops import conv, depthwise
+from onnxgrad.ops import compiled, conv, depthwise
 from op_db import Sample
 
 METHODS = ["taps", "dense"]
@@ -205,11 +206,13 @@ def test_forward_matches_onnxruntime(method, x_shape, w_shape, attrs, monkeypatc
                  id="dense"),
 ])
 def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
-    """Tiles of one group in 5 tasks, at 1 and at 2 threads, equal the same tiles in one
-    task bit for bit (float32): tiles depend on the shapes only and no sum crosses one."""
+    """The NumPy forms' tiles of one group in 5 tasks, at 1 and at 2 threads, equal the
+    same tiles in one task bit for bit (float32): tiles depend on the shapes only and no
+    sum crosses one."""
     x_shape, w_shape, attrs = shape
     x, w, dy = _arrays(x_shape, w_shape, attrs, np.float32)
     _force(monkeypatch, method)
+    monkeypatch.setattr(compiled, "ENABLED", False)
     monkeypatch.setattr(depthwise, "TAPS_TILE", 1)
     monkeypatch.setattr(depthwise, "DENSE_TILE", 1)
     monkeypatch.setattr(depthwise, "MAX_TASKS", 5)
@@ -231,6 +234,52 @@ def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
     finally:
         onnxgrad.set_num_threads(before)
     assert tasks == [1] * 3 + [5] * 6
+
+
+@pytest.mark.parametrize("shape", [
+    # one input channel, 6 outputs (LeNet's first layer): the batch split
+    ((8, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+    # depthwise, stride 2, asymmetric pads, a batch of 2: channels split as well
+    ((2, 12, 17, 16), (12, 1, 3, 3), {"group": 12, "strides": [2, 2], "pads": [1, 0, 1, 1]}),
+    # two channels per group, multiplier 2
+    ((5, 8, 9, 9), (8, 2, 3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),
+], ids=["one-to-6", "depthwise-stride2-batch2", "groups-of-2"])
+def test_compiled_parts_equal_one_call(shape, monkeypatch):
+    """The compiled kernels' calls cut into 2 to 5 parts (ranges of the batch, and of the
+    channels where the batch has fewer items than parts; the weight gradient's ranges
+    of channels), at 1 and at 2 threads, equal one call bit for bit (float32): each
+    output element comes from the same loop in any part."""
+    if not compiled.available():
+        pytest.skip("compiled kernels do not run here (numba missing or switched off)")
+    x_shape, w_shape, attrs = shape
+    x, w, dy = _arrays(x_shape, w_shape, attrs, np.float32)
+    _force(monkeypatch, "taps")
+    parts = []
+    monkeypatch.setattr(depthwise, "parallel",
+                        lambda calls, key=None: parts.append(len(calls)) or threads.parallel(calls))
+    before = onnxgrad.get_num_threads()
+    try:
+        monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 1 << 62)
+        onnxgrad.set_num_threads(2)
+        want = _three(x, w, dy, attrs)
+        assert parts == [1, 1, 1]
+        monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(depthwise, "COMPILED_PART", 1)
+        for count in (2, 3, 5):
+            monkeypatch.setattr(depthwise, "MAX_TASKS", count)
+            for threads_ in (1, 2):
+                parts.clear()
+                onnxgrad.set_num_threads(threads_)
+                got = _three(x, w, dy, attrs)
+                if x_shape[0] >= count:
+                    assert parts == [count] * 3
+                else:  # each item's range with ranges of the channels
+                    assert parts == [x_shape[0] * -(-count // x_shape[0])] * 2 + [count]
+                for key in want:
+                    np.testing.assert_array_equal(
+                        got[key], want[key], err_msg=f"{key}, {count} parts, {threads_} threads")
+    finally:
+        onnxgrad.set_num_threads(before)
 
 
 # -- GPU -------------------------------------------------------------------------------------
