@@ -35,7 +35,7 @@ import itertools
 import math
 
 from onnxgrad.errors import ModelError
-from onnxgrad.ops import depthwise, winograd
+from onnxgrad.ops import compiled, depthwise, winograd
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
 from onnxgrad.threads import each, matmul, split, sum_in_order
@@ -322,12 +322,34 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
     cols = matmul(xp, Wt, _rows_inner(xp, dY, group))              # (g, C/g·K, P·N)
     cols = cols.reshape((C,) + kernel + out + (N,))
     img = xp.zeros((C,) + tuple(full) + (N,), dtype=dY.dtype)
+    fused = len(kernel) == 2 and compiled.available(xp, cols, img) and cols.dtype == img.dtype
 
     def scatter(part):
-        col2im(xp, cols[part], full, strides, dilations, img[part], lead=1)
+        if fused:
+            _col2im_inner_kernel(cols, img, *strides, *dilations, *part.indices(C)[:2])
+        else:
+            col2im(xp, cols[part], full, strides, dilations, img[part], lead=1)
 
     each(xp, _channel_parts(xp, C, img.size), scatter, ("col2im", cols.shape, img.shape))
     return _batch_first(xp, img)                                   # from (C, *full, N)
+
+
+@compiled.kernel
+def _col2im_inner_kernel(cols, img, sh, sw, dh, dw, start, stop):
+    """:func:`col2im` of batch-inner columns ``(C, KH, KW, OH, OW, N)`` onto zeros
+    ``(C, H, W, N)`` for the channels in ``[start, stop)``: kernel offsets in the same
+    order as the NumPy form, so every sum runs in the same order (the same bits), in one
+    pass per channel whose image stays in cache."""
+    KH, KW, OH, OW, N = cols.shape[1:]
+    for c in range(start, stop):
+        for ky in range(KH):
+            for kx in range(KW):
+                for oy in range(OH):
+                    for ox in range(OW):
+                        src = cols[c, ky, kx, oy, ox]
+                        dst = img[c, oy * sh + ky * dh, ox * sw + kx * dw]
+                        for n in range(N):
+                            dst[n] += src[n]
 
 
 def _bias_shape(B, ndim):

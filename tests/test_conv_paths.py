@@ -245,11 +245,12 @@ SWITCHES = [
            calls=((depthwise, "_compiled_forward"), (depthwise, "_compiled_input_grad"),
                   (depthwise, "_compiled_weight_grad"))),
     Switch(depthwise, "PARALLEL_MIN_WORK", 0, BIG,
-           "direct kernels' tiles in 3 tasks on the thread pool, against one task",
+           "direct kernels' tiles (compiled: parts of the batch and channels) in 3 tasks on "
+           "the thread pool, against one task",
            applies=lambda case: case.grouped,
            also=_DIRECT_ON + ((depthwise, "TAPS_TILE", 1), (depthwise, "DENSE_TILE", 1),
-                              (depthwise, "MAX_TASKS", 3)),
-           params=("PARALLEL_MIN_WORK", "MAX_TASKS")),
+                              (depthwise, "COMPILED_PART", 1), (depthwise, "MAX_TASKS", 3)),
+           params=("PARALLEL_MIN_WORK", "MAX_TASKS", "COMPILED_PART")),
 ]
 
 #: Modules whose upper-case integer parameters must each have a line in SWITCHES.
@@ -441,3 +442,37 @@ def test_uneven_winograd_chunks_equal_one_chunk(case, f4_min_tiles, tiles, monke
     _assert_all_close(_outputs(sample, arrays, u), whole, rtol=1e-10, atol=1e-10,
                       what=f"Winograd chunks of 3, 3 and 2 items ({case.id})")
     assert sizes and set(sizes) == {3}, f"chunks per product: {sizes}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x,w,strides,dilations,group", [
+    ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (1, 1), 1),           # LeNet-5's second layer
+    ((5, 12, 11, 13), (9, 4, 3, 2), (2, 1), (1, 2), 3),
+    ((3, 4, 9, 7), (6, 4, 2, 3), (3, 2), (2, 1), 1),
+    ((2, 40, 24, 24), (8, 40, 3, 3), (1, 1), (1, 1), 1),          # channels in parts
+], ids=["lenet-5x5", "strided-dilated-groups", "stride3", "channel-parts"])
+def test_compiled_batch_inner_scatter_equals_numpy(x, w, strides, dilations, group, dtype,
+                                                   monkeypatch):
+    """The batch-inner input gradient's scatter of columns, compiled, equals the NumPy
+    form (one strided sum per kernel offset) bit for bit, at 1 and 2 threads."""
+    if not compiled.available():
+        pytest.skip("compiled kernels do not run here (numba missing or switched off)")
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal(w).astype(dtype)
+    full = tuple(x[2:])
+    out = tuple((full[i] - (w[2 + i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(2))
+    dY = rng.standard_normal((x[0], w[0]) + out).astype(dtype)
+    monkeypatch.setattr(conv, "BATCH_MAJOR_MIN_POSITIONS", BIG)  # batch-inner columns
+    before = threads.get_num_threads()  # and the BLAS single-threaded, as onnxgrad runs it
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    want = conv.conv_input_grad(np, dY, W, full, strides, dilations, group)
+    monkeypatch.setattr(compiled, "ENABLED", True)
+    calls = count_calls(monkeypatch, [(conv, "_col2im_inner_kernel")])
+    try:
+        for count in (1, 2):
+            threads.set_num_threads(count)
+            got = conv.conv_input_grad(np, dY, W, full, strides, dilations, group)
+            np.testing.assert_array_equal(got, want, err_msg=f"{count} threads")
+    finally:
+        threads.set_num_threads(before)
+    assert sum(calls.values()) >= 2
