@@ -15,7 +15,10 @@ gains nothing right after a two-threaded product).
 
 Handing chunks to the pool costs a wake-up of each helper thread, which
 varies by machine (15 to 60 microseconds measured; more in virtual machines
-whose idle cores sleep).  So a call that names what it runs (a ``key``: the
+whose idle cores sleep).  Where compiled code runs, a helper therefore polls
+for its next work for :data:`SPIN_SECONDS` after each job, as OpenMP runtimes
+do, before it sleeps on its lock (:mod:`onnxgrad.ops.spin`), and the thread
+that handed out work polls for its end.  A call that names what it runs (a ``key``: the
 kernel and its shapes) is timed both ways, on the pool and in the calling
 thread, on its first runs, and from then on runs in the calling thread if
 that was clearly faster (:data:`ALONE_BELOW`), else on the pool.  Only where
@@ -196,11 +199,21 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
     return _on_pool(tasks, count)
 
 
+#: Seconds a pool thread polls for its next work, and the thread that handed work
+#: out for its end, before sleeping on a lock (see :mod:`onnxgrad.ops.spin`); no
+#: polling where the pool has more threads than the process has cores.
+SPIN_SECONDS = 200e-6
+
+
 def _the_pool(count: int) -> "_Pool":
     global _pool
     with _lock:
         if _pool is None:
-            _pool = _Pool(count - 1)
+            wait = None
+            if count <= available_cores() and SPIN_SECONDS > 0:
+                from onnxgrad.ops import spin  # noqa: PLC0415 - compiled code, loaded on use
+                wait = spin.waiter()
+            _pool = _Pool(count - 1, wait)
         return _pool
 
 
@@ -323,16 +336,26 @@ def begin(task: Callable[[], Any]) -> Running:
     return Running(task)
 
 
+_STRIDE = 8  # counters a cache line apart: each thread polls a line of its own
+
+
 class _Pool:
     """Helper threads that each run the job they are handed, woken by a lock.
 
     A lock handed from one thread to another is the cheapest wake-up Python
     has (about a quarter of a ``concurrent.futures`` submission), and kernels
-    hand over work hundreds of times a training step.
+    hand over work hundreds of times a training step.  With a ``wait`` (see
+    :func:`onnxgrad.ops.spin.waiter`), each helper polls a counter of the jobs
+    handed to it before it sleeps on its lock, and sets a counter of the jobs it
+    has run once the interpreter lock is free, which the caller polls; the locks
+    still hand over every job, so polling that ends early costs only time.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, wait: Callable[..., bool] | None = None):
         self.size = size
+        self._wait = wait  # polls a counter without the interpreter lock, or None
+        self._posted = np.zeros(size * _STRIDE, dtype=np.int64)  # jobs handed to each helper
+        self._ended = np.zeros(size * _STRIDE, dtype=np.int64)   # jobs each helper has run
         self.busy = threading.Lock()  # one parallel() or start() at a time hands out jobs
         self.side = threading.Lock()  # held while the first helper runs a job of start()
         self._offered: Callable[[], None] | None = None
@@ -358,8 +381,13 @@ class _Pool:
             work()
 
     def _serve(self, i: int) -> None:
+        seen = 0
         while True:
+            if self._wait is not None:  # tells its end (see _join), then polls for the next
+                self._wait(self._posted, i * _STRIDE, seen, SPIN_SECONDS,
+                           self._ended, i * _STRIDE, seen)
             self._go[i].acquire()
+            seen += 1
             job = self._jobs[i]
             if job is None:  # closed
                 return
@@ -369,27 +397,36 @@ class _Pool:
                 job = self._jobs[i] = None  # nor hold the arrays its tasks read
                 self._done[i].release()
 
+    def _post(self, i: int, job: Callable[[], None]) -> None:
+        self._jobs[i] = job
+        self._posted[i * _STRIDE] += 1
+        self._go[i].release()
+
+    def _join(self, i: int) -> None:
+        """Wait for helper ``i``'s job to end."""
+        if self._wait is not None:
+            self._wait(self._ended, i * _STRIDE, int(self._posted[i * _STRIDE]) - 1, SPIN_SECONDS)
+        self._done[i].acquire()
+
     def run(self, job: Callable[[], None], helpers: Sequence[int]) -> None:
         """Run ``job`` in the calling thread and in the ``helpers`` (indices), and
         return when every copy has returned (``job`` catches its own errors)."""
         for i in helpers:
-            self._jobs[i] = job
-            self._go[i].release()
+            self._post(i, job)
         try:
             job()
         finally:
             for i in helpers:
-                self._done[i].acquire()
+                self._join(i)
 
     def start(self, job: Callable[[], None]) -> None:
         """Hand ``job`` to the first helper thread and return (the caller holds
         :attr:`side` until :meth:`finish`)."""
-        self._jobs[0] = job
-        self._go[0].release()
+        self._post(0, job)
 
     def finish(self) -> None:
         """Wait for the job of :meth:`start` to return."""
-        self._done[0].acquire()
+        self._join(0)
 
     def close(self) -> None:
         with self.side, self.busy:

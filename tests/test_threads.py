@@ -26,6 +26,7 @@ from onnx import helper
 
 import onnxgrad
 from helpers import make_model
+from onnxgrad import threads
 from onnxgrad.threads import parallel, split
 
 
@@ -151,6 +152,71 @@ def _nested_parallel():
     assert parallel([lambda i=i: outer(i) for i in range(8)]) == \
         [[(i, j, True) for j in range(4)] for i in range(8)]
     print("nested ok")
+
+
+def _fresh_pool(count: int) -> None:
+    """The next parallel() call starts a pool of ``count`` threads."""
+    onnxgrad.set_num_threads(1)  # closes the pool there was
+    onnxgrad.set_num_threads(count)
+
+
+def test_pool_threads_poll_where_there_are_no_more_threads_than_cores(monkeypatch):
+    """With compiled code, the pool's threads poll for work (and the caller for their
+    end) where the count fits the cores; past the cores, or with no time to poll,
+    they sleep on their locks at once."""
+    from onnxgrad.ops import compiled, spin
+
+    if not compiled.available() or spin.waiter() is None:
+        pytest.skip("compiled code does not run here (numba missing or switched off)")
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    for count, seconds, polls in ((2, 1e-4, True), (3, 1e-4, False), (2, 0.0, False)):
+        monkeypatch.setattr(threads, "SPIN_SECONDS", seconds)
+        _fresh_pool(count)
+        assert parallel([lambda: 1, lambda: 2]) == [1, 2]
+        assert (threads._pool._wait is not None) is polls, (count, seconds)
+
+
+def test_a_wait_sees_a_change_made_by_another_thread_and_ends_when_its_time_is_up():
+    """The compiled poll returns True once another thread changes the counter, False
+    after its time, and sets its signal before it polls."""
+    from onnxgrad.ops import spin
+
+    wait = spin.waiter()
+    if wait is None:
+        pytest.skip("compiled code does not run here (numba missing or switched off)")
+    counts, signals = np.zeros(16, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    start = time.perf_counter()
+    assert not wait(counts, 8, 0, 0.02, signals, 0, 7)
+    assert time.perf_counter() - start >= 0.005
+    assert signals[0] == 7
+    changer = threading.Timer(0.01, lambda: counts.__setitem__(8, 1))
+    changer.start()
+    try:
+        assert wait(counts, 8, 0, 30.0)  # returns at the change, not after 30 s
+    finally:
+        changer.join()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1e-6, 2e-4], ids=["sleep", "poll-briefly", "poll"])
+def test_many_parallel_calls_lose_no_hand_over(seconds, monkeypatch):
+    """Thousands of parallel() calls and begin() tasks, with parts of uneven length,
+    each get every result: hand-overs that polling finds, that it gives up on and
+    that go to a sleeping thread (the locks) all reach the helpers."""
+    monkeypatch.setattr(threads, "SPIN_SECONDS", seconds)
+    monkeypatch.setattr(threads, "available_cores", lambda: 64)  # polling at 4 threads
+    _fresh_pool(4)
+    parallel([lambda: None] * 4)
+    from onnxgrad.ops import spin
+    assert (threads._pool._wait is not None) is (seconds > 0 and spin.waiter() is not None)
+    data = np.arange(4096, dtype=np.float64)
+    for i in range(1500):
+        size = 64 << (i % 7)
+        tasks = [lambda k=k: float(data[: size + k].sum()) for k in range(3)]
+        assert parallel(tasks) == [float(data[: size + k].sum()) for k in range(3)]
+        if i % 50 == 0:
+            running = threads.begin(lambda i=i: i * 2)
+            assert parallel(tasks[:2]) == [float(data[: size + k].sum()) for k in range(2)]
+            assert running.result() == i * 2
 
 
 def test_nested_parallel_does_not_deadlock():
@@ -654,14 +720,18 @@ def test_a_failing_step_waits_for_the_side_step_then_raises(monkeypatch):
     trainer, batches, queued = _side_cnn_trainer(monkeypatch)
     call = executor.Plan._call
     running = []
+    started = threading.Event()
 
     def slow_side_then_fail(node, kernel, xp, args, attrs):
         if _on_the_side():
             running.append(node.name)
+            started.set()
             time.sleep(0.05)
             result = call(node, kernel, xp, args, attrs)
             running.remove(node.name)
             return result
+        if queued:  # the helper may need a moment to take the interpreter lock
+            started.wait(5)
         if running:
             raise RuntimeError("main step failed")
         return call(node, kernel, xp, args, attrs)
