@@ -466,13 +466,19 @@ def split(total: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-#: Multiply-adds per part of a split product: a product of this many or more
-#: (a quarter of a millisecond on one core) is cut into the nearest whole
-#: number of parts of this size, two at least.  A product of two parts costs
-#: 3-6% more on one thread than one BLAS call and runs 1.35-1.6× faster on two;
-#: one of half as many multiply-adds gains nothing from a second thread
-#: (measured).
+#: Multiply-adds per part of a split product: a product of
+#: :data:`MATMUL_SPLIT_FROM` multiply-adds or more is cut into the nearest whole
+#: number of parts of this size (a quarter of a millisecond on one core), two at
+#: least.  A product of two parts costs 3-6% more on one thread than one BLAS
+#: call and runs 1.35-1.6× faster on two; more parts of smaller products cost
+#: more than they gain (measured).
 MATMUL_PART = 1 << 25
+
+#: Multiply-adds from which a product is split (in two parts up to 1.5 ×
+#: :data:`MATMUL_PART`): with the pool's threads polling for work, a product of
+#: 15 Mi multiply-adds (LeNet-5's second layer) runs in 214 instead of 318
+#: microseconds on two threads, and 3% slower on one (measured).
+MATMUL_SPLIT_FROM = 1 << 23
 
 #: A product is split into this many parts at most.
 MATMUL_MAX_PARTS = 8
@@ -481,9 +487,9 @@ MATMUL_MAX_PARTS = 8
 def matmul(xp, a, b, out=None):
     """``xp.matmul(a, b, out=out)``, split into parts on the pool when large.
 
-    A product of NumPy arrays (both at least 2-D) of :data:`MATMUL_PART`
+    A product of NumPy arrays (both at least 2-D) of :data:`MATMUL_SPLIT_FROM`
     multiply-adds or more is cut into the nearest whole number of parts of
-    that size (two at least), along the leading batch axis, the rows of
+    :data:`MATMUL_PART` (two at least), along the leading batch axis, the rows of
     ``a`` or the columns of ``b``, whichever has room; each part is one BLAS
     call writing its share of the result.  The parts depend on the shapes
     only, so the result does not depend on the thread count (it may differ
@@ -500,11 +506,9 @@ def matmul(xp, a, b, out=None):
     for d in lead:
         batch *= d
     macs = batch * M * N * K
-    parts = min(MATMUL_MAX_PARTS, (macs + MATMUL_PART // 2) // MATMUL_PART)
-    if macs >= MATMUL_PART:
-        parts = max(parts, 2)
-    if parts < 2:
+    if macs < MATMUL_SPLIT_FROM:
         return xp.matmul(a, b, out=out)
+    parts = max(2, min(MATMUL_MAX_PARTS, (macs + MATMUL_PART // 2) // MATMUL_PART))
     if out is None:
         out = xp.empty(lead + (M, N), dtype=xp.result_type(a, b))
     if lead and lead[0] >= parts:

@@ -261,6 +261,7 @@ def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how, monkey
     from onnxgrad import threads
     from onnxgrad.threads import matmul
     monkeypatch.setattr(threads, "MATMUL_PART", 1 << 16)
+    monkeypatch.setattr(threads, "MATMUL_SPLIT_FROM", 1 << 16)
     rng = np.random.default_rng(0)
     a = rng.standard_normal(a_shape).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
@@ -276,14 +277,15 @@ def test_split_products_equal_numpy_and_each_other(a_shape, b_shape, how, monkey
     np.testing.assert_array_equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("rows,parts", [(63, 1), (64, 2), (159, 2), (160, 3)])
+@pytest.mark.parametrize("rows,parts", [(31, 1), (32, 2), (159, 2), (160, 3)])
 def test_products_split_into_the_nearest_number_of_parts(rows, parts, monkeypatch):
-    """A product of ``rows × 64 × 256`` multiply-adds, with parts of 64·64·256 of them:
-    one part below one part's worth (63 rows), two from there (64 rows) up to two and
-    a half parts' worth, three from there (160)."""
+    """A product of ``rows × 64 × 256`` multiply-adds, split from 32·64·256 of them,
+    with parts of 64·64·256: one part below the split (31 rows), two from there (32
+    rows) up to two and a half parts' worth, three from there (160)."""
     from onnxgrad import threads
 
     monkeypatch.setattr(threads, "MATMUL_PART", 64 * 64 * 256)
+    monkeypatch.setattr(threads, "MATMUL_SPLIT_FROM", 32 * 64 * 256)
     handed: list[int] = []
     real = threads.parallel
     monkeypatch.setattr(threads, "parallel",
@@ -356,6 +358,7 @@ def test_split_product_writes_into_out(monkeypatch):
     from onnxgrad import threads
     from onnxgrad.threads import matmul
     monkeypatch.setattr(threads, "MATMUL_PART", 1 << 16)
+    monkeypatch.setattr(threads, "MATMUL_SPLIT_FROM", 1 << 16)
     onnxgrad.set_num_threads(2)
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((512, 256)), rng.standard_normal((256, 512))
@@ -472,6 +475,7 @@ def _split_everything(monkeypatch):
     from onnxgrad import threads
     from onnxgrad.ops import conv, normalization
     monkeypatch.setattr(threads, "MATMUL_PART", 1 << 10)
+    monkeypatch.setattr(threads, "MATMUL_SPLIT_FROM", 1 << 10)
     monkeypatch.setattr(threads, "ELEMENTWISE_PART", 1 << 10)
     monkeypatch.setattr(normalization, "DOT_PART_ITEMS", 1)
     monkeypatch.setattr(conv, "PARALLEL_COPY", 0)
