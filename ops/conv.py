@@ -401,8 +401,8 @@ def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
     Y = _on_cudnn(xp, "forward", X, W, (X.shape[0], W.shape[0]) + out, X.dtype, begin, end,
                   strides, dilations)
     if Y is None and depthwise.applies(W.shape, group, begin, end, xp, X.dtype):
-        Y = depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out)
-    elif Y is None:
+        return (depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out, B),)
+    if Y is None:
         Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
     if B is not None:
         Y += B.reshape(_bias_shape(B, Y.ndim))

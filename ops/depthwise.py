@@ -308,10 +308,11 @@ def _place(xp, dY, chans, pl, rows):
     pl.view(rows, n, dY.shape[0])[pl.valid()] = xp.swapaxes(dY[:, chans], 0, 1)
 
 
-def _taps_forward(xp, X, W, group, pl, Y):
-    if _compiled(xp, W.shape, W.dtype):
-        _compiled_forward(xp, X, W, group, pl, Y)
-        return
+def _taps_forward(xp, X, W, group, pl, Y, B=None):
+    """Conv into ``Y``; whether it added the bias ``B`` too (the compiled kernels do)."""
+    if _compiled(xp, W.shape, W.dtype) and (B is None or B.dtype == Y.dtype):
+        _compiled_forward(xp, X, W, group, pl, Y, B)
+        return B is not None
     N, (M, cg) = X.shape[0], W.shape[:2]
     mg = M // group
     phases = _phase_matrices(xp, W.reshape((group, mg, cg) + tuple(W.shape[2:])), pl, False)
@@ -346,6 +347,7 @@ def _taps_forward(xp, X, W, group, pl, Y):
     per_group = (len(pl.phases) * cg * shifts + mg + lead * mg) * P
     _run(xp, group, max(1, TAPS_TILE // per_group), Y.size * math.prod(W.shape[2:]) * cg,
          buffers, task)
+    return False
 
 
 def _taps_input_grad(xp, dY, W, group, pl, dX):
@@ -537,11 +539,13 @@ def _tap_sources(taps, T, sh):
 
 
 @compiled.kernel
-def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, stop, n_start,
-                           n_stop):
+def _direct_forward_kernel(X, W, bias, Y, taps, sh, sw, rows, qh, wp, items, start, stop,
+                           n_start, n_stop):
     """Conv of the output channels in ``[start, stop)`` for the batch items in
     ``[n_start, n_stop)``: ``X`` ``(N, C, H, W)``, ``W`` ``(M, c·K)`` (``c`` input
-    channels per group, ``K`` kernel positions), ``Y`` ``(N, M, OH, OW)``; per kernel
+    channels per group, ``K`` kernel positions), plus ``bias`` ``(M,)`` unless it is
+    empty (added to each sum, as an addition after the Conv would), ``Y``
+    ``(N, M, OH, OW)``; per kernel
     position its phase and its flat offset in the phase plane (``taps`` ``(K, 2)``),
     strides ``sh, sw``; row-phase planes of ``qh × wp`` positions (``rows`` from
     :func:`_row_table`), ``items`` batch items per pass."""
@@ -552,6 +556,7 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
     c = T // K
     m = M // (C // c)
     plane = qh * wp
+    biased = bias.shape[0] > 0
     xph = np.zeros((c * sh, items * plane), dtype=X.dtype)
     yext = np.empty((2, items * plane), dtype=Y.dtype)
     src = _tap_sources(taps, T, sh)                     # per column: its row of xph, offset
@@ -624,7 +629,15 @@ def _direct_forward_kernel(X, W, Y, taps, sh, sw, rows, qh, wp, items, start, st
                         for oy in range(OH):
                             y = Y[n0 + b, o, oy]
                             out = yext[o - oc, b * plane + oy * wp:]
-                            if sw == 1:
+                            if biased:
+                                bo = bias[o]
+                                if sw == 1:
+                                    for ox in range(OW):
+                                        y[ox] = out[ox] + bo
+                                else:
+                                    for ox in range(OW):
+                                        y[ox] = out[ox * sw] + bo
+                            elif sw == 1:
                                 for ox in range(OW):
                                     y[ox] = out[ox]
                             else:
@@ -787,10 +800,12 @@ def _run_compiled(kernel, args, channels, batch, work):
              (kernel.__name__, channels, batch, work))
 
 
-def _compiled_forward(xp, X, W, group, pl, Y):
+def _compiled_forward(xp, X, W, group, pl, Y, B=None):
     M, c = W.shape[:2]
+    bias = np.ascontiguousarray(B) if B is not None else np.empty(0, dtype=Y.dtype)
     _run_compiled(_direct_forward_kernel,
-                  (_planes_2d(X), _weights_2d(W), _planes_2d(Y)) + _geometry_2d(pl, W.shape[2:], c),
+                  (_planes_2d(X), _weights_2d(W), bias, _planes_2d(Y))
+                  + _geometry_2d(pl, W.shape[2:], c),
                   M, X.shape[0], Y.size * W[0].size)
 
 
@@ -927,8 +942,9 @@ def _dense_weight_grad(xp, dY, X, group, geometry, dW):
 # -- entry points ----------------------------------------------------------------------------
 
 
-def conv(xp, X, W, group, strides, dilations, begin, end, out):
-    """Conv of ``X`` ``(N, C, *sp)`` with ``W`` ``(M, C/group, *kernel)``: ``(N, M, *out)``."""
+def conv(xp, X, W, group, strides, dilations, begin, end, out, B=None):
+    """Conv of ``X`` ``(N, C, *sp)`` with ``W`` ``(M, C/group, *kernel)``, plus the bias
+    ``B`` ``(M,)`` where given: ``(N, M, *out)``."""
     Y = xp.empty((X.shape[0], W.shape[0]) + tuple(out), dtype=X.dtype)
     if Y.size == 0:
         return Y
@@ -936,7 +952,10 @@ def conv(xp, X, W, group, strides, dilations, begin, end, out):
         _dense_forward(xp, X, W, group, (tuple(strides), tuple(dilations), tuple(begin)), Y)
     else:
         pl = _Planes(X.shape[0], X.shape[2:], W.shape[2:], strides, dilations, begin, end, out)
-        _taps_forward(xp, X, W, group, pl, Y)
+        if _taps_forward(xp, X, W, group, pl, Y, B):
+            return Y
+    if B is not None:
+        Y += B.reshape((1, -1) + (1,) * (Y.ndim - 2))
     return Y
 
 

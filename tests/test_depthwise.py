@@ -248,11 +248,13 @@ def test_compiled_parts_equal_one_call(shape, monkeypatch):
     """The compiled kernels' calls cut into 2 to 5 parts (ranges of the batch, and of the
     channels where the batch has fewer items than parts; the weight gradient's ranges
     of channels), at 1 and at 2 threads, equal one call bit for bit (float32): each
-    output element comes from the same loop in any part."""
+    output element comes from the same loop in any part.  The forward pass with a bias,
+    added in the kernel, equals the Conv and then the addition."""
     if not compiled.available():
         pytest.skip("compiled kernels do not run here (numba missing or switched off)")
     x_shape, w_shape, attrs = shape
     x, w, dy = _arrays(x_shape, w_shape, attrs, np.float32)
+    bias = np.random.default_rng(5).standard_normal(w_shape[0]).astype(np.float32)
     _force(monkeypatch, "taps")
     parts = []
     monkeypatch.setattr(depthwise, "parallel",
@@ -263,6 +265,8 @@ def test_compiled_parts_equal_one_call(shape, monkeypatch):
         onnxgrad.set_num_threads(2)
         want = _three(x, w, dy, attrs)
         assert parts == [1, 1, 1]
+        # the bias added in the kernel equals the addition after the Conv
+        want["Y+B"] = want["Y"] + bias.reshape((1, -1) + (1,) * (x.ndim - 2))
         monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(depthwise, "COMPILED_PART", 1)
         for count in (2, 3, 5):
@@ -271,10 +275,12 @@ def test_compiled_parts_equal_one_call(shape, monkeypatch):
                 parts.clear()
                 onnxgrad.set_num_threads(threads_)
                 got = _three(x, w, dy, attrs)
+                got["Y+B"] = conv.Conv(np, x, w, bias, **attrs)[0]
                 if x_shape[0] >= count:
-                    assert parts == [count] * 3
+                    assert parts == [count] * 4
                 else:  # each item's range with ranges of the channels
-                    assert parts == [x_shape[0] * -(-count // x_shape[0])] * 2 + [count]
+                    forward = x_shape[0] * -(-count // x_shape[0])
+                    assert parts == [forward] * 2 + [count, forward]
                 for key in want:
                     np.testing.assert_array_equal(
                         got[key], want[key], err_msg=f"{key}, {count} parts, {threads_} threads")
