@@ -53,7 +53,7 @@ import threading
 import numpy as np
 
 from onnxgrad.ops import compiled
-from onnxgrad.threads import parallel, split
+from onnxgrad.threads import get_num_threads, parallel, split
 
 #: Channels per group, input and output (the channel multiplier), up to which Conv and
 #: its gradients run here (measured at batch 32 on 4×4 to 32×32 planes: up to 4 and 4
@@ -787,17 +787,39 @@ def _run_compiled(kernel, args, channels, batch, work):
     """``kernel(*args, start, stop[, n_start, n_stop])`` over ``channels`` and, where
     ``batch`` is not None, its items: in one call, or with :data:`PARALLEL_MIN_WORK`
     multiply-adds of ``work`` or more, in parts of about :data:`COMPILED_PART`
-    (:data:`MAX_TASKS` at most) run as parallel tasks, each a range of the batch's
-    items (every channel), and ranges of the channels as well where there is no batch
-    to split or fewer items than parts.  The kernels compute each output element by the
-    same loop whichever part holds it, and no sum crosses parts, so results do not
-    depend on the parts, nor on the threads that run them."""
+    (:data:`MAX_TASKS` at most), each a range of the batch's items (every channel), and
+    ranges of the channels as well where there is no batch to split or fewer items than
+    parts.  The parts run as one parallel task per thread at most, a task's adjacent
+    parts in one call (every call costs the interpreter lock, which the pool's threads
+    share).  The kernels compute each output element by the same loop whichever call
+    holds it, and no sum crosses parts, so results depend on neither."""
     count = max(1, min(MAX_TASKS, work // COMPILED_PART)) if work >= PARALLEL_MIN_WORK else 1
     items = [None] if batch is None else split(batch, count)
     ranges = [(c.start, c.stop) + (() if n is None else (n.start, n.stop))
               for n in items for c in split(channels, -(-count // len(items)))]
-    parallel([functools.partial(kernel, *args, *r) for r in ranges],
+
+    def run(part):
+        for r in _merged(ranges[part]):
+            kernel(*args, *r)
+
+    parallel([functools.partial(run, part)
+              for part in split(len(ranges), min(len(ranges), get_num_threads()))],
              (kernel.__name__, channels, batch, work))
+
+
+def _merged(ranges):
+    """Consecutive ranges ``(start, stop[, n_start, n_stop])`` joined where one continues
+    the other along one axis and covers the same range along the other."""
+    out = [ranges[0]]
+    for r in ranges[1:]:
+        last = out[-1]
+        if last[2:] == r[2:] and last[1] == r[0]:                  # channels continue
+            out[-1] = (last[0], r[1]) + r[2:]
+        elif len(r) > 2 and last[:2] == r[:2] and last[3] == r[2]:  # items continue
+            out[-1] = r[:2] + (last[2], r[3])
+        else:
+            out.append(r)
+    return out
 
 
 def _compiled_forward(xp, X, W, group, pl, Y, B=None):

@@ -247,8 +247,8 @@ def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
 def test_compiled_parts_equal_one_call(shape, monkeypatch):
     """The compiled kernels' calls cut into 2 to 5 parts (ranges of the batch, and of the
     channels where the batch has fewer items than parts; the weight gradient's ranges
-    of channels), at 1 and at 2 threads, equal one call bit for bit (float32): each
-    output element comes from the same loop in any part.  The forward pass with a bias,
+    of channels), run as a task per thread, at 1 and at 2 threads, equal one call bit
+    for bit (float32): each output element comes from the same loop in any part.  The forward pass with a bias,
     added in the kernel, equals the Conv and then the addition."""
     if not compiled.available():
         pytest.skip("compiled kernels do not run here (numba missing or switched off)")
@@ -276,11 +276,10 @@ def test_compiled_parts_equal_one_call(shape, monkeypatch):
                 onnxgrad.set_num_threads(threads_)
                 got = _three(x, w, dy, attrs)
                 got["Y+B"] = conv.Conv(np, x, w, bias, **attrs)[0]
-                if x_shape[0] >= count:
-                    assert parts == [count] * 4
-                else:  # each item's range with ranges of the channels
-                    forward = x_shape[0] * -(-count // x_shape[0])
-                    assert parts == [forward] * 2 + [count, forward]
+                # one task per thread at most, the parts ranges of the batch and, where
+                # it has fewer items than parts, of the channels too
+                forward = count if x_shape[0] >= count else x_shape[0] * -(-count // x_shape[0])
+                assert parts == [min(n, threads_) for n in (forward, forward, count, forward)]
                 for key in want:
                     np.testing.assert_array_equal(
                         got[key], want[key], err_msg=f"{key}, {count} parts, {threads_} threads")
