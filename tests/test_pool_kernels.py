@@ -1,4 +1,5 @@
-"""2-D pooling's compiled kernels (``ops/pool.py``) against the NumPy forms they replace.
+"""2-D pooling's compiled kernels (``ops/pool_compiled.py``) against the NumPy forms they
+replace (``ops/pool.py``).
 
 MaxPool (with and without Indices), AveragePool, AveragePoolGrad and
 MaxPoolIndicesGrad over a set of window geometries (pads, asymmetric pads,
@@ -12,9 +13,9 @@ wholly in the padding), in float32 and float64:
 * float64 central differences check the gradients on the compiled path;
 * with the planes split into parts of one plane, two threads give the bits of
   one part on one thread;
-* MaxPool's limits (``pool.INDEXED_MAX_TAPS``, ``pool.MAX_OFFSET``) choose the
-  form both ways; other ranks, dtypes, storage_order=1 and indices outside their
-  plane run the NumPy forms.
+* MaxPool's limits (``pool_compiled.INDEXED_MAX_TAPS``, ``pool_compiled.MAX_OFFSET``)
+  choose the form both ways; other ranks, dtypes, storage_order=1 and indices
+  outside their plane run the NumPy forms.
 """
 
 from __future__ import annotations
@@ -30,19 +31,20 @@ import gradcheck as gc
 import onnxgrad
 from helpers import count_calls
 from onnxgrad import threads
-from onnxgrad.ops import compiled, pool
+from onnxgrad.ops import compiled, pool, pool_compiled
 from op_db import Sample
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
 
-_MAX = [(pool, n) for n in ("_max_pool_pair_kernel", "_max_pool_rows_kernel", "_max_pool_kernel",
-                            "_max_pool_edge_kernel")]
-_AVG = [(pool, n) for n in ("_average_pool_pair_kernel", "_average_pool_rows_kernel",
-                            "_average_pool_kernel", "_average_pool_edge_kernel")]
-_AVG_GRAD = [(pool, n) for n in ("_average_pool_grad_pair_kernel", "_average_pool_grad_kernel",
-                                 "_average_pool_grad_edge_kernel",
-                                 "_average_pool_grad_overlapping_kernel")]
-_INDICES_GRAD = [(pool, "_indices_grad_kernel")]
+_MAX = [(pool_compiled, n) for n in ("_max_pool_pair_kernel", "_max_pool_rows_kernel",
+                                     "_max_pool_kernel", "_max_pool_edge_kernel")]
+_AVG = [(pool_compiled, n) for n in ("_average_pool_pair_kernel", "_average_pool_rows_kernel",
+                                     "_average_pool_kernel", "_average_pool_edge_kernel")]
+_AVG_GRAD = [(pool_compiled, n) for n in ("_average_pool_grad_pair_kernel",
+                                          "_average_pool_grad_kernel",
+                                          "_average_pool_grad_edge_kernel",
+                                          "_average_pool_grad_overlapping_kernel")]
+_INDICES_GRAD = [(pool_compiled, "_indices_grad_kernel")]
 
 # (input shape, attributes), all of which onnx's reference evaluator and onnxruntime
 # run; those of _PADDING_ONLY are for the NumPy forms only.
@@ -153,7 +155,8 @@ def _assert_same_bits(got, want, key):
 @pytest.mark.parametrize("geometry", ALL, ids=_id)
 def test_compiled_equals_numpy_bit_for_bit(geometry, dtype, special, monkeypatch):
     shape, attrs = geometry
-    monkeypatch.setattr(pool, "INDEXED_MAX_TAPS", 1 << 30)  # compiled wherever they can run
+    # compiled wherever they can run
+    monkeypatch.setattr(pool_compiled, "INDEXED_MAX_TAPS", 1 << 30)
     X = _values(shape, dtype, 0, special)
     with np.errstate(invalid="ignore"):
         dY, indices = _grad_inputs(X, attrs, 1, special, monkeypatch)
@@ -211,7 +214,7 @@ def test_forward_matches_the_reference_evaluator(geometry, monkeypatch):
     evaluator's are wrong where windows overlap), on a permutation (no ties)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     shape, attrs = geometry
-    monkeypatch.setattr(pool, "INDEXED_MAX_TAPS", 1 << 30)
+    monkeypatch.setattr(pool_compiled, "INDEXED_MAX_TAPS", 1 << 30)
     x = np.random.default_rng(2).permutation(int(np.prod(shape))).reshape(shape).astype(
         np.float32)
     counts = count_calls(monkeypatch, _MAX + _AVG)
@@ -301,7 +304,7 @@ def test_maxpool_limits_choose_the_form(limit, name, monkeypatch):
     counts = count_calls(monkeypatch, _MAX)
     results = []
     for value, runs in [(at, True), (beyond, False)]:
-        monkeypatch.setattr(pool, limit, value)
+        monkeypatch.setattr(pool_compiled, limit, value)
         counts[name] = 0
         with np.errstate(invalid="ignore"):
             results.append(pool.MaxPool(np, X, ctx=ctx, **attrs))
