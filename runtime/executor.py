@@ -471,9 +471,10 @@ class _Overlap:
     Whether side steps pay is measured on the CPU, on a plan's own runs:
     :data:`ROUNDS` runs from run :data:`CALIBRATION` on time every step; the
     side steps that, by those times, would hide enough of their time behind the
-    plan's other steps (:meth:`_choose`) run on the side in the next
-    :data:`ROUNDS` runs, and from then on if the best of those runs took at
-    most :data:`GAIN` of the best timed one.  Results do not depend on it:
+    plan's other steps (:meth:`_choose`) run on the side in every other run of
+    the next 2 × :data:`ROUNDS`, and from then on if the best of those runs took
+    at most :data:`GAIN` of the best of the runs between, without them (runs in
+    turn see the same moods of a shared machine).  Results do not depend on it:
     kernels split their work by shape alone (a nested split runs in the
     kernel's own thread), and a side step computes what it computes in turn.
     """
@@ -512,8 +513,11 @@ class _Overlap:
 
     def _phase(self) -> str:
         first = self.runs - self.CALIBRATION
-        return ("time" if 0 <= first < self.ROUNDS else
-                "try" if self.ROUNDS <= first < 2 * self.ROUNDS else "run")
+        if 0 <= first < self.ROUNDS:
+            return "time"
+        if self.ROUNDS <= first < 3 * self.ROUNDS:
+            return "try" if (first - self.ROUNDS) % 2 == 0 else "without"
+        return "run"
 
     def begin(self) -> tuple[frozenset[int], list[float] | None]:
         """This run's side steps, and a list to time each step into (or None)."""
@@ -524,10 +528,10 @@ class _Overlap:
         if phase == "time":
             self._timing = [0.0] * self.count
             return frozenset(), self._timing
-        if phase == "try" and self.seconds is not None:
+        if phase in ("try", "without") and self.seconds is not None:
             if self.trial is None:
                 self.trial = self._choose(self.seconds)
-            return self.trial, None
+            return (self.trial if phase == "try" else frozenset()), None
         return self.side, None
 
     def _finish(self, t: list[float], side: set[int]) -> float:
@@ -568,10 +572,10 @@ class _Overlap:
         if self._timing is not None:
             t, self._timing = self._timing, None
             self.seconds = t if self.seconds is None else list(map(min, self.seconds, t))
-        if phase in ("time", "try"):
+        if phase in ("try", "without"):
             self.walls[phase] = min(seconds, self.walls.get(phase, math.inf))
-        if self.runs == self.CALIBRATION + 2 * self.ROUNDS - 1 and self.trial:
-            if self.walls.get("try", math.inf) <= self.GAIN * self.walls.get("time", 0.0):
+        if self.runs == self.CALIBRATION + 3 * self.ROUNDS - 1 and self.trial:
+            if self.walls.get("try", math.inf) <= self.GAIN * self.walls.get("without", 0.0):
                 self.side = self.trial
 
 

@@ -570,6 +570,8 @@ def _measure(overlap, step_seconds, try_seconds, runs=12):
         else:
             if phase == "try":
                 tried.append(run)
+            else:
+                assert phase in ("without", "run") and (phase == "run" or not side)
             overlap.end(try_seconds if side else sum(step_seconds))
     return tried, sides
 
@@ -593,15 +595,16 @@ def test_side_steps_are_those_whose_time_the_plan_would_hide():
 
 
 def test_side_steps_are_kept_where_the_runs_measured_faster():
-    """Timed runs, then trial runs with the side steps chosen by those times, kept
-    where the best trial run took at most GAIN of the best timed one."""
+    """Timed runs, then trial runs with the side steps chosen by those times in turn
+    with runs without them, kept where the best trial run took at most GAIN of the
+    best run without."""
     from onnxgrad.executor import _Overlap
     onnxgrad.set_num_threads(2)
     steps = _steps(*[([f"i{k}"], [f"o{k}"], False) for k in range(4)])
     step_seconds = [400e-6, 10e-6, 500e-6, 300e-6]
     fast = _Overlap(steps)
     tried, sides = _measure(fast, step_seconds, 0.9 * sum(step_seconds))
-    assert tried == [5, 6, 7]  # timed from run CALIBRATION on, ROUNDS times
+    assert tried == [5, 7, 9]  # timed from run CALIBRATION on, ROUNDS times; then in turn
     # every step may start at once: the helper takes 0 and 3 (700 µs) while the plan
     # runs 1 and 2 (510 µs); 2 as well would leave the plan idle
     assert sides[4] == frozenset({0, 3})
