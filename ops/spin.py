@@ -32,8 +32,10 @@ _built = False
 
 
 def _build():
-    """The compiled poll ``poll(counters, index, seen, polls)``: whether
-    ``counters[index]`` differed from ``seen`` within ``polls`` polls."""
+    """The compiled poll ``poll(counters, index, seen, polls, signals, signal, value)``:
+    ``signals[signal] = value`` first where ``signal`` is not negative (a release
+    store), then whether ``counters[index]`` differed from ``seen`` (an acquire load)
+    within ``polls`` polls."""
     numba = compiled._load_numba()
     from llvmlite import ir  # noqa: PLC0415 - numba's own code generator
     from numba import types  # noqa: PLC0415
