@@ -4,8 +4,11 @@ Every costly CPU kernel that splits its work calls :func:`parallel` with a
 list of independent chunks (along batch, channel or tile), and matrix
 products go through :func:`matmul`, which splits a large product into parts
 on the same pool.  How work is split depends on the shapes only, never on
-the thread count, so results do not change with the number of threads.  A
-chunk that itself calls :func:`parallel` runs its parts in its own thread.
+the thread count, so results do not change with the number of threads.  (Work
+whose results cannot depend on where it is cut, a kernel that computes each
+output element by the same loop whichever call holds it, may be cut into one
+part per thread instead.)  A chunk that itself calls :func:`parallel` runs its
+parts in its own thread.
 
 The BLAS that NumPy loaded runs single-threaded once onnxgrad has set its
 count: the pool owns the cores.  A multi-threaded BLAS keeps its threads
@@ -484,6 +487,15 @@ MATMUL_SPLIT_FROM = 1 << 23
 MATMUL_MAX_PARTS = 8
 
 
+def product_parts(macs: int) -> int:
+    """The parts a product of ``macs`` multiply-adds is split into: one below
+    :data:`MATMUL_SPLIT_FROM`, else the nearest whole number of parts of
+    :data:`MATMUL_PART` (two at least, :data:`MATMUL_MAX_PARTS` at most)."""
+    if macs < MATMUL_SPLIT_FROM:
+        return 1
+    return max(2, min(MATMUL_MAX_PARTS, (macs + MATMUL_PART // 2) // MATMUL_PART))
+
+
 def matmul(xp, a, b, out=None):
     """``xp.matmul(a, b, out=out)``, split into parts on the pool when large.
 
@@ -505,10 +517,9 @@ def matmul(xp, a, b, out=None):
     batch = 1
     for d in lead:
         batch *= d
-    macs = batch * M * N * K
-    if macs < MATMUL_SPLIT_FROM:
+    parts = product_parts(batch * M * N * K)
+    if parts == 1:
         return xp.matmul(a, b, out=out)
-    parts = max(2, min(MATMUL_MAX_PARTS, (macs + MATMUL_PART // 2) // MATMUL_PART))
     if out is None:
         out = xp.empty(lead + (M, N), dtype=xp.result_type(a, b))
     if lead and lead[0] >= parts:

@@ -177,6 +177,11 @@ SWITCHES = [
     Switch(conv, "_batch_major", _always, _never,
            "batch-major columns per item, against batch-inner columns over the whole batch",
            params=("BATCH_MAJOR_MIN_POSITIONS",), calls=((conv, "_im2col"),)),
+    Switch(conv, "BATCH_PART_MIN_ITEMS", 1, BIG,
+           "batch-inner layers in parts of the batch on the thread pool, each from input to "
+           "output, against the whole batch at once",
+           also=((conv, "_batch_major", _never), (threads, "MATMUL_SPLIT_FROM", 0)),
+           calls=((conv, "_by_batch_parts"),)),
     Switch(conv, "GRADW_TRANSPOSED_BELOW", 1, BIG,
            "weight gradient as dY @ columns^T, against columns @ dY^T"),
     Switch(conv, "FLIPPED_MIN_CHANNELS", 1, BIG,
@@ -476,3 +481,37 @@ def test_compiled_batch_inner_scatter_equals_numpy(x, w, strides, dilations, gro
     finally:
         threads.set_num_threads(before)
     assert sum(calls.values()) >= 2
+
+
+def test_lenet_second_layer_in_batch_parts_has_the_same_bits_at_any_thread_count(monkeypatch):
+    """LeNet-5's second layer at batch 64 (float32, batch-inner) runs in parts of the
+    batch at the default sizes; its forward and both gradients have the same bits at
+    1, 2 and 3 threads (several runs each, past the pool's trials of where to run),
+    and equal the whole batch's within float32 rounding."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 6, 14, 14)).astype(np.float32)
+    W = rng.standard_normal((16, 6, 5, 5)).astype(np.float32)
+    dY = rng.standard_normal((64, 16, 10, 10)).astype(np.float32)
+
+    def run():
+        return (conv.Conv(np, X, W)[0],
+                conv.ConvGradX(np, dY, W, np.array(X.shape))[0],
+                conv.ConvGradW(np, dY, X, np.array(W.shape))[0])
+
+    counts = count_calls(monkeypatch, ((conv, "_by_batch_parts"),))
+    before = threads.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3):
+            threads.set_num_threads(count)
+            runs += [run() for _ in range(6)]
+    finally:
+        threads.set_num_threads(before)
+    assert counts["_by_batch_parts"] == 2 * len(runs), "the layer did not run in batch parts"
+    monkeypatch.setattr(conv, "BATCH_PART_MIN_ITEMS", BIG)
+    whole = run()
+    for name, i in (("Y", 0), ("dX", 1), ("dW", 2)):
+        for got in runs[1:]:
+            np.testing.assert_array_equal(got[i], runs[0][i], err_msg=name)
+        np.testing.assert_allclose(runs[0][i], whole[i], rtol=1e-5,
+                                   atol=1e-5 * np.abs(whole[i]).max(), err_msg=name)

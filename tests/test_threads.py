@@ -471,7 +471,8 @@ def _pool_threads():
 
 def _split_everything(monkeypatch):
     """Thresholds at which every splitting path runs on these small models: products,
-    elementwise passes, per-channel dot products, column copies and scatters."""
+    elementwise passes, per-channel dot products, column copies and scatters, batch-inner
+    layers in parts of the batch."""
     from onnxgrad import threads
     from onnxgrad.ops import conv, normalization
     monkeypatch.setattr(threads, "MATMUL_PART", 1 << 10)
@@ -479,6 +480,7 @@ def _split_everything(monkeypatch):
     monkeypatch.setattr(threads, "ELEMENTWISE_PART", 1 << 10)
     monkeypatch.setattr(normalization, "DOT_PART_ITEMS", 1)
     monkeypatch.setattr(conv, "PARALLEL_COPY", 0)
+    monkeypatch.setattr(conv, "BATCH_PART_MIN_ITEMS", 1)
 
 
 def _side_everything(monkeypatch) -> list[int]:
