@@ -40,7 +40,12 @@ Work runs in tiles of groups sized to stay in cache.  Tiles share their buffers:
 buffer's padding positions are zeroed once and stay zero, since every tile writes the
 same positions.  With NumPy and enough work, tiles run as tasks on the thread pool
 (:func:`onnxgrad.threads.parallel`); tiles depend on the shapes only and no sum
-crosses a tile, so results do not depend on the number of threads.
+crosses a tile, so results do not depend on the number of threads.  The compiled
+kernels run in one call per thread instead, over near-equal ranges of the batch or of
+the channels: they compute each output element by the same loop whichever call holds
+it, so their results are the same bits on any number of threads.  What a layer's
+calls need besides its arrays (tables of taps and rows, the calls' ranges) is made
+once per shape and thread count and remembered (:func:`_compiled_plan`).
 """
 
 from __future__ import annotations
@@ -98,13 +103,13 @@ COMPILED_MIN_OUTPUTS = 64
 #: Multiply-adds (outputs × taps) from which a layer's kernels run in parallel (about
 #: a quarter of a millisecond compiled: MobileNetV2's 8×8 stride-2 layers are past it,
 #: and its training step at 2 threads 3 % faster than from 4 Mi): the compiled kernels
-#: in parts of :data:`COMPILED_PART`, the NumPy forms in tasks of whole tiles, in
-#: :data:`MAX_TASKS` tasks at most.  Tasks group the same tiles however many there are, so one thread does the
-#: same work either way.
+#: in one call per thread, the NumPy forms in tasks of whole tiles, in
+#: :data:`MAX_TASKS` tasks at most.  The NumPy forms' tasks group the same tiles
+#: however many there are, so one thread does the same work either way.
 PARALLEL_MIN_WORK = 1 << 20
 MAX_TASKS = 16
-#: Multiply-adds per part of a compiled kernel's call, about (some 20-50 microseconds:
-#: a part costs a call, and on the pool a hand-over, of a few microseconds).
+#: Multiply-adds per call of a compiled kernel run in parallel, at least (some 20-50
+#: microseconds: a call costs, and on the pool a hand-over, a few microseconds).
 COMPILED_PART = 1 << 20
 
 
@@ -191,20 +196,21 @@ def _axis_taps(k, stride, dilation, phase):
 
 class _Planes:
     """The phase planes of one convolution: extents ``q``, flat strides, and per phase
-    the taps that read it."""
+    the taps that read it.  Made once per layer shape (:func:`_planes`) and read only:
+    every attribute is a number or a tuple."""
 
     def __init__(self, batch, sp, kernel, strides, dilations, begin, end, out):
         nd = len(sp)
         self.sp, self.strides, self.dilations = sp, strides, dilations
         self.begin, self.out = begin, out
         self.q = tuple(-(-(sp[i] + begin[i] + end[i]) // strides[i]) for i in range(nd))
-        self.flat = [math.prod(self.q[i + 1:]) for i in range(nd)]
+        self.flat = tuple(math.prod(self.q[i + 1:]) for i in range(nd))
         self.size = batch * math.prod(self.q)                       # P: one channel's planes
         self.length = self.size - math.prod(self.q) + 1 + sum(     # L: extended output
             (out[i] - 1) * self.flat[i] for i in range(nd))
-        self.phases = list(itertools.product(*(range(s) for s in strides)))
-        self.taps = [tuple(_axis_taps(kernel[i], strides[i], dilations[i], p[i])
-                           for i in range(nd)) for p in self.phases]
+        self.phases = tuple(itertools.product(*(range(s) for s in strides)))
+        self.taps = tuple(tuple(_axis_taps(kernel[i], strides[i], dilations[i], p[i])
+                                for i in range(nd)) for p in self.phases)
         # Shifted copies of the planes for the last axis's taps (their count and shift),
         # and the largest flat offset of a tap.
         self.shifts = max(1, max(t[-1][2] for t in self.taps))
@@ -243,6 +249,14 @@ class _Planes:
     def valid(self):
         """The positions of the extended output that are output positions."""
         return (slice(None), slice(None)) + tuple(slice(0, o) for o in self.out)
+
+
+@functools.lru_cache(maxsize=128)
+def _planes(batch, sp, kernel, strides, dilations, begin, end, out):
+    """The :class:`_Planes` of a convolution, made once per shape and attributes (all
+    tuples of ints), the same object while it is remembered (of the last 128: a
+    network's layers, forward and backward, several input shapes over)."""
+    return _Planes(batch, sp, kernel, strides, dilations, begin, end, out)
 
 
 def _weight_taps(W5, taps):
@@ -446,9 +460,10 @@ def _taps_weight_grad(xp, dY, X, group, pl, dW):
 # tap read, four taps per loop.  Every sum runs in a fixed order: taps in the order of
 # the weight's axes, output channels in order, passes in batch order.  The kernels
 # take a range of output channels (forward pass, weight gradient) or of input channels
-# (input gradient), and the first two a range of batch items; parts of these ranges
-# run on the thread pool (:func:`_run_compiled`), no part writes another's outputs
-# and no sum crosses parts, so results do not depend on the number of threads.
+# (input gradient), and the forward pass and input gradient a range of batch items (the
+# weight gradient sums over the whole batch); one range per thread runs on the thread
+# pool (:func:`_run_compiled`), no call writes another's outputs and no sum crosses
+# calls, so results do not depend on the number of threads.
 
 
 def _compiled(xp, w_shape, dtype):
@@ -762,90 +777,124 @@ def _weights_2d(W):
     return np.ascontiguousarray(W).reshape(W.shape[0], -1)
 
 
-def _geometry_2d(pl, kernel, planes):
+def _geometry_2d(pl, kernel, planes, pass_size):
     """The kernels' arguments after the arrays: per kernel position its phase and flat
     offset in the phase plane (a ``(K, 2)`` table), strides along rows and columns, the
     table of :func:`_row_table`, the extent of the row-phase planes (``qh`` rows of
     ``wp`` padded columns, and more) and the batch items per pass, whose ``planes``
-    channel planes (of every phase) hold about :data:`COMPILED_PASS` elements; a 1-D
-    layout has rows of one."""
-    s, d, b, q = (tuple(v) for v in (pl.strides, pl.dilations, pl.begin, pl.q))
+    channel planes (of every phase) hold about ``pass_size`` elements
+    (:data:`COMPILED_PASS`); a 1-D layout has rows of one.  The two tables are
+    read-only: plans keep them for every later call (:func:`_compiled_plan`), and the
+    kernels only read them."""
+    s, d, b, q = pl.strides, pl.dilations, pl.begin, pl.q
     H = pl.sp[0] if len(s) == 2 else 1
-    kernel = tuple(kernel)
     if len(s) == 1:
         s, d, b, q, kernel = (1,) + s, (1,) + d, (0,) + b, (1,) + q, (1,) + kernel
     wp = q[1] * s[1]
     taps = np.array([((ky * d[0]) % s[0], (ky * d[0]) // s[0] * wp + kx * d[1])
-                     for ky in range(kernel[0]) for kx in range(kernel[1])], dtype=np.int64)
+                     for ky in range(kernel[0]) for kx in range(kernel[1])],
+                    dtype=np.int64).reshape(-1, 2)
+    rows = _row_table(H, s[0], b[0], q[0], wp, b[1])
+    taps.flags.writeable = rows.flags.writeable = False
     batch = pl.size // math.prod(pl.q)
-    items = max(1, min(batch, COMPILED_PASS // (planes * s[0] * q[0] * wp)))
-    return (taps.reshape(-1, 2), s[0], s[1], _row_table(H, s[0], b[0], q[0], wp, b[1]), q[0], wp,
-            items)
+    items = max(1, min(batch, pass_size // (planes * s[0] * q[0] * wp)))
+    return taps, s[0], s[1], rows, q[0], wp, items
 
 
-def _run_compiled(kernel, args, channels, batch, work):
-    """``kernel(*args, start, stop[, n_start, n_stop])`` over ``channels`` and, where
-    ``batch`` is not None, its items: in one call, or with :data:`PARALLEL_MIN_WORK`
-    multiply-adds of ``work`` or more, in parts of about :data:`COMPILED_PART`
-    (:data:`MAX_TASKS` at most), each a range of the batch's items (every channel), and
-    ranges of the channels as well where there is no batch to split or fewer items than
-    parts.  The parts run as one parallel task per thread at most, a task's adjacent
-    parts in one call (every call costs the interpreter lock, which the pool's threads
-    share).  The kernels compute each output element by the same loop whichever call
-    holds it, and no sum crosses parts, so results depend on neither."""
-    count = max(1, min(MAX_TASKS, work // COMPILED_PART)) if work >= PARALLEL_MIN_WORK else 1
-    items = [None] if batch is None else split(batch, count)
-    ranges = [(c.start, c.stop) + (() if n is None else (n.start, n.stop))
-              for n in items for c in split(channels, -(-count // len(items)))]
+def _calls(channels, batch, tasks):
+    """Ranges ``(start, stop[, n_start, n_stop])`` of ``channels`` and, where ``batch``
+    is not None, of its items, ``tasks`` of them at most, that cover every (channel,
+    item) pair once in near-equal parts: ranges of the items (all channels each) where
+    the batch has ``tasks`` items or more; ranges of the channels where there is no
+    batch; else the grid of item and channel ranges whose largest range holds the
+    fewest pairs (among equals, the one of most item ranges)."""
+    if batch is None:
+        return tuple((c.start, c.stop) for c in split(channels, tasks))
+    if batch >= tasks:
+        return tuple((0, channels, n.start, n.stop) for n in split(batch, tasks))
 
-    def run(part):
-        for r in _merged(ranges[part]):
-            kernel(*args, *r)
+    def largest(p):                            # pairs of a grid's largest range
+        return -(-batch // p) * -(-channels // min(channels, tasks // p))
 
-    parallel([functools.partial(run, part)
-              for part in split(len(ranges), min(len(ranges), get_num_threads()))],
-             (kernel.__name__, channels, batch, work))
+    p = min(range(1, batch + 1), key=lambda p: (largest(p), -p))
+    return tuple((c.start, c.stop, n.start, n.stop) for n in split(batch, p)
+                 for c in split(channels, min(channels, tasks // p)))
 
 
-def _merged(ranges):
-    """Consecutive ranges ``(start, stop[, n_start, n_stop])`` joined where one continues
-    the other along one axis and covers the same range along the other."""
-    out = [ranges[0]]
-    for r in ranges[1:]:
-        last = out[-1]
-        if last[2:] == r[2:] and last[1] == r[0]:                  # channels continue
-            out[-1] = (last[0], r[1]) + r[2:]
-        elif len(r) > 2 and last[:2] == r[:2] and last[3] == r[2]:  # items continue
-            out[-1] = r[:2] + (last[2], r[3])
-        else:
-            out.append(r)
-    return out
+class _Plan:
+    """How a compiled kernel runs a layer: its arguments after the arrays
+    (:func:`_geometry_2d`) and the ranges of its calls, one call per task
+    (:func:`_calls`).  Made once per layer shape, settings and thread count
+    (:func:`_compiled_plan`); hashed by identity, it names its calls to
+    :func:`onnxgrad.threads.parallel` (which times where they run best)."""
+
+    __slots__ = ("geometry", "calls")
+
+    def __init__(self, geometry, calls):
+        self.geometry, self.calls = geometry, calls
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_plan(pl, kernel, planes, channels, batch, work, threads, settings):
+    """The :class:`_Plan` of a compiled kernel over ``channels`` and, where ``batch`` is
+    not None, its items: for phase planes ``pl`` (from :func:`_planes`: one object per
+    layer shape while remembered), a kernel of extent ``kernel``, ``planes`` channel
+    planes per pass and ``work`` multiply-adds, on ``threads`` threads, with the
+    module's ``settings`` (:data:`COMPILED_PASS`, :data:`PARALLEL_MIN_WORK`,
+    :data:`COMPILED_PART`, :data:`MAX_TASKS`, in the key so that a change of them
+    takes effect).  One call over everything, or with ``PARALLEL_MIN_WORK``
+    multiply-adds or more one call per thread, of ``COMPILED_PART`` at least and
+    ``MAX_TASKS`` calls at most.  Of the last 256 plans (a network's layers, forward
+    and backward, at a few input shapes and thread counts)."""
+    pass_size, min_work, part, most = settings
+    tasks = max(1, min(threads, most, work // part)) if work >= min_work else 1
+    calls = (_calls(channels, batch, tasks) if tasks > 1 else
+             ((0, channels) + (() if batch is None else (0, batch)),))
+    return _Plan(_geometry_2d(pl, kernel, planes, pass_size), calls)
+
+
+def _run_compiled(kernel, arrays, pl, kernel_shape, planes, channels, batch, work):
+    """``kernel(*arrays, *geometry, start, stop[, n_start, n_stop])`` over ``channels``
+    and, where ``batch`` is not None, its items, as their plan says
+    (:func:`_compiled_plan`): in one call, or with :data:`PARALLEL_MIN_WORK`
+    multiply-adds of ``work`` or more, in one call per thread, each a near-equal range
+    of the batch's items (every channel), or of the channels where there is no batch to
+    split or fewer items than threads (:func:`_calls`), run as parallel tasks.  The
+    kernels compute each output element by the same loop whichever call holds it, and
+    no sum crosses calls, so the results are the same bits however the ranges are cut;
+    they may therefore follow the thread count, unlike the NumPy forms' tiles: no
+    thread waits on another's extra part, and every task is one call (each call costs
+    the interpreter lock, which the pool's threads share)."""
+    plan = _compiled_plan(pl, kernel_shape, planes, channels, batch, work, get_num_threads(),
+                          (COMPILED_PASS, PARALLEL_MIN_WORK, COMPILED_PART, MAX_TASKS))
+    args = arrays + plan.geometry
+    if len(plan.calls) == 1:
+        kernel(*args, *plan.calls[0])
+    else:
+        parallel([functools.partial(kernel, *args, *r) for r in plan.calls], (kernel, plan))
 
 
 def _compiled_forward(xp, X, W, group, pl, Y, B=None):
     M, c = W.shape[:2]
     bias = np.ascontiguousarray(B) if B is not None else np.empty(0, dtype=Y.dtype)
-    _run_compiled(_direct_forward_kernel,
-                  (_planes_2d(X), _weights_2d(W), bias, _planes_2d(Y))
-                  + _geometry_2d(pl, W.shape[2:], c),
-                  M, X.shape[0], Y.size * W[0].size)
+    _run_compiled(_direct_forward_kernel, (_planes_2d(X), _weights_2d(W), bias, _planes_2d(Y)),
+                  pl, W.shape[2:], c, M, X.shape[0], Y.size * math.prod(W.shape[1:]))
 
 
 def _compiled_input_grad(xp, dY, W, group, pl, dX):
     M, c = W.shape[:2]
-    m = M // group
-    _run_compiled(_direct_input_grad_kernel,
-                  (_planes_2d(dY), _weights_2d(W), _planes_2d(dX))
-                  + _geometry_2d(pl, W.shape[2:], m),
-                  dX.shape[1], dY.shape[0], dY.size * W[0].size)
+    _run_compiled(_direct_input_grad_kernel, (_planes_2d(dY), _weights_2d(W), _planes_2d(dX)),
+                  pl, W.shape[2:], M // group, dX.shape[1], dY.shape[0],
+                  dY.size * math.prod(W.shape[1:]))
 
 
 def _compiled_weight_grad(xp, dY, X, group, pl, dW):
-    M, c = dW.shape[:2]
+    # the output channels' ranges only: each sums over the whole batch, in passes from
+    # its first item whatever the range
     _run_compiled(_direct_weight_grad_kernel,
-                  (_planes_2d(dY), _planes_2d(X), _weights_2d(dW), X.dtype.type(0))
-                  + _geometry_2d(pl, dW.shape[2:], c),
-                  M, None, dY.size * dW[0].size)
+                  (_planes_2d(dY), _planes_2d(X), _weights_2d(dW), X.dtype.type(0)),
+                  pl, dW.shape[2:], dW.shape[1], dW.shape[0], None,
+                  dY.size * math.prod(dW.shape[1:]))
 
 
 # -- dense method ----------------------------------------------------------------------------
@@ -973,7 +1022,8 @@ def conv(xp, X, W, group, strides, dilations, begin, end, out, B=None):
     if _dense(xp, X.shape[2:], out, W.shape, group, X.dtype):
         _dense_forward(xp, X, W, group, (tuple(strides), tuple(dilations), tuple(begin)), Y)
     else:
-        pl = _Planes(X.shape[0], X.shape[2:], W.shape[2:], strides, dilations, begin, end, out)
+        pl = _planes(X.shape[0], X.shape[2:], W.shape[2:], tuple(strides), tuple(dilations),
+                     tuple(begin), tuple(end), tuple(out))
         if _taps_forward(xp, X, W, group, pl, Y, B):
             return Y
     if B is not None:
@@ -989,7 +1039,8 @@ def input_grad(xp, dY, W, group, sp, strides, dilations, begin, end):
     if _dense(xp, sp, dY.shape[2:], W.shape, group, dY.dtype):
         _dense_input_grad(xp, dY, W, group, (tuple(strides), tuple(dilations), tuple(begin)), dX)
     else:
-        pl = _Planes(dY.shape[0], sp, W.shape[2:], strides, dilations, begin, end, dY.shape[2:])
+        pl = _planes(dY.shape[0], tuple(sp), W.shape[2:], tuple(strides), tuple(dilations),
+                     tuple(begin), tuple(end), dY.shape[2:])
         _taps_input_grad(xp, dY, W, group, pl, dX)
     return dX
 
@@ -1003,6 +1054,7 @@ def weight_grad(xp, dY, X, group, kernel, strides, dilations, begin, end):
     if _dense(xp, X.shape[2:], dY.shape[2:], dW.shape, group, X.dtype):
         _dense_weight_grad(xp, dY, X, group, (tuple(strides), tuple(dilations), tuple(begin)), dW)
     else:
-        pl = _Planes(X.shape[0], X.shape[2:], kernel, strides, dilations, begin, end, dY.shape[2:])
+        pl = _planes(X.shape[0], X.shape[2:], tuple(kernel), tuple(strides), tuple(dilations),
+                     tuple(begin), tuple(end), dY.shape[2:])
         _taps_weight_grad(xp, dY, X, group, pl, dW)
     return dW

@@ -8,7 +8,8 @@
   on each method.
 * The float32 forward against onnxruntime at realistic sizes, on each method.
 * Tiles run as tasks on the thread pool, at 1 and 2 threads, equal one task bit for bit;
-  so do the compiled kernels' calls cut into parts.
+  so do the compiled kernels' calls, one per thread, on 1, 2, 3 and 5 threads; their
+  ranges and remembered plans.
 """
 
 from __future__ import annotations
@@ -236,19 +237,57 @@ def test_tasks_on_the_pool_equal_one_task(method, shape, monkeypatch):
     assert tasks == [1] * 3 + [5] * 6
 
 
+#: The compiled kernels, and the arguments of their calls that name the ranges they run.
+_RANGES = {"_direct_forward_kernel": 4, "_direct_input_grad_kernel": 4,
+           "_direct_weight_grad_kernel": 2}
+
+
+def _record_calls(monkeypatch):
+    """Records the ranges of each compiled kernel's calls, by kernel."""
+    calls = {name: [] for name in _RANGES}
+    for name, count in _RANGES.items():
+        def recorded(*args, _real=getattr(depthwise, name), _name=name, _count=count):
+            calls[_name].append(args[-_count:])
+            return _real(*args)
+
+        monkeypatch.setattr(depthwise, name, recorded)
+    return calls
+
+
+def _check_calls(ranges, channels, batch, threads_):
+    """The calls' ranges ``(start, stop[, n_start, n_stop])`` cover every (channel, item)
+    pair once, one call per thread at most; with as many items as threads, one call
+    per thread of every channel and near-equal ranges of the items (of the channels
+    where there is no batch)."""
+    cover = np.zeros((channels, batch or 1), dtype=int)
+    for r in ranges:
+        cover[r[0]:r[1], (r[2] if batch else 0):(r[3] if batch else 1)] += 1
+    assert (cover == 1).all(), ranges
+    assert 1 <= len(ranges) <= threads_, ranges
+    if batch is None or batch >= threads_:
+        axis = slice(0, 2) if batch is None else slice(2, 4)
+        sizes = [r[axis][1] - r[axis][0] for r in ranges]
+        assert len(ranges) == min(threads_, channels if batch is None else batch), ranges
+        assert max(sizes) - min(sizes) <= 1, ranges
+        assert batch is None or all(r[:2] == (0, channels) for r in ranges), ranges
+
+
 @pytest.mark.parametrize("shape", [
     # one input channel, 6 outputs (LeNet's first layer): the batch split
     ((8, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
-    # depthwise, stride 2, asymmetric pads, a batch of 2: channels split as well
+    # depthwise, stride 2, asymmetric pads, a batch of 2: channels split on 3 threads
     ((2, 12, 17, 16), (12, 1, 3, 3), {"group": 12, "strides": [2, 2], "pads": [1, 0, 1, 1]}),
     # two channels per group, multiplier 2
     ((5, 8, 9, 9), (8, 2, 3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),
-], ids=["one-to-6", "depthwise-stride2-batch2", "groups-of-2"])
-def test_compiled_parts_equal_one_call(shape, monkeypatch):
-    """The compiled kernels' calls cut into 2 to 5 parts (ranges of the batch, and of the
-    channels where the batch has fewer items than parts; the weight gradient's ranges
-    of channels), run as a task per thread, at 1 and at 2 threads, equal one call bit
-    for bit (float32): each output element comes from the same loop in any part.  The forward pass with a bias,
+    # few items and channels (2 and 2 input channels, 6 outputs): grids of both on 5 threads
+    ((2, 2, 12, 11), (6, 1, 3, 3), {"group": 2, "pads": [1, 1, 0, 1]}),
+], ids=["one-to-6", "depthwise-stride2-batch2", "groups-of-2", "grid"])
+def test_compiled_calls_on_threads_equal_one_call(shape, monkeypatch):
+    """With every layer's work over the parallel threshold, on 1, 2, 3 and 5 threads, the
+    compiled kernels run one call per thread at most, over near-equal ranges of the batch
+    (of the channels where the batch has fewer items than threads, and for the weight
+    gradient, which sums over the batch), and give the bits of one call (float32): each
+    output element comes from the same loop in any call.  The forward pass with a bias,
     added in the kernel, equals the Conv and then the addition."""
     if not compiled.available():
         pytest.skip("compiled kernels do not run here (numba missing or switched off)")
@@ -256,33 +295,79 @@ def test_compiled_parts_equal_one_call(shape, monkeypatch):
     x, w, dy = _arrays(x_shape, w_shape, attrs, np.float32)
     bias = np.random.default_rng(5).standard_normal(w_shape[0]).astype(np.float32)
     _force(monkeypatch, "taps")
-    parts = []
-    monkeypatch.setattr(depthwise, "parallel",
-                        lambda calls, key=None: parts.append(len(calls)) or threads.parallel(calls))
+    calls = _record_calls(monkeypatch)
     before = onnxgrad.get_num_threads()
     try:
         monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 1 << 62)
         onnxgrad.set_num_threads(2)
         want = _three(x, w, dy, attrs)
-        assert parts == [1, 1, 1]
+        assert [len(c) for c in calls.values()] == [1, 1, 1]
         # the bias added in the kernel equals the addition after the Conv
         want["Y+B"] = want["Y"] + bias.reshape((1, -1) + (1,) * (x.ndim - 2))
         monkeypatch.setattr(depthwise, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(depthwise, "COMPILED_PART", 1)
-        for count in (2, 3, 5):
-            monkeypatch.setattr(depthwise, "MAX_TASKS", count)
-            for threads_ in (1, 2):
-                parts.clear()
-                onnxgrad.set_num_threads(threads_)
-                got = _three(x, w, dy, attrs)
-                got["Y+B"] = conv.Conv(np, x, w, bias, **attrs)[0]
-                # one task per thread at most, the parts ranges of the batch and, where
-                # it has fewer items than parts, of the channels too
-                forward = count if x_shape[0] >= count else x_shape[0] * -(-count // x_shape[0])
-                assert parts == [min(n, threads_) for n in (forward, forward, count, forward)]
-                for key in want:
-                    np.testing.assert_array_equal(
-                        got[key], want[key], err_msg=f"{key}, {count} parts, {threads_} threads")
+        for threads_ in (1, 2, 3, 5):
+            onnxgrad.set_num_threads(threads_)
+            for c in calls.values():
+                c.clear()
+            got = _three(x, w, dy, attrs)
+            got["Y+B"] = conv.Conv(np, x, w, bias, **attrs)[0]
+            forward = calls["_direct_forward_kernel"]
+            assert len(forward) % 2 == 0
+            for ranges in (forward[:len(forward) // 2], forward[len(forward) // 2:]):
+                _check_calls(ranges, w_shape[0], x_shape[0], threads_)
+            _check_calls(calls["_direct_input_grad_kernel"], x_shape[1], x_shape[0], threads_)
+            _check_calls(calls["_direct_weight_grad_kernel"], w_shape[0], None, threads_)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key],
+                                              err_msg=f"{key}, {threads_} threads")
+    finally:
+        onnxgrad.set_num_threads(before)
+
+
+def test_compiled_calls_ranges():
+    """The ranges of the compiled kernels' calls for a number of tasks: of the batch
+    (LeNet-5's first layer at a batch of 64 on 2 threads: 32 items each), of the
+    channels where there is no batch or fewer items than tasks, a grid of both where
+    there are also fewer channels."""
+    assert depthwise._calls(6, 64, 2) == ((0, 6, 0, 32), (0, 6, 32, 64))
+    assert depthwise._calls(6, 64, 3) == ((0, 6, 0, 21), (0, 6, 21, 42), (0, 6, 42, 64))
+    assert depthwise._calls(6, None, 4) == ((0, 1), (1, 3), (3, 4), (4, 6))
+    assert depthwise._calls(12, 2, 3) == ((0, 4, 0, 2), (4, 8, 0, 2), (8, 12, 0, 2))
+    assert depthwise._calls(6, 2, 5) == ((0, 3, 0, 1), (3, 6, 0, 1), (0, 3, 1, 2), (3, 6, 1, 2))
+    assert depthwise._calls(1, 3, 4) == ((0, 1, 0, 1), (0, 1, 1, 2), (0, 1, 2, 3))
+
+
+def test_compiled_plans_are_remembered(monkeypatch):
+    """A layer's compiled plan is made once per shape, thread count and settings; its
+    tables are read-only; a change of the settings or of the thread count makes
+    another."""
+    if not compiled.available():
+        pytest.skip("compiled kernels do not run here (numba missing or switched off)")
+    x, w, dy = _arrays((64, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}, np.float32)
+    plans = []
+    real = depthwise._compiled_plan
+
+    def spy(*args):
+        plans.append(real(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(depthwise, "_compiled_plan", spy)
+    before = onnxgrad.get_num_threads()
+    try:
+        onnxgrad.set_num_threads(2)
+        for _ in range(2):
+            conv.Conv(np, x, w, pads=[2, 2, 2, 2])
+        assert plans[0] is plans[1]
+        assert plans[0].calls == ((0, 6, 0, 32), (0, 6, 32, 64))
+        for table in (plans[0].geometry[0], plans[0].geometry[3]):
+            assert not table.flags.writeable
+        onnxgrad.set_num_threads(1)
+        conv.Conv(np, x, w, pads=[2, 2, 2, 2])
+        assert plans[2].calls == ((0, 6, 0, 64),)
+        monkeypatch.setattr(depthwise, "COMPILED_PASS", 1)
+        conv.Conv(np, x, w, pads=[2, 2, 2, 2])
+        assert plans[3].geometry[-1] == 1 != plans[2].geometry[-1]
     finally:
         onnxgrad.set_num_threads(before)
 
