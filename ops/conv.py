@@ -35,11 +35,13 @@ import functools
 import itertools
 import math
 
+import numpy as np
+
 from onnxgrad.errors import ModelError
 from onnxgrad.ops import compiled, depthwise, winograd
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
-from onnxgrad.threads import each, matmul, product_parts, split, sum_in_order
+from onnxgrad.threads import each, in_task, matmul, product_parts, split, sum_in_order
 
 # -- geometry (host-side integers) ---------------------------------------------------------
 
@@ -227,8 +229,11 @@ def _by_batch_parts(xp, parts, inner, shape, dtype, key):
 
 
 def _channel_parts(xp, C, size):
-    """Slices of ``C`` channels for a copy of ``size`` elements (one when small)."""
-    return split(C, min(C, 8)) if size >= PARALLEL_COPY and xp.__name__ == "numpy" else [slice(None)]
+    """Slices of ``C`` channels for a copy of ``size`` elements: one when small, or
+    when the caller is itself a task on the pool (a part of the batch)."""
+    if size < PARALLEL_COPY or xp.__name__ != "numpy" or in_task():
+        return [slice(None)]
+    return split(C, min(C, 8))
 
 
 def _im2col(xp, Xp, kernel, strides, dilations, out, group):
@@ -270,6 +275,21 @@ def _im2col_inner(xp, Xt, kernel, strides, dilations, out, group):
     return cols.reshape(group, (C // group) * math.prod(kernel), -1)
 
 
+def _columns_inner(xp, Xp, items, kernel, strides, dilations, out, group):
+    """Batch-inner columns ``(g, C/g·K, P·n)`` of the ``items`` (a slice) of a padded
+    input ``(N, C, *full)``: for two spatial axes where the compiled kernels run, in
+    one pass (:func:`_im2col_inner_kernel`, the same values), else by
+    :func:`_im2col_inner` of the items moved to ``(C, *full, n)``."""
+    X = Xp[items]
+    if len(kernel) != 2 or not compiled.available(xp, X):
+        return _im2col_inner(xp, _batch_last(xp, X), kernel, strides, dilations, out, group)
+    X = xp.ascontiguousarray(X)
+    C = X.shape[1]
+    cols = xp.empty((C,) + tuple(kernel) + tuple(out) + (X.shape[0],), dtype=X.dtype)
+    _im2col_inner_kernel(X, cols, *strides, *dilations)
+    return cols.reshape(group, (C // group) * math.prod(kernel), -1)
+
+
 def _rows_inner(xp, dY, group):
     """Output gradients ``(N, M, *out)`` as batch-inner rows ``(g, M/g, P·N)``."""
     return _batch_last(xp, dY).reshape(group, dY.shape[1] // group, -1)
@@ -293,14 +313,14 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
              ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group))
         return Y.reshape((N, M) + tuple(out))
 
-    def inner(X, product):                                        # (M, *out, n)
-        cols = _im2col_inner(xp, _batch_last(xp, X), W.shape[2:], strides, dilations, out, group)
-        return product(W3, cols).reshape((M,) + tuple(out) + (X.shape[0],))  # (g, M/g, P·n)
+    def inner(items, product):                                    # (M, *out, n)
+        cols = _columns_inner(xp, Xp, items, W.shape[2:], strides, dilations, out, group)
+        return product(W3, cols).reshape((M,) + tuple(out) + (-1,))  # (g, M/g, P·n)
 
     parts = _batch_parts(xp, N, N * M * W3.shape[2] * math.prod(out))
     if parts is None:
-        return _batch_first(xp, inner(Xp, functools.partial(matmul, xp)))
-    return _by_batch_parts(xp, parts, lambda items: inner(Xp[items], xp.matmul),
+        return _batch_first(xp, inner(slice(None), functools.partial(matmul, xp)))
+    return _by_batch_parts(xp, parts, lambda items: inner(items, xp.matmul),
                            (N, M) + tuple(out), Xp.dtype,
                            ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group))
 
@@ -339,8 +359,7 @@ def conv_weight_grad(xp, dY, Xp, kernel, strides, dilations, group):
                                 tuple(strides), tuple(dilations), group)))
     else:
         def partial(items, mm=xp.matmul):
-            cols = _im2col_inner(xp, _batch_last(xp, Xp[items]), kernel, strides, dilations, out,
-                                 group)
+            cols = _columns_inner(xp, Xp, items, kernel, strides, dilations, out, group)
             return product(_rows_inner(xp, dY[items], group), cols, mm)
 
         parts = _batch_parts(xp, N, N * M * (Xp.shape[1] // group) * math.prod(kernel)
@@ -400,6 +419,30 @@ def conv_input_grad(xp, dY, W, full, strides, dilations, group):
                            (N, C) + tuple(full), dY.dtype,
                            ("conv input grad", dY.shape, W.shape, tuple(full), tuple(strides),
                             tuple(dilations), group))
+
+
+@compiled.kernel
+def _im2col_inner_kernel(X, cols, sh, sw, dh, dw):
+    """Batch-inner columns ``(C, KH, KW, OH, OW, N)`` of an input ``(N, C, H, W)``: each
+    channel's planes moved to ``(H, W, N)`` in a buffer that stays in cache, then read
+    there once per kernel offset."""
+    N, C, H, W = X.shape
+    KH, KW, OH, OW = cols.shape[1:5]
+    plane = np.empty((H, W, N), dtype=X.dtype)
+    for c in range(C):
+        for n in range(N):
+            for y in range(H):
+                for x in range(W):
+                    plane[y, x, n] = X[n, c, y, x]
+        for ky in range(KH):
+            for kx in range(KW):
+                for oy in range(OH):
+                    y = oy * sh + ky * dh
+                    for ox in range(OW):
+                        src = plane[y, ox * sw + kx * dw]
+                        dst = cols[c, ky, kx, oy, ox]
+                        for n in range(N):
+                            dst[n] = src[n]
 
 
 @compiled.kernel

@@ -165,6 +165,12 @@ class _Choice:
         return results
 
 
+def in_task() -> bool:
+    """Whether the calling thread runs a task of :func:`parallel` (whose own parallel
+    calls run in that thread: work split only to spread it need not be split there)."""
+    return getattr(_local, "inside", False)
+
+
 def place_key(*sizes: int) -> tuple:
     """A :func:`parallel` key for the caller's caller: the place in the code that
     called it (function and line) and ``sizes``, the sizes of the work there."""

@@ -483,6 +483,44 @@ def test_compiled_batch_inner_scatter_equals_numpy(x, w, strides, dilations, gro
     assert sum(calls.values()) >= 2
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("x,w,strides,dilations,group", [
+    ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (1, 1), 1),           # LeNet-5's second layer
+    ((5, 12, 11, 13), (9, 4, 3, 2), (2, 1), (1, 2), 3),
+    ((3, 4, 9, 7), (6, 4, 2, 3), (3, 2), (2, 1), 1),
+], ids=["lenet-5x5", "strided-dilated-groups", "stride3"])
+def test_compiled_batch_inner_columns_equal_numpy(x, w, strides, dilations, group, dtype,
+                                                  monkeypatch):
+    """Batch-inner columns made in one compiled pass from the input as it lies equal
+    those of the NumPy form (the batch moved last, then one strided copy), for the
+    whole batch and a part of it; so do the forward pass and the weight gradient."""
+    if not compiled.available():
+        pytest.skip("compiled kernels do not run here (numba missing or switched off)")
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal(x).astype(dtype)
+    W = rng.standard_normal(w).astype(dtype)
+    kernel = w[2:]
+    out = tuple((x[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                for i in range(2))
+    dY = rng.standard_normal((x[0], w[0]) + out).astype(dtype)
+    monkeypatch.setattr(conv, "BATCH_MAJOR_MIN_POSITIONS", BIG)  # batch-inner columns
+    calls = count_calls(monkeypatch, [(conv, "_im2col_inner_kernel")])
+    for items in (slice(None), slice(1, x[0] - 1)):
+        got = conv._columns_inner(np, X, items, kernel, strides, dilations, out, group)
+        want = conv._im2col_inner(np, conv._batch_last(np, X[items]), kernel, strides, dilations,
+                                  out, group)
+        np.testing.assert_array_equal(got, want)
+    assert calls["_im2col_inner_kernel"] == 2
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(compiled, "ENABLED", enabled)
+        results[enabled] = (conv.conv_forward(np, X, W, strides, dilations, group, out),
+                            conv.conv_weight_grad(np, dY, X, kernel, strides, dilations, group))
+    assert calls["_im2col_inner_kernel"] >= 4  # (more where the batch runs in parts)
+    for got, want in zip(results[True], results[False]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_lenet_second_layer_in_batch_parts_has_the_same_bits_at_any_thread_count(monkeypatch):
     """LeNet-5's second layer at batch 64 (float32, batch-inner) runs in parts of the
     batch at the default sizes; its forward and both gradients have the same bits at
