@@ -215,16 +215,24 @@ def _batch_parts(xp, batch, macs):
     return split(batch, parts)
 
 
-def _by_batch_parts(xp, parts, inner, shape, dtype, key):
+def _batch_first_into(xp, A, out, B=None):
+    """``A`` ``(C, *spatial, n)`` moved to ``out`` ``(n, C, *spatial)``, plus the
+    per-channel ``B`` where given, in the same pass (the sums of an addition after)."""
+    A = xp.moveaxis(A, -1, 0)
+    if B is None:
+        out[...] = A
+    else:
+        xp.add(A, B.reshape(_bias_shape(B, A.ndim)), out=out)
+    return out
+
+
+def _by_batch_parts(xp, parts, inner, shape, dtype, key, B=None):
     """A batch-inner computation's result ``shape`` ``(N, …)`` made in ``parts`` of the
     batch on the thread pool: ``inner(items)``, the result of a part with the batch
-    last ``(…, n)``, is moved into place."""
+    last ``(…, n)``, is moved into place (plus the per-channel ``B`` where given)."""
     result = xp.empty(shape, dtype=dtype)
-
-    def part(items):
-        result[items] = xp.moveaxis(inner(items), -1, 0)
-
-    each(xp, parts, part, ("in batch parts",) + key)
+    each(xp, parts, lambda items: _batch_first_into(xp, inner(items), result[items], B),
+         ("in batch parts",) + key)
     return result
 
 
@@ -295,19 +303,26 @@ def _rows_inner(xp, dY, group):
     return _batch_last(xp, dY).reshape(group, dY.shape[1] // group, -1)
 
 
-def conv_forward(xp, Xp, W, strides, dilations, group, out):
-    """Conv of an already padded input: ``(N, M, *out)``."""
+def conv_forward(xp, Xp, W, strides, dilations, group, out, B=None):
+    """Conv of an already padded input, plus the bias ``B`` ``(M,)`` where given (the
+    sums of an addition after): ``(N, M, *out)``."""
     if winograd.applies(Xp, W.shape, strides, dilations, group, out):
-        return winograd.conv3x3(xp, Xp, W, out)
+        Y = winograd.conv3x3(xp, Xp, W, out)
+        if B is not None:
+            Y += B.reshape(_bias_shape(B, Y.ndim))
+        return Y
     N = Xp.shape[0]
     M = W.shape[0]
     W3 = W.reshape(group, M // group, -1)
     if _batch_major(math.prod(out), M // group, W.shape[2:]):
         Y = xp.empty((N, group, M // group, math.prod(out)), dtype=Xp.dtype)
+        bias = None if B is None else B.reshape(group, M // group, 1)
 
         def chunk(part):
             cols = _im2col(xp, Xp[part], W.shape[2:], strides, dilations, out, group)
             xp.matmul(W3, cols, out=Y[part])                       # (n, g, M/g, P)
+            if bias is not None:
+                Y[part] += bias
 
         each(xp, _chunks(xp, N, W3.shape[2] * group * math.prod(out)), chunk,
              ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group))
@@ -319,10 +334,11 @@ def conv_forward(xp, Xp, W, strides, dilations, group, out):
 
     parts = _batch_parts(xp, N, N * M * W3.shape[2] * math.prod(out))
     if parts is None:
-        return _batch_first(xp, inner(slice(None), functools.partial(matmul, xp)))
+        return _batch_first_into(xp, inner(slice(None), functools.partial(matmul, xp)),
+                                 xp.empty((N, M) + tuple(out), dtype=Xp.dtype), B)
     return _by_batch_parts(xp, parts, lambda items: inner(items, xp.matmul),
                            (N, M) + tuple(out), Xp.dtype,
-                           ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group))
+                           ("conv", Xp.shape, W.shape, tuple(strides), tuple(dilations), group), B)
 
 
 #: Output channels per group below which a weight gradient is computed
@@ -514,7 +530,8 @@ def Conv(xp, X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
     if Y is None and depthwise.applies(W.shape, group, begin, end, xp, X.dtype):
         return (depthwise.conv(xp, X, W, group, strides, dilations, begin, end, out, B),)
     if Y is None:
-        Y = conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out)
+        return (conv_forward(xp, pad_spatial(xp, X, begin, end), W, strides, dilations, group, out,
+                             B),)
     if B is not None:
         Y += B.reshape(_bias_shape(B, Y.ndim))
     return (Y,)

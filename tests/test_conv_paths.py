@@ -59,6 +59,7 @@ class Case(NamedTuple):
     w: tuple
     attrs: dict
     ref: str = "onnx"  # forward reference of the gradient checks (see tests/op_db.py)
+    bias: bool = False  # a Conv with its bias input B
 
     @property
     def grouped(self) -> bool:
@@ -74,13 +75,15 @@ class Case(NamedTuple):
         return all(s == 1 for s in self.attrs.get("strides", [1]))
 
     def sample(self) -> Sample:
-        return Sample(self.op, [("X", ("real", self.x)), ("W", ("real", self.w))], self.attrs, 11,
-                      ref=self.ref)
+        inputs = [("X", ("real", self.x)), ("W", ("real", self.w))]
+        if self.bias:
+            inputs.append(("B", ("real", (self.w[0],))))
+        return Sample(self.op, inputs, self.attrs, 11, ref=self.ref)
 
 
 #: Realistic layers: float64 path agreement and float32 forward against onnxruntime.
 LAYERS = [
-    Case("conv3x3", "Conv", (8, 32, 16, 16), (32, 32, 3, 3), {"pads": [1, 1, 1, 1]}),
+    Case("conv3x3", "Conv", (8, 32, 16, 16), (32, 32, 3, 3), {"pads": [1, 1, 1, 1]}, bias=True),
     Case("conv3x3_stride2_asym", "Conv", (8, 32, 16, 16), (64, 32, 3, 3),
          {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
     Case("conv3x3_group4", "Conv", (8, 64, 16, 16), (64, 16, 3, 3),
@@ -90,8 +93,9 @@ LAYERS = [
     Case("depthwise3x3_stride2", "Conv", (8, 32, 16, 16), (32, 1, 3, 3),
          {"group": 32, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     Case("conv5x5_one_channel_to_6", "Conv", (8, 1, 28, 28), (6, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
-    Case("lenet_conv2_6_to_16", "Conv", (8, 6, 14, 14), (16, 6, 5, 5), {}),
-    Case("stem3x3_3_to_16", "Conv", (4, 3, 32, 32), (16, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+    Case("lenet_conv2_6_to_16", "Conv", (8, 6, 14, 14), (16, 6, 5, 5), {}, bias=True),
+    Case("stem3x3_3_to_16", "Conv", (4, 3, 32, 32), (16, 3, 3, 3), {"pads": [1, 1, 1, 1]},
+         bias=True),
     Case("conv3x3_group8_4ch", "Conv", (8, 32, 16, 16), (32, 4, 3, 3),
          {"group": 8, "pads": [1, 1, 1, 1]}),
     Case("conv3x3_256ch", "Conv", (2, 256, 4, 4), (256, 256, 3, 3), {"pads": [1, 1, 1, 1]}),
@@ -104,11 +108,11 @@ LAYERS = [
 
 #: Small layers: float64 central differences.
 SMALL = [
-    Case("conv", "Conv", (3, 4, 6, 5), (5, 4, 3, 3), {"pads": [1, 1, 1, 1]}),
+    Case("conv", "Conv", (3, 4, 6, 5), (5, 4, 3, 3), {"pads": [1, 1, 1, 1]}, bias=True),
     Case("conv_stride2_asym", "Conv", (3, 4, 7, 6), (6, 4, 3, 3),
          {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
     Case("conv_group2_asym", "Conv", (3, 6, 5, 5), (4, 3, 3, 3),
-         {"group": 2, "pads": [0, 1, 1, 2]}),
+         {"group": 2, "pads": [0, 1, 1, 2]}, bias=True),
     Case("conv_3ch_stride2_dilated", "Conv", (2, 3, 9, 8), (5, 3, 3, 3),
          {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 0, 1]}),
     Case("depthwise_x2_stride2_asym", "Conv", (3, 4, 7, 6), (8, 1, 3, 3),

@@ -232,6 +232,17 @@ def test_nested_parallel_does_not_deadlock():
     assert r.returncode == 0 and r.stdout.strip() == "nested ok", r.stderr
 
 
+def test_in_task_is_true_in_the_tasks_of_a_parallel_call_only():
+    """Every task of a parallel call, in the caller's thread and in the pool's, runs
+    ``in_task``; outside them, before and after, nothing does."""
+    from onnxgrad.threads import in_task
+    onnxgrad.set_num_threads(2)
+    assert not in_task()
+    seen = parallel([lambda: (threading.get_ident(), in_task()) for _ in range(8)])
+    assert all(inside for _, inside in seen)
+    assert not in_task()
+
+
 def test_one_thread_runs_every_task_in_the_caller():
     onnxgrad.set_num_threads(1)
     caller = threading.get_ident()
