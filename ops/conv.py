@@ -622,10 +622,33 @@ def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1,
 @op("BiasGrad", domain="onnxgrad")
 def BiasGrad(xp, dY):
     """The gradient of a per-channel bias: ``dY`` summed over every axis but 1."""
+    if dY.ndim >= 2 and dY.size and compiled.available(xp, dY):
+        rows = xp.ascontiguousarray(dY).reshape(dY.shape[0], dY.shape[1], -1)
+        dB = xp.empty(dY.shape[1], dtype=dY.dtype)
+        compiled.by_parts(dY.shape[1], dY.size,
+                          lambda start, stop: _bias_grad_kernel(rows, dB, start, stop))
+        return (dB,)
     axes = (0,) + tuple(range(2, dY.ndim))
     if dY.dtype.itemsize < 4:  # float16, bfloat16: summed in float32, as PyTorch does
         return (xp.asarray(dY.sum(axis=axes, dtype="float32").astype(dY.dtype)),)
     return (xp.asarray(dY.sum(axis=axes, dtype=dY.dtype)),)
+
+
+@compiled.kernel(reassociate=True)
+def _bias_grad_kernel(rows, dB, start, stop):
+    """:func:`BiasGrad` of ``rows`` ``(N, C, P)`` for the channels in ``[start, stop)``:
+    each item's row summed in vector lanes, the rows' sums added in float64, in
+    item order."""
+    N, C, P = rows.shape
+    for c in range(start, stop):
+        total = 0.0
+        for n in range(N):
+            row = rows[n, c]
+            s = row.dtype.type(0)
+            for i in range(P):
+                s += row[i]
+            total += s
+        dB[c] = total
 
 
 @BiasGrad.in_standard_ops

@@ -557,3 +557,39 @@ def test_lenet_second_layer_in_batch_parts_has_the_same_bits_at_any_thread_count
             np.testing.assert_array_equal(got[i], runs[0][i], err_msg=name)
         np.testing.assert_allclose(runs[0][i], whole[i], rtol=1e-5,
                                    atol=1e-5 * np.abs(whole[i]).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(64, 6, 28, 28), (5, 3, 7), (9, 4), (2, 3, 4, 5, 6)],
+                         ids=["lenet", "1d", "no-spatial", "3d"])
+def test_compiled_bias_grad_sums_each_channel(shape, dtype, monkeypatch):
+    """BiasGrad's compiled sums equal float64 sums within the type's rounding and the
+    NumPy form's within twice that, with the same bits in one part and in a part
+    per channel on 1 and 2 threads; a strided gradient is summed as it reads."""
+    if not compiled.available():
+        pytest.skip("compiled kernels do not run here (numba missing or switched off)")
+    dY = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    axes = (0,) + tuple(range(2, dY.ndim))
+    exact = dY.astype(np.float64).sum(axis=axes)
+    scale = np.abs(dY).astype(np.float64).sum(axis=axes)
+    eps = np.finfo(dtype).eps
+    calls = count_calls(monkeypatch, [(conv, "_bias_grad_kernel")])
+    (one,) = conv.BiasGrad(np, dY)
+    assert calls["_bias_grad_kernel"] >= 1 and one.dtype == dtype and one.shape == (shape[1],)
+    assert np.all(np.abs(one - exact) <= 4 * eps * scale)
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    (numpy_form,) = conv.BiasGrad(np, dY)
+    monkeypatch.setattr(compiled, "ENABLED", True)
+    assert np.all(np.abs(one - numpy_form) <= 8 * eps * scale)
+    monkeypatch.setattr(compiled, "PART", 1)
+    before, made = threads.get_num_threads(), calls["_bias_grad_kernel"]
+    try:
+        for count in (1, 2):
+            threads.set_num_threads(count)
+            for _ in range(5):  # past the pool's trials of where to run
+                np.testing.assert_array_equal(conv.BiasGrad(np, dY)[0], one)
+    finally:
+        threads.set_num_threads(before)
+    assert calls["_bias_grad_kernel"] - made == 10 * min(shape[1], compiled.MAX_PARTS)  # a part each
+    wide = np.repeat(dY, 2, axis=-1)[..., ::2]  # the same values, strided
+    np.testing.assert_array_equal(conv.BiasGrad(np, wide)[0], one)
