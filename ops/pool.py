@@ -9,7 +9,11 @@ kernels are private ops of the ``onnxgrad`` domain that take the forward
 node's attributes and recompute the geometry from the input's shape.  On the
 CPU, MaxPool, AveragePool and their gradients over two spatial axes run
 compiled loops where compiled kernels are available (``ops/pool_compiled.py``),
-with the NumPy forms' results to the bit.
+with the NumPy forms' results to the bit.  What their calls need besides the arrays
+(the window geometry, the compiled kernels' plan) depends on the shapes, dtypes,
+attributes, thread count and settings alone, and is made once per such key and
+remembered (:func:`_max_pool_plan` and its like), so that a call spends little time
+in Python before its kernel runs.
 
 LpPool is ``(Σ_window |x|^p)^(1/p)`` over zero-padded windows, with the window
 geometry of AveragePool and MaxPool (auto_pad, pads, strides, dilations,
@@ -29,6 +33,7 @@ ConvTranspose with a kernel of ones, which needs static spatial sizes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -43,7 +48,8 @@ from onnxgrad.ops.registry import op
 
 def _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides):
     """Spatial input, kernel, strides, dilations, begin pads, explicit end pads, the end
-    pads the windows need (more than the explicit ones in ceil mode) and the output size."""
+    pads the windows need (more than the explicit ones in ceil mode) and the output size,
+    each a tuple of ints."""
     sp = tuple(int(d) for d in x_shape[2:])
     n = len(sp)
     if not kernel_shape or len(kernel_shape) != n:
@@ -66,7 +72,72 @@ def _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strid
             raise ValueError(f"pooling output would be empty: input {sp}, kernel {kernel}")
         out.append(o)
         need.append(max(end[i], (o - 1) * strides[i] + span - sp[i] - begin[i]))
-    return sp, kernel, strides, dilations, begin, end, need, tuple(out)
+    return (sp, kernel, tuple(strides), tuple(dilations), tuple(begin), tuple(end), tuple(need),
+            tuple(out))
+
+
+#: Plans (window geometry and compiled plan) remembered per op, at most: of the last
+#: so many keys (a network's pooling layers, forward and backward, at a few input
+#: shapes, dtypes and thread counts).
+PLANS_KEPT = 256
+
+
+def _key(values):
+    """A list-of-ints attribute as part of a plan's key: a tuple (None as None)."""
+    return None if values is None else tuple(values)
+
+
+def _shape(x_shape):
+    """A host shape value (an int64 array or a sequence of ints) as a tuple of ints."""
+    if isinstance(x_shape, np.ndarray):
+        return tuple(x_shape.tolist())
+    return tuple(int(d) for d in x_shape)
+
+
+@functools.lru_cache(maxsize=PLANS_KEPT)
+def _max_pool_plan(x_shape, dtype, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides,
+                   indices, storage_order, settings):
+    """MaxPool's window geometry for an input of ``x_shape`` and ``dtype`` and the
+    attributes (tuples of ints, as :func:`_key` gives them), with Indices where
+    ``indices``, and its compiled plan (``pool_compiled.max_pool_plan``; None where the
+    NumPy form runs), for ``settings`` (``pool_compiled.settings()``): made once per
+    key, the same objects while remembered (:data:`PLANS_KEPT`)."""
+    geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    if indices and storage_order:  # column-major Indices: the NumPy form
+        return geo, None
+    return geo, pool_compiled.max_pool_plan(geo, x_shape, dtype, indices, settings)
+
+
+@functools.lru_cache(maxsize=PLANS_KEPT)
+def _average_pool_plan(x_shape, dtype, kernel_shape, auto_pad, ceil_mode, count_include_pad,
+                       dilations, pads, strides, settings):
+    """:func:`_max_pool_plan` for AveragePool (``pool_compiled.average_pool_plan``)."""
+    geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    if not pool_compiled.runs(geo, x_shape, dtype):
+        return geo, None
+    return geo, pool_compiled.average_pool_plan(geo, x_shape, dtype,
+                                                _divisor(geo, count_include_pad), settings)
+
+
+@functools.lru_cache(maxsize=PLANS_KEPT)
+def _average_pool_grad_plan(dy_shape, dtype, x_shape, kernel_shape, auto_pad, ceil_mode,
+                            count_include_pad, dilations, pads, strides, settings):
+    """:func:`_max_pool_plan` for AveragePoolGrad of a dY of ``dy_shape`` and ``dtype``
+    into X's ``x_shape`` (``pool_compiled.average_pool_grad_plan``)."""
+    geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
+    if dy_shape != x_shape[:2] + geo[-1] or not pool_compiled.runs(geo, dy_shape, dtype):
+        return geo, None
+    return geo, pool_compiled.average_pool_grad_plan(
+        geo, dy_shape, x_shape, dtype, _divisor(geo, count_include_pad), settings)
+
+
+@functools.lru_cache(maxsize=PLANS_KEPT)
+def _indices_grad_plan(dy_shape, dtype, indices_shape, indices_dtype, x_shape, overlapping,
+                       settings):
+    """MaxPoolIndicesGrad's compiled plan (``pool_compiled.indices_grad_plan``; None where
+    the NumPy form runs), made once per key and remembered as :func:`_max_pool_plan`."""
+    return pool_compiled.indices_grad_plan(dy_shape, dtype, indices_shape, indices_dtype,
+                                           x_shape, overlapping, settings)
 
 
 def _offsets(kernel):
@@ -110,10 +181,12 @@ def _pool_attrs(node, *names):
 @op("MaxPool", since=1, differentiable=("X",), train_outputs=2)
 def MaxPool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None,
             pads=None, storage_order=0, strides=None, ctx):
-    geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
     indices = ctx.num_outputs >= 2
-    if pool_compiled.runs_max_pool(xp, geo, X, indices) and not (indices and storage_order):
-        Y, index = pool_compiled.max_pool(xp, X, geo, indices)
+    geo, plan = _max_pool_plan(X.shape, X.dtype, _key(kernel_shape), auto_pad, ceil_mode,
+                               _key(dilations), _key(pads), _key(strides), indices,
+                               storage_order, pool_compiled.settings())
+    if plan is not None and compiled.available(xp):
+        Y, index = pool_compiled.max_pool(X, plan)
         return (Y, index) if indices else (Y,)
     Y, arg = _argmax_windows(xp, X, geo)
     if not indices:
@@ -165,14 +238,14 @@ def _strides_and_spans(node):
 @op("MaxPoolIndicesGrad", domain="onnxgrad", host_inputs=("x_shape",))
 def MaxPoolIndicesGrad(xp, dY, indices, x_shape, *, overlapping=1):
     """``dY`` summed into X at MaxPool's (row-major) Indices."""
-    shape = tuple(int(d) for d in x_shape)
-    size = math.prod(shape)
-    if (len(shape) == 4 and dY.ndim == 4 and indices.shape == dY.shape
-            and tuple(dY.shape[:2]) == shape[:2] and indices.dtype == np.int64
-            and dY.size and compiled.available(xp, dY)):
-        dX = pool_compiled.indices_grad(xp, dY, indices, shape, overlapping)
+    shape = _shape(x_shape)
+    plan = _indices_grad_plan(dY.shape, dY.dtype, indices.shape, indices.dtype, shape,
+                              overlapping, pool_compiled.settings())
+    if plan is not None and compiled.available(xp):
+        dX = pool_compiled.indices_grad(dY, indices, plan)
         if dX is not None:
             return (dX,)
+    size = math.prod(shape)
     if overlapping and xp.__name__ != "numpy":  # CuPy's bincount reads the host
         dX = xp.zeros(size, dtype=dY.dtype)
         xp.add.at(dX, indices.reshape(-1), dY.reshape(-1))
@@ -274,9 +347,11 @@ def _device_divisor(xp, geo, count_include_pad, dtype):
 @op("AveragePool", since=1, differentiable=("X",))
 def AveragePool(xp, X, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
                 kernel_shape=None, pads=None, strides=None):
-    geo = _geometry(X.shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
-    if pool_compiled.runs(xp, geo, X):
-        return (pool_compiled.average_pool(xp, X, geo, _divisor(geo, count_include_pad)),)
+    geo, plan = _average_pool_plan(X.shape, X.dtype, _key(kernel_shape), auto_pad, ceil_mode,
+                                   count_include_pad, _key(dilations), _key(pads),
+                                   _key(strides), pool_compiled.settings())
+    if plan is not None and compiled.available(xp):
+        return (pool_compiled.average_pool(X, plan),)
     sp, kernel, strides, dilations, begin, end, need, out = geo
     Xp = pad_spatial(xp, X, begin, need)
     views = [Xp[(slice(None), slice(None)) + offset_slices(offset, strides, dilations, out)]
@@ -300,11 +375,12 @@ def _(g, node, dY):
 @op("AveragePoolGrad", domain="onnxgrad", host_inputs=("x_shape",))
 def AveragePoolGrad(xp, dY, x_shape, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0,
                     dilations=None, kernel_shape=None, pads=None, strides=None):
-    x_shape = tuple(int(d) for d in x_shape)
-    geo = _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strides)
-    if dY.shape == x_shape[:2] + geo[-1] and pool_compiled.runs(xp, geo, dY):
-        divisor = _divisor(geo, count_include_pad)
-        return (pool_compiled.average_pool_grad(xp, dY, x_shape, geo, divisor),)
+    x_shape = _shape(x_shape)
+    geo, plan = _average_pool_grad_plan(dY.shape, dY.dtype, x_shape, _key(kernel_shape),
+                                        auto_pad, ceil_mode, count_include_pad, _key(dilations),
+                                        _key(pads), _key(strides), pool_compiled.settings())
+    if plan is not None and compiled.available(xp):
+        return (pool_compiled.average_pool_grad(dY, plan),)
     share = dY / _device_divisor(xp, geo, count_include_pad, dY.dtype)
     return (_scatter(xp, lambda k: share, x_shape, geo, dY.dtype),)
 

@@ -31,14 +31,23 @@ long), 2×2 windows unrolled.  Windows that reach into the padding run in a kern
 their own, over their taps in the input only.  Outside the rows kernel, MaxPool
 carries the offset of its maximum as a float32 (see :data:`MAX_OFFSET`), which the
 compiler keeps in vector registers (as an integer it becomes a branch per tap).
-Indices computed from offsets go through :func:`_at`.  The kernels take a range of
-planes, which :func:`onnxgrad.ops.compiled.by_parts` splits over the thread pool; each
-part writes its own planes, so results do not depend on the number of threads.
+Indices computed from offsets go through :func:`_at`.
 
-A window geometry ``geo`` is the tuple that ``_geometry`` of ``ops/pool.py`` gives.
-:func:`runs` and :func:`runs_max_pool` say whether an op of that geometry runs here;
-:func:`max_pool`, :func:`average_pool`, :func:`average_pool_grad` and
-:func:`indices_grad` compute its outputs.
+The kernels take a range of (N·C) planes.  Each plane's outputs are computed by the
+same loop whichever call holds the plane, and no sum crosses planes, so the results
+are the same bits however the planes are cut: an op runs in one call, or, with
+:data:`onnxgrad.ops.compiled.PART` elements per call or more, in one call per thread
+(:data:`onnxgrad.ops.compiled.MAX_PARTS` at most) over near-equal ranges of the
+planes, as tasks of :func:`onnxgrad.threads.parallel`.
+
+What a call needs besides its arrays (the kernels to run and their tables, the output
+shapes, the divisors, the calls' ranges) depends on the shapes, dtype, attributes,
+thread count and settings alone: a :class:`Plan`, which :func:`max_pool_plan`,
+:func:`average_pool_plan`, :func:`average_pool_grad_plan` and
+:func:`indices_grad_plan` make (None where the op does not run here) and ``ops/pool.py``
+remembers per shape and attributes; :func:`max_pool`, :func:`average_pool`,
+:func:`average_pool_grad` and :func:`indices_grad` then run it.  A window geometry
+``geo`` is the tuple that ``_geometry`` of ``ops/pool.py`` gives.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import math
 import numpy as np  # host-side window tables and the compiled kernels
 
 from onnxgrad.ops import compiled
+from onnxgrad.threads import get_num_threads, parallel, split
 
 
 #: The flat offset in a plane of a window's last tap from its first, up to which MaxPool
@@ -63,23 +73,98 @@ MAX_OFFSET = 1 << 24
 INDEXED_MAX_TAPS = 9
 
 
-def runs(xp, geo, *arrays) -> bool:
-    """Whether pooling of geometry ``geo`` runs its compiled kernels: two spatial axes,
-    no negative pads, non-empty float32 or float64 ``arrays``, compiled kernels available."""
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def settings() -> tuple:
+    """What plans depend on besides shapes, dtypes and attributes: the thread count,
+    :data:`onnxgrad.ops.compiled.PART`, :data:`onnxgrad.ops.compiled.MAX_PARTS`,
+    :data:`MAX_OFFSET` and :data:`INDEXED_MAX_TAPS`.  Part of the key under which
+    ``ops/pool.py`` remembers a plan, so that a change of any of them takes effect."""
+    return get_num_threads(), compiled.PART, compiled.MAX_PARTS, MAX_OFFSET, INDEXED_MAX_TAPS
+
+
+def runs(geo, shape, dtype) -> bool:
+    """Whether pooling of geometry ``geo`` runs its compiled kernels on arrays of
+    ``shape`` and ``dtype``: two spatial axes, no negative pads, not empty, float32 or
+    float64 (whether compiled kernels are available here is asked on each call:
+    :func:`onnxgrad.ops.compiled.available`)."""
     sp, kernel, strides, dilations, begin, end, need, out = geo
     return (len(sp) == 2 and min(begin) >= 0 and min(end) >= 0 and min(need) >= 0
-            and all(a.size for a in arrays) and compiled.available(xp, *arrays))
+            and math.prod(shape) > 0 and np.dtype(dtype) in _FLOATS)
 
 
-def runs_max_pool(xp, geo, X, indices) -> bool:
-    """Whether MaxPool of ``X`` (with Indices where ``indices``) runs its compiled kernels
-    (:func:`runs`, :data:`MAX_OFFSET`, :data:`INDEXED_MAX_TAPS`)."""
-    if not runs(xp, geo, X):
+def runs_max_pool(geo, shape, dtype, indices, max_offset=None, indexed_max_taps=None) -> bool:
+    """Whether MaxPool of an input of ``shape`` and ``dtype`` (with Indices where
+    ``indices``) runs its compiled kernels (:func:`runs`, :data:`MAX_OFFSET`,
+    :data:`INDEXED_MAX_TAPS`, or the limits given)."""
+    if not runs(geo, shape, dtype):
         return False
+    max_offset = MAX_OFFSET if max_offset is None else max_offset
+    taps = INDEXED_MAX_TAPS if indexed_max_taps is None else indexed_max_taps
     sp, kernel, strides, dilations = geo[:4]
     last = (kernel[0] - 1) * dilations[0] * sp[1] + (kernel[1] - 1) * dilations[1]
-    return last <= MAX_OFFSET and (not indices or strides[1] == 1
-                                   or math.prod(kernel) <= INDEXED_MAX_TAPS)
+    return last <= max_offset and (not indices or strides[1] == 1
+                                   or math.prod(kernel) <= taps)
+
+
+class Plan:
+    """How a pooling op runs its compiled kernels for one input shape, dtype, window
+    geometry, thread count and settings: ``inner(*arrays, *inner_tail, start, stop)``
+    and, where ``edges`` is not None, ``edges(*arrays, *edges_tail, start, stop)`` over
+    the ranges ``calls`` of the planes (one call, or one per thread: see the module's
+    notes), the kernels named (looked up in this module on each call); the shapes of
+    the arrays as the kernels take them and as the op returns them; the divisors and
+    the first value of a window's sum or maximum.  Made once per key (``ops/pool.py``
+    remembers them) and read only: numbers, tuples, names and read-only tables, which
+    the kernels only read (outputs are new arrays on each call).  Hashed by identity,
+    it names its calls to :func:`onnxgrad.threads.parallel` (which times where they
+    run best)."""
+
+    __slots__ = ("inner", "inner_tail", "edges", "edges_tail", "calls", "planes", "source",
+                 "target", "shape", "dtype", "indices", "add", "zeros", "table", "origin")
+
+    def __init__(self, inner, inner_tail, edges, edges_tail, calls, **fields):
+        self.inner, self.inner_tail, self.calls = inner, inner_tail, calls
+        self.edges, self.edges_tail = edges, edges_tail
+        self.planes = calls[-1][1]
+        for name in ("source", "target", "shape", "dtype", "indices", "add", "zeros", "table",
+                     "origin"):
+            setattr(self, name, fields.pop(name, None))
+        if fields:
+            raise TypeError(f"Plan: unknown fields {sorted(fields)}")
+
+
+def _calls(planes, size, settings):
+    """Ranges ``(start, stop)`` of ``planes`` planes (``size`` elements in all): one over
+    all of them, or one per thread, near-equal, where every range holds ``PART``
+    elements or more (``MAX_PARTS`` ranges at most; ``settings`` as :func:`settings`
+    gives them)."""
+    threads, part, most = settings[:3]
+    tasks = max(1, min(threads, most, size // part, planes))
+    return tuple((r.start, r.stop) for r in split(planes, tasks))
+
+
+def _read_only(array):
+    array.flags.writeable = False
+    return array
+
+
+def _run(plan, arrays) -> list:
+    """The plan's kernels over its calls' ranges of planes, on the thread pool where
+    there is more than one; the inner kernel's results, in order."""
+    if len(plan.calls) > 1:
+        return parallel([functools.partial(_part, plan, arrays, *r) for r in plan.calls],
+                        (plan.inner, plan))
+    return [_part(plan, arrays, 0, plan.planes)]
+
+
+def _part(plan, arrays, start, stop):
+    kernels = globals()  # looked up on each call: tests count the kernels' calls
+    result = kernels[plan.inner](*arrays, *plan.inner_tail, start, stop)
+    if plan.edges is not None:
+        kernels[plan.edges](*arrays, *plan.edges_tail, start, stop)
+    return result
 
 
 def _in_input(positions, size):
@@ -96,7 +181,8 @@ def _layout(sp, kernel, strides, dilations, begin, out):
     they take it; the flat offset in a plane of each tap from the window's first, in
     kernel order; per output row and column, the range of taps in the input; per tap
     row and column, the range of outputs whose tap lies in the input; and the outputs
-    ``(oy0, oy1, ox0, ox1)`` whose windows lie in the input."""
+    ``(oy0, oy1, ox0, ox1)`` whose windows lie in the input.  The tables are read-only
+    (plans keep them, and the kernels only read them)."""
     window = tuple(sp) + tuple(kernel) + tuple(strides) + tuple(dilations) + tuple(begin)
     offsets = np.array([ky * dilations[0] * sp[1] + kx * dilations[1]
                         for ky in range(kernel[0]) for kx in range(kernel[1])],
@@ -109,7 +195,9 @@ def _layout(sp, kernel, strides, dilations, begin, out):
         outputs.append(_in_input(positions.T, sp[i]))
         full = np.flatnonzero((taps[i][:, 0] == 0) & (taps[i][:, 1] == kernel[i]))
         whole += [int(full[0]), int(full[-1]) + 1] if full.size else [0, 0]
-    return window, offsets, taps[0], taps[1], outputs[0], outputs[1], tuple(whole)
+    tables = (offsets, taps[0], taps[1], outputs[0], outputs[1])
+    offsets, rows, cols, ys, xs = (_read_only(t) for t in tables)
+    return window, offsets, rows, cols, ys, xs, tuple(whole)
 
 
 def _geometry_key(geo):
@@ -117,28 +205,25 @@ def _geometry_key(geo):
     return tuple(sp), tuple(kernel), tuple(strides), tuple(dilations), tuple(begin), tuple(out)
 
 
-def _windows_2d(geo, planes, size, kernels, args, key):
-    """A pooling op's kernels ``(pair, rows, general, edges)`` over ranges of ``planes``
-    (``size`` elements in all) on the thread pool: over the outputs whose windows lie in
-    the input, ``rows(*args, offsets, …)`` where the column stride is 1 and ``rows``
-    is given, else ``pair(*args, …)`` for 2×2 windows, else ``general(*args, offsets,
-    …)``; then ``edges(*args, offsets, …)`` over the others where there are any."""
+def _windows_plan(geo, planes, size, kernels, settings, **fields):
+    """The :class:`Plan` of a pooling op's kernels ``(pair, rows, general, edges)`` (their
+    names) over ``planes`` planes (``size`` elements in all): over the outputs whose
+    windows lie in the input, ``rows(*arrays, offsets, …)`` where the column stride is
+    1 and ``rows`` is given, else ``pair(*arrays, …)`` for 2×2 windows, else
+    ``general(*arrays, offsets, …)``; then ``edges(*arrays, offsets, rows, cols, …)``
+    over the others where there are any."""
     pair, rows_kernel, general, edges = kernels
     window, offsets, rows, cols, _, _, whole = _layout(*_geometry_key(geo))
     out = geo[-1]
-    inner = (rows_kernel if rows_kernel is not None and geo[2][1] == 1
-             else pair if geo[1] == (2, 2) else general)
+    if rows_kernel is not None and geo[2][1] == 1:
+        inner, inner_tail = rows_kernel, (offsets,) + window + whole
+    elif geo[1] == (2, 2):
+        inner, inner_tail = pair, window + whole
+    else:
+        inner, inner_tail = general, (offsets,) + window + whole
     some_edges = whole != (0, out[0], 0, out[1])
-
-    def work(start, stop):
-        if inner is pair:
-            pair(*args, *window, *whole, start, stop)
-        else:
-            inner(*args, offsets, *window, *whole, start, stop)
-        if some_edges:
-            edges(*args, offsets, rows, cols, *window, *whole, start, stop)
-
-    compiled.by_parts(planes, size, work, key=(inner.__name__,) + key)
+    return Plan(inner, inner_tail, edges if some_edges else None,
+                (offsets, rows, cols) + window + whole, _calls(planes, size, settings), **fields)
 
 
 @compiled.helper
@@ -262,18 +347,30 @@ def _max_pool_edge_kernel(X, Y, I, lowest, offsets, rows, cols, H, W, kh, kw, sh
                         I[p, oy, ox] = p * S + a + int(at)
 
 
-def max_pool(xp, X, geo, indices):
-    """MaxPool's Y and (where ``indices``; else None) its row-major Indices."""
+def max_pool_plan(geo, x_shape, dtype, indices, settings):
+    """The :class:`Plan` of MaxPool of an input of ``x_shape`` and ``dtype`` (with
+    Indices where ``indices``), or None where it does not run here
+    (:func:`runs_max_pool`)."""
+    if not runs_max_pool(geo, x_shape, dtype, indices, *settings[3:5]):
+        return None
     out = geo[-1]
-    N, C = X.shape[:2]
-    Y = xp.empty((N, C) + out, dtype=X.dtype)
-    I = xp.empty((N, C) + out if indices else (0, 0) + out, dtype=xp.int64)
-    args = (xp.ascontiguousarray(X).reshape(N * C, -1), Y.reshape((-1,) + out),
-            I.reshape((-1,) + out), X.dtype.type(-np.inf))
-    _windows_2d(geo, N * C, X.size, (_max_pool_pair_kernel, _max_pool_rows_kernel,
-                                     _max_pool_kernel, _max_pool_edge_kernel),
-                args, (X.shape, out, indices))
-    return Y, (I if indices else None)
+    planes = x_shape[0] * x_shape[1]
+    dtype = np.dtype(dtype)
+    return _windows_plan(geo, planes, math.prod(x_shape),
+                         ("_max_pool_pair_kernel", "_max_pool_rows_kernel", "_max_pool_kernel",
+                          "_max_pool_edge_kernel"), settings,
+                         source=(planes, -1), target=(planes,) + out,
+                         shape=tuple(x_shape[:2]) + out, dtype=dtype, indices=bool(indices),
+                         origin=dtype.type(-np.inf))
+
+
+def max_pool(X, plan):
+    """MaxPool's Y and (where the ``plan`` has Indices; else None) its row-major
+    Indices."""
+    Y = np.empty(plan.target, dtype=plan.dtype)
+    I = np.empty(plan.target if plan.indices else (0,) + plan.target[1:], dtype=np.int64)
+    _run(plan, (np.ascontiguousarray(X).reshape(plan.source), Y, I, plan.origin))
+    return Y.reshape(plan.shape), (I.reshape(plan.shape) if plan.indices else None)
 
 
 @compiled.kernel
@@ -350,26 +447,36 @@ def _average_pool_edge_kernel(X, Y, D, origin, offsets, rows, cols, H, W, kh, kw
                     Y[p, oy, ox] = (total + zero) / D[oy, ox]
 
 
-def _divisor_table(xp, geo, divisor, dtype):
-    """``divisor`` (an int, or a host array of the output's spatial shape) as an array
-    of ``dtype`` of the output's spatial shape."""
+def _divisor_table(geo, divisor, dtype):
+    """``divisor`` (an int, or a host array of the output's spatial shape) as a
+    read-only array of ``dtype`` of the output's spatial shape."""
     if isinstance(divisor, int):
-        return xp.full(geo[-1], divisor, dtype=dtype)
-    return xp.ascontiguousarray(divisor.astype(dtype))
+        return _read_only(np.full(geo[-1], divisor, dtype=dtype))
+    return _read_only(np.ascontiguousarray(divisor.astype(dtype)))
 
 
-def average_pool(xp, X, geo, divisor):
-    """AveragePool's Y: each window's sum divided by ``divisor`` (an int, or a host
-    array of the output's spatial shape)."""
+def average_pool_plan(geo, x_shape, dtype, divisor, settings):
+    """The :class:`Plan` of AveragePool of an input of ``x_shape`` and ``dtype``, each
+    window's sum divided by ``divisor`` (an int, or a host array of the output's
+    spatial shape), or None where it does not run here (:func:`runs`)."""
+    if not runs(geo, x_shape, dtype):
+        return None
     out = geo[-1]
-    N, C = X.shape[:2]
-    Y = xp.empty((N, C) + out, dtype=X.dtype)
-    args = (xp.ascontiguousarray(X).reshape(N * C, -1), Y.reshape((-1,) + out),
-            _divisor_table(xp, geo, divisor, X.dtype), X.dtype.type(-0.0))
-    _windows_2d(geo, N * C, X.size, (_average_pool_pair_kernel, _average_pool_rows_kernel,
-                                     _average_pool_kernel, _average_pool_edge_kernel),
-                args, (X.shape, out))
-    return Y
+    planes = x_shape[0] * x_shape[1]
+    dtype = np.dtype(dtype)
+    return _windows_plan(geo, planes, math.prod(x_shape),
+                         ("_average_pool_pair_kernel", "_average_pool_rows_kernel",
+                          "_average_pool_kernel", "_average_pool_edge_kernel"), settings,
+                         source=(planes, -1), target=(planes,) + out,
+                         shape=tuple(x_shape[:2]) + out, dtype=dtype,
+                         table=_divisor_table(geo, divisor, dtype), origin=dtype.type(-0.0))
+
+
+def average_pool(X, plan):
+    """AveragePool's Y as its ``plan`` says."""
+    Y = np.empty(plan.target, dtype=plan.dtype)
+    _run(plan, (np.ascontiguousarray(X).reshape(plan.source), Y, plan.table, plan.origin))
+    return Y.reshape(plan.shape)
 
 
 @compiled.kernel
@@ -445,32 +552,41 @@ def _average_pool_grad_overlapping_kernel(dY, D, dX, ys, xs, H, W, kh, kw, sh, s
                         dX[p, _at(place + ox * sw)] += share[_at(oy), _at(ox)]
 
 
-def average_pool_grad(xp, dY, x_shape, geo, divisor):
-    """AveragePoolGrad's dX (of shape ``x_shape``): the shares ``dY / divisor`` given to
-    their windows' elements."""
+def average_pool_grad_plan(geo, dy_shape, x_shape, dtype, divisor, settings):
+    """The :class:`Plan` of AveragePoolGrad of a ``dY`` of ``dy_shape`` and ``dtype``
+    into a dX of ``x_shape``, the shares ``dY / divisor`` (an int, or a host array of
+    the output's spatial shape), or None where it does not run here (:func:`runs`, and
+    dY of the pooled shape)."""
     sp, kernel, strides, dilations, begin, end, need, out = geo
+    if tuple(dy_shape) != tuple(x_shape[:2]) + out or not runs(geo, dy_shape, dtype):
+        return None
     window, _, _, _, ys, xs, _ = _layout(*_geometry_key(geo))
     spans = [(kernel[i] - 1) * dilations[i] + 1 for i in range(2)]
     disjoint = all(strides[i] >= spans[i] for i in range(2))
     tiled = disjoint and all(dilations[i] == 1 and strides[i] == kernel[i]
                              and out[i] * strides[i] == sp[i] + begin[i] + need[i]
                              for i in range(2))
+    planes = x_shape[0] * x_shape[1]
+    size = math.prod(x_shape)
+    dtype = np.dtype(dtype)
     # zeros where some elements lie in no window (and where windows overlap: the kernel
     # adds to them)
-    dX = (xp.empty if tiled else xp.zeros)(x_shape, dtype=dY.dtype)
-    dY3 = xp.ascontiguousarray(dY).reshape((-1,) + out)
-    dX2 = dX.reshape(dY3.shape[0], -1)
-    args = (dY3, _divisor_table(xp, geo, divisor, dY.dtype), dX2)
-    key = (dY.shape, x_shape)
+    fields = dict(source=(planes,) + out, target=(planes, -1), shape=tuple(x_shape),
+                  dtype=dtype, zeros=not tiled, table=_divisor_table(geo, divisor, dtype))
     if not disjoint:
-        compiled.by_parts(dY3.shape[0], dX.size, lambda start, stop:
-                          _average_pool_grad_overlapping_kernel(*args, ys, xs, *window, start,
-                                                                stop),
-                          key=("_average_pool_grad_overlapping_kernel",) + key)
-        return dX
-    _windows_2d(geo, dY3.shape[0], dX.size, (_average_pool_grad_pair_kernel, None,
-                                             _average_pool_grad_kernel,
-                                             _average_pool_grad_edge_kernel), args, key)
+        return Plan("_average_pool_grad_overlapping_kernel", (ys, xs) + window, None, (),
+                    _calls(planes, size, settings), **fields)
+    return _windows_plan(geo, planes, size,
+                         ("_average_pool_grad_pair_kernel", None, "_average_pool_grad_kernel",
+                          "_average_pool_grad_edge_kernel"), settings, **fields)
+
+
+def average_pool_grad(dY, plan):
+    """AveragePoolGrad's dX as its ``plan`` says: the shares ``dY / divisor`` given to
+    their windows' elements."""
+    dX = (np.zeros if plan.zeros else np.empty)(plan.shape, dtype=plan.dtype)
+    _run(plan, (np.ascontiguousarray(dY).reshape(plan.source), plan.table,
+                dX.reshape(plan.target)))
     return dX
 
 
@@ -504,12 +620,30 @@ def _indices_grad_kernel(dY, I, dX, add, start, stop):
     return True
 
 
-def indices_grad(xp, dY, indices, shape, overlapping):
-    """MaxPoolIndicesGrad's dX, or None where an index lies outside its plane."""
-    planes = dY.shape[0] * dY.shape[1]
-    dX = (xp.empty if overlapping else xp.zeros)(shape, dtype=dY.dtype)
-    dY2, I2 = (xp.ascontiguousarray(a).reshape(planes, -1) for a in (dY, indices))
-    done = compiled.by_parts(planes, dX.size, lambda start, stop: _indices_grad_kernel(
-        dY2, I2, dX.reshape(planes, -1), bool(overlapping), start, stop),
-        key=("_indices_grad_kernel", dY.shape, shape))
+def indices_grad_plan(dy_shape, dtype, indices_shape, indices_dtype, x_shape, overlapping,
+                      settings):
+    """The :class:`Plan` of MaxPoolIndicesGrad of a ``dY`` of ``dy_shape`` and ``dtype``
+    and Indices of ``indices_shape`` and ``indices_dtype`` into a dX of ``x_shape``
+    (windows ``overlapping`` or not), or None where it does not run here: 4-D, Indices
+    of int64 and of dY's shape, dY of X's leading axes, float32 or float64, not
+    empty."""
+    if not (len(x_shape) == 4 and len(dy_shape) == 4 and tuple(indices_shape) == tuple(dy_shape)
+            and tuple(dy_shape[:2]) == tuple(x_shape[:2])
+            and np.dtype(indices_dtype) == np.int64 and math.prod(dy_shape) > 0
+            and np.dtype(dtype) in _FLOATS):
+        return None
+    planes = x_shape[0] * x_shape[1]
+    return Plan("_indices_grad_kernel", (), None, (),
+                _calls(planes, math.prod(x_shape), settings),
+                source=(planes, -1), target=(planes, -1), shape=tuple(x_shape),
+                dtype=np.dtype(dtype), add=bool(overlapping), zeros=not overlapping)
+
+
+def indices_grad(dY, indices, plan):
+    """MaxPoolIndicesGrad's dX as its ``plan`` says, or None where an index lies outside
+    its plane."""
+    dX = (np.zeros if plan.zeros else np.empty)(plan.shape, dtype=plan.dtype)
+    done = _run(plan, (np.ascontiguousarray(dY).reshape(plan.source),
+                       np.ascontiguousarray(indices).reshape(plan.source),
+                       dX.reshape(plan.target), plan.add))
     return dX if all(done) else None

@@ -370,3 +370,127 @@ def test_non_contiguous_inputs_equal_numpy(monkeypatch):
     want = _run_all(X, dY, indices, attrs)
     for key in want:
         _assert_same_bits(got[key], want[key], key)
+
+
+# -- plans: made once per shape and attributes, one range of planes per thread -------------
+
+_LENET_MAX = ((64, 6, 28, 28), {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0],
+                                "dilations": [1, 1]})
+
+
+def _max_pool_plan(shape, attrs, dtype=np.float32, indices=True):
+    """MaxPool's remembered (geometry, plan) for ``shape`` and ``attrs``, keyed as the op
+    keys it."""
+    k = pool._key
+    return pool._max_pool_plan(shape, np.dtype(dtype), k(attrs["kernel_shape"]),
+                               attrs.get("auto_pad", "NOTSET"), attrs.get("ceil_mode", 0),
+                               k(attrs.get("dilations")), k(attrs.get("pads")),
+                               k(attrs.get("strides")), indices, 0, pool_compiled.settings())
+
+
+def test_plans_are_remembered_per_shape_attributes_and_threads(monkeypatch):
+    """The same key gives the same geometry and plan objects (attributes as lists or
+    tuples); another shape, dtype, attribute, output count, thread count or setting
+    gives another plan."""
+    shape, attrs = _LENET_MAX
+    before = threads.get_num_threads()
+    try:
+        threads.set_num_threads(1)
+        geo, plan = _max_pool_plan(shape, attrs)
+        assert plan is not None and _max_pool_plan(shape, attrs)[1] is plan
+        assert _max_pool_plan(shape, {k: tuple(v) for k, v in attrs.items()})[0] is geo
+        others = [_max_pool_plan((1,) + shape[1:], attrs)[1],
+                  _max_pool_plan(shape, attrs, np.float64)[1],
+                  _max_pool_plan(shape, {**attrs, "strides": [1, 1]})[1],
+                  _max_pool_plan(shape, attrs, indices=False)[1]]
+        threads.set_num_threads(2)
+        others.append(_max_pool_plan(shape, attrs)[1])
+        with monkeypatch.context() as m:
+            m.setattr(compiled, "PART", 1)
+            others.append(_max_pool_plan(shape, attrs)[1])
+    finally:
+        threads.set_num_threads(before)
+    assert all(o is not None and o is not plan for o in others)
+    assert len({id(o) for o in others}) == len(others)
+    # the op reads the plan the key gives, and keeps its key's plans in a bounded cache
+    X = _values(shape, np.float32, 12)
+    threads.set_num_threads(1)
+    try:
+        hits = pool._max_pool_plan.cache_info().hits
+        pool.MaxPool(np, X, ctx=types.SimpleNamespace(num_outputs=2), **attrs)
+        assert pool._max_pool_plan.cache_info().hits == hits + 1
+    finally:
+        threads.set_num_threads(before)
+    for cached in (pool._max_pool_plan, pool._average_pool_plan, pool._average_pool_grad_plan,
+                   pool._indices_grad_plan):
+        assert cached.cache_info().maxsize == pool.PLANS_KEPT
+
+
+def test_plans_hand_kernels_read_only_tables_and_new_outputs(monkeypatch):
+    """A plan's tables are read-only (the kernels only read them); each call's outputs
+    are new arrays, which the caller may write without changing later calls."""
+    shape, attrs = (2, 3, 9, 8), {"kernel_shape": [3, 3], "strides": [2, 2],
+                                  "pads": [1, 1, 1, 1]}
+    monkeypatch.setattr(pool_compiled, "INDEXED_MAX_TAPS", 1 << 30)
+    X = _values(shape, np.float32, 13)
+    _, plan = _max_pool_plan(shape, attrs)
+    assert plan.edges is not None
+    tables = [a for a in plan.inner_tail + plan.edges_tail if isinstance(a, np.ndarray)]
+    assert tables and not any(a.flags.writeable for a in tables)
+    dY, indices = _grad_inputs(X, attrs, 14, False, monkeypatch)
+    first = _run_all(X, dY, indices, attrs)
+    for value in first.values():
+        value[...] = 7
+    second = _run_all(X, dY, indices, attrs)
+    for key in first:
+        assert not np.shares_memory(first[key], second[key]), key
+    _, avg_plan = pool._average_pool_plan(shape, np.dtype(np.float32), (3, 3), "NOTSET", 0, 1,
+                                         None, (1, 1, 1, 1), (2, 2), pool_compiled.settings())
+    assert not avg_plan.table.flags.writeable
+    monkeypatch.setattr(compiled, "ENABLED", False)
+    want = _run_all(X, dY, indices, attrs)
+    for key in want:
+        _assert_same_bits(second[key], want[key], key)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_one_range_of_planes_per_thread_gives_the_same_bits(count, monkeypatch):
+    """With parts of any size allowed, each op runs in one near-equal range of planes per
+    thread (``count`` threads), on the pool, with the bits of the NumPy forms."""
+    X = _values((3, 5, 11, 10), np.float32, 15, special=True)
+    before = threads.get_num_threads()
+    got = []
+    with np.errstate(invalid="ignore"):
+        for geometry in (GEOMETRIES[0], GEOMETRIES[3], GEOMETRIES[5], _PADDING_ONLY[0]):
+            attrs = geometry[1]
+            dY, indices = _grad_inputs(X, attrs, 16, True, monkeypatch)
+            monkeypatch.setattr(compiled, "ENABLED", False)
+            want = _run_all(X, dY, indices, attrs)
+            monkeypatch.setattr(compiled, "ENABLED", True)
+            try:
+                threads.set_num_threads(count)
+                with monkeypatch.context() as m:
+                    m.setattr(compiled, "PART", 1)
+                    _, plan = _max_pool_plan(X.shape, attrs)
+                    runs = [_run_all(X, dY, indices, attrs) for _ in range(5)]  # past trials
+            finally:
+                threads.set_num_threads(before)
+            lengths = [stop - start for start, stop in plan.calls]
+            assert len(lengths) == count and max(lengths) - min(lengths) <= 1, plan.calls
+            assert plan.calls[0][0] == 0 and plan.calls[-1][1] == 15
+            got += [(run, want) for run in runs]
+    for run, want in got:
+        for key in want:
+            _assert_same_bits(run[key], want[key], key)
+
+
+def test_kernels_counted_after_their_plan_is_made(monkeypatch):
+    """Plans name their kernels, which are looked up on each call (a kernel replaced
+    after its plan was made runs)."""
+    shape, attrs = GEOMETRIES[0]
+    X = _values(shape, np.float32, 17)
+    ctx = types.SimpleNamespace(num_outputs=2)
+    pool.MaxPool(np, X, ctx=ctx, **attrs)
+    counts = count_calls(monkeypatch, _MAX)
+    pool.MaxPool(np, X, ctx=ctx, **attrs)
+    assert counts["_max_pool_pair_kernel"] == 1
