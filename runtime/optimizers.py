@@ -41,6 +41,7 @@ bits.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Iterable
 
 import numpy as np
@@ -57,11 +58,20 @@ class Optimizer:
     #: The per-parameter state arrays, as :attr:`state` names them.
     STATE: tuple[str, ...] = ()
 
+    # ``_loop`` holds the compiled loop of the present settings (see :func:`_loop_of`);
+    # a slot, so that it is none of the attributes that ``vars()`` lists as settings.
+    __slots__ = ("__dict__", "__weakref__", "_loop")
+
     def __init__(self, lr: float):
         if not lr >= 0.0:
             raise OnnxgradError(f"invalid learning rate {lr!r}; expected lr >= 0")
         self.lr = float(lr)
         self.state: dict[str, dict[str, Any]] = {}
+        self._loop: _Remembered | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The attributes a copy or a pickle takes: not the remembered compiled loop."""
+        return vars(self)
 
     # -- written by each optimizer ---------------------------------------------------------
     def step_scalars(self, d) -> dict[str, Any]:  # pragma: no cover - abstract
@@ -586,13 +596,24 @@ def _loop_applies(xp: Any, param: Any, grad: Any, states: list) -> bool:
         from onnxgrad.ops import compiled  # noqa: PLC0415
 
         _compiled = compiled
-    if not _compiled.available(xp, param):
+    if not (_compiled.available(xp, param) and param.flags.c_contiguous):
         return False
     dtype, shape = param.dtype, param.shape
-    for a in (param, grad, *states):
+    for a in (grad, *states):
         if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
             return False
-    return not any(np.may_share_memory(grad, a) for a in (param, *states))
+    if np.may_share_memory(grad, param):
+        return False
+    for a in states:
+        if np.may_share_memory(grad, a):
+            return False
+    return True
+
+
+def _settings(optimizer: Optimizer) -> tuple[tuple[str, Any], ...]:
+    """``optimizer``'s settings: its attributes other than its state and its learning
+    rate (which the compiled forms read at each step), as (name, value) pairs."""
+    return tuple((k, v) for k, v in vars(optimizer).items() if k not in ("state", "lr"))
 
 
 def _remembered(form: str, optimizer: Optimizer, make: Any) -> Any:
@@ -601,8 +622,7 @@ def _remembered(form: str, optimizer: Optimizer, make: Any) -> Any:
     rate, remembered for the settings.  A schedule that changes a hyper-parameter
     at every step makes a new source each step, which is the same text, so the
     compiled code is found by its text."""
-    settings = tuple((k, v) for k, v in vars(optimizer).items() if k not in ("state", "lr"))
-    key = (form, type(optimizer), settings)
+    key = (form, type(optimizer), _settings(optimizer))
     try:
         found = _SOURCES.get(key)
     except TypeError:  # a setting that cannot be a key: the source is made each time
@@ -616,38 +636,79 @@ def _remembered(form: str, optimizer: Optimizer, make: Any) -> Any:
     return found
 
 
-def _loop_of(optimizer: Optimizer) -> tuple[str, tuple[float, ...]]:
+class _Remembered:
+    """The compiled loop of one optimizer's settings, which :func:`_loop_of` keeps on
+    the optimizer: the source and the constants of :func:`loop_source`, the loops
+    compiled from the source by element type, and what tells at little cost
+    whether the optimizer's settings are still these: its type, its number of
+    attributes, and the values of its settings (:func:`_settings`) as
+    :attr:`read` reads them from its attributes.  A setting set to another value,
+    added or removed (a schedule's momentum, a checkpoint's settings) changes one
+    of these.  The values compare as :func:`_remembered`'s keys do (the same
+    object, or equal); settings that cannot be a key (:attr:`values` is None)
+    never compare as unchanged."""
+
+    __slots__ = ("type", "size", "read", "values", "source", "constants", "loops")
+
+    def __init__(self, optimizer: Optimizer, source: str, constants: tuple[float, ...]):
+        attributes = vars(optimizer)
+        names = tuple(k for k, _ in _settings(optimizer))
+        self.type, self.size = type(optimizer), len(attributes)
+        #: The values of ``names`` in a dict, as a tuple (a KeyError if one is missing).
+        self.read = (operator.itemgetter(*names) if len(names) > 1
+                     else lambda d: tuple(d[k] for k in names))
+        self.values: tuple | None = self.read(attributes)
+        try:
+            hash(self.values)
+        except TypeError:
+            self.values = None
+        self.source, self.constants = source, constants
+        #: The numba dispatchers of :attr:`source`, by element type.
+        self.loops: dict[np.dtype, Any] = {}
+
+    def holds(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer``'s settings are those this was made for."""
+        attributes = vars(optimizer)
+        if (type(optimizer) is not self.type or len(attributes) != self.size
+                or self.values is None):
+            return False
+        try:
+            return self.read(attributes) == self.values
+        except KeyError:  # a setting removed and another added
+            return False
+
+
+def _loop_of(optimizer: Optimizer) -> _Remembered:
     """:func:`loop_source` of ``optimizer``'s present settings (its source and its
-    hyper-parameters), remembered for the settings."""
+    hyper-parameters) and the loops compiled from it, remembered for the settings:
+    on the optimizer (its ``_loop``), for the updates that follow while its
+    settings stay these, which a few comparisons tell; and by :func:`_remembered`,
+    for other optimizers and settings met again."""
+    try:
+        found = optimizer._loop
+    except AttributeError:  # a subclass that did not call Optimizer.__init__
+        found = None
+    if found is not None and found.holds(optimizer):
+        return found
+
     def make(opt: Optimizer) -> tuple[str, tuple[float, ...]]:
         source, _, constants = loop_source(opt)
         return source, constants
 
-    return _remembered("loop", optimizer, make)
+    found = optimizer._loop = _Remembered(optimizer, *_remembered("loop", optimizer, make))
+    return found
 
 
 def _run_loop(optimizer: Optimizer, param: Any, grad: Any, states: list,
               k: dict[str, Any]) -> None:
     """One step of ``param`` by the compiled loop, over parts of the flat arrays on
-    the thread pool (each element on its own, so any split gives the same numbers).
-    The loop is compiled on its first use in the process, for each source and type:
-    numba cannot cache a function made from source text on disk."""
-    source, constants = _loop_of(optimizer)
-    flat = [a.reshape(-1) for a in (param, grad, *states)]
-    r = tuple(float(v) for v in k.values()) + constants
-    loop = _LOOPS.get((source, param.dtype))
+    the thread pool (each element on its own, so any split gives the same numbers)."""
+    found = _loop_of(optimizer)
+    flat = [a.ravel() for a in (param, grad, *states)]  # views: each is C-contiguous
+    r = (*map(float, k.values()), *found.constants)
+    loop = found.loops.get(param.dtype)
     if loop is None:
-        import numba  # noqa: PLC0415 - available() has imported it
-
-        from onnxgrad.threads import single_threaded_blas  # noqa: PLC0415
-
-        namespace = {"np": np, "T": param.dtype.type}
-        exec(compile(source, f"<onnxgrad {type(optimizer).__name__} update>", "exec"),  # noqa: S102
-             namespace)
-        loop = numba.njit(nogil=True, error_model="numpy")(namespace["update"])
-        loop(*[a[:0] for a in flat], r)  # compiled here, not in the pool's threads
-        single_threaded_blas()  # numba's code generator may have loaded SciPy's BLAS
-        _LOOPS[(source, param.dtype)] = loop
+        loop = found.loops[param.dtype] = _compiled_loop(optimizer, found.source, flat, r)
     size = flat[0].size
     if size < _compiled.PART:
         loop(*flat, r)
@@ -657,6 +718,27 @@ def _run_loop(optimizer: Optimizer, param: Any, grad: Any, states: list,
         loop(*[a[start:stop] for a in flat], r)
 
     _compiled.by_parts(size, size, work)
+
+
+def _compiled_loop(optimizer: Optimizer, source: str, flat: list, r: tuple) -> Any:
+    """The loop of ``source`` for the arrays ``flat`` (and the tuple ``r``).  It is
+    compiled on its first use in the process, for each source and type: numba
+    cannot cache a function made from source text on disk."""
+    dtype = flat[0].dtype
+    loop = _LOOPS.get((source, dtype))
+    if loop is None:
+        import numba  # noqa: PLC0415 - available() has imported it
+
+        from onnxgrad.threads import single_threaded_blas  # noqa: PLC0415
+
+        namespace = {"np": np, "T": dtype.type}
+        exec(compile(source, f"<onnxgrad {type(optimizer).__name__} update>", "exec"),  # noqa: S102
+             namespace)
+        loop = numba.njit(nogil=True, error_model="numpy")(namespace["update"])
+        loop(*[a[:0] for a in flat], r)  # compiled here, not in the pool's threads
+        single_threaded_blas()  # numba's code generator may have loaded SciPy's BLAS
+        _LOOPS[(source, dtype)] = loop
+    return loop
 
 
 #: Whether :class:`DeviceUpdate` updates the parameters of a step with one kernel
