@@ -304,6 +304,7 @@ class Plan:
                 waiting, sides.handoffs = sides.handoffs, []
                 for index in sorted(waiting):
                     hand_over(index)
+            sides.release_if_idle()
 
         begun = time.perf_counter()
         try:
@@ -638,6 +639,13 @@ class _SideRun:
     def busy(self) -> bool:
         """Whether side steps are queued or running."""
         return self._active
+
+    def release_if_idle(self) -> None:
+        """Once the helper has found its queue empty, wait for its task to return: the
+        pool's first helper, held until then, takes the split kernels' parts of the
+        steps that follow again (with two threads, the only helper)."""
+        if self._worker is not None and not self._active:
+            self.wait()
 
     def wait(self) -> None:
         """Wait until every queued side step has run."""

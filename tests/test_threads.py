@@ -699,6 +699,38 @@ def test_the_first_helper_joins_a_parallel_call_once_its_task_of_begin_is_done()
     assert names == [threading.current_thread().name, "onnxgrad-0"]
 
 
+def test_the_side_hands_its_helper_back_to_the_pool_once_its_queue_is_empty():
+    """A plan's side steps hold the pool's first helper (with two threads, its only
+    one) while they run; once the helper has found its queue empty and the plan has
+    called ``release_if_idle``, split kernels have that helper again."""
+    from types import SimpleNamespace
+
+    from onnxgrad.executor import _SideRun
+    onnxgrad.set_num_threads(2)
+    plan = SimpleNamespace(_overlap=SimpleNamespace(start={0: 0}), steps=[object()],
+                           _gather=lambda step, env: [],
+                           _alone=lambda step, args, xp: ("done",))
+    sides = _SideRun(plan, frozenset({0}), np)
+    sides.submit(0, {})
+    deadline = time.monotonic() + 5
+    while sides.busy and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not sides.busy, "the side step did not run"
+    caller = threading.current_thread().name
+    held = parallel([lambda: threading.current_thread().name for _ in range(4)])
+    assert held == [caller] * 4  # the helper is still the side's
+    sides.release_if_idle()
+    both = threading.Barrier(2, timeout=5)
+
+    def meet():  # two tasks that wait for each other: they must run at the same time
+        both.wait()
+        return threading.current_thread().name
+
+    assert sorted(parallel([meet, meet])) == sorted([caller, "onnxgrad-0"])
+    assert sides.take() == [(0, (("done",), None))]
+    sides.release_if_idle()  # nothing left to release: a no-op
+
+
 def _side_cnn_trainer(monkeypatch):
     queued = _side_everything(monkeypatch)
     onnxgrad.set_num_threads(2)
