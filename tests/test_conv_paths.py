@@ -186,6 +186,9 @@ SWITCHES = [
            "output, against the whole batch at once",
            also=((conv, "_batch_major", _never), (threads, "MATMUL_SPLIT_FROM", 0)),
            calls=((conv, "_by_batch_parts"),)),
+    Switch(conv, "COMPILED_COLUMNS_MIN_ITEMS", 0, BIG,
+           "batch-inner columns made by the compiled kernel, against the NumPy copies",
+           also=((conv, "_batch_major", _never),), calls=((conv, "_im2col_inner_kernel"),)),
     Switch(conv, "GRADW_TRANSPOSED_BELOW", 1, BIG,
            "weight gradient as dY @ columns^T, against columns @ dY^T"),
     Switch(conv, "FLIPPED_MIN_CHANNELS", 1, BIG,
@@ -508,6 +511,7 @@ def test_compiled_batch_inner_columns_equal_numpy(x, w, strides, dilations, grou
                 for i in range(2))
     dY = rng.standard_normal((x[0], w[0]) + out).astype(dtype)
     monkeypatch.setattr(conv, "BATCH_MAJOR_MIN_POSITIONS", BIG)  # batch-inner columns
+    monkeypatch.setattr(conv, "COMPILED_COLUMNS_MIN_ITEMS", 0)
     calls = count_calls(monkeypatch, [(conv, "_im2col_inner_kernel")])
     for items in (slice(None), slice(1, x[0] - 1)):
         got = conv._columns_inner(np, X, items, kernel, strides, dilations, out, group)
