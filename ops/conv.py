@@ -496,18 +496,35 @@ def _bias_shape(B, ndim):
 # -- Conv ----------------------------------------------------------------------------------
 
 
+def _shape(shape):
+    """A shape (a tuple, or a host array of ints, as shape inputs arrive) as a tuple of
+    ints."""
+    return tuple(shape.tolist()) if hasattr(shape, "tolist") else tuple(int(d) for d in shape)
+
+
 def _conv_geometry(x_shape, w_shape, auto_pad, dilations, pads, strides):
-    sp = tuple(int(d) for d in x_shape[2:])
+    """Spatial input, kernel, strides, dilations, begin and end pads and output size of
+    a convolution, each a tuple of ints (made once per shapes and attributes and
+    remembered: a training step asks for each layer's three times)."""
+    return _geometry(_shape(x_shape[2:]), _shape(w_shape[2:]), auto_pad,
+                     None if dilations is None else tuple(dilations),
+                     None if pads is None else tuple(pads),
+                     None if strides is None else tuple(strides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(sp, kernel, auto_pad, dilations, pads, strides):
     n = len(sp)
-    kernel = tuple(int(d) for d in w_shape[2:])
-    strides = _ints(strides, n, 1)
-    dilations = _ints(dilations, n, 1)
+    strides = tuple(_ints(strides, n, 1))
+    dilations = tuple(_ints(dilations, n, 1))
     begin, end = conv_pads(auto_pad, pads, sp, kernel, strides, dilations)
+    begin, end = tuple(begin), tuple(end)
     out = tuple(out_size(sp[i], begin[i], end[i], kernel[i], strides[i], dilations[i])
                 for i in range(n))
     if any(o <= 0 for o in out):
         raise ValueError(f"Conv output would be empty: input {sp}, kernel {kernel}, "
-                         f"pads {begin + end}, strides {strides}, dilations {dilations}")
+                         f"pads {list(begin + end)}, strides {list(strides)}, "
+                         f"dilations {list(dilations)}")
     return sp, kernel, strides, dilations, begin, end, out
 
 
@@ -599,10 +616,10 @@ def flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group):
 @op("ConvGradX", domain="onnxgrad", host_inputs=("x_shape",))
 def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1, pads=None,
               strides=None):
+    x_shape = _shape(x_shape)
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         x_shape, W.shape, auto_pad, dilations, pads, strides)
-    dX = _on_cudnn(xp, "input_grad", dY, W, tuple(int(d) for d in x_shape), dY.dtype, begin, end,
-                   strides, dilations)
+    dX = _on_cudnn(xp, "input_grad", dY, W, x_shape, dY.dtype, begin, end, strides, dilations)
     if dX is not None:
         return (dX,)
     if depthwise.applies(W.shape, group, begin, end, xp, dY.dtype):
@@ -617,10 +634,10 @@ def ConvGradX(xp, dY, W, x_shape, *, auto_pad="NOTSET", dilations=None, group=1,
 @op("ConvGradW", domain="onnxgrad", host_inputs=("w_shape",))
 def ConvGradW(xp, dY, X, w_shape, *, auto_pad="NOTSET", dilations=None, group=1, pads=None,
               strides=None):
+    w_shape = _shape(w_shape)
     sp, kernel, strides, dilations, begin, end, out = _conv_geometry(
         X.shape, w_shape, auto_pad, dilations, pads, strides)
-    dW = _on_cudnn(xp, "weight_grad", X, dY, tuple(int(d) for d in w_shape), X.dtype, begin, end,
-                   strides, dilations)
+    dW = _on_cudnn(xp, "weight_grad", X, dY, w_shape, X.dtype, begin, end, strides, dilations)
     if dW is not None:
         return (dW,)
     if depthwise.applies(w_shape, group, begin, end, xp, X.dtype):

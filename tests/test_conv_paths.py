@@ -597,3 +597,19 @@ def test_compiled_bias_grad_sums_each_channel(shape, dtype, monkeypatch):
     assert calls["_bias_grad_kernel"] - made == 10 * min(shape[1], compiled.MAX_PARTS)  # a part each
     wide = np.repeat(dY, 2, axis=-1)[..., ::2]  # the same values, strided
     np.testing.assert_array_equal(conv.BiasGrad(np, wide)[0], one)
+
+
+def test_conv_geometry_is_remembered_per_shapes_and_attributes():
+    """A layer's geometry is made once for its shapes and attributes, however they
+    arrive (tuples, lists, host arrays of the shape inputs), as tuples of ints; an
+    empty output is an error each time it is asked for."""
+    first = conv._conv_geometry((2, 3, 8, 8), (4, 3, 3, 3), "NOTSET", [1, 1], [1, 1, 1, 1], [2, 2])
+    again = conv._conv_geometry(np.array([2, 3, 8, 8]), np.array([4, 3, 3, 3]), "NOTSET",
+                                (1, 1), (1, 1, 1, 1), (2, 2))
+    assert again is first
+    assert first == ((8, 8), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (4, 4))
+    assert conv._conv_geometry((2, 3, 8, 8), (4, 3, 3, 3), "SAME_UPPER", None, None, None) \
+        == ((8, 8), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (8, 8))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="output would be empty"):
+            conv._conv_geometry((1, 1, 2, 2), (1, 1, 5, 5), "NOTSET", None, None, None)
