@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxgrad.errors import OnnxgradError
-from onnxgrad.threads import parallel, place_key, single_threaded_blas, sized_parts
+from onnxgrad.threads import parallel, place_key, releasing, single_threaded_blas, sized_parts
 
 
 def _from_environment() -> bool:
@@ -127,6 +127,7 @@ class Kernel:
             # runs single-threaded too
             single_threaded_blas()
             return result
+        releasing()
         return self._compiled(*args)
 
 

@@ -32,10 +32,12 @@ _built = False
 
 
 def _build():
-    """The compiled poll ``poll(counters, index, seen, polls, signals, signal, value)``:
-    ``signals[signal] = value`` first where ``signal`` is not negative (a release
-    store), then whether ``counters[index]`` differed from ``seen`` (an acquire load)
-    within ``polls`` polls."""
+    """The compiled poll ``poll(counters, index, seen, polls, signals, signal, value, gate,
+    since, gate_polls, settle_polls)``: ``signals[signal] = value`` first where
+    ``signal`` is not negative (a release store), then whether ``counters[index]``
+    differed from ``seen`` (an acquire load) within ``polls`` polls; where it did,
+    then up to ``gate_polls`` polls for ``gate[0]`` to differ from ``since[index]``,
+    and ``settle_polls`` more once it does."""
     numba = compiled._load_numba()
     from llvmlite import ir  # noqa: PLC0415 - numba's own code generator
     from numba import types  # noqa: PLC0415
@@ -74,14 +76,27 @@ def _build():
             return context.get_dummy_value()
         return types.void(), codegen
 
-    def poll(counts, index, seen, polls, signals, signal, value):
+    def poll(counts, index, seen, polls, signals, signal, value, gate, since, gate_polls,
+             settle_polls):
         if signal >= 0:
             store_release(signals, signal, value)
+        found = False
         for _ in range(polls):
             if load_acquire(counts, index) != seen:
-                return True
+                found = True
+                break
             relax()
-        return load_acquire(counts, index) != seen
+        if not found:
+            return load_acquire(counts, index) != seen
+        if gate_polls > 0:  # then for the gate to open, and a little longer
+            opened = load_acquire(since, index)
+            for _ in range(gate_polls):
+                if load_acquire(gate, 0) != opened:
+                    for _ in range(settle_polls):
+                        relax()
+                    break
+                relax()
+        return True
 
     return numba.njit(nogil=True)(poll)
 
@@ -100,7 +115,7 @@ def waiter() -> Callable[..., bool] | None:
             try:
                 poll = _build()
                 probe = np.zeros(1, dtype=np.int64)
-                poll(probe, 0, 0, 1, probe, -1, 0)               # compiles
+                poll(probe, 0, 0, 1, probe, -1, 0, probe, probe, 0, 0)  # compiles
                 polls = 1 << 14
                 best = min(_timed(poll, probe, polls) for _ in range(3))
                 _polls_per_second = polls / max(best, 1e-9)
@@ -112,14 +127,18 @@ def waiter() -> Callable[..., bool] | None:
     poll, rate = _wait, _polls_per_second
 
     def wait(counts: np.ndarray, index: int, seen: int, seconds: float,
-             signals: np.ndarray | None = None, signal: int = -1, value: int = 0) -> bool:
+             signals: np.ndarray | None = None, signal: int = -1, value: int = 0,
+             gate: np.ndarray | None = None, since: np.ndarray | None = None,
+             gate_seconds: float = 0.0, settle_seconds: float = 0.0) -> bool:
         return poll(counts, index, seen, max(1, int(seconds * rate)),
-                    counts if signals is None else signals, signal, value)
+                    counts if signals is None else signals, signal, value,
+                    counts if gate is None else gate, counts if since is None else since,
+                    0 if gate is None else int(gate_seconds * rate), int(settle_seconds * rate))
 
     return wait
 
 
 def _timed(poll, probe, polls) -> float:
     start = time.perf_counter()
-    poll(probe, 0, 0, polls, probe, -1, 0)
+    poll(probe, 0, 0, polls, probe, -1, 0, probe, probe, 0, 0)
     return time.perf_counter() - start

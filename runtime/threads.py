@@ -21,12 +21,17 @@ varies by machine (15 to 60 microseconds measured; more in virtual machines
 whose idle cores sleep).  Where compiled code runs, a helper therefore polls
 for its next work for :data:`SPIN_SECONDS` after each job, as OpenMP runtimes
 do, before it sleeps on its lock (:mod:`onnxgrad.ops.spin`), and the thread
-that handed out work polls for its end.  A call that names what it runs (a ``key``: the
-kernel and its shapes) is timed both ways, on the pool and in the calling
-thread, on its first runs, and from then on runs in the calling thread if
-that was clearly faster (:data:`ALONE_BELOW`), else on the pool.  Only where
-the chunks run is chosen so: the chunks themselves depend on the shapes
-alone, so results stay the same.
+that handed out work polls for its end.  Having seen its work, a helper polls on
+until the thread that handed it over lets go of the interpreter lock for a
+kernel (:func:`releasing`, :data:`GATE_SECONDS`): asked for while held, the
+lock would put it to sleep, and waking it costs the same wake-up.
+
+A call that names what it runs (a ``key``: the kernel and its shapes) is timed
+both ways, on the pool and in the calling thread, on its first runs, and from
+then on runs in the calling thread if that was clearly faster
+(:data:`ALONE_BELOW`), else on the pool.  Only where the chunks run is chosen
+so: the chunks themselves depend on the shapes alone, so results stay the
+same.
 
 A plan also runs whole steps on the pool's first helper thread while it goes
 on (:func:`begin`; the weight gradients of a backward pass, see
@@ -213,6 +218,26 @@ def parallel(tasks: Sequence[Callable[[], Any]], key: Hashable = None) -> list:
 #: polling where the pool has more threads than the process has cores.
 SPIN_SECONDS = 200e-6
 
+#: Seconds a pool thread that has seen its next work polls on, at most, for the
+#: thread that handed it over to let go of the interpreter lock (:func:`releasing`),
+#: then :data:`SETTLE_SECONDS` more (the call that lets go of it converts its
+#: arguments first): it then takes the lock without sleeping on it.  A thread that
+#: asks for the lock while another holds it sleeps until it is free, and waking it
+#: costs the operating system's wake-up; measured on LeNet-5 at 2 threads: a helper
+#: starts its part 7 instead of 22 microseconds after the caller, and the training
+#: step is 2.5-3 % faster (15 or 100 microseconds: slower than 40).
+GATE_SECONDS = 40e-6
+SETTLE_SECONDS = 3e-6
+
+_gate = np.zeros(1, dtype=np.int64)  # counts the calls of releasing()
+
+
+def releasing() -> None:
+    """Note that the calling thread is about to run long work without the interpreter
+    lock (a compiled kernel, a part of a matrix product): a pool thread handed work
+    just before waits for this (see :data:`GATE_SECONDS`)."""
+    _gate[0] += 1
+
 
 def _the_pool(count: int) -> "_Pool":
     global _pool
@@ -355,9 +380,11 @@ class _Pool:
     has (about a quarter of a ``concurrent.futures`` submission), and kernels
     hand over work hundreds of times a training step.  With a ``wait`` (see
     :func:`onnxgrad.ops.spin.waiter`), each helper polls a counter of the jobs
-    handed to it before it sleeps on its lock, and sets a counter of the jobs it
-    has run once the interpreter lock is free, which the caller polls; the locks
-    still hand over every job, so polling that ends early costs only time.
+    handed to it before it sleeps on its lock, then the count of
+    :func:`releasing` calls until it moves past its value at the hand-over, and
+    sets a counter of the jobs it has run once the interpreter lock is free,
+    which the caller polls; the locks still hand over every job, so polling
+    that ends early or late costs only time.
     """
 
     def __init__(self, size: int, wait: Callable[..., bool] | None = None):
@@ -365,6 +392,7 @@ class _Pool:
         self._wait = wait  # polls a counter without the interpreter lock, or None
         self._posted = np.zeros(size * _STRIDE, dtype=np.int64)  # jobs handed to each helper
         self._ended = np.zeros(size * _STRIDE, dtype=np.int64)   # jobs each helper has run
+        self._since = np.zeros(size * _STRIDE, dtype=np.int64)   # releasing()s before a job
         self.busy = threading.Lock()  # one parallel() or start() at a time hands out jobs
         self.side = threading.Lock()  # held while the first helper runs a job of start()
         self._offered: Callable[[], None] | None = None
@@ -394,7 +422,8 @@ class _Pool:
         while True:
             if self._wait is not None:  # tells its end (see _join), then polls for the next
                 self._wait(self._posted, i * _STRIDE, seen, SPIN_SECONDS,
-                           self._ended, i * _STRIDE, seen)
+                           self._ended, i * _STRIDE, seen,
+                           _gate, self._since, GATE_SECONDS, SETTLE_SECONDS)
             self._go[i].acquire()
             seen += 1
             job = self._jobs[i]
@@ -408,6 +437,7 @@ class _Pool:
 
     def _post(self, i: int, job: Callable[[], None]) -> None:
         self._jobs[i] = job
+        self._since[i * _STRIDE] = _gate[0]
         self._posted[i * _STRIDE] += 1
         self._go[i].release()
 
@@ -543,6 +573,7 @@ def matmul(xp, a, b, out=None):
         total = N
     def product(part):
         x, y, z = cut(part)
+        releasing()
         xp.matmul(x, y, out=z)
 
     parallel([lambda part=part: product(part) for part in split(total, parts)],

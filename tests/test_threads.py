@@ -197,6 +197,52 @@ def test_a_wait_sees_a_change_made_by_another_thread_and_ends_when_its_time_is_u
         changer.join()
 
 
+def test_a_wait_with_a_gate_returns_once_the_gate_moves_or_its_time_is_up():
+    """Having seen its counter change, a wait with a gate polls on until the gate moves
+    past its value at ``since`` (or ``gate_seconds`` pass), then returns True."""
+    from onnxgrad.ops import spin
+
+    wait = spin.waiter()
+    if wait is None:
+        pytest.skip("compiled code does not run here (numba missing or switched off)")
+    counts, since = np.zeros(16, dtype=np.int64), np.zeros(16, dtype=np.int64)
+    gate = np.full(1, 5, dtype=np.int64)
+    since[8], counts[8] = 5, 1  # the counter has changed; the gate has not moved
+    start = time.perf_counter()
+    assert wait(counts, 8, 0, 30.0, gate=gate, since=since, gate_seconds=0.02)
+    assert time.perf_counter() - start >= 0.01  # waited for the gate, in vain
+    mover = threading.Timer(0.01, lambda: gate.__setitem__(0, 6))
+    mover.start()
+    try:
+        start = time.perf_counter()
+        assert wait(counts, 8, 0, 30.0, gate=gate, since=since, gate_seconds=30.0)
+        assert 0.005 <= time.perf_counter() - start < 10  # at the move, not after 30 s
+    finally:
+        mover.join()
+    start = time.perf_counter()
+    assert not wait(counts, 8, 1, 0.01, gate=gate, since=since, gate_seconds=30.0)
+    assert time.perf_counter() - start < 10  # no change of the counter: no gate to wait for
+
+
+def test_compiled_kernels_and_product_parts_tell_the_helpers_they_let_go_of_the_lock(
+        monkeypatch):
+    """Each call of a compiled kernel and each part of a split product counts in the
+    gate that helpers handed work wait for (``releasing``)."""
+    from onnxgrad import threads
+    from onnxgrad.ops import compiled, conv
+    if not compiled.available():
+        pytest.skip("compiled code does not run here (numba missing or switched off)")
+    onnxgrad.set_num_threads(1)
+    conv.BiasGrad(np, np.ones((2, 3, 4), np.float32))  # compiled on this first call
+    before = int(threads._gate[0])
+    conv.BiasGrad(np, np.ones((2, 3, 4), np.float32))
+    assert threads._gate[0] == before + 1
+    monkeypatch.setattr(threads, "MATMUL_SPLIT_FROM", 1)
+    monkeypatch.setattr(threads, "MATMUL_PART", 8 * 8 * 8)
+    threads.matmul(np, np.ones((32, 8)), np.ones((8, 8)))
+    assert threads._gate[0] == before + 1 + threads.product_parts(32 * 8 * 8)
+
+
 @pytest.mark.parametrize("seconds", [0.0, 1e-6, 2e-4], ids=["sleep", "poll-briefly", "poll"])
 def test_many_parallel_calls_lose_no_hand_over(seconds, monkeypatch):
     """Thousands of parallel() calls and begin() tasks, with parts of uneven length,
