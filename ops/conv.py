@@ -600,16 +600,19 @@ def flipped_input_grad(xp, dY, W, sp, begin, end, dilations, group):
     """The input gradient ``(N, C, *sp)`` of a stride-1 Conv, as a Conv of ``dY``
     (padded by the kernel's extent less the forward pads) with ``W`` flipped in
     space and with its channel axes swapped within each group: one im2col copy
-    in place of the column scatter of :func:`conv_input_grad`."""
+    in place of the column scatter of :func:`conv_input_grad`.  Where that Conv runs
+    as Winograd, its weight transform reads ``W`` as it lies (no flipped copy)."""
     nd = len(sp)
     kernel = tuple(W.shape[2:])
     M, cg = W.shape[:2]
-    Wf = xp.swapaxes(W.reshape((group, M // group, cg) + kernel), 1, 2)
-    Wf = Wf[(slice(None),) * 3 + (slice(None, None, -1),) * nd]
-    Wf = xp.ascontiguousarray(Wf).reshape((cg * group, M // group) + kernel)
     reach = [(kernel[i] - 1) * dilations[i] for i in range(nd)]
     dYp = pad_spatial(xp, dY, [reach[i] - begin[i] for i in range(nd)],
                       [reach[i] - end[i] for i in range(nd)])
+    if winograd.applies(dYp, (cg * group, M // group) + kernel, [1] * nd, dilations, group, sp):
+        return winograd.conv3x3(xp, dYp, W, sp, adjoint=True)
+    Wf = xp.swapaxes(W.reshape((group, M // group, cg) + kernel), 1, 2)
+    Wf = Wf[(slice(None),) * 3 + (slice(None, None, -1),) * nd]
+    Wf = xp.ascontiguousarray(Wf).reshape((cg * group, M // group) + kernel)
     return conv_forward(xp, dYp, Wf, [1] * nd, dilations, group, sp)
 
 

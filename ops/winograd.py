@@ -459,20 +459,27 @@ def _chunks(xp, N, C, count, th, tw, chunk):
                 (chunk.__code__, N, C, count, th, tw))
 
 
-def conv3x3(xp, Xp, W, out):
+def conv3x3(xp, Xp, W, out, adjoint=False):
     """Conv of an already padded input ``Xp`` (N, C, H+2, W+2) with a 3×3 ``W``,
-    stride 1: ``(N, M, *out)``, by F(4×4, 3×3) or F(2×2, 3×3) (:func:`_tile`).
+    stride 1: ``(N, M, *out)``, by F(4×4, 3×3) or F(2×2, 3×3) (:func:`_tile`);
+    where ``adjoint``, with ``W`` ``(C, M, 3, 3)`` flipped in space and its channel
+    axes swapped (the Conv an input gradient is), read so from ``W`` as it lies.
     With compiled kernels the transforms read ``Xp`` and write ``Y`` in place
     (:func:`_input_kernel`, :func:`_output_kernel`); otherwise they are products
-    with the Kronecker matrices."""
+    with the Kronecker matrices.  The weight's transform is a product over every
+    pair of channels, split on the pool when large."""
     N, C = Xp.shape[:2]
-    M = W.shape[0]
+    M = W.shape[1] if adjoint else W.shape[0]
     oh, ow = out
     m = _tile(N, out)
     count = (m + 2) ** 2                                      # products, one per point
     th, tw = -(-oh // m), -(-ow // m)                         # tiles per column and row
     to_tiles, of_weight, from_tiles = _transforms(xp, Xp.dtype, m)
-    U = xp.matmul(of_weight, W.reshape(M * C, 9).T).reshape(count, M, C)
+    if adjoint:  # the taps in reverse order; (count, C, M) planes read transposed
+        U = matmul(xp, of_weight[:, ::-1], W.reshape(C * M, 9).T).reshape(count, C, M)
+        U = xp.swapaxes(U, 1, 2)
+    else:
+        U = matmul(xp, of_weight, W.reshape(M * C, 9).T).reshape(count, M, C)
     if compiled.available(xp):
         Y = xp.empty((N, M, oh, ow), dtype=Xp.dtype)
         k = _constants(Xp.dtype)
@@ -547,4 +554,5 @@ def weight_grad3x3(xp, dY, Xp):
             return matmul(xp, dhat, xp.swapaxes(V, 1, 2))            # (count, M, C)
 
     dU = sum_in_order(_chunks(xp, N, C, count, th, tw, chunk))
-    return xp.matmul(of_weight.T, dU.reshape(count, -1)).reshape(3, 3, M, C).transpose(2, 3, 0, 1).copy()
+    # dW's layout straight from the product (in parts when large), no transposing copy
+    return matmul(xp, dU.reshape(count, -1).T, of_weight).reshape(M, C, 3, 3)
