@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxgrad.errors import OnnxgradError
 from onnxgrad.memory import keep_freed_memory
-from onnxgrad.threads import get_num_threads
+from onnxgrad.threads import get_num_threads, prepare_polling
 
 
 class Backend:
@@ -160,6 +160,7 @@ def get_backend(device: str) -> Backend:
         keep_freed_memory()
         from onnxgrad.ops import compiled  # noqa: PLC0415 - ops import the runtime
         compiled.prepare()
+        prepare_polling()
         return _CPU
     if device in ("cuda", "gpu"):
         if _CUDA is not None:

@@ -176,6 +176,21 @@ def test_pool_threads_poll_where_there_are_no_more_threads_than_cores(monkeypatc
         assert (threads._pool._wait is not None) is polls, (count, seconds)
 
 
+def test_the_poll_is_compiled_when_the_backend_is_set_up_where_threads_will_poll(monkeypatch):
+    """Setting up the CPU backend builds the pool's poll (compiled code) where its
+    threads will poll, so that no training step pays for compiling it; not at one
+    thread, nor with more threads than cores."""
+    from onnxgrad import backend, threads
+    from onnxgrad.ops import spin
+    built = []
+    monkeypatch.setattr(spin, "waiter", lambda: built.append(threads.get_num_threads()))
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    for count in (1, 2, 4, 8):
+        onnxgrad.set_num_threads(count)
+        backend.get_backend("cpu")
+    assert built == [2, 4]
+
+
 def test_a_wait_sees_a_change_made_by_another_thread_and_ends_when_its_time_is_up():
     """The compiled poll returns True once another thread changes the counter, False
     after its time, and sets its signal before it polls."""
