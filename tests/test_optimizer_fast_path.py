@@ -19,6 +19,7 @@ import pytest
 import onnxgrad
 from onnxgrad import optimizers
 from onnxgrad.ops import compiled
+from test_multi_tensor_optimizer import _assert_same
 
 needs_compiled = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
 
@@ -40,15 +41,6 @@ def _update(optimizer, params, grads, monkeypatch=None):
             with monkeypatch.context() as m:
                 m.setattr(compiled, "ENABLED", False)
                 optimizer.update(np, {name: params[name]}, {name: grads[name]})
-
-
-def _assert_same(a, b, optimizer_a, optimizer_b):
-    for k in a:
-        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    assert optimizer_a.state.keys() == optimizer_b.state.keys()
-    for k, state in optimizer_a.state.items():
-        for key, value in state.items():
-            np.testing.assert_array_equal(optimizer_b.state[k][key], value, err_msg=f"{k} {key}")
 
 
 def _run(make, change, dtype, monkeypatch, steps=6):

@@ -426,6 +426,47 @@ def test_a_keyed_call_settles_in_the_calling_thread_where_the_pool_costs(monkeyp
     assert ("quick", 3) in threads._choices and threads._choices[("quick", 3)].on_pool is None
 
 
+def test_a_settled_keyed_call_is_timed_again_after_a_while(monkeypatch):
+    """A call settled in the calling thread while the pool was slow (the machine busy
+    elsewhere) is timed both ways again after RETIME_AFTER runs, settles on the pool
+    once it pays, and is timed again after twice as many runs."""
+    from onnxgrad import threads
+
+    monkeypatch.setattr(threads, "_choices", {})
+    monkeypatch.setattr(threads, "RETIME_AFTER", 10)
+    real = threads._on_pool
+    slow = [True]
+    handed: list[int] = []
+
+    def pool(tasks, count):
+        handed.append(count)
+        if slow[0]:
+            time.sleep(0.02)
+        return real(tasks, count)
+
+    monkeypatch.setattr(threads, "_on_pool", pool)
+    onnxgrad.set_num_threads(2)
+    done: list[int] = []
+    trials = 2 * threads.TRIALS + 2
+
+    def run(times):
+        for _ in range(times):
+            assert threads.parallel(_sleepers(0.002, done), key="busy") == [0, 1]
+
+    run(trials)
+    choice = threads._choices[("busy", 2)]
+    assert choice.on_pool is False
+    slow[0] = False  # the machine is quiet again
+    run(9)
+    assert choice.on_pool is False and len(handed) == threads.TRIALS + 1
+    run(trials)  # the tenth settled run is the first timed one again
+    assert choice.on_pool is True and choice.retime_at == 20
+    run(19)
+    assert choice.on_pool is True
+    run(1)
+    assert choice.on_pool is None  # timed again after twice as many runs
+
+
 def test_split_product_writes_into_out(monkeypatch):
     from onnxgrad import threads
     from onnxgrad.threads import matmul
