@@ -502,14 +502,18 @@ def _shape(shape):
     return tuple(shape.tolist()) if hasattr(shape, "tolist") else tuple(int(d) for d in shape)
 
 
+def _key(values):
+    """A list-of-ints attribute as part of a remembered geometry's key: a tuple (None
+    as None)."""
+    return None if values is None else tuple(values)
+
+
 def _conv_geometry(x_shape, w_shape, auto_pad, dilations, pads, strides):
     """Spatial input, kernel, strides, dilations, begin and end pads and output size of
     a convolution, each a tuple of ints (made once per shapes and attributes and
     remembered: a training step asks for each layer's three times)."""
-    return _geometry(_shape(x_shape[2:]), _shape(w_shape[2:]), auto_pad,
-                     None if dilations is None else tuple(dilations),
-                     None if pads is None else tuple(pads),
-                     None if strides is None else tuple(strides))
+    return _geometry(_shape(x_shape[2:]), _shape(w_shape[2:]), auto_pad, _key(dilations),
+                     _key(pads), _key(strides))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -40,7 +40,7 @@ import math
 import numpy as np  # host-side window geometry, divisor and index tables
 
 from onnxgrad.ir import ValueInfo
-from onnxgrad.ops.conv import _ints, conv_pads, offset_slices, pad_spatial
+from onnxgrad.ops.conv import _ints, _key, _shape, conv_pads, offset_slices, pad_spatial
 from onnxgrad.ops import compiled, pool_compiled
 from onnxgrad.ops import standard as std
 from onnxgrad.ops.registry import op
@@ -80,18 +80,6 @@ def _geometry(x_shape, kernel_shape, auto_pad, ceil_mode, dilations, pads, strid
 #: so many keys (a network's pooling layers, forward and backward, at a few input
 #: shapes, dtypes and thread counts).
 PLANS_KEPT = 256
-
-
-def _key(values):
-    """A list-of-ints attribute as part of a plan's key: a tuple (None as None)."""
-    return None if values is None else tuple(values)
-
-
-def _shape(x_shape):
-    """A host shape value (an int64 array or a sequence of ints) as a tuple of ints."""
-    if isinstance(x_shape, np.ndarray):
-        return tuple(x_shape.tolist())
-    return tuple(int(d) for d in x_shape)
 
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
